@@ -1,0 +1,5 @@
+import sys
+
+from homellm.cli import main
+
+sys.exit(main())

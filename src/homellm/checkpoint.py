@@ -1,0 +1,157 @@
+"""Checkpoints and run directories.
+
+A run directory describes itself:
+
+    RUN/config.json        {"model": ModelConfig, "train": TrainConfig, ...} as resolved for this run
+    RUN/tokenizer/         tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    RUN/last/, RUN/best/   model.safetensors (the unwrapped model), state.pt (optimizer, scaler, step, RNG,
+                           data position), checkpoint.json (step, val loss, sha256 of both files)
+    RUN/metrics.jsonl      one JSON object per log step
+
+A checkpoint folder is written beside its final place and swapped in with renames, so a crash or a full disk
+at any moment leaves the previous checkpoint whole: either RUN/NAME or, mid-swap, RUN/.NAME.old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from homellm.config import ModelConfig, TrainConfig, from_dict, load_json, save_json
+from homellm.errors import HomeLLMError
+from homellm.io import fsync_dir
+from homellm.model import GPT
+
+WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_of(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict to save: contiguous CPU tensors, the tied output matrix stored once (as embed_tokens)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def load_weights_into(model: GPT, weights: dict[str, torch.Tensor], where: str) -> None:
+    expected = set(weights_of(model))
+    got = set(weights)
+    if got != expected:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise HomeLLMError(f"{where}: weights do not fit the config (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}): check the run's config.json")
+    model.load_state_dict(weights, strict=False)
+
+
+def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | None, info: dict[str, Any]) -> None:
+    """Write RUN/NAME atomically: files into RUN/.NAME.tmp, fsync, then rename over the old folder."""
+    run = Path(run)
+    tmp, final, old = run / f".{name}.tmp", run / name, run / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights_of(model), str(tmp / WEIGHTS))
+    files = [WEIGHTS]
+    if state is not None:
+        torch.save(state, tmp / STATE)
+        files.append(STATE)
+    for f in files:
+        with open(tmp / f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    save_json(tmp / INFO, {**info, "sha256": {f: _sha256(tmp / f) for f in files}})
+    fsync_dir(tmp)
+    fault_point("HOMELLM_FAULT_KILL_IN_CHECKPOINT", info.get("step"))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(run)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fault_point(var: str, step: Any) -> None:
+    """Fault injection for the crash tests: SIGKILL this process at the step named by the variable."""
+    if os.environ.get(var) and str(step) == os.environ[var]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _verify(folder: Path, need_state: bool) -> dict[str, Any]:
+    """checkpoint.json of a complete, uncorrupted checkpoint folder; HomeLLMError saying what is wrong."""
+    if not folder.is_dir():
+        raise HomeLLMError(f"{folder}: missing")
+    info = load_json(folder / INFO)
+    files = [WEIGHTS, STATE] if need_state else [WEIGHTS]
+    for f in files:
+        if not (folder / f).is_file():
+            raise HomeLLMError(f"{folder / f}: missing")
+        if info.get("sha256", {}).get(f) != _sha256(folder / f):
+            raise HomeLLMError(f"{folder / f}: corrupt (checksum differs from checkpoint.json)")
+    return info
+
+
+def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = False, quiet: bool = False) -> Path:
+    """The checkpoint folder to use: `prefer` (best or last) when valid, else the newest valid one, saying so."""
+    run = Path(run)
+    names = [prefer, "best" if prefer == "last" else "last"]
+    candidates = [run / n for n in names] + [run / f".{n}.old" for n in names]
+    valid: list[tuple[int, Path]] = []
+    problems = []
+    for c in candidates:
+        try:
+            valid.append((int(_verify(c, need_state)["step"]), c))
+        except HomeLLMError as e:
+            if c.exists() or not c.name.startswith("."):
+                problems.append(str(e))
+    if not valid:
+        what = "resumable checkpoint" if need_state else "checkpoint"
+        raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train it with `homellm pretrain`"
+                           + (" without --resume" if need_state else ""))
+    steps = {p: s for s, p in valid}
+    chosen = run / prefer if run / prefer in steps else max(valid)[1]
+    if chosen != run / prefer and not quiet:
+        print(f"note: {run / prefer} is not usable ({problems[0]}); using {chosen} (step {steps[chosen]})",
+              file=sys.stderr)
+    return chosen
+
+
+def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise HomeLLMError(f"{run}: not a homellm run (no config.json): pass the --out folder of "
+                           "`homellm pretrain` or `homellm sft`")
+    cfg = load_json(path)
+    return from_dict(ModelConfig, cfg["model"], f"{path} model"), from_dict(TrainConfig, cfg["train"], f"{path} train")
+
+
+def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> GPT:
+    """The model of a run directory, from checkpoint `which` (falling back as find_checkpoint does), in eval mode."""
+    model_cfg, _ = read_config(run)
+    folder = find_checkpoint(run, which)
+    model = GPT(model_cfg)
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise HomeLLMError(f"{folder / WEIGHTS}: cannot be read ({e}): train the run again") from None
+    load_weights_into(model, weights, str(folder / WEIGHTS))
+    return model.to(device).eval()
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / STATE, map_location="cpu", weights_only=True)

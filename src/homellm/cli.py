@@ -1,0 +1,141 @@
+"""The `homellm` command: a thin layer of argparse over the library. Flags come from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from homellm.config import (
+    ModelConfig,
+    PrepareConfig,
+    SampleConfig,
+    TokenizerConfig,
+    TrainConfig,
+    add_flags,
+    pick,
+    preset,
+    replace,
+)
+from homellm.errors import HomeLLMError
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from homellm.tokenizer import train_tokenizer
+
+    cfg = TokenizerConfig(**pick(args, TokenizerConfig))
+    tok = train_tokenizer(cfg)
+    print(f"tokenizer ({tok.kind}, {tok.vocab_size} ids) written to {cfg.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from homellm.data import prepare
+
+    cfg = PrepareConfig(**pick(args, PrepareConfig))
+    meta = prepare(cfg)
+    print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) from "
+          f"{meta['documents']:,} documents written to {cfg.out}")
+
+
+def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """Preset (or, resuming, the run's saved config), then the flags the user typed on top."""
+    from homellm.checkpoint import read_config
+
+    out = getattr(args, "out", "")
+    if getattr(args, "resume", False) and args.preset is None and out and (Path(out) / "config.json").is_file():
+        model_cfg, train_cfg = read_config(out)
+    else:
+        model_cfg, train_cfg = preset(args.preset or "cpu")
+    model_cfg = replace(model_cfg, **pick(args, ModelConfig))
+    train_cfg = replace(train_cfg, **pick(args, TrainConfig))
+    return model_cfg, train_cfg
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from homellm.train import pretrain
+
+    model_cfg, train_cfg = resolve_train(args)
+    summary = pretrain(model_cfg, train_cfg)
+    if summary:
+        print(json.dumps(summary, ensure_ascii=False))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from homellm.checkpoint import load_model
+    from homellm.generate import stream_text
+    from homellm.tokenizer import Tokenizer
+    from homellm.train import resolve_device
+
+    cfg = SampleConfig(**pick(args, SampleConfig))
+    model = load_model(args.run, cfg.checkpoint, resolve_device(cfg.device))
+    tok = Tokenizer.load(args.run)
+    stats: dict = {}
+    sys.stdout.write(cfg.prompt)
+    sys.stdout.flush()
+    try:
+        for piece in stream_text(model, tok, cfg.prompt, cfg, stats=stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")
+    if stats:
+        print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s, {stats['tok_per_s']:.1f} tokens/s]",
+              file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from homellm.info import describe
+
+    print(describe(args.run))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homellm", description="Build your own language model, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tokenizer", help="train (or import) a tokenizer")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = tsub.add_parser("train", help="train a byte-level BPE or char tokenizer, or import one (--from-file)")
+    add_flags(p, TokenizerConfig)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("prepare", help="tokenize text into token shards for training")
+    add_flags(p, PrepareConfig)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="train a model from scratch (or --resume)",
+                       description="Train a model. Flags override the preset; --data takes a prepared folder or "
+                                   "raw .txt/.jsonl inputs (tokenizer and shards are then built inside --out).")
+    p.add_argument("--preset", default=None, help="tiny, cpu (default) or gpt2-124m")
+    add_flags(p, ModelConfig)
+    add_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("run", help="the run directory")
+    add_flags(p, SampleConfig)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="architecture, parameter counts and checkpoints of a run")
+    p.add_argument("run", help="the run directory")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HomeLLMError as e:
+        print(f"homellm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nhomellm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

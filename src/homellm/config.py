@@ -1,0 +1,247 @@
+"""Typed configuration: one dataclass per concern, named presets, and CLI flags derived from the fields.
+
+    from homellm.config import preset
+    model, train = preset("cpu")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from homellm.errors import HomeLLMError
+
+# Special tokens every homellm tokenizer reserves: end of text separates documents; the ChatML pair frames
+# chat turns (SFT, chat, serve); pad fills batches of unequal conversations.
+EOT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"  # gpt2: LayerNorm, learned positions, GELU MLP; llama: RMSNorm, RoPE, SwiGLU
+    vocab_size: int = 0  # set from the tokenizer, padded up to a multiple of 64 for fast matmuls
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # grouped-query attention: fewer key/value heads shrink the KV cache; 0 = n_head
+    n_embd: int = 128
+    intermediate_size: int = 0  # MLP width; 0 = 4*n_embd (gpt2) or 8/3*n_embd rounded up to 32 (llama)
+    block_size: int = 256  # the context length the model is trained for
+    dropout: float = 0.0  # helps small data, slows convergence on large data
+    bias: bool = False  # biases in linear layers and norms (GPT-2 had them; they rarely help)
+    tie_embeddings: bool = True  # share input and output embeddings: fewer parameters for small models
+    rope_theta: float = 10000.0  # RoPE base; larger bases suit longer contexts
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size == 0:
+            if self.family == "gpt2":
+                self.intermediate_size = 4 * self.n_embd
+            else:
+                self.intermediate_size = -(-(8 * self.n_embd // 3) // 32) * 32
+
+    def validate(self) -> None:
+        if self.family not in ("gpt2", "llama"):
+            raise HomeLLMError(f"--family {self.family!r} is unknown: use gpt2 or llama")
+        if self.n_embd % self.n_head:
+            raise HomeLLMError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: change one")
+        if self.n_head % self.n_kv_head:
+            raise HomeLLMError(f"--n-head {self.n_head} is not divisible by --n-kv-head {self.n_kv_head}: change one")
+        if self.family == "llama" and (self.n_embd // self.n_head) % 2:
+            raise HomeLLMError("RoPE needs an even head size (n_embd / n_head): change --n-embd or --n-head")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) <= 0:
+                raise HomeLLMError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # a prepared data dir, or raw .txt/.jsonl inputs to prepare
+    out: str = ""  # the run directory: config, tokenizer, checkpoints, metrics
+    tokenizer_kind: str = "bpe"  # when --data is raw text: bpe (byte-level BPE) or char
+    tokenizer_vocab: int = 1024  # when --data is raw text: BPE vocabulary size
+    text_field: str = "text"  # when --data is raw jsonl: the field holding the text
+    batch_size: int = 32  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without more memory
+    lr: float = 1e-3  # peak learning rate (AdamW; Muon's matrices use muon_lr)
+    min_lr_ratio: float = 0.1  # the learning rate decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine: warmup then cosine decay; wsd: warmup, stable, then linear decay
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps spent decaying
+    weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings' gains
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 disables
+    optimizer: str = "adamw"  # adamw, or muon: Muon for hidden matrices and AdamW for the rest
+    muon_lr: float = 0.02
+    max_steps: int = 1000
+    max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
+    eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end)
+    eval_batches: int = 20  # val batches per evaluation
+    sample_every: int = 0  # print a generated sample every N steps; 0 = only at the end
+    sample_prompt: str = ""
+    log_every: int = 10
+    checkpoint_every: int = 500  # write `last` every N steps (and at the end); `best` follows val loss
+    patience: int = 0  # early stopping: stop after N evaluations without a better val loss; 0 = never
+    dtype: str = "auto"  # float32, bfloat16 (autocast), float16 (autocast + grad scaler); auto picks per device
+    compile: bool = False  # torch.compile the model: slower start, faster steps
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    seed: int = 1337
+    resume: bool = False  # continue the run in --out from its last valid checkpoint
+
+
+@dataclass
+class TokenizerConfig:
+    input: list[str] = field(default_factory=list)  # .txt/.jsonl files, folders, globs, or hf:NAME
+    out: str = ""
+    kind: str = "bpe"  # bpe: byte-level BPE (lossless on any text); char: one token per character
+    vocab_size: int = 1024  # BPE only; special tokens included
+    text_field: str = "text"
+    encoding: str = "auto"  # text encoding of .txt inputs: auto detects utf-8 / cp932 (Shift_JIS)
+    max_chars: int = 0  # train on at most this many characters (0 = all): BPE needs far less than a corpus
+    from_file: str = ""  # instead of training: an existing tokenizer.json, or a dir with encoder.json + vocab.bpe
+
+
+@dataclass
+class PrepareConfig:
+    input: list[str] = field(default_factory=list)  # .txt/.jsonl files, folders, globs, or hf:NAME
+    tokenizer: str = ""  # a tokenizer dir (or a run dir holding one)
+    out: str = ""
+    text_field: str = "text"
+    encoding: str = "auto"
+    val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    max_docs: int = 0  # stop after this many documents (useful for hub datasets); 0 = all
+    seed: int = 0  # which documents go to val
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the text; 1 = off
+    stop: list[str] = field(default_factory=list)  # stop when any of these strings is generated
+    num_beams: int = 1  # >1: beam search (deterministic; ignores temperature, top-k, top-p)
+    seed: int = 0
+    checkpoint: str = "best"  # best or last
+    device: str = "auto"
+
+
+# Presets: named instances. `tiny` is for tests; `cpu` is the best recipe we measured for a 2-core CPU in
+# minutes (bench/README.md); `gpt2-124m` is GPT-2 small for a GPU.
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "tiny": (
+        dict(family="llama", n_layer=2, n_head=2, n_embd=32, block_size=32),
+        dict(batch_size=8, max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2, log_every=5,
+             checkpoint_every=10, tokenizer_vocab=300, lr=3e-3),
+    ),
+    "cpu": (
+        dict(family="llama", n_layer=4, n_head=4, n_embd=192, block_size=128),
+        dict(batch_size=16, lr=2e-3, warmup_steps=50, max_steps=100_000, max_time=120.0, eval_every=250,
+             eval_batches=20, tokenizer_vocab=1024, weight_decay=0.1, checkpoint_every=1000),
+    ),
+    "gpt2-124m": (
+        dict(family="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50304),
+        dict(batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, max_steps=19_073, eval_every=250,
+             eval_batches=100, tokenizer_vocab=50257, dtype="bfloat16", compile=True, checkpoint_every=1000),
+    ),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise HomeLLMError(f"--preset {name!r} is unknown: choose one of {', '.join(PRESETS)}")
+    m, t = PRESETS[name]
+    return ModelConfig(**m), TrainConfig(**t)
+
+
+# ---- CLI flags derived from dataclass fields -------------------------------------------------------------
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+              positional: tuple[str, ...] = ()) -> None:
+    """Add one `--kebab-case` flag per field of `cls`. Defaults are suppressed, so the namespace holds only
+    what the user typed and presets can fill in the rest."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"(default: {default!r})"
+        if f.name in positional:
+            parser.add_argument(f.name, nargs="+" if typing.get_origin(tp) is list else None,
+                                default=argparse.SUPPRESS)
+        elif tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(tp)[0], default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_text)
+
+
+def pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags the user gave that belong to `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace that re-derives defaults (n_kv_head, intermediate_size) when their source changes."""
+    if isinstance(cfg, ModelConfig):
+        base = dataclasses.asdict(cfg)
+        if "n_head" in changes and "n_kv_head" not in changes and base["n_kv_head"] == base["n_head"]:
+            base["n_kv_head"] = 0
+        if ("n_embd" in changes or "family" in changes) and "intermediate_size" not in changes:
+            base["intermediate_size"] = 0
+        base.update(changes)
+        return ModelConfig(**base)
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise HomeLLMError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}: remove them")
+    return cls(**d)
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file, fsync, rename) so a crash never leaves half a file."""
+    from homellm.io import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def load_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise HomeLLMError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HomeLLMError(f"{path}: not valid JSON ({e}): restore or delete the file") from None
+

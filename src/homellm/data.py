@@ -1,0 +1,476 @@
+"""Raw text in, token shards out: read documents from files, folders, globs or the Hugging Face hub, tokenize them
+in parallel and write flat binary shards the trainer memory-maps.
+
+    homellm prepare --input ../shared/data/tinystories/train-first-2MiB.txt --tokenizer runs/tok --out data/ts
+
+A prepared folder holds `train_00000.bin`, `val_00000.bin`, ... (little-endian uint16, or uint32 for vocabularies
+over 65536), `meta.json` describing them, and `tokenizer/`, so it describes itself.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from homellm.config import EOT, PrepareConfig, load_json, save_json
+from homellm.errors import HomeLLMError
+from homellm.tokenizer import Tokenizer
+
+_CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
+_BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: enough pieces to use every core
+_COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
+_FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
+
+
+_PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
+
+
+class Piece(NamedTuple):
+    """Part of a document. Long documents (a 1 GB .txt file) arrive in several pieces, in order."""
+
+    doc: int  # index of the document, counting from 0 over all inputs
+    text: str
+    end: bool  # the last piece of its document
+
+
+# ---- reading documents -------------------------------------------------------------------------------------
+
+def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = "auto",
+                   max_docs: int = 0) -> Iterator[Piece]:
+    """Stream documents as pieces, never holding a corpus whole.
+
+    - `.txt`: one document per file, unless the file contains `<|endoftext|>`: then that separates documents
+      (TinyStories' layout) and whitespace around each separator is dropped. UTF-8 (a BOM is skipped), or with
+      encoding="auto" Shift_JIS (cp932) when the file is not UTF-8. CRLF becomes LF.
+    - `.jsonl`: one document per line, its `text_field` string; empty lines are skipped.
+    - a folder: its .txt and .jsonl files, recursively, in sorted order; a glob: the files it matches.
+    - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`).
+    Empty documents are skipped. Pieces of a text are cut only before a line break that follows a non-space
+    character, which byte-level BPE never merges across: tokenizing the pieces equals tokenizing the whole.
+    """
+    if encoding != "auto":
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise HomeLLMError(f"--encoding {encoding!r} is unknown: use auto, utf-8, cp932 (Shift_JIS), ...") from None
+    doc = 0
+    for kind, source in _expand(inputs):
+        if kind == "hf":
+            texts: Iterator[tuple[str, bool]] = ((t, True) for t in _hf_docs(source, text_field))
+        elif kind == "jsonl":
+            texts = ((t, True) for t in _jsonl_docs(Path(source), text_field))
+        else:
+            texts = _split_documents(_stable_pieces(_decoded_blocks(Path(source), encoding)))
+        for text, end in texts:
+            yield Piece(doc, text, end)
+            if end:
+                doc += 1
+                if doc == max_docs:
+                    return
+    if doc == 0:
+        raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty, or --text-field names an empty field")
+
+
+def _expand(inputs: list[str]) -> list[tuple[str, str]]:
+    """(kind, source) for every file or dataset the inputs name; kind is txt, jsonl or hf."""
+    if not inputs:
+        raise HomeLLMError("no input given: pass .txt/.jsonl files, folders, globs or hf:NAME")
+    out: list[tuple[str, str]] = []
+    for spec in inputs:
+        if spec.startswith("hf:"):
+            out.append(("hf", spec))
+            continue
+        if glob.has_magic(spec):
+            paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
+            if not paths:
+                raise HomeLLMError(f"{spec}: the pattern matches no file: check the path (quote it for the shell)")
+        elif Path(spec).exists():
+            paths = [Path(spec)]
+        else:
+            raise HomeLLMError(f"{spec}: no such file or folder: check the path")
+        for path in paths:
+            if path.is_dir():
+                files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _FOLDER_SUFFIXES
+                               and not f.name.startswith("."))
+                if not files:
+                    raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
+            else:
+                files = [path]
+            out += [("jsonl" if f.suffix == ".jsonl" else "txt", str(f)) for f in files]
+    return out
+
+
+def input_bytes(inputs: list[str]) -> int | None:
+    """Total size of the input files, for a progress bar's ETA; None when a hub dataset is among them."""
+    sources = _expand(inputs)
+    if any(kind == "hf" for kind, _ in sources):
+        return None
+    return sum(os.path.getsize(s) for _, s in sources)
+
+
+def _decode(data: bytes, encoding: str, final: bool) -> tuple[str, int]:
+    """Decode `data`, leaving a character cut by the block boundary to the next block: (text, bytes used)."""
+    try:
+        return data.decode(encoding), len(data)
+    except UnicodeDecodeError as e:
+        if final or e.start < len(data) - 3:  # no character is longer than 4 bytes: this is a real error
+            raise
+        return data[: e.start].decode(encoding), e.start
+
+
+def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
+    """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
+    chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
+    with open(path, "rb") as f:
+        offset = 0  # file offset of data[0], for error messages
+        data = f.read(_CHUNK_BYTES)
+        if data.startswith(codecs.BOM_UTF8):
+            data, offset = data[3:], 3
+            chosen = chosen or "utf-8"
+        while data:
+            more = f.read(_CHUNK_BYTES)
+            final = not more
+            # Cut after the last line break (never inside a CRLF); with none, cut anywhere but between CR and LF.
+            cut = len(data) if final else (data.rfind(b"\n") + 1 or len(data) - data.endswith(b"\r"))
+            try:
+                if chosen is None:
+                    try:
+                        text, used = _decode(data[:cut], "utf-8", final)
+                        if not data[:used].isascii():
+                            chosen = "utf-8"
+                    except UnicodeDecodeError as e:
+                        # Aozora Bunko and much older Japanese text is Shift_JIS; Microsoft's cp932 is the superset
+                        # Windows wrote. Shift_JIS fails UTF-8 at its first non-ASCII byte; UTF-8 with a corrupt
+                        # byte fails later and must be reported, not read as mojibake.
+                        if not data[: e.start].isascii():
+                            raise
+                        text, used = _decode(data[:cut], "cp932", final)
+                        if _PRIVATE_USE.search(text):  # Python's cp932 turns stray bytes (0xA0, 0xFD-0xFF) into these
+                            raise e from None
+                        chosen = "cp932"
+                else:
+                    text, used = _decode(data[:cut], chosen, final)
+            except UnicodeDecodeError:
+                enc = chosen or "utf-8"
+                try:
+                    data[:cut].decode(enc)
+                except UnicodeDecodeError as e:  # report the UTF-8 error under auto: the likelier intent
+                    name = "UTF-8 or Shift_JIS (cp932)" if chosen is None else enc
+                    raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
+                                       f"valid {name}: pass --encoding (e.g. cp932, latin-1) or fix the file") from None
+                raise  # pragma: no cover - the decode above must fail again
+            if text:
+                yield text.replace("\r\n", "\n")
+            data, offset = data[used:] + more, offset + used
+
+
+def _stable_cut(buf: str) -> int:
+    """An index to cut `buf` at without changing its tokenization, or 0: before a line break that follows a
+    non-space character. Byte-level BPE's regex ends every pre-token that holds a non-space character at the
+    next whitespace, and the whole whitespace run (from the line break on) stays together in the second half."""
+    i = buf.rfind("\n")
+    while i > 0:
+        if not buf[i - 1].isspace():
+            return i
+        i = buf.rfind("\n", 0, i)
+    return 0
+
+
+def _stable_pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """Regroup decoded blocks into pieces cut at stable places (see _stable_cut)."""
+    buf = ""
+    for block in blocks:
+        buf += block
+        cut = _stable_cut(buf)
+        if not cut and len(buf) > 4 * _CHUNK_BYTES:
+            # No line break in sight (one enormous line): cut anyway, but never inside a separator. The tokens at
+            # this seam may differ from an uncut run, a few tokens in megabytes.
+            cut = len(buf) - len(EOT)
+            sep = buf.rfind(EOT, 0, cut + len(EOT) - 1)
+            if sep > cut - len(EOT):
+                cut = sep
+        if cut:
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _split_documents(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Split a text stream at `<|endoftext|>` into (piece, ends_document). Whitespace next to a separator is
+    dropped and empty documents are skipped; all other text is kept verbatim."""
+    pending = ""  # yielded one step late, so the last piece of a document can carry end=True
+    held = ""  # whitespace at the current end of the document: dropped if a separator follows
+    started = False  # the current document has non-whitespace text
+    after_sep = False  # the current document follows a separator: its leading whitespace goes
+    for text in pieces:
+        for i, part in enumerate(text.split(EOT)):
+            if i:  # a separator ends the current document
+                if started:
+                    yield pending, True
+                pending, held, started, after_sep = "", "", False, True
+            if after_sep and not started:
+                part = part.lstrip()
+            body = part.rstrip()
+            if body:
+                if pending:
+                    yield pending, False
+                pending, held, started = held + body, part[len(body):], True
+            else:
+                held += part
+    if started:
+        yield pending + held, True
+
+
+def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise HomeLLMError(f"{path}:{lineno}: not a JSON line ({reason}): fix or delete the line") from None
+            if not isinstance(obj, dict) or field not in obj:
+                fields = ", ".join(obj) if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
+                raise HomeLLMError(f"{path}:{lineno}: no field {field!r} (found: {fields}): "
+                                   "pass --text-field with the field that holds the text")
+            text = obj[field]
+            if not isinstance(text, str):
+                raise HomeLLMError(f"{path}:{lineno}: field {field!r} is a {type(text).__name__}, not text: "
+                                   "pass --text-field with the field that holds the text")
+            if text.strip():
+                yield text.replace("\r\n", "\n")
+
+
+def _hf_docs(spec: str, field: str) -> Iterator[str]:
+    try:
+        import datasets  # optional: only hub inputs need it
+    except ImportError:
+        raise HomeLLMError(f"{spec}: reading Hugging Face datasets needs the datasets package: "
+                           "pip install 'homellm[hf]'") from None
+    parts = spec[3:].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise HomeLLMError(f"{spec}: write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
+    try:
+        # streaming: rows arrive as they download; nothing is cached whole, so the corpus may exceed the disk
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise HomeLLMError(f"{spec}: cannot load the dataset ({reason}): check the name, split and network") from None
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise HomeLLMError(f"{spec}: row {i} has no field {field!r} (found: {', '.join(row)}): "
+                               "pass --text-field with the field that holds the text")
+        text = row[field]
+        if isinstance(text, str) and text.strip():
+            yield text.replace("\r\n", "\n")
+
+
+# ---- writing shards ----------------------------------------------------------------------------------------
+
+class _ShardWriter:
+    """Appends tokens to `{split}_00000.bin`, `{split}_00001.bin`, ... of at most `shard_tokens` each."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, token_bytes: np.ndarray):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.token_bytes = token_bytes
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = 0
+        self.bytes = 0  # UTF-8 bytes the tokens decode to: the denominator of bits per byte
+        self._file: Any = None
+        self._room = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        self.tokens += len(ids)
+        self.bytes += int(self.token_bytes[ids].sum())
+        while len(ids):
+            if not self._room:
+                self._open_next()
+            n = min(self._room, len(ids))
+            self._file.write(ids[:n].astype(self.dtype, copy=False).tobytes())
+            self.shards[-1]["tokens"] += n
+            self._room -= n
+            ids = ids[n:]
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self._file = open(self.out / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+        self._room = self.shard_tokens
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # on disk before meta.json claims it
+            self._file.close()
+            self._file = None
+
+
+def _is_val(seed: int, doc: int, val_fraction: float) -> bool:
+    # A hash, not a random stream: a document's side depends on (seed, index) only, whatever the batching.
+    h = hashlib.blake2b(f"{seed}:{doc}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < val_fraction * 2**64
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes.
+
+    Each document ends with the end-of-text id. Documents go to val by a hash of (seed, index) against
+    val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
+    instead: the last val_fraction of the tokens before the final end-of-text is val, as nanoGPT does; with a
+    char tokenizer the val text is exactly nanoGPT's text[int(n * 0.9):].
+    """
+    if not cfg.out:
+        raise HomeLLMError("--out is required: the folder to write the prepared data to")
+    if not cfg.tokenizer:
+        raise HomeLLMError("--tokenizer is required: a tokenizer folder (train one with `homellm tokenizer`)")
+    if not 0 <= cfg.val_fraction < 1:
+        raise HomeLLMError(f"--val-fraction {cfg.val_fraction} must be at least 0 and below 1")
+    if cfg.shard_tokens <= 0:
+        raise HomeLLMError(f"--shard-tokens {cfg.shard_tokens} must be positive")
+    tok = Tokenizer.load(cfg.tokenizer)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # An old meta.json would vouch for shards about to be overwritten: remove it first, write the new one last.
+    (out / "meta.json").unlink(missing_ok=True)
+    for old in [*out.glob("train_*.bin"), *out.glob("val_*.bin")]:
+        old.unlink()
+    dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")  # little-endian on any machine
+    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens, tok.token_bytes()) for s in ("train", "val")}
+    docs = val_docs = 0
+    eot = np.array([tok.eot_id], dtype=np.uint32)
+
+    def flush(batch: list[Piece]) -> None:
+        nonlocal docs, val_docs
+        parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
+            side = "val" if _is_val(cfg.seed, piece.doc, cfg.val_fraction) else "train"
+            parts[side].append(np.asarray(ids, dtype=np.uint32))
+            if piece.end:
+                parts[side].append(eot)
+                docs += 1
+                val_docs += side == "val"
+        for side, arrays in parts.items():
+            if arrays:
+                writers[side].write(np.concatenate(arrays))
+        bar.update(sum(len(p.text.encode()) for p in batch))
+
+    with tqdm(total=input_bytes(cfg.input), unit="B", unit_scale=True, unit_divisor=1024, desc="prepare") as bar:
+        batch: list[Piece] = []
+        size = 0
+        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs):
+            batch.append(piece)
+            size += len(piece.text)
+            if size >= _BATCH_CHARS:
+                flush(batch)
+                batch, size = [], 0
+        if batch:
+            flush(batch)
+    for w in writers.values():
+        w.close()
+
+    split = "document"
+    if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
+        split = "position"
+        writers = _split_by_position(out, writers, cfg, dtype, tok.token_bytes())
+    if not writers["train"].tokens:
+        raise HomeLLMError(f"{' '.join(cfg.input)}: too little text ({writers['val'].tokens} tokens) to train on: "
+                           "add text or lower --val-fraction")
+    tok.save(out / "tokenizer")
+    meta = {
+        "format": "homellm-tokens-v1",
+        "dtype": dtype.name,  # uint16 or uint32, always little-endian
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "tokenizer": {"dir": "tokenizer", "kind": tok.kind, "source": str(cfg.tokenizer)},
+        "shards": {s: w.shards for s, w in writers.items()},
+        "train_tokens": writers["train"].tokens,
+        "val_tokens": writers["val"].tokens,
+        "train_bytes": writers["train"].bytes,
+        "val_bytes": writers["val"].bytes,
+        "documents": docs,
+        "val_documents": val_docs if split == "document" else None,
+        "split": split,
+        "inputs": list(cfg.input),
+        "text_field": cfg.text_field,
+        "encoding": cfg.encoding,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+    }
+    save_json(out / "meta.json", meta)
+    return meta
+
+
+def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: PrepareConfig, dtype: np.dtype,
+                       token_bytes: np.ndarray) -> dict[str, _ShardWriter]:
+    """Rewrite the shards so the first tokens are train and the rest val. Everything sits on one side, in corpus
+    order; the shards are streamed block by block, so memory stays flat and disk grows by one shard at most."""
+    side = "train" if writers["train"].tokens else "val"
+    total = writers[side].tokens
+    # Leave out the final end-of-text so a single document splits exactly like nanoGPT's text[:int(n * 0.9)].
+    n_train = int((total - 1) * (1 - cfg.val_fraction))
+    old = []
+    for shard in writers[side].shards:
+        tmp = out / f".old_{shard['file']}"
+        os.replace(out / shard["file"], tmp)
+        old.append(tmp)
+    new = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens, token_bytes) for s in ("train", "val")}
+    seen = 0
+    for path in old:
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        for start in range(0, len(tokens), _COPY_TOKENS):
+            block = np.asarray(tokens[start:start + _COPY_TOKENS])
+            k = max(0, min(len(block), n_train - seen))
+            new["train"].write(block[:k])
+            new["val"].write(block[k:])
+            seen += len(block)
+        del tokens
+        path.unlink()
+    for w in new.values():
+        w.close()
+    return new
+
+
+# ---- reading prepared data ---------------------------------------------------------------------------------
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of a prepared data folder."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise HomeLLMError(f"{data_dir}: not a prepared data folder (no meta.json): run `homellm prepare --input ... "
+                           f"--tokenizer ... --out {data_dir}`")
+    meta = load_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != "homellm-tokens-v1":
+        raise HomeLLMError(f"{path}: not written by `homellm prepare`: run `homellm prepare` again")
+    return meta
+
+
+def open_split(data_dir: str | Path, split: str) -> list[np.ndarray]:
+    """The shards of `split` (train or val) as read-only memory maps, in order; empty list for an empty split."""
+    if split not in ("train", "val"):
+        raise HomeLLMError(f"split {split!r} is unknown: use train or val")
+    meta = read_meta(data_dir)
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    maps = []
+    for shard in meta["shards"][split]:
+        path = Path(data_dir) / shard["file"]
+        expected = shard["tokens"] * dtype.itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise HomeLLMError(f"{path}: missing or not {expected} bytes as meta.json says: run `homellm prepare` "
+                               "again")
+        maps.append(np.memmap(path, dtype=dtype, mode="r"))
+    return maps

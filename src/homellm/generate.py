@@ -1,0 +1,204 @@
+"""Text generation: sampling (temperature, top-k, top-p, repetition penalty) or beam search over a KV cache, and
+streamed text that never prints half a character or any part of a stop string.
+
+    for piece in stream_text(model, tok, "Once upon a time", SampleConfig(max_new_tokens=100)):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterator
+from contextlib import closing
+
+import torch
+import torch.nn.functional as F
+
+from homellm.config import SampleConfig
+from homellm.errors import HomeLLMError
+from homellm.model import GPT, KVCache
+from homellm.tokenizer import Tokenizer
+
+
+def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) and the ids so far (B, T) -> the next id of each row (B,)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and history.numel():
+        # CTRL's penalty: dividing a negative logit would raise it, so those are multiplied instead.
+        seen = logits.gather(1, history)
+        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.size(-1):
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the likelier ones already cover top_p; the likeliest has nothing before it, so it stays.
+        drop = probs.cumsum(dim=-1) - probs > cfg.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def _prefill(model: GPT, ids: list[int], batch: int = 1) -> tuple[KVCache, torch.Tensor]:
+    """A fresh cache holding `ids`, `batch` copies, and the logits (batch, V) that follow them."""
+    p = next(model.parameters())
+    cache = KVCache(model.cfg, 1, model.cfg.block_size, p.device, p.dtype)
+    logits, _ = model(torch.tensor([ids], device=p.device), cache=cache)
+    if batch > 1:
+        cache.reorder(torch.zeros(batch, dtype=torch.long, device=p.device))
+    return cache, logits[:, -1].expand(batch, -1)
+
+
+@torch.inference_mode()
+def _extend(model: GPT, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed one new id per row, ids (B, 1) -> the next logits (B, V)."""
+    logits, _ = model(ids, cache=cache)
+    return logits[:, -1]
+
+
+def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids: Collection[int] = frozenset(),
+                 generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to cfg.max_new_tokens ids after the prompt, ending before the first id in stop_ids.
+
+    A prompt longer than the context keeps its last block_size - 1 tokens. When the cache is full the window
+    slides: the last block_size // 2 tokens are prefilled into a fresh cache, so generation can outrun the context.
+    """
+    if not prompt_ids:
+        raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
+    block = model.cfg.block_size
+    tokens = list(prompt_ids)[-max(block - 1, 1):]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        cache, logits = _prefill(model, tokens)
+        for i in range(cfg.max_new_tokens):
+            if i:  # feed the previous token only now: the last one yielded needs no forward pass
+                if cache.pos == block:
+                    cache, logits = _prefill(model, tokens[-max(block // 2, 1):])
+                else:
+                    logits = _extend(model, torch.tensor([tokens[-1:]], device=device), cache)
+            history = torch.tensor([tokens], device=device)
+            token = int(sample_next(logits, history, cfg, generator))
+            if token in stop_ids:
+                return
+            tokens.append(token)
+            yield token
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
+                stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0) -> list[int]:
+    """The new ids (no prompt, no stop id) of the best hypothesis, scored sum(logprob) / length**length_penalty
+    (above 1 favours longer ones). Deterministic; generates at most block_size - len(prompt) tokens."""
+    if not prompt_ids:
+        raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
+    block = model.cfg.block_size
+    prompt = list(prompt_ids)[-max(block - 1, 1):]
+    steps = min(max_new_tokens, block - len(prompt))
+    if steps <= 0:
+        return []
+    device = next(model.parameters()).device
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache, logits = _prefill(model, prompt, num_beams)
+        # Only beam 0 is alive at first, or the first step would pick the same token num_beams times.
+        scores = torch.full((num_beams,), float("-inf"), device=device)
+        scores[0] = 0.0
+        seqs = torch.empty(num_beams, 0, dtype=torch.long, device=device)
+        finished: list[tuple[float, list[int]]] = []  # (normalised score, ids)
+        for step in range(steps):
+            if step:
+                logits = _extend(model, seqs[:, -1:], cache)
+            total = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (num_beams, V)
+            vocab, length = total.size(-1), (step + 1) ** length_penalty
+            # A stop id among the num_beams best candidates ends a hypothesis; its logprob counts in the score.
+            best, flat = total.flatten().topk(num_beams)
+            finished += [(s / length, seqs[j // vocab].tolist()) for s, j in zip(best.tolist(), flat.tolist())
+                         if j % vocab in stop_ids and s > float("-inf")]
+            # The num_beams best candidates that are not stops go on.
+            scores, flat = total.index_fill(1, stops, float("-inf")).flatten().topk(num_beams)
+            beam = flat // vocab
+            seqs = torch.cat([seqs[beam], (flat % vocab)[:, None]], dim=1)  # (num_beams, step + 1)
+            cache.reorder(beam)
+            if scores[0] == float("-inf"):
+                break  # every continuation was a stop
+            # Hugging Face's heuristic: stop once the best live beam, scored as if it ended now, loses to
+            # num_beams finished ones (exact only for length_penalty 0, where scores can only fall).
+            worst_kept = sorted(s for s, _ in finished)[-num_beams] if len(finished) >= num_beams else None
+            if worst_kept is not None and scores[0].item() / length < worst_kept:
+                break
+        finished += [(s / seqs.size(1) ** length_penalty, seq) for s, seq in zip(scores.tolist(), seqs.tolist())
+                     if s > float("-inf")]
+        return max(finished, key=lambda h: h[0], default=(0.0, []))[1]
+    finally:
+        model.train(was_training)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text before the first stop string, and whether there was one."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that begins some stop string: it may yet become one, so hold it."""
+    longest = max((len(s) for s in stops), default=1) - 1
+    for n in range(min(len(text), longest), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
+def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
+                stats: dict[str, float] | None = None) -> Iterator[str]:
+    """Yield the generated text piece by piece: never half a character, never a stop string or what follows it.
+
+    Special tokens in the prompt are honoured (chat markup); generation ends at end of text or <|im_end|>. With
+    cfg.num_beams > 1 the beam search result comes as one piece. `stats`, if given, is filled at the end with
+    prompt_tokens, new_tokens, seconds and tok_per_s."""
+    ids = tok.encode(prompt, allow_special=True) or [tok.eot_id]  # an empty prompt starts a fresh document
+    stop_ids = {tok.eot_id, tok.im_end_id}
+    stops = [s for s in cfg.stop if s]
+    start, new = time.perf_counter(), 0
+    try:
+        if cfg.num_beams > 1:
+            out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids)
+            new = len(out)
+            text, _ = _cut_at_stop(tok.decode(out, skip_special=True), stops)
+            if text:
+                yield text
+            return
+        generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+        decoder = tok.stream(skip_special=True)
+        pending = ""  # decoded, not yet yielded: it may end in the start of a stop string
+        with closing(generate_ids(model, ids, cfg, stop_ids, generator)) as gen:
+            for token in gen:
+                new += 1
+                text, stopped = _cut_at_stop(pending + decoder.push(token), stops)
+                if stopped:
+                    if text:
+                        yield text
+                    return
+                ready = len(text) - _stop_prefix_len(text, stops)
+                if ready:
+                    yield text[:ready]
+                pending = text[ready:]
+        text, _ = _cut_at_stop(pending + decoder.flush(), stops)
+        if text:
+            yield text
+    finally:
+        if stats is not None:
+            seconds = time.perf_counter() - start
+            stats.update(prompt_tokens=len(ids), new_tokens=new, seconds=seconds,
+                         tok_per_s=new / seconds if seconds > 0 else 0.0)

@@ -1,0 +1,73 @@
+"""`homellm info RUN`: what a run is, as tables: architecture, parameters per module, data, checkpoints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from homellm.checkpoint import INFO, read_config
+from homellm.config import load_json
+from homellm.model import GPT
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A plain-text table with aligned columns (numbers right-aligned)."""
+    cells = [header, *rows]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(str(c).rjust(w) if str(c).replace(",", "").replace(".", "").lstrip("-").isdigit()
+                         else str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+def parameter_groups(model: GPT) -> list[tuple[str, int]]:
+    """Parameters per module kind, each tensor counted once (tied embeddings once)."""
+    groups: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
+        parts = name.split(".")
+        key = f"layers.*.{'.'.join(parts[2:-1])}" if parts[0] == "layers" else ".".join(parts[:-1])
+        groups[key] += p.numel()
+    return list(groups.items())
+
+
+def describe(run: str | Path) -> str:
+    run = Path(run)
+    mcfg, tcfg = read_config(run)
+    model = GPT(mcfg)
+    arch = [
+        ("family", mcfg.family), ("layers", str(mcfg.n_layer)), ("heads (query / key-value)",
+                                                                  f"{mcfg.n_head} / {mcfg.n_kv_head}"),
+        ("width", str(mcfg.n_embd)), ("head size", str(mcfg.n_embd // mcfg.n_head)),
+        ("MLP width", str(mcfg.intermediate_size)), ("context (block size)", str(mcfg.block_size)),
+        ("vocabulary", str(mcfg.vocab_size)), ("positions", "learned" if mcfg.family == "gpt2" else
+                                               f"RoPE (theta {mcfg.rope_theta:g})"),
+        ("norm", "LayerNorm" if mcfg.family == "gpt2" else "RMSNorm"),
+        ("MLP", "GELU" if mcfg.family == "gpt2" else "SwiGLU"), ("tied embeddings", str(mcfg.tie_embeddings)),
+        ("dropout", str(mcfg.dropout)),
+    ]
+    total = model.num_params()
+    params = [(k, f"{n:,}", f"{100 * n / total:.1f}%") for k, n in parameter_groups(model)]
+    params += [("total", f"{total:,}", "100.0%"),
+               ("non-embedding", f"{model.num_params(embeddings=False):,}", ""),
+               ("training FLOPs per token", f"{model.flops_per_token():,}", "")]
+    out = [f"run {run}", "", table(arch, ("architecture", "")), "", table(params, ("parameters", "count", "share"))]
+    ckpts = []
+    for name in ("last", "best"):
+        if (run / name / INFO).is_file():
+            info = load_json(run / name / INFO)
+            val = info.get("val_loss")
+            ckpts.append((name, f"{info['step']:,}", f"{info.get('tokens', 0):,}",
+                          f"{val:.4f}" if val is not None else "-",
+                          f"{info['val_bpb']:.4f}" if info.get("val_bpb") is not None else "-"))
+    if ckpts:
+        out += ["", table(ckpts, ("checkpoint", "step", "tokens", "val loss", "val bits/byte"))]
+    cfg = load_json(run / "config.json")
+    if "data_meta" in cfg:
+        m = cfg["data_meta"]
+        out += ["", f"data: {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens "
+                f"from {m['documents']:,} documents (split by {m['split']})"]
+    out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} accumulation, "
+            f"schedule {tcfg.schedule}, seed {tcfg.seed}"]
+    return "\n".join(out)

@@ -1,0 +1,228 @@
+"""The model: one decoder-only Transformer, two families chosen by config.
+
+gpt2:  LayerNorm, learned positions, GELU MLP (GPT-2).
+llama: RMSNorm, rotary positions (Hugging Face's rotate-half convention), grouped-query attention, SwiGLU MLP.
+
+Module names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ..., norm, lm_head), so an
+export is a plain name map. The model is pure: the KV cache is an argument of forward, and torch.compile, DDP
+and autocast are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from homellm.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated for `max_len` positions.
+
+    `pos` is the number of positions already cached; forward writes the new ones after it and advances it."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32):
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows in `index` (beam search reorders its beams every step)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "llama":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim), laid out as Hugging Face's Llama does (two halves repeated)."""
+    head_dim = cfg.n_embd // cfg.n_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        if past == 0:
+            mask, causal = None, T > 1
+        elif T == 1:
+            mask, causal = None, False  # one new token may attend to everything cached
+        else:  # several new tokens after a cached prefix: causal, shifted by the prefix length
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.family == "llama"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.family == "gpt2":
+            self.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            cos, sin = rope_tables(cfg, cfg.block_size)
+            # Not saved in checkpoints: derived from the config.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """All initialisation in one place: GPT-2's normal(0.02), with the projections that write into the
+        residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm gains
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
+
+        With a cache, idx holds only the new tokens; their positions start at cache.pos."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.cfg.family == "gpt2":
+            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+        x = self.dropout(x)
+        for block in self.layers:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        # Sum over trained tokens divided by their count (at least 1), so a batch with every target masked
+        # (possible in SFT) gives loss 0 instead of NaN.
+        flat = targets.reshape(-1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-100,
+                               reduction="sum")
+        return logits, loss / (flat != -100).sum().clamp(min=1)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters counted once (tied weights are one tensor). Without embeddings: the count FLOPs scale with."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if self.cfg.family == "gpt2":
+                n -= self.embed_positions.weight.numel()
+            if self.cfg.tie_embeddings:
+                n += self.lm_head.weight.numel()  # the output projection is still a matmul per token
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12 * L * d * T (PaLM)."""
+        T = seq_len or self.cfg.block_size
+        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.n_layer * self.cfg.n_embd * T

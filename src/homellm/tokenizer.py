@@ -1,0 +1,277 @@
+"""Tokenizers: byte-level BPE or one token per character, stored as Hugging Face `tokenizer.json` files.
+
+    homellm tokenizer --input ../shared/data/tinyshakespeare/input.txt --vocab-size 1024 --out runs/tok
+
+Both kinds are Hugging Face `tokenizers` objects, so training and encoding run in parallel Rust and the saved
+folder loads in `transformers.PreTrainedTokenizerFast`. Every tokenizer reserves the special tokens of
+`homellm.config.SPECIAL_TOKENS`; a trained one gives them ids 0..3.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from homellm.config import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig, save_json
+from homellm.errors import HomeLLMError
+from homellm.io import atomic_write
+
+UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
+_HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids homellm needs. `hf` is the raw object, for anything else.
+
+    Special-token strings inside text (say a story that quotes "<|im_start|>") are ordinary text unless
+    `allow_special=True`: user text can never forge a chat turn or end a document early. `prepare` does not
+    rely on this for TinyStories' `<|endoftext|>` separators: the document reader splits on them first and
+    prepare appends the real end-of-text id after each document.
+    """
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        # A second copy with special-token matching off: the Rust flag is per object, and flipping it per call
+        # would race with the encoders of another thread.
+        self._plain = HFTokenizer.from_str(hf.to_str())
+        self._plain.encode_special_tokens = True
+        ids = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
+        missing = [s for s, i in ids.items() if i is None]
+        if missing:
+            raise HomeLLMError(f"tokenizer lacks the special tokens {', '.join(missing)}: import it with "
+                               "`homellm tokenizer --from-file PATH --out DIR`, which adds them")
+        self.eot_id, self.im_start_id, self.im_end_id, self.pad_id = (ids[s] for s in (EOT, IM_START, IM_END, PAD))
+        # One more than the largest id, not the count: imported tokenizers may leave holes, embeddings must not.
+        self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+        self._token_bytes: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        """bpe, char, or the model type of an imported tokenizer.json."""
+        model = json.loads(self.hf.to_str())["model"]["type"]
+        return {"BPE": "bpe", "WordLevel": "char"}.get(model, model.lower())
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
+        """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""
+        tok = self.hf if allow_special else self._plain
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream(self, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id adds to decoded text, 0 for special tokens: bits per byte is
+        sum(nats) / (ln 2 * token_bytes()[targets].sum()), comparable across tokenizers.
+
+        Exact for byte-level BPE (each character of a token stands for one byte) and char tokenizers (`<|unk|>`
+        counts 0); for other imported models an approximation from the token strings."""
+        if self._token_bytes is None:
+            spec = json.loads(self.hf.to_str())
+            byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+            added = self.hf.get_added_tokens_decoder()
+            out = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+                if i in added:
+                    out[i] = 0 if added[i].special else len(token.encode())
+                elif byte_level:
+                    out[i] = len(token)
+                elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                    out[i] = 1  # SentencePiece byte fallback
+                else:
+                    out[i] = len(token.replace("\u2581", " ").encode())  # SentencePiece's word-start mark
+            self._token_bytes = out
+        return self._token_bytes
+
+    def save(self, out: str | Path, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (Hugging Face layout).
+        `model_max_length` is the context length, when a model is known (the trainer passes block_size)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = self.hf.to_str(pretty=True)
+        atomic_write(out / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        added = self.hf.get_added_tokens_decoder()
+        unk = UNK if self.hf.token_to_id(UNK) is not None else None
+        names = {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD, "unk_token": unk,
+                 "additional_special_tokens": [IM_START, IM_END]}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **names,
+            "model_max_length": model_max_length or _HF_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,  # it would alter decoded text; our round trips are exact
+            "added_tokens_decoder": {
+                str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                         "single_word": t.single_word, "special": t.special}
+                for i, t in sorted(added.items())
+            },
+        }
+        save_json(out / "tokenizer_config.json", config)
+        save_json(out / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load from a tokenizer.json file, a folder holding one, or a run/data folder with a `tokenizer/` inside."""
+        path = Path(path)
+        for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
+            if candidate.is_file():
+                try:
+                    return cls(HFTokenizer.from_file(str(candidate)))
+                except HomeLLMError:
+                    raise
+                except Exception as e:  # the Rust side raises plain Exceptions with multi-line messages
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise HomeLLMError(f"{candidate}: not a valid tokenizer.json ({reason}): "
+                                       "train or import the tokenizer again") from None
+        raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
+                           "train one with `homellm tokenizer`, or pass a run or data folder that holds one")
+
+
+class StreamDecoder:
+    """Turns ids into text one at a time for printing as a model generates. With byte-level BPE one character
+    (say a Japanese one: 3 UTF-8 bytes) can span tokens, so text is held back until it decodes without a
+    trailing U+FFFD. Only a short window of ids is decoded per token, so the cost stays flat."""
+
+    def __init__(self, tok: Tokenizer, skip_special: bool = False):
+        self._tok, self._skip = tok, skip_special
+        # ids[:read] are printed; ids[:read] is also decoded with the new ids as context, because some decoders
+        # (SentencePiece's) drop a leading space that only the first token of a text may drop.
+        self._ids: list[int] = []
+        self._read = 0
+        self._printed = ""  # decode(ids[:read])
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._tok.decode(self._ids, self._skip)
+        # A UTF-8 character is at most 4 bytes and each token carries at least one, so a U+FFFD still there after
+        # 4 pending tokens is an invalid byte in the output, not half a character: print it rather than stall.
+        if text.endswith("\ufffd") and len(self._ids) - self._read < 4:
+            return ""
+        new = text[len(self._printed):]
+        # Keep the last printed tokens as context, drop the rest: the window stays a few tokens long.
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._printed = self._tok.decode(self._ids, self._skip)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character prints as U+FFFD), and a fresh start."""
+        new = self._tok.decode(self._ids, self._skip)[len(self._printed):]
+        self._ids, self._read, self._printed = [], 0, ""
+        return new
+
+
+# ---- training and importing --------------------------------------------------------------------------------
+
+def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """Train (or import, with cfg.from_file) a tokenizer on cfg.input and save it to cfg.out."""
+    if not cfg.out:
+        raise HomeLLMError("--out is required: the folder to write the tokenizer to")
+    if cfg.from_file:
+        tok = import_tokenizer(cfg.from_file)
+    elif cfg.kind == "bpe":
+        tok = _train_bpe(_training_text(cfg), cfg.vocab_size)
+    elif cfg.kind == "char":
+        tok = _train_char(_training_text(cfg))
+    else:
+        raise HomeLLMError(f"--kind {cfg.kind!r} is unknown: use bpe or char")
+    tok.save(cfg.out)
+    return tok
+
+
+def _training_text(cfg: TokenizerConfig) -> Iterator[str]:
+    # Imported here: data.py imports this module for `prepare`.
+    from homellm.data import iter_documents
+
+    if not cfg.input:
+        raise HomeLLMError("--input is required: .txt/.jsonl files, folders, globs or hf:NAME to train on")
+    left = cfg.max_chars or float("inf")
+    seen = 0
+    for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding):
+        text = piece.text[: int(min(left, len(piece.text)))]
+        left -= len(text)
+        seen += len(text)
+        yield text
+        if left <= 0:
+            break
+    if not seen:
+        raise HomeLLMError(f"no text to train on in {' '.join(cfg.input)}: the inputs are empty")
+
+
+def _special_tokens() -> list[AddedToken]:
+    # normalized=False: specials match the raw text; special=True: decode(skip_special=True) drops them.
+    return [AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS]
+
+
+def _byte_level(tok: HFTokenizer) -> HFTokenizer:
+    # GPT-2's pre-tokenizer: split with GPT-2's regex, then map each byte to a printable character. No prefix
+    # space, so decode(encode(text)) == text exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only, as in Hugging Face's gpt2
+    return tok
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise HomeLLMError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
+                           f"{len(alphabet) + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tok = _byte_level(HFTokenizer(models.BPE()))
+    # The full 256-byte alphabet, seen in training or not: any text, in any script, round-trips losslessly.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_special_tokens(), initial_alphabet=alphabet,
+                                  show_progress=True)
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(tok)
+
+
+def _train_char(texts: Iterator[str]) -> Tokenizer:
+    """One token per character, ids in code-point order after the specials (nanoGPT's char model). Lossless
+    only on the training alphabet: other characters become <|unk|>. --vocab-size does not apply."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {s: i for i, s in enumerate([*SPECIAL_TOKENS, UNK])}
+    for c in sorted(chars):
+        vocab.setdefault(c, len(vocab))
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tok.decoder = decoders.Fuse()  # join the characters back without separators
+    tok.add_special_tokens([*_special_tokens(), AddedToken(UNK, special=True, normalized=False)])
+    return Tokenizer(tok)
+
+
+def import_tokenizer(path: str | Path) -> Tokenizer:
+    """An existing tokenizer.json (file, or a folder holding one), or GPT-2's encoder.json + vocab.bpe, with the
+    special tokens it lacks added after its vocabulary. GPT-2's own `<|endoftext|>` (50256) is kept."""
+    path = Path(path)
+    if path.is_dir() and (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+        try:
+            bpe = models.BPE.from_file(str(path / "encoder.json"), str(path / "vocab.bpe"))
+        except Exception as e:
+            raise HomeLLMError(f"{path}: cannot read encoder.json + vocab.bpe ({str(e).splitlines()[0]}): "
+                               "restore the files") from None
+        hf = _byte_level(HFTokenizer(bpe))
+    else:
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
+                               "tokenizer.json or with GPT-2's encoder.json + vocab.bpe")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:
+            raise HomeLLMError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]}): "
+                               "check the file") from None
+    # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
+    # appended after the largest id.
+    hf.add_special_tokens(_special_tokens())
+    return Tokenizer(hf)

@@ -1,0 +1,512 @@
+"""The one training loop, for pretraining and fine-tuning, on CPU, one GPU, or many through torchrun.
+
+Exact resume rests on one rule: the batch of step s is a pure function of (seed, s), drawn for the global
+batch and sliced per rank. A resumed run, or a run on another number of processes with the same global batch,
+sees the same tokens in the same order, so resuming needs only the step (plus optimizer and RNG state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from homellm.checkpoint import (
+    fault_point,
+    find_checkpoint,
+    load_state,
+    load_weights_into,
+    read_config,
+    save_checkpoint,
+)
+from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, replace, save_json, to_dict
+from homellm.data import open_split, read_meta
+from homellm.errors import HomeLLMError
+from homellm.model import GPT
+from homellm.tokenizer import Tokenizer
+
+# Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
+RESUMABLE_CHANGES = {"max_steps", "max_time", "eval_every", "checkpoint_every", "log_every", "sample_every",
+                     "sample_prompt", "patience", "device", "resume", "compile", "data", "out"}
+
+
+class Batches(Protocol):
+    """A source of training data: batch (step, micro) for one rank, and fixed validation batches."""
+
+    token_bytes: np.ndarray
+
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def val_batch(self, index: int, batch_size: int, rank: int, world: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+class TokenBatches:
+    """Random windows of block_size + 1 tokens from memory-mapped shards (nanoGPT's sampling)."""
+
+    def __init__(self, data_dir: str | Path, block_size: int, seed: int, token_bytes: np.ndarray):
+        self.block_size, self.seed, self.token_bytes = block_size, seed, token_bytes
+        self.splits = {s: open_split(data_dir, s) for s in ("train", "val")}
+        # Valid window starts per shard, cumulated, so a uniform draw over all of them maps to (shard, offset).
+        self.starts = {s: np.cumsum([max(0, len(m) - block_size - 1) for m in maps]) for s, maps in self.splits.items()}
+        if not len(self.starts["train"]) or self.starts["train"][-1] == 0:
+            n = sum(len(m) for m in self.splits["train"])
+            raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of --block-size "
+                               f"{block_size}: lower --block-size or add text")
+
+    def _windows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.starts[split]
+        picks = rng.integers(0, starts[-1], size=n)
+        shard = np.searchsorted(starts, picks, side="right")
+        offset = picks - np.concatenate([[0], starts])[shard]
+        rows = np.stack([self.splits[split][s][o:o + self.block_size + 1] for s, o in zip(shard, offset)])
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 0, step, micro])
+        x, y = self._windows("train", rng, batch_size * world)
+        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+
+    def val_batch(self, index: int, batch_size: int, rank: int, world: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not len(self.starts["val"]) or self.starts["val"][-1] == 0:
+            return None
+        rng = np.random.default_rng([self.seed, 1, index])  # the same val batches at every evaluation
+        x, y = self._windows("val", rng, batch_size * world)
+        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+
+
+# ---- distributed, device, precision -------------------------------------------------------------------------
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise HomeLLMError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def setup_env(cfg: TrainConfig) -> Env:
+    """Join torchrun's process group when launched by it; pick device and precision."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    elif cfg.dtype in dtypes:
+        dtype = dtypes[cfg.dtype]
+    else:
+        raise HomeLLMError(f"--dtype {cfg.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    return Env(rank, world, local_rank, dev, dtype)
+
+
+def _autocast(env: Env) -> contextlib.AbstractContextManager:
+    if env.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(env.device.type, dtype=env.dtype)
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12),
+                       ("3090", 71e12), ("A10", 125e12), ("T4", 65e12)):
+        if key in name:
+            return flops
+    return None
+
+
+# ---- optimizer and schedule ---------------------------------------------------------------------------------
+
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only; or Muon for the hidden matrices and AdamW for the rest."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    embeddings = {"embed_tokens.weight", "embed_positions.weight", "lm_head.weight"}
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    if cfg.optimizer == "adamw":
+        decay = [p for n, p in params if p.dim() >= 2]
+        rest = [p for n, p in params if p.dim() < 2]
+        return [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], **adam)]
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in params if p.dim() == 2 and n not in embeddings]
+        rest = [p for n, p in params if not (p.dim() == 2 and n not in embeddings)]
+        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        return [muon, torch.optim.AdamW(rest, weight_decay=0.0, **adam)]
+    raise HomeLLMError(f"--optimizer {cfg.optimizer!r} is unknown: use adamw or muon")
+
+
+def lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine (or warmup-stable-decay) to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.schedule == "wsd":
+        start = 1 - cfg.decay_fraction
+        return 1.0 if p < start else 1 - (1 - lo) * (p - start) / max(cfg.decay_fraction, 1e-9)
+    raise HomeLLMError(f"--schedule {cfg.schedule!r} is unknown: use cosine or wsd")
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
+             "python": json.dumps(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _all_sum(values: list[float], env: Env) -> list[float]:
+    if env.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: int, env: Env
+             ) -> dict[str, float] | None:
+    """Val loss (nats per token) and bits per byte over the fixed val batches; None without val data."""
+    was_training = model.training
+    model.eval()
+    nats = tokens = nbytes = 0.0
+    token_bytes = torch.from_numpy(data.token_bytes)
+    for i in range(batches):
+        batch = data.val_batch(i, batch_size, env.rank, env.world)
+        if batch is None:
+            model.train(was_training)
+            return None
+        x, y = batch
+        with _autocast(env):
+            _, loss = model(x.to(env.device), y.to(env.device))
+        n = (y != -100).sum().item()
+        nats += loss.item() * n
+        tokens += n
+        nbytes += token_bytes[y.clamp(min=0)][y != -100].sum().item()
+    model.train(was_training)
+    nats, tokens, nbytes = _all_sum([nats, tokens, nbytes], env)
+    return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
+
+
+def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse to resume with a config that computes something else than the saved run."""
+    saved_model, saved_train = read_config(run)
+    diffs = [f"{k}: run has {v!r}, asked {getattr(model_cfg, k)!r}" for k, v in to_dict(saved_model).items()
+             if getattr(model_cfg, k) != v]
+    diffs += [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in to_dict(saved_train).items()
+              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+    if diffs:
+        raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags, or train "
+                           "into a new --out")
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
+          init: Callable[[GPT], None] | None = None, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a model into the run directory cfg.out; return a summary (steps, tokens, val loss, bpb, seconds).
+
+    `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json."""
+    env = setup_env(cfg)
+    run = Path(cfg.out)
+    if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
+        raise HomeLLMError("--batch-size and --grad-accum must be positive")
+    if cfg.max_steps <= 0 and cfg.max_time <= 0:
+        raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+    torch.manual_seed(cfg.seed + env.rank)
+    model = GPT(model_cfg)
+    if init is not None:
+        init(model)
+    model.to(env.device)
+    optimizers = make_optimizers(model, cfg, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    step = tokens = 0
+    elapsed = 0.0
+    best_val, bad_evals = math.inf, 0
+    metrics_path = run / "metrics.jsonl"
+    if cfg.resume:
+        folder = find_checkpoint(run, "last", need_state=True)
+        load_weights_into(model, _load_file(folder), str(folder))
+        state = load_state(folder)
+        for opt, sd in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        scaler.load_state_dict(state["scaler"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        best_val, bad_evals = state["best_val"], state["bad_evals"]
+        _set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
+        if env.main:
+            _truncate_metrics(metrics_path, step)
+            print(f"resuming {run} from {folder.name} at step {step}", file=sys.stderr)
+    elif env.main:
+        metrics_path.unlink(missing_ok=True)
+    if env.main:
+        save_json(run / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), **(extra_config or {})})
+        tokenizer.save(run / "tokenizer", model_max_length=model_cfg.block_size)
+
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    ddp = env.world > 1
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index]
+                                                          if env.device.type == "cuda" else None)
+    eval_model = raw if not cfg.compile else model.module if ddp else model
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world * model_cfg.block_size
+    peak = _peak_flops(env.device)
+    flops_per_token = raw.flops_per_token()
+
+    def progress() -> float:
+        p = step / cfg.max_steps if cfg.max_steps > 0 else 0.0
+        return max(p, elapsed / cfg.max_time) if cfg.max_time > 0 else p
+
+    def checkpoint(name: str, info: dict[str, Any]) -> None:
+        rng = _gather_rng(env)
+        if env.main:
+            state = {"optimizers": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
+                     "step": step, "tokens": tokens, "elapsed": elapsed, "best_val": best_val,
+                     "bad_evals": bad_evals, "rng": rng, "data_position": step}
+            save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
+
+    bar = tqdm(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time), initial=step if cfg.max_time <= 0
+               else int(elapsed), unit="step" if cfg.max_time <= 0 else "s", disable=not env.main,
+               desc=f"train {run.name}", dynamic_ncols=True, file=sys.stderr)
+    last_val: dict[str, float] | None = None
+    stop_reason = "max_steps"
+    model.train()
+    t_log, tokens_log = time.perf_counter(), tokens
+    while progress() < 1.0:
+        t0 = time.perf_counter()
+        factor = lr_factor(progress(), step, cfg)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = (cfg.muon_lr if isinstance(opt, _muon_type()) else cfg.lr) * factor
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            x, y = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+            with sync:
+                with _autocast(env):
+                    _, loss = model(x, y)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        elapsed += time.perf_counter() - t0
+        done = progress() >= 1.0
+        bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
+
+        if step % cfg.log_every == 0 or done:
+            loss_value = _all_sum([loss_sum.item() / cfg.grad_accum], env)[0] / env.world
+            now = time.perf_counter()
+            rate = (tokens - tokens_log) / max(now - t_log, 1e-9)
+            t_log, tokens_log = now, tokens
+            record: dict[str, Any] = {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3),
+                                      "tok_per_s": round(rate, 1), "lr": cfg.lr * factor, "train_loss": loss_value}
+            if peak:
+                record["mfu"] = round(flops_per_token * rate / (peak * env.world), 4)
+            if not math.isfinite(loss_value):
+                raise HomeLLMError(f"training diverged at step {step} (loss {loss_value}): lower --lr or raise "
+                                   "--warmup-steps, then train again (or --resume from the last checkpoint)")
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{record['mfu']:.1%}"}
+                                                                                 if peak else {}))
+        else:
+            record = {}
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
+            t_eval = time.perf_counter()
+            last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
+            elapsed += time.perf_counter() - t_eval  # the budget counts evaluation too: it is wall-clock
+            if last_val is not None:
+                record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
+                record.update(last_val)
+                bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte")
+                if last_val["val_loss"] < best_val:
+                    best_val, bad_evals = last_val["val_loss"], 0
+                    checkpoint("best", last_val)
+                else:
+                    bad_evals += 1
+                    if cfg.patience and bad_evals >= cfg.patience:
+                        stop_reason, done = f"early stop: no better val loss in {bad_evals} evaluations", True
+        if record and env.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
+            bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt)!r}")
+        fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
+        if step % cfg.checkpoint_every == 0 or done:
+            checkpoint("last", last_val or {})
+        if done:
+            if cfg.max_time > 0 and elapsed >= cfg.max_time and stop_reason == "max_steps":
+                stop_reason = "max_time"
+            break
+    bar.close()
+    if ddp:
+        dist.barrier()
+    summary = {"run": str(run), "steps": step, "tokens": tokens, "elapsed_s": round(elapsed, 2),
+               "stop": stop_reason, "best_val_loss": None if best_val == math.inf else best_val,
+               **(last_val or {})}
+    if env.main:
+        print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt)!r}", file=sys.stderr)
+    return summary
+
+
+def _muon_type() -> type:
+    return getattr(torch.optim, "Muon", type(None))
+
+
+def _gather_rng(env: Env) -> list[dict[str, Any]]:
+    """RNG state of every rank (dropout differs per rank), gathered on rank 0."""
+    mine = _rng_state()
+    if env.world == 1:
+        return [mine]
+    out: list[Any] = [None] * env.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _load_file(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from: the resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    from homellm.io import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
+def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """A short greedy continuation, for a look at what the model learned during training."""
+    from homellm.config import SampleConfig
+    from homellm.generate import stream_text
+
+    was_training = model.training
+    cfg = SampleConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+    text = "".join(stream_text(model, tok, prompt, cfg))
+    model.train(was_training)
+    return prompt + text
+
+
+# ---- pretraining: from a data folder or raw text ------------------------------------------------------------
+
+def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
+    """The prepared data folder for cfg.data: itself, or RUN/data built from raw text (tokenizer trained first)."""
+    from homellm.config import PrepareConfig
+    from homellm.data import prepare
+    from homellm.tokenizer import train_tokenizer
+
+    if not cfg.data:
+        raise HomeLLMError("--data is required: a folder from `homellm prepare`, or .txt/.jsonl files to train on")
+    if len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file():
+        return Path(cfg.data[0])
+    run = Path(cfg.out)
+    data_dir = run / "data"
+    if (data_dir / "meta.json").is_file() and read_meta(data_dir).get("inputs") == list(cfg.data):
+        return data_dir  # prepared by an earlier start of this run
+    tok_dir = run / "data_tokenizer"
+    print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
+    tok = train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
+                                          vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field))
+    del tok
+    prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
+                          text_field=cfg.text_field))
+    return data_dir
+
+
+def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
+    """`homellm pretrain`: prepare the data if needed, then train from scratch (or resume) into cfg.out."""
+    if not cfg.out:
+        raise HomeLLMError("--out is required: the run folder to write")
+    run = Path(cfg.out)
+    if cfg.resume:
+        saved_model, _ = read_config(run)
+        if model_cfg.vocab_size == 0:
+            model_cfg = replace(model_cfg, vocab_size=saved_model.vocab_size)
+        check_resume(run, model_cfg, cfg)
+    elif (run / "last").exists() and os.environ.get("RANK", "0") == "0":
+        raise HomeLLMError(f"{run} already holds a trained run: add --resume to continue it, or choose a new --out")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        setup_env(cfg)  # join the group before rank 0 prepares data, so the others can wait for it
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        data_dir = prepare_inputs(cfg, model_cfg.block_size)
+    else:
+        data_dir = prepare_inputs(cfg, model_cfg.block_size)
+        if dist.is_initialized():
+            dist.barrier()
+    tok = Tokenizer.load(data_dir)
+    if model_cfg.vocab_size == 0:
+        model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)  # multiples of 64 run faster
+    elif model_cfg.vocab_size < tok.vocab_size:
+        raise HomeLLMError(f"--vocab-size {model_cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
+                           "drop --vocab-size")
+    meta = read_meta(data_dir)
+    data = TokenBatches(data_dir, model_cfg.block_size, cfg.seed, tok.token_bytes())
+    return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir), "data_meta": {
+        k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")}})

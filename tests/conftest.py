@@ -1,0 +1,48 @@
+"""Shared fixtures: a small corpus made here (no files from ../shared needed), its tokenizer and shards."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from homellm.config import PrepareConfig, TokenizerConfig
+from homellm.data import prepare
+from homellm.tokenizer import train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def make_corpus(path: Path, n_lines: int = 3000, seed: int = 0) -> Path:
+    """Sentences from a small grammar: learnable structure, so a tiny model's loss falls quickly."""
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old king", "she", "he", "the river"]
+    verbs = ["sees", "likes", "follows", "sings to", "waits for", "remembers"]
+    objects = ["the moon", "a red bird", "the sea", "her brother", "the castle", "a small boat"]
+    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(n_lines)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(root / "tok"), kind="char"))
+    prepare(PrepareConfig(input=[str(corpus)], tokenizer=str(root / "tok"), out=str(root / "data")))
+    return root / "data"
+
+
+def homellm(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "homellm", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"homellm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

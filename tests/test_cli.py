@@ -1,0 +1,75 @@
+"""The command line as a user meets it: every verb's --help, and the tiny pipeline end to end."""
+
+import json
+
+import pytest
+
+from conftest import homellm
+from homellm.cli import build_parser
+
+
+def verbs() -> list[list[str]]:
+    """Every leaf command of the parser, so a new verb is covered without editing this test."""
+    out = []
+
+    def walk(parser, prefix):
+        subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if not subs:
+            out.append(prefix)
+        for action in subs:
+            for name, child in action.choices.items():
+                walk(child, [*prefix, name])
+
+    walk(build_parser(), [])
+    return out
+
+
+@pytest.mark.parametrize("verb", verbs(), ids=" ".join)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*verb, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: homellm " + " ".join(verb))
+
+
+def test_help_shows_kebab_case_flags_from_the_config(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--family", "--n-layer", "--n-head", "--n-kv-head", "--n-embd", "--block-size", "--dropout",
+                 "--batch-size", "--lr", "--max-steps", "--max-time", "--eval-every", "--checkpoint-every",
+                 "--resume"):
+        assert flag in text
+
+
+def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
+    tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    homellm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok))
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in tok.iterdir()}
+    homellm("prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(data))
+    assert json.loads((data / "meta.json").read_text())["train_tokens"] > 0
+    proc = homellm("pretrain", "--preset", "tiny", "--data", str(data), "--out", str(run), "--max-steps", "20",
+                   "--eval-every", "10")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 20 and summary["val_loss"] > 0
+    assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
+    proc = homellm("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "12", "--seed", "1")
+    assert proc.stdout.startswith("the cat") and len(proc.stdout) > len("the cat\n")
+    assert "tokens/s" in proc.stderr
+    proc = homellm("info", str(run))
+    assert "parameters" in proc.stdout.lower()
+
+
+def test_raw_text_goes_straight_to_a_model(tmp_path, corpus):
+    run = tmp_path / "run"
+    homellm("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "5",
+            "--eval-every", "5")
+    assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "last" / "model.safetensors").is_file()
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = homellm("generate", str(tmp_path / "nowhere"), "--prompt", "x", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("homellm: error:") and "Traceback" not in proc.stderr
+    assert str(tmp_path / "nowhere") in proc.stderr

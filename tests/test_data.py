@@ -1,0 +1,276 @@
+"""Data preparation invariants: encodings and input formats read right, errors name file/line/byte, documents end
+with end-of-text, splits match nanoGPT's, shards match meta.json, chunked reading changes nothing."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from homellm import data
+from homellm.config import EOT, PrepareConfig, TokenizerConfig
+from homellm.data import iter_documents, open_split, prepare, read_meta
+from homellm.errors import HomeLLMError
+from homellm.tokenizer import Tokenizer, train_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need(rel: str) -> Path:
+    path = DATA / rel
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared offline corpora are not on this machine)")
+    return path
+
+
+def docs(inputs: list[str], **kw) -> list[str]:
+    """Whole documents from iter_documents, checking the piece protocol on the way."""
+    out: list[str] = []
+    current: list[str] = []
+    for piece in iter_documents(inputs, **kw):
+        assert piece.doc == len(out) and piece.text
+        current.append(piece.text)
+        if piece.end:
+            out.append("".join(current))
+            current = []
+    assert not current
+    return out
+
+
+def char_tok(tmp_path: Path, *inputs: str, **kw) -> Path:
+    train_tokenizer(TokenizerConfig(input=list(inputs), out=str(tmp_path / "tok"), kind="char", **kw))
+    return tmp_path / "tok"
+
+
+def tokens(out: Path, split: str) -> np.ndarray:
+    shards = open_split(out, split)
+    return np.concatenate(shards) if shards else np.zeros(0, np.uint16)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shift_jis_aozora_detected_or_named(tmp_path):
+    path = str(need("ja_aozora/sjis/rashomon.txt"))
+    expected = Path(path).read_bytes().decode("cp932").replace("\r\n", "\n")
+    assert docs([path]) == [expected] == docs([path], encoding="cp932")
+    assert "羅生門" in expected
+    with pytest.raises(HomeLLMError, match=r"byte offset \d+ .*--encoding"):
+        docs([path], encoding="utf-8")
+    # prepare reads it too, and its tokens decode back to the text
+    for encoding in ("auto", "cp932"):
+        tok = char_tok(tmp_path, path, encoding=encoding)
+        prepare(PrepareConfig(input=[path], tokenizer=str(tok), out=str(tmp_path / encoding), encoding=encoding))
+        t = Tokenizer.load(tmp_path / encoding)
+        both = np.concatenate([tokens(tmp_path / encoding, "train"), tokens(tmp_path / encoding, "val")])
+        assert t.decode(both.tolist()) == expected + EOT
+
+
+def test_undecodable_byte_names_file_and_offset(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc\n" + "日本".encode() + b"\xff rest")
+    with pytest.raises(HomeLLMError) as e:
+        docs([str(bad)])
+    assert str(bad) in str(e.value) and "0xff at byte offset 10" in str(e.value) and "--encoding" in str(e.value)
+    assert docs([str(bad)], encoding="latin-1") == [bad.read_bytes().decode("latin-1")]
+    bad.write_bytes(b"abc\n\xff")  # Python's cp932 would accept 0xff as a private-use character: auto must not
+    with pytest.raises(HomeLLMError, match="0xff at byte offset 4"):
+        docs([str(bad)])
+    with pytest.raises(HomeLLMError, match="--encoding 'klingon' is unknown"):
+        docs([str(bad)], encoding="klingon")
+
+
+def test_utf8_bom_and_crlf(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfline one\r\nline two\r\n")
+    assert docs([str(path)]) == ["line one\nline two\n"]
+
+
+def test_jsonl_custom_field_and_errors(tmp_path):
+    good = write(tmp_path / "a.jsonl", '{"body": "first", "id": 1}\n\n{"body": "second\\r\\nline"}\n{"body": ""}\n')
+    assert docs([str(good)], text_field="body") == ["first", "second\nline"]
+    with pytest.raises(HomeLLMError) as e:
+        docs([str(good)])
+    assert f"{good}:1: no field 'text'" in str(e.value) and "body" in str(e.value) and "--text-field" in str(e.value)
+    bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n')
+    with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line"):
+        docs([str(bad)])
+    with pytest.raises(HomeLLMError, match="is a int, not text"):
+        docs([str(write(tmp_path / "c.jsonl", '{"text": 5}\n'))])
+
+
+def test_folders_globs_and_missing_inputs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "b.txt", "bee")
+    write(tmp_path / "sub" / "a.jsonl", '{"text": "ay"}\n')
+    write(tmp_path / "sub" / "skip.csv", "no")
+    assert docs([str(tmp_path)]) == ["bee", "ay"]
+    assert docs([str(tmp_path / "**" / "*.jsonl")]) == ["ay"]
+    with pytest.raises(HomeLLMError, match="no such file"):
+        docs([str(tmp_path / "nope.txt")])
+    with pytest.raises(HomeLLMError, match="matches no file"):
+        docs([str(tmp_path / "*.md")])
+    with pytest.raises(HomeLLMError, match="no input"):
+        docs([])
+    with pytest.raises(HomeLLMError, match="no text"):
+        docs([str(write(tmp_path / "blank.txt", "\n \n"))])
+    assert docs([str(tmp_path / "b.txt")] * 5, max_docs=3) == ["bee"] * 3
+
+
+def test_tinystories_separator_splits_documents(tmp_path):
+    path = need("tinystories/train-first-2MiB.txt")
+    raw = path.read_text(encoding="utf-8")
+    stories = docs([str(path)])
+    expected = [s.strip() for s in raw.split(EOT)]
+    expected[-1] = raw.split(EOT)[-1].lstrip()  # the end of the file is kept as is
+    assert stories == expected and len(stories) == raw.count(EOT) + 1
+    assert not any(EOT in s for s in stories)
+    # whitespace around separators goes, empty documents are skipped
+    small = write(tmp_path / "s.txt", f"  one\n{EOT}\n\n{EOT}two  \n {EOT}\nthree\n")
+    assert docs([str(small)]) == ["  one", "two", "three\n"]
+
+
+def test_chunked_reading_changes_nothing(tmp_path, monkeypatch):
+    """Tiny read blocks split documents into many pieces; the documents and the tokens must not change."""
+    ts = str(need("tinystories/train-first-2MiB.txt"))
+    ja = str(need("ja_aozora/sjis/jigokuhen_shinji.txt"))
+    tok = Tokenizer.load(bpe_tok(tmp_path, ts, ja))
+    whole = {p: docs([p]) for p in (ts, ja)}
+    whole_ids = {p: [tok.encode(d) for d in whole[p]] for p in (ts, ja)}
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 997)  # an odd size, so cuts land inside multi-byte characters
+    for p in (ts, ja):
+        pieces = list(iter_documents([p]))
+        assert sum(not piece.end for piece in pieces) > 20  # documents really were cut into pieces
+        assert docs([p]) == whole[p]
+        ids: list[list[int]] = [[] for _ in whole[p]]
+        for piece in pieces:
+            ids[piece.doc] += tok.encode(piece.text)
+        assert ids == whole_ids[p]
+
+
+def bpe_tok(tmp_path: Path, *inputs: str) -> Path:
+    train_tokenizer(TokenizerConfig(input=list(inputs), out=str(tmp_path / "bpe"), vocab_size=400, max_chars=300_000))
+    return tmp_path / "bpe"
+
+
+def test_single_document_splits_like_nanogpt(tmp_path):
+    path = str(need("tinyshakespeare/input.txt"))
+    text = Path(path).read_text(encoding="utf-8")
+    n = len(text)
+    out = tmp_path / "shk"
+    meta = prepare(PrepareConfig(input=[path], tokenizer=str(char_tok(tmp_path, path)), out=str(out),
+                                 shard_tokens=300_000))
+    tok = Tokenizer.load(out)
+    train, val = tokens(out, "train"), tokens(out, "val")
+    # nanoGPT: train = text[:int(n * 0.9)], val = text[int(n * 0.9):]; the end-of-text closes the document
+    assert tok.decode(train.tolist()) == text[: int(n * 0.9)]
+    assert tok.decode(val.tolist()) == text[int(n * 0.9):] + EOT
+    assert meta["split"] == "position" and meta["documents"] == 1
+    assert (meta["train_bytes"], meta["val_bytes"]) == (int(n * 0.9), n - int(n * 0.9))  # ASCII: 1 byte a char
+    check_shards(out, meta, 300_000)
+
+
+def test_documents_split_by_hash_end_with_eot_and_shards_match_meta(tmp_path):
+    lines = [json.dumps({"text": f"story {i} " + "word " * (i % 7)}) for i in range(300)]
+    src = write(tmp_path / "s.jsonl", "\n".join(lines) + "\n")
+    tok = char_tok(tmp_path, str(src))
+    meta = prepare(PrepareConfig(input=[str(src)], tokenizer=str(tok), out=str(tmp_path / "d"), shard_tokens=1000,
+                                 val_fraction=0.2, seed=1))
+    assert meta["split"] == "document" and meta["documents"] == 300 and 30 < meta["val_documents"] < 90
+    t = Tokenizer.load(tmp_path / "d")
+    stories = []
+    for split in ("train", "val"):
+        ids = tokens(tmp_path / "d", split)
+        assert ids[-1] == t.eot_id  # every document ends with end-of-text
+        stories += t.decode(ids.tolist()).split(EOT)[:-1]
+    assert sorted(stories) == sorted(json.loads(line)["text"] for line in lines)
+    assert meta["train_bytes"] + meta["val_bytes"] == sum(len(s.encode()) for s in stories)
+    check_shards(tmp_path / "d", meta, 1000)
+    # the split depends on the seed only
+    again = prepare(PrepareConfig(input=[str(src)], tokenizer=str(tok), out=str(tmp_path / "e"), val_fraction=0.2,
+                                  seed=1))
+    assert again["val_documents"] == meta["val_documents"]
+    assert np.array_equal(tokens(tmp_path / "e", "val"), tokens(tmp_path / "d", "val"))
+
+
+def check_shards(out: Path, meta: dict, shard_tokens: int) -> None:
+    assert read_meta(out) == meta
+    for split in ("train", "val"):
+        shards = meta["shards"][split]
+        assert sum(s["tokens"] for s in shards) == meta[f"{split}_tokens"]
+        assert all(0 < s["tokens"] <= shard_tokens for s in shards)
+        for s in shards:
+            assert (out / s["file"]).stat().st_size == s["tokens"] * np.dtype(meta["dtype"]).itemsize
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(s["file"] for v in meta["shards"].values() for s in v)
+    assert Tokenizer.load(out).vocab_size == meta["vocab_size"]
+
+
+def test_dtype_follows_vocabulary_size(tmp_path):
+    small = write(tmp_path / "small.txt", "abcabc")
+    meta = prepare(PrepareConfig(input=[str(small)], tokenizer=str(char_tok(tmp_path, str(small))),
+                                 out=str(tmp_path / "u16"), val_fraction=0.0))
+    assert meta["dtype"] == "uint16" and meta["val_tokens"] == 0 and open_split(tmp_path / "u16", "val") == []
+    # a char vocabulary of 70,000 characters needs uint32
+    alphabet = "".join(chr(0x20000 + i) for i in range(70_000))
+    big = write(tmp_path / "alphabet.txt", alphabet)
+    tok = train_tokenizer(TokenizerConfig(input=[str(big)], out=str(tmp_path / "bigtok"), kind="char"))
+    assert tok.vocab_size > 2**16
+    text = write(tmp_path / "t.txt", alphabet[-5:])
+    meta = prepare(PrepareConfig(input=[str(text)], tokenizer=str(tmp_path / "bigtok"), out=str(tmp_path / "u32")))
+    ids = np.concatenate([tokens(tmp_path / "u32", "train"), tokens(tmp_path / "u32", "val")])
+    assert meta["dtype"] == "uint32" and ids.dtype == np.uint32 and ids.max() > 2**16
+    assert tok.decode(ids.tolist(), skip_special=True) == alphabet[-5:]
+
+
+def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": f"row {i}", "n": i} for i in range(10)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert docs(["hf:someone/stories"], max_docs=3) == ["row 0", "row 1", "row 2"]
+    assert docs(["hf:someone/stories:cfg:validation"])[-1] == "row 9"
+    assert calls == [("someone/stories", None, "train", True), ("someone/stories", "cfg", "validation", True)]
+    with pytest.raises(HomeLLMError, match="no field 'body'.*--text-field"):
+        docs(["hf:x"], text_field="body")
+    src = write(tmp_path / "a.txt", "row 0123456789")
+    meta = prepare(PrepareConfig(input=["hf:x:test"], tokenizer=str(char_tok(tmp_path, str(src))),
+                                 out=str(tmp_path / "d")))
+    assert meta["documents"] == 10 and meta["inputs"] == ["hf:x:test"]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(HomeLLMError, match=r"pip install 'homellm\[hf\]'"):
+        docs(["hf:x"])
+
+
+def test_failed_prepare_leaves_no_meta_and_readers_explain(tmp_path):
+    good = write(tmp_path / "a.jsonl", '{"text": "hello"}\n{"text": "world"}\n')
+    tok = str(char_tok(tmp_path, str(good)))
+    out = tmp_path / "d"
+    prepare(PrepareConfig(input=[str(good)], tokenizer=tok, out=str(out)))
+    bad = write(tmp_path / "b.jsonl", '{"text": "hello"}\nnot json\n')
+    with pytest.raises(HomeLLMError, match="b.jsonl:2"):
+        prepare(PrepareConfig(input=[str(bad)], tokenizer=tok, out=str(out)))
+    assert not (out / "meta.json").exists()  # the old meta.json no longer vouches for half-written shards
+    with pytest.raises(HomeLLMError, match="run `homellm prepare"):
+        read_meta(out)
+    prepare(PrepareConfig(input=[str(good)], tokenizer=tok, out=str(out)))
+    (out / "train_00000.bin").write_bytes(b"\0")
+    with pytest.raises(HomeLLMError, match="train_00000.bin: missing or not"):
+        open_split(out, "train")
+    with pytest.raises(HomeLLMError, match="--tokenizer is required"):
+        prepare(PrepareConfig(input=[str(good)], out=str(out)))
+
+
+def test_one_enormous_line_is_cut_without_breaking_separators(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 61)  # no line break at all: the reader must cut mid-line
+    text = f" {EOT} ".join(f"story {i} " + "日本語 " * (i % 30) for i in range(60))
+    path = write(tmp_path / "line.txt", text)
+    parts = text.split(EOT)
+    assert docs([str(path)]) == [s.strip() for s in parts[:-1]] + [parts[-1].lstrip()]  # the file's end is verbatim
+    assert len(list(iter_documents([str(path)]))) > 60

@@ -1,0 +1,226 @@
+"""Generation invariants on tiny CPU models: the cached loop equals a full recompute (past the context too),
+sampling filters keep what they promise, beam search finds likelier text than greedy, and streamed text equals the
+decoded ids cut at the stop string, with no half characters."""
+
+import pytest
+import torch
+
+from homellm.config import ModelConfig, SampleConfig, TokenizerConfig
+from homellm.generate import beam_search, generate_ids, sample_next, stream_text
+from homellm.model import GPT
+from homellm.tokenizer import Tokenizer, train_tokenizer
+
+FAMILIES = ["gpt2", "llama"]
+GREEDY = SampleConfig(temperature=0.0, max_new_tokens=70)
+# Our own text (no corpus needed): kana and kanji are 3 UTF-8 bytes, so a 300-token BPE splits many of them.
+JA = ("むかしむかし、ある山のふもとに小さな村がありました。村には川が流れていて、春になると桜の花がたくさん咲きました。"
+      "子どもたちは毎日川で遊び、夕方になると家に帰って晩ごはんを食べました。")
+EN = "The quick brown fox jumps over the lazy dog. A small village sat at the foot of a mountain.\n"
+
+
+def tiny(family: str, vocab: int = 64) -> GPT:
+    # Untied: a random tied model's likeliest next token is the last one, and a run of one token tests little.
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, block_size=32,
+                      tie_embeddings=False)
+    return GPT(cfg).eval()
+
+
+def naive_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Full forward every step; the same window rule: past block_size tokens, keep the last block_size // 2."""
+    block = model.cfg.block_size
+    ctx, out = prompt[-(block - 1):], []
+    with torch.no_grad():
+        for _ in range(n):
+            if len(ctx) > block:
+                ctx = ctx[-(block // 2):]
+            token = int(model(torch.tensor([ctx]))[0][0, -1].argmax())
+            out.append(token)
+            ctx = ctx + [token]
+    return out
+
+
+def logprob(model: GPT, prompt: list[int], new: list[int]) -> float:
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + new]))[0][0].log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(new))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_with_cache_equals_full_recompute_past_the_context(family):
+    model = tiny(family)
+    prompt = torch.randint(0, 64, (5,), generator=torch.Generator().manual_seed(1)).tolist()
+    out = list(generate_ids(model, prompt, GREEDY))
+    assert len(out) == GREEDY.max_new_tokens  # 5 + 70 tokens: the window slides several times
+    assert out == naive_greedy(model, prompt, GREEDY.max_new_tokens)
+    long_prompt = torch.randint(0, 64, (45,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert list(generate_ids(model, long_prompt, GREEDY)) == naive_greedy(model, long_prompt, 70)
+
+
+def test_stops_before_a_stop_id_and_keeps_max_new_tokens():
+    model = tiny("llama")
+    out = list(generate_ids(model, [1, 2, 3], GREEDY))
+    k = next(i for i, t in enumerate(out) if t not in out[:i] and i >= 3)  # first occurrence of its id
+    assert list(generate_ids(model, [1, 2, 3], GREEDY, stop_ids={out[k]})) == out[:k]
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=7)
+    assert len(list(generate_ids(model, [1], cfg, generator=torch.Generator().manual_seed(0)))) == 7
+    assert list(generate_ids(model, [1], SampleConfig(max_new_tokens=0))) == []
+
+
+def test_model_mode_is_restored_and_inference_mode_never_leaks_to_the_caller():
+    model = tiny("gpt2").train()
+    for _ in generate_ids(model, [1], SampleConfig(max_new_tokens=3)):
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()  # the caller may train between
+    beam_search(model, [1], 2, 2)
+    assert model.training
+
+
+def sample(model: GPT, cfg: SampleConfig, seed: int) -> list[int]:
+    return list(generate_ids(model, [1, 2, 3], cfg, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_sampling_is_seeded_and_filters_reduce_to_greedy():
+    model = tiny("llama")
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=30)
+    assert sample(model, cfg, 0) == sample(model, cfg, 0)
+    assert sample(model, cfg, 0) != sample(model, cfg, 1)
+    greedy = list(generate_ids(model, [1, 2, 3], SampleConfig(temperature=0.0, max_new_tokens=30)))
+    assert sample(model, SampleConfig(temperature=1.0, top_k=1, max_new_tokens=30), 0) == greedy
+    assert sample(model, SampleConfig(temperature=1.0, top_p=1e-6, max_new_tokens=30), 0) == greedy
+
+
+def draws(logits: list[float], n: int = 4000, history: list[int] | None = None, **cfg) -> torch.Tensor:
+    """n samples from one row of logits, as a (n,) tensor of ids."""
+    rows = torch.tensor([logits]).expand(n, -1)
+    hist = torch.tensor([history or []], dtype=torch.long).expand(n, -1)
+    return sample_next(rows, hist, SampleConfig(**cfg), torch.Generator().manual_seed(0))
+
+
+def test_top_k_and_top_p_keep_exactly_their_sets():
+    logits = [0.1, 2.0, -1.0, 1.5, 1.9, 0.0]
+    assert set(draws(logits, temperature=2.0, top_k=3).tolist()) == {1, 3, 4}
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.5 < 0.7 <= 0.8)
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3]).log().tolist()
+    assert set(draws(probs, temperature=1.0, top_p=0.7).tolist()) == {1, 3}
+    assert set(draws(probs, temperature=1.0, top_p=0.0).tolist()) == {1}
+    assert set(draws(probs, temperature=1.0).tolist()) == {0, 1, 2, 3}
+    assert draws(logits, n=2, temperature=0.0).tolist() == [1, 1]
+
+
+def test_repetition_penalty_lowers_repeated_tokens():
+    logits = [2.0, 1.5, -1.0, -1.2]
+    # CTRL: 2.0 / 2 = 1.0 < 1.5, and -1.0 * 2 = -2.0 < -1.2
+    assert draws(logits, n=1, history=[0, 2, 0], temperature=0.0, repetition_penalty=2.0).tolist() == [1]
+    plain = torch.bincount(draws(logits, temperature=1.0), minlength=4)
+    penalised = torch.bincount(draws(logits, history=[0, 2], temperature=1.0, repetition_penalty=2.0), minlength=4)
+    assert penalised[0] < plain[0] - 300 and penalised[2] < plain[2]
+    assert penalised[1] > plain[1] and penalised[3] > plain[3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_one_beam_is_greedy_and_more_beams_are_likelier(family):
+    model = tiny(family)
+    prompt = [5, 9, 12]
+    greedy = list(generate_ids(model, prompt, SampleConfig(temperature=0.0, max_new_tokens=12)))
+    assert beam_search(model, prompt, 1, 12) == greedy
+    beams = beam_search(model, prompt, 4, 12)
+    assert len(beams) == 12
+    assert logprob(model, prompt, beams) >= logprob(model, prompt, greedy) - 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_with_every_continuation_kept_is_exact(family):
+    """With vocab**2 beams, three steps see every 3-token continuation, so the likeliest must win; and the cache
+    must follow each beam's own history, since beams are reordered every step."""
+    model = tiny(family, vocab=8)
+    with torch.no_grad():  # larger weights than at init: attention matters, so a stale history changes the answer
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    every = torch.cartesian_prod(*[torch.arange(8)] * 3)  # (512, 3)
+    for prompt in ([3, 1, 4], [1, 5, 2], [6, 0, 2, 2]):
+        idx = torch.cat([torch.tensor([prompt]).expand(512, -1), every], dim=1)
+        with torch.no_grad():
+            logp = model(idx)[0].log_softmax(-1)[:, len(prompt) - 1:-1]  # (512, 3, vocab)
+        total = logp.gather(2, every[:, :, None]).sum(dim=(1, 2))
+        assert beam_search(model, prompt, 64, 3) == every[total.argmax()].tolist()
+
+
+def test_beam_search_respects_block_size_and_stops():
+    model = tiny("gpt2")
+    assert len(beam_search(model, list(range(30)), 3, 10)) == 2  # 30 + 2 = block_size 32
+    assert len(beam_search(model, list(range(60)), 3, 10)) == 1  # a long prompt keeps its last 31 tokens
+    assert beam_search(model, [1, 2], 3, 10, stop_ids=set(range(64))) == []
+    out = beam_search(model, [1, 2], 3, 10, stop_ids={7, 8, 9})
+    assert not {7, 8, 9} & set(out)
+
+
+# ---- streamed text ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    root = tmp_path_factory.mktemp("tok")
+    corpus = root / "corpus.txt"
+    corpus.write_text((JA + "\n" + EN) * 3, encoding="utf-8")
+    return train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(root / "tok"), vocab_size=300))
+
+
+@pytest.fixture(scope="module")
+def story(tok) -> tuple[GPT, str, str]:
+    """A tiny model overfit on one Japanese sentence and its end of text: (model, prompt, the rest of it)."""
+    prompt, rest = JA[:6], JA[6:26]
+    ids = tok.encode(prompt) + tok.encode(rest) + [tok.eot_id]
+    assert len(ids) <= 64
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(family="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64))
+    x = torch.tensor([ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    return model.eval(), prompt, rest
+
+
+def test_japanese_streams_whole_characters_and_stops_at_end_of_text(tok, story):
+    model, prompt, rest = story
+    # the test means something only if some generated token is part of a character
+    assert any("\ufffd" in tok.decode([i]) for i in tok.encode(rest))
+    stats: dict = {}
+    pieces = list(stream_text(model, tok, prompt, SampleConfig(temperature=0.0, max_new_tokens=100), stats))
+    assert "".join(pieces) == rest
+    assert len(pieces) > 1 and all(p and "\ufffd" not in p for p in pieces)
+    assert stats["new_tokens"] == len(tok.encode(rest)) and stats["prompt_tokens"] == len(tok.encode(prompt))
+    assert stats["tok_per_s"] > 0
+    beam = list(stream_text(model, tok, prompt, SampleConfig(num_beams=3, max_new_tokens=100)))
+    assert beam == [rest]
+
+
+@pytest.mark.parametrize("stop", [["川"], ["川が流"], ["川で泳", "花が"], ["川で泳"]])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_stop_strings_cut_the_text_and_never_show(tok, story, stop, num_beams):
+    model, prompt, rest = story
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=100, stop=stop, num_beams=num_beams)
+    out = "".join(stream_text(model, tok, prompt, cfg))
+    hits = [rest.find(s) for s in stop if s in rest]
+    assert out == rest[:min(hits, default=len(rest))]  # "川で泳" never occurs: its held-back "川で" is released
+    assert not any(s in out for s in stop)
+
+
+def test_stream_equals_decoded_ids_cut_at_stop_on_random_text(tok):
+    """An untrained model samples arbitrary tokens: the pieces still add up to the decoded ids, cut at the stop."""
+    model = tiny("gpt2", vocab=tok.vocab_size)
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=60, seed=3)
+    prompt = "<|im_start|>user\nhello<|im_end|>"
+    ids = list(generate_ids(model, tok.encode(prompt, allow_special=True), cfg, {tok.eot_id, tok.im_end_id},
+                            torch.Generator().manual_seed(cfg.seed)))
+    full = tok.decode(ids, skip_special=True)
+    assert len(full) > 20
+    pieces = list(stream_text(model, tok, prompt, cfg))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = "".join(stream_text(model, tok, prompt, SampleConfig(temperature=1.0, max_new_tokens=60, seed=3,
+                                                                stop=[stop])))
+    assert cut == full[:full.find(stop)] and stop not in cut

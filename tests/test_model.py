@@ -1,0 +1,124 @@
+"""Model invariants on tiny CPU models."""
+
+import math
+
+import pytest
+import torch
+
+from homellm.config import ModelConfig
+from homellm.model import GPT, KVCache
+
+FAMILIES = ["gpt2", "llama"]
+
+
+def tiny(family: str, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=96, n_layer=2, n_head=4, n_embd=32, block_size=32, **kw)
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_initial_loss_is_near_uniform(family):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 96, (2, 4, 32), generator=g)
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(96)) < 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_future_tokens_never_change_past_logits(family):
+    model = tiny(family, n_kv_head=2) if family == "llama" else tiny(family)
+    idx = torch.randint(0, 96, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 96, (2, 8))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_matches_full_forward(family):
+    model = tiny(family, n_kv_head=1) if family == "llama" else tiny(family)
+    idx = torch.randint(0, 96, (3, 24))
+    full, _ = model(idx)
+    cache = KVCache(model.cfg, 3, 32, "cpu")
+    parts = [model(idx[:, :10], cache=cache)[0]]  # prefill
+    parts.append(model(idx[:, 10:15], cache=cache)[0])  # several tokens after a prefix
+    for t in range(15, 24):  # one at a time
+        parts.append(model(idx[:, t:t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+    assert cache.pos == 24
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_overfits_one_batch(family):
+    model = tiny(family).train()
+    idx = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_fully_masked_targets_give_zero_loss_not_nan():
+    model = tiny("llama").train()
+    idx = torch.randint(0, 96, (2, 8))
+    _, loss = model(idx, torch.full_like(idx, -100))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_masked_targets_are_ignored():
+    model = tiny("llama")
+    idx = torch.randint(0, 96, (1, 8))
+    targets = idx.clone()
+    targets[:, :4] = -100
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, 4:], idx[0, 4:])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_parameter_count_and_tying():
+    tied = tiny("gpt2")
+    untied = tiny("gpt2", tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == 96 * 32
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    # Non-embedding count: 2 layers * (4 d^2 attention + 8 d^2 MLP + norms) + final norm + lm_head.
+    d = 32
+    per_layer = 4 * d * d + 8 * d * d + 2 * d  # two LayerNorms with gains only (bias=False)
+    assert tied.num_params(embeddings=False) == 2 * per_layer + d + 96 * d
+    assert tied.flops_per_token() == 6 * tied.num_params(embeddings=False) + 12 * 2 * 32 * 32
+
+
+def test_grouped_query_attention_shrinks_kv_projections():
+    full = tiny("llama")
+    gqa = tiny("llama", n_kv_head=1)
+    assert gqa.layers[0].self_attn.k_proj.weight.shape == (8, 32)
+    assert full.num_params() > gqa.num_params()
+
+
+def test_too_long_sequence_is_refused():
+    model = tiny("gpt2")
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_rope_matches_rotate_half_reference():
+    """The rotate-half convention of Hugging Face's Llama, written out independently."""
+    from homellm.model import apply_rope, rope_tables
+
+    cfg = ModelConfig(family="llama", vocab_size=8, n_head=1, n_embd=4, block_size=3)
+    cos, sin = rope_tables(cfg, 3)
+    x = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]] * 3]])
+    out = apply_rope(x, cos, sin)
+    p, inv = 2, [1.0, 1.0 / 100.0]  # position 2, inv_freq for head_dim 4 and theta 1e4
+    a0, a1 = p * inv[0], p * inv[1]
+    ref = [1 * math.cos(a0) - 3 * math.sin(a0), 2 * math.cos(a1) - 4 * math.sin(a1),
+           3 * math.cos(a0) + 1 * math.sin(a0), 4 * math.cos(a1) + 2 * math.sin(a1)]
+    torch.testing.assert_close(out[0, 0, 2], torch.tensor(ref))

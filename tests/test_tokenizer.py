@@ -1,0 +1,205 @@
+"""Tokenizer invariants: lossless round trips on Japanese, Chinese and any Unicode; GPT-2 ids; stable specials;
+streaming decode that never prints half a character; byte counts for bits per byte; save/load."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from homellm.config import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig
+from homellm.errors import HomeLLMError
+from homellm.tokenizer import UNK, Tokenizer, train_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need(rel: str) -> Path:
+    path = DATA / rel
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared offline corpora are not on this machine)")
+    return path
+
+
+def ja_text(n_docs: int = 3, chars: int = 4000) -> str:
+    lines = need("ja_aozora/aozora_ja.jsonl").read_text(encoding="utf-8").splitlines()[:n_docs]
+    return "\n".join(json.loads(line)["text"][:chars] for line in lines)
+
+
+def zh_text(chars: int = 8000) -> str:
+    with open(need("zh_classics/sanguo_yanyi.txt"), encoding="utf-8") as f:
+        return f.read(chars)
+
+
+def random_unicode(n: int, seed: int = 0) -> str:
+    """Code points from every plane, emoji and combining marks included; no lone surrogates (not encodable)."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        c = rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0x800), rng.randrange(0x800, 0x10000),
+                        rng.randrange(0x1F300, 0x1FAFF), rng.randrange(0x10000, 0x110000), 0x0A, 0x0D, 0x00])
+        if not 0xD800 <= c < 0xE000:
+            out.append(chr(c))
+    return "".join(out) + "👩‍👩‍👧 e\u0301 🇯🇵"
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Tokenizer:
+    """A small BPE trained on Japanese + Chinese + English slices: shared by the tests, trains in well under 1 s."""
+    root = tmp_path_factory.mktemp("bpe")
+    corpus = root / "corpus.txt"
+    corpus.write_text(ja_text() + "\n" + zh_text() + "\nThe quick brown fox jumps over the lazy dog.\n",
+                      encoding="utf-8")
+    return train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(root / "tok"), vocab_size=500))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Tokenizer:
+    return train_tokenizer(TokenizerConfig(from_file=str(need("gpt2_tokenizer")),
+                                           out=str(tmp_path_factory.mktemp("gpt2"))))
+
+
+def test_bpe_round_trip_is_lossless_on_japanese_chinese_and_any_unicode(bpe):
+    assert bpe.vocab_size == 500
+    for text in (ja_text(n_docs=5, chars=2000), zh_text(20000)[-3000:], random_unicode(3000), "", "\r\n\t  x"):
+        ids = bpe.encode(text)
+        assert bpe.decode(ids) == text
+        assert max(ids, default=0) < bpe.vocab_size
+    # the merges learned something: Japanese needs fewer tokens than its UTF-8 bytes
+    ja = ja_text(n_docs=1, chars=2000)
+    assert len(bpe.encode(ja)) < 0.7 * len(ja.encode())
+
+
+def test_special_tokens_reserved_with_stable_ids(bpe, tmp_path):
+    assert [bpe.eot_id, bpe.im_start_id, bpe.im_end_id, bpe.pad_id] == [0, 1, 2, 3]
+    char = train_tokenizer(TokenizerConfig(input=[str(write(tmp_path / "a.txt", "abc"))], out=str(tmp_path / "c"),
+                                           kind="char"))
+    assert [char.eot_id, char.im_start_id, char.im_end_id, char.pad_id] == [0, 1, 2, 3]
+    # a special string in plain text is just text; allow_special=True makes it the special token
+    text = f"a{EOT}b{IM_START}"
+    assert bpe.eot_id not in bpe.encode(text) and bpe.im_start_id not in bpe.encode(text)
+    assert bpe.decode(bpe.encode(text)) == text
+    assert bpe.encode(text, allow_special=True) == bpe.encode("a") + [0] + bpe.encode("b") + [1]
+    assert bpe.encode_batch([text, "x"]) == [bpe.encode(text), bpe.encode("x")]
+    assert bpe.decode([0, *bpe.encode("hi"), 2], skip_special=True) == "hi"
+    assert bpe.decode([0]) == EOT
+
+
+def test_token_bytes_count_utf8_bytes(bpe, gpt2):
+    for tok in (bpe, gpt2):
+        tb = tok.token_bytes()
+        assert tb.shape == (tok.vocab_size,)
+        assert all(tb[tok.hf.token_to_id(s)] == 0 for s in SPECIAL_TOKENS)
+        for text in (ja_text(n_docs=2, chars=1500), zh_text(1500), random_unicode(500, seed=1)):
+            ids = tok.encode(text)
+            assert tb[ids].sum() == len(text.encode("utf-8"))
+
+
+def test_stream_decoder_prints_japanese_cleanly_token_by_token(bpe):
+    text = ja_text(n_docs=2, chars=1500) + "🎉 done"
+    ids = bpe.encode(text)
+    # the test means something only if some token is part of a character
+    assert any("\ufffd" in bpe.decode([i]) for i in ids)
+    stream = bpe.stream()
+    parts = [stream.push(i) for i in ids]
+    parts.append(stream.flush())
+    assert "".join(parts) == text
+    assert not any("\ufffd" in p for p in parts)
+    assert stream.flush() == ""
+    # an invalid byte (a lone continuation byte, then text) is printed rather than held forever
+    lone = bpe.hf.token_to_id(bytes_to_gpt2_char(0x80))
+    out = [stream.push(i) for i in [lone, *bpe.encode("abcd")]]
+    assert "".join(out) + stream.flush() == "\ufffdabcd"
+
+
+def bytes_to_gpt2_char(b: int) -> str:
+    # GPT-2's byte-to-character map, for one byte: printable Latin-1 maps to itself, the rest to 256 + n
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + [x for x in range(256) if x not in printable].index(b))
+
+
+def test_save_load_round_trip(bpe, tmp_path):
+    bpe.save(tmp_path / "tok", model_max_length=256)
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (config["eos_token"], config["pad_token"], config["model_max_length"]) == (EOT, PAD, 256)
+    assert config["added_tokens_decoder"]["2"]["content"] == IM_END and config["added_tokens_decoder"]["2"]["special"]
+    assert "chat_template" not in config
+    assert json.loads((tmp_path / "tok" / "special_tokens_map.json").read_text())["bos_token"] == EOT
+    text = ja_text(n_docs=1, chars=500) + f" {EOT} mixed ascii"
+    # a tokenizer folder, a run folder holding tokenizer/, and the file itself all load
+    run = tmp_path / "run"
+    bpe.save(run / "tokenizer")
+    for where in (tmp_path / "tok", run, tmp_path / "tok" / "tokenizer.json"):
+        tok = Tokenizer.load(where)
+        assert tok.encode(text) == bpe.encode(text)
+        assert tok.encode(text, allow_special=True) == bpe.encode(text, allow_special=True)
+        assert (tok.vocab_size, tok.eot_id, tok.kind) == (bpe.vocab_size, 0, "bpe")
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(HomeLLMError, match="no tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    bad = write(tmp_path / "tokenizer.json", "{not json")
+    with pytest.raises(HomeLLMError, match="not a valid tokenizer.json") as e:
+        Tokenizer.load(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_char_tokenizer_round_trip_and_unknown_characters(tmp_path):
+    text = "hello wörld\n日本語 🎉\r\n"
+    src = write(tmp_path / "a.jsonl", json.dumps({"text": text}) + "\n")
+    tok = train_tokenizer(TokenizerConfig(input=[str(src)], out=str(tmp_path / "c"), kind="char", vocab_size=5))
+    alphabet = sorted(set(text.replace("\r\n", "\n")))  # the reader turns CRLF into LF
+    assert tok.kind == "char" and tok.vocab_size == len(SPECIAL_TOKENS) + 1 + len(alphabet)
+    body = "".join(alphabet) * 3
+    assert tok.encode(body) == [len(SPECIAL_TOKENS) + 1 + alphabet.index(c) for c in body]
+    assert tok.decode(tok.encode(body)) == body
+    assert tok.decode(tok.encode("hxz")) == f"h{UNK}{UNK}"  # char is lossless on the training alphabet only
+    assert tok.token_bytes()[tok.encode(body)].sum() == len(body.encode())
+    loaded = Tokenizer.load(tmp_path / "c")
+    assert loaded.encode(body + EOT) == tok.encode(body + EOT)
+    assert json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())["unk_token"] == UNK
+
+
+def test_gpt2_files_give_gpt2_ids(gpt2, tmp_path):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.encode(" the cat's") == [262, 3797, 338]
+    assert gpt2.eot_id == 50256 and gpt2.encode(EOT, allow_special=True) == [50256]
+    assert [gpt2.im_start_id, gpt2.im_end_id, gpt2.pad_id] == [50257, 50258, 50259]
+    assert gpt2.vocab_size == 50260
+    text = ja_text(n_docs=1, chars=300) + random_unicode(300)
+    assert gpt2.decode(gpt2.encode(text)) == text
+    # the saved tokenizer.json imports again without changes
+    gpt2.save(tmp_path / "saved")
+    again = train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "saved" / "tokenizer.json"),
+                                            out=str(tmp_path / "again")))
+    assert again.encode(text) == gpt2.encode(text) and again.vocab_size == 50260
+
+
+def test_bad_input_errors(tmp_path):
+    corpus = str(write(tmp_path / "a.txt", "some text"))
+    with pytest.raises(HomeLLMError, match="--vocab-size 100 is too small"):
+        train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), vocab_size=100))
+    empty = str(write(tmp_path / "empty.txt", " \n\n "))
+    with pytest.raises(HomeLLMError, match="no text"):
+        train_tokenizer(TokenizerConfig(input=[empty], out=str(tmp_path / "t")))
+    with pytest.raises(HomeLLMError, match="--kind"):
+        train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), kind="wordpiece"))
+    with pytest.raises(HomeLLMError, match="not found"):
+        train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "nope"), out=str(tmp_path / "t")))
+    assert not (tmp_path / "t").exists()
+
+
+def test_max_chars_caps_training_text(tmp_path):
+    corpus = write(tmp_path / "a.txt", "ab" * 100 + "xyz")
+    tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "c"), kind="char", max_chars=50))
+    assert tok.vocab_size == len(SPECIAL_TOKENS) + 1 + 2  # x, y, z lie past the cap
+    assert tok.encode("xa") == [4, 5]  # x is <|unk|>
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,181 @@
+"""The training loop: exact resume after SIGKILL, crash-safe checkpoints, DDP equals one process, bad input."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import homellm
+from homellm.checkpoint import find_checkpoint, load_model
+from homellm.config import ModelConfig, TrainConfig, preset, replace
+from homellm.errors import HomeLLMError
+from homellm.train import lr_factor, pretrain
+
+RUN_FLAGS = ["--preset", "tiny", "--max-steps", "16", "--checkpoint-every", "5", "--eval-every", "4",
+             "--log-every", "2", "--dropout", "0.1", "--batch-size", "4"]
+
+
+def metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields, which differ between any two runs."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in rows]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS)
+    return run
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, reference):
+    run = tmp_path / "run"
+    killed = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
+                     env={"HOMELLM_FAULT_KILL_AT_STEP": "13"}, check=False)
+    assert killed.returncode == -9
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 10
+    assert max(r["step"] for r in metrics(run)) == 12  # lines past the checkpoint, to be dropped on resume
+    homellm("pretrain", "--out", str(run), "--resume")
+    assert metrics(run) == metrics(reference)
+    assert_same_weights(run / "last", reference / "last")
+    assert_same_weights(run / "best", reference / "best")
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_dir, reference):
+    run = tmp_path / "run"
+    killed = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
+                     env={"HOMELLM_FAULT_KILL_IN_CHECKPOINT": "10"}, check=False)
+    assert killed.returncode == -9
+    assert (run / ".last.tmp").is_dir()  # the half-done swap of step 10
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 5
+    homellm("pretrain", "--out", str(run), "--resume")
+    assert metrics(run) == metrics(reference)
+    assert_same_weights(run / "last", reference / "last")
+
+
+def test_corrupt_checkpoint_falls_back_to_newest_valid(tmp_path, reference, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    weights = run / "last" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    chosen = find_checkpoint(run, "last", need_state=True)
+    assert chosen == run / "best"
+    assert "corrupt" in capsys.readouterr().err
+    load_model(run, "last")  # loads best instead
+    shutil.rmtree(run / "best")
+    with pytest.raises(HomeLLMError, match="no valid resumable checkpoint"):
+        find_checkpoint(run, "last", need_state=True)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    proc = homellm("pretrain", "--out", str(run), "--resume", "--n-layer", "3", check=False)
+    assert proc.returncode == 2
+    assert "n_layer: run has 2, asked 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = homellm("pretrain", "--data", "x", "--out", str(run), "--preset", "tiny", check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir):
+    flags = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--log-every", "1", "--device", "cpu"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    homellm("pretrain", "--data", str(data_dir), "--out", str(single), *flags, "--batch-size", "8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "homellm", "pretrain", "--data", str(data_dir), "--out", str(double), *flags, "--batch-size", "4"]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(single), metrics(double)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"]
+        assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=1e-4)
+        if "val_loss" in ra:
+            assert math.isclose(ra["val_loss"], rb["val_loss"], rel_tol=1e-4)
+    wa = load_file(str(single / "last" / "model.safetensors"))
+    wb = load_file(str(double / "last" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_training_lowers_val_loss_and_bpb_is_loss_over_ln2_for_ascii_chars(tmp_path, data_dir):
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=60, eval_every=30)
+    summary = pretrain(model_cfg, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(64)
+    # One ASCII character is one byte and one token: bits per byte is nats per token over ln 2.
+    assert math.isclose(summary["val_bpb"], summary["val_loss"] / math.log(2), rel_tol=1e-6)
+    assert {"step", "tokens", "elapsed_s", "tok_per_s", "lr", "train_loss"} <= rows[0].keys()
+
+
+def test_muon_trains(tmp_path, data_dir):
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=30, eval_every=15,
+                  optimizer="muon")
+    rows = pretrain(model_cfg, cfg)
+    assert rows["val_loss"] < math.log(64) - 0.5
+
+
+def test_time_budget_stops_the_run(tmp_path, data_dir):
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=10**9, max_time=1.5,
+                  eval_every=10**6)
+    summary = pretrain(model_cfg, cfg)
+    assert summary["stop"] == "max_time"
+    assert 1.5 <= summary["elapsed_s"] < 5
+    assert (tmp_path / "run" / "last").is_dir()
+
+
+def test_schedule_warmup_cosine_and_wsd():
+    cfg = TrainConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0.0, 0, cfg) == pytest.approx(0.1)
+    assert lr_factor(0.1, 9, cfg) == pytest.approx(1.0)
+    assert lr_factor(1.0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(0.5, 50, cfg) == pytest.approx(0.55)
+    wsd = replace(cfg, schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(0.79, 79, wsd) == 1.0
+    assert lr_factor(0.9, 90, wsd) == pytest.approx(0.55)
+    assert lr_factor(1.0, 100, wsd) == pytest.approx(0.1)
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, data_dir):
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--data", str(data_dir), "--block-size", "100000"], "--block-size"),
+        (["--data", str(data_dir), "--n-embd", "30", "--n-head", "4"], "--n-embd 30"),
+        (["--data", str(data_dir), "--optimizer", "sgd"], "--optimizer"),
+    ]
+    for i, (flags, needle) in enumerate(cases):
+        proc = homellm("pretrain", "--preset", "tiny", "--out", str(tmp_path / f"r{i}"), *flags, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()[-1]) > 20
+
+
+def test_vocab_is_padded_to_a_multiple_of_64(tmp_path, data_dir):
+    model_cfg, cfg = preset("tiny")
+    pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=2))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert saved["vocab_size"] % 64 == 0
+    assert ModelConfig(**saved).vocab_size >= json.loads((data_dir / "meta.json").read_text())["vocab_size"]
