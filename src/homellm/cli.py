@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from homellm.config import (
+    EvalConfig,
     ModelConfig,
     PrepareConfig,
+    QuickstartConfig,
     SampleConfig,
     TokenizerConfig,
     TrainConfig,
@@ -90,6 +92,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(describe(args.run))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from homellm.eval import run_eval
+
+    run_eval(args.run, EvalConfig(**pick(args, EvalConfig)))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from homellm.quickstart import quickstart
+
+    quickstart(QuickstartConfig(**pick(args, QuickstartConfig)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homellm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a model from scratch (or --resume)",
                        description="Train a model. Flags override the preset; --data takes a prepared folder or "
                                    "raw .txt/.jsonl inputs (tokenizer and shards are then built inside --out).")
-    p.add_argument("--preset", default=None, help="tiny, cpu (default) or gpt2-124m")
+    p.add_argument("--preset", default=None, help="tiny, cpu (default), arithmetic or gpt2-124m")
     add_flags(p, ModelConfig)
     add_flags(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain)
@@ -116,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run directory")
     add_flags(p, SampleConfig)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="measure a run: arithmetic accuracy, or val loss and bits per byte")
+    p.add_argument("run", help="the run directory")
+    add_flags(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline on the built-in arithmetic task, in minutes on a CPU")
+    add_flags(p, QuickstartConfig)
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("info", help="architecture, parameter counts and checkpoints of a run")
     p.add_argument("run", help="the run directory")

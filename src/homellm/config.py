@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +143,29 @@ class SampleConfig:
     device: str = "auto"
 
 
+@dataclass
+class EvalConfig:
+    task: str = "arithmetic"  # arithmetic: exact-match accuracy; loss: val loss and bits per byte on --data
+    n: int = 2000  # arithmetic: held-out problems to answer
+    seed: int = 1  # arithmetic: which held-out problems
+    max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
+    data: str = ""  # loss: a prepared data folder (default: the one the run was trained on)
+    batches: int = 50  # loss: val batches to average
+    batch_size: int = 256  # sequences evaluated at once
+    checkpoint: str = "best"  # best or last
+    device: str = "auto"
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"  # the run directory
+    max_time: float = 600.0  # wall-clock seconds for the whole quickstart; training gets what data and eval leave
+    problems: int = 500_000  # training problems to generate (about what 10 minutes of CPU training reads)
+    n: int = 2000  # held-out problems in the final evaluation
+    seed: int = 0
+    device: str = "auto"
+
+
 # Presets: named instances. `tiny` is for tests; `cpu` is the best recipe we measured for a 2-core CPU in
 # minutes (bench/README.md); `gpt2-124m` is GPT-2 small for a GPU.
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -152,6 +178,11 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(family="llama", n_layer=4, n_head=4, n_embd=192, block_size=128),
         dict(batch_size=16, lr=2e-3, warmup_steps=50, max_steps=100_000, max_time=120.0, eval_every=250,
              eval_batches=20, tokenizer_vocab=1024, weight_decay=0.1, checkpoint_every=1000),
+    ),
+    "arithmetic": (  # the quickstart's recipe for the built-in task (bench/README.md has its measurements)
+        dict(family="llama", n_layer=4, n_head=4, n_embd=128, block_size=96),
+        dict(batch_size=32, lr=3e-3, warmup_steps=100, max_steps=0, max_time=600.0, eval_every=500,
+             eval_batches=8, weight_decay=0.0, checkpoint_every=1000, log_every=50, tokenizer_kind="char"),
     ),
     "gpt2-124m": (
         dict(family="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50304),
@@ -174,6 +205,17 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return typing.get_type_hints(cls)[f.name]
 
 
+@functools.cache
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the class source: the one place a field is explained, so --help
+    shows the same words as the code."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)}
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
               positional: tuple[str, ...] = ()) -> None:
     """Add one `--kebab-case` flag per field of `cls`. Defaults are suppressed, so the namespace holds only
@@ -184,7 +226,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         tp = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"(default: {default!r})"
+        comment = _field_comments(cls).get(f.name, "")
+        help_text = f"{comment} (default: {default!r})".strip().replace("%", "%%")
         if f.name in positional:
             parser.add_argument(f.name, nargs="+" if typing.get_origin(tp) is list else None,
                                 default=argparse.SUPPRESS)

@@ -1,0 +1,144 @@
+"""`homellm eval`: measure a run. `--task arithmetic` scores exact answers to held-out problems; `--task loss`
+reports val loss and bits per byte on any prepared data folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from homellm.config import EvalConfig
+from homellm.errors import HomeLLMError
+from homellm.info import table
+from homellm.io import atomic_write_text
+from homellm.model import GPT, KVCache
+from homellm.tokenizer import Tokenizer
+
+
+def stop_ids(tok: Tokenizer, chars: str) -> torch.Tensor:
+    """Ids whose text contains any of `chars`, plus end of text: generation of an answer ends at them."""
+    ids = [i for i in range(tok.vocab_size) if any(c in tok.decode([i]) for c in chars)]
+    return torch.tensor(sorted({*ids, tok.eot_id, tok.im_end_id}))
+
+
+@torch.no_grad()
+def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int, stop: torch.Tensor,
+                    batch_size: int = 256, desc: str = "answer") -> list[str]:
+    """Greedy completions of many prompts, batched: prompts of equal token length share a batch, so no padding
+    and no attention mask are needed, and each batch decodes with one KV cache until every row has stopped."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = tok.encode_batch(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    stop = stop.to(device)
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+        for length, rows in sorted(by_length.items()):
+            if length == 0 or length >= model.cfg.block_size:
+                bar.update(len(rows))
+                continue  # nothing to condition on, or no room to answer: the empty completion counts as wrong
+            steps = min(max_new_tokens, model.cfg.block_size - length)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                x = torch.tensor([encoded[i] for i in chunk], device=device)
+                cache = KVCache(model.cfg, len(chunk), length + steps, device, next(model.parameters()).dtype)
+                logits, _ = model(x, cache=cache)
+                done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+                generated = []
+                for t in range(steps):
+                    nxt = logits[:, -1].argmax(-1)
+                    generated.append(torch.where(done, -1, nxt))
+                    done |= torch.isin(nxt, stop)
+                    if bool(done.all()) or t == steps - 1:
+                        break
+                    logits, _ = model(nxt[:, None], cache=cache)
+                rows_ids = torch.stack(generated, 1).tolist()
+                for i, ids in zip(chunk, rows_ids):
+                    out[i] = [t for t in ids if t >= 0]
+                bar.update(len(chunk))
+    return [tok.decode(ids) for ids in out]
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    path = run / "config.json"
+    if not path.is_file():
+        raise HomeLLMError(f"{run}: no config.json there: pass a run directory made by pretrain or quickstart")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
+                    quiet: bool = False) -> dict[str, Any]:
+    """Score greedy answers to cfg.n held-out problems; write RUN/eval_arithmetic[_Nd].json; return the score."""
+    from homellm.checkpoint import load_model
+    from homellm.tasks import arithmetic
+    from homellm.train import resolve_device
+
+    run = Path(run)
+    if cfg.n <= 0:
+        raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem")
+    if _run_config(run).get("task") != "arithmetic":
+        raise HomeLLMError(f"{run} was not trained on the arithmetic task (its config.json names no task): "
+                           "train one with `homellm quickstart`, or use `--task loss`")
+    tok = Tokenizer.load(run)
+    if model is None:
+        model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    problems = arithmetic.generate(cfg.n, cfg.seed, split="heldout", max_digits=cfg.max_digits)
+    completions = greedy_complete(model, tok, [arithmetic.prompt(p) for p in problems], 32, stop_ids(tok, "$\n"),
+                                  cfg.batch_size, desc=f"eval {run.name}")
+    result = arithmetic.score(problems, completions)
+    result.update(task="arithmetic", seed=cfg.seed, max_digits=cfg.max_digits, checkpoint=cfg.checkpoint)
+    suffix = "" if cfg.max_digits == 2 else f"_{cfg.max_digits}d"
+    atomic_write_text(run / f"eval_arithmetic{suffix}.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if not quiet:
+        print(arithmetic.format_table(result))
+        print(f"written to {run / f'eval_arithmetic{suffix}.json'}")
+    return result
+
+
+def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
+    """Val loss and bits per byte of a run on a prepared data folder; written to RUN/eval_loss.json."""
+    from homellm.checkpoint import load_model, read_config
+    from homellm.config import TrainConfig
+    from homellm.data import read_meta
+    from homellm.train import TokenBatches, evaluate, setup_env
+
+    run = Path(run)
+    config = _run_config(run)
+    data_dir = Path(cfg.data or config.get("data_dir", ""))
+    if not (data_dir / "meta.json").is_file():
+        raise HomeLLMError(f"--data {str(data_dir) or '(none)'}: not a prepared data folder (no meta.json): "
+                           "pass one made by `homellm prepare`")
+    if cfg.batches <= 0:
+        raise HomeLLMError(f"--batches {cfg.batches}: evaluate at least 1 batch")
+    model_cfg, train_cfg = read_config(run)
+    tok = Tokenizer.load(data_dir)
+    run_tok = Tokenizer.load(run)
+    if tok.hf.to_str() != run_tok.hf.to_str():
+        raise HomeLLMError(f"--data {data_dir} was tokenized with another tokenizer than {run}: prepare it with "
+                           f"`homellm prepare --tokenizer {run}`")
+    read_meta(data_dir)
+    env = setup_env(TrainConfig(device=cfg.device))
+    model = load_model(run, cfg.checkpoint, env.device)
+    data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
+    result = evaluate(model, data, min(cfg.batch_size, 64), cfg.batches, env)
+    if result is None:
+        raise HomeLLMError(f"--data {data_dir} has no validation tokens: prepare it with a --val-fraction above 0")
+    result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, **result}
+    atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
+    print(table([("val loss (nats/token)", f"{result['val_loss']:.4f}"),
+                 ("val bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
+    return result
+
+
+def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.task == "arithmetic":
+        return eval_arithmetic(run, cfg)
+    if cfg.task == "loss":
+        return eval_loss(run, cfg)
+    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use arithmetic or loss")

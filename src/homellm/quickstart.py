@@ -1,0 +1,171 @@
+r"""`homellm quickstart`: the whole pipeline on the built-in arithmetic task, from nothing to a measured model.
+
+Stages: generate problems -> character tokenizer -> token shards -> train from scratch -> evaluate on held-out
+problems -> print the accuracy table, sample answers and the next commands. Needs no files and no network.
+
+Training reads the shards through `AnswerBatches`: every row starts at the beginning of a problem line (as a
+prompt does at inference) and only the answer tokens (` 84$`) carry loss, so all the learning goes into what
+is scored; the operands are random and cannot be predicted anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TokenizerConfig, TrainConfig, preset, replace
+from homellm.data import open_split, prepare, read_meta
+from homellm.errors import HomeLLMError
+from homellm.io import atomic_write_text
+from homellm.tasks import arithmetic
+from homellm.tokenizer import Tokenizer, train_tokenizer
+
+
+class AnswerBatches:
+    """Rows of block_size tokens starting at problem starts, with loss only on the answer tokens."""
+
+    def __init__(self, data_dir: str | Path, tok: Tokenizer, block_size: int, seed: int):
+        self.block_size, self.seed, self.token_bytes = block_size, seed, tok.token_bytes()
+        newline, equals = (tok.encode(c) for c in ("\n", "="))
+        if len(newline) != 1 or len(equals) != 1:
+            raise HomeLLMError(f"{data_dir}: the tokenizer must give '\\n' and '=' one token each: "
+                               "use a char tokenizer")
+        self.splits = {}
+        for split in ("train", "val"):
+            tokens = np.concatenate([np.asarray(m) for m in open_split(data_dir, split)]).astype(np.int64)
+            self.splits[split] = self._index(tokens, newline[0], equals[0])
+        if len(self.splits["train"][2]) == 0:
+            raise HomeLLMError(f"{data_dir}: no problem line fits in --block-size {block_size}: add data")
+
+    def _index(self, tokens: np.ndarray, newline: int, equals: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        is_nl = tokens == newline
+        line = np.cumsum(is_nl) - is_nl  # line number of each token; a newline ends its line
+        starts = np.concatenate([[0], np.flatnonzero(is_nl) + 1])
+        eq_before = np.cumsum(tokens == equals) - (tokens == equals)  # '=' strictly before each token
+        line_base = eq_before[np.minimum(starts, len(tokens) - 1)]
+        answer = (eq_before - line_base[line] > 0) & ~is_nl  # after the line's '=', up to its closing '$'
+        targets = np.where(answer, tokens, -100)
+        starts = starts[starts + self.block_size + 1 <= len(tokens)]
+        return torch.from_numpy(tokens), torch.from_numpy(targets), starts
+
+    def _rows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, targets, starts = self.splits[split]
+        picks = torch.from_numpy(starts[rng.integers(0, len(starts), size=n)])
+        index = picks[:, None] + torch.arange(self.block_size + 1)
+        return tokens[index[:, :-1]], targets[index[:, 1:]]
+
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._rows("train", np.random.default_rng([self.seed, 0, step, micro]), batch_size * world)
+        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+
+    def val_batch(self, index: int, batch_size: int, rank: int, world: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if len(self.splits["val"][2]) == 0:
+            return None
+        x, y = self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world)
+        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+
+
+def _stage(n: int, text: str) -> None:
+    print(f"\n[{n}/5] {text}", file=sys.stderr, flush=True)
+
+
+def build_data(run: Path, problems: int, seed: int) -> tuple[Path, Tokenizer]:
+    """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards."""
+    task = run / "task"
+    task.mkdir(parents=True, exist_ok=True)
+    _stage(1, f"generating {problems:,} training problems (held-out problems never among them)")
+    t0 = time.perf_counter()
+    text = arithmetic.corpus_text(arithmetic.generate(problems, seed, split="train")) + "\n"
+    atomic_write_text(task / "train.txt", text)
+    print(f"      {len(text) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s; e.g. "
+          f"{text.splitlines()[0]}  {text.splitlines()[1]}", file=sys.stderr)
+    _stage(2, "building a character tokenizer")
+    alphabet = task / "alphabet.txt"
+    atomic_write_text(alphabet, arithmetic.chars())  # every character the task can ever produce, not just these
+    train_tokenizer(TokenizerConfig(input=[str(alphabet)], out=str(run / "data_tokenizer"), kind="char"))
+    tok = Tokenizer.load(run / "data_tokenizer")
+    print(f"      {tok.vocab_size} ids", file=sys.stderr)
+    _stage(3, "preparing token shards")
+    meta = prepare(PrepareConfig(input=[str(task / "train.txt")], tokenizer=str(run / "data_tokenizer"),
+                                 out=str(run / "data"), val_fraction=0.01))
+    print(f"      {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
+    return run / "data", tok
+
+
+def recipe(cfg: QuickstartConfig, seconds: float) -> tuple[ModelConfig, TrainConfig]:
+    """The `arithmetic` preset, trained for `seconds`."""
+    model_cfg, train_cfg = preset("arithmetic")
+    train_cfg = replace(train_cfg, out=cfg.out, max_time=seconds, max_steps=0, device=cfg.device,
+                        seed=cfg.seed + 1337, sample_prompt=r"$12 \times 7 =")
+    return model_cfg, train_cfg
+
+
+def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Generate, tokenize, prepare, train, evaluate; return the evaluation result."""
+    from homellm.eval import EvalConfig, eval_arithmetic, greedy_complete, stop_ids
+    from homellm.train import train
+
+    if cfg.max_time <= 0:
+        raise HomeLLMError(f"--max-time {cfg.max_time}: give the training a positive number of seconds")
+    if cfg.problems < 1000:
+        raise HomeLLMError(f"--problems {cfg.problems}: generate at least 1000 training problems")
+    if cfg.n <= 0:
+        raise HomeLLMError(f"--n {cfg.n}: evaluate at least 1 problem")
+    run = Path(cfg.out)
+    if (run / "last").exists():
+        raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {run}`, or pass "
+                           "a new --out")
+    t_start = time.perf_counter()
+    data_dir, tok = build_data(run, cfg.problems, cfg.seed)
+    # Evaluation of 2000 problems took about 10 s on a 2-core CPU; keep 3 % of the budget (and 1 s) for it.
+    seconds = cfg.max_time - (time.perf_counter() - t_start) - max(1.0, 0.03 * cfg.max_time)
+    if seconds < 1:
+        raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: preparing the data took "
+                           f"{time.perf_counter() - t_start:.0f} s, no time is left to train: raise --max-time "
+                           "or lower --problems")
+    model_cfg, train_cfg = recipe(cfg, seconds)
+    model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
+    _stage(4, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
+              f"{seconds:.0f} s")
+    batches = AnswerBatches(data_dir, tok, model_cfg.block_size, train_cfg.seed)
+    meta = read_meta(data_dir)
+    summary = train(model_cfg, train_cfg, batches, tok, extra_config={
+        "task": "arithmetic", "data_dir": str(data_dir),
+        "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}})
+    _stage(5, f"evaluating on {cfg.n:,} held-out problems")
+    from homellm.checkpoint import load_model
+    from homellm.train import resolve_device
+
+    model = load_model(run, "best", resolve_device(cfg.device))
+    result = eval_arithmetic(run, EvalConfig(n=cfg.n, seed=cfg.seed + 1, device=cfg.device), model=model,
+                             quiet=True)
+    print("\n" + arithmetic.format_table({**result, "failures": []}))
+    samples = arithmetic.generate(8, cfg.seed + 99, split="heldout")
+    answers = greedy_complete(model, tok, [arithmetic.prompt(p) for p in samples], 32, stop_ids(tok, "$\n"),
+                              desc="samples")
+    print("\nsample held-out problems:")
+    for p, a in zip(samples, answers):
+        mark = "ok" if arithmetic.parse_completion(a) == p.result else f"wrong, expected {p.result}"
+        shown = a.split("\n")[0]
+        print(f"  {arithmetic.prompt(p)}{shown}   ({mark})")
+    if result["failures"]:
+        print("some failures:")
+        for f in result["failures"][:5]:
+            print(f"  {f['prompt']}  expected {f['expected']}, got {f['got']!r}")
+    minutes = (time.perf_counter() - t_start) / 60
+    print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
+          f"{summary['steps']:,} steps ({minutes:.1f} min in all). Next:")
+    print(f"  homellm generate {run} --prompt '$12 \\times 7 =' --temperature 0")
+    print(f"  homellm eval {run} --task arithmetic --max-digits 3     # operands beyond the training range")
+    print(f"  homellm info {run}")
+    atomic_write_text(run / "quickstart.json", json.dumps({"summary": summary, "accuracy": result["accuracy"],
+                                                      "minutes": round(minutes, 2)}, indent=2) + "\n")
+    return result

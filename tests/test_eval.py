@@ -1,0 +1,111 @@
+"""Evaluation and the quickstart: answer-only training rows, batched greedy answers, the eval verbs, and a short
+quickstart end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import homellm
+from homellm.config import ModelConfig, PrepareConfig, SampleConfig, TokenizerConfig
+from homellm.data import prepare
+from homellm.eval import greedy_complete, stop_ids
+from homellm.generate import generate_ids
+from homellm.model import GPT
+from homellm.quickstart import AnswerBatches
+from homellm.tasks import arithmetic
+from homellm.tokenizer import Tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    (root / "train.txt").write_text(arithmetic.corpus_text(arithmetic.generate(3000, seed=0)) + "\n")
+    (root / "alphabet.txt").write_text(arithmetic.chars())
+    train_tokenizer(TokenizerConfig(input=[str(root / "alphabet.txt")], out=str(root / "tok"), kind="char"))
+    prepare(PrepareConfig(input=[str(root / "train.txt")], tokenizer=str(root / "tok"), out=str(root / "data")))
+    return root / "data", Tokenizer.load(root / "tok")
+
+
+def test_answer_rows_start_at_a_problem_and_train_only_the_answers(task_data):
+    data_dir, tok = task_data
+    batches = AnswerBatches(data_dir, tok, block_size=64, seed=0)
+    x, y = batches.train_batch(step=3, micro=0, batch_size=16, rank=0, world=1)
+    assert x.shape == y.shape == (16, 64)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        chars = [tok.decode([t]) for t in row_x]  # a char tokenizer: one character per token
+        assert chars[0] == "$"
+        for j in range(len(chars) - 1):
+            line_start = "".join(chars[:j + 1]).rfind("\n") + 1
+            answer = "=" in chars[line_start:j + 1] and chars[j + 1] != "\n"
+            assert (row_y[j] != -100) == answer, (j, "".join(chars))
+            if answer:
+                assert row_y[j] == row_x[j + 1]
+
+
+def test_train_batches_are_deterministic_and_sliced_per_rank(task_data):
+    data_dir, tok = task_data
+    batches = AnswerBatches(data_dir, tok, block_size=64, seed=0)
+    x, y = batches.train_batch(5, 0, 8, rank=0, world=1)
+    x0, _ = batches.train_batch(5, 0, 4, rank=0, world=2)
+    x1, _ = batches.train_batch(5, 0, 4, rank=1, world=2)
+    assert torch.equal(torch.cat([x0, x1]), x)
+    assert torch.equal(batches.train_batch(5, 0, 8, 0, 1)[1], y)
+    assert not torch.equal(batches.train_batch(6, 0, 8, 0, 1)[0], x)
+
+
+def test_batched_greedy_answers_equal_one_prompt_at_a_time(task_data):
+    _, tok = task_data
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(family="llama", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64)).eval()
+    problems = arithmetic.generate(12, seed=5, split="heldout")
+    prompts = [arithmetic.prompt(p) for p in problems]
+    stop = stop_ids(tok, "$\n")
+    batched = greedy_complete(model, tok, prompts, 10, stop, batch_size=4)
+    for prompt, got in zip(prompts, batched):
+        ids = list(generate_ids(model, tok.encode(prompt), SampleConfig(max_new_tokens=10, temperature=0.0),
+                                stop_ids=set(stop.tolist())))
+        alone = tok.decode(ids)
+        # generate_ids ends before the stop token; the batch keeps it, so an answer shows its closing '$'.
+        assert got == alone or (len(ids) < 10 and got[:len(alone)] == alone and len(tok.encode(got)) == len(ids) + 1)
+
+
+def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir):
+    run = tmp_path / "run"
+    homellm("pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "4")
+    proc = homellm("eval", str(run), "--task", "arithmetic", check=False)
+    assert proc.returncode == 2 and "not trained on the arithmetic task" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = homellm("eval", str(run), "--n", "0", check=False)
+    assert proc.returncode == 2 and "--n 0" in proc.stderr
+    proc = homellm("eval", str(run), "--task", "nonsense", check=False)
+    assert proc.returncode == 2 and "nonsense" in proc.stderr
+
+
+def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir):
+    run = tmp_path / "run"
+    homellm("pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "10")
+    proc = homellm("eval", str(run), "--task", "loss", "--batches", "3")
+    result = json.loads((run / "eval_loss.json").read_text())
+    assert "bits per byte" in proc.stdout
+    assert 0 < result["val_loss"] < math.log(64) + 0.5
+    assert math.isclose(result["val_bpb"], result["val_loss"] / math.log(2), rel_tol=1e-6)  # ASCII: 1 byte/char
+
+
+def test_short_quickstart_runs_end_to_end(tmp_path):
+    run = tmp_path / "qs"
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "4", "--problems", "3000", "--n", "40")
+    assert "accuracy" in proc.stdout and "overall" in proc.stdout and "homellm generate" in proc.stdout
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert stage in proc.stderr
+    result = json.loads((run / "eval_arithmetic.json").read_text())
+    assert result["n"] == 40 and 0 <= result["accuracy"] <= 1
+    assert sum(b["n"] for b in result["by"]["operator"].values()) == 40
+    # The run is an ordinary run directory: every verb takes it.
+    proc = homellm("generate", str(run), "--prompt", "$12 \\times 7 =", "--temperature", "0", "--max-new-tokens", "8")
+    assert proc.stdout.startswith("$12 \\times 7 =")
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "4", check=False)
+    assert proc.returncode == 2 and "already holds" in proc.stderr
+    homellm("eval", str(run), "--n", "20", "--max-digits", "3")
+    assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3
