@@ -105,7 +105,6 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     """Val loss and bits per byte of a run on a prepared data folder; written to RUN/eval_loss.json."""
     from homellm.checkpoint import load_model, read_config
     from homellm.config import TrainConfig
-    from homellm.data import read_meta
     from homellm.train import TokenBatches, evaluate, setup_env
 
     run = Path(run)
@@ -122,7 +121,6 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     if tok.hf.to_str() != run_tok.hf.to_str():
         raise HomeLLMError(f"--data {data_dir} was tokenized with another tokenizer than {run}: prepare it with "
                            f"`homellm prepare --tokenizer {run}`")
-    read_meta(data_dir)
     env = setup_env(TrainConfig(device=cfg.device))
     model = load_model(run, cfg.checkpoint, env.device)
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
