@@ -395,6 +395,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
         if step % cfg.checkpoint_every == 0 or done:
             checkpoint("last", last_val or {})
+        if record and "val_loss" in record or step % cfg.checkpoint_every == 0:
+            # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
+            t_log, tokens_log = time.perf_counter(), tokens
         if done:
             if cfg.max_time > 0 and elapsed >= cfg.max_time and stop_reason == "max_steps":
                 stop_reason = "max_time"
