@@ -109,3 +109,38 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
     assert proc.returncode == 2 and "already holds" in proc.stderr
     homellm("eval", str(run), "--n", "20", "--max-digits", "3")
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3
+
+
+def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
+    run = tmp_path / "qs"
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "8", "--problems", "3000", "--n", "20", "--chat",
+                   "--chat-problems", "400")
+    for stage in ("[1/7]", "[6/7]", "[7/7]"):
+        assert stage in proc.stderr
+    assert f"homellm chat {run / 'chat'}" in proc.stdout
+    result = json.loads((run / "chat" / "eval_chat_arithmetic.json").read_text())
+    assert set(result["by_phrasing"]) == {"en", "ja", "symbols"}
+    assert all(r["n"] == 20 for r in result["by_phrasing"].values())
+    config = json.loads((run / "chat" / "config.json").read_text())
+    assert config["sft"]["init"] == str(run.resolve()) and config["sft_data"]["conversations"] == 400
+    # The chat run is an ordinary run: eval takes it again, and a pretrained-only run is not a chat model.
+    again = homellm("eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5")
+    assert "ja" in again.stdout and "overall" in again.stdout
+
+
+def test_chat_questions_keep_the_problem_and_score_replies_exactly():
+    import random
+
+    problems = arithmetic.generate(200, seed=3)
+    rng = random.Random(0)
+    for p in problems:
+        for phrasing in arithmetic.PHRASINGS:
+            q = arithmetic.question(p, phrasing, rng)
+            assert arithmetic.format_operand(p.a) in q and arithmetic.format_operand(abs(p.b)) in q
+    records = arithmetic.conversations(problems[:6], seed=0)
+    assert [r["messages"][1]["content"] for r in records] == [arithmetic.line(p) for p in problems[:6]]
+    p = arithmetic.Problem(12, r"\times", 7)
+    scored = arithmetic.score([p] * 4, [arithmetic.reply_completion(p, r) for r in (
+        r"$12 \times 7 = 84$", r"$12 \times 7 = 85$", r"$12 \times 8 = 84$", r"$12 \times 7 = 84$ and more")])
+    assert scored["correct"] == 1 and scored["malformed"] == 2
+    assert set(arithmetic.chat_chars()) >= set("What is×÷は？かける")

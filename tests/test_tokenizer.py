@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from homellm.config import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig
+from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import UNK, Tokenizer, train_tokenizer
 
@@ -126,7 +126,7 @@ def test_save_load_round_trip(bpe, tmp_path):
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (config["eos_token"], config["pad_token"], config["model_max_length"]) == (EOT, PAD, 256)
     assert config["added_tokens_decoder"]["2"]["content"] == IM_END and config["added_tokens_decoder"]["2"]["special"]
-    assert "chat_template" not in config
+    assert config["chat_template"] == CHAT_TEMPLATE  # what homellm.chat renders (tests/test_sft.py checks with jinja)
     assert json.loads((tmp_path / "tok" / "special_tokens_map.json").read_text())["bos_token"] == EOT
     text = ja_text(n_docs=1, chars=500) + f" {EOT} mixed ascii"
     # a tokenizer folder, a run folder holding tokenizer/, and the file itself all load

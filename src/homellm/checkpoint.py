@@ -42,10 +42,14 @@ def _sha256(path: Path) -> str:
 
 
 def weights_of(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict to save: contiguous CPU tensors, the tied output matrix stored once (as embed_tokens)."""
-    sd = model.state_dict()
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight")
+    """The state dict to save: contiguous CPU tensors, the tied output matrix stored once (as embed_tokens).
+    With LoRA adapters attached, only the adapters (`lora.*`): the base weights live in the base run."""
+    if hasattr(model, "lora"):
+        sd = {f"lora.{k}": v for k, v in model.lora.state_dict().items()}
+    else:
+        sd = model.state_dict()
+        if model.cfg.tie_embeddings:
+            sd.pop("lm_head.weight")
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
@@ -141,16 +145,40 @@ def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
 
 
 def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> GPT:
-    """The model of a run directory, from checkpoint `which` (falling back as find_checkpoint does), in eval mode."""
+    """The model of a run directory, from checkpoint `which` (falling back as find_checkpoint does), in eval mode.
+
+    A LoRA run holds adapters only: they are loaded onto its base run's model and merged into the weights."""
     model_cfg, _ = read_config(run)
     folder = find_checkpoint(run, which)
-    model = GPT(model_cfg)
+    lora = load_json(Path(run) / "config.json").get("lora")
+    model = base_for_lora(run, lora) if lora else GPT(model_cfg)
     try:
         weights = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise HomeLLMError(f"{folder / WEIGHTS}: cannot be read ({e}): train the run again") from None
     load_weights_into(model, weights, str(folder / WEIGHTS))
+    if lora:
+        from homellm.lora import merge_lora
+
+        merge_lora(model)
     return model.to(device).eval()
+
+
+def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
+    """The base model a LoRA run was trained on, checked unchanged, with fresh adapters attached."""
+    from homellm.lora import LoraSpec, attach_lora
+
+    base = Path(lora["base"])
+    if not (base / "config.json").is_file():
+        raise HomeLLMError(f"{run} holds LoRA adapters for the base run {base}, which is gone: restore it, or "
+                           "keep merged weights next time with `homellm merge RUN --out NEW`")
+    folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
+    if _sha256(folder / WEIGHTS) != lora["base_sha256"]:
+        raise HomeLLMError(f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it: the adapters "
+                           "only fit the weights they were trained with; train them again")
+    model = load_model(base, folder.name, "cpu").train()
+    attach_lora(model, LoraSpec(**lora["spec"]))
+    return model
 
 
 def load_state(folder: Path) -> dict[str, Any]:

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 from homellm.config import (
+    ChatConfig,
+    CompareConfig,
     EvalConfig,
     ModelConfig,
     PrepareConfig,
     QuickstartConfig,
     SampleConfig,
+    ServeConfig,
+    SFTConfig,
     TokenizerConfig,
     TrainConfig,
     add_flags,
@@ -86,6 +90,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from homellm.repl import chat
+
+    chat(args.run, ChatConfig(**pick(args, ChatConfig)))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from homellm.compare import compare
+
+    compare(args.run_a, args.run_b, CompareConfig(**pick(args, CompareConfig)))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from homellm.serve import serve
+
+    serve(args.run, ServeConfig(**pick(args, ServeConfig)))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from homellm.info import describe
 
@@ -96,6 +118,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from homellm.eval import run_eval
 
     run_eval(args.run, EvalConfig(**pick(args, EvalConfig)))
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from homellm.sft import resolve_sft, sft
+
+    summary = sft(*resolve_sft(pick(args, SFTConfig), pick(args, TrainConfig)))
+    print(json.dumps(summary, ensure_ascii=False))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from homellm.sft import merge_run
+
+    print(f"merged weights written to {merge_run(args.run, args.out, args.checkpoint)}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -126,10 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("sft", help="fine-tune a trained run on conversations (full weights or LoRA)",
+                       description="Supervised fine-tuning: --init RUN plus .jsonl conversations into --out. "
+                                   "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
+                                   "steps).")
+    add_flags(p, SFTConfig)
+    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field"))
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")
+    p.add_argument("run", help="the LoRA run directory")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--checkpoint", default="best", help="best or last (default: best)")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("run", help="the run directory")
     add_flags(p, SampleConfig)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a run in the terminal (slash commands change settings; /help)")
+    p.add_argument("run", help="the run directory")
+    add_flags(p, ChatConfig, skip=("prompt",))
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("compare", help="the same prompts through two runs, side by side (table and Markdown)")
+    p.add_argument("run_a", help="the first run directory (say, the pretrained model)")
+    p.add_argument("run_b", help="the second run directory (say, its SFT); the report goes here by default")
+    add_flags(p, CompareConfig, skip=("prompt",))
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="measure a run: arithmetic accuracy, or val loss and bits per byte")
     p.add_argument("run", help="the run directory")
@@ -139,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the whole pipeline on the built-in arithmetic task, in minutes on a CPU")
     add_flags(p, QuickstartConfig)
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web chat page for a run (needs homellm[serve])")
+    p.add_argument("run", help="the run directory")
+    add_flags(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="architecture, parameter counts and checkpoints of a run")
     p.add_argument("run", help="the run directory")

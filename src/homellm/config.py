@@ -26,6 +26,14 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]
+# The chat format (ChatML) as Jinja, saved in tokenizer_config.json; homellm.chat.render produces the same ids.
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
+)
 
 
 @dataclass
@@ -144,9 +152,25 @@ class SampleConfig:
 
 
 @dataclass
+class ChatConfig(SampleConfig):
+    """`homellm chat`: sampling settings (slash commands change them mid-chat) and the system prompt."""
+    system: str = ""  # the system prompt: kept when old turns leave the context; /system changes it
+
+
+@dataclass
+class CompareConfig(SampleConfig):
+    """`homellm compare`: the same prompts through two runs, side by side."""
+    prompts: str = ""  # a .txt file (one prompt a line) or a .jsonl file with a "prompt" field
+    out: str = ""  # the Markdown report; default RUN_B/compare.md
+    chat: bool = False  # wrap every prompt as a user message (automatic for runs whose config has an sft section)
+    max_new_tokens: int = 100  # a table cell's worth
+    temperature: float = 0.0  # greedy: differences come from the models, not from the dice
+
+
+@dataclass
 class EvalConfig:
-    task: str = "arithmetic"  # arithmetic: exact-match accuracy; loss: val loss and bits per byte on --data
-    n: int = 2000  # arithmetic: held-out problems to answer
+    task: str = "arithmetic"  # arithmetic: exact match; chat-arithmetic: a chat model per phrasing; loss: on --data
+    n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing)
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
     data: str = ""  # loss: a prepared data folder (default: the one the run was trained on)
@@ -156,6 +180,24 @@ class EvalConfig:
     device: str = "auto"
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class SFTConfig:
+    init: str = ""  # the trained run to fine-tune (pretrained, or an earlier SFT)
+    init_checkpoint: str = "best"  # which checkpoint of --init: best or last
+    data: list[str] = field(default_factory=list)  # .jsonl conversations: {"messages": [...]} or Alpaca fields
+    val_fraction: float = 0.05  # conversations held out for the val loss
+    pack: bool = True  # several whole conversations per row (fast); --no-pack pads one conversation per row
+    overlong: str = "truncate"  # conversations longer than the context: truncate or skip (both are counted)
+    skip_bad: bool = False  # skip malformed lines and conversations (counted) instead of stopping at the first
+    lora_rank: int = 0  # > 0: train low-rank adapters of this rank instead of all weights (saved small)
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers given adapters
+
+
 @dataclass
 class QuickstartConfig:
     out: str = "runs/quickstart"  # the run directory
@@ -163,6 +205,20 @@ class QuickstartConfig:
     problems: int = 500_000  # training problems to generate (about what 10 minutes of CPU training reads)
     n: int = 2000  # held-out problems in the final evaluation
     seed: int = 0
+    device: str = "auto"
+    chat: bool = False  # add an SFT stage (a fifth of the training time) so the model can be chatted with
+    chat_problems: int = 50_000  # --chat: conversations to fine-tune on
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback: only this machine can connect; 0.0.0.0 opens it to the network (set a key)
+    port: int = 8000  # 0 picks a free port (printed at start)
+    api_key: str = ""  # when set, requests must send `Authorization: Bearer KEY`; empty = no key needed
+    max_batch: int = 32  # sequences decoded together in one batched step: each holds a KV-cache row of the context
+    max_queue: int = 64  # sequences waiting for a free row; beyond that requests get 503 (at capacity)
+    threads: int = 0  # CPU threads for the model's math; 0 = all cores but one, which is left to HTTP and streaming
+    checkpoint: str = "best"  # best or last
     device: str = "auto"
 
 
@@ -181,7 +237,8 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "arithmetic": (  # the quickstart's recipe for the built-in task (bench/README.md has its measurements)
         dict(family="llama", n_layer=4, n_head=4, n_embd=128, block_size=96),
-        dict(batch_size=32, lr=3e-3, warmup_steps=100, max_steps=0, max_time=600.0, eval_every=500,
+        dict(batch_size=32, lr=3e-3, optimizer="muon", muon_lr=0.02, warmup_steps=100, max_steps=0, max_time=600.0,
+             eval_every=500,
              eval_batches=8, weight_decay=0.0, checkpoint_every=1000, log_every=50, tokenizer_kind="char"),
     ),
     "gpt2-124m": (
@@ -209,11 +266,16 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
 def _field_comments(cls: type) -> dict[str, str]:
     """The `# comment` after each field in the class source: the one place a field is explained, so --help
     shows the same words as the code."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)}
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # bases first: a subclass that redefines a field has the last word
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update({m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)})
+    return comments
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),

@@ -1,9 +1,11 @@
-"""`homellm eval`: measure a run. `--task arithmetic` scores exact answers to held-out problems; `--task loss`
-reports val loss and bits per byte on any prepared data folder."""
+"""`homellm eval`: measure a run. `--task arithmetic` scores exact answers to held-out problems;
+`--task chat-arithmetic` scores a chat model's replies to the same problems asked in English, Japanese and symbols;
+`--task loss` reports val loss and bits per byte on any prepared data folder."""
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from homellm.config import EvalConfig
+from homellm.config import EOT, IM_END, EvalConfig
 from homellm.errors import HomeLLMError
 from homellm.info import table
 from homellm.io import atomic_write_text
@@ -26,13 +28,14 @@ def stop_ids(tok: Tokenizer, chars: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int, stop: torch.Tensor,
-                    batch_size: int = 256, desc: str = "answer") -> list[str]:
-    """Greedy completions of many prompts, batched: prompts of equal token length share a batch, so no padding
-    and no attention mask are needed, and each batch decodes with one KV cache until every row has stopped."""
+def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[int]], max_new_tokens: int,
+                    stop: torch.Tensor, batch_size: int = 256, desc: str = "answer") -> list[str]:
+    """Greedy completions of many prompts (texts, or token ids such as rendered chats), batched: prompts of equal
+    token length share a batch, so no padding and no attention mask are needed, and each batch decodes with one
+    KV cache until every row has stopped. A completion ends with its stop token's text."""
     model.eval()
     device = next(model.parameters()).device
-    encoded = tok.encode_batch(prompts)
+    encoded = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], str) else tok.encode_batch(prompts)
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
@@ -134,9 +137,55 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
+def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
+                         quiet: bool = False) -> dict[str, Any]:
+    """Exact match of a chat model's replies to held-out problems asked in each phrasing (English, Japanese,
+    symbols): the reply must be the problem's LaTeX line. Written to RUN/eval_chat_arithmetic.json."""
+    from homellm.chat import prompt_ids
+    from homellm.checkpoint import load_model
+    from homellm.tasks import arithmetic
+    from homellm.train import resolve_device
+
+    run = Path(run)
+    if cfg.n <= 0:
+        raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem per phrasing")
+    tok = Tokenizer.load(run)
+    if model is None:
+        model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    rng = random.Random(cfg.seed)
+    result: dict[str, Any] = {"task": "chat-arithmetic", "seed": cfg.seed, "checkpoint": cfg.checkpoint,
+                              "by_phrasing": {}}
+    rows = []
+    for phrasing in arithmetic.PHRASINGS:
+        problems = arithmetic.generate(cfg.n, cfg.seed, split="heldout", max_digits=cfg.max_digits)
+        questions = [arithmetic.question(p, phrasing, rng) for p in problems]
+        prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+        replies = greedy_complete(model, tok, prompts, 40, stop_ids(tok, ""), cfg.batch_size,
+                                  desc=f"chat {phrasing}")
+        replies = [r.removesuffix(IM_END).removesuffix(EOT) for r in replies]
+        scored = arithmetic.score(problems, [arithmetic.reply_completion(p, r) for p, r in zip(problems, replies)])
+        result["by_phrasing"][phrasing] = {k: scored[k] for k in ("n", "correct", "accuracy", "by")}
+        result["by_phrasing"][phrasing]["failures"] = [
+            {"question": q, "expected": arithmetic.line(p), "got": r}
+            for p, q, r in zip(problems, questions, replies) if r != arithmetic.line(p)][:5]
+        rows.append((phrasing, scored["n"], scored["correct"], f"{100 * scored['accuracy']:.1f} %"))
+    total = sum(r[1] for r in rows)
+    result["accuracy"] = sum(r[2] for r in rows) / total
+    atomic_write_text(run / "eval_chat_arithmetic.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if not quiet:
+        print(table(rows + [("overall", total, sum(r[2] for r in rows), f"{100 * result['accuracy']:.1f} %")],
+                    ("phrasing", "n", "correct", "accuracy")))
+        for phrasing, r in result["by_phrasing"].items():
+            for f in r["failures"][:2]:
+                print(f"  {phrasing}: {f['question']!r} -> {f['got']!r} (expected {f['expected']!r})")
+    return result
+
+
 def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
     if cfg.task == "arithmetic":
         return eval_arithmetic(run, cfg)
+    if cfg.task == "chat-arithmetic":
+        return eval_chat_arithmetic(run, cfg)
     if cfg.task == "loss":
         return eval_loss(run, cfg)
-    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use arithmetic or loss")
+    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use arithmetic, chat-arithmetic or loss")

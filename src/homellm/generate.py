@@ -168,6 +168,13 @@ def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
     cfg.num_beams > 1 the beam search result comes as one piece. `stats`, if given, is filled at the end with
     prompt_tokens, new_tokens, seconds and tok_per_s."""
     ids = tok.encode(prompt, allow_special=True) or [tok.eot_id]  # an empty prompt starts a fresh document
+    yield from stream_ids(model, tok, ids, cfg, stats)
+
+
+def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, stats: dict[str, float] | None = None,
+               generator: torch.Generator | None = None) -> Iterator[str]:
+    """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
+    state across calls (a chat's turns); by default a fresh one seeded with cfg.seed."""
     stop_ids = {tok.eot_id, tok.im_end_id}
     stops = [s for s in cfg.stop if s]
     start, new = time.perf_counter(), 0
@@ -179,7 +186,8 @@ def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
             if text:
                 yield text
             return
-        generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+        if generator is None:
+            generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
         decoder = tok.stream(skip_special=True)
         pending = ""  # decoded, not yet yielded: it may end in the start of a stop string
         with closing(generate_ids(model, ids, cfg, stop_ids, generator)) as gen:

@@ -22,7 +22,9 @@ from homellm.config import ModelConfig
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated for `max_len` positions.
 
-    `pos` is the number of positions already cached; forward writes the new ones after it and advances it."""
+    `pos` is the number of positions already cached; forward writes the new ones after it and advances it.
+    A server batching requests of different lengths sets `pos` to a tensor (B,) of per-row lengths instead; each
+    forward then takes one new token per row, written at that row's own position (homellm.serve)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype = torch.float32):
@@ -34,6 +36,14 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.pos, torch.Tensor):  # per-row lengths: row b's one new position goes at pos[b]
+            B, end = k.size(0), int(self.pos.max()) + 1
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+            rows = torch.arange(B, device=k.device)
+            self.k[layer, rows, :, self.pos] = k[:, :, 0]
+            self.v[layer, rows, :, self.pos] = v[:, :, 0]
+            return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
@@ -102,7 +112,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)
-        if past == 0:
+        if isinstance(past, torch.Tensor):  # rows of different lengths: row b sees its first past[b] + 1 keys
+            mask = (torch.arange(k.size(2), device=x.device) <= past[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            causal = False
+        elif past == 0:
             mask, causal = None, T > 1
         elif T == 1:
             mask, causal = None, False  # one new token may attend to everything cached
@@ -184,17 +197,23 @@ class GPT(nn.Module):
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
 
-        With a cache, idx holds only the new tokens; their positions start at cache.pos."""
+        With a cache, idx holds only the new tokens; their positions start at cache.pos (per row when it is a
+        tensor: then T is 1)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        if isinstance(start, torch.Tensor):
+            assert T == 1, "a cache with per-row lengths takes one new token per row"
+            positions, end = start[:, None], int(start.max()) + 1  # (B, 1)
+        else:
+            positions, end = torch.arange(start, start + T, device=idx.device), start + T  # (T,)
+        if end > self.cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.family == "gpt2":
-            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+            x = x + self.embed_positions(positions)  # (T, C) or (B, 1, C)
+        else:  # cos and sin (1, T, head_dim) or (B, 1, 1, head_dim): broadcast over heads
+            rope = tuple(t[positions].unsqueeze(-3).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
         x = self.dropout(x)
         for block in self.layers:
             x = block(x, rope, cache)

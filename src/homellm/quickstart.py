@@ -26,6 +26,9 @@ from homellm.io import atomic_write_text
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
+CHAT_SHARE = 0.2  # --chat: the part of the training time that fine-tunes for chat
+CHAT_LR = 1e-3  # below pretraining's 3e-3: the model already writes the answers, SFT teaches the questions
+
 
 class AnswerBatches:
     """Rows of block_size tokens starting at problem starts, with loss only on the answer tokens."""
@@ -73,8 +76,11 @@ class AnswerBatches:
         return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
 
 
+_STAGES = [5]  # 7 with --chat
+
+
 def _stage(n: int, text: str) -> None:
-    print(f"\n[{n}/5] {text}", file=sys.stderr, flush=True)
+    print(f"\n[{n}/{_STAGES[0]}] {text}", file=sys.stderr, flush=True)
 
 
 def build_data(run: Path, problems: int, seed: int) -> tuple[Path, Tokenizer]:
@@ -89,7 +95,9 @@ def build_data(run: Path, problems: int, seed: int) -> tuple[Path, Tokenizer]:
           f"{text.splitlines()[0]}  {text.splitlines()[1]}", file=sys.stderr)
     _stage(2, "building a character tokenizer")
     alphabet = task / "alphabet.txt"
-    atomic_write_text(alphabet, arithmetic.chars())  # every character the task can ever produce, not just these
+    # Every character the task can ever produce, not just these, and those of its chat questions (for --chat or
+    # a later `homellm sft`).
+    atomic_write_text(alphabet, arithmetic.chars() + arithmetic.chat_chars())
     train_tokenizer(TokenizerConfig(input=[str(alphabet)], out=str(run / "data_tokenizer"), kind="char"))
     tok = Tokenizer.load(run / "data_tokenizer")
     print(f"      {tok.vocab_size} ids", file=sys.stderr)
@@ -125,14 +133,18 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {run}`, or pass "
                            "a new --out")
     t_start = time.perf_counter()
+    _STAGES[0] = 7 if cfg.chat else 5
     data_dir, tok = build_data(run, cfg.problems, cfg.seed)
     # Answering 2000 problems took under 3 s on a 2-core CPU; 3 % of the budget (at least 1 s) covers loading,
-    # evaluation and the samples.
-    seconds = cfg.max_time - (time.perf_counter() - t_start) - max(1.0, 0.03 * cfg.max_time)
+    # evaluation and the samples (twice that with the chat stage).
+    reserve = max(1.0, 0.03 * cfg.max_time) * (2 if cfg.chat else 1)
+    seconds = cfg.max_time - (time.perf_counter() - t_start) - reserve
     if seconds < 1:
         raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: preparing the data took "
                            f"{time.perf_counter() - t_start:.0f} s, no time is left to train: raise --max-time "
                            "or lower --problems")
+    chat_seconds = CHAT_SHARE * seconds if cfg.chat else 0.0
+    seconds -= chat_seconds
     model_cfg, train_cfg = recipe(cfg, seconds)
     model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
     _stage(4, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
@@ -162,12 +174,39 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         print("some failures:")
         for f in result["failures"][:5]:
             print(f"  {f['prompt']}  expected {f['expected']}, got {f['got']!r}")
+    report: dict[str, Any] = {"summary": summary, "accuracy": result["accuracy"]}
+    if cfg.chat:
+        report["chat"] = chat_stage(cfg, run, chat_seconds)
     minutes = (time.perf_counter() - t_start) / 60
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
           f"{summary['steps']:,} steps ({minutes:.1f} min in all). Next:")
     print(f"  homellm generate {run} --prompt '$12 \\times 7 =' --temperature 0")
     print(f"  homellm eval {run} --task arithmetic --max-digits 3     # operands beyond the training range")
+    if cfg.chat:
+        print(f"  homellm chat {run / 'chat'}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
+    else:
+        print(f"  homellm quickstart --chat --out {run}-chat     # the same, plus a chat model")
     print(f"  homellm info {run}")
-    atomic_write_text(run / "quickstart.json", json.dumps({"summary": summary, "accuracy": result["accuracy"],
-                                                      "minutes": round(minutes, 2)}, indent=2) + "\n")
+    report["minutes"] = round(minutes, 2)
+    atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
     return result
+
+
+def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, Any]:
+    """Stages 6-7: fine-tune the model on the task asked as questions (SFT), then score it per phrasing."""
+    from homellm.config import EvalConfig, SFTConfig
+    from homellm.eval import eval_chat_arithmetic
+    from homellm.sft import SFT_TRAIN, sft
+
+    _stage(6, f"fine-tuning it into a chat model for {seconds:.0f} s (questions in English, Japanese, symbols)")
+    problems = arithmetic.generate(cfg.chat_problems, cfg.seed + 7, split="train")
+    path = run / "task" / "chat.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                    for r in arithmetic.conversations(problems, cfg.seed)))
+    train_cfg = replace(TrainConfig(**SFT_TRAIN), out=str(run / "chat"), max_steps=0, max_time=seconds,
+                        lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
+    summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg)
+    _stage(7, "evaluating the chat model on held-out problems in each phrasing")
+    result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1, device=cfg.device))
+    return {"summary": summary, "accuracy": result["accuracy"],
+            "by_phrasing": {k: v["accuracy"] for k, v in result["by_phrasing"].items()}}

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from homellm.config import EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig, save_json
+from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig, save_json
 from homellm.errors import HomeLLMError
 from homellm.io import atomic_write
 
@@ -109,6 +109,7 @@ class Tokenizer:
             **names,
             "model_max_length": model_max_length or _HF_MAX_LENGTH,
             "clean_up_tokenization_spaces": False,  # it would alter decoded text; our round trips are exact
+            "chat_template": CHAT_TEMPLATE,  # Hugging Face's apply_chat_template renders what homellm.chat does
             "added_tokens_decoder": {
                 str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                          "single_word": t.single_word, "special": t.special}

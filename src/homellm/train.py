@@ -226,9 +226,11 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
     token_bytes = torch.from_numpy(data.token_bytes)
     for i in range(batches):
         batch = data.val_batch(i, batch_size, env.rank, env.world)
-        if batch is None:
-            model.train(was_training)
-            return None
+        if batch is None:  # no val data at all, or (a finite val set, as in SFT) no more of it
+            if i == 0:
+                model.train(was_training)
+                return None
+            break
         x, y = batch
         with _autocast(env):
             _, loss = model(x.to(env.device), y.to(env.device))

@@ -332,3 +332,56 @@ def format_table(result: dict) -> str:
         out.append(f"failures (first {len(result['failures'])}):")
         out += [f"  {f['prompt']}  expected {f['expected']}  got {f['got']!r}" for f in result["failures"]]
     return "\n".join(out)
+
+
+# ---- the task as chat: natural questions, the canonical LaTeX line as the answer ------------------------------
+
+# Ways people ask, per phrasing and operator. {a} and {b} are plain operands (`-3`, `12.5`); the symbolic and
+# Japanese forms parenthesise a negative second operand as the LaTeX does (`5-(-3)`).
+PHRASINGS: dict[str, dict[str, list[str]]] = {
+    "en": {"add": ["What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.", "Calculate {a} + {b}."],
+           "sub": ["What is {a} minus {b}?", "What is {a} - {b}?", "Subtract {b} from {a}.", "Calculate {a} - {b}."],
+           "mul": ["What is {a} times {b}?", "What is {a} multiplied by {b}?", "Multiply {a} by {b}.",
+                   "Calculate {a} x {b}."],
+           "div": ["What is {a} divided by {b}?", "What is {a} / {b}?", "Divide {a} by {b}.",
+                   "Calculate {a} / {b}."]},
+    "ja": {"add": ["{a}+{b}は？", "{a}たす{b}は？", "{a}と{b}を足すと？"],
+           "sub": ["{a}-{b}は？", "{a}ひく{b}は？", "{a}から{b}を引くと？"],
+           "mul": ["{a}×{b}は？", "{a}かける{b}は？", "{a}と{b}を掛けると？"],
+           "div": ["{a}÷{b}は？", "{a}わる{b}は？", "{a}を{b}で割ると？"]},
+    "symbols": {"add": ["{a}+{b}", "{a} + {b}", "{a}+{b}="], "sub": ["{a}-{b}", "{a} - {b}", "{a}-{b}="],
+                "mul": ["{a}*{b}", "{a} * {b}", "{a}×{b}"], "div": ["{a}/{b}", "{a} / {b}", "{a}÷{b}"]},
+}
+
+
+def question(p: Problem, phrasing: str, rng: random.Random) -> str:
+    """A user's question for the problem in one of PHRASINGS' forms, chosen by rng."""
+    if phrasing not in PHRASINGS:
+        raise HomeLLMError(f"unknown phrasing {phrasing!r}: use one of {', '.join(PHRASINGS)}")
+    b = format_operand(p.b)
+    if p.b < 0 and phrasing != "en":
+        b = f"({b})"
+    return rng.choice(PHRASINGS[phrasing][p.operator]).format(a=format_operand(p.a), b=b)
+
+
+def conversations(problems: Iterable[Problem], seed: int) -> list[dict]:
+    """Chat records ({"messages": [user, assistant]}) cycling through the phrasings; the reply is line(p)."""
+    rng = random.Random(seed)
+    names = list(PHRASINGS)
+    return [{"messages": [{"role": "user", "content": question(p, names[i % len(names)], rng)},
+                          {"role": "assistant", "content": line(p)}]} for i, p in enumerate(problems)]
+
+
+def chat_chars() -> str:
+    """The characters of every question form and of the chat roles: with chars(), a char tokenizer's alphabet."""
+    text = "".join(t for forms in PHRASINGS.values() for ts in forms.values() for t in ts) + "systemuserassistant"
+    return "".join(sorted(set(text.replace("{a}", "").replace("{b}", ""))))
+
+
+def reply_completion(p: Problem, reply: str) -> str:
+    """A chat reply in score()'s terms: the part after the prompt when the reply is the problem's line, else
+    the reply marked so that it scores as malformed (a restated problem that differs is wrong, too)."""
+    head = prompt(p)
+    if reply.startswith(head) and reply.endswith("$"):
+        return reply[len(head):]
+    return "(not this problem's line) " + reply

@@ -1,0 +1,37 @@
+"""Recipe experiments for the arithmetic quickstart: the same data, a fixed number of steps, different configs.
+
+    python bench/arithmetic_recipe.py NAME STEPS '{"train": {"optimizer": "muon"}, "model": {"n_layer": 6}}'
+
+Builds 500,000 training problems once in /tmp/expdata, trains the `arithmetic` preset with the changes into
+/tmp/exp-NAME and prints one JSON line: seconds, accuracy on 2,000 held-out problems, per operator, final loss."""
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from homellm.config import EvalConfig, preset, replace
+from homellm.eval import eval_arithmetic
+from homellm.quickstart import AnswerBatches, build_data
+from homellm.tokenizer import Tokenizer
+from homellm.train import train
+
+name, steps = sys.argv[1], int(sys.argv[2])
+changes = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+data = Path("/tmp/expdata")
+if not (data / "data" / "meta.json").exists():
+    build_data(data, 500_000, 0)
+tok = Tokenizer.load(data / "data_tokenizer")
+m, t = preset("arithmetic")
+m = replace(m, vocab_size=-(-tok.vocab_size // 64) * 64, **changes.get("model", {}))
+out = Path(f"/tmp/exp-{name}")
+shutil.rmtree(out, ignore_errors=True)
+t = replace(t, out=str(out), max_steps=steps, max_time=0, seed=1337, eval_every=0, **changes.get("train", {}))
+t0 = time.time()
+s = train(m, t, AnswerBatches(data / "data", tok, m.block_size, t.seed), tok, extra_config={"task": "arithmetic"})
+secs = time.time() - t0
+r = eval_arithmetic(out, EvalConfig(n=2000, seed=1, checkpoint="last"), quiet=True)
+rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+print(json.dumps({"name": name, "steps": steps, "changes": changes, "train_s": round(secs), "acc": r["accuracy"],
+                  "by_op": {k: round(v["accuracy"], 3) for k, v in r["by"]["operator"].items()},
+                  "final_loss": rows[-1].get("train_loss")}))

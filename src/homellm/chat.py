@@ -1,0 +1,136 @@
+"""The chat format (ChatML): conversations to token ids with a mask of the tokens SFT trains on, and chat files.
+
+    <|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n12×7は？<|im_end|>\n<|im_start|>assistant\n...
+
+Only assistant replies and their <|im_end|> are trained: the model learns to answer and to stop, never to
+imitate the user. The same template is stored as Jinja in tokenizer_config.json (`chat_template`), so Hugging
+Face's `apply_chat_template` renders the identical text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from homellm.config import CHAT_TEMPLATE, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
+from homellm.errors import HomeLLMError
+from homellm.tokenizer import Tokenizer
+
+Message = dict[str, str]
+
+
+def check_messages(messages: Any, where: str) -> list[Message]:
+    """The messages as a list of {role, content} dicts, or a one-line error naming `where` (file:line)."""
+    if not isinstance(messages, list) or not messages:
+        raise HomeLLMError(f"{where}: the conversation is empty: give at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise HomeLLMError(f"{where}: message {i} needs a 'role' and a string 'content'")
+        if m["role"] not in ROLES:
+            raise HomeLLMError(f"{where}: message {i} has unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool = False
+           ) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and, per id, whether SFT trains on it (assistant content and its end).
+
+    Each piece is encoded on its own: the special tokens split the text anyway, and message content is encoded
+    with special strings as plain text, so a user cannot forge a turn by typing "<|im_start|>"."""
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(piece: list[int], trained: bool) -> None:
+        ids.extend(piece)
+        mask.extend([trained] * len(piece))
+
+    for m in messages:
+        assistant = m["role"] == "assistant"
+        add([tok.im_start_id], False)
+        add(tok.encode(m["role"] + "\n"), False)
+        add(tok.encode(m["content"]), assistant)
+        add([tok.im_end_id], assistant)
+        add(tok.encode("\n"), False)
+    if add_generation_prompt:
+        add([tok.im_start_id], False)
+        add(tok.encode("assistant\n"), False)
+    return ids, mask
+
+
+def prompt_ids(tok: Tokenizer, messages: list[Message]) -> list[int]:
+    """The ids to generate a reply from: the conversation so far and the assistant's header."""
+    return render(tok, messages, add_generation_prompt=True)[0]
+
+
+def to_markdown(messages: list[Message], title: str = "Conversation") -> str:
+    """A conversation as Markdown, for /save in the terminal chat and the web page's download."""
+    lines = [f"# {title}", ""]
+    for m in messages:
+        lines += [f"**{m['role']}**:", "", m["content"], ""]
+    return "\n".join(lines)
+
+
+def _conversation(record: Any, where: str) -> list[Message]:
+    """One jsonl record, OpenAI-style {"messages": [...]} or Alpaca-style {"instruction", "input", "output"}."""
+    if isinstance(record, dict) and "messages" in record:
+        messages = check_messages(record["messages"], where)
+    elif isinstance(record, dict) and "instruction" in record and "output" in record:
+        fields = ("instruction", "input", "output", "system")
+        if not all(isinstance(record.get(k, ""), str) for k in fields):
+            raise HomeLLMError(f"{where}: Alpaca fields instruction, input, output must be strings")
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    else:
+        raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}} or Alpaca's {{\"instruction\", \"input\", "
+                           "\"output\"}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise HomeLLMError(f"{where}: the conversation has no assistant turn: nothing to learn from it")
+    return messages
+
+
+def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[list[Message]], int]:
+    """All conversations in the jsonl files, and how many bad lines were skipped (skip_bad) instead of failing."""
+    conversations: list[list[Message]] = []
+    skipped = 0
+    for path in paths:
+        for where, record in _jsonl_records(Path(path)):
+            try:
+                if isinstance(record, HomeLLMError):
+                    raise record
+                conversations.append(_conversation(record, where))
+            except HomeLLMError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+    if not conversations:
+        raise HomeLLMError(f"no conversations in {' '.join(paths)}: the files are empty"
+                           + (f" or all {skipped} lines were bad" if skipped else ""))
+    return conversations, skipped
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations")
+    with open(path, "rb") as f:
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, HomeLLMError(f"{where}: not UTF-8 (byte offset {offset + e.start}): convert the file "
+                                          "to UTF-8")
+                line = ""
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, HomeLLMError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): fix or "
+                                          "remove the line (or pass --skip-bad)")

@@ -1,0 +1,155 @@
+"""`homellm compare`: the same prompts through two runs, side by side, as a table on screen and a Markdown report.
+
+    homellm compare runs/base runs/base-sft --prompts prompts.txt      # writes runs/base-sft/compare.md
+
+Greedy by default, so the differences come from the models. A run whose config.json has an `sft` section gets
+each prompt as a user message (ChatML), a pretrained run a raw continuation; --chat wraps prompts for both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import unicodedata
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+from homellm.chat import prompt_ids
+from homellm.config import CompareConfig, load_json
+from homellm.errors import HomeLLMError
+from homellm.generate import stream_ids
+from homellm.io import atomic_write_text
+
+PROMPTS_HELP = 'give a .txt file with one prompt a line, or a .jsonl file with a "prompt" field per line'
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a .txt file (one a line, blank lines skipped) or a .jsonl file ({"prompt": ...} a line)."""
+    if not str(path):
+        raise HomeLLMError(f"--prompts is missing: {PROMPTS_HELP}")
+    path = Path(path)
+    if not path.is_file():
+        raise HomeLLMError(f"{path}: no such file: {PROMPTS_HELP}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise HomeLLMError(f"{path}: not UTF-8 (byte offset {e.start}): convert the file to UTF-8") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HomeLLMError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): fix the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise HomeLLMError(f'{path}:{n}: no string "prompt" field: write {{"prompt": "..."}}')
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise HomeLLMError(f"{path}: no prompts in the file: {PROMPTS_HELP}")
+    return prompts
+
+
+def is_sft(run: str | Path) -> bool:
+    """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""
+    path = Path(run) / "config.json"
+    return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
+
+
+def complete(run: str | Path, prompts: list[str], cfg: CompareConfig, chat: bool) -> list[str]:
+    """Each prompt's continuation (raw) or reply (chat) by the run's model, stop strings cut off."""
+    from homellm.checkpoint import load_model
+    from homellm.tokenizer import Tokenizer
+    from homellm.train import resolve_device
+
+    model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    tok = Tokenizer.load(run)
+    out = []
+    for p in tqdm(prompts, desc=Path(run).name, unit="prompt", file=sys.stderr, dynamic_ncols=True):
+        # raw prompts honour special tokens, as `homellm generate` does; chat content is always plain text
+        ids = prompt_ids(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p, allow_special=True)
+        # a continuation cut off by max_new_tokens mid-character ends in U+FFFD: drop it
+        out.append("".join(stream_ids(model, tok, ids or [tok.eot_id], cfg)).rstrip("\ufffd"))
+    return out
+
+
+def md_cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell: pipes escaped, line breaks as <br>."""
+    return text.replace("|", "\\|").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+
+
+def markdown(header: list[str], rows: list[list[str]], intro: str) -> str:
+    lines = [intro, "", "| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(md_cell, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _width(text: str) -> int:
+    """Terminal columns: East Asian wide characters (kana, kanji) take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Lines of at most `width` columns: break at the last space when there is one (English), anywhere else
+    (Japanese has no spaces)."""
+    lines = []
+    for para in text.replace("\t", " ").replace("\r", "").split("\n"):
+        line = ""
+        for c in para:
+            if _width(line + c) > width:
+                cut = line.rfind(" ")
+                head, line = (line[:cut], line[cut + 1:]) if cut > 0 else (line, "")
+                lines.append(head)
+            line += c
+        lines.append(line)
+    return lines
+
+
+def screen_table(header: list[str], rows: list[list[str]], widths: list[int]) -> str:
+    """A table of wrapped cells, one rule between rows, for a terminal."""
+
+    def fmt(cells: list[str]) -> list[str]:
+        wrapped = [wrap(c, w) for c, w in zip(cells, widths)]
+        height = max(map(len, wrapped))
+        return [" | ".join(col[i] + " " * (w - _width(col[i])) if i < len(col) else " " * w
+                           for col, w in zip(wrapped, widths)).rstrip() for i in range(height)]
+
+    rule = "-+-".join("-" * w for w in widths)
+    lines = fmt(header)
+    for row in rows:
+        lines += [rule, *fmt(row)]
+    return "\n".join(lines)
+
+
+def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextIO = sys.stdout) -> Path:
+    """Run cfg.prompts through both runs, print the table, write the Markdown report; its path."""
+    prompts = read_prompts(cfg.prompts)
+    runs = [Path(run_a), Path(run_b)]
+    modes = [cfg.chat or is_sft(r) for r in runs]
+    outputs = [complete(r, prompts, cfg, chat) for r, chat in zip(runs, modes)]
+    header = ["#", "prompt", *(f"{ab}: {r.name}" for ab, r in zip("AB", runs))]
+    rows = [[str(i), p, a, b] for i, (p, a, b) in enumerate(zip(prompts, *outputs), 1)]
+    sampling = ("greedy" if cfg.temperature == 0 else
+                f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}")
+    intro = "\n".join([
+        "# homellm compare", "",
+        *(f"- {ab}: `{r}` ({cfg.checkpoint} checkpoint), prompts {'as a user message' if chat else 'continued raw'}"
+          for ab, r, chat in zip("AB", runs, modes)),
+        f"- {len(prompts)} prompts from `{cfg.prompts}`, {sampling}, at most {cfg.max_new_tokens} new tokens"
+        + (f", {cfg.num_beams} beams" if cfg.num_beams > 1 else ""),
+    ])
+    total = max(shutil.get_terminal_size((120, 24)).columns, 40) - 3 * (len(header) - 1)
+    number = len(str(len(rows)))
+    rest = total - number
+    widths = [number, rest // 4, (rest - rest // 4) // 2, rest - rest // 4 - (rest - rest // 4) // 2]
+    out.write(screen_table(header, rows, widths) + "\n")
+    path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
+    atomic_write_text(path, markdown(header, rows, intro))
+    out.write(f"written to {path}\n")
+    return path

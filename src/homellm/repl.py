@@ -1,0 +1,211 @@
+"""`homellm chat`: a terminal chat with a run. Replies stream as they are generated (whole characters only), the
+conversation is kept as long as it fits the context, and slash commands change the sampling settings mid-chat.
+
+    homellm chat runs/my-sft --system "You answer in one sentence." --temperature 0.7
+
+In a notebook or a test, drive it with any input function and output stream:
+
+    chat_loop(model, tok, ChatConfig(temperature=0.0), input_fn=iter(["hello", "/quit"]).__next__)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from homellm.chat import Message, prompt_ids, to_markdown
+from homellm.config import ChatConfig
+from homellm.errors import HomeLLMError
+from homellm.generate import stream_ids
+from homellm.io import atomic_write_text
+from homellm.model import GPT
+from homellm.tokenizer import Tokenizer
+
+HELP = """\
+/temperature X   sampling temperature; 0 = greedy (now {temperature})
+/top_k N         sample among the N likeliest tokens; 0 = off (now {top_k})
+/top_p X         nucleus sampling, 0 < X <= 1; 1 = off (now {top_p})
+/max_tokens N    longest reply in tokens (now {max_new_tokens})
+/system TEXT     set the system prompt; /system alone shows it
+/reset           forget the conversation (the system prompt stays)
+/save FILE       write the whole conversation as Markdown
+/help            this list
+/quit            leave (also Ctrl-D; Ctrl-C stops a reply, or leaves at the prompt)
+Start a message with // to send a text that begins with /."""
+
+
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False) -> Callable[[str], float]:
+    """A parser for a slash command's value that says, in one line, what it accepts."""
+    what = ("a whole number" if kind is int else "a number") + (f" above {low}" if low_open else f" >= {low}")
+    if high is not None:
+        what = f"{what} and <= {high}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise HomeLLMError(f"{text!r} is not {what}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            raise HomeLLMError(f"{text} is out of range: give {what}")
+        return value
+
+    return parse
+
+
+# slash command -> (the ChatConfig field it sets, its parser)
+SETTINGS: dict[str, tuple[str, Callable[[str], float]]] = {
+    "temperature": ("temperature", _number(float, 0.0)),
+    "top_k": ("top_k", _number(int, 0)),
+    "top_p": ("top_p", _number(float, 0.0, 1.0, low_open=True)),
+    "max_tokens": ("max_new_tokens", _number(int, 0, low_open=True)),
+}
+
+
+class Chat:
+    """One conversation: the settings, the turns still in the context, and the whole transcript for /save."""
+
+    def __init__(self, model: GPT, tok: Tokenizer, cfg: ChatConfig, out: TextIO = sys.stdout):
+        self.model, self.tok, self.cfg, self.out = model, tok, cfg, out
+        self.turns: list[tuple[str, str]] = []  # (user, assistant) pairs the model still sees
+        self.transcript: list[Message] = []  # everything said since the start or /reset, system prompts included
+        # One generator for the whole chat: replies differ turn to turn, yet a session replays from its seed.
+        self.generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+        self.reset()
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def reset(self) -> None:
+        self.turns.clear()
+        self.transcript[:] = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+
+    def messages(self, user: str) -> list[Message]:
+        """What the model sees for the next reply: system prompt, the turns in context, the new message."""
+        system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        history = [{"role": r, "content": c} for u, a in self.turns for r, c in (("user", u), ("assistant", a))]
+        return [*system, *history, {"role": "user", "content": user}]
+
+    def context(self, user: str) -> list[int]:
+        """The prompt ids for `user`, after dropping the oldest turns until it leaves room for the reply. The room
+        is max_new_tokens, at most half the context: a longer reply slides the window as it goes."""
+        block = self.model.cfg.block_size
+        room = min(self.cfg.max_new_tokens, block // 2)
+        dropped = 0
+        ids = prompt_ids(self.tok, self.messages(user))
+        while len(ids) + room > block and self.turns:
+            self.turns.pop(0)
+            dropped += 1
+            ids = prompt_ids(self.tok, self.messages(user))
+        if dropped:
+            self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)}; "
+                     f"{len(self.turns)} left in the model's {block}-token context]")
+        if len(ids) + room > block:
+            self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: the model sees only "
+                     "the end of them]")
+        return ids
+
+    def reply(self, user: str) -> str:
+        """Stream the model's reply to `user`; Ctrl-C ends the reply early and keeps what was generated."""
+        ids = self.context(user)
+        pieces: list[str] = []
+        stats: dict[str, float] = {}
+        interrupted = False
+        try:
+            with closing(stream_ids(self.model, self.tok, ids, self.cfg, stats, self.generator)) as stream:
+                held = ""  # a reply cut off by max_tokens mid-character ends in U+FFFD: hold it, never show it
+                for piece in stream:
+                    text = held + piece
+                    held = text[len(text.rstrip("\ufffd")):]
+                    pieces.append(text[:len(text) - len(held)])
+                    self.out.write(pieces[-1])
+                    self.out.flush()
+        except KeyboardInterrupt:
+            interrupted = True
+        text = "".join(pieces)
+        self.turns.append((user, text))
+        self.transcript += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        rate = f"{stats.get('new_tokens', 0)} tokens, {stats.get('tok_per_s', 0.0):.1f} tokens/s"
+        self.say(("\n[interrupted: " if interrupted else "\n[") + rate + "]")
+        return text
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False when it is /quit. Mistakes print one line and change nothing."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        try:
+            if name in SETTINGS:
+                field, parse = SETTINGS[name]
+                if not arg:
+                    raise HomeLLMError(f"/{name} needs a value (now {getattr(self.cfg, field)})")
+                self.cfg = dataclasses.replace(self.cfg, **{field: parse(arg)})
+                self.say(f"[{name} = {getattr(self.cfg, field)}]")
+            elif name == "system":
+                if not arg:
+                    self.say(f"[system prompt: {self.cfg.system!r}]")
+                    return True
+                self.cfg = dataclasses.replace(self.cfg, system=arg)
+                self.transcript.append({"role": "system", "content": arg})
+                self.say("[system prompt set]")
+            elif name == "reset":
+                self.reset()
+                self.say("[conversation cleared]")
+            elif name == "save":
+                if not arg:
+                    raise HomeLLMError("/save needs a file name, e.g. /save chat.md")
+                try:
+                    atomic_write_text(Path(arg), to_markdown(self.transcript))
+                except OSError as e:
+                    raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None
+                self.say(f"[{len(self.transcript)} messages saved to {arg}]")
+            elif name == "help":
+                self.say(HELP.format(**dataclasses.asdict(self.cfg)))
+            elif name in ("quit", "exit"):
+                return False
+            else:
+                raise HomeLLMError(f"unknown command /{name}: /help lists them")
+        except HomeLLMError as e:
+            self.say(f"error: {e}")
+        return True
+
+
+def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
+              out: TextIO = sys.stdout) -> Chat:
+    """Read messages and slash commands from `input_fn` until /quit, end of input or Ctrl-C at the prompt."""
+    chat = Chat(model, tok, cfg, out)
+    chat.say(f"[{model.cfg.block_size}-token context, temperature {cfg.temperature}, max_tokens "
+             f"{cfg.max_new_tokens}; /help lists commands, /quit or Ctrl-D leaves]")
+    while True:
+        try:
+            line = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            chat.say("")
+            return chat
+        if not line.strip():
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            if not chat.command(line.strip()):
+                return chat
+            continue
+        chat.reply(line[1:] if line.startswith("//") else line)
+
+
+def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
+         out: TextIO = sys.stdout) -> Chat:
+    """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
+    from homellm.checkpoint import load_model
+    from homellm.train import resolve_device
+
+    try:
+        import readline  # noqa: F401  (importing it gives input() line editing and history in a terminal)
+    except ImportError:  # Windows
+        pass
+    model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    tok = Tokenizer.load(run)
+    return chat_loop(model, tok, cfg, input_fn, out)

@@ -1,0 +1,658 @@
+"""`homellm serve`: an OpenAI-compatible HTTP API and a web chat page for a run, on FastAPI and uvicorn.
+
+    homellm serve runs/my-model --port 8000      # then open http://127.0.0.1:8000/ or point an OpenAI client at /v1
+
+Requests are decoded together (continuous batching): one scheduler thread owns the model and a KV cache with a row
+per sequence; every step it prefills newly arrived prompts into free rows and advances every active row by one
+token in a single batched forward pass, each row at its own position (KVCache.pos as a tensor). A sequence leaves
+its row when it ends, when its client disconnects, or when the server stops, and a waiting one takes the row.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import html
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from homellm.chat import check_messages, prompt_ids, to_markdown
+from homellm.config import SampleConfig, ServeConfig
+from homellm.errors import HomeLLMError
+from homellm.generate import _cut_at_stop, _prefill, _stop_prefix_len, sample_next
+from homellm.model import GPT, KVCache
+from homellm.tokenizer import StreamDecoder, Tokenizer
+
+# (choice index, text, finish reason): text pieces carry no reason; the last event of a choice carries one.
+Event = tuple[int, str, str | None]
+
+
+# ---- the scheduler: continuous batching over one model ------------------------------------------------------
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated: its prompt, its sampling, and where its text goes."""
+
+    prompt: list[int]
+    cfg: SampleConfig  # max_new_tokens, temperature, top_k, top_p, stop, seed
+    seeded: bool  # the client gave a seed: sampled with its own generator, so the reply does not depend on the batch
+    index: int  # the choice's index in the response
+    events: "asyncio.Queue[Event | None]"  # the request's side reads its text here
+    decoder: StreamDecoder
+    cancelled: bool = False  # set by the request's side: the client went away or the server is stopping
+    tokens: list[int] = field(default_factory=list)  # generated ids (no stop id)
+    pending: str = ""  # decoded but held back: it may be the start of a stop string
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+
+def _deliver(outbox: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in outbox:
+        queue.put_nowait(event)
+
+
+class ServerBusy(Exception):
+    """Every batch row is taken and the queue is full."""
+
+
+class Scheduler:
+    """Owns the model. One thread admits waiting sequences into free rows of a batched KV cache (prefilling each
+    prompt on its own) and advances all active rows by one token per forward pass."""
+
+    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int, max_queue: int):
+        self.model, self.tok = model, tok
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = next(model.parameters()).device
+        self.stop_ids = {tok.eot_id, tok.im_end_id}
+        self.active: list[Sequence] = []  # row i of the cache holds active[i]; only the thread changes this list
+        self.waiting: deque[Sequence] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.finished: dict[str, int] = {}  # finish reason -> count since start ("cancelled" included)
+        self.peak = 0  # the most rows ever decoded in one step
+        self.thread: threading.Thread | None = None
+        self.outbox: list[tuple[asyncio.Queue, Event]] = []  # events of this step, handed to the loop in one call
+
+    # -- called from the server's side --
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.Thread(target=self._run, name="homellm-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self.cond:
+            if len(self.active) + len(self.waiting) + len(seqs) > self.max_batch + self.max_queue:
+                raise ServerBusy
+            self.waiting.extend(seqs)
+            self.cond.notify_all()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self.cond:
+            for s in seqs:
+                s.cancelled = True
+            self.cond.notify_all()
+
+    def busy(self) -> int:
+        """Sequences generating or waiting to: 0 once every request has ended or been cancelled."""
+        with self.cond:
+            return len(self.active) + len(self.waiting)
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.active and not self.waiting, timeout)
+
+    # -- the scheduler thread --
+    def _run(self) -> None:
+        with torch.inference_mode():
+            p = next(self.model.parameters())
+            self.cache = KVCache(self.model.cfg, self.max_batch, self.model.cfg.block_size, p.device, p.dtype)
+            self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=p.device)
+            self.generator = torch.Generator(p.device).manual_seed(secrets.randbits(63))  # for unseeded requests
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.active or self.waiting or self.stopping)
+                    if self.stopping:
+                        for s in [*self.active, *self.waiting]:
+                            s.cancelled = True
+                        self._reap()
+                        self.waiting.clear()
+                        self.cond.notify_all()
+                        return
+                    self._reap()
+                    new = []
+                    while self.waiting and len(self.active) < self.max_batch:
+                        seq = self.waiting.popleft()
+                        if not seq.cancelled:
+                            self.active.append(seq)
+                            new.append(seq)
+                    self.peak = max(self.peak, len(self.active))
+                    self.cond.notify_all()
+                try:
+                    for seq in new:
+                        self._admit(seq)
+                    self._step()
+                except Exception:  # a bug or out of memory: fail the requests in flight, keep serving
+                    traceback.print_exc()
+                    for s in self.active:
+                        if s.finish_reason is None:
+                            self._finish(s, "", "error")
+                if self.outbox:  # one wake-up of the event loop per step, however many sequences advanced
+                    self.loop.call_soon_threadsafe(_deliver, self.outbox)
+                    self.outbox = []
+
+    def _admit(self, seq: Sequence) -> None:
+        """Prefill the prompt in a cache of its own, copy it into the sequence's row, and sample its first token."""
+        row, n = self.active.index(seq), len(seq.prompt)
+        cache, logits = _prefill(self.model, seq.prompt)
+        self.cache.k[:, row, :, :n] = cache.k[:, 0, :, :n]
+        self.cache.v[:, row, :, :n] = cache.v[:, 0, :, :n]
+        self.lengths[row] = n
+        if seq.seeded:
+            seq.generator = torch.Generator(self.device).manual_seed(seq.cfg.seed)
+        self._sample([seq], logits)
+
+    def _step(self) -> None:
+        """Feed every live row its last token at its own position and sample the next one."""
+        with self.cond:
+            self._reap()
+        live = self.active
+        if not live:
+            return
+        ids = torch.tensor([[s.tokens[-1]] for s in live], device=self.device)
+        self.cache.pos = self.lengths[:len(live)]  # a view: forward advances each row's length in place
+        logits, _ = self.model(ids, cache=self.cache)
+        self._sample(live, logits[:, -1])
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """One sample_next call per group of rows sharing their settings; a seeded row samples alone."""
+        groups: dict[Any, list[int]] = {}
+        for i, s in enumerate(seqs):
+            key = ("seed", i) if s.seeded else (0.0,) if s.cfg.temperature == 0 else (
+                s.cfg.temperature, s.cfg.top_k, s.cfg.top_p)
+            groups.setdefault(key, []).append(i)
+        no_history = torch.empty(0, 0, dtype=torch.long, device=self.device)
+        for rows in groups.values():
+            first = seqs[rows[0]]
+            ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator)
+            for i, token in zip(rows, ids.tolist()):
+                self._push(seqs[i], token)
+
+    def _push(self, seq: Sequence, token: int) -> None:
+        """Detokenize one new id: emit the text that cannot be part of a stop string; end at a stop or the limit."""
+        stops = seq.cfg.stop
+        if token in self.stop_ids:
+            self._finish(seq, _cut_at_stop(seq.pending + seq.decoder.flush(), stops)[0], "stop")
+            return
+        seq.tokens.append(token)
+        text, stopped = _cut_at_stop(seq.pending + seq.decoder.push(token), stops)
+        if stopped:
+            self._finish(seq, text, "stop")
+        elif len(seq.tokens) >= seq.cfg.max_new_tokens:
+            text, stopped = _cut_at_stop(text + seq.decoder.flush(), stops)
+            self._finish(seq, text, "stop" if stopped else "length")
+        else:
+            ready = len(text) - _stop_prefix_len(text, stops)
+            if ready:
+                self.outbox.append((seq.events, (seq.index, text[:ready], None)))
+            seq.pending = text[ready:]
+
+    def _finish(self, seq: Sequence, text: str, reason: str) -> None:
+        seq.finish_reason = reason
+        if not seq.cancelled:
+            self.outbox.append((seq.events, (seq.index, text, reason)))
+
+    def _reap(self) -> None:
+        """Free the rows of ended and cancelled sequences; the last row moves into the hole (held: self.cond)."""
+        gone = sum(s.cancelled for s in self.waiting)
+        if gone:
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+            self.finished["cancelled"] = self.finished.get("cancelled", 0) + gone
+        i = 0
+        while i < len(self.active):
+            s = self.active[i]
+            if s.finish_reason is None and not s.cancelled:
+                i += 1
+                continue
+            reason = "cancelled" if s.finish_reason is None else s.finish_reason
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+            last = len(self.active) - 1
+            if i != last:
+                n = int(self.lengths[last])
+                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
+                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
+                self.lengths[i] = n
+                self.active[i] = self.active[last]
+            self.active.pop()
+        self.cond.notify_all()
+
+
+# ---- requests: OpenAI's shapes and errors -------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON with characters as they are (no \\u escapes): Japanese stays readable in every chunk."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _number(body: dict[str, Any], name: str, kind: type, default: Any, lo: float | None = None,
+            hi: float | None = None) -> Any:
+    """body[name] checked for type and range; null or absent gives the default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        what = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[kind]
+        raise ApiError(400, f"'{name}' must be {what}, got {dumps(value)[:50]}", name, "invalid_type")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ApiError(400, f"'{name}' must be {bounds}, got {value}", name, "invalid_value")
+    return value
+
+
+# Features of OpenAI's API that homellm does not have: refused unless left at their defaults.
+_UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logprobs": False, "top_logprobs": None,
+                "echo": False, "suffix": None, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0,
+                "logit_bias": {}}
+
+
+@dataclass
+class Params:
+    """What a completion request asks for, checked."""
+
+    sample: SampleConfig
+    seeded: bool
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Params:
+    """Sampling fields shared by /v1/completions and /v1/chat/completions. max_tokens: the default limit (None:
+    all the context the prompt leaves, which _fit_context fills in)."""
+    for name, default in _UNSUPPORTED.items():
+        if body.get(name) not in (None, default):
+            raise ApiError(400, f"'{name}' is not supported by homellm: leave it out", name, "unsupported_parameter")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop", "invalid_type")
+    # The newer name wins; no limit given (chat) means all the context the prompt leaves, 0 here.
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    seed = _number(body, "seed", int, None)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    sample = SampleConfig(max_new_tokens=_number(body, limit, int, max_tokens or 0, 1),
+                          temperature=float(_number(body, "temperature", float, 1.0, 0, 2)),
+                          top_p=float(_number(body, "top_p", float, 1.0, 0, 1)),
+                          top_k=_number(body, "top_k", int, 0, 0),
+                          stop=[s for s in stop if s], seed=seed or 0)
+    return Params(sample, seed is not None, _number(body, "n", int, 1, 1, max_n),
+                  _number(body, "stream", bool, False), _number(options, "include_usage", bool, False))
+
+
+def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prompt_field: str) -> None:
+    """Refuse what the context cannot hold; a request without a limit gets all the context its prompt leaves."""
+    longest, asked = max(len(p) for p in prompts), params.sample.max_new_tokens  # asked 0: no limit given
+    if longest + max(asked, 1) > block_size:
+        what = f"{longest} in the prompt" + (f" and {asked} for the completion" if asked else " and 1 to generate")
+        raise ApiError(400, f"this model's context is {block_size} tokens, but the request needs "
+                            f"{longest + max(asked, 1)} ({what}): shorten the prompt or lower max_tokens",
+                       "max_tokens" if asked and longest < block_size else prompt_field, "context_length_exceeded")
+    params.sample.max_new_tokens = asked or block_size - longest
+
+
+def _content(message: Any) -> Any:
+    """OpenAI's content parts [{"type": "text", "text": ...}] joined into one string; anything else as it is."""
+    if isinstance(message, dict) and isinstance(message.get("content"), list):
+        parts = message["content"]
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+            return {**message, "content": "".join(p["text"] for p in parts)}
+    return message
+
+
+# ---- rendering for the page ---------------------------------------------------------------------------------
+
+_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\s)([^$\n]+?)(?<![\s\\])\$", re.DOTALL)
+
+
+def render_html(text: str) -> str:
+    """Text as HTML with its LaTeX ($...$, $$...$$, \\(...\\), \\[...\\]) as MathML, which browsers draw natively:
+    no script and no network. Everything else is escaped; LaTeX that does not convert stays as written."""
+    from latex2mathml.converter import convert
+
+    out, at = [], 0
+    for m in _MATH.finditer(text):
+        out.append(html.escape(text[at:m.start()]))
+        block = m.group(1) is not None or m.group(2) is not None
+        latex = next(g for g in m.groups() if g is not None)
+        try:
+            out.append(convert(latex.strip(), display="block" if block else "inline"))
+        except Exception:  # latex2mathml raises many types for input it cannot parse
+            out.append(html.escape(m.group(0)))
+        at = m.end()
+    out.append(html.escape(text[at:]))
+    return "".join(out)
+
+
+def page() -> str:
+    return (resources.files("homellm") / "static" / "chat.html").read_text(encoding="utf-8")
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+
+def _require_server_packages() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import latex2mathml  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise HomeLLMError(f"serving needs {e.name}: pip install 'homellm[serve]'") from None
+
+
+def create_app(run: str | Path, cfg: ServeConfig) -> Any:
+    """The FastAPI app serving `run`; its scheduler thread starts and stops with the app (app.state.scheduler)."""
+    _require_server_packages()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from homellm.checkpoint import load_model
+    from homellm.train import resolve_device
+
+    if cfg.max_batch < 1 or cfg.max_queue < 0:
+        raise HomeLLMError(f"--max-batch must be >= 1 and --max-queue >= 0, got {cfg.max_batch}, {cfg.max_queue}")
+    model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    tok = Tokenizer.load(run)
+    name = Path(run).resolve().name
+    created = int(Path(run, "config.json").stat().st_mtime)
+    block = model.cfg.block_size
+    scheduler = Scheduler(model, tok, cfg.max_batch, cfg.max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="homellm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+
+    def json_response(obj: Any, status: int = 200) -> Response:
+        return Response(dumps(obj), status, media_type="application/json")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return json_response(e.body(), e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        message = f"{request.method} {request.url.path}: no such endpoint" if e.status_code == 404 else str(e.detail)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return json_response(ApiError(e.status_code, message, None, code).body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> Response:
+        return json_response(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body(), 500)
+
+    def authorize(request: Request) -> None:
+        if cfg.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                   f"Bearer {cfg.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer KEY` with the "
+                                "server's --api-key", None, "invalid_api_key")
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        authorize(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object", None,
+                           "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        return body
+
+    def check_model(body: dict[str, Any]) -> None:
+        model_id = body.get("model")
+        if not isinstance(model_id, str):
+            raise ApiError(400, f"'model' must be a string: this server has {name!r}", "model", "invalid_type")
+        if model_id != name:
+            raise ApiError(404, f"the model {model_id!r} does not exist: this server has {name!r}", "model",
+                           "model_not_found")
+
+    async def generate(request: Request, prompts: list[list[int]], params: Params, chat: bool) -> Response:
+        """Queue every (prompt, choice) as a sequence and answer as one JSON object or as Server-Sent Events."""
+        _fit_context(prompts, params, block, "messages" if chat else "prompt")
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        seqs = [Sequence(prompt, params.sample, params.seeded, i * params.n + j, queue, tok.stream(skip_special=True))
+                for i, prompt in enumerate(prompts) for j in range(params.n)]
+        if params.seeded:  # choice j of a seeded request samples with seed + j: choices differ, yet reproducibly
+            for s in seqs:
+                s.cfg = dataclasses.replace(params.sample, seed=params.sample.seed + s.index)
+        try:
+            scheduler.submit(seqs)
+        except ServerBusy:
+            raise ApiError(503, "the server is at capacity: retry in a moment", None, "server_overloaded",
+                           "server_error") from None
+
+        async def on_disconnect() -> None:  # the client went away: stop its generation now
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            scheduler.cancel(seqs)
+            queue.put_nowait(None)
+
+        async def events() -> AsyncIterator[Event]:
+            watcher = asyncio.ensure_future(on_disconnect())
+            try:
+                left = len(seqs)
+                while left:
+                    event = await queue.get()
+                    if event is None:
+                        return
+                    left -= event[2] is not None
+                    yield event
+            finally:
+                watcher.cancel()
+                scheduler.cancel(seqs)  # no-op for ended ones; ends the rest when this request is abandoned
+
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": name}
+
+        def usage() -> dict[str, int]:
+            done = sum(len(s.tokens) for s in seqs)
+            given = sum(len(p) for p in prompts)
+            return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
+
+        if not params.stream:
+            texts: dict[int, list[str]] = {s.index: [] for s in seqs}
+            reasons: dict[int, str] = {}
+            async for index, text, reason in events():
+                texts[index].append(text)
+                if reason:
+                    reasons[index] = reason
+            if "error" in reasons.values():
+                raise ApiError(500, "generation failed: see the server's log", None, None, "server_error")
+            if chat:
+                choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
+                            "finish_reason": reasons.get(i)} for i, t in texts.items()]
+            else:
+                choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": reasons.get(i)}
+                           for i, t in texts.items()]
+            return json_response({**head, "choices": choices, "usage": usage()})
+
+        head["object"] += ".chunk" if chat else ""
+        extra = {"usage": None} if params.include_usage else {}
+
+        def chunk(index: int, text: str | None, reason: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return f"data: {dumps({**head, 'choices': [choice], **extra})}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            if chat:
+                for s in seqs:
+                    yield chunk(s.index, None, None, role=True)
+            async for index, text, reason in events():
+                if reason == "error":
+                    error = ApiError(500, "generation failed: see the server's log", None, None, "server_error")
+                    yield f"data: {dumps(error.body())}\n\n"
+                    continue
+                if text:
+                    yield chunk(index, text, None)
+                if reason:
+                    yield chunk(index, None, reason)
+            if params.include_usage:
+                yield f"data: {dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok", "model": name, "active_generations": scheduler.busy()})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        authorize(request)
+        return json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "homellm", "context_length": block}]})
+
+    @app.get("/v1/models/{model_id}")
+    async def model_info(request: Request, model_id: str) -> Response:
+        authorize(request)
+        check_model({"model": model_id})
+        return json_response({"id": name, "object": "model", "created": created, "owned_by": "homellm",
+                              "context_length": block})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_body(request)
+        check_model(body)
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, "'prompt' must be a string or a list of strings", "prompt", "invalid_type")
+        params = parse_params(body, 16, cfg.max_batch)
+        if len(texts) * params.n > cfg.max_batch:
+            raise ApiError(400, f"{len(texts)} prompts x n={params.n} exceed --max-batch {cfg.max_batch}", "n",
+                           "invalid_value")
+        # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
+        prompts = [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts]
+        return await generate(request, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request)
+        check_model(body)
+        raw = body.get("messages")
+        try:
+            messages = check_messages([_content(m) for m in raw] if isinstance(raw, list) else raw, "'messages'")
+        except HomeLLMError as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
+        params = parse_params(body, None, cfg.max_batch)
+        return await generate(request, [prompt_ids(tok, messages)], params, chat=True)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> Response:
+        return HTMLResponse(page())
+
+    @app.post("/render")
+    async def render(request: Request) -> Response:
+        body = await read_body(request)
+        if not isinstance(body.get("text"), str):
+            raise ApiError(400, "'text' must be a string", "text", "invalid_type")
+        return json_response({"html": render_html(body["text"])})
+
+    @app.post("/markdown")
+    async def markdown(request: Request) -> Response:
+        body = await read_body(request)
+        try:
+            messages = check_messages(body.get("messages"), "'messages'")
+        except HomeLLMError as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
+        return Response(to_markdown(messages, f"Conversation with {name}"), media_type="text/markdown; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="conversation.md"'})
+
+    return app
+
+
+# ---- the server ---------------------------------------------------------------------------------------------
+
+def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (or until `server.should_exit` is set). `ready(url, server)` is called once the
+    port is bound: connections made from then on wait in the listen queue until the app is up."""
+    _require_server_packages()
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            """SIGINT/SIGTERM end the serve loop and `serve` returns (uvicorn would re-raise them afterwards)."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
+    # Process-wide, hence here and not in create_app: the model's threads must not starve the event loop's.
+    torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    app = create_app(run, cfg)
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    try:
+        sock = socket.create_server((cfg.host, cfg.port), family=family)
+    except OSError as e:
+        raise HomeLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): choose another --port "
+                           "(0 picks a free one) or --host") from None
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}"
+    server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3))
+    print(f"homellm: serving {Path(run).resolve().name} at {url} (chat page: {url}/, OpenAI API: {url}/v1); "
+          "Ctrl-C stops", flush=True)
+    if ready is not None:
+        ready(url, server)
+    with sock:
+        server.run(sockets=[sock])

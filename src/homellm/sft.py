@@ -1,0 +1,184 @@
+"""Supervised fine-tuning: a trained run plus conversations -> a chat model, with the one training loop.
+
+    homellm sft --init runs/base --data chats.jsonl --out runs/chat [--lora-rank 8]
+
+Conversations (OpenAI `messages` or Alpaca jsonl) are rendered in the chat format; the loss covers assistant
+replies only. Rows of block_size + 1 tokens hold one conversation each (padding) or as many whole ones as fit
+(packing, the default: far fewer wasted positions on short chats). Held-out conversations give the val loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from homellm.chat import Message, read_conversations, render
+from homellm.checkpoint import WEIGHTS, _sha256, find_checkpoint, load_weights_into, read_config
+from homellm.config import SFTConfig, TrainConfig, from_dict, load_json, replace, to_dict
+from homellm.errors import HomeLLMError
+from homellm.tokenizer import Tokenizer
+
+# Training defaults for fine-tuning, below any flag the user gives: a small learning rate (the model already
+# knows the language), no weight decay, frequent evaluation. LoRA's adapters start at zero and need more.
+SFT_TRAIN = dict(lr=3e-4, warmup_steps=20, max_steps=500, eval_every=100, eval_batches=10, weight_decay=0.0,
+                 checkpoint_every=250, batch_size=16, log_every=10)
+LORA_LR = 1e-3
+
+
+class ChatBatches:
+    """Rows of rendered conversations with targets only on trained tokens; epochs in a seeded order."""
+
+    def __init__(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, seed: int,
+                 cfg: SFTConfig, grad_accum: int = 1):
+        self.seed, self.grad_accum, self.token_bytes = seed, grad_accum, tok.token_bytes()
+        self._orders: dict[int, np.ndarray] = {}
+        if cfg.overlong not in ("truncate", "skip"):
+            raise HomeLLMError(f"--overlong {cfg.overlong!r} is unknown: use truncate or skip")
+        order = np.random.default_rng(seed).permutation(len(conversations))
+        n_val = int(round(cfg.val_fraction * len(conversations)))
+        if cfg.val_fraction > 0 and len(conversations) >= 2:
+            n_val = min(max(n_val, 1), len(conversations) - 1)  # at least one on each side
+        else:
+            n_val = 0
+        self.stats = {"conversations": len(conversations), "val_conversations": n_val, "truncated": 0, "skipped": 0}
+        val, train = order[:n_val], order[n_val:]
+        self.rows = {"train": self._rows([conversations[i] for i in train], tok, block_size, cfg),
+                     "val": self._rows([conversations[i] for i in val], tok, block_size, cfg)}
+        if not len(self.rows["train"][0]):
+            raise HomeLLMError(f"no training conversation fits --block-size {block_size} "
+                               f"({self.stats['skipped']} skipped as too long): use --overlong truncate")
+
+    def _rows(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, cfg: SFTConfig
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        width = block_size + 1  # inputs are the first block_size, targets the last block_size
+        rows: list[tuple[list[int], list[bool]]] = []
+        ids: list[int] = []
+        mask: list[bool] = []
+        for messages in conversations:
+            c_ids, c_mask = render(tok, messages)
+            if len(c_ids) > width:
+                if cfg.overlong == "skip":
+                    self.stats["skipped"] += 1
+                    continue
+                self.stats["truncated"] += 1
+                c_ids, c_mask = c_ids[:width], c_mask[:width]
+            if ids and (not cfg.pack or len(ids) + len(c_ids) > width):
+                rows.append((ids, mask))
+                ids, mask = [], []
+            ids, mask = ids + c_ids, mask + c_mask
+        if ids:
+            rows.append((ids, mask))
+        tokens = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (ids, mask) in enumerate(rows):
+            tokens[r, :len(ids)] = torch.tensor(ids)
+            targets[r, :len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
+        return tokens[:, :-1], targets[:, 1:]
+
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.rows["train"]
+        n = len(x)
+        # This rank's place in one stream of rows, so every row is seen once per epoch whatever the batch layout.
+        first = ((step * self.grad_accum + micro) * world + rank) * batch_size
+        picks = [int(self._order(i // n)[i % n]) for i in range(first, first + batch_size)]
+        return x[picks], y[picks]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.rows["train"][0])),
+                            **{e: o for e, o in self._orders.items() if e == epoch - 1}}
+        return self._orders[epoch]
+
+    def val_batch(self, index: int, batch_size: int, rank: int, world: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        x, y = self.rows["val"]
+        start = (index * world + rank) * batch_size
+        if start >= len(x):
+            return None
+        return x[start:start + batch_size], y[start:start + batch_size]
+
+
+def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[SFTConfig, TrainConfig]:
+    """SFT's defaults under the flags the user typed; resuming, the run's saved configs under them."""
+    out = Path(train_flags.get("out", ""))
+    if train_flags.get("resume") and (out / "config.json").is_file():
+        saved = load_json(out / "config.json")
+        if "sft" not in saved:
+            raise HomeLLMError(f"{out} is not an SFT run (no sft section in config.json): resume it with "
+                               "`homellm pretrain --resume`")
+        cfg = replace(from_dict(SFTConfig, saved["sft"], f"{out}/config.json sft"), **sft_flags)
+        return cfg, replace(read_config(out)[1], **train_flags)
+    cfg = SFTConfig(**sft_flags)
+    base = dict(SFT_TRAIN, lr=LORA_LR) if cfg.lora_rank > 0 else SFT_TRAIN
+    return cfg, replace(TrainConfig(**base), **train_flags)
+
+
+def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
+    from homellm.lora import LoraSpec, attach_lora, trainable_parameters
+    from homellm.train import _load_file, check_resume, train
+
+    if not cfg.init:
+        raise HomeLLMError("--init is required: the trained run to fine-tune")
+    if not train_cfg.out:
+        raise HomeLLMError("--out is required: the run folder to write")
+    if not cfg.data:
+        raise HomeLLMError("--data is required: .jsonl files of conversations")
+    init, out = Path(cfg.init), Path(train_cfg.out)
+    if init.resolve() == out.resolve():
+        raise HomeLLMError(f"--out {out} is the --init run: write the fine-tuned model to a new folder")
+    model_cfg, _ = read_config(init)
+    folder = find_checkpoint(init, cfg.init_checkpoint)
+    if train_cfg.resume:
+        check_resume(out, model_cfg, train_cfg)
+    elif (out / "last").exists():
+        raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
+    tok = Tokenizer.load(init)
+    conversations, bad = read_conversations(cfg.data, cfg.skip_bad)
+    data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg, train_cfg.grad_accum)
+    stats = {**data.stats, "bad_lines_skipped": bad}
+    print(f"{stats['conversations']:,} conversations ({stats['val_conversations']:,} held out), "
+          f"{len(data.rows['train'][0]):,} training rows of {model_cfg.block_size} tokens"
+          f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
+          f"long, {bad} bad lines skipped", file=sys.stderr)
+    spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+    lora = None
+    if cfg.lora_rank > 0:
+        lora = {"base": str(init.resolve()), "base_checkpoint": folder.name, "base_sha256": _sha256(folder / WEIGHTS),
+                "spec": to_dict(spec)}
+    def init_model(model: torch.nn.Module) -> None:
+        load_weights_into(model, _load_file(folder), str(folder / WEIGHTS))  # not kept: a model's worth of memory
+        if lora:
+            attach_lora(model, spec)
+            print(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
+                  f"{sum(p.numel() for p in model.parameters()):,}", file=sys.stderr)
+
+    extra: dict[str, Any] = {"sft": to_dict(replace(cfg, init=str(init.resolve()))), "sft_data": stats}
+    if lora:
+        extra["lora"] = lora
+    summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra)
+    return {**summary, **stats}
+
+
+def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
+    """`homellm merge`: a LoRA run's adapters folded into its base weights, written as a standalone run."""
+    from homellm.checkpoint import load_model, save_checkpoint
+    from homellm.config import save_json
+
+    run, out = Path(run), Path(out)
+    config = load_json(run / "config.json") if (run / "config.json").is_file() else {}
+    if "lora" not in config:
+        raise HomeLLMError(f"{run} is not a LoRA run (its config.json has no lora section): nothing to merge")
+    if (out / "best").exists():
+        raise HomeLLMError(f"{out} already holds a model: choose a new --out")
+    model = load_model(run, which)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "config.json", {**{k: v for k, v in config.items() if k != "lora"}, "merged_from": str(run)})
+    Tokenizer.load(run).save(out / "tokenizer", model_max_length=model.cfg.block_size)
+    save_checkpoint(out, "best", model, None, {"step": 0, "merged_from": str(run)})
+    return out

@@ -1,0 +1,121 @@
+"""homellm compare: both runs' outputs land in the screen table and the Markdown report, a run with an sft section
+is prompted in ChatML, cells survive pipes and line breaks, and bad prompt files say what is wrong in one line."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from homellm.cli import main
+from homellm.compare import _width, compare, md_cell, read_prompts, wrap
+from homellm.config import CompareConfig, SampleConfig, load_json, save_json
+from homellm.errors import HomeLLMError
+from homellm.generate import stream_text
+from test_repl import REPLY, USER, build_chat_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(model, tok, base run, sft run): the same weights; only the sft run's config says it was fine-tuned."""
+    root = tmp_path_factory.mktemp("compare")
+    model, tok, base = build_chat_run(root)
+    sft = root / "sft"
+    shutil.copytree(base, sft)
+    save_json(sft / "config.json", {**load_json(base / "config.json"), "sft": {"init": str(base)}})
+    return model, tok, base, sft
+
+
+def cells(row: str) -> list[str]:
+    """A Markdown table row split at its unescaped pipes."""
+    parts, cell, i = [], "", 1
+    while i < len(row) - 1:
+        if row[i] == "\\" and row[i + 1] == "|":
+            cell, i = cell + "\\|", i + 2
+            continue
+        if row[i] == "|":
+            parts.append(cell.strip())
+            cell = ""
+        else:
+            cell += row[i]
+        i += 1
+    return [*parts, cell.strip()]
+
+
+def test_both_outputs_appear_side_by_side_and_sft_runs_get_chatml(runs, tmp_path):
+    model, tok, base, sft = runs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{USER}\n\nleft | right\n", encoding="utf-8")
+    screen = io.StringIO()
+    report = compare(base, sft, CompareConfig(prompts=str(prompts), out=str(tmp_path / "r.md")), screen)
+    assert report == tmp_path / "r.md"
+    text = report.read_text(encoding="utf-8")
+    greedy = SampleConfig(temperature=0.0, max_new_tokens=CompareConfig().max_new_tokens)
+    raw = "".join(stream_text(model, tok, USER, greedy))  # the base run continues the prompt as text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3 and all(len(cells(r)) == 4 for r in rows)  # header and two prompts, four columns each
+    assert cells(rows[1]) == ["1", USER, md_cell(raw), md_cell(REPLY)]
+    assert cells(rows[2])[1] == "left \\| right"
+    assert "continued raw" in text and "as a user message" in text
+    shown = screen.getvalue()
+    assert f"A: {base.name}" in shown and f"B: {sft.name}" in shown and "おしまい" in shown
+
+
+def test_chat_flag_wraps_prompts_for_both_and_the_report_defaults_to_run_b(runs, tmp_path):
+    _, _, base, sft = runs
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": USER}, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = compare(base, sft, CompareConfig(prompts=str(prompts), chat=True), io.StringIO())
+    assert report == sft / "compare.md"
+    row = [line for line in report.read_text(encoding="utf-8").splitlines() if line.startswith("| 1 ")][0]
+    assert cells(row) == ["1", USER, md_cell(REPLY), md_cell(REPLY)]
+
+
+def test_cells_escape_pipes_and_line_breaks():
+    assert md_cell("a|b\nc\r\nd") == "a\\|b<br>c<br>d"
+    assert cells("| " + " | ".join(map(md_cell, ["x|y", "1\n2", ""])) + " |") == ["x\\|y", "1<br>2", ""]
+
+
+@pytest.mark.parametrize("text", [REPLY * 3, "The quick brown fox jumps over the lazy dog. " * 4, "x" * 50, ""])
+def test_screen_cells_wrap_within_their_width(text):
+    lines = wrap(text, 12)
+    assert all(_width(line) <= 12 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace("\n", "").replace(" ", "")
+
+
+def test_prompt_files(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "two\\nlines"}\n\n{"prompt": "x", "other": 1}\n', encoding="utf-8")
+    assert read_prompts(good) == ["two\nlines", "x"]
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")
+    (tmp_path / "broken.jsonl").write_text("{not json\n", encoding="utf-8")
+    (tmp_path / "sjis.txt").write_bytes("日本語".encode("cp932"))
+    for name, message in [("missing.txt", "no such file"), ("empty.txt", "no prompts"), ("bad.jsonl", "bad.jsonl:2"),
+                          ("broken.jsonl", "not valid JSON"), ("sjis.txt", "not UTF-8")]:
+        with pytest.raises(HomeLLMError, match=message):
+            read_prompts(tmp_path / name)
+    with pytest.raises(HomeLLMError, match="--prompts is missing"):
+        read_prompts("")
+
+
+def test_a_bad_prompt_file_is_one_line_from_the_cli(runs, tmp_path, capsys):
+    _, _, base, sft = runs
+    assert main(["compare", str(base), str(sft), "--prompts", str(tmp_path / "nowhere.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("homellm: error:") and err.count("\n") == 1 and "nowhere.txt" in err
+
+
+def test_compare_from_the_command_line(runs, tmp_path):
+    _, _, base, sft = runs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(USER + "\n", encoding="utf-8")
+    out = tmp_path / "report.md"
+    proc = subprocess.run([sys.executable, "-m", "homellm", "compare", str(base), str(sft), "--prompts", str(prompts),
+                           "--out", str(out), "--max-new-tokens", "30"], capture_output=True, encoding="utf-8",
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert md_cell(REPLY) in out.read_text(encoding="utf-8") and "おしまい" in proc.stdout

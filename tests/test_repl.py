@@ -1,0 +1,246 @@
+"""The terminal chat, driven by scripted input: slash commands change the settings generation uses, bad values
+change nothing, /save and /reset keep and forget turns, old turns leave a full context with a notice (never the
+system prompt), and Ctrl-C stops a reply without ending the chat."""
+
+import dataclasses
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from homellm import repl
+from homellm.chat import prompt_ids, render, to_markdown
+from homellm.checkpoint import save_checkpoint
+from homellm.config import ChatConfig, ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
+from homellm.model import GPT
+from homellm.repl import chat_loop
+from homellm.tokenizer import Tokenizer, train_tokenizer
+
+JA = "むかしむかし、ある山のふもとに小さな村がありました。村には川が流れていて、春になると桜の花がたくさん咲きました。"
+EN = "The quick brown fox jumps over the lazy dog. A small village sat at the foot of a mountain.\n"
+USER = "こんにちは"
+REPLY = "むかしむかし、ある山に | 小さな村がありました。\nおしまい"  # a pipe and a line break for compare's table
+GREEDY = ChatConfig(temperature=0.0, max_new_tokens=40)
+
+
+def build_chat_run(root: Path, sft: bool = False) -> tuple[GPT, Tokenizer, Path]:
+    """A tiny model overfit on one chat (USER -> REPLY), and a run directory holding it (no training run)."""
+    corpus = root / "corpus.txt"
+    corpus.write_text((JA + "\n" + EN + USER + "\n" + REPLY + "\nsystem\nuser\nassistant\n") * 3, encoding="utf-8")
+    tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(root / "tok"), vocab_size=300))
+    ids, _ = render(tok, [{"role": "user", "content": USER}, {"role": "assistant", "content": REPLY}])
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    assert len(ids) <= cfg.block_size
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.tensor([ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-wide model gains nothing from threads and loses much when the cores are busy
+    try:
+        for _ in range(200):
+            _, loss = model(x[:, :-1], x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.05
+    run = root / "run"
+    tok.save(run / "tokenizer")
+    save_json(run / "config.json", {"model": to_dict(cfg), "train": to_dict(TrainConfig()), **({"sft": {}} if sft
+                                                                                                else {})})
+    save_checkpoint(run, "best", model, None, {"step": 200})
+    return model.eval(), tok, run
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory) -> tuple[GPT, Tokenizer, Path]:
+    return build_chat_run(tmp_path_factory.mktemp("chat"))
+
+
+def script(*lines: str):
+    """An input function that answers with `lines`, then end of input (Ctrl-D); `.rest` holds what is unread."""
+    rest = iter(lines)
+
+    def input_fn(prompt: str = "") -> str:
+        try:
+            return next(rest)
+        except StopIteration:
+            raise EOFError from None
+
+    input_fn.rest = rest
+    return input_fn
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[list[int], ChatConfig]]:
+    """Every (prompt ids, config) the chat generates from."""
+    seen, real = [], repl.stream_ids
+
+    def spy(model, tok, ids, cfg, stats=None, generator=None):
+        seen.append((list(ids), cfg))
+        yield from real(model, tok, ids, cfg, stats, generator)
+
+    monkeypatch.setattr(repl, "stream_ids", spy)
+    return seen
+
+
+def run_chat(chat_run, *lines: str, cfg: ChatConfig = GREEDY):
+    model, tok, _ = chat_run
+    out = io.StringIO()
+    chat = chat_loop(model, tok, cfg, script(*lines), out)
+    return chat, out.getvalue()
+
+
+def stats_lines(text: str) -> list[int]:
+    """The token counts of the `[N tokens, X tokens/s]` lines."""
+    return [int(n) for n in re.findall(r"^\[(?:interrupted: )?(\d+) tokens, [\d.]+ tokens/s\]$", text, re.M)]
+
+
+def test_a_reply_streams_clean_japanese_and_reports_its_speed(chat_run):
+    model, tok, _ = chat_run
+    writes: list[str] = []
+    out = io.StringIO()
+    out.write = lambda s: writes.append(s) or len(s)
+    chat = chat_loop(model, tok, GREEDY, script(USER), out)
+    assert chat.turns == [(USER, REPLY)]
+    end = next(i for i, w in enumerate(writes) if w.startswith("\n["))  # the speed line after the reply
+    pieces = writes[1:end]  # after the banner
+    assert "".join(pieces) == REPLY and len(pieces) > 1  # streamed piece by piece
+    assert not any("\ufffd" in w for w in writes)
+    assert stats_lines("".join(writes)) == [len(tok.encode(REPLY))]
+
+
+def test_a_reply_cut_by_max_tokens_never_ends_in_half_a_character(chat_run):
+    _, tok, _ = chat_run
+    ids = tok.encode(REPLY)
+    assert any(tok.decode(ids[:n]).endswith("\ufffd") for n in range(1, len(ids)))  # some cuts split a character
+    for n in range(1, len(ids)):
+        chat, text = run_chat(chat_run, USER, cfg=dataclasses.replace(GREEDY, max_new_tokens=n))
+        reply = chat.turns[0][1]
+        assert REPLY.startswith(reply) and "\ufffd" not in text
+        assert len(reply) >= len(tok.decode(ids[:n]).rstrip("\ufffd"))  # only the broken character is held back
+
+
+def test_slash_commands_change_what_generation_uses(chat_run, calls):
+    _, tok, _ = chat_run
+    chat, text = run_chat(chat_run, "/temperature 0.5", "/top_k 7", "/top_p 0.9", "/max_tokens 5",
+                          "/system Be brief.", "/help", "hello")
+    assert len(calls) == 1
+    ids, cfg = calls[0]
+    assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens) == (0.5, 7, 0.9, 5)
+    assert cfg == chat.cfg and cfg.system == "Be brief."
+    assert ids == prompt_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
+    assert stats_lines(text)[0] <= 5
+    for command in ("/temperature", "/top_k", "/top_p", "/max_tokens", "/system", "/reset", "/save", "/quit"):
+        assert command in text  # /help lists it
+
+
+def test_quit_ends_the_loop_and_leaves_the_rest_unread(chat_run):
+    model, tok, _ = chat_run
+    input_fn = script("/quit", "never read")
+    chat_loop(model, tok, GREEDY, input_fn, io.StringIO())
+    assert next(input_fn.rest) == "never read"
+
+
+def test_bad_values_print_one_line_and_change_nothing(chat_run, calls):
+    bad = ["/temperature abc", "/temperature -1", "/top_k 2.5", "/top_k", "/top_p 0", "/top_p 1.5", "/max_tokens 0",
+           "/max_tokens many", "/save", "/nonsense"]
+    chat, text = run_chat(chat_run, *bad, USER)
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(bad)
+    assert chat.cfg == GREEDY and calls[0][1] == GREEDY
+    assert chat.turns == [(USER, REPLY)]  # and the chat went on
+
+
+def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
+    path = tmp_path / "notes" / "chat.md"
+    cfg = dataclasses.replace(GREEDY, system="日本語で答えて", max_new_tokens=6)
+    chat, text = run_chat(chat_run, USER, "/system 短く", "hello there", f"/save {path}", cfg=cfg)
+    saved = path.read_text(encoding="utf-8")
+    assert saved == to_markdown(chat.transcript)
+    assert [m["role"] for m in chat.transcript] == ["system", "user", "assistant", "system", "user", "assistant"]
+    for m in chat.transcript:
+        assert m["content"] in saved
+    assert os.listdir(path.parent) == ["chat.md"]  # written atomically: no temp file left
+    assert f"6 messages saved to {path}" in text
+
+
+def test_reset_forgets_the_turns_but_keeps_the_system_prompt(chat_run, calls):
+    _, tok, _ = chat_run
+    cfg = dataclasses.replace(GREEDY, system="S", max_new_tokens=4)
+    chat, _ = run_chat(chat_run, USER, "/reset", "hello", cfg=cfg)
+    assert calls[1][0] == prompt_ids(tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "hello"}])
+    assert len(chat.turns) == 1 and chat.turns[0][0] == "hello"
+    assert [m["role"] for m in chat.transcript] == ["system", "user", "assistant"]
+
+
+def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stays(chat_run, calls):
+    model, tok, _ = chat_run
+    block, room = model.cfg.block_size, 8
+    system = [{"role": "system", "content": "Be kind."}]
+    messages = ["村に川", "山の花", "春の村", "川の桜", "村の山", "花の川"]
+    cfg = dataclasses.replace(GREEDY, system="Be kind.", max_new_tokens=room)
+    chat, text = run_chat(chat_run, *messages, cfg=cfg)
+    assert "[context full: dropped the oldest" in text
+    head = render(tok, system)[0]
+    for ids, _ in calls:
+        assert len(ids) + room <= block
+        assert ids[:len(head)] == head
+    assert len(chat.turns) < len(messages)
+    assert [m["content"] for m in chat.transcript if m["role"] == "user"] == messages  # /save still has them all
+    # a message too long for the context on its own: said so, and answered anyway
+    chat, text = run_chat(chat_run, EN * 2, cfg=cfg)
+    assert "the model sees only the end" in text and len(chat.turns) == 1
+
+
+def test_ctrl_c_during_a_reply_stops_only_the_reply(chat_run):
+    model, tok, _ = chat_run
+    forwards = 0
+
+    def interrupt(module, args):
+        nonlocal forwards
+        forwards += 1
+        if forwards == 6:  # the prompt, then 4 tokens fed back: 5 tokens generated
+            raise KeyboardInterrupt
+
+    hook = model.register_forward_pre_hook(interrupt)
+    try:
+        chat, text = run_chat(chat_run, USER, "hello", "/quit")
+    finally:
+        hook.remove()
+    partial = chat.transcript[1]["content"]
+    assert 0 < len(partial) < len(REPLY) and REPLY.startswith(partial)
+    assert "[interrupted: 5 tokens" in text
+    assert [m["role"] for m in chat.transcript] == ["user", "assistant"] * 2  # the chat went on
+    assert not model.training  # generation restored the mode
+
+
+def test_ctrl_c_or_end_of_input_at_the_prompt_leaves_cleanly(chat_run):
+    model, tok, _ = chat_run
+
+    def ctrl_c(prompt: str = "") -> str:
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    chat = chat_loop(model, tok, GREEDY, ctrl_c, out)
+    assert chat.turns == [] and out.getvalue().endswith("\n")
+    chat, _ = run_chat(chat_run)  # end of input at once
+    assert chat.turns == []
+
+
+def test_chat_from_the_command_line_reads_stdin(chat_run, tmp_path):
+    _, _, run = chat_run
+    saved = tmp_path / "chat.md"
+    proc = subprocess.run([sys.executable, "-m", "homellm", "chat", str(run), "--temperature", "0",
+                           "--max-new-tokens", "40"], input=f"{USER}\n/save {saved}\n", capture_output=True,
+                          encoding="utf-8", env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert REPLY in proc.stdout and "tokens/s]" in proc.stdout
+    assert REPLY in saved.read_text(encoding="utf-8")

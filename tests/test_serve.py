@@ -1,0 +1,419 @@
+"""`homellm serve` against the official `openai` client: a tiny model that has memorised three conversations (one in
+Japanese, one answering in LaTeX, one singing "la" for as long as it may) is served on a free port in this process.
+Replies equal the library's own generation whether requests run alone or batched; errors come in OpenAI's shape; a
+client that disconnects stops its generation; the web page streams, renders math and downloads Markdown."""
+
+import http.client
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from homellm.chat import prompt_ids, render
+from homellm.checkpoint import load_model
+from homellm.config import ModelConfig, SampleConfig, ServeConfig, TokenizerConfig, TrainConfig
+from homellm.errors import HomeLLMError
+from homellm.generate import stream_text
+from homellm.model import GPT, KVCache
+from homellm.tokenizer import Tokenizer, train_tokenizer
+from homellm.train import train
+
+openai = pytest.importorskip("openai", reason="the serve tests need the dev extra: pip install -e '.[dev]'")
+pytest.importorskip("fastapi", reason="the serve tests need the dev extra: pip install -e '.[dev]'")
+
+from homellm.serve import render_html, serve  # noqa: E402
+
+JA = "むかしむかし、ある山のふもとに小さな村がありました。"
+MATH = r"$\frac{7}{3}$"
+LA = "la " * 150
+CONVERSATIONS = [
+    [{"role": "user", "content": "昔話をして"}, {"role": "assistant", "content": JA}],
+    [{"role": "user", "content": "7/3?"}, {"role": "assistant", "content": MATH}],
+    [{"role": "user", "content": "sing"}, {"role": "assistant", "content": LA}],
+]
+KEY = "sekrit"
+
+
+class Memorise:
+    """Batches for homellm.train.train: every batch is the three conversations, only the replies trained."""
+
+    def __init__(self, tok: Tokenizer):
+        self.token_bytes = tok.token_bytes()
+        rows = [render(tok, c) for c in CONVERSATIONS]
+        n = max(len(ids) for ids, _ in rows)
+        self.x = torch.full((len(rows), n - 1), tok.pad_id)
+        self.y = torch.full((len(rows), n - 1), -100)
+        for i, (ids, mask) in enumerate(rows):
+            self.x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+            self.y[i, :len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+        self.y[2, len(rows[2][0]) - 3] = -100  # "sing" never learns to end: it goes on for as long as it is let
+
+    def train_batch(self, step, micro, batch_size, rank, world):
+        return self.x, self.y
+
+    def val_batch(self, index, batch_size, rank, world):
+        return (self.x, self.y) if index == 0 else None
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    text = root / "text.txt"
+    text.write_text("\n".join(m["content"] for c in CONVERSATIONS for m in c) + "\nthe cat sees the moon.\n",
+                    encoding="utf-8")
+    tok = train_tokenizer(TokenizerConfig(input=[str(text)], out=str(root / "tok"), vocab_size=300))
+    model_cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=-(-tok.vocab_size // 64) * 64)
+    cfg = TrainConfig(out=str(root / "run"), batch_size=3, lr=1e-2, warmup_steps=5, max_steps=150, eval_every=150,
+                      eval_batches=1, log_every=150, checkpoint_every=150, weight_decay=0.0, device="cpu")
+    # Memorised replies drive squared gradients into denormal floats, which the CPU computes ~100x slower: flush them
+    # to zero, on one thread since the flag is per thread (the batch is tiny anyway).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    try:
+        train(model_cfg, cfg, Memorise(tok), tok)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+class Server:
+    """A server on a free port in a thread of this process; `url` is known once the port is bound, and requests
+    made from then on wait in the listen queue until the app is up: no polling, no sleeps."""
+
+    def __init__(self, run: Path, cfg: ServeConfig):
+        cfg.threads = torch.get_num_threads()  # serve() sets it for the whole process: keep this one's as it is
+        box: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=serve, args=(run, cfg, lambda url, srv: box.put((url, srv))),
+                                       daemon=True)
+        self.thread.start()
+        self.url, self.uvicorn = box.get(timeout=120)
+        self.scheduler = self.uvicorn.config.app.state.scheduler
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=cfg.api_key or "none", max_retries=0,
+                                    timeout=60)
+
+    def close(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    s = Server(run, ServeConfig(port=0, max_batch=8))
+    yield s
+    s.close()
+
+
+def post(url: str, body: bytes | dict, key: str | None = None) -> tuple[int, dict]:
+    """A raw POST (for bodies the openai client would never send): status and JSON answer."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def greedy(run: Path, messages: list[dict] | None = None, prompt: str = "", n: int = 60, stop=()) -> str:
+    """What the library itself generates: the reference every served reply must equal."""
+    tok = Tokenizer.load(run)
+    text = tok.decode(prompt_ids(tok, messages)) if messages else prompt
+    cfg = SampleConfig(temperature=0, max_new_tokens=n, stop=list(stop))
+    return "".join(stream_text(load_model(run), tok, text, cfg))
+
+
+def test_models_health_and_a_completion_equal_to_the_library(run, server):
+    assert [m.id for m in server.client.models.list().data] == [run.name]
+    with urllib.request.urlopen(server.url + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok", "model": run.name, "active_generations": 0}
+    out = server.client.completions.create(model=run.name, prompt="the cat", max_tokens=30, temperature=0)
+    assert out.choices[0].text == greedy(run, prompt="the cat", n=30)
+    assert out.usage.prompt_tokens == len(Tokenizer.load(run).encode("the cat"))
+    assert out.usage.completion_tokens + out.usage.prompt_tokens == out.usage.total_tokens
+
+
+def test_chat_replies_equal_the_library_alone_and_batched(run, server):
+    """Four choices in one request are admitted together, so they are decoded as one batch (peak rows >= 4)."""
+    for conversation in CONVERSATIONS:
+        messages = conversation[:1]
+        out = server.client.chat.completions.create(model=run.name, messages=messages, temperature=0, n=4,
+                                                    max_tokens=60)
+        want = greedy(run, messages)
+        assert [c.message.content for c in out.choices] == [want] * 4
+        assert out.choices[0].finish_reason == ("length" if conversation[1]["content"] == LA else "stop")
+    assert CONVERSATIONS[0][1]["content"] == greedy(run, CONVERSATIONS[0][:1])  # the model did memorise
+    assert server.scheduler.peak >= 4
+    # Eight clients at once, each its own conversation and length: each gets exactly its solo reply.
+    jobs = [(CONVERSATIONS[i % 3][:1], 10 + 7 * i) for i in range(8)]
+    replies: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        r = server.client.chat.completions.create(model=run.name, messages=jobs[i][0], temperature=0,
+                                                  max_tokens=jobs[i][1])
+        replies[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert replies == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+
+
+def test_streaming_japanese_with_usage_never_splits_a_character(run, server):
+    tok = Tokenizer.load(run)
+    assert any("\ufffd" in tok.decode([i]) for i in tok.encode(JA))  # some tokens hold part of a character
+    messages = CONVERSATIONS[0][:1]
+    stream = server.client.chat.completions.create(model=run.name, messages=messages, temperature=0, stream=True,
+                                                   stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == JA and len(pieces) > 1
+    assert all("\ufffd" not in p for p in pieces)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(prompt_ids(tok, messages))
+    assert chunks[-1].usage.completion_tokens == len(tok.encode(JA))
+    # On the wire: UTF-8 as it is (no \u escapes), `data: ` lines, and [DONE] at the end.
+    req = urllib.request.Request(server.url + "/v1/chat/completions", json.dumps(
+        {"model": run.name, "messages": messages, "temperature": 0, "stream": True}).encode())
+    with urllib.request.urlopen(req) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read()
+    assert all(ch.encode() in raw for ch in JA)  # every character whole, in some chunk
+    assert b"\\u" not in raw and raw.rstrip().endswith(b"data: [DONE]")
+
+
+def test_stop_strings_end_the_reply_before_them_streamed_or_not(run, server):
+    messages = CONVERSATIONS[0][:1]
+    for stop in (["小さな"], ["村が", "ふもと"], "、"):
+        want = greedy(run, messages, stop=[stop] if isinstance(stop, str) else stop)
+        assert want == JA[:min(JA.find(s) for s in ([stop] if isinstance(stop, str) else stop))]
+        out = server.client.chat.completions.create(model=run.name, messages=messages, temperature=0, stop=stop)
+        assert out.choices[0].message.content == want and out.choices[0].finish_reason == "stop"
+        stream = server.client.completions.create(model=run.name, prompt=Tokenizer.load(run).decode(
+            prompt_ids(Tokenizer.load(run), messages)), temperature=0, stop=stop, stream=True, max_tokens=60)
+        assert "".join(c.choices[0].text for c in stream) == want
+
+
+def test_sampling_is_reproducible_with_a_seed_alone_or_beside_others(run, server):
+    ask = dict(model=run.name, prompt="the", max_tokens=20, temperature=1.5, top_p=0.95, seed=7,
+               extra_body={"top_k": 50})
+    alone = server.client.completions.create(**ask).choices[0].text
+    with_others = server.client.completions.create(**{**ask, "n": 3}).choices  # choice j samples with seed 7 + j
+    assert with_others[0].text == alone
+
+
+def test_bad_requests_get_openai_shaped_errors(run, server):
+    url = server.url + "/v1/chat/completions"
+    ok = {"model": run.name, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (b"{not json", 400, None, "invalid_json"),
+        (b"[1, 2]", 400, None, "invalid_json"),
+        ({**ok, "temperature": "hot"}, 400, "temperature", "invalid_type"),
+        ({**ok, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
+        ({**ok, "stream": "yes"}, 400, "stream", "invalid_type"),
+        ({**ok, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+        ({**ok, "top_p": 1.5}, 400, "top_p", "invalid_value"),
+        ({**ok, "top_k": -1}, 400, "top_k", "invalid_value"),
+        ({**ok, "n": 0}, 400, "n", "invalid_value"),
+        ({**ok, "stop": [1]}, 400, "stop", "invalid_type"),
+        ({**ok, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "invalid_value"),
+        ({**ok, "messages": []}, 400, "messages", "invalid_value"),
+        ({**ok, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+        ({**ok, "max_tokens": 600}, 400, "max_tokens", "context_length_exceeded"),
+        ({**ok, "messages": [{"role": "user", "content": "la " * 600}]}, 400, "messages", "context_length_exceeded"),
+        ({**ok, "model": "gpt-4"}, 404, "model", "model_not_found"),
+        ({k: v for k, v in ok.items() if k != "model"}, 400, "model", "invalid_type"),
+    ]
+    for body, status, param, code in cases:
+        got, answer = post(url, body)
+        assert (got, answer["error"]["param"], answer["error"]["code"]) == (status, param, code), body
+        assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    status, answer = post(server.url + "/v1/nothing", ok)
+    assert status == 404 and answer["error"]["code"] == "not_found"
+    # The official client raises its typed errors, carrying our codes.
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model=run.name, prompt="x" * 600, max_tokens=10)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "prompt")
+    n = len(Tokenizer.load(run).encode("x" * 600))
+    assert f"the request needs {n + 10} ({n} in the prompt and 10 for the completion)" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="nope", prompt="x")
+    assert server.scheduler.busy() == 0
+
+
+def test_api_key_and_capacity(run):
+    """With a key, requests without it get 401; with one batch row and no queue, a second request gets 503."""
+    s = Server(run, ServeConfig(port=0, api_key=KEY, max_batch=1, max_queue=0))
+    try:
+        keyless = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            keyless.models.list()
+        assert e.value.code == "invalid_api_key"
+        assert post(s.url + "/v1/completions", {"model": run.name, "prompt": "x"})[0] == 401
+        stream = s.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[2][:1], max_tokens=400,
+                                                  temperature=0, stream=True)
+        next(iter(stream))  # the one row is taken for as long as this stream runs
+        with pytest.raises(openai.APIStatusError) as e:
+            s.client.completions.create(model=run.name, prompt="x", max_tokens=5)
+        assert e.value.status_code == 503 and e.value.code == "server_overloaded"
+        stream.close()
+        assert s.scheduler.wait_idle(30)
+        assert s.client.completions.create(model=run.name, prompt="x", max_tokens=5).choices[0].text is not None
+    finally:
+        s.close()
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(run, server):
+    before = dict(server.scheduler.finished)
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": run.name, "messages": CONVERSATIONS[2][:1], "max_tokens": 480, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the stream has started
+    conn.sock.shutdown(2)
+    conn.close()
+    assert server.scheduler.wait_idle(30)  # the generation was dropped, not left running for nobody
+    assert server.scheduler.finished.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert server.scheduler.finished.get("length", 0) == before.get("length", 0)  # it did not run to its end
+    with urllib.request.urlopen(server.url + "/health") as r:
+        assert json.loads(r.read())["active_generations"] == 0
+    assert server.client.completions.create(model=run.name, prompt="la", max_tokens=5).usage.completion_tokens >= 1
+
+
+def test_render_html_turns_latex_into_mathml_and_escapes_the_rest():
+    out = render_html(r"<b>x</b> is $\frac{7}{3}$, costs $5 and $6, and $$x^2$$")
+    assert out.startswith("&lt;b&gt;x&lt;/b&gt; is <math") and "<mfrac>" in out
+    assert "costs $5 and $6" in out and out.count("<math") == 2 and 'display="block"' in out
+    assert render_html(r"broken $\frac{$ stays") == r"broken $\frac{$ stays"
+
+
+def test_markdown_download(run, server):
+    messages = [{"role": "user", "content": "7/3?"}, {"role": "assistant", "content": MATH}]
+    req = urllib.request.Request(server.url + "/markdown", json.dumps({"messages": messages}).encode())
+    with urllib.request.urlopen(req) as r:
+        assert "attachment" in r.headers["content-disposition"]
+        text = r.read().decode()
+    assert "**user**:" in text and MATH in text
+
+
+def test_serve_per_row_cache_equals_one_sequence_at_a_time():
+    """The batched decoding the server does (rows at their own lengths) gives each row's own logits."""
+    for family in ("gpt2", "llama"):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(family=family, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                block_size=32, tie_embeddings=False)).eval()
+        prompts = [torch.randint(0, 64, (n,)).tolist() for n in (3, 9, 5)]
+        steps = torch.randint(0, 64, (3, 6))
+        with torch.no_grad():
+            want = [model(torch.tensor([p + steps[i].tolist()]))[0][0, len(p):] for i, p in enumerate(prompts)]
+            cache = KVCache(model.cfg, 4, 32, "cpu")
+            lengths = torch.zeros(4, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                one = KVCache(model.cfg, 1, 32, "cpu")
+                model(torch.tensor([p]), cache=one)
+                cache.k[:, i, :, :len(p)], cache.v[:, i, :, :len(p)] = one.k[:, 0, :, :len(p)], one.v[:, 0, :, :len(p)]
+                lengths[i] = len(p)
+            got = []
+            for t in range(6):
+                cache.pos = lengths[:3]
+                got.append(model(steps[:, t:t + 1], cache=cache)[0][:, 0])
+        assert lengths[:3].tolist() == [len(p) + 6 for p in prompts]
+        for i in range(3):
+            torch.testing.assert_close(torch.stack([g[i] for g in got]), want[i], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run):
+    proc = subprocess.Popen([sys.executable, "-m", "homellm", "serve", str(run), "--port", "0"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        first = proc.stdout.readline()
+        url = first.split(" at ")[1].split()[0]
+        with urllib.request.urlopen(url + "/health") as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert [line for line in out.splitlines() if "GET /health" in line][0].endswith("200 OK")
+    assert "Application shutdown complete" in out
+
+
+def test_missing_server_packages_give_one_line_error(run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(HomeLLMError, match=r"pip install 'homellm\[serve\]'"):
+        serve(run, ServeConfig(port=0))
+
+
+def test_web_page_streams_renders_math_shows_japanese_and_downloads_markdown(run, server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium to drive: apt-get install chromium (Debian's package; playwright's own download "
+                    "needs a network this machine does not have)")
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(server.url + "/")
+            expect(page.locator("#model")).to_have_text(run.name)
+            page.click("#toggle-settings")
+            page.fill("#temperature", "0")
+            for question, answer in (("7/3?", MATH), ("昔話をして", JA)):
+                page.fill("#input", question)
+                page.press("#input", "Enter")
+                reply = page.locator(".msg.assistant").last
+                expect(reply).to_have_attribute("data-done", "1")
+                expect(reply).to_have_attribute("data-rendered", "1")
+                assert int(reply.get_attribute("data-chunks")) > 1  # it came in pieces, as they were generated
+                if answer == MATH:
+                    assert reply.locator("math mfrac").count() == 1  # drawn as math, not shown as LaTeX
+                    assert reply.locator("math mfrac mn").all_text_contents() == ["7", "3"]
+                else:
+                    assert reply.inner_text() == JA
+            with page.expect_download() as download:
+                page.click("#download")
+            markdown = Path(download.value.path()).read_text(encoding="utf-8")
+            assert [line for line in markdown.splitlines() if line] == [
+                f"# Conversation with {run.name}", "**user**:", "7/3?", "**assistant**:", MATH,
+                "**user**:", "昔話をして", "**assistant**:", JA]
+        finally:
+            browser.close()
+
+
+def test_readme_serve_examples_run_against_the_server(run, server, capsys):
+    """The README's curl lines and Python example, pointed at this server and model, work as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serve")[1].split("\n## ")[0]
+    blocks = section.split("```")
+
+    def adapt(code: str) -> str:
+        return code.replace("http://127.0.0.1:8000", server.url).replace('"my-chat"', json.dumps(run.name))
+
+    python = next(b for b in blocks if b.startswith("python\n"))
+    exec(compile(adapt(python.removeprefix("python\n")), "README.md", "exec"), {})
+    assert "completion tokens]" in capsys.readouterr().out
+    curl = next(b for b in blocks if "curl " in b)
+    if shutil.which("curl"):
+        for command in adapt(curl.removeprefix("bash\n")).replace("\\\n", " ").strip().splitlines():
+            out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60).stdout
+            assert '"choices"' in out and ("data: [DONE]" in out) == ('"stream": true' in command)
