@@ -160,6 +160,33 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return 0
 
 
+class TextStream:
+    """Generated ids in, printable text out: whole characters only, and never a stop string or what follows it.
+    Text that may be the start of a stop string is held back until the next id settles it.
+
+        text = TextStream(tok, ["\n\n"])
+        piece = text.push(token)      # "" while held; text.stopped once a stop string appeared
+        tail = text.flush()           # at the end: what was held, minus any stop string
+    """
+
+    def __init__(self, tok: Tokenizer, stops: list[str]):
+        self.decoder = tok.stream(skip_special=True)
+        self.stops = [s for s in stops if s]
+        self.pending = ""  # decoded, not yet emitted
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        text, self.stopped = _cut_at_stop(self.pending + self.decoder.push(token), self.stops)
+        ready = len(text) if self.stopped else len(text) - _stop_prefix_len(text, self.stops)
+        self.pending = text[ready:]
+        return text[:ready]
+
+    def flush(self) -> str:
+        text, self.stopped = _cut_at_stop(self.pending + self.decoder.flush(), self.stops)
+        self.pending = ""
+        return text
+
+
 def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
                 stats: dict[str, float] | None = None) -> Iterator[str]:
     """Yield the generated text piece by piece: never half a character, never a stop string or what follows it.
@@ -188,21 +215,16 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
             return
         if generator is None:
             generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
-        decoder = tok.stream(skip_special=True)
-        pending = ""  # decoded, not yet yielded: it may end in the start of a stop string
+        stream = TextStream(tok, stops)
         with closing(generate_ids(model, ids, cfg, stop_ids, generator)) as gen:
             for token in gen:
                 new += 1
-                text, stopped = _cut_at_stop(pending + decoder.push(token), stops)
-                if stopped:
-                    if text:
-                        yield text
+                text = stream.push(token)
+                if text:
+                    yield text
+                if stream.stopped:
                     return
-                ready = len(text) - _stop_prefix_len(text, stops)
-                if ready:
-                    yield text[:ready]
-                pending = text[ready:]
-        text, _ = _cut_at_stop(pending + decoder.flush(), stops)
+        text = stream.flush()
         if text:
             yield text
     finally:

@@ -34,9 +34,9 @@ import torch
 from homellm.chat import check_messages, prompt_ids, to_markdown
 from homellm.config import SampleConfig, ServeConfig
 from homellm.errors import HomeLLMError
-from homellm.generate import _cut_at_stop, _prefill, _stop_prefix_len, sample_next
+from homellm.generate import TextStream, _prefill, sample_next
 from homellm.model import GPT, KVCache
-from homellm.tokenizer import StreamDecoder, Tokenizer
+from homellm.tokenizer import Tokenizer
 
 # (choice index, text, finish reason): text pieces carry no reason; the last event of a choice carries one.
 Event = tuple[int, str, str | None]
@@ -53,10 +53,9 @@ class Sequence:
     seeded: bool  # the client gave a seed: sampled with its own generator, so the reply does not depend on the batch
     index: int  # the choice's index in the response
     events: "asyncio.Queue[Event | None]"  # the request's side reads its text here
-    decoder: StreamDecoder
+    text: TextStream  # ids to text that holds back possible stop strings
     cancelled: bool = False  # set by the request's side: the client went away or the server is stopping
     tokens: list[int] = field(default_factory=list)  # generated ids (no stop id)
-    pending: str = ""  # decoded but held back: it may be the start of a stop string
     finish_reason: str | None = None
     generator: torch.Generator | None = None
 
@@ -201,22 +200,18 @@ class Scheduler:
 
     def _push(self, seq: Sequence, token: int) -> None:
         """Detokenize one new id: emit the text that cannot be part of a stop string; end at a stop or the limit."""
-        stops = seq.cfg.stop
         if token in self.stop_ids:
-            self._finish(seq, _cut_at_stop(seq.pending + seq.decoder.flush(), stops)[0], "stop")
+            self._finish(seq, seq.text.flush(), "stop")
             return
         seq.tokens.append(token)
-        text, stopped = _cut_at_stop(seq.pending + seq.decoder.push(token), stops)
-        if stopped:
+        text = seq.text.push(token)
+        if seq.text.stopped:
             self._finish(seq, text, "stop")
         elif len(seq.tokens) >= seq.cfg.max_new_tokens:
-            text, stopped = _cut_at_stop(text + seq.decoder.flush(), stops)
-            self._finish(seq, text, "stop" if stopped else "length")
-        else:
-            ready = len(text) - _stop_prefix_len(text, stops)
-            if ready:
-                self.outbox.append((seq.events, (seq.index, text[:ready], None)))
-            seq.pending = text[ready:]
+            text += seq.text.flush()
+            self._finish(seq, text, "stop" if seq.text.stopped else "length")
+        elif text:
+            self.outbox.append((seq.events, (seq.index, text, None)))
 
     def _finish(self, seq: Sequence, text: str, reason: str) -> None:
         seq.finish_reason = reason
@@ -460,7 +455,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         """Queue every (prompt, choice) as a sequence and answer as one JSON object or as Server-Sent Events."""
         _fit_context(prompts, params, block, "messages" if chat else "prompt")
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        seqs = [Sequence(prompt, params.sample, params.seeded, i * params.n + j, queue, tok.stream(skip_special=True))
+        seqs = [Sequence(prompt, params.sample, params.seeded, i * params.n + j, queue,
+                         TextStream(tok, params.sample.stop))
                 for i, prompt in enumerate(prompts) for j in range(params.n)]
         if params.seeded:  # choice j of a seeded request samples with seed + j: choices differ, yet reproducibly
             for s in seqs:
