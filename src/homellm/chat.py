@@ -9,12 +9,11 @@ Face's `apply_chat_template` renders the identical text.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from homellm.config import CHAT_TEMPLATE, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
+from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
@@ -97,40 +96,19 @@ def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[l
     """All conversations in the jsonl files, and how many bad lines were skipped (skip_bad) instead of failing."""
     conversations: list[list[Message]] = []
     skipped = 0
-    for path in paths:
-        for where, record in _jsonl_records(Path(path)):
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations")
+        for where, record in jsonl_records(path):
             try:
                 if isinstance(record, HomeLLMError):
                     raise record
                 conversations.append(_conversation(record, where))
-            except HomeLLMError:
+            except HomeLLMError as e:
                 if not skip_bad:
-                    raise
+                    raise HomeLLMError(f"{e} (or pass --skip-bad to skip such lines)") from None
                 skipped += 1
     if not conversations:
         raise HomeLLMError(f"no conversations in {' '.join(paths)}: the files are empty"
                            + (f" or all {skipped} lines were bad" if skipped else ""))
     return conversations, skipped
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    if not path.is_file():
-        raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations")
-    with open(path, "rb") as f:
-        offset = 0
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, HomeLLMError(f"{where}: not UTF-8 (byte offset {offset + e.start}): convert the file "
-                                          "to UTF-8")
-                line = ""
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, HomeLLMError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): fix or "
-                                          "remove the line (or pass --skip-bad)")

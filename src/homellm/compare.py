@@ -8,7 +8,6 @@ each prompt as a user message (ChatML), a pretrained run a raw continuation; --c
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import unicodedata
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from homellm.chat import prompt_ids
 from homellm.config import CompareConfig, load_json
+from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
 from homellm.io import atomic_write_text
@@ -33,24 +33,19 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise HomeLLMError(f"{path}: no such file: {PROMPTS_HELP}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise HomeLLMError(f"{path}: not UTF-8 (byte offset {e.start}): convert the file to UTF-8") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(line)
-            continue
+    if path.suffix == ".jsonl":
+        for where, record in jsonl_records(path):
+            if isinstance(record, HomeLLMError):
+                raise record
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise HomeLLMError(f'{where}: no string "prompt" field: write {{"prompt": "..."}}')
+            prompts.append(record["prompt"])
+    else:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HomeLLMError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): fix the line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise HomeLLMError(f'{path}:{n}: no string "prompt" field: write {{"prompt": "..."}}')
-        prompts.append(record["prompt"])
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise HomeLLMError(f"{path}: not UTF-8 (byte offset {e.start}): convert the file to UTF-8") from None
     if not prompts:
         raise HomeLLMError(f"{path}: no prompts in the file: {PROMPTS_HELP}")
     return prompts

@@ -232,26 +232,43 @@ def _split_documents(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
         yield pending + held, True
 
 
-def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("FILE:LINE", parsed object) for each non-blank line; a line that is not UTF-8 JSON comes as a HomeLLMError
+    in place of the object, so a caller may raise it or skip the line and go on."""
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, HomeLLMError(f"{where}: not UTF-8 (byte offset {start + e.start}): convert the file to "
+                                          "UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                raise HomeLLMError(f"{path}:{lineno}: not a JSON line ({reason}): fix or delete the line") from None
-            if not isinstance(obj, dict) or field not in obj:
-                fields = ", ".join(obj) if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
-                raise HomeLLMError(f"{path}:{lineno}: no field {field!r} (found: {fields}): "
-                                   "pass --text-field with the field that holds the text")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise HomeLLMError(f"{path}:{lineno}: field {field!r} is a {type(text).__name__}, not text: "
-                                   "pass --text-field with the field that holds the text")
-            if text.strip():
-                yield text.replace("\r\n", "\n")
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {e.msg} at column {e.colno}): "
+                                          "fix or delete the line")
+
+
+def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
+    for where, obj in jsonl_records(path):
+        if isinstance(obj, HomeLLMError):
+            raise obj
+        if not isinstance(obj, dict) or field not in obj:
+            fields = ", ".join(obj) if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
+            raise HomeLLMError(f"{where}: no field {field!r} (found: {fields}): "
+                               "pass --text-field with the field that holds the text")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise HomeLLMError(f"{where}: field {field!r} is a {type(text).__name__}, not text: "
+                               "pass --text-field with the field that holds the text")
+        if text.strip():
+            yield text.replace("\r\n", "\n")
 
 
 def _hf_docs(spec: str, field: str) -> Iterator[str]:
