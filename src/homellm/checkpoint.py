@@ -33,7 +33,7 @@ from homellm.model import GPT
 WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -77,7 +77,7 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
     for f in files:
         with open(tmp / f, "rb+") as fh:
             os.fsync(fh.fileno())
-    save_json(tmp / INFO, {**info, "sha256": {f: _sha256(tmp / f) for f in files}})
+    save_json(tmp / INFO, {**info, "sha256": {f: sha256_file(tmp / f) for f in files}})
     fsync_dir(tmp)
     fault_point("HOMELLM_FAULT_KILL_IN_CHECKPOINT", info.get("step"))
     if final.exists():
@@ -105,7 +105,7 @@ def _verify(folder: Path, need_state: bool) -> dict[str, Any]:
     for f in files:
         if not (folder / f).is_file():
             raise HomeLLMError(f"{folder / f}: missing")
-        if info.get("sha256", {}).get(f) != _sha256(folder / f):
+        if info.get("sha256", {}).get(f) != sha256_file(folder / f):
             raise HomeLLMError(f"{folder / f}: corrupt (checksum differs from checkpoint.json)")
     return info
 
@@ -152,16 +152,20 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
     folder = find_checkpoint(run, which)
     lora = load_json(Path(run) / "config.json").get("lora")
     model = base_for_lora(run, lora) if lora else GPT(model_cfg)
-    try:
-        weights = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise HomeLLMError(f"{folder / WEIGHTS}: cannot be read ({e}): train the run again") from None
-    load_weights_into(model, weights, str(folder / WEIGHTS))
+    load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))
     if lora:
         from homellm.lora import merge_lora
 
         merge_lora(model)
     return model.to(device).eval()
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's weights file, or a one-line error."""
+    try:
+        return load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise HomeLLMError(f"{folder / WEIGHTS}: cannot be read ({e}): train the run again") from None
 
 
 def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
@@ -173,7 +177,7 @@ def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
         raise HomeLLMError(f"{run} holds LoRA adapters for the base run {base}, which is gone: restore it, or "
                            "keep merged weights next time with `homellm merge RUN --out NEW`")
     folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
-    if _sha256(folder / WEIGHTS) != lora["base_sha256"]:
+    if sha256_file(folder / WEIGHTS) != lora["base_sha256"]:
         raise HomeLLMError(f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it: the adapters "
                            "only fit the weights they were trained with; train them again")
     model = load_model(base, folder.name, "cpu").train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from homellm.config import (
@@ -139,6 +140,17 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(QuickstartConfig(**pick(args, QuickstartConfig)))
 
 
+def run_verb(sub: argparse._SubParsersAction, name: str, help_text: str, func: Callable[[argparse.Namespace], None],
+             cls: type | None = None, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A verb that takes a run directory, with flags from `cls`: most verbs after training are this."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("run", help="the run directory")
+    if cls is not None:
+        add_flags(p, cls, skip=skip)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homellm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -175,15 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best or last (default: best)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("run", help="the run directory")
-    add_flags(p, SampleConfig)
-    p.set_defaults(func=cmd_generate)
+    run_verb(sub, "generate", "continue a prompt with a trained model", cmd_generate, SampleConfig)
 
-    p = sub.add_parser("chat", help="chat with a run in the terminal (slash commands change settings; /help)")
-    p.add_argument("run", help="the run directory")
-    add_flags(p, ChatConfig, skip=("prompt",))
-    p.set_defaults(func=cmd_chat)
+    run_verb(sub, "chat", "chat with a run in the terminal (slash commands change settings; /help)", cmd_chat,
+             ChatConfig, skip=("prompt",))
 
     p = sub.add_parser("compare", help="the same prompts through two runs, side by side (table and Markdown)")
     p.add_argument("run_a", help="the first run directory (say, the pretrained model)")
@@ -191,23 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, CompareConfig, skip=("prompt",))
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("eval", help="measure a run: arithmetic accuracy, or val loss and bits per byte")
-    p.add_argument("run", help="the run directory")
-    add_flags(p, EvalConfig)
-    p.set_defaults(func=cmd_eval)
+    run_verb(sub, "eval", "measure a run: arithmetic accuracy, or val loss and bits per byte", cmd_eval, EvalConfig)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on the built-in arithmetic task, in minutes on a CPU")
     add_flags(p, QuickstartConfig)
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web chat page for a run (needs homellm[serve])")
-    p.add_argument("run", help="the run directory")
-    add_flags(p, ServeConfig)
-    p.set_defaults(func=cmd_serve)
+    run_verb(sub, "serve", "an OpenAI-compatible API and a web chat page for a run (needs homellm[serve])",
+             cmd_serve, ServeConfig)
 
-    p = sub.add_parser("info", help="architecture, parameter counts and checkpoints of a run")
-    p.add_argument("run", help="the run directory")
-    p.set_defaults(func=cmd_info)
+    run_verb(sub, "info", "architecture, parameter counts and checkpoints of a run", cmd_info)
     return parser
 
 

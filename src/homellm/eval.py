@@ -156,8 +156,8 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     result: dict[str, Any] = {"task": "chat-arithmetic", "seed": cfg.seed, "checkpoint": cfg.checkpoint,
                               "by_phrasing": {}}
     rows = []
+    problems = arithmetic.generate(cfg.n, cfg.seed, split="heldout", max_digits=cfg.max_digits)
     for phrasing in arithmetic.PHRASINGS:
-        problems = arithmetic.generate(cfg.n, cfg.seed, split="heldout", max_digits=cfg.max_digits)
         questions = [arithmetic.question(p, phrasing, rng) for p in problems]
         prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
         replies = greedy_complete(model, tok, prompts, 40, stop_ids(tok, ""), cfg.batch_size,

@@ -201,19 +201,21 @@ class GPT(nn.Module):
         tensor: then T is 1)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if isinstance(start, torch.Tensor):
+        per_row = isinstance(start, torch.Tensor)
+        if per_row:
             assert T == 1, "a cache with per-row lengths takes one new token per row"
-            positions, end = start[:, None], int(start.max()) + 1  # (B, 1)
-        else:
-            positions, end = torch.arange(start, start + T, device=idx.device), start + T  # (T,)
+        end = int(start.max()) + 1 if per_row else start + T
         if end > self.cfg.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
         x = self.embed_tokens(idx)
         rope = None
         if self.cfg.family == "gpt2":
-            x = x + self.embed_positions(positions)  # (T, C) or (B, 1, C)
-        else:  # cos and sin (1, T, head_dim) or (B, 1, 1, head_dim): broadcast over heads
-            rope = tuple(t[positions].unsqueeze(-3).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+            positions = start[:, None] if per_row else torch.arange(start, end, device=idx.device)
+            x = x + self.embed_positions(positions)  # (B, 1, C) or (T, C)
+        elif per_row:  # (B, 1, 1, head_dim): each row's own position, broadcast over heads
+            rope = tuple(t[start][:, None, None].to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+        else:  # (T, head_dim): slices of the tables, no copy in training
+            rope = (self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype))
         x = self.dropout(x)
         for block in self.layers:
             x = block(x, rope, cache)

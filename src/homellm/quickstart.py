@@ -76,24 +76,21 @@ class AnswerBatches:
         return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
 
 
-_STAGES = [5]  # 7 with --chat
+def _stage(n: int, total: int, text: str) -> None:
+    print(f"\n[{n}/{total}] {text}", file=sys.stderr, flush=True)
 
 
-def _stage(n: int, text: str) -> None:
-    print(f"\n[{n}/{_STAGES[0]}] {text}", file=sys.stderr, flush=True)
-
-
-def build_data(run: Path, problems: int, seed: int) -> tuple[Path, Tokenizer]:
+def build_data(run: Path, problems: int, seed: int, stages: int = 5) -> tuple[Path, Tokenizer]:
     """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards."""
     task = run / "task"
     task.mkdir(parents=True, exist_ok=True)
-    _stage(1, f"generating {problems:,} training problems (held-out problems never among them)")
+    _stage(1, stages, f"generating {problems:,} training problems (held-out problems never among them)")
     t0 = time.perf_counter()
     text = arithmetic.corpus_text(arithmetic.generate(problems, seed, split="train")) + "\n"
     atomic_write_text(task / "train.txt", text)
     print(f"      {len(text) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s; e.g. "
           f"{text.splitlines()[0]}  {text.splitlines()[1]}", file=sys.stderr)
-    _stage(2, "building a character tokenizer")
+    _stage(2, stages, "building a character tokenizer")
     alphabet = task / "alphabet.txt"
     # Every character the task can ever produce, not just these, and those of its chat questions (for --chat or
     # a later `homellm sft`).
@@ -101,7 +98,7 @@ def build_data(run: Path, problems: int, seed: int) -> tuple[Path, Tokenizer]:
     train_tokenizer(TokenizerConfig(input=[str(alphabet)], out=str(run / "data_tokenizer"), kind="char"))
     tok = Tokenizer.load(run / "data_tokenizer")
     print(f"      {tok.vocab_size} ids", file=sys.stderr)
-    _stage(3, "preparing token shards")
+    _stage(3, stages, "preparing token shards")
     meta = prepare(PrepareConfig(input=[str(task / "train.txt")], tokenizer=str(run / "data_tokenizer"),
                                  out=str(run / "data"), val_fraction=0.01))
     print(f"      {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
@@ -133,8 +130,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {run}`, or pass "
                            "a new --out")
     t_start = time.perf_counter()
-    _STAGES[0] = 7 if cfg.chat else 5
-    data_dir, tok = build_data(run, cfg.problems, cfg.seed)
+    stages = 7 if cfg.chat else 5
+    data_dir, tok = build_data(run, cfg.problems, cfg.seed, stages)
     # Answering 2000 problems took under 3 s on a 2-core CPU; 3 % of the budget (at least 1 s) covers loading,
     # evaluation and the samples (twice that with the chat stage).
     reserve = max(1.0, 0.03 * cfg.max_time) * (2 if cfg.chat else 1)
@@ -147,14 +144,14 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     seconds -= chat_seconds
     model_cfg, train_cfg = recipe(cfg, seconds)
     model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
-    _stage(4, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
+    _stage(4, stages, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
               f"{seconds:.0f} s")
     batches = AnswerBatches(data_dir, tok, model_cfg.block_size, train_cfg.seed)
     meta = read_meta(data_dir)
     summary = train(model_cfg, train_cfg, batches, tok, extra_config={
         "task": "arithmetic", "data_dir": str(data_dir),
         "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}})
-    _stage(5, f"evaluating on {cfg.n:,} held-out problems")
+    _stage(5, stages, f"evaluating on {cfg.n:,} held-out problems")
     from homellm.checkpoint import load_model
     from homellm.train import resolve_device
 
@@ -198,7 +195,7 @@ def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, An
     from homellm.eval import eval_chat_arithmetic
     from homellm.sft import SFT_TRAIN, sft
 
-    _stage(6, f"fine-tuning it into a chat model for {seconds:.0f} s (questions in English, Japanese, symbols)")
+    _stage(6, 7, f"fine-tuning it into a chat model for {seconds:.0f} s (questions in English, Japanese, symbols)")
     problems = arithmetic.generate(cfg.chat_problems, cfg.seed + 7, split="train")
     path = run / "task" / "chat.jsonl"
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
@@ -207,7 +204,7 @@ def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, An
     train_cfg = replace(TrainConfig(**SFT_TRAIN), out=str(run / "chat"), max_steps=0, max_time=seconds,
                         optimizer="muon", lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
     summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg)
-    _stage(7, "evaluating the chat model on held-out problems in each phrasing")
+    _stage(7, 7, "evaluating the chat model on held-out problems in each phrasing")
     result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1, device=cfg.device))
     return {"summary": summary, "accuracy": result["accuracy"],
             "by_phrasing": {k: v["accuracy"] for k, v in result["by_phrasing"].items()}}

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from homellm.chat import Message, read_conversations, render
-from homellm.checkpoint import WEIGHTS, _sha256, find_checkpoint, load_weights_into, read_config
+from homellm.checkpoint import (
+    WEIGHTS,
+    find_checkpoint,
+    load_weights_into,
+    read_config,
+    read_weights,
+    sha256_file,
+)
 from homellm.config import SFTConfig, TrainConfig, from_dict, load_json, replace, to_dict
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
@@ -121,7 +128,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
 def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
-    from homellm.train import _load_file, check_resume, train
+    from homellm.train import check_resume, train
 
     if not cfg.init:
         raise HomeLLMError("--init is required: the trained run to fine-tune")
@@ -149,10 +156,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
     lora = None
     if cfg.lora_rank > 0:
-        lora = {"base": str(init.resolve()), "base_checkpoint": folder.name, "base_sha256": _sha256(folder / WEIGHTS),
-                "spec": to_dict(spec)}
+        lora = {"base": str(init.resolve()), "base_checkpoint": folder.name,
+                "base_sha256": sha256_file(folder / WEIGHTS), "spec": to_dict(spec)}
     def init_model(model: torch.nn.Module) -> None:
-        load_weights_into(model, _load_file(folder), str(folder / WEIGHTS))  # not kept: a model's worth of memory
+        load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth of memory
         if lora:
             attach_lora(model, spec)
             print(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "

@@ -30,6 +30,7 @@ from homellm.checkpoint import (
     load_state,
     load_weights_into,
     read_config,
+    read_weights,
     save_checkpoint,
 )
 from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, replace, save_json, to_dict
@@ -279,7 +280,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     metrics_path = run / "metrics.jsonl"
     if cfg.resume:
         folder = find_checkpoint(run, "last", need_state=True)
-        load_weights_into(model, _load_file(folder), str(folder))
+        load_weights_into(model, read_weights(folder), str(folder))
         state = load_state(folder)
         for opt, sd in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
@@ -397,7 +398,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
         if step % cfg.checkpoint_every == 0 or done:
             checkpoint("last", last_val or {})
-        if record and "val_loss" in record or step % cfg.checkpoint_every == 0:
+        if "val_loss" in record or step % cfg.checkpoint_every == 0:
             # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
             t_log, tokens_log = time.perf_counter(), tokens
         if done:
@@ -427,12 +428,6 @@ def _gather_rng(env: Env) -> list[dict[str, Any]]:
     out: list[Any] = [None] * env.world
     dist.all_gather_object(out, mine)
     return out
-
-
-def _load_file(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
