@@ -1,6 +1,9 @@
 """Recipe experiments for the arithmetic quickstart: the same data, a fixed number of steps, different configs.
 
-    python bench/arithmetic_recipe.py NAME STEPS '{"train": {"optimizer": "muon"}, "model": {"n_layer": 6}}'
+    python bench/arithmetic_recipe.py NAME STEPS '{"train": {"optimizer": "muon"}, "model": {"n_layer": 6}, "rows": 96}'
+
+STEPS 0 with "train": {"max_steps": 0, "max_time": 300} trains for 300 s instead; "rows" is the training row length
+in tokens (default: the quickstart's ROW_TOKENS).
 
 Builds 500,000 training problems once in /tmp/expdata, trains the `arithmetic` preset with the changes into
 /tmp/exp-NAME and prints one JSON line: seconds, accuracy on 2,000 held-out problems, per operator, final loss."""
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from homellm.config import EvalConfig, preset, replace
 from homellm.eval import eval_arithmetic
-from homellm.quickstart import AnswerBatches, build_data
+from homellm.quickstart import ROW_TOKENS, AnswerBatches, build_data
 from homellm.tokenizer import Tokenizer
 from homellm.train import train
 
@@ -26,12 +29,15 @@ m, t = preset("arithmetic")
 m = replace(m, vocab_size=-(-tok.vocab_size // 64) * 64, **changes.get("model", {}))
 out = Path(f"/tmp/exp-{name}")
 shutil.rmtree(out, ignore_errors=True)
-t = replace(t, out=str(out), max_steps=steps, max_time=0, seed=1337, eval_every=0, **changes.get("train", {}))
+t = replace(t, **{"out": str(out), "max_steps": steps, "max_time": 0, "seed": 1337, "eval_every": 0,
+                  **changes.get("train", {})})
 t0 = time.time()
-s = train(m, t, AnswerBatches(data / "data", tok, m.block_size, t.seed), tok, extra_config={"task": "arithmetic"})
+rows = AnswerBatches(data / "data", tok, changes.get("rows", ROW_TOKENS), t.seed)
+s = train(m, t, rows, tok, extra_config={"task": "arithmetic"})
 secs = time.time() - t0
 r = eval_arithmetic(out, EvalConfig(n=2000, seed=1, checkpoint="last"), quiet=True)
-rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
 print(json.dumps({"name": name, "steps": steps, "changes": changes, "train_s": round(secs), "acc": r["accuracy"],
                   "by_op": {k: round(v["accuracy"], 3) for k, v in r["by"]["operator"].items()},
-                  "final_loss": rows[-1].get("train_loss")}))
+                  "final_loss": metrics[-1].get("train_loss"), "steps_done": s["steps"],
+                  "tok_per_s": round(s["tokens"] / max(s["elapsed_s"], 1e-9))}))

@@ -13,7 +13,7 @@ from homellm.data import prepare
 from homellm.eval import greedy_complete, stop_ids
 from homellm.generate import generate_ids
 from homellm.model import GPT
-from homellm.quickstart import AnswerBatches
+from homellm.quickstart import ROW_TOKENS, AnswerBatches
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
@@ -102,6 +102,11 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
     result = json.loads((run / "eval_arithmetic.json").read_text())
     assert result["n"] == 40 and 0 <= result["accuracy"] <= 1
     assert sum(b["n"] for b in result["by"]["operator"].values()) == 40
+    # Rows are shorter than the model's context, and the token counts say what was really read.
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["block_size"] > ROW_TOKENS
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["tokens"] == last["step"] * config["train"]["batch_size"] * ROW_TOKENS
     # The run is an ordinary run directory: every verb takes it.
     proc = homellm("generate", str(run), "--prompt", "$12 \\times 7 =", "--temperature", "0", "--max-new-tokens", "8")
     assert proc.stdout.startswith("$12 \\times 7 =")

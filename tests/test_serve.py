@@ -41,15 +41,17 @@ CONVERSATIONS = [
     [{"role": "user", "content": "7/3?"}, {"role": "assistant", "content": MATH}],
     [{"role": "user", "content": "sing"}, {"role": "assistant", "content": LA}],
 ]
+# The web page keeps history: its test asks 昔話をして after 7/3?, so that two-turn conversation is memorised too.
+TRAINED = CONVERSATIONS + [CONVERSATIONS[1] + CONVERSATIONS[0]]
 KEY = "sekrit"
 
 
 class Memorise:
-    """Batches for homellm.train.train: every batch is the three conversations, only the replies trained."""
+    """Batches for homellm.train.train: every batch is the TRAINED conversations, only the replies trained."""
 
     def __init__(self, tok: Tokenizer):
         self.token_bytes = tok.token_bytes()
-        rows = [render(tok, c) for c in CONVERSATIONS]
+        rows = [render(tok, c) for c in TRAINED]
         n = max(len(ids) for ids, _ in rows)
         self.x = torch.full((len(rows), n - 1), tok.pad_id)
         self.y = torch.full((len(rows), n - 1), -100)
@@ -73,8 +75,9 @@ def run(tmp_path_factory) -> Path:
                     encoding="utf-8")
     tok = train_tokenizer(TokenizerConfig(input=[str(text)], out=str(root / "tok"), vocab_size=300))
     model_cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=512, vocab_size=-(-tok.vocab_size // 64) * 64)
-    cfg = TrainConfig(out=str(root / "run"), batch_size=3, lr=1e-2, warmup_steps=5, max_steps=150, eval_every=150,
-                      eval_batches=1, log_every=150, checkpoint_every=150, weight_decay=0.0, device="cpu")
+    cfg = TrainConfig(out=str(root / "run"), batch_size=len(TRAINED), lr=1e-2, warmup_steps=5, max_steps=150,
+                      eval_every=150, eval_batches=1, log_every=150, checkpoint_every=150, weight_decay=0.0,
+                      device="cpu")
     # Memorised replies drive squared gradients into denormal floats, which the CPU computes ~100x slower: flush them
     # to zero, on one thread since the flag is per thread (the batch is tiny anyway).
     threads = torch.get_num_threads()

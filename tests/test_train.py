@@ -126,6 +126,7 @@ def test_training_lowers_val_loss_and_bpb_is_loss_over_ln2_for_ascii_chars(tmp_p
     # One ASCII character is one byte and one token: bits per byte is nats per token over ln 2.
     assert math.isclose(summary["val_bpb"], summary["val_loss"] / math.log(2), rel_tol=1e-6)
     assert {"step", "tokens", "elapsed_s", "tok_per_s", "lr", "train_loss"} <= rows[0].keys()
+    assert all(r["tokens"] == r["step"] * cfg.batch_size * cfg.grad_accum * model_cfg.block_size for r in rows)
 
 
 def test_muon_trains(tmp_path, data_dir):
