@@ -128,6 +128,10 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     assert all(r["n"] == 20 for r in result["by_phrasing"].values())
     config = json.loads((run / "chat" / "config.json").read_text())
     assert config["sft"]["init"] == str(run.resolve()) and config["sft_data"]["conversations"] == 400
+    # Pretraining for chat reads rows of the whole context, since replies come after the question.
+    pretrained = json.loads((run / "config.json").read_text())
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["tokens"] == last["step"] * pretrained["train"]["batch_size"] * pretrained["model"]["block_size"]
     # The chat run is an ordinary run: eval takes it again, and a pretrained-only run is not a chat model.
     again = homellm("eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5")
     assert "ja" in again.stdout and "overall" in again.stdout
