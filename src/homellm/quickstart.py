@@ -27,13 +27,13 @@ from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
 CHAT_SHARE = 0.2  # --chat: the part of the training time that fine-tunes for chat
-CHAT_LR = 1e-3
+CHAT_LR = 1e-3  # below pretraining's 3e-3: the model already writes the answers, SFT teaches the questions
 # Training rows of 40 tokens: the longest problem line (a fraction answer) and the start of the next. Rows of the
 # model's whole 96-token context hold about three problems and train the same tokens per step worse: 61.5 % vs
 # 71.2 % exact after 300 s (bench/README.md). But such a model answers badly when a problem comes after other
-# text (38 % after two solved lines, against 74.5 % for rows of 96), and a chat reply does: so --chat pretrains on
-# rows of the whole context.
-ROW_TOKENS = 40  # below pretraining's 3e-3: the model already writes the answers, SFT teaches the questions
+# text (26 % after two solved lines, against 73-75 % for rows of 96: bench/arithmetic_after_context.py), and a
+# chat reply does: so --chat pretrains on rows of the whole context.
+ROW_TOKENS = 40
 
 
 class AnswerBatches:
