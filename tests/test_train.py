@@ -165,6 +165,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, data_dir):
         (["--data", str(data_dir), "--block-size", "100000"], "--block-size"),
         (["--data", str(data_dir), "--n-embd", "30", "--n-head", "4"], "--n-embd 30"),
         (["--data", str(data_dir), "--optimizer", "sgd"], "--optimizer"),
+        (["--data", str(data_dir), "--log-every", "0"], "--log-every"),
     ]
     for i, (flags, needle) in enumerate(cases):
         proc = homellm("pretrain", "--preset", "tiny", "--out", str(tmp_path / f"r{i}"), *flags, check=False)
@@ -172,6 +173,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path, data_dir):
         assert needle in proc.stderr
         assert "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()[-1]) > 20
+
+
+def test_checkpoint_every_0_writes_last_only_at_the_end(tmp_path, data_dir):
+    model_cfg, cfg = preset("tiny")
+    run = tmp_path / "run"
+    pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(run), max_steps=6, checkpoint_every=0))
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 6
 
 
 def test_vocab_is_padded_to_a_multiple_of_64(tmp_path, data_dir):

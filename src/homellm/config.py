@@ -102,7 +102,7 @@ class TrainConfig:
     sample_every: int = 0  # print a generated sample every N steps; 0 = only at the end
     sample_prompt: str = ""
     log_every: int = 10
-    checkpoint_every: int = 500  # write `last` every N steps (and at the end); `best` follows val loss
+    checkpoint_every: int = 500  # write `last` every N steps (and at the end; 0 = only then); `best` follows val loss
     patience: int = 0  # early stopping: stop after N evaluations without a better val loss; 0 = never
     dtype: str = "auto"  # float32, bfloat16 (autocast), float16 (autocast + grad scaler); auto picks per device
     compile: bool = False  # torch.compile the model: slower start, faster steps

@@ -265,8 +265,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json."""
     env = setup_env(cfg)
     run = Path(cfg.out)
-    if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
-        raise HomeLLMError("--batch-size and --grad-accum must be positive")
+    if cfg.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.log_every <= 0:
+        raise HomeLLMError("--batch-size, --grad-accum and --log-every must be positive")
     if cfg.max_steps <= 0 and cfg.max_time <= 0:
         raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
     torch.manual_seed(cfg.seed + env.rank)
@@ -397,9 +397,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
             bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt)!r}")
         fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
-        if step % cfg.checkpoint_every == 0 or done:
+        periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+        if periodic or done:
             checkpoint("last", last_val or {})
-        if "val_loss" in record or step % cfg.checkpoint_every == 0:
+        if "val_loss" in record or periodic:
             # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
             t_log, tokens_log = time.perf_counter(), tokens
         if done:
