@@ -3,7 +3,8 @@
     python bench/arithmetic_recipe.py NAME STEPS '{"train": {"optimizer": "muon"}, "model": {"n_layer": 6}, "rows": 96}'
 
 STEPS 0 with "train": {"max_steps": 0, "max_time": 300} trains for 300 s instead; "rows" is the training row length
-in tokens (default: the quickstart's ROW_TOKENS).
+in tokens (default: the quickstart's ROW_TOKENS); "packed": true makes each problem of a row its own document;
+"mix": {"mul": 2} weights the operators of the training problems (built once per mix).
 
 Builds 500,000 training problems once in /tmp/expdata, trains the `arithmetic` preset with the changes into
 /tmp/exp-NAME and prints one JSON line: seconds, accuracy on 2,000 held-out problems, per operator, final loss."""
@@ -21,9 +22,10 @@ from homellm.train import train
 
 name, steps = sys.argv[1], int(sys.argv[2])
 changes = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-data = Path("/tmp/expdata")
+mix = changes.get("mix")  # operator weights of the training problems, e.g. {"mul": 2}
+data = Path("/tmp/expdata" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(mix.items())) if mix else ""))
 if not (data / "data" / "meta.json").exists():
-    build_data(data, 500_000, 0)
+    build_data(data, 500_000, 0, operator_weights=mix)
 tok = Tokenizer.load(data / "data_tokenizer")
 m, t = preset("arithmetic")
 m = replace(m, vocab_size=-(-tok.vocab_size // 64) * 64, **changes.get("model", {}))
@@ -32,7 +34,7 @@ shutil.rmtree(out, ignore_errors=True)
 t = replace(t, **{"out": str(out), "max_steps": steps, "max_time": 0, "seed": 1337, "eval_every": 0,
                   **changes.get("train", {})})
 t0 = time.time()
-rows = AnswerBatches(data / "data", tok, changes.get("rows", ROW_TOKENS), t.seed)
+rows = AnswerBatches(data / "data", tok, changes.get("rows", ROW_TOKENS), t.seed, changes.get("packed", False))
 s = train(m, t, rows, tok, extra_config={"task": "arithmetic"})
 secs = time.time() - t0
 r = eval_arithmetic(out, EvalConfig(n=2000, seed=1, checkpoint="last"), quiet=True)

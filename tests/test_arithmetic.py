@@ -2,6 +2,7 @@
 
 import itertools
 import re
+from collections import Counter
 from fractions import Fraction
 
 import pytest
@@ -215,8 +216,19 @@ def test_max_digits_three() -> None:
     assert {p.digits for p in problems} == {f"{i}-{j}" for i in (1, 2, 3) for j in (1, 2, 3)}
 
 
+def test_operator_weights_tilt_the_mix_and_keep_the_split() -> None:
+    tilted = generate(4000, seed=4, operator_weights={"mul": 3, "add": 0})
+    counts = Counter(p.operator for p in tilted)
+    assert counts["add"] == 0
+    assert 2.5 < counts["mul"] / counts["sub"] < 3.5 and 0.8 < counts["div"] / counts["sub"] < 1.2
+    assert not any(is_heldout(p) for p in tilted)
+    assert Counter(p.operator for p in generate(4000, seed=4, operator_weights={"mul": 3})) != counts
+
+
 def test_generate_rejects_bad_arguments() -> None:
-    for kwargs in ({"split": "test"}, {"max_digits": 0}, {"n": -1}):
+    zero = dict.fromkeys(("add", "sub", "mul", "div"), 0)
+    for kwargs in ({"split": "test"}, {"max_digits": 0}, {"n": -1}, {"operator_weights": {"pow": 2}},
+                   {"operator_weights": {"mul": -1}}, {"operator_weights": zero}):
         with pytest.raises(HomeLLMError):
             generate(**{"n": 10, "seed": 0, **kwargs})
 

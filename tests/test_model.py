@@ -53,6 +53,25 @@ def test_kv_cache_matches_full_forward(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_compute_as_if_each_were_alone(family):
+    model = tiny(family, n_kv_head=2) if family == "llama" else tiny(family)
+    g = torch.Generator().manual_seed(3)
+    lengths = [[7, 12, 5, 8], [32], [1, 30, 1]]  # a row may hold one document, and documents of one token
+    rows, documents = torch.randint(0, 96, (3, 32), generator=g), torch.zeros(3, 32, dtype=torch.long)
+    for r, row in enumerate(lengths):
+        documents[r] = torch.repeat_interleave(torch.arange(len(row)) + 10 * r, torch.tensor(row))
+    packed, _ = model(rows, documents=documents)
+    for r, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            alone, _ = model(rows[r:r + 1, start:start + n])
+            torch.testing.assert_close(packed[r:r + 1, start:start + n], alone, atol=1e-5, rtol=1e-4)
+            start += n
+    # The same rows without document numbers are one sequence each: later documents see earlier ones.
+    assert not torch.allclose(model(rows)[0][0, 7:], packed[0, 7:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_overfits_one_batch(family):
     model = tiny(family).train()
     idx = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(2))

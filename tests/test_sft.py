@@ -113,14 +113,31 @@ def test_chat_batches_pack_split_truncate_and_skip(bpe):
     assert padded.stats["skipped"] == 1
     assert len(padded.rows["train"][0]) + len(padded.rows["val"][0]) == 7  # one conversation per row
     assert len(packed.rows["train"][0]) < len(padded.rows["train"][0])  # packing puts several in a row
-    x, y = packed.rows["train"]
-    assert x.shape == y.shape and x.shape[1] == 128 and int((y != -100).sum()) > 0
+    x, y, documents = packed.rows["train"]
+    assert x.shape == y.shape == documents.shape and x.shape[1] == 128 and int((y != -100).sum()) > 0
     # Every row comes once per epoch, whatever the micro-batch layout.
     packed.grad_accum = 2
     n = len(x)
     stream = [tuple(packed.train_batch(s, m, 1, 0, 1)[0][0].tolist()) for s in range(n) for m in range(2)]
     rows = sorted(tuple(r.tolist()) for r in x)
     assert sorted(stream[:n]) == rows and sorted(stream[n:]) == rows
+
+
+def test_packed_rows_train_exactly_what_padded_rows_do(bpe):
+    """Packing changes the layout, not the maths: the summed loss over all conversations is the same."""
+    convs = [CHAT[1:3], CHAT[1:2] + [{"role": "assistant", "content": "いいえ、違います。"}], CHAT[1:3] * 2] * 3
+    model = GPT(replace(preset("tiny")[0], vocab_size=bpe.vocab_size, block_size=128)).eval()
+    sums = {}
+    for pack in (True, False):
+        batches = ChatBatches(convs, bpe, 128, 0, SFTConfig(val_fraction=0, pack=pack))
+        x, y, documents = batches.rows["train"]
+        _, loss = model(x, y, documents=documents)
+        sums[pack] = loss.item() * int((y != -100).sum())
+        if pack:
+            assert len(x) < len(convs)  # several conversations share a row
+            _, unmasked = model(x, y)  # without the documents, later conversations see the earlier ones
+            assert abs(unmasked.item() * int((y != -100).sum()) - sums[pack]) > 1e-3
+    assert sums[True] == pytest.approx(sums[False], rel=1e-5)
 
 
 def test_an_all_masked_batch_gives_a_finite_loss():

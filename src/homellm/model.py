@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, documents_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -112,7 +112,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)
-        if isinstance(past, torch.Tensor):  # rows of different lengths: row b sees its first past[b] + 1 keys
+        if documents_mask is not None:  # packed rows: causal within each document (GPT.forward builds it)
+            mask, causal = documents_mask, False
+        elif isinstance(past, torch.Tensor):  # rows of different lengths: row b sees its first past[b] + 1 keys
             mask = (torch.arange(k.size(2), device=x.device) <= past[:, None])[:, None, None, :]  # (B, 1, 1, L)
             causal = False
         elif past == 0:
@@ -153,8 +155,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+                cache: KVCache | None, documents_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, documents_mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -193,32 +195,44 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                documents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
 
         With a cache, idx holds only the new tokens; their positions start at cache.pos (per row when it is a
-        tensor: then T is 1)."""
+        tensor: then T is 1). `documents` (B, T) packs several documents in a row: a token's number says which
+        one it belongs to (equal numbers in one run), its positions restart at 0 and attention stays inside it,
+        so each document is computed as if it were alone at the start of a row."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         per_row = isinstance(start, torch.Tensor)
         if per_row:
             assert T == 1, "a cache with per-row lengths takes one new token per row"
+        assert documents is None or cache is None, "packed documents are for training, without a cache"
         end = int(start.max()) + 1 if per_row else start + T
         if end > self.cfg.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
         x = self.embed_tokens(idx)
-        rope = None
+        rope, documents_mask = None, None
+        if documents is not None:
+            steps = torch.arange(T, device=idx.device)
+            first = torch.ones_like(documents, dtype=torch.bool)
+            first[:, 1:] = documents[:, 1:] != documents[:, :-1]
+            positions = steps - torch.where(first, steps, 0).cummax(dim=1).values  # (B, T): 0 at each start
+            documents_mask = ((documents[:, :, None] == documents[:, None, :]) & (steps[:, None] >= steps))[:, None]
+        elif per_row:
+            positions = start[:, None]  # (B, 1): each row's own position
+        else:
+            positions = torch.arange(start, end, device=idx.device)  # (T,)
         if self.cfg.family == "gpt2":
-            positions = start[:, None] if per_row else torch.arange(start, end, device=idx.device)
-            x = x + self.embed_positions(positions)  # (B, 1, C) or (T, C)
-        elif per_row:  # (B, 1, 1, head_dim): each row's own position, broadcast over heads
-            rope = tuple(t[start][:, None, None].to(x.dtype) for t in (self.rope_cos, self.rope_sin))
+            x = x + self.embed_positions(positions)  # broadcasts over rows when positions is (T,)
+        elif positions.dim() == 2:  # (B, 1, T, head_dim): per-row positions, broadcast over heads
+            rope = tuple(t[positions][:, None].to(x.dtype) for t in (self.rope_cos, self.rope_sin))
         else:  # (T, head_dim): slices of the tables, no copy in training
             rope = (self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype))
         x = self.dropout(x)
         for block in self.layers:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, documents_mask)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)

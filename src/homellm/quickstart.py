@@ -38,10 +38,13 @@ ROW_TOKENS = 40
 
 class AnswerBatches:
     """Rows of block_size tokens (at most the model's context) starting at problem starts, with loss only on the
-    answer tokens."""
+    answer tokens.
 
-    def __init__(self, data_dir: str | Path, tok: Tokenizer, block_size: int, seed: int):
-        self.block_size, self.seed, self.token_bytes = block_size, seed, tok.token_bytes()
+    `packed`: every problem line of a row is its own document (GPT.forward's `documents`), computed as if alone
+    at the start of a row, which is how it is asked at evaluation; no token of the row is wasted."""
+
+    def __init__(self, data_dir: str | Path, tok: Tokenizer, block_size: int, seed: int, packed: bool = False):
+        self.block_size, self.seed, self.packed, self.token_bytes = block_size, seed, packed, tok.token_bytes()
         newline, equals = (tok.encode(c) for c in ("\n", "="))
         if len(newline) != 1 or len(equals) != 1:
             raise HomeLLMError(f"{data_dir}: the tokenizer must give '\\n' and '=' one token each: "
@@ -53,7 +56,8 @@ class AnswerBatches:
         if len(self.splits["train"][2]) == 0:
             raise HomeLLMError(f"{data_dir}: no problem line fits in --block-size {block_size}: add data")
 
-    def _index(self, tokens: np.ndarray, newline: int, equals: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    def _index(self, tokens: np.ndarray, newline: int, equals: int
+               ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor]:
         is_nl = tokens == newline
         line = np.cumsum(is_nl) - is_nl  # line number of each token; a newline ends its line
         starts = np.concatenate([[0], np.flatnonzero(is_nl) + 1])
@@ -62,38 +66,39 @@ class AnswerBatches:
         answer = (eq_before - line_base[line] > 0) & ~is_nl  # after the line's '=', up to its closing '$'
         targets = np.where(answer, tokens, -100)
         starts = starts[starts + self.block_size + 1 <= len(tokens)]
-        return torch.from_numpy(tokens), torch.from_numpy(targets), starts
+        return torch.from_numpy(tokens), torch.from_numpy(targets), starts, torch.from_numpy(line.astype(np.int32))
 
-    def _rows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, targets, starts = self.splits[split]
+    def _rows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        tokens, targets, starts, line = self.splits[split]
         picks = torch.from_numpy(starts[rng.integers(0, len(starts), size=n)])
         index = picks[:, None] + torch.arange(self.block_size + 1)
-        return tokens[index[:, :-1]], targets[index[:, 1:]]
+        rows = (tokens[index[:, :-1]], targets[index[:, 1:]])
+        return (*rows, line[index[:, :-1]]) if self.packed else rows
 
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._rows("train", np.random.default_rng([self.seed, 0, step, micro]), batch_size * world)
-        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+        rows = self._rows("train", np.random.default_rng([self.seed, 0, step, micro]), batch_size * world)
+        return tuple(t[rank * batch_size:(rank + 1) * batch_size] for t in rows)
 
-    def val_batch(self, index: int, batch_size: int, rank: int, world: int
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def val_batch(self, index: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...] | None:
         if len(self.splits["val"][2]) == 0:
             return None
-        x, y = self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world)
-        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+        rows = self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world)
+        return tuple(t[rank * batch_size:(rank + 1) * batch_size] for t in rows)
 
 
 def _stage(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] {text}", file=sys.stderr, flush=True)
 
 
-def build_data(run: Path, problems: int, seed: int, stages: int = 5) -> tuple[Path, Tokenizer]:
+def build_data(run: Path, problems: int, seed: int, stages: int = 5,
+               operator_weights: dict[str, float] | None = None) -> tuple[Path, Tokenizer]:
     """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards."""
     task = run / "task"
     task.mkdir(parents=True, exist_ok=True)
     _stage(1, stages, f"generating {problems:,} training problems (held-out problems never among them)")
     t0 = time.perf_counter()
-    text = arithmetic.corpus_text(arithmetic.generate(problems, seed, split="train")) + "\n"
+    text = arithmetic.corpus_text(arithmetic.generate(problems, seed, split="train",
+                                                                operator_weights=operator_weights)) + "\n"
     atomic_write_text(task / "train.txt", text)
     print(f"      {len(text) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s; e.g. "
           f"{text.splitlines()[0]}  {text.splitlines()[1]}", file=sys.stderr)

@@ -4,7 +4,9 @@
 
 Conversations (OpenAI `messages` or Alpaca jsonl) are rendered in the chat format; the loss covers assistant
 replies only. Rows of block_size + 1 tokens hold one conversation each (padding) or as many whole ones as fit
-(packing, the default: far fewer wasted positions on short chats). Held-out conversations give the val loss.
+(packing, the default: far fewer wasted positions on short chats). Packed conversations are separate documents
+(GPT.forward's `documents`): each starts at position 0 and sees none of the others, as when it is chatted.
+Held-out conversations give the val loss.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ class ChatBatches:
                                f"({self.stats['skipped']} skipped as too long): use --overlong truncate")
 
     def _rows(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, cfg: SFTConfig
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = block_size + 1  # inputs are the first block_size, targets the last block_size
-        rows: list[tuple[list[int], list[bool]]] = []
+        rows: list[tuple[list[int], list[bool], list[int]]] = []
         ids: list[int] = []
         mask: list[bool] = []
+        doc: list[int] = []  # which conversation of the row each token belongs to
         for messages in conversations:
             c_ids, c_mask = render(tok, messages)
             if len(c_ids) > width:
@@ -74,26 +77,26 @@ class ChatBatches:
                 self.stats["truncated"] += 1
                 c_ids, c_mask = c_ids[:width], c_mask[:width]
             if ids and (not cfg.pack or len(ids) + len(c_ids) > width):
-                rows.append((ids, mask))
-                ids, mask = [], []
-            ids, mask = ids + c_ids, mask + c_mask
+                rows.append((ids, mask, doc))
+                ids, mask, doc = [], [], []
+            ids, mask, doc = ids + c_ids, mask + c_mask, doc + [doc[-1] + 1 if doc else 0] * len(c_ids)
         if ids:
-            rows.append((ids, mask))
+            rows.append((ids, mask, doc))
         tokens = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), -100, dtype=torch.long)
-        for r, (ids, mask) in enumerate(rows):
+        documents = torch.full((len(rows), width), -1, dtype=torch.long)  # padding: a document of its own
+        for r, (ids, mask, doc) in enumerate(rows):
             tokens[r, :len(ids)] = torch.tensor(ids)
             targets[r, :len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
-        return tokens[:, :-1], targets[:, 1:]
+            documents[r, :len(ids)] = torch.tensor(doc)
+        return tokens[:, :-1], targets[:, 1:], documents[:, :-1]
 
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.rows["train"]
-        n = len(x)
+    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+        n = len(self.rows["train"][0])
         # This rank's place in one stream of rows, so every row is seen once per epoch whatever the batch layout.
         first = ((step * self.grad_accum + micro) * world + rank) * batch_size
         picks = [int(self._order(i // n)[i % n]) for i in range(first, first + batch_size)]
-        return x[picks], y[picks]
+        return tuple(t[picks] for t in self.rows["train"])
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -101,13 +104,11 @@ class ChatBatches:
                             **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 
-    def val_batch(self, index: int, batch_size: int, rank: int, world: int
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        x, y = self.rows["val"]
+    def val_batch(self, index: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...] | None:
         start = (index * world + rank) * batch_size
-        if start >= len(x):
+        if start >= len(self.rows["val"][0]):
             return None
-        return x[start:start + batch_size], y[start:start + batch_size]
+        return tuple(t[start:start + batch_size] for t in self.rows["val"])
 
 
 def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[SFTConfig, TrainConfig]:

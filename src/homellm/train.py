@@ -45,15 +45,18 @@ RESUMABLE_CHANGES = {"max_steps", "max_time", "eval_every", "checkpoint_every", 
 
 
 class Batches(Protocol):
-    """A source of training data: batch (step, micro) for one rank, and fixed validation batches."""
+    """A source of training data: batch (step, micro) for one rank, and fixed validation batches.
+
+    A batch is (inputs, targets), or (inputs, targets, documents) for rows that pack several documents (see
+    GPT.forward)."""
 
     token_bytes: np.ndarray
 
     def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+                    ) -> tuple[torch.Tensor, ...]: ...
 
     def val_batch(self, index: int, batch_size: int, rank: int, world: int
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+                  ) -> tuple[torch.Tensor, ...] | None: ...
 
 
 class TokenBatches:
@@ -219,6 +222,11 @@ def _all_sum(values: list[float], env: Env) -> list[float]:
     return t.tolist()
 
 
+def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
+    """The documents tensor of a batch that has one, on the device."""
+    return rest[0].to(env.device, non_blocking=True) if rest else None
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: int, env: Env
              ) -> dict[str, float] | None:
@@ -234,9 +242,9 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
                 model.train(was_training)
                 return None
             break
-        x, y = batch
+        x, y, *documents = batch
         with _autocast(env):
-            _, loss = model(x.to(env.device), y.to(env.device))
+            _, loss = model(x.to(env.device), y.to(env.device), documents=_documents(documents, env))
         n = (y != -100).sum().item()
         nats += loss.item() * n
         tokens += n
@@ -337,12 +345,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 group["lr"] = (cfg.muon_lr if isinstance(opt, _muon_type()) else cfg.lr) * factor
         loss_sum = torch.zeros((), device=env.device)
         for micro in range(cfg.grad_accum):
-            x, y = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
+            x, y, *documents = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
             with sync:
                 with _autocast(env):
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, documents=_documents(documents, env))
                 scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             tokens += x.numel() * env.world  # rows may be shorter than the context (the quickstart's are)

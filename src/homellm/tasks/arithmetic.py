@@ -218,10 +218,13 @@ def _operand(rng: random.Random, digits: int, negative: bool, decimal: bool) -> 
     return -value if negative else value
 
 
-def _sample(rng: random.Random, max_digits: int) -> Problem:
+def _sample(rng: random.Random, max_digits: int, operator_weights: Sequence[float] | None = None) -> Problem:
     # Uniform over operator x digit combo x sign combo, so rare combinations (2-2 division of two negatives)
     # are as frequent as common ones; the decimal kind is drawn on top of that.
-    name = rng.choice(list(OPERATORS))
+    if operator_weights is None:
+        name = rng.choice(list(OPERATORS))
+    else:
+        name = rng.choices(list(OPERATORS), weights=operator_weights)[0]
     da, db = rng.randint(1, max_digits), rng.randint(1, max_digits)
     na, nb = rng.random() < 0.5, rng.random() < 0.5
     decimal_a = decimal_b = False
@@ -236,11 +239,21 @@ def _sample(rng: random.Random, max_digits: int) -> Problem:
     return Problem(a, OPERATORS[name], b)
 
 
-def generate(n: int, seed: int, split: str = "train", max_digits: int = 2) -> list[Problem]:
+def generate(n: int, seed: int, split: str = "train", max_digits: int = 2,
+             operator_weights: dict[str, float] | None = None) -> list[Problem]:
     """n problems, the same for the same arguments; split "train" or "heldout" never share a problem.
 
     max_digits=3 adds operands of 100-999 (always integers) to test generalisation beyond training.
+    operator_weights ({"mul": 2}: twice as many multiplications; unnamed operators weigh 1) tilts a training
+    mix towards the skills that are slowest to learn; the default is uniform, as held-out problems are.
     """
+    weights = None
+    if operator_weights is not None:
+        unknown = set(operator_weights) - set(OPERATORS)
+        if unknown or any(w < 0 for w in operator_weights.values()) or not any(operator_weights.values()):
+            raise HomeLLMError(f"operator_weights={operator_weights}: use the names {', '.join(OPERATORS)} with "
+                               "weights >= 0, not all 0")
+        weights = [float(operator_weights.get(name, 1.0)) for name in OPERATORS]
     if split not in ("train", "heldout"):
         raise HomeLLMError(f"unknown split {split!r}; use 'train' or 'heldout'")
     if not 1 <= max_digits <= 9:
@@ -251,7 +264,7 @@ def generate(n: int, seed: int, split: str = "train", max_digits: int = 2) -> li
     heldout = split == "heldout"
     problems: list[Problem] = []
     while len(problems) < n:
-        p = _sample(rng, max_digits)
+        p = _sample(rng, max_digits, weights)
         if is_heldout(p) == heldout:  # rejection keeps the category balance of both splits
             problems.append(p)
     return problems
