@@ -4,7 +4,8 @@
 
 STEPS 0 with "train": {"max_steps": 0, "max_time": 300} trains for 300 s instead; "rows" is the training row length
 in tokens (default: the quickstart's ROW_TOKENS); "packed": true makes each problem of a row its own document;
-"mix": {"mul": 2} weights the operators of the training problems (built once per mix).
+"mix": {"mul": 2} weights the operators of the training problems (built once per mix); "words": true makes the
+LaTeX commands single tokens (arithmetic.WORDS).
 
 Builds 500,000 training problems once in /tmp/expdata, trains the `arithmetic` preset with the changes into
 /tmp/exp-NAME and prints one JSON line: seconds, accuracy on 2,000 held-out problems, per operator, final loss."""
@@ -17,15 +18,18 @@ from pathlib import Path
 from homellm.config import EvalConfig, preset, replace
 from homellm.eval import eval_arithmetic
 from homellm.quickstart import ROW_TOKENS, AnswerBatches, build_data
+from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer
 from homellm.train import train
 
 name, steps = sys.argv[1], int(sys.argv[2])
 changes = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 mix = changes.get("mix")  # operator weights of the training problems, e.g. {"mul": 2}
-data = Path("/tmp/expdata" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(mix.items())) if mix else ""))
+words = arithmetic.WORDS if changes.get("words") else ()  # LaTeX commands as single tokens
+data = Path("/tmp/expdata" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(mix.items())) if mix else "")
+            + ("-words" if words else ""))
 if not (data / "data" / "meta.json").exists():
-    build_data(data, 500_000, 0, operator_weights=mix)
+    build_data(data, 500_000, 0, operator_weights=mix, words=words)
 tok = Tokenizer.load(data / "data_tokenizer")
 m, t = preset("arithmetic")
 m = replace(m, vocab_size=-(-tok.vocab_size // 64) * 64, **changes.get("model", {}))

@@ -85,6 +85,21 @@ def test_special_tokens_reserved_with_stable_ids(bpe, tmp_path):
     assert bpe.decode([0]) == EOT
 
 
+def test_char_tokenizer_words_are_one_token_each_and_round_trip(tmp_path):
+    text = "$12 \\times 7 = -\\frac{7}{3}$ \\text{undefined} \\t 日本 #&~-"
+    words = ["\\times", "\\frac{", "}{", "\\text{undefined}", "\\t"]  # \\t is inside \\times and \\text{...}
+    tok = train_tokenizer(TokenizerConfig(input=[str(write(tmp_path / "a.txt", text))], out=str(tmp_path / "c"),
+                                          kind="char", words=words))
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    assert "".join(pieces) == text and pieces.count("\\times") == 1 and "\\text{undefined}" in pieces
+    assert pieces.count("\\t") == 1  # only the one standing alone: the longer words win
+    assert len(pieces) == len(text) - sum(len(w) - 1 for w in words)
+    assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode())
+    assert Tokenizer.load(tmp_path / "c").encode(text) == tok.encode(text)
+    with pytest.raises(HomeLLMError, match="only char tokenizers"):
+        train_tokenizer(TokenizerConfig(input=[str(tmp_path / "a.txt")], out=str(tmp_path / "b"), words=["ab"]))
+
+
 def test_token_bytes_count_utf8_bytes(bpe, gpt2):
     for tok in (bpe, gpt2):
         tb = tok.token_bytes()

@@ -116,6 +116,7 @@ class TokenizerConfig:
     input: list[str] = field(default_factory=list)  # .txt/.jsonl files, folders, globs, or hf:NAME
     out: str = ""
     kind: str = "bpe"  # bpe: byte-level BPE (lossless on any text); char: one token per character
+    words: list[str] = field(default_factory=list)  # char only: strings that are one token each, e.g. \times
     vocab_size: int = 1024  # BPE only; special tokens included
     text_field: str = "text"
     encoding: str = "auto"  # text encoding of .txt inputs: auto detects utf-8 / cp932 (Shift_JIS)

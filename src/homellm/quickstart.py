@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def _stage(n: int, total: int, text: str) -> None:
 
 
 def build_data(run: Path, problems: int, seed: int, stages: int = 5,
-               operator_weights: dict[str, float] | None = None) -> tuple[Path, Tokenizer]:
+               operator_weights: dict[str, float] | None = None, words: Sequence[str] = ()
+               ) -> tuple[Path, Tokenizer]:
     """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards."""
     task = run / "task"
     task.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,8 @@ def build_data(run: Path, problems: int, seed: int, stages: int = 5,
     # Every character the task can ever produce, not just these, and those of its chat questions (for --chat or
     # a later `homellm sft`).
     atomic_write_text(alphabet, arithmetic.chars() + arithmetic.chat_chars())
-    train_tokenizer(TokenizerConfig(input=[str(alphabet)], out=str(run / "data_tokenizer"), kind="char"))
+    train_tokenizer(TokenizerConfig(input=[str(alphabet)], out=str(run / "data_tokenizer"), kind="char",
+                                    words=list(words)))
     tok = Tokenizer.load(run / "data_tokenizer")
     print(f"      {tok.vocab_size} ids", file=sys.stderr)
     _stage(3, stages, "preparing token shards")

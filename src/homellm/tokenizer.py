@@ -10,7 +10,8 @@ folder loads in `transformers.PreTrainedTokenizerFast`. Every tokenizer reserves
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -177,12 +178,14 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """Train (or import, with cfg.from_file) a tokenizer on cfg.input and save it to cfg.out."""
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the tokenizer to")
+    if cfg.words and cfg.kind != "char":
+        raise HomeLLMError(f"--words {' '.join(cfg.words)}: only char tokenizers take words (use --kind char)")
     if cfg.from_file:
         tok = import_tokenizer(cfg.from_file)
     elif cfg.kind == "bpe":
         tok = _train_bpe(_training_text(cfg), cfg.vocab_size)
     elif cfg.kind == "char":
-        tok = _train_char(_training_text(cfg))
+        tok = _train_char(_training_text(cfg), cfg.words)
     else:
         raise HomeLLMError(f"--kind {cfg.kind!r} is unknown: use bpe or char")
     tok.save(cfg.out)
@@ -235,17 +238,22 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(tok)
 
 
-def _train_char(texts: Iterator[str]) -> Tokenizer:
-    """One token per character, ids in code-point order after the specials (nanoGPT's char model). Lossless
-    only on the training alphabet: other characters become <|unk|>. --vocab-size does not apply."""
+def _train_char(texts: Iterator[str], words: Sequence[str] = ()) -> Tokenizer:
+    """One token per character, ids in code-point order after the specials (nanoGPT's char model), then one
+    per word: a string such as `\\times` that is always one token, which shortens every sequence that has it.
+    Lossless only on the training alphabet: other characters become <|unk|>. --vocab-size does not apply."""
+    if any(not w for w in words):
+        raise HomeLLMError("--words: a word cannot be empty")
     chars: set[str] = set()
     for text in texts:
         chars.update(text)
     vocab = {s: i for i, s in enumerate([*SPECIAL_TOKENS, UNK])}
-    for c in sorted(chars):
+    for c in [*sorted(chars), *words]:
         vocab.setdefault(c, len(vocab))
     tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    # Every character alone, except the words, longest first so that a word inside a longer one never wins.
+    pieces = [re.escape(w) for w in sorted(set(words), key=len, reverse=True)] + [r"[\s\S]"]
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(pieces)), behavior="isolated")
     tok.decoder = decoders.Fuse()  # join the characters back without separators
     tok.add_special_tokens([*_special_tokens(), AddedToken(UNK, special=True, normalized=False)])
     return Tokenizer(tok)
