@@ -44,6 +44,20 @@ def test_answer_rows_start_at_a_problem_and_train_only_the_answers(task_data):
                 assert row_y[j] == row_x[j + 1]
 
 
+def test_packed_answer_rows_make_each_problem_line_a_document(task_data):
+    data_dir, tok = task_data
+    plain = AnswerBatches(data_dir, tok, block_size=64, seed=0)
+    x, y, documents = AnswerBatches(data_dir, tok, block_size=64, seed=0, packed=True).train_batch(3, 0, 16, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip((x, y), plain.train_batch(3, 0, 16, 0, 1)))  # the same rows
+    newline = tok.encode("\n")[0]
+    after_newline = torch.zeros_like(x, dtype=torch.bool)
+    after_newline[:, 1:] = x[:, :-1] == newline
+    starts = torch.ones_like(after_newline)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    assert torch.equal(starts[:, 1:], after_newline[:, 1:]) and bool(after_newline.any())
+    assert (x[starts] == tok.encode("$")[0]).all()  # every document is a problem from its start
+
+
 def test_train_batches_are_deterministic_and_sliced_per_rank(task_data):
     data_dir, tok = task_data
     batches = AnswerBatches(data_dir, tok, block_size=64, seed=0)
