@@ -3,7 +3,7 @@
     python bench/arithmetic_recipe.py NAME STEPS '{"train": {"optimizer": "muon"}, "model": {"n_layer": 6}, "rows": 96}'
 
 STEPS 0 with "train": {"max_steps": 0, "max_time": 300} trains for 300 s instead; "rows" is the training row length
-in tokens (default: the quickstart's ROW_TOKENS); "packed": true makes each problem of a row its own document;
+in tokens (default 40); "packed": true makes each problem of a row its own document;
 "mix": {"mul": 2} weights the operators of the training problems (built once per mix); "words": true makes the
 LaTeX commands single tokens (arithmetic.WORDS).
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from homellm.config import EvalConfig, preset, replace
 from homellm.eval import eval_arithmetic
-from homellm.quickstart import ROW_TOKENS, AnswerBatches, build_data
+from homellm.quickstart import AnswerBatches, build_data
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer
 from homellm.train import train
@@ -38,7 +38,8 @@ shutil.rmtree(out, ignore_errors=True)
 t = replace(t, **{"out": str(out), "max_steps": steps, "max_time": 0, "seed": 1337, "eval_every": 0,
                   **changes.get("train", {})})
 t0 = time.time()
-rows = AnswerBatches(data / "data", tok, changes.get("rows", ROW_TOKENS), t.seed, changes.get("packed", False))
+# Defaults are the quickstart's recipe before packing and words (rows of 40), so earlier figures reproduce.
+rows = AnswerBatches(data / "data", tok, changes.get("rows", 40), t.seed, changes.get("packed", False))
 s = train(m, t, rows, tok, extra_config={"task": "arithmetic"})
 secs = time.time() - t0
 r = eval_arithmetic(out, EvalConfig(n=2000, seed=1, checkpoint="last"), quiet=True)

@@ -238,7 +238,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "arithmetic": (  # the quickstart's recipe for the built-in task (bench/README.md has its measurements)
         dict(family="llama", n_layer=4, n_head=4, n_embd=128, block_size=96),
-        dict(batch_size=96, lr=3e-3, optimizer="muon", muon_lr=0.015, warmup_steps=100, max_steps=0, max_time=600.0,
+        dict(batch_size=80, lr=3e-3, optimizer="muon", muon_lr=0.015, warmup_steps=100, max_steps=0, max_time=600.0,
              eval_every=500, eval_batches=8, weight_decay=0.0, checkpoint_every=1000, log_every=50,
              tokenizer_kind="char"),
     ),
