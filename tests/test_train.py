@@ -1,5 +1,6 @@
 """The training loop: exact resume after SIGKILL, crash-safe checkpoints, DDP equals one process, bad input."""
 
+import copy
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from conftest import homellm
 from homellm.checkpoint import find_checkpoint, load_model
 from homellm.config import ModelConfig, TrainConfig, preset, replace
 from homellm.errors import HomeLLMError
+from homellm.muon import Muon
 from homellm.train import lr_factor, pretrain
 
 RUN_FLAGS = ["--preset", "tiny", "--max-steps", "16", "--checkpoint-every", "5", "--eval-every", "4",
@@ -173,6 +175,26 @@ def test_bad_inputs_give_one_line_errors(tmp_path, data_dir):
         assert needle in proc.stderr
         assert "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()[-1]) > 20
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this PyTorch has no torch.optim.Muon to compare with")
+def test_batched_muon_equals_torch_muon_bit_for_bit():
+    torch.manual_seed(0)
+    shapes = [(32, 32)] * 3 + [(96, 32)] * 2 + [(32, 96)] * 2  # square, tall and wide, several of each
+    ours = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    a, b = Muon(ours, lr=0.02, weight_decay=0.1), torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
+    for step in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+        if step == 1:  # each resumes the other's state (a copy, as from a checkpoint: not shared tensors)
+            a.load_state_dict(copy.deepcopy(b.state_dict()))
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert all((p - s).abs().max() > 1e-3 for p, s in zip(ours, start))  # and both really trained
 
 
 def test_checkpoint_every_0_writes_last_only_at_the_end(tmp_path, data_dir):

@@ -37,6 +37,7 @@ from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, replace, s
 from homellm.data import open_split, read_meta
 from homellm.errors import HomeLLMError
 from homellm.model import GPT
+from homellm.muon import Muon
 from homellm.tokenizer import Tokenizer
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
@@ -179,7 +180,7 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
     if cfg.optimizer == "muon":
         hidden = [p for n, p in params if p.dim() == 2 and n not in embeddings]
         rest = [p for n, p in params if not (p.dim() == 2 and n not in embeddings)]
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
         return [muon, torch.optim.AdamW(rest, weight_decay=0.0, **adam)]
     raise HomeLLMError(f"--optimizer {cfg.optimizer!r} is unknown: use adamw or muon")
 
@@ -342,7 +343,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         factor = lr_factor(progress(), step, cfg)
         for opt in optimizers:
             for group in opt.param_groups:
-                group["lr"] = (cfg.muon_lr if isinstance(opt, _muon_type()) else cfg.lr) * factor
+                group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
         loss_sum = torch.zeros((), device=env.device)
         for micro in range(cfg.grad_accum):
             x, y, *documents = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
@@ -424,10 +425,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     if env.main:
         print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt)!r}", file=sys.stderr)
     return summary
-
-
-def _muon_type() -> type:
-    return getattr(torch.optim, "Muon", type(None))
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:

@@ -1,0 +1,64 @@
+"""Muon with its Newton-Schulz iterations batched over the matrices of one shape.
+
+The update is torch.optim.Muon's with its defaults (Nesterov momentum 0.95, the quintic Newton-Schulz iteration in
+bfloat16, the learning rate scaled by sqrt(max(1, rows / cols)), decoupled weight decay), so a run can switch
+between the two. torch.optim.Muon orthogonalises one matrix at a time: a small model's 28 matrices cost 28 x 15
+small matmuls per step. Stacking the matrices of each shape makes that a few batched matmuls
+(bench/optimizer_step_ab.py measures both).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic iteration
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """A batch (n, rows, cols) of matrices -> about their orthogonal factors U V^T (singular values near 1)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    tall = x.size(1) > x.size(2)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / x.flatten(1).norm(dim=1).clamp(min=eps)[:, None, None]  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, orthogonalised: for 2-D hidden matrices only (embeddings, head and gains go to AdamW)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.02, weight_decay: float = 0.0,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon takes 2-D matrices only")
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            # The state key is torch.optim.Muon's, so either one resumes the other's checkpoints.
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            by_shape: dict[torch.Size, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(p.shape, []).append(i)
+            for shape, index in by_shape.items():
+                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"])
+                scale = group["lr"] * math.sqrt(max(1.0, shape[0] / shape[1]))
+                torch._foreach_add_([params[i] for i in index], list(ortho.to(params[index[0]].dtype).unbind()),
+                                    alpha=-scale)
