@@ -223,6 +223,8 @@ def test_operator_weights_tilt_the_mix_and_keep_the_split() -> None:
     assert 2.5 < counts["mul"] / counts["sub"] < 3.5 and 0.8 < counts["div"] / counts["sub"] < 1.2
     assert not any(is_heldout(p) for p in tilted)
     assert Counter(p.operator for p in generate(4000, seed=4, operator_weights={"mul": 3})) != counts
+    assert {p.operator for p in generate(200, seed=4, operator_weights={"add": 0, "sub": 0})} == {"mul", "div"}
+    assert generate(50, seed=4, operator_weights={}) == generate(50, seed=4, operator_weights={"add": 1})
 
 
 def test_generate_rejects_bad_arguments() -> None:

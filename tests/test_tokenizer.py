@@ -96,8 +96,13 @@ def test_char_tokenizer_words_are_one_token_each_and_round_trip(tmp_path):
     assert len(pieces) == len(text) - sum(len(w) - 1 for w in words)
     assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode())
     assert Tokenizer.load(tmp_path / "c").encode(text) == tok.encode(text)
-    with pytest.raises(HomeLLMError, match="only char tokenizers"):
+    with pytest.raises(HomeLLMError, match="only a char tokenizer"):
         train_tokenizer(TokenizerConfig(input=[str(tmp_path / "a.txt")], out=str(tmp_path / "b"), words=["ab"]))
+    for bad, why in (("", "special token"), (IM_START, "special token"), (f"x{UNK}", "special token"),
+                     ("a\nb", "line break")):  # a word holding a special token would let plain text forge it
+        with pytest.raises(HomeLLMError, match=why):
+            train_tokenizer(TokenizerConfig(input=[str(tmp_path / "a.txt")], out=str(tmp_path / "b"), kind="char",
+                                            words=[bad]))
 
 
 def test_token_bytes_count_utf8_bytes(bpe, gpt2):

@@ -193,6 +193,8 @@ def test_batched_muon_equals_torch_muon_bit_for_bit():
         b.step()
         if step == 1:  # each resumes the other's state (a copy, as from a checkpoint: not shared tensors)
             a.load_state_dict(copy.deepcopy(b.state_dict()))
+        if step == 2:
+            b.load_state_dict(copy.deepcopy(a.state_dict()))
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
     assert all((p - s).abs().max() > 1e-3 for p, s in zip(ours, start))  # and both really trained
 

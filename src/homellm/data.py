@@ -349,7 +349,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     Each document ends with the end-of-text id. Documents go to val by a hash of (seed, index) against
     val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
     instead: the last val_fraction of the tokens before the final end-of-text is val, as nanoGPT does; with a
-    char tokenizer the val text is exactly nanoGPT's text[int(n * 0.9):].
+    char tokenizer (without --words) the val text is exactly nanoGPT's text[int(n * 0.9):].
     """
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the prepared data to")

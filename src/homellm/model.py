@@ -200,9 +200,9 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
 
         With a cache, idx holds only the new tokens; their positions start at cache.pos (per row when it is a
-        tensor: then T is 1). `documents` (B, T) packs several documents in a row: a token's number says which
-        one it belongs to (equal numbers in one run), its positions restart at 0 and attention stays inside it,
-        so each document is computed as if it were alone at the start of a row."""
+        tensor: then T is 1). `documents` (B, T) packs several documents in a row: a run of equal numbers is one
+        document, whose positions restart at 0 and whose attention stays inside it, so each document is computed
+        as if it were alone at the start of a row."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         per_row = isinstance(start, torch.Tensor)
@@ -219,7 +219,8 @@ class GPT(nn.Module):
             first = torch.ones_like(documents, dtype=torch.bool)
             first[:, 1:] = documents[:, 1:] != documents[:, :-1]
             positions = steps - torch.where(first, steps, 0).cummax(dim=1).values  # (B, T): 0 at each start
-            documents_mask = ((documents[:, :, None] == documents[:, None, :]) & (steps[:, None] >= steps))[:, None]
+            run = first.cumsum(dim=1)  # a number that comes back later in the row starts a new document too
+            documents_mask = ((run[:, :, None] == run[:, None, :]) & (steps[:, None] >= steps))[:, None]
         elif per_row:
             positions = start[:, None]  # (B, 1): each row's own position
         else:

@@ -2,7 +2,8 @@
 
 The update is torch.optim.Muon's with its defaults (Nesterov momentum 0.95, the quintic Newton-Schulz iteration in
 bfloat16, the learning rate scaled by sqrt(max(1, rows / cols)), decoupled weight decay), so a run can switch
-between the two. torch.optim.Muon orthogonalises one matrix at a time: a small model's 28 matrices cost 28 x 15
+between the two (bit-identical on CPU, tested; on GPU batched kernels may round differently). torch.optim.Muon
+orthogonalises one matrix at a time: a small model's 28 matrices cost 28 x 15
 small matmuls per step. Stacking the matrices of each shape makes that a few batched matmuls
 (bench/optimizer_step_ab.py measures both).
 """
@@ -36,7 +37,9 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.02, weight_decay: float = 0.0,
                  momentum: float = 0.95, ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        # torch.optim.Muon's group fields too, fixed at the values this class computes, so that it can load our state.
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
+                                      nesterov=True, ns_coefficients=NS_COEFFICIENTS, eps=1e-7, adjust_lr_fn=None))
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon takes 2-D matrices only")
@@ -49,7 +52,10 @@ class Muon(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             # The state key is torch.optim.Muon's, so either one resumes the other's checkpoints.
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
             updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
             if group["weight_decay"]:

@@ -62,7 +62,7 @@ class ChatBatches:
                                f"({self.stats['skipped']} skipped as too long): use --overlong truncate")
 
     def _rows(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, cfg: SFTConfig
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, ...]:
         width = block_size + 1  # inputs are the first block_size, targets the last block_size
         rows: list[tuple[list[int], list[bool], list[int]]] = []
         ids: list[int] = []
@@ -89,6 +89,8 @@ class ChatBatches:
             tokens[r, :len(ids)] = torch.tensor(ids)
             targets[r, :len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
             documents[r, :len(ids)] = torch.tensor(doc)
+        if not cfg.pack:  # one conversation per row: plain causal attention, which keeps the fastest kernels
+            return tokens[:, :-1], targets[:, 1:]
         return tokens[:, :-1], targets[:, 1:], documents[:, :-1]
 
     def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:

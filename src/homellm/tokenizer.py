@@ -178,8 +178,9 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """Train (or import, with cfg.from_file) a tokenizer on cfg.input and save it to cfg.out."""
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the tokenizer to")
-    if cfg.words and cfg.kind != "char":
-        raise HomeLLMError(f"--words {' '.join(cfg.words)}: only char tokenizers take words (use --kind char)")
+    if cfg.words and (cfg.kind != "char" or cfg.from_file):
+        raise HomeLLMError(f"--words {' '.join(cfg.words)}: only a char tokenizer trained here takes words "
+                           "(use --kind char, without --from-file)")
     if cfg.from_file:
         tok = import_tokenizer(cfg.from_file)
     elif cfg.kind == "bpe":
@@ -242,8 +243,12 @@ def _train_char(texts: Iterator[str], words: Sequence[str] = ()) -> Tokenizer:
     """One token per character, ids in code-point order after the specials (nanoGPT's char model), then one
     per word: a string such as `\\times` that is always one token, which shortens every sequence that has it.
     Lossless only on the training alphabet: other characters become <|unk|>. --vocab-size does not apply."""
-    if any(not w for w in words):
-        raise HomeLLMError("--words: a word cannot be empty")
+    for w in words:
+        if not w or any(special in w for special in [*SPECIAL_TOKENS, UNK]):
+            raise HomeLLMError(f"--words {w!r}: a word must be non-empty and hold no special token such as {EOT}: "
+                               "plain text must never encode to one")
+        if "\n" in w:
+            raise HomeLLMError(f"--words {w!r}: a word cannot hold a line break (`prepare` may cut text there)")
     chars: set[str] = set()
     for text in texts:
         chars.update(text)

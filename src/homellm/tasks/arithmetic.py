@@ -251,11 +251,10 @@ def generate(n: int, seed: int, split: str = "train", max_digits: int = 2,
     """
     weights = None
     if operator_weights is not None:
-        unknown = set(operator_weights) - set(OPERATORS)
-        if unknown or any(w < 0 for w in operator_weights.values()) or not any(operator_weights.values()):
+        weights = [float(operator_weights.get(name, 1.0)) for name in OPERATORS]
+        if set(operator_weights) - set(OPERATORS) or min(weights) < 0 or not any(weights):
             raise HomeLLMError(f"operator_weights={operator_weights}: use the names {', '.join(OPERATORS)} with "
                                "weights >= 0, not all 0")
-        weights = [float(operator_weights.get(name, 1.0)) for name in OPERATORS]
     if split not in ("train", "heldout"):
         raise HomeLLMError(f"unknown split {split!r}; use 'train' or 'heldout'")
     if not 1 <= max_digits <= 9:
