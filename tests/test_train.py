@@ -57,6 +57,18 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, reference):
     assert_same_weights(run / "best", reference / "best")
 
 
+def test_muon_run_resumes_bit_identically(tmp_path, data_dir):
+    flags = ["--preset", "tiny", "--optimizer", "muon", "--max-steps", "6", "--checkpoint-every", "3",
+             "--eval-every", "3", "--log-every", "1"]
+    homellm("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "ref"), *flags)
+    killed = homellm("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), *flags,
+                     env={"HOMELLM_FAULT_KILL_AT_STEP": "4"}, check=False)
+    assert killed.returncode == -9
+    homellm("pretrain", "--out", str(tmp_path / "run"), "--resume")
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+    assert_same_weights(tmp_path / "run" / "last", tmp_path / "ref" / "last")
+
+
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_dir, reference):
     run = tmp_path / "run"
     killed = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
