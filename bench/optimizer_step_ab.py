@@ -13,7 +13,7 @@ import torch
 
 from homellm.config import ModelConfig, preset, replace
 from homellm.model import GPT
-from homellm.muon import Muon
+from homellm.train import make_optimizers
 
 kinds = sys.argv[1:] or ["foreach", "fused"]
 if any("muon" in k for k in kinds):
@@ -32,10 +32,11 @@ def setup(kind: str) -> tuple[GPT, list[torch.optim.Optimizer]]:
     model = GPT(cfg)
     if "muon" not in kind:
         return model, [torch.optim.AdamW(model.parameters(), lr=1e-3, **{kind: True})]
-    hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
-    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
-    muon = torch.optim.Muon(hidden, lr=0.015) if kind == "torch-muon" else Muon(hidden, lr=0.015)
-    return model, [muon, torch.optim.AdamW(rest, lr=3e-3, fused=True)]
+    muon, adam = make_optimizers(model, preset("arithmetic")[1], torch.device("cpu"))  # what training builds
+    if kind == "torch-muon":
+        muon = torch.optim.Muon(muon.param_groups[0]["params"], lr=muon.defaults["lr"],
+                                weight_decay=muon.defaults["weight_decay"])
+    return model, [muon, adam]
 
 
 def step(model: GPT, opts: list[torch.optim.Optimizer]) -> None:

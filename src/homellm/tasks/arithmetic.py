@@ -223,7 +223,7 @@ def _operand(rng: random.Random, digits: int, negative: bool, decimal: bool) -> 
 def _sample(rng: random.Random, max_digits: int, operator_weights: Sequence[float] | None = None) -> Problem:
     # Uniform over operator x digit combo x sign combo, so rare combinations (2-2 division of two negatives)
     # are as frequent as common ones; the decimal kind is drawn on top of that.
-    if operator_weights is None:
+    if operator_weights is None:  # choice, not choices: it draws differently, and every seed keeps its problems
         name = rng.choice(list(OPERATORS))
     else:
         name = rng.choices(list(OPERATORS), weights=operator_weights)[0]
