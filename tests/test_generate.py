@@ -9,6 +9,7 @@ from homellm.config import ModelConfig, SampleConfig, TokenizerConfig
 from homellm.generate import beam_search, generate_ids, sample_next, stream_text
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, train_tokenizer
+from homellm.train import sample_text
 
 FAMILIES = ["gpt2", "llama"]
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=70)
@@ -207,6 +208,13 @@ def test_stop_strings_cut_the_text_and_never_show(tok, story, stop, num_beams):
     hits = [rest.find(s) for s in stop if s in rest]
     assert out == rest[:min(hits, default=len(rest))]  # "川で泳" never occurs: its held-back "川で" is released
     assert not any(s in out for s in stop)
+
+
+def test_training_samples_end_after_their_stop_string(tok, story):
+    model, prompt, rest = story
+    assert sample_text(model, tok, prompt) == prompt + rest
+    assert sample_text(model, tok, prompt, stop="村") == prompt + rest[:rest.index("村") + 1]
+    assert sample_text(model, tok, prompt, stop="$") == prompt + rest  # never generated: nothing to cut
 
 
 def test_stream_equals_decoded_ids_cut_at_stop_on_random_text(tok):

@@ -101,6 +101,7 @@ class TrainConfig:
     eval_batches: int = 20  # val batches per evaluation
     sample_every: int = 0  # print a generated sample every N steps; 0 = only at the end
     sample_prompt: str = ""
+    sample_stop: str = ""  # end each sample at this string (the quickstart's: `$`, where its answers end)
     log_every: int = 10
     checkpoint_every: int = 500  # write `last` every N steps (and at the end; 0 = only then); `best` follows val loss
     patience: int = 0  # early stopping: stop after N evaluations without a better val loss; 0 = never

@@ -125,7 +125,7 @@ def recipe(cfg: QuickstartConfig, seconds: float) -> tuple[ModelConfig, TrainCon
     """The `arithmetic` preset, trained for `seconds`."""
     model_cfg, train_cfg = preset("arithmetic")
     train_cfg = replace(train_cfg, out=cfg.out, max_time=seconds, max_steps=0, device=cfg.device,
-                        seed=cfg.seed + 1337, sample_prompt=r"$12 \times 7 =")
+                        seed=cfg.seed + 1337, sample_prompt=r"$12 \times 7 =", sample_stop="$")
     return model_cfg, train_cfg
 
 

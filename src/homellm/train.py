@@ -42,7 +42,7 @@ from homellm.tokenizer import Tokenizer
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "eval_every", "checkpoint_every", "log_every", "sample_every",
-                     "sample_prompt", "patience", "device", "resume", "compile", "data", "out"}
+                     "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data", "out"}
 
 
 class Batches(Protocol):
@@ -406,7 +406,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
-            bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt)!r}")
+            bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}")
         fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
         periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
         if periodic or done:
@@ -425,7 +425,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                "stop": stop_reason, "best_val_loss": None if best_val == math.inf else best_val,
                **(last_val or {})}
     if env.main:
-        print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt)!r}", file=sys.stderr)
+        print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}", file=sys.stderr)
     return summary
 
 
@@ -450,8 +450,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
-def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
-    """A short greedy continuation, for a look at what the model learned during training."""
+def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 64, stop: str = "") -> str:
+    """A short greedy continuation, for a look at what the model learned during training; cut after `stop`
+    when given (a task model's answer ends there, and what follows was never trained)."""
     from homellm.config import SampleConfig
     from homellm.generate import stream_text
 
@@ -459,6 +460,8 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 6
     cfg = SampleConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0)
     text = "".join(stream_text(model, tok, prompt, cfg))
     model.train(was_training)
+    if stop and stop in text:
+        text = text[:text.index(stop) + len(stop)]
     return prompt + text
 
 
