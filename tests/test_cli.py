@@ -73,3 +73,46 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("homellm: error:") and "Traceback" not in proc.stderr
     assert str(tmp_path / "nowhere") in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--data", "x.txt", "--out", "r", "--lr", "-1"], "--lr -1.0: must be positive"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--beta2", "1.5"], "--beta2 1.5: must be at least 0 and below 1"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--dropout", "1"], "--dropout 1.0: must be at least 0 and below 1"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--intermediate-size", "-4"], "--intermediate-size -4: must be"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--schedule", "linear"], "--schedule 'linear' is unknown"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be"),
+    (["generate", "RUN", "--prompt", "a", "--top-p", "1.5"], "--top-p 1.5: must be at least 0 and at most 1"),
+    (["generate", "RUN", "--prompt", "a", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be positive"),
+    (["generate", "RUN", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens 0: must be 1 or more"),
+    (["generate", "RUN", "--prompt", "a", "--num-beams", "0"], "--num-beams 0: must be 1 or more"),
+    (["generate", "RUN", "--prompt", "a", "--temperature", "-1"], "--temperature -1.0: must be 0 or more"),
+    (["generate", "RUN", "--prompt", "a", "--checkpoint", "middle"], "--checkpoint 'middle' is unknown: use best or"),
+    (["chat", "RUN", "--top-k", "-1"], "--top-k -1: must be 0 or more"),
+    (["eval", "RUN", "--task", "loss", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+    (["serve", "RUN", "--port", "70000"], "--port 70000: must be at least 0 and at most 65535"),
+    (["serve", "RUN", "--threads", "-3"], "--threads -3: must be 0 or more"),
+    (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--lora-rank", "-2"], "--lora-rank -2: must be"),
+    (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--val-fraction", "1.5"], "--val-fraction 1.5:"),
+    (["quickstart", "--out", "q", "--chat", "--chat-problems", "0"], "--chat-problems 0: must be 1 or more"),
+])
+def test_out_of_range_values_stop_with_one_line_naming_the_flag(argv, message, tmp_path, monkeypatch, capsys):
+    from homellm.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, it lands here
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("homellm: error: " + message) and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    import torch
+
+    from homellm.errors import HomeLLMError
+    from homellm.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(HomeLLMError, match="--device cuda:1: this PyTorch sees no CUDA GPU"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu").type == "cpu"

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from homellm.config import (
     ChatConfig,
@@ -21,6 +22,7 @@ from homellm.config import (
     TokenizerConfig,
     TrainConfig,
     add_flags,
+    check_ranges,
     pick,
     preset,
     replace,
@@ -28,10 +30,17 @@ from homellm.config import (
 from homellm.errors import HomeLLMError
 
 
+def build(cls: type, args: argparse.Namespace) -> Any:
+    """The config the flags describe, its values checked: a bad one stops here with a one-line error."""
+    cfg = cls(**pick(args, cls))
+    check_ranges(cfg)
+    return cfg
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from homellm.tokenizer import train_tokenizer
 
-    cfg = TokenizerConfig(**pick(args, TokenizerConfig))
+    cfg = build(TokenizerConfig, args)
     tok = train_tokenizer(cfg)
     print(f"tokenizer ({tok.kind}, {tok.vocab_size} ids) written to {cfg.out}")
 
@@ -39,7 +48,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from homellm.data import prepare
 
-    cfg = PrepareConfig(**pick(args, PrepareConfig))
+    cfg = build(PrepareConfig, args)
     meta = prepare(cfg)
     print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) from "
           f"{meta['documents']:,} documents written to {cfg.out}")
@@ -56,6 +65,8 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         model_cfg, train_cfg = preset(args.preset or "cpu")
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
     train_cfg = replace(train_cfg, **pick(args, TrainConfig))
+    model_cfg.validate()
+    check_ranges(train_cfg)
     return model_cfg, train_cfg
 
 
@@ -74,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.tokenizer import Tokenizer
     from homellm.train import resolve_device
 
-    cfg = SampleConfig(**pick(args, SampleConfig))
+    cfg = build(SampleConfig, args)
     model = load_model(args.run, cfg.checkpoint, resolve_device(cfg.device))
     tok = Tokenizer.load(args.run)
     stats: dict = {}
@@ -94,19 +105,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from homellm.repl import chat
 
-    chat(args.run, ChatConfig(**pick(args, ChatConfig)))
+    chat(args.run, build(ChatConfig, args))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from homellm.compare import compare
 
-    compare(args.run_a, args.run_b, CompareConfig(**pick(args, CompareConfig)))
+    compare(args.run_a, args.run_b, build(CompareConfig, args))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from homellm.serve import serve
 
-    serve(args.run, ServeConfig(**pick(args, ServeConfig)))
+    serve(args.run, build(ServeConfig, args))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -118,7 +129,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from homellm.eval import run_eval
 
-    run_eval(args.run, EvalConfig(**pick(args, EvalConfig)))
+    run_eval(args.run, build(EvalConfig, args))
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -137,7 +148,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from homellm.quickstart import quickstart
 
-    quickstart(QuickstartConfig(**pick(args, QuickstartConfig)))
+    quickstart(build(QuickstartConfig, args))
 
 
 def run_verb(sub: argparse._SubParsersAction, name: str, help_text: str, func: Callable[[argparse.Namespace], None],

@@ -13,6 +13,7 @@ import inspect
 import json
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) <= 0:
                 raise HomeLLMError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_ranges(self)
 
 
 @dataclass
@@ -222,6 +224,50 @@ class ServeConfig:
     threads: int = 0  # CPU threads for the model's math; 0 = all cores but one, which is left to HTTP and streaming
     checkpoint: str = "best"  # best or last
     device: str = "auto"
+
+
+# What each numeric or named field accepts, by field name across the config classes (a name means the same in
+# every class that has it): a test and the end of the one-line error, "--top-p 1.5: must be between 0 and 1".
+def _between(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    return ((lambda v: lo <= v < hi) if hi_open else (lambda v: lo <= v <= hi)), \
+        f"must be at least {lo} and {'below' if hi_open else 'at most'} {hi}"
+
+
+_POSITIVE = (lambda v: v > 0, "must be positive")
+_NOT_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
+_AT_LEAST_1 = (lambda v: v >= 1, "must be 1 or more")
+_CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # model
+    "dropout": _between(0, 1, hi_open=True), "rope_theta": _POSITIVE, "norm_eps": _POSITIVE,
+    "intermediate_size": _AT_LEAST_1,
+    # training
+    "lr": _POSITIVE, "muon_lr": _POSITIVE, "beta1": _between(0, 1, hi_open=True), "beta2": _between(0, 1, hi_open=True),
+    "min_lr_ratio": _between(0, 1), "warmup_steps": _NOT_NEGATIVE, "decay_fraction": _between(0, 1),
+    "weight_decay": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE, "max_time": _NOT_NEGATIVE, "eval_batches": _AT_LEAST_1,
+    "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE,
+    "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
+    "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
+    # sampling
+    "max_new_tokens": _AT_LEAST_1, "temperature": _NOT_NEGATIVE, "top_k": _NOT_NEGATIVE, "top_p": _between(0, 1),
+    "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "checkpoint": _CHECKPOINT,
+    "init_checkpoint": _CHECKPOINT,
+    # fine-tuning, evaluation, serving
+    "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
+    "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
+    "port": _between(0, 65535), "threads": _NOT_NEGATIVE, "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
+    "chat_problems": _AT_LEAST_1,
+}
+
+
+def check_ranges(cfg: Any) -> None:
+    """A one-line error naming the flag and its value for the first field of cfg outside RANGES."""
+    for f in dataclasses.fields(cfg):
+        rule = RANGES.get(f.name)
+        value = getattr(cfg, f.name)
+        if rule is not None and not rule[0](value):
+            sep = " " if rule[1].startswith("is ") else ": "  # --lr -1.0: must be ... / --schedule 'x' is unknown
+            raise HomeLLMError(f"--{f.name.replace('_', '-')} {value!r}{sep}{rule[1]}")
 
 
 # Presets: named instances. `tiny` is for tests; `cpu` is the best recipe we measured for a 2-core CPU in

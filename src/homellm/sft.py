@@ -27,7 +27,7 @@ from homellm.checkpoint import (
     read_weights,
     sha256_file,
 )
-from homellm.config import SFTConfig, TrainConfig, from_dict, load_json, replace, to_dict
+from homellm.config import SFTConfig, TrainConfig, check_ranges, from_dict, load_json, replace, to_dict
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
@@ -133,6 +133,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
     from homellm.train import check_resume, train
 
+    check_ranges(cfg)
+    check_ranges(train_cfg)
     if not cfg.init:
         raise HomeLLMError("--init is required: the trained run to fine-tune")
     if not train_cfg.out:

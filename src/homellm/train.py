@@ -33,7 +33,7 @@ from homellm.checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, replace, save_json, to_dict
+from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, check_ranges, replace, save_json, to_dict
 from homellm.data import open_split, read_meta
 from homellm.errors import HomeLLMError
 from homellm.model import GPT
@@ -117,9 +117,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise HomeLLMError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HomeLLMError(f"--device {name}: this PyTorch sees no CUDA GPU: use --device cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise HomeLLMError(f"--device {name}: Apple's MPS is not available here: use --device cpu (or auto)")
+    return device
 
 
 def setup_env(cfg: TrainConfig) -> Env:
@@ -272,6 +277,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     """Train a model into the run directory cfg.out; return a summary (steps, tokens, val loss, bpb, seconds).
 
     `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json."""
+    check_ranges(cfg)
     env = setup_env(cfg)
     run = Path(cfg.out)
     if cfg.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.log_every <= 0:
