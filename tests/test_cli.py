@@ -116,3 +116,21 @@ def test_a_device_this_machine_lacks_is_named(monkeypatch):
     with pytest.raises(HomeLLMError, match="--device cuda:1: this PyTorch sees no CUDA GPU"):
         resolve_device("cuda:1")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from homellm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("some text\n")
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    for argv, message in [
+        (["prepare", "--input", "c.txt", "--tokenizer", "tok", "--out", "c.txt"], "--out c.txt is a file"),
+        (["pretrain", "--data", "c.txt", "--out", "c.txt"], "--out c.txt is a file: give a folder path"),
+        (["quickstart", "--out", "c.txt"], "--out c.txt is a file: give a folder path"),
+        (["compare", "A", "B", "--prompts", "p.txt", "--out", "p.txt"], "--out p.txt is the --prompts file"),
+        (["compare", "A", "B", "--prompts", "p.txt", "--out", "."], "--out . is a folder: give the report's file"),
+    ]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith("homellm: error: " + message)
+    assert (tmp_path / "p.txt").read_text() == "a prompt\n" and (tmp_path / "c.txt").read_text() == "some text\n"

@@ -274,3 +274,21 @@ def test_one_enormous_line_is_cut_without_breaking_separators(tmp_path, monkeypa
     parts = text.split(EOT)
     assert docs([str(path)]) == [s.strip() for s in parts[:-1]] + [parts[-1].lstrip()]  # the file's end is verbatim
     assert len(list(iter_documents([str(path)]))) > 60
+
+
+def test_characters_a_char_tokenizer_never_saw_are_counted_and_mostly_unknown_text_is_refused(tmp_path, capsys):
+    english = tmp_path / "en.txt"
+    english.write_text("the cat sat on the mat\n" * 50, encoding="utf-8")
+    tok = tmp_path / "tok"
+    train_tokenizer(TokenizerConfig(input=[str(english)], out=str(tok), kind="char"))
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("the cat sat on the mat é\n" * 50, encoding="utf-8")
+    meta = prepare(PrepareConfig(input=[str(mixed)], tokenizer=str(tok), out=str(tmp_path / "d1")))
+    assert meta["unknown_tokens"] == 50
+    err = capsys.readouterr().err
+    assert "note: 50 of" in err and "such as 'é'" in err
+    japanese = tmp_path / "ja.txt"
+    japanese.write_text("日本語のテキストです。\n", encoding="utf-8")
+    with pytest.raises(HomeLLMError, match=r"ja.txt: 11 of 12 tokens \(91.7%\) are characters .* such as '。"):
+        prepare(PrepareConfig(input=[str(japanese)], tokenizer=str(tok), out=str(tmp_path / "d2")))
+    assert not (tmp_path / "d2" / "meta.json").exists()

@@ -222,9 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """--out names a folder to write in every verb but compare, where it is the report file; say so before any work
+    rather than fail at the first write, and never write the report over its own prompts."""
+    if not getattr(args, "out", ""):
+        return
+    out = Path(args.out)
+    if args.func is cmd_compare:
+        if out.is_dir():
+            raise HomeLLMError(f"--out {out} is a folder: give the report's file path, such as {out / 'compare.md'}")
+        if out.exists() and args.prompts and out.resolve() == Path(args.prompts).resolve():
+            raise HomeLLMError(f"--out {out} is the --prompts file: choose another --out")
+    elif out.exists() and not out.is_dir():
+        raise HomeLLMError(f"--out {out} is a file: give a folder path")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_out(args)
         args.func(args)
     except HomeLLMError as e:
         print(f"homellm: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,10 +25,13 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.tokenizer import Tokenizer
+from homellm.tokenizer import UNK, Tokenizer
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
 _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: enough pieces to use every core
+# A char tokenizer turns characters it never saw into <|unk|>, which loses them: a few (a rare symbol) are noted,
+# more than this share of the tokens means the wrong tokenizer for the text, and prepare refuses.
+_MAX_UNKNOWN_SHARE = 0.05
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
 
@@ -368,15 +372,23 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         old.unlink()
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")  # little-endian on any machine
     writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens, tok.token_bytes()) for s in ("train", "val")}
-    docs = val_docs = 0
+    docs = val_docs = tokens = unknown = 0
+    unk_id = tok.hf.token_to_id(UNK)  # None for byte-level BPE, which knows every byte
+    unknown_chars: set[str] = set()
     eot = np.array([tok.eot_id], dtype=np.uint32)
 
     def flush(batch: list[Piece]) -> None:
-        nonlocal docs, val_docs
+        nonlocal docs, val_docs, tokens, unknown
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
             side = "val" if _is_val(cfg.seed, piece.doc, cfg.val_fraction) else "train"
-            parts[side].append(np.asarray(ids, dtype=np.uint32))
+            array = np.asarray(ids, dtype=np.uint32)
+            tokens += len(array)
+            if unk_id is not None and (n := int((array == unk_id).sum())):
+                unknown += n
+                if len(unknown_chars) < 10:
+                    unknown_chars.update(c for c in piece.text if tok.hf.token_to_id(c) is None)
+            parts[side].append(array)
             if piece.end:
                 parts[side].append(eot)
                 docs += 1
@@ -399,6 +411,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             flush(batch)
     for w in writers.values():
         w.close()
+    if unknown:
+        what = (f"{unknown:,} of {tokens:,} tokens ({unknown / tokens:.1%}) are characters the tokenizer "
+                f"{cfg.tokenizer} does not know, such as {' '.join(sorted(unknown_chars)[:10])!r}")
+        if unknown / tokens > _MAX_UNKNOWN_SHARE:
+            raise HomeLLMError(f"{' '.join(cfg.input)}: {what}; they would all become {UNK}: train a tokenizer on "
+                               "this text (`homellm tokenizer train --input ...`)")
+        print(f"note: {what}; they become {UNK}", file=sys.stderr)
 
     split = "document"
     if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
@@ -420,6 +439,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "train_bytes": writers["train"].bytes,
         "val_bytes": writers["val"].bytes,
         "documents": docs,
+        "unknown_tokens": unknown,  # characters a char tokenizer never saw, written as <|unk|>
         "val_documents": val_docs if split == "document" else None,
         "split": split,
         "inputs": list(cfg.input),
