@@ -88,6 +88,7 @@ def test_read_conversations_formats_and_errors(tmp_path):
         "{not json": "not valid JSON",
         json.dumps({"messages": [{"role": "robot", "content": "hi"}]}): "unknown role 'robot'",
         json.dumps({"messages": []}): "conversation is empty",
+        json.dumps({"messages": "hello"}): "'messages' is str, not a list of",
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}): "no assistant turn",
         json.dumps({"text": "hi"}): "expected",
     }

@@ -97,6 +97,22 @@ def test_corrupt_checkpoint_falls_back_to_newest_valid(tmp_path, reference, caps
         find_checkpoint(run, "last", need_state=True)
 
 
+def test_a_damaged_config_json_is_named_not_a_traceback(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({"model": config["model"]}))
+    with pytest.raises(HomeLLMError, match="config.json: no 'train' section"):
+        load_model(run)
+    (run / "config.json").write_text("[]")
+    with pytest.raises(HomeLLMError, match="config.json: no 'model' section"):
+        load_model(run)
+    config["model"]["n_embd"] *= 2
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HomeLLMError, match=r"model.safetensors: embed_tokens.weight has shape .* restore config"):
+        load_model(run)
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

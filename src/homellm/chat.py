@@ -22,7 +22,10 @@ Message = dict[str, str]
 
 def check_messages(messages: Any, where: str) -> list[Message]:
     """The messages as a list of {role, content} dicts, or a one-line error naming `where` (file:line)."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise HomeLLMError(f"{where}: 'messages' is {type(messages).__name__ if messages is not None else 'missing'}, "
+                           "not a list of {role, content} messages")
+    if not messages:
         raise HomeLLMError(f"{where}: the conversation is empty: give at least one message")
     out = []
     for i, m in enumerate(messages):

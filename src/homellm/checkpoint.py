@@ -60,6 +60,11 @@ def load_weights_into(model: GPT, weights: dict[str, torch.Tensor], where: str) 
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         raise HomeLLMError(f"{where}: weights do not fit the config (missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}): check the run's config.json")
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if tensor.shape != own[name].shape:
+            raise HomeLLMError(f"{where}: {name} has shape {tuple(tensor.shape)} but the run's config.json makes "
+                               f"{tuple(own[name].shape)}: restore config.json to what the run was trained with")
     model.load_state_dict(weights, strict=False)
 
 
@@ -141,6 +146,9 @@ def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
         raise HomeLLMError(f"{run}: not a homellm run (no config.json): pass the --out folder of "
                            "`homellm pretrain` or `homellm sft`")
     cfg = load_json(path)
+    for section in ("model", "train"):
+        if not isinstance(cfg, dict) or not isinstance(cfg.get(section), dict):
+            raise HomeLLMError(f"{path}: no {section!r} section: restore the file the run wrote, or train again")
     return from_dict(ModelConfig, cfg["model"], f"{path} model"), from_dict(TrainConfig, cfg["train"], f"{path} train")
 
 

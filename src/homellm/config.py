@@ -248,6 +248,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
+    "tokenizer_kind": (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char"),
+    "kind": (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char"),
     # sampling
     "max_new_tokens": _AT_LEAST_1, "temperature": _NOT_NEGATIVE, "top_k": _NOT_NEGATIVE, "top_p": _between(0, 1),
     "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "checkpoint": _CHECKPOINT,

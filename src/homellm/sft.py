@@ -183,7 +183,9 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     from homellm.config import save_json
 
     run, out = Path(run), Path(out)
-    config = load_json(run / "config.json") if (run / "config.json").is_file() else {}
+    if not (run / "config.json").is_file():
+        raise HomeLLMError(f"{run}: not a homellm run (no config.json): pass the --out folder of a LoRA `homellm sft`")
+    config = load_json(run / "config.json")
     if "lora" not in config:
         raise HomeLLMError(f"{run} is not a LoRA run (its config.json has no lora section): nothing to merge")
     if (out / "best").exists():
