@@ -220,3 +220,12 @@ def test_sft_refuses_bad_init_and_out(tmp_path, base_run):
     assert r.returncode == 2 and "not a homellm run" in r.stderr and "Traceback" not in r.stderr
     r = homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(base_run), check=False)
     assert r.returncode == 2 and "is the --init run" in r.stderr
+
+
+def test_resuming_with_another_init_names_both(tmp_path, base_run):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"sft": {"init": str(tmp_path / "elsewhere")}}))
+    data = qa_file(tmp_path / "qa.jsonl", 10)
+    with pytest.raises(HomeLLMError, match=r"--init .* is not the run's init \(.*elsewhere\): drop --init"):
+        sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(out), resume=True))

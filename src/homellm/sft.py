@@ -147,6 +147,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     model_cfg, _ = read_config(init)
     folder = find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
+        saved_init = load_json(out / "config.json").get("sft", {}).get("init") if (out / "config.json").is_file() \
+            else None
+        if saved_init and Path(saved_init).resolve() != init.resolve():
+            raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_init}): drop --init to continue "
+                               "the run, or choose a new --out")
         check_resume(out, model_cfg, train_cfg)
     elif (out / "last").exists():
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")

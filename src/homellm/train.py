@@ -70,8 +70,8 @@ class TokenBatches:
         self.starts = {s: np.cumsum([max(0, len(m) - block_size - 1) for m in maps]) for s, maps in self.splits.items()}
         if not len(self.starts["train"]) or self.starts["train"][-1] == 0:
             n = sum(len(m) for m in self.splits["train"])
-            raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of --block-size "
-                               f"{block_size}: lower --block-size or add text")
+            raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of {block_size} tokens (the "
+                               "model's context, --block-size when training): add text, or train with a lower one")
 
     def _windows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.starts[split]
