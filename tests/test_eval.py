@@ -111,6 +111,7 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
     run = tmp_path / "qs"
     proc = homellm("quickstart", "--out", str(run), "--max-time", "4", "--problems", "3000", "--n", "40")
     assert "accuracy" in proc.stdout and "overall" in proc.stdout and "homellm generate" in proc.stdout
+    assert f"homellm info {run}" in proc.stdout
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert stage in proc.stderr
     result = json.loads((run / "eval_arithmetic.json").read_text())
@@ -124,6 +125,8 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
     # The run is an ordinary run directory: every verb takes it.
     proc = homellm("generate", str(run), "--prompt", "$12 \\times 7 =", "--temperature", "0", "--max-new-tokens", "8")
     assert proc.stdout.startswith("$12 \\times 7 =")
+    info = homellm("info", str(run)).stdout  # one of the next commands the quickstart prints
+    assert " train / " in info and "val bits/byte" in info and " ok" in info
     proc = homellm("quickstart", "--out", str(run), "--max-time", "4", check=False)
     assert proc.returncode == 2 and "already holds" in proc.stderr
     homellm("eval", str(run), "--n", "20", "--max-digits", "3")

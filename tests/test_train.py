@@ -92,6 +92,11 @@ def test_corrupt_checkpoint_falls_back_to_newest_valid(tmp_path, reference, caps
     assert chosen == run / "best"
     assert "corrupt" in capsys.readouterr().err
     load_model(run, "last")  # loads best instead
+    from homellm.info import describe
+
+    table = describe(run)
+    assert "not usable: " in table and "last/model.safetensors: corrupt" in table
+    assert [line.split()[0] for line in table.splitlines() if line.endswith(" ok")] == ["best"]
     shutil.rmtree(run / "best")
     with pytest.raises(HomeLLMError, match="no valid resumable checkpoint"):
         find_checkpoint(run, "last", need_state=True)

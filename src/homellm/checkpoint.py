@@ -101,7 +101,7 @@ def fault_point(var: str, step: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _verify(folder: Path, need_state: bool) -> dict[str, Any]:
+def verify_checkpoint(folder: Path, need_state: bool) -> dict[str, Any]:
     """checkpoint.json of a complete, uncorrupted checkpoint folder; HomeLLMError saying what is wrong."""
     if not folder.is_dir():
         raise HomeLLMError(f"{folder}: missing")
@@ -124,7 +124,7 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
     problems = []
     for c in candidates:
         try:
-            valid.append((int(_verify(c, need_state)["step"]), c))
+            valid.append((int(verify_checkpoint(c, need_state)["step"]), c))
         except HomeLLMError as e:
             if c.exists() or not c.name.startswith("."):
                 problems.append(str(e))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from homellm.checkpoint import INFO, read_config
+from homellm.checkpoint import read_config, verify_checkpoint
 from homellm.config import load_json
+from homellm.errors import HomeLLMError
 from homellm.model import GPT
 
 
@@ -55,19 +56,25 @@ def describe(run: str | Path) -> str:
     out = [f"run {run}", "", table(arch, ("architecture", "")), "", table(params, ("parameters", "count", "share"))]
     ckpts = []
     for name in ("last", "best"):
-        if (run / name / INFO).is_file():
-            info = load_json(run / name / INFO)
-            val = info.get("val_loss")
-            ckpts.append((name, f"{info['step']:,}", f"{info.get('tokens', 0):,}",
-                          f"{val:.4f}" if val is not None else "-",
-                          f"{info['val_bpb']:.4f}" if info.get("val_bpb") is not None else "-"))
-    if ckpts:
-        out += ["", table(ckpts, ("checkpoint", "step", "tokens", "val loss", "val bits/byte"))]
+        if not (run / name).exists():
+            continue
+        try:  # the weights' checksum too: a checkpoint that would not load must not look fine here
+            info, state = verify_checkpoint(run / name, need_state=False), "ok"
+        except HomeLLMError as e:
+            ckpts.append((name, "-", "-", "-", "-", f"not usable: {e}"))
+            continue
+        val = info.get("val_loss")
+        ckpts.append((name, f"{info['step']:,}", f"{info.get('tokens', 0):,}",
+                      f"{val:.4f}" if val is not None else "-",
+                      f"{info['val_bpb']:.4f}" if info.get("val_bpb") is not None else "-", state))
+    headers = ("checkpoint", "step", "tokens", "val loss", "val bits/byte", "state")
+    out += ["", table(ckpts, headers) if ckpts else "checkpoints: none yet (train the run to write them)"]
     cfg = load_json(run / "config.json")
     if "data_meta" in cfg:
         m = cfg["data_meta"]
-        out += ["", f"data: {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens "
-                f"from {m['documents']:,} documents (split by {m['split']})"]
+        # Runs trained on a task's own batches (the quickstart) record tokens only, not documents or the split.
+        docs = f" from {m['documents']:,} documents (split by {m.get('split', '?')})" if "documents" in m else ""
+        out += ["", f"data {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} accumulation, "
             f"schedule {tcfg.schedule}, seed {tcfg.seed}"]
     return "\n".join(out)
