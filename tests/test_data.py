@@ -286,7 +286,7 @@ def test_characters_a_char_tokenizer_never_saw_are_counted_and_mostly_unknown_te
     meta = prepare(PrepareConfig(input=[str(mixed)], tokenizer=str(tok), out=str(tmp_path / "d1")))
     assert meta["unknown_tokens"] == 50
     err = capsys.readouterr().err
-    assert "note: 50 of" in err and "such as 'é'" in err
+    assert f"note: {mixed}: 50 of " in err and "such as 'é'" in err
     japanese = tmp_path / "ja.txt"
     japanese.write_text("日本語のテキストです。\n", encoding="utf-8")
     with pytest.raises(HomeLLMError, match=r"ja.txt: 11 of 12 tokens \(91.7%\) are characters .* such as '。"):

@@ -229,3 +229,13 @@ def test_resuming_with_another_init_names_both(tmp_path, base_run):
     data = qa_file(tmp_path / "qa.jsonl", 10)
     with pytest.raises(HomeLLMError, match=r"--init .* is not the run's init \(.*elsewhere\): drop --init"):
         sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(out), resume=True))
+
+
+def test_conversations_the_char_tokenizer_cannot_write_are_refused(tmp_path, base_run):
+    data = tmp_path / "ja.jsonl"
+    chat = [{"role": "user", "content": "昔話をしてください"},
+            {"role": "assistant", "content": "むかしむかし、ある村に"}]
+    data.write_text("\n".join(json.dumps({"messages": chat}) for _ in range(20)) + "\n", encoding="utf-8")
+    with pytest.raises(HomeLLMError, match=r"ja.jsonl: .* tokens \(.*%\) are characters the tokenizer .* such as '"):
+        sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(tmp_path / "s"), max_steps=1))
+    assert not (tmp_path / "s" / "last").exists()

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,13 +24,10 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.tokenizer import UNK, Tokenizer
+from homellm.tokenizer import UNK, Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
 _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: enough pieces to use every core
-# A char tokenizer turns characters it never saw into <|unk|>, which loses them: a few (a rare symbol) are noted,
-# more than this share of the tokens means the wrong tokenizer for the text, and prepare refuses.
-_MAX_UNKNOWN_SHARE = 0.05
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
 
@@ -411,13 +407,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             flush(batch)
     for w in writers.values():
         w.close()
-    if unknown:
-        what = (f"{unknown:,} of {tokens:,} tokens ({unknown / tokens:.1%}) are characters the tokenizer "
-                f"{cfg.tokenizer} does not know, such as {' '.join(sorted(unknown_chars)[:10])!r}")
-        if unknown / tokens > _MAX_UNKNOWN_SHARE:
-            raise HomeLLMError(f"{' '.join(cfg.input)}: {what}; they would all become {UNK}: train a tokenizer on "
-                               "this text (`homellm tokenizer train --input ...`)")
-        print(f"note: {what}; they become {UNK}", file=sys.stderr)
+    check_unknown(unknown, tokens, unknown_chars, "tokens", cfg.tokenizer, " ".join(cfg.input))
 
     split = "document"
     if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +24,22 @@ from homellm.errors import HomeLLMError
 from homellm.io import atomic_write
 
 UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
+# A char tokenizer turns characters it never saw into <|unk|>, which loses them: a few (a rare symbol) are noted,
+# more than this share means the wrong tokenizer for the text, and the text is refused.
+MAX_UNKNOWN_SHARE = 0.05
+
+
+def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, tokenizer: str, where: str) -> None:
+    """Say that `unknown` of `total` tokens or characters of `where` are unknown to `tokenizer`; refuse past the
+    share above (prepare and sft use it, so both hold text to the same rule)."""
+    if not unknown:
+        return
+    what = (f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are characters the tokenizer {tokenizer} does "
+            f"not know, such as {' '.join(sorted(examples)[:10])!r}")
+    if unknown / total > MAX_UNKNOWN_SHARE:
+        raise HomeLLMError(f"{where}: {what}; they would all become {UNK}: train a tokenizer on this text "
+                           "(`homellm tokenizer train --input ...`)")
+    print(f"note: {where}: {what}; they become {UNK}", file=sys.stderr)
 _HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
 
 
