@@ -152,6 +152,8 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     # The chat run is an ordinary run: eval takes it again, and a pretrained-only run is not a chat model.
     again = homellm("eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5")
     assert "ja" in again.stdout and "overall" in again.stdout
+    again = homellm("eval", str(run), "--task", "chat-arithmetic", "--n", "5", check=False)
+    assert again.returncode == 2 and "is not a chat model" in again.stderr
 
 
 def test_chat_questions_keep_the_problem_and_score_replies_exactly():

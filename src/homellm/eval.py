@@ -149,6 +149,9 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     run = Path(run)
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem per phrasing")
+    if "sft" not in _run_config(run):
+        raise HomeLLMError(f"{run} is not a chat model (its config.json has no sft section): fine-tune one with "
+                           "`homellm quickstart --chat` or `homellm sft`, or use --task arithmetic")
     tok = Tokenizer.load(run)
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
