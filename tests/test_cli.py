@@ -57,6 +57,8 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     proc = homellm("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "12", "--seed", "1")
     assert proc.stdout.startswith("the cat") and len(proc.stdout) > len("the cat\n")
     assert "tokens/s" in proc.stderr
+    proc = homellm("generate", str(run), "--prompt", "the cat " * 80, "--max-new-tokens", "2")
+    assert "note: the prompt is " in proc.stderr and "tokens and the model's context" in proc.stderr
     proc = homellm("info", str(run))
     assert "parameters" in proc.stdout.lower()
 

@@ -88,6 +88,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg = build(SampleConfig, args)
     model = load_model(args.run, cfg.checkpoint, resolve_device(cfg.device))
     tok = Tokenizer.load(args.run)
+    block = model.cfg.block_size
+    if (n := len(tok.encode(cfg.prompt, allow_special=True))) > block - 1:
+        print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",
+              file=sys.stderr)
     stats: dict = {}
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
