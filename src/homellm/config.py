@@ -71,9 +71,6 @@ class ModelConfig:
             raise HomeLLMError(f"--n-head {self.n_head} is not divisible by --n-kv-head {self.n_kv_head}: change one")
         if self.family == "llama" and (self.n_embd // self.n_head) % 2:
             raise HomeLLMError("RoPE needs an even head size (n_embd / n_head): change --n-embd or --n-head")
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(self, name) <= 0:
-                raise HomeLLMError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check_ranges(self)
 
 
@@ -239,13 +236,15 @@ _AT_LEAST_1 = (lambda v: v >= 1, "must be 1 or more")
 _CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model
+    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1, "block_size": _AT_LEAST_1,
     "dropout": _between(0, 1, hi_open=True), "rope_theta": _POSITIVE, "norm_eps": _POSITIVE,
     "intermediate_size": _AT_LEAST_1,
     # training
     "lr": _POSITIVE, "muon_lr": _POSITIVE, "beta1": _between(0, 1, hi_open=True), "beta2": _between(0, 1, hi_open=True),
     "min_lr_ratio": _between(0, 1), "warmup_steps": _NOT_NEGATIVE, "decay_fraction": _between(0, 1),
     "weight_decay": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE, "max_time": _NOT_NEGATIVE, "eval_batches": _AT_LEAST_1,
-    "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE,
+    "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE, "grad_accum": _AT_LEAST_1, "log_every": _AT_LEAST_1,
+    "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
     "tokenizer_kind": (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char"),

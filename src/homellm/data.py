@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.tokenizer import UNK, Tokenizer, check_unknown
+from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
 _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: enough pieces to use every core
@@ -369,7 +369,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")  # little-endian on any machine
     writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens, tok.token_bytes()) for s in ("train", "val")}
     docs = val_docs = tokens = unknown = 0
-    unk_id = tok.hf.token_to_id(UNK)  # None for byte-level BPE, which knows every byte
+    unk_id = tok.unk_id
     unknown_chars: set[str] = set()
     eot = np.array([tok.eot_id], dtype=np.uint32)
 
@@ -383,7 +383,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             if unk_id is not None and (n := int((array == unk_id).sum())):
                 unknown += n
                 if len(unknown_chars) < 10:
-                    unknown_chars.update(c for c in piece.text if tok.hf.token_to_id(c) is None)
+                    unknown_chars.update(tok.unknown_chars(piece.text))
             parts[side].append(array)
             if piece.end:
                 parts[side].append(eot)

@@ -29,7 +29,7 @@ from homellm.checkpoint import (
 )
 from homellm.config import SFTConfig, TrainConfig, check_ranges, from_dict, load_json, replace, to_dict
 from homellm.errors import HomeLLMError
-from homellm.tokenizer import UNK, Tokenizer, check_unknown
+from homellm.tokenizer import Tokenizer, check_unknown
 
 # Training defaults for fine-tuning, below any flag the user gives: a small learning rate (the model already
 # knows the language), no weight decay, frequent evaluation. LoRA's adapters start at zero and need more.
@@ -147,8 +147,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     model_cfg, _ = read_config(init)
     folder = find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
-        saved_init = load_json(out / "config.json").get("sft", {}).get("init") if (out / "config.json").is_file() \
-            else None
+        saved = load_json(out / "config.json") if (out / "config.json").is_file() else {}
+        saved_init = saved.get("sft", {}).get("init")
         if saved_init and Path(saved_init).resolve() != init.resolve():
             raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_init}): drop --init to continue "
                                "the run, or choose a new --out")
@@ -158,12 +158,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     tok = Tokenizer.load(init)
     conversations, bad = read_conversations(cfg.data, cfg.skip_bad)
     data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg, train_cfg.grad_accum)
-    unk_id = tok.hf.token_to_id(UNK)  # char tokenizers only: characters they never saw become <|unk|>
     rows = [data.rows[split][0] for split in ("train", "val")]
-    if unk_id is not None and (unknown := sum(int((r == unk_id).sum()) for r in rows)):
-        chars = set("".join(m["content"] for conv in conversations for m in conv))
-        check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows),
-                      {c for c in chars if tok.encode(c) == [unk_id]}, "tokens", str(init), " ".join(cfg.data))
+    if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
+        text = "".join(m["content"] for conv in conversations for m in conv)
+        check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
+                      str(init), " ".join(cfg.data))
     stats = {**data.stats, "bad_lines_skipped": bad}
     print(f"{stats['conversations']:,} conversations ({stats['val_conversations']:,} held out), "
           f"{len(data.rows['train'][0]):,} training rows of {model_cfg.block_size} tokens"

@@ -24,6 +24,7 @@ from homellm.errors import HomeLLMError
 from homellm.io import atomic_write
 
 UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
+_HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
 # A char tokenizer turns characters it never saw into <|unk|>, which loses them: a few (a rare symbol) are noted,
 # more than this share means the wrong tokenizer for the text, and the text is refused.
 MAX_UNKNOWN_SHARE = 0.05
@@ -40,7 +41,6 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
         raise HomeLLMError(f"{where}: {what}; they would all become {UNK}: train a tokenizer on this text "
                            "(`homellm tokenizer train --input ...`)")
     print(f"note: {where}: {what}; they become {UNK}", file=sys.stderr)
-_HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
 
 
 class Tokenizer:
@@ -76,6 +76,16 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+
+    @property
+    def unk_id(self) -> int | None:
+        """<|unk|>'s id in a char tokenizer; None for byte-level BPE, which can write any text."""
+        return self.hf.token_to_id(UNK)
+
+    def unknown_chars(self, text: str) -> set[str]:
+        """The characters of text this tokenizer writes as <|unk|> (kept whole, so --words never count)."""
+        unk = self.unk_id
+        return set() if unk is None else {c for c in set(text) if self.encode(c) == [unk]}
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""

@@ -280,10 +280,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     check_ranges(cfg)
     env = setup_env(cfg)
     run = Path(cfg.out)
-    if cfg.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.log_every <= 0:
-        raise HomeLLMError("--batch-size, --grad-accum and --log-every must be positive")
-    if cfg.checkpoint_every < 0 or cfg.eval_every < 0:
-        raise HomeLLMError("--checkpoint-every and --eval-every must be 0 (only at the end / never) or positive")
     if cfg.max_steps <= 0 and cfg.max_time <= 0:
         raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
     torch.manual_seed(cfg.seed + env.rank)
