@@ -246,6 +246,8 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         got, answer = post(url, body)
         assert (got, answer["error"]["param"], answer["error"]["code"]) == (status, param, code), body
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    assert post(url, {**ok, "messages": "hi"})[1]["error"]["message"] == (
+        "request body: 'messages' is str, not a list of {role, content} messages")
     status, answer = post(server.url + "/v1/nothing", ok)
     assert status == 404 and answer["error"]["code"] == "not_found"
     # The official client raises its typed errors, carrying our codes.

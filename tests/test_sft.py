@@ -90,6 +90,13 @@ def test_read_conversations_formats_and_errors(tmp_path):
         json.dumps({"messages": []}): "conversation is empty",
         json.dumps({"messages": "hello"}): "'messages' is str, not a list of",
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}): "no assistant turn",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}):
+            "message 1 is an empty assistant reply",
+        json.dumps({"instruction": "Add", "output": ""}): "message 1 is an empty assistant reply",
+        json.dumps({"messages": [{"role": "system", "content": "Be terse."}, {"role": "assistant", "content": "Hi"},
+                                 {"role": "user", "content": "hi"}]}): "starts with the assistant",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."},
+                                 {"role": "assistant", "content": "Hi"}]}): "message 1 is a system message",
         json.dumps({"text": "hi"}): "expected",
     }
     for line, message in cases.items():

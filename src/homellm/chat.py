@@ -23,8 +23,8 @@ Message = dict[str, str]
 def check_messages(messages: Any, where: str) -> list[Message]:
     """The messages as a list of {role, content} dicts, or a one-line error naming `where` (file:line)."""
     if not isinstance(messages, list):
-        raise HomeLLMError(f"{where}: 'messages' is {type(messages).__name__ if messages is not None else 'missing'}, "
-                           "not a list of {role, content} messages")
+        kind = type(messages).__name__ if messages is not None else "missing"
+        raise HomeLLMError(f"{where}: 'messages' is {kind}, not a list of {{role, content}} messages")
     if not messages:
         raise HomeLLMError(f"{where}: the conversation is empty: give at least one message")
     out = []
@@ -90,8 +90,24 @@ def _conversation(record: Any, where: str) -> list[Message]:
     else:
         raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}} or Alpaca's {{\"instruction\", \"input\", "
                            "\"output\"}")
+    return _check_training(messages, where)
+
+
+def _check_training(messages: list[Message], where: str) -> list[Message]:
+    """The rules a conversation to train on keeps beyond `check_messages`: each is a likely data bug (a reply
+    lost in conversion, roles swapped) that would teach the model something wrong without a word."""
     if not any(m["role"] == "assistant" for m in messages):
         raise HomeLLMError(f"{where}: the conversation has no assistant turn: nothing to learn from it")
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            raise HomeLLMError(f"{where}: message {i} is a system message: only the first message may be one")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise HomeLLMError(f"{where}: message {i} is an empty assistant reply: training on it teaches the "
+                               "model to say nothing; fill it in or drop the line")
+    first = messages[1] if messages[0]["role"] == "system" and len(messages) > 1 else messages[0]
+    if first["role"] == "assistant":
+        raise HomeLLMError(f"{where}: the conversation starts with the assistant, before any user message: "
+                           "are the roles swapped? Begin with a user message")
     return messages
 
 

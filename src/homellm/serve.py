@@ -582,7 +582,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         check_model(body)
         raw = body.get("messages")
         try:
-            messages = check_messages([_content(m) for m in raw] if isinstance(raw, list) else raw, "'messages'")
+            messages = check_messages([_content(m) for m in raw] if isinstance(raw, list) else raw, "request body")
         except HomeLLMError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         params = parse_params(body, None, cfg.max_batch)
@@ -603,7 +603,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
     async def markdown(request: Request) -> Response:
         body = await read_body(request)
         try:
-            messages = check_messages(body.get("messages"), "'messages'")
+            messages = check_messages(body.get("messages"), "request body")
         except HomeLLMError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         return Response(to_markdown(messages, f"Conversation with {name}"), media_type="text/markdown; charset=utf-8",
