@@ -136,3 +136,17 @@ def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path,
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith("homellm: error: " + message)
     assert (tmp_path / "p.txt").read_text() == "a prompt\n" and (tmp_path / "c.txt").read_text() == "some text\n"
+    # A tokenizer is never written over a run's, prepared data's or another tokenizer.
+    assert main(["tokenizer", "train", "--input", "c.txt", "--kind", "char", "--out", "tok"]) == 0
+    before = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    for folder, name, message in [("tok", "tokenizer.json", "already holds a tokenizer (tokenizer.json): choose a "
+                                   "new --out, or delete tok/tokenizer.json first"),
+                                  ("run", "config.json", "already holds a run (config.json): choose a new --out"),
+                                  ("data", "meta.json", "already holds prepared data (meta.json): choose a new --out")]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).touch(exist_ok=True)
+        capsys.readouterr()
+        assert main(["tokenizer", "train", "--input", "p.txt", "--kind", "char", "--out", folder]) == 2
+        assert capsys.readouterr().err == f"homellm: error: --out {folder} {message}\n"
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
+    assert not (tmp_path / "run" / "tokenizer.json").exists() and not (tmp_path / "data" / "tokenizer.json").exists()

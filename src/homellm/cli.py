@@ -239,6 +239,13 @@ def check_out(args: argparse.Namespace) -> None:
             raise HomeLLMError(f"--out {out} is the --prompts file: choose another --out")
     elif out.exists() and not out.is_dir():
         raise HomeLLMError(f"--out {out} is a file: give a folder path")
+    elif args.func is cmd_tokenizer:
+        # A new tokenizer over a run's or prepared data's would leave their token ids meaning other text; over another
+        # tokenizer it would lose one that may have taken long to train. (Prepared data keeps its own copy.)
+        for name, what in (("config.json", "a run"), ("meta.json", "prepared data"), ("tokenizer.json", "a tokenizer")):
+            if (out / name).is_file():
+                raise HomeLLMError(f"--out {out} already holds {what} ({name}): choose a new --out"
+                                   + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
