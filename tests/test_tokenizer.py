@@ -162,10 +162,16 @@ def test_save_load_round_trip(bpe, tmp_path):
 def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(HomeLLMError, match="no tokenizer.json"):
         Tokenizer.load(tmp_path)
-    bad = write(tmp_path / "tokenizer.json", "{not json")
-    with pytest.raises(HomeLLMError, match="not a valid tokenizer.json") as e:
-        Tokenizer.load(bad)
-    assert "\n" not in str(e.value)
+    for text, message in [("{not json", r"tokenizer.json: not JSON \(Expecting property name"),
+                          ('{"a": 1}', r"tokenizer.json: JSON, but not a tokenizer.json \(it has no 'model' section\)"),
+                          ('{"model": {"type": "BPE"}}', "tokenizer.json: not a valid tokenizer.json")]:
+        bad = write(tmp_path / "tokenizer.json", text)
+        with pytest.raises(HomeLLMError, match=message) as e:
+            Tokenizer.load(bad)
+        assert "\n" not in str(e.value)
+        with pytest.raises(HomeLLMError, match=message + ".*give a Hugging Face tokenizer.json"):
+            train_tokenizer(TokenizerConfig(from_file=str(bad), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
 
 
 def test_char_tokenizer_round_trip_and_unknown_characters(tmp_path):

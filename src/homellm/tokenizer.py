@@ -153,14 +153,7 @@ class Tokenizer:
         path = Path(path)
         for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
             if candidate.is_file():
-                try:
-                    return cls(HFTokenizer.from_file(str(candidate)))
-                except HomeLLMError:
-                    raise
-                except Exception as e:  # the Rust side raises plain Exceptions with multi-line messages
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise HomeLLMError(f"{candidate}: not a valid tokenizer.json ({reason}): "
-                                       "train or import the tokenizer again") from None
+                return cls(_read_hf(candidate, "train or import the tokenizer again"))
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
                            "train one with `homellm tokenizer`, or pass a run or data folder that holds one")
 
@@ -291,6 +284,22 @@ def _train_char(texts: Iterator[str], words: Sequence[str] = ()) -> Tokenizer:
     return Tokenizer(tok)
 
 
+def _read_hf(file: Path, fix: str) -> HFTokenizer:
+    """A Hugging Face tokenizer from its tokenizer.json, or a one-line error that tells a file that is not JSON from
+    JSON that is not a tokenizer (the Rust side reports both as a parse error at some line and column)."""
+    try:
+        spec = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HomeLLMError(f"{file}: not JSON ({e}): {fix}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise HomeLLMError(f"{file}: JSON, but not a tokenizer.json (it has no 'model' section): {fix}")
+    try:
+        return HFTokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises plain Exceptions with multi-line messages
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HomeLLMError(f"{file}: not a valid tokenizer.json ({reason}): {fix}") from None
+
+
 def import_tokenizer(path: str | Path) -> Tokenizer:
     """An existing tokenizer.json (file, or a folder holding one), or GPT-2's encoder.json + vocab.bpe, with the
     special tokens it lacks added after its vocabulary. GPT-2's own `<|endoftext|>` (50256) is kept."""
@@ -307,11 +316,7 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
         if not file.is_file():
             raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
                                "tokenizer.json or with GPT-2's encoder.json + vocab.bpe")
-        try:
-            hf = HFTokenizer.from_file(str(file))
-        except Exception as e:
-            raise HomeLLMError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]}): "
-                               "check the file") from None
+        hf = _read_hf(file, "give a Hugging Face tokenizer.json")
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
     # appended after the largest id.
     hf.add_special_tokens(_special_tokens())
