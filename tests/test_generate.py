@@ -147,10 +147,13 @@ def test_beam_search_with_every_continuation_kept_is_exact(family):
         assert beam_search(model, prompt, 64, 3) == every[total.argmax()].tolist()
 
 
-def test_beam_search_respects_block_size_and_stops():
-    model = tiny("gpt2")
-    assert len(beam_search(model, list(range(30)), 3, 10)) == 2  # 30 + 2 = block_size 32
-    assert len(beam_search(model, list(range(60)), 3, 10)) == 1  # a long prompt keeps its last 31 tokens
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_slides_past_the_context_as_sampling_does_and_stops(family):
+    model = tiny(family)  # block_size 32
+    for prompt in ([1, 2, 3], list(range(30)), list(range(60))):  # a long prompt keeps its last 31 tokens
+        greedy = list(generate_ids(model, prompt, SampleConfig(temperature=0.0, max_new_tokens=50)))
+        assert beam_search(model, prompt, 1, 50) == greedy and len(greedy) == 50
+        assert len(beam_search(model, prompt, 3, 50)) == 50
     assert beam_search(model, [1, 2], 3, 10, stop_ids=set(range(64))) == []
     out = beam_search(model, [1, 2], 3, 10, stop_ids={7, 8, 9})
     assert not {7, 8, 9} & set(out)

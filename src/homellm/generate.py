@@ -98,12 +98,13 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
                 stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0) -> list[int]:
     """The new ids (no prompt, no stop id) of the best hypothesis, scored sum(logprob) / length**length_penalty
-    (above 1 favours longer ones). Deterministic; generates at most block_size - len(prompt) tokens."""
+    (above 1 favours longer ones). Deterministic. The context window slides as in `generate_ids`, so one beam is
+    greedy decoding at any length."""
     if not prompt_ids:
         raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
     block = model.cfg.block_size
     prompt = list(prompt_ids)[-max(block - 1, 1):]
-    steps = min(max_new_tokens, block - len(prompt))
+    steps = max_new_tokens
     if steps <= 0:
         return []
     device = next(model.parameters()).device
@@ -118,7 +119,11 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         seqs = torch.empty(num_beams, 0, dtype=torch.long, device=device)
         finished: list[tuple[float, list[int]]] = []  # (normalised score, ids)
         for step in range(steps):
-            if step:
+            if step and cache.pos == block:  # every beam has the same length: refill them all as one batch
+                context = torch.cat([torch.tensor([prompt], device=device).expand(num_beams, -1), seqs], dim=1)
+                cache = KVCache(model.cfg, num_beams, block, device, next(model.parameters()).dtype)
+                logits = model(context[:, -max(block // 2, 1):], cache=cache)[0][:, -1]
+            elif step:
                 logits = _extend(model, seqs[:, -1:], cache)
             total = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (num_beams, V)
             vocab, length = total.size(-1), (step + 1) ** length_penalty
