@@ -13,7 +13,7 @@ from homellm.data import prepare
 from homellm.eval import greedy_complete, stop_ids
 from homellm.generate import generate_ids
 from homellm.model import GPT
-from homellm.quickstart import ROW_TOKENS, AnswerBatches
+from homellm.quickstart import ROW_TOKENS, AnswerBatches, default_problems
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
@@ -105,6 +105,10 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir):
     assert "bits per byte" in proc.stdout
     assert 0 < result["val_loss"] < math.log(64) + 0.5
     assert math.isclose(result["val_bpb"], result["val_loss"] / math.log(2), rel_tol=1e-6)  # ASCII: 1 byte/char
+
+
+def test_quickstart_generates_problems_in_proportion_to_its_budget():
+    assert [default_problems(t) for t in (600, 1800, 20, 0.5)] == [500_000, 500_000, 16_667, 1000]
 
 
 def test_short_quickstart_runs_end_to_end(tmp_path):

@@ -36,6 +36,7 @@ CHAT_LR = 1e-3  # below pretraining's 3e-3: the model already writes the answers
 # lines, against 73-75 % for rows of the whole context: bench/arithmetic_after_context.py), so --chat
 # pretrains on rows of the whole context, without documents.
 ROW_TOKENS = 48
+PROBLEMS_PER_10_MIN = 500_000  # what 10 minutes of training on a 2-core CPU reads, about once each
 
 
 class AnswerBatches:
@@ -121,6 +122,12 @@ def build_data(run: Path, problems: int, seed: int, stages: int = 5,
     return run / "data", tok
 
 
+def default_problems(max_time: float) -> int:
+    """Training problems for a budget of `max_time` seconds: a short run reads few, and generating the full set
+    would eat the time it has to train (500,000 take about 10 s on this 2-core CPU)."""
+    return min(PROBLEMS_PER_10_MIN, max(1000, round(PROBLEMS_PER_10_MIN * max_time / 600)))
+
+
 def recipe(cfg: QuickstartConfig, seconds: float) -> tuple[ModelConfig, TrainConfig]:
     """The `arithmetic` preset, trained for `seconds`."""
     model_cfg, train_cfg = preset("arithmetic")
@@ -137,8 +144,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     if cfg.max_time <= 0:
         raise HomeLLMError(f"--max-time {cfg.max_time}: give the training a positive number of seconds")
-    if cfg.problems < 1000:
-        raise HomeLLMError(f"--problems {cfg.problems}: generate at least 1000 training problems")
+    if 0 < cfg.problems < 1000:
+        raise HomeLLMError(f"--problems {cfg.problems}: generate at least 1000 training problems (0 = by --max-time)")
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: evaluate at least 1 problem")
     run = Path(cfg.out)
@@ -147,7 +154,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                            "a new --out")
     t_start = time.perf_counter()
     stages = 7 if cfg.chat else 5
-    data_dir, tok = build_data(run, cfg.problems, cfg.seed, stages, words=arithmetic.WORDS)
+    data_dir, tok = build_data(run, cfg.problems or default_problems(cfg.max_time), cfg.seed, stages,
+                               words=arithmetic.WORDS)
     # Answering 2000 problems took under 3 s on a 2-core CPU; 3 % of the budget (at least 1 s) covers loading,
     # evaluation and the samples (twice that with the chat stage).
     reserve = max(1.0, 0.03 * cfg.max_time) * (2 if cfg.chat else 1)

@@ -57,6 +57,8 @@ def _exact(x: Fraction | int | str | Decimal | float) -> Fraction:
     """An operand as an exact Fraction; strings such as "12.5" are read exactly, floats by their repr."""
     if isinstance(x, bool):  # bool is an int subclass, and True as an operand is surely a mistake
         raise HomeLLMError(f"operand {x!r} is not a number; use an integer or a decimal such as 12.5")
+    if type(x) is Fraction:  # the generator's own operands: no copy (it makes millions)
+        return x
     if isinstance(x, (Fraction, int, Decimal)):
         return Fraction(x)
     if isinstance(x, float):
@@ -83,6 +85,8 @@ def _decimal_places(x: Fraction) -> int | None:
     A reduced fraction terminates iff its denominator is 2^i * 5^j, and then needs max(i, j) places.
     """
     d, twos, fives = x.denominator, 0, 0
+    if d == 1:
+        return 0
     while d % 2 == 0:
         d, twos = d // 2, twos + 1
     while d % 5 == 0:
@@ -92,11 +96,11 @@ def _decimal_places(x: Fraction) -> int | None:
 
 def _decimal(x: Fraction, places: int) -> str:
     # Minimal places means the scaled integer never ends in 0, so there are no trailing zeros to strip.
-    digits = str(abs(x) * 10**places)  # an integer-valued Fraction prints as a plain integer
+    digits = str(abs(x.numerator) * 10**places // x.denominator)  # exact: x terminates within `places`
     if places:
         digits = digits.rjust(places + 1, "0")  # 21 with 4 places -> 00021 -> 0.0021
         digits = f"{digits[:-places]}.{digits[-places:]}"
-    return f"-{digits}" if x < 0 else digits
+    return f"-{digits}" if x.numerator < 0 else digits  # numerator: Fraction's own < is slow, and this is hot
 
 
 def format_operand(x: Fraction | int | str | Decimal | float) -> str:
@@ -157,15 +161,18 @@ class Problem:
     kind: str = field(init=False)  # int, or decimal when at least one operand is not an integer
     answer_kind: str = field(init=False)  # int, decimal, fraction, undefined
     result: str = field(init=False)  # the exact answer string the model must write
+    prompt: str = field(init=False, repr=False, compare=False)  # `$12 \times 7 =`, written once: see prompt()
 
     def __post_init__(self) -> None:
         self.a, self.b = _exact(self.a), _exact(self.b)
-        for x in (self.a, self.b):
-            format_operand(x)  # raises for an operand no decimal can write, such as 1/3
+        a, b = format_operand(self.a), format_operand(self.b)  # raise for an operand no decimal writes, such as 1/3
         self.operator = _operator_name(self.op)
         self.op = OPERATORS[self.operator]
+        if self.b.numerator < 0:
+            b = f"({b})"  # `5 - -3` reads as a typo; `5 - (-3)` is how people write it
+        self.prompt = f"${a} {self.op} {b} ="
         self.digits = f"{_digit_count(self.a)}-{_digit_count(self.b)}"
-        self.signs = ("-" if self.a < 0 else "+") + ("-" if self.b < 0 else "+")
+        self.signs = ("-" if self.a.numerator < 0 else "+") + ("-" if self.b.numerator < 0 else "+")
         self.kind = "int" if self.a.denominator == 1 and self.b.denominator == 1 else "decimal"
         self.result = answer(self.a, self.op, self.b)
         self.answer_kind = _answer_kind(self.result)
@@ -173,10 +180,7 @@ class Problem:
 
 def prompt(p: Problem) -> str:
     r"""What the model is given: `$12 \times 7 =`; a negative second operand is parenthesised."""
-    b = format_operand(p.b)
-    if p.b < 0:
-        b = f"({b})"  # `5 - -3` reads as a typo; `5 - (-3)` is how people write it
-    return f"${format_operand(p.a)} {p.op} {b} ="
+    return p.prompt
 
 
 def completion(p: Problem) -> str:
