@@ -1,5 +1,6 @@
 """The arithmetic task: exact answers, formatting rules, balanced categories, a leak-free held-out split."""
 
+import hashlib
 import itertools
 import re
 from collections import Counter
@@ -205,6 +206,15 @@ def test_deterministic_by_seed() -> None:
     assert [line(p) for p in generate(300, seed=7)] == [line(p) for p in generate(300, seed=7)]
     assert [line(p) for p in generate(300, seed=7)] != [line(p) for p in generate(300, seed=8)]
     assert generate(0, seed=0) == []
+
+
+def test_problems_never_change() -> None:
+    """Every accuracy in bench/README.md was measured on these problems: the quickstart's first training lines and
+    the evaluation's default held-out set (n 2000, seed 1) stay exactly as they were, whatever the code does."""
+    assert corpus_text(generate(3, seed=0)) == "$-48 \\div 5 = -9.6$\n$-9 - (-87) = 78$\n$70 - 8 = 62$"
+    for n, seed, split, digest in [(2000, 1, "heldout", "76404b88588e22e7a482ef58f8290c1aa668a01c"),
+                                   (5000, 0, "train", "3491809dec8a10d0b2c7d9ec345cbe5a7e60648f")]:
+        assert hashlib.sha1(corpus_text(generate(n, seed, split=split)).encode()).hexdigest() == digest
 
 
 def test_max_digits_three() -> None:
