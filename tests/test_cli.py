@@ -150,3 +150,17 @@ def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path,
         assert capsys.readouterr().err == f"homellm: error: --out {folder} {message}\n"
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
     assert not (tmp_path / "run" / "tokenizer.json").exists() and not (tmp_path / "data" / "tokenizer.json").exists()
+    # Nor does any other verb write into a folder of another kind.
+    for argv, message in [
+        (["prepare", "--input", "c.txt", "--tokenizer", "tok", "--out", "run"], "--out run already holds a run"),
+        (["prepare", "--input", "c.txt", "--tokenizer", "tok", "--out", "tok"], "--out tok already holds a tokenizer"),
+        (["pretrain", "--data", "c.txt", "--out", "data"], "--out data already holds prepared data"),
+        (["sft", "--init", "run", "--data", "c.jsonl", "--out", "data"], "--out data already holds prepared data"),
+        (["merge", "run", "--out", "run"], "--out run already holds a run (config.json): choose a new --out"),
+        (["merge", "run", "--out", "tok"], "--out tok already holds a tokenizer"),
+        (["quickstart", "--out", "tok"], "--out tok already holds a tokenizer"),
+    ]:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.startswith("homellm: error: " + message), argv
+    assert sorted(f.name for f in (tmp_path / "run").iterdir()) == ["config.json"]
+    assert sorted(f.name for f in (tmp_path / "data").iterdir()) == ["meta.json"]

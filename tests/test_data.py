@@ -248,15 +248,19 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
         docs(["hf:x"])
 
 
-def test_failed_prepare_leaves_no_meta_and_readers_explain(tmp_path):
+def test_failed_prepare_keeps_earlier_data_and_readers_explain(tmp_path):
     good = write(tmp_path / "a.jsonl", '{"text": "hello"}\n{"text": "world"}\n')
     tok = str(char_tok(tmp_path, str(good)))
     out = tmp_path / "d"
     prepare(PrepareConfig(input=[str(good)], tokenizer=tok, out=str(out)))
+    before = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
     bad = write(tmp_path / "b.jsonl", '{"text": "hello"}\nnot json\n')
-    with pytest.raises(HomeLLMError, match="b.jsonl:2"):
-        prepare(PrepareConfig(input=[str(bad)], tokenizer=tok, out=str(out)))
-    assert not (out / "meta.json").exists()  # the old meta.json no longer vouches for half-written shards
+    for inputs, message in [([str(bad)], "b.jsonl:2"), ([str(tmp_path / "none.txt")], "no such file"),
+                            ([str(tmp_path / "*.none")], "matches no file")]:
+        with pytest.raises(HomeLLMError, match=message):
+            prepare(PrepareConfig(input=inputs, tokenizer=tok, out=str(out)))
+        assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    (out / "meta.json").unlink()
     with pytest.raises(HomeLLMError, match="run `homellm prepare"):
         read_meta(out)
     prepare(PrepareConfig(input=[str(good)], tokenizer=tok, out=str(out)))

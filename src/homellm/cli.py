@@ -239,13 +239,17 @@ def check_out(args: argparse.Namespace) -> None:
             raise HomeLLMError(f"--out {out} is the --prompts file: choose another --out")
     elif out.exists() and not out.is_dir():
         raise HomeLLMError(f"--out {out} is a file: give a folder path")
-    elif args.func is cmd_tokenizer:
-        # A new tokenizer over a run's or prepared data's would leave their token ids meaning other text; over another
-        # tokenizer it would lose one that may have taken long to train. (Prepared data keeps its own copy.)
-        for name, what in (("config.json", "a run"), ("meta.json", "prepared data"), ("tokenizer.json", "a tokenizer")):
-            if (out / name).is_file():
-                raise HomeLLMError(f"--out {out} already holds {what} ({name}): choose a new --out"
-                                   + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
+    # What each verb must not write into: its files would replace a run's, prepared data's or a tokenizer's own
+    # (a run's tokenizer/, say), leaving their token ids meaning other text. Resuming a run, or preparing data again
+    # over prepared data, stays allowed.
+    kinds = {"config.json": "a run", "meta.json": "prepared data", "tokenizer.json": "a tokenizer"}
+    not_into = {cmd_tokenizer: kinds, cmd_prepare: ("config.json", "tokenizer.json"), cmd_merge: kinds,
+                cmd_pretrain: ("meta.json", "tokenizer.json"), cmd_sft: ("meta.json", "tokenizer.json"),
+                cmd_quickstart: ("meta.json", "tokenizer.json")}.get(args.func, ())
+    for name in not_into:
+        if (out / name).is_file():
+            raise HomeLLMError(f"--out {out} already holds {kinds[name]} ({name}): choose a new --out"
+                               + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

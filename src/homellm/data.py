@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -360,12 +361,31 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if cfg.shard_tokens <= 0:
         raise HomeLLMError(f"--shard-tokens {cfg.shard_tokens} must be positive")
     tok = Tokenizer.load(cfg.tokenizer)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # An old meta.json would vouch for shards about to be overwritten: remove it first, write the new one last.
-    (out / "meta.json").unlink(missing_ok=True)
-    for old in [*out.glob("train_*.bin"), *out.glob("val_*.bin")]:
+    final = Path(cfg.out)
+    # Everything is written into a staging folder first and replaces earlier data in --out only once it is complete,
+    # so bad input or a crash halfway never loses data prepared before (at the cost of room for both meanwhile).
+    out = final / ".preparing"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        meta = _prepare_into(out, cfg, tok)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    # The old meta.json would vouch for shards about to go: it goes first, and the new one is written last.
+    (final / "meta.json").unlink(missing_ok=True)
+    for old in [*final.glob("train_*.bin"), *final.glob("val_*.bin")]:
         old.unlink()
+    shutil.rmtree(final / "tokenizer", ignore_errors=True)
+    for f in out.iterdir():
+        os.replace(f, final / f.name)
+    out.rmdir()
+    save_json(final / "meta.json", meta)
+    return meta
+
+
+def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
+    """prepare's work: shards and tokenizer/ written into `out`; returns the meta.json to write beside them."""
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")  # little-endian on any machine
     writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens, tok.token_bytes()) for s in ("train", "val")}
     docs = val_docs = tokens = unknown = 0
@@ -438,7 +458,6 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
     }
-    save_json(out / "meta.json", meta)
     return meta
 
 
