@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from conftest import homellm
+from conftest import homellm, make_corpus
 from homellm.cli import build_parser
+from homellm.tokenizer import Tokenizer
 
 
 def verbs() -> list[list[str]]:
@@ -68,6 +69,41 @@ def test_raw_text_goes_straight_to_a_model(tmp_path, corpus):
     homellm("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "5",
             "--eval-every", "5")
     assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "last" / "model.safetensors").is_file()
+    tokenizer = (run / "tokenizer" / "tokenizer.json").read_bytes()
+    # Resuming on new text reads it with the run's own tokenizer (relay pretraining), never a new one.
+    more = make_corpus(tmp_path / "more.txt", n_lines=500, seed=1)
+    proc = homellm("pretrain", "--data", str(more), "--out", str(run), "--resume", "--max-steps", "8")
+    assert f"tokenizing {more} with {run}'s tokenizer" in proc.stderr
+    assert json.loads((run / "data" / "meta.json").read_text())["inputs"] == [str(more)]
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 8
+    # Data prepared with another tokenizer is refused before anything is written.
+    homellm("tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "char"))
+    homellm("prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "char"), "--out", str(tmp_path / "d"))
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    proc = homellm("pretrain", "--data", str(tmp_path / "d"), "--out", str(run), "--resume", "--max-steps", "9",
+                   check=False)
+    assert proc.returncode == 2 and "was prepared with another tokenizer than" in proc.stderr
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    # eval --task loss finds the run's data/ even where the saved path no longer leads (another cwd, a moved run).
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": "elsewhere/data"}))
+    assert "bits per byte" in homellm("eval", str(run), "--task", "loss", "--batches", "1").stdout
+    # A fine-tuned run continues with sft, and says so.
+    (run / "config.json").write_text(json.dumps({**config, "sft": {}}))
+    proc = homellm("pretrain", "--out", str(run), "--resume", check=False)
+    assert proc.returncode == 2 and "is a fine-tuned run: continue it with `homellm sft --resume" in proc.stderr
+
+
+def test_an_interrupted_raw_text_start_rebuilds_its_data_when_the_tokenizer_settings_change(tmp_path, corpus):
+    run = tmp_path / "run"
+    homellm("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "3",
+            "--tokenizer-kind", "char", "--checkpoint-every", "0", env={"HOMELLM_FAULT_KILL_AT_STEP": "2"},
+            check=False)
+    assert Tokenizer.load(run / "data").kind == "char" and not (run / "last").exists()
+    homellm("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "3",
+            "--tokenizer-kind", "bpe", "--tokenizer-vocab", "300")
+    assert Tokenizer.load(run).kind == "bpe" and Tokenizer.load(run / "data").same_as(Tokenizer.load(run))
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):

@@ -344,8 +344,8 @@ def _is_val(seed: int, doc: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") < val_fraction * 2**64
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes.
+def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes (with `extra_meta` added).
 
     Each document ends with the end-of-text id. Documents go to val by a hash of (seed, index) against
     val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
@@ -368,7 +368,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
-        meta = _prepare_into(out, cfg, tok)
+        meta = {**_prepare_into(out, cfg, tok), **(extra_meta or {})}
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

@@ -112,16 +112,25 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
 
     run = Path(run)
     config = _run_config(run)
-    data_dir = Path(cfg.data or config.get("data_dir", ""))
-    if not (data_dir / "meta.json").is_file():
-        raise HomeLLMError(f"--data {str(data_dir) or '(none)'}: not a prepared data folder (no meta.json): "
-                           "pass one made by `homellm prepare`")
+    if cfg.data:
+        data_dir = Path(cfg.data)
+        if not (data_dir / "meta.json").is_file():
+            raise HomeLLMError(f"--data {data_dir}: not a prepared data folder (no meta.json): pass one made by "
+                               "`homellm prepare`")
+    else:  # the run's own data: where training found it, else its data/ (a path saved relative to another cwd)
+        saved = config.get("data_dir")
+        found = [d for d in ([Path(saved)] if saved else []) + [run / "data"] if (d / "meta.json").is_file()]
+        if not found:
+            raise HomeLLMError(f"{run} records no prepared data that still exists"
+                               + (f" ({saved})" if saved else "") + ": pass --data, a folder made by "
+                               f"`homellm prepare --tokenizer {run}`")
+        data_dir = found[0]
     if cfg.batches <= 0:
         raise HomeLLMError(f"--batches {cfg.batches}: evaluate at least 1 batch")
     model_cfg, train_cfg = read_config(run)
     tok = Tokenizer.load(data_dir)
     run_tok = Tokenizer.load(run)
-    if tok.hf.to_str() != run_tok.hf.to_str():
+    if not tok.same_as(run_tok):
         raise HomeLLMError(f"--data {data_dir} was tokenized with another tokenizer than {run}: prepare it with "
                            f"`homellm prepare --tokenizer {run}`")
     env = setup_env(TrainConfig(device=cfg.device))

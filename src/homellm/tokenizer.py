@@ -121,6 +121,10 @@ class Tokenizer:
             self._token_bytes = out
         return self._token_bytes
 
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether both turn text into the same ids (the same vocabulary, merges and pre-processing)."""
+        return self.hf.to_str() == other.hf.to_str()
+
     def save(self, out: str | Path, model_max_length: int | None = None) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (Hugging Face layout).
         `model_max_length` is the context length, when a model is known (the trainer passes block_size)."""

@@ -33,7 +33,16 @@ from homellm.checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, check_ranges, replace, save_json, to_dict
+from homellm.config import (
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+    check_ranges,
+    load_json,
+    replace,
+    save_json,
+    to_dict,
+)
 from homellm.data import open_split, read_meta
 from homellm.errors import HomeLLMError
 from homellm.model import GPT
@@ -481,15 +490,21 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         return Path(cfg.data[0])
     run = Path(cfg.out)
     data_dir = run / "data"
-    if (data_dir / "meta.json").is_file() and read_meta(data_dir).get("inputs") == list(cfg.data):
-        return data_dir  # prepared by an earlier start of this run
-    tok_dir = run / "data_tokenizer"
-    print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
-    tok = train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
-                                          vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field))
-    del tok
+    # Reused only when made from the same inputs the same way, by an earlier start of this run.
+    settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
+                "tokenizer_vocab": cfg.tokenizer_vocab}
+    if (data_dir / "meta.json").is_file() and read_meta(data_dir).get("pretrain_inputs") == settings:
+        return data_dir
+    if cfg.resume:  # new text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
+        tok_dir = run
+        print(f"tokenizing {' '.join(cfg.data)} with {run}'s tokenizer", file=sys.stderr)
+    else:
+        tok_dir = run / "data_tokenizer"
+        print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
+        train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
+                                        vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field))
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
-                          text_field=cfg.text_field))
+                          text_field=cfg.text_field), extra_meta={"pretrain_inputs": settings})
     return data_dir
 
 
@@ -499,6 +514,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError("--out is required: the run folder to write")
     run = Path(cfg.out)
     if cfg.resume:
+        if (run / "config.json").is_file() and "sft" in load_json(run / "config.json"):
+            raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
         saved_model, _ = read_config(run)
         if model_cfg.vocab_size == 0:
             model_cfg = replace(model_cfg, vocab_size=saved_model.vocab_size)
@@ -515,6 +532,10 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if dist.is_initialized():
             dist.barrier()
     tok = Tokenizer.load(data_dir)
+    if cfg.resume and not tok.same_as(Tokenizer.load(run)):
+        raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {run} was trained with: its "
+                           f"ids would mean other text to the model; prepare the text with `homellm prepare "
+                           f"--tokenizer {run}`, or pass the text files themselves as --data")
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)  # multiples of 64 run faster
     elif model_cfg.vocab_size < tok.vocab_size:
