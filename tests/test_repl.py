@@ -151,7 +151,7 @@ def test_quit_ends_the_loop_and_leaves_the_rest_unread(chat_run):
 
 def test_bad_values_print_one_line_and_change_nothing(chat_run, calls):
     bad = ["/temperature abc", "/temperature -1", "/top_k 2.5", "/top_k", "/top_p 0", "/top_p 1.5", "/max_tokens 0",
-           "/max_tokens many", "/save", "/nonsense"]
+           "/max_tokens many", "/save", "/nonsense", "/temperature nan", "/temperature inf", "/top_p nan"]
     chat, text = run_chat(chat_run, *bad, USER)
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(bad)

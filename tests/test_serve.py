@@ -232,6 +232,10 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         ({**ok, "temperature": 2.5}, 400, "temperature", "invalid_value"),
         ({**ok, "top_p": 1.5}, 400, "top_p", "invalid_value"),
         ({**ok, "top_k": -1}, 400, "top_k", "invalid_value"),
+        ({**ok, "temperature": float("nan")}, 400, "temperature", "invalid_value"),  # JSON's NaN
+        ({**ok, "top_p": float("nan")}, 400, "top_p", "invalid_value"),
+        ({**ok, "seed": 10**23}, 400, "seed", "invalid_value"),
+        ({**ok, "seed": -1}, 400, "seed", "invalid_value"),
         ({**ok, "n": 0}, 400, "n", "invalid_value"),
         ({**ok, "stop": [1]}, 400, "stop", "invalid_type"),
         ({**ok, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "invalid_value"),

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import re
 import typing
 from collections.abc import Callable
@@ -231,13 +232,15 @@ def _between(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[Any
         f"must be at least {lo} and {'below' if hi_open else 'at most'} {hi}"
 
 
+SEED_LIMIT = 2**63  # seeds reach numpy (no negatives) and torch (64 bits)
 _POSITIVE = (lambda v: v > 0, "must be positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
 _AT_LEAST_1 = (lambda v: v >= 1, "must be 1 or more")
 _CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model
-    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1, "block_size": _AT_LEAST_1,
+    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_kv_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1,
+    "block_size": _AT_LEAST_1, "seed": _between(0, SEED_LIMIT, hi_open=True),
     "dropout": _between(0, 1, hi_open=True), "rope_theta": _POSITIVE, "norm_eps": _POSITIVE,
     "intermediate_size": _AT_LEAST_1,
     # training
@@ -258,7 +261,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
     "port": _between(0, 65535), "threads": _NOT_NEGATIVE, "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
-    "chat_problems": _AT_LEAST_1,
+    "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
 }
 
 
@@ -267,6 +270,8 @@ def check_ranges(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         rule = RANGES.get(f.name)
         value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison; inf most
+            raise HomeLLMError(f"--{f.name.replace('_', '-')} {value!r}: must be a finite number")
         if rule is not None and not rule[0](value):
             sep = " " if rule[1].startswith("is ") else ": "  # --lr -1.0: must be ... / --schedule 'x' is unknown
             raise HomeLLMError(f"--{f.name.replace('_', '-')} {value!r}{sep}{rule[1]}")

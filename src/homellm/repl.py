@@ -11,6 +11,7 @@ In a notebook or a test, drive it with any input function and output stream:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from contextlib import closing
@@ -51,7 +52,8 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
             value = kind(text)
         except ValueError:
             raise HomeLLMError(f"{text!r} is not {what}") from None
-        if value < low or (low_open and value == low) or (high is not None and value > high):
+        outside = value < low or (low_open and value == low) or (high is not None and value > high)
+        if outside or not math.isfinite(value):  # nan passes every comparison
             raise HomeLLMError(f"{text} is out of range: give {what}")
         return value
 

@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import html
 import json
+import math
 import os
 import re
 import secrets
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from homellm.chat import check_messages, prompt_ids, to_markdown
-from homellm.config import SampleConfig, ServeConfig
+from homellm.config import SEED_LIMIT, SampleConfig, ServeConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import TextStream, _prefill, sample_next
 from homellm.model import GPT, KVCache
@@ -271,6 +272,8 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any, lo: float
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
         what = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}[kind]
         raise ApiError(400, f"'{name}' must be {what}, got {dumps(value)[:50]}", name, "invalid_type")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN would poison every row of the batch
+        raise ApiError(400, f"'{name}' must be a finite number, got {value}", name, "invalid_value")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise ApiError(400, f"'{name}' must be {bounds}, got {value}", name, "invalid_value")
@@ -306,7 +309,7 @@ def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Pa
         raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", "stop", "invalid_type")
     # The newer name wins; no limit given (chat) means all the context the prompt leaves, 0 here.
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    seed = _number(body, "seed", int, None)
+    seed = _number(body, "seed", int, None, 0, SEED_LIMIT - 1)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
