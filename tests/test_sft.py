@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import jinja2
 import pytest
@@ -114,9 +115,15 @@ def test_read_conversations_formats_and_errors(tmp_path):
 
 
 def test_chat_batches_pack_split_truncate_and_skip(bpe):
-    convs = [CHAT[1:3]] * 7 + [[{"role": "user", "content": "hi " * 200}, {"role": "assistant", "content": "ok"}]]
+    convs = [CHAT[1:3]] * 7 + [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok " * 200}]]
     packed = ChatBatches(convs, bpe, 128, 0, SFTConfig(val_fraction=0.25))
     assert packed.stats == {"conversations": 8, "val_conversations": 2, "truncated": 1, "skipped": 0}
+    # Cut before its reply, a conversation has nothing to teach: skipped, and said so when that leaves none.
+    question = [{"role": "user", "content": "hi " * 200}, {"role": "assistant", "content": "ok"}]
+    assert ChatBatches(convs[:7] + [question], bpe, 128, 0, SFTConfig(val_fraction=0.25)).stats["skipped"] == 1
+    with pytest.raises(HomeLLMError, match="no training conversation fits the model's 128-token context .* cut "
+                                           "before its first reply: use shorter conversations"):
+        ChatBatches([question] * 4, bpe, 128, 0, SFTConfig(val_fraction=0.25))
     padded = ChatBatches(convs, bpe, 128, 0, SFTConfig(val_fraction=0.25, pack=False, overlong="skip"))
     assert padded.stats["skipped"] == 1
     assert len(padded.rows["train"][0]) + len(padded.rows["val"][0]) == 7  # one conversation per row
@@ -202,6 +209,21 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
         torch.testing.assert_close(load_model(tmp_path / "merged")(x)[0], lora_logits, rtol=1e-4, atol=1e-4)
     bad = homellm("merge", str(base_run), "--out", str(tmp_path / "m2"), check=False)
     assert bad.returncode == 2 and "not a LoRA run" in bad.stderr
+    bad = homellm("sft", "--init", str(out), "--data", str(data), "--out", str(tmp_path / "s2"), check=False)
+    assert bad.returncode == 2 and "is a LoRA run (adapters only): merge it first" in bad.stderr
+    bad = homellm("sft", "--out", str(out), "--resume", "--lora-rank", "2", "--max-steps", "30", check=False)
+    assert bad.returncode == 2 and "lora_rank: run has 4, asked 2" in bad.stderr
+
+
+def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run):
+    base, out, data = tmp_path / "base", tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
+    shutil.copytree(base_run, base)
+    homellm("sft", "--init", str(base), "--init-checkpoint", "last", "--data", str(data), "--out", str(out),
+            "--lora-rank", "2", "--max-steps", "2", "--eval-every", "0")
+    homellm("pretrain", "--out", str(base), "--resume", "--max-steps", "62")  # its `last` moves on
+    bad = homellm("sft", "--out", str(out), "--resume", "--max-steps", "4", check=False)
+    assert bad.returncode == 2 and "changed since" in bad.stderr and "adapters were trained on it" in bad.stderr
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 2
 
 
 def test_sft_resume_after_sigkill_is_identical(tmp_path, base_run):

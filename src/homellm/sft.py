@@ -58,8 +58,10 @@ class ChatBatches:
         self.rows = {"train": self._rows([conversations[i] for i in train], tok, block_size, cfg),
                      "val": self._rows([conversations[i] for i in val], tok, block_size, cfg)}
         if not len(self.rows["train"][0]):
-            raise HomeLLMError(f"no training conversation fits --block-size {block_size} "
-                               f"({self.stats['skipped']} skipped as too long): use --overlong truncate")
+            fix = ("use --overlong truncate" if cfg.overlong == "skip" else "cut before its first reply: use shorter "
+                   "conversations, or fine-tune a model with a longer context")
+            raise HomeLLMError(f"no training conversation fits the model's {block_size}-token context "
+                               f"({self.stats['skipped']} skipped as too long, each {fix})")
 
     def _rows(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, cfg: SFTConfig
               ) -> tuple[torch.Tensor, ...]:
@@ -71,11 +73,11 @@ class ChatBatches:
         for messages in conversations:
             c_ids, c_mask = render(tok, messages)
             if len(c_ids) > width:
-                if cfg.overlong == "skip":
+                c_ids, c_mask = c_ids[:width], c_mask[:width]
+                if cfg.overlong == "skip" or not any(c_mask):  # cut before any reply: nothing left to learn
                     self.stats["skipped"] += 1
                     continue
                 self.stats["truncated"] += 1
-                c_ids, c_mask = c_ids[:width], c_mask[:width]
             if ids and (not cfg.pack or len(ids) + len(c_ids) > width):
                 rows.append((ids, mask, doc))
                 ids, mask, doc = [], [], []
@@ -113,6 +115,10 @@ class ChatBatches:
         return tuple(t[start:start + batch_size] for t in self.rows["val"])
 
 
+# SFT fields that may change when resuming, like RESUMABLE_CHANGES: more or other conversations, not the method.
+SFT_RESUMABLE = {"init", "data", "skip_bad"}
+
+
 def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[SFTConfig, TrainConfig]:
     """SFT's defaults under the flags the user typed; resuming, the run's saved configs under them."""
     out = Path(train_flags.get("out", ""))
@@ -145,13 +151,24 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     if init.resolve() == out.resolve():
         raise HomeLLMError(f"--out {out} is the --init run: write the fine-tuned model to a new folder")
     model_cfg, _ = read_config(init)
+    if "lora" in load_json(init / "config.json"):
+        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge {init} --out "
+                           "MERGED`) and fine-tune the merged run")
     folder = find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
         saved = load_json(out / "config.json") if (out / "config.json").is_file() else {}
-        saved_init = saved.get("sft", {}).get("init")
-        if saved_init and Path(saved_init).resolve() != init.resolve():
-            raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_init}): drop --init to continue "
-                               "the run, or choose a new --out")
+        saved_sft = saved.get("sft", {})
+        if saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
+            raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_sft['init']}): drop --init to "
+                               "continue the run, or choose a new --out")
+        diffs = [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in saved_sft.items()
+                 if k not in SFT_RESUMABLE and hasattr(cfg, k) and getattr(cfg, k) != v]
+        if diffs:
+            raise HomeLLMError(f"--resume: {out}/config.json differs ({'; '.join(diffs)}): drop those flags, or "
+                               "fine-tune into a new --out")
+        if saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get("base_sha256"):
+            raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
+                               "they would go on over other weights; fine-tune into a new --out")
         check_resume(out, model_cfg, train_cfg)
     elif (out / "last").exists():
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
