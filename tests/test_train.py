@@ -51,10 +51,23 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, reference):
     assert killed.returncode == -9
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 10
     assert max(r["step"] for r in metrics(run)) == 12  # lines past the checkpoint, to be dropped on resume
-    homellm("pretrain", "--out", str(run), "--resume")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "tok')  # and a line a crash cut short
+    resumed = homellm("pretrain", "--out", str(run), "--resume")
+    assert "metrics.jsonl:" in resumed.stderr and "is an incomplete log line: dropped" in resumed.stderr
     assert metrics(run) == metrics(reference)
     assert_same_weights(run / "last", reference / "last")
     assert_same_weights(run / "best", reference / "best")
+
+
+def test_a_damaged_metrics_line_before_the_end_is_named(tmp_path):
+    from homellm.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n')
+    with pytest.raises(HomeLLMError, match=r"metrics.jsonl:2: not a metrics record with a step"):
+        _truncate_metrics(path, 1)
+    assert path.read_text() == '{"step": 1}\n[1, 2]\n{"step": 2}\n'
 
 
 def test_muon_run_resumes_bit_identically(tmp_path, data_dir):

@@ -454,8 +454,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from: the resumed run writes them again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    keep = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+            row_step = row["step"] if isinstance(row, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            row_step = None
+        if not isinstance(row_step, int):
+            if i == lines[-1][0]:  # a line cut short by a crash or a full disk: it was never a whole record
+                print(f"note: {path}:{i} is an incomplete log line: dropped", file=sys.stderr)
+                continue
+            raise HomeLLMError(f"{path}:{i}: not a metrics record with a step: restore or delete that line")
+        if row_step <= step:
+            keep.append(line)
     from homellm.io import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
