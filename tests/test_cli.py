@@ -161,6 +161,15 @@ def test_a_device_this_machine_lacks_is_named(monkeypatch):
     with pytest.raises(HomeLLMError, match="--device cuda:1: this PyTorch sees no CUDA GPU"):
         resolve_device("cuda:1")
     assert resolve_device("cpu").type == "cpu"
+    for name in ("meta", "xla", "hpu", "vulkan", "gpu"):
+        with pytest.raises(HomeLLMError, match=f"--device '{name}' is unknown: use auto, cpu, cuda, cuda:N or mps"):
+            resolve_device(name)
+    with pytest.raises(HomeLLMError, match="--device cpu:5: the CPU takes no index"):
+        resolve_device("cpu:5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(HomeLLMError, match="--device cuda:2: there are 2 CUDA GPUs, numbered from 0"):
+        resolve_device("cuda:2")
 
 
 def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path, monkeypatch, capsys):

@@ -128,9 +128,15 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise HomeLLMError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: tensors homellm cannot train
+        raise HomeLLMError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cpu" and device.index is not None:
+        raise HomeLLMError(f"--device {name}: the CPU takes no index (all its cores are used): use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HomeLLMError(f"--device {name}: this PyTorch sees no CUDA GPU: use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise HomeLLMError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs, numbered from 0")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise HomeLLMError(f"--device {name}: Apple's MPS is not available here: use --device cpu (or auto)")
     return device
