@@ -216,3 +216,16 @@ def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path,
         assert capsys.readouterr().err.startswith("homellm: error: " + message), argv
     assert sorted(f.name for f in (tmp_path / "run").iterdir()) == ["config.json"]
     assert sorted(f.name for f in (tmp_path / "data").iterdir()) == ["meta.json"]
+
+
+def test_a_validation_split_too_short_for_one_window_is_said_plainly(tmp_path, corpus):
+    homellm("tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "tok"))
+    homellm("prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "d"),
+            "--val-fraction", "0.0001")
+    run = tmp_path / "run"
+    proc = homellm("pretrain", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps",
+                   "4", "--eval-every", "2", "--patience", "1")
+    assert "note: no evaluation, so no `best` checkpoint and no early stopping: " in proc.stderr
+    assert "validation tokens, too few for one window of 33: prepare it with a higher --val-fraction" in proc.stderr
+    proc = homellm("eval", str(run), "--task", "loss", "--checkpoint", "last", check=False)
+    assert proc.returncode == 2 and "too few for one window of 33" in proc.stderr

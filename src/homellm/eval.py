@@ -138,7 +138,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     result = evaluate(model, data, min(cfg.batch_size, 64), cfg.batches, env)
     if result is None:
-        raise HomeLLMError(f"--data {data_dir} has no validation tokens: prepare it with a --val-fraction above 0")
+        raise HomeLLMError(f"--data {data.no_val}")
     result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, **result}
     atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
     print(table([("val loss (nats/token)", f"{result['val_loss']:.4f}"),

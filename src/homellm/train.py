@@ -81,6 +81,12 @@ class TokenBatches:
             n = sum(len(m) for m in self.splits["train"])
             raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of {block_size} tokens (the "
                                "model's context, --block-size when training): add text, or train with a lower one")
+        self.val_tokens = sum(len(m) for m in self.splits["val"])
+        # Why val_batch gives nothing, when it does, in words that say what to do.
+        self.no_val = "" if len(self.starts["val"]) and self.starts["val"][-1] else (
+            f"{data_dir} has no validation tokens: prepare it with a --val-fraction above 0" if not self.val_tokens
+            else f"{data_dir} has {self.val_tokens} validation tokens, too few for one window of {block_size + 1}: "
+            "prepare it with a higher --val-fraction")
 
     def _windows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.starts[split]
@@ -563,5 +569,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
                            "drop --vocab-size")
     meta = read_meta(data_dir)
     data = TokenBatches(data_dir, model_cfg.block_size, cfg.seed, tok.token_bytes())
+    if data.no_val and (cfg.eval_every or cfg.patience):
+        print(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
+              f"{data.no_val}", file=sys.stderr)
     return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir), "data_meta": {
         k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")}})
