@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,16 @@ def check_out(args: argparse.Namespace) -> None:
     if not getattr(args, "out", ""):
         return
     out = Path(args.out)
+    ancestor = next((p for p in out.parents if p.exists()), Path("."))  # parents end at "." or "/" (or none: ".")
+    if not ancestor.is_dir():
+        raise HomeLLMError(f"--out {out}: {ancestor} is a file, so nothing can be written under it: choose another "
+                           "--out")
+    if args.func is cmd_compare:
+        try:  # the report is written after all the generation: find out now whether it can be
+            tempfile.TemporaryFile(dir=ancestor).close()
+        except OSError as e:
+            raise HomeLLMError(f"--out {out}: cannot write in {ancestor} ({e.strerror}): choose another --out"
+                               ) from None
     if args.func is cmd_compare:
         if out.is_dir():
             raise HomeLLMError(f"--out {out} is a folder: give the report's file path, such as {out / 'compare.md'}")
