@@ -118,7 +118,8 @@ def test_folders_globs_and_missing_inputs(tmp_path):
         docs([])
     with pytest.raises(HomeLLMError, match="no text"):
         docs([str(write(tmp_path / "blank.txt", "\n \n"))])
-    assert docs([str(tmp_path / "b.txt")] * 5, max_docs=3) == ["bee"] * 3
+    more = [str(write(tmp_path / f"{c}.txt", c * 3)) for c in "cde"]
+    assert docs([str(tmp_path / "b.txt"), *more], max_docs=3) == ["bee", "ccc", "ddd"]
 
 
 def test_tinystories_separator_splits_documents(tmp_path):
@@ -296,3 +297,11 @@ def test_characters_a_char_tokenizer_never_saw_are_counted_and_mostly_unknown_te
     with pytest.raises(HomeLLMError, match=r"ja.txt: 11 of 12 tokens \(91.7%\) are characters .* such as '。"):
         prepare(PrepareConfig(input=[str(japanese)], tokenizer=str(tok), out=str(tmp_path / "d2")))
     assert not (tmp_path / "d2" / "meta.json").exists()
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    (tmp_path / "texts").mkdir()
+    path = write(tmp_path / "texts" / "a.txt", "one story\n")
+    write(tmp_path / "texts" / "b.txt", "another\n")
+    assert docs([str(path), str(path), str(tmp_path / "texts"), str(tmp_path / "texts" / "*.txt")]) == [
+        "one story\n", "another\n"]

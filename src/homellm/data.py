@@ -108,7 +108,12 @@ def _expand(inputs: list[str]) -> list[tuple[str, str]]:
             else:
                 files = [path]
             out += [("jsonl" if f.suffix == ".jsonl" else "txt", str(f)) for f in files]
-    return out
+    # A file named twice (`a.txt a.txt`, or a file and its folder) is read once: twice would repeat its text, and
+    # put copies of the same documents on both sides of the train/val split.
+    unique: dict[str, tuple[str, str]] = {}
+    for kind, source in out:
+        unique.setdefault(source if kind == "hf" else os.path.realpath(source), (kind, source))
+    return list(unique.values())
 
 
 def input_bytes(inputs: list[str]) -> int | None:
