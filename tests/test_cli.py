@@ -136,7 +136,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["chat", "RUN", "--top-k", "-1"], "--top-k -1: must be 0 or more"),
     (["eval", "RUN", "--task", "loss", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),
     (["serve", "RUN", "--port", "70000"], "--port 70000: must be at least 0 and at most 65535"),
-    (["serve", "RUN", "--threads", "-3"], "--threads -3: must be 0 or more"),
+    (["serve", "RUN", "--threads", "-3"], "--threads -3: must be at least 0 and at most 1024"),
     (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--lora-rank", "-2"], "--lora-rank -2: must be"),
     (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--val-fraction", "1.5"], "--val-fraction 1.5:"),
     (["quickstart", "--out", "q", "--chat", "--chat-problems", "0"], "--chat-problems 0: must be 1 or more"),

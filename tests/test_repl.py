@@ -18,7 +18,7 @@ from homellm.chat import prompt_ids, render, to_markdown
 from homellm.checkpoint import save_checkpoint
 from homellm.config import ChatConfig, ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
 from homellm.model import GPT
-from homellm.repl import chat_loop
+from homellm.repl import Chat, chat_loop
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
 JA = "むかしむかし、ある山のふもとに小さな村がありました。村には川が流れていて、春になると桜の花がたくさん咲きました。"
@@ -244,3 +244,15 @@ def test_chat_from_the_command_line_reads_stdin(chat_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert REPLY in proc.stdout and "tokens/s]" in proc.stdout
     assert REPLY in saved.read_text(encoding="utf-8")
+
+
+def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\nsystem user assistant\n")
+    tok = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "a.txt")], out=str(tmp_path / "tok"), kind="char"))
+    assert tok.unknown_note("hello") == ""
+    assert tok.unknown_note("hello 日本") == ("this model's tokenizer cannot write '日', '本': the model reads them as "
+                                            "<|unk|>, so they mean nothing to it")
+    model = GPT(ModelConfig(family="llama", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64))
+    out = io.StringIO()
+    Chat(model, tok, dataclasses.replace(GREEDY, system="see 短"), out).context("hello")
+    assert "[note: this model's tokenizer cannot write '短'" in out.getvalue()

@@ -90,6 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args.run, cfg.checkpoint, resolve_device(cfg.device))
     tok = Tokenizer.load(args.run)
     block = model.cfg.block_size
+    if note := tok.unknown_note(cfg.prompt):
+        print(f"note: {note}", file=sys.stderr)
     if (n := len(tok.encode(cfg.prompt, allow_special=True))) > block - 1:
         print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",
               file=sys.stderr)

@@ -260,7 +260,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # fine-tuning, evaluation, serving
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
-    "port": _between(0, 65535), "threads": _NOT_NEGATIVE, "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
+    "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
 }
 

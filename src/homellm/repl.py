@@ -98,6 +98,8 @@ class Chat:
         """The prompt ids for `user`, after dropping the oldest turns until it leaves room for the reply. The room
         is max_new_tokens, at most half the context: a longer reply slides the window as it goes."""
         block = self.model.cfg.block_size
+        if note := self.tok.unknown_note(user + self.cfg.system):
+            self.say(f"[note: {note}]")
         room = min(self.cfg.max_new_tokens, block // 2)
         dropped = 0
         ids = prompt_ids(self.tok, self.messages(user))

@@ -87,6 +87,14 @@ class Tokenizer:
         unk = self.unk_id
         return set() if unk is None else {c for c in set(text) if self.encode(c) == [unk]}
 
+    def unknown_note(self, text: str) -> str:
+        """A note naming the characters of text the model will read as <|unk|>, or "" when there are none."""
+        chars = sorted(self.unknown_chars(text))
+        if not chars:
+            return ""
+        shown = ", ".join(repr(c) for c in chars[:10]) + (f" and {len(chars) - 10} more" if len(chars) > 10 else "")
+        return f"this model's tokenizer cannot write {shown}: the model reads them as {UNK}, so they mean nothing to it"
+
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""
         tok = self.hf if allow_special else self._plain
