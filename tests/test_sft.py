@@ -213,6 +213,9 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert bad.returncode == 2 and "is a LoRA run (adapters only): merge it first" in bad.stderr
     bad = homellm("sft", "--out", str(out), "--resume", "--lora-rank", "2", "--max-steps", "30", check=False)
     assert bad.returncode == 2 and "lora_rank: run has 4, asked 2" in bad.stderr
+    more = qa_file(tmp_path / "more.jsonl", 20, seed=1)
+    resumed = homellm("sft", "--out", str(out), "--resume", "--data", str(more), "--max-steps", "22")
+    assert f"note: resuming on {more}, not the conversations the run began with ({data})" in resumed.stderr
 
 
 def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run):

@@ -166,6 +166,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         if diffs:
             raise HomeLLMError(f"--resume: {out}/config.json differs ({'; '.join(diffs)}): drop those flags, or "
                                "fine-tune into a new --out")
+        if saved_sft.get("data") not in (None, list(cfg.data)):  # allowed, like new text for pretrain --resume
+            print(f"note: resuming on {' '.join(cfg.data)}, not the conversations the run began with "
+                  f"({' '.join(saved_sft['data'])})", file=sys.stderr)
         if saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get("base_sha256"):
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
