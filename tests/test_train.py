@@ -258,3 +258,11 @@ def test_vocab_is_padded_to_a_multiple_of_64(tmp_path, data_dir):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert saved["vocab_size"] % 64 == 0
     assert ModelConfig(**saved).vocab_size >= json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+
+
+def test_written_files_follow_the_umask_like_any_other(reference):
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (reference / "config.json", reference / "best" / "model.safetensors", reference / "metrics.jsonl",
+                 reference / "tokenizer" / "tokenizer.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from homellm.config import ModelConfig, TrainConfig, from_dict, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.io import fsync_dir
+from homellm.io import file_mode, fsync_dir
 from homellm.model import GPT
 
 WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
@@ -80,6 +80,7 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
         torch.save(state, tmp / STATE)
         files.append(STATE)
     for f in files:
+        os.chmod(tmp / f, file_mode())
         with open(tmp / f, "rb+") as fh:
             os.fsync(fh.fileno())
     save_json(tmp / INFO, {**info, "sha256": {f: sha256_file(tmp / f) for f in files}})
