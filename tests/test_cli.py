@@ -229,3 +229,15 @@ def test_a_validation_split_too_short_for_one_window_is_said_plainly(tmp_path, c
     assert "validation tokens, too few for one window of 33: prepare it with a higher --val-fraction" in proc.stderr
     proc = homellm("eval", str(run), "--task", "loss", "--checkpoint", "last", check=False)
     assert proc.returncode == 2 and "too few for one window of 33" in proc.stderr
+
+
+def test_an_argument_that_is_not_utf8_is_named_before_any_work(tmp_path, monkeypatch, capsys):
+    from homellm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    name = b"\x97\x85\x90\xb6.txt".decode("utf-8", "surrogateescape")  # a Shift_JIS file name, as Python sees it
+    assert main(["prepare", "--input", name, "--tokenizer", "tok", "--out", "d"]) == 2
+    assert capsys.readouterr().err == ("homellm: error: argument '\\x97\\x85\\x90\\xb6.txt' is not valid UTF-8 (a file "
+                                       "name in Shift_JIS?): rename the file to UTF-8, e.g. `convmv -f sjis -t utf8 "
+                                       "--notest FILE`, or type the text as UTF-8\n")
+    assert not any(tmp_path.iterdir())

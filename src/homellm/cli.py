@@ -265,9 +265,23 @@ def check_out(args: argparse.Namespace) -> None:
                                + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
 
 
+def check_utf8(argv: list[str]) -> None:
+    """Arguments are text written into configs, metadata and prompts as UTF-8. A file name in another encoding
+    (Shift_JIS names from an unzipped Aozora archive, say) reaches Python as undecodable bytes: say so up front."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise HomeLLMError(f"argument '{shown}' is not valid UTF-8 (a file name in Shift_JIS?): rename the file "
+                               "to UTF-8, e.g. `convmv -f sjis -t utf8 --notest FILE`, or type the text as UTF-8"
+                               ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_utf8(sys.argv[1:] if argv is None else argv)
         check_out(args)
         args.func(args)
     except HomeLLMError as e:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError
+from homellm.io import fsync_dir
 from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
@@ -374,6 +375,7 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     out.mkdir(parents=True)
     try:
         meta = {**_prepare_into(out, cfg, tok), **(extra_meta or {})}
+        save_json(out / "meta.json", meta)  # here first: a meta.json that cannot be written fails before the swap
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -382,10 +384,10 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     for old in [*final.glob("train_*.bin"), *final.glob("val_*.bin")]:
         old.unlink()
     shutil.rmtree(final / "tokenizer", ignore_errors=True)
-    for f in out.iterdir():
+    for f in sorted(out.iterdir(), key=lambda f: f.name == "meta.json"):  # meta.json last: it vouches for the rest
         os.replace(f, final / f.name)
     out.rmdir()
-    save_json(final / "meta.json", meta)
+    fsync_dir(final)
     return meta
 
 
