@@ -266,3 +266,17 @@ def test_written_files_follow_the_umask_like_any_other(reference):
     for path in (reference / "config.json", reference / "best" / "model.safetensors", reference / "metrics.jsonl",
                  reference / "tokenizer" / "tokenizer.json"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_ddp_ranks_agree_on_a_time_budget(tmp_path, data_dir):
+    """Each rank's own clock once left one rank in the final checkpoint's collective and the other in a step."""
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "homellm", "pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny",
+                "--max-steps", "0", "--max-time", "3", "--eval-every", "5", "--checkpoint-every", "0", "--device",
+                "cpu", "--batch-size", "4"]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"stop": "max_time"') == 1  # the summary, from rank 0 only
+    assert (run / "last" / "model.safetensors").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -76,7 +77,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     model_cfg, train_cfg = resolve_train(args)
     summary = pretrain(model_cfg, train_cfg)
-    if summary:
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
 
 

@@ -249,6 +249,16 @@ def _all_sum(values: list[float], env: Env) -> list[float]:
     return t.tolist()
 
 
+def _one_clock(elapsed: float, cfg: TrainConfig, env: Env) -> float:
+    """Under a time budget every rank takes the slowest one's elapsed time: the learning rate follows it and the
+    run stops by it, so the ranks must agree on it (each clock alone left one rank waiting in a collective)."""
+    if env.world == 1 or cfg.max_time <= 0:
+        return elapsed
+    t = torch.tensor([elapsed], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
     """The documents tensor of a batch that has one, on the device."""
     return rest[0].to(env.device, non_blocking=True) if rest else None
@@ -363,7 +373,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     stop_reason = "max_steps"
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
-    while progress() < 1.0:
+    while True:
+        elapsed = _one_clock(elapsed, cfg, env)  # evaluation time, added per rank, is agreed on here
+        if progress() >= 1.0:
+            break
         t0 = time.perf_counter()
         factor = lr_factor(progress(), step, cfg)
         for opt in optimizers:
@@ -390,7 +403,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         step += 1
-        elapsed += time.perf_counter() - t0
+        elapsed = _one_clock(elapsed + time.perf_counter() - t0, cfg, env)
         done = progress() >= 1.0
         bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
@@ -551,7 +564,11 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         setup_env(cfg)  # join the group before rank 0 prepares data, so the others can wait for it
     if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:  # rank 0 stopped, and printed why: one line here too, not a traceback
+            raise HomeLLMError(f"rank {dist.get_rank()}: rank 0 stopped while preparing the data: see its error"
+                               ) from None
         data_dir = prepare_inputs(cfg, model_cfg.block_size)
     else:
         data_dir = prepare_inputs(cfg, model_cfg.block_size)
