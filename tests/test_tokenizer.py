@@ -132,6 +132,17 @@ def test_stream_decoder_prints_japanese_cleanly_token_by_token(bpe):
     assert "".join(out) + stream.flush() == "\ufffdabcd"
 
 
+def test_streamed_text_always_equals_the_whole_decode(bpe):
+    """Random ids, half of them lone bytes >= 0x80: invalid bytes next to characters still incomplete (an earlier
+    rule printed a pending U+FFFD after four tokens, and the text then differed from decode(ids))."""
+    rng = random.Random(0)
+    high = [bpe.hf.token_to_id(bytes_to_gpt2_char(b)) for b in range(0x80, 0x100)]
+    for _ in range(300):
+        ids = [rng.choice(high) if rng.random() < 0.5 else rng.randrange(bpe.vocab_size) for _ in range(30)]
+        stream = bpe.stream()
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == bpe.decode(ids), ids
+
+
 def bytes_to_gpt2_char(b: int) -> str:
     # GPT-2's byte-to-character map, for one byte: printable Latin-1 maps to itself, the rest to 256 + n
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -172,35 +172,34 @@ class Tokenizer:
 
 class StreamDecoder:
     """Turns ids into text one at a time for printing as a model generates. With byte-level BPE one character
-    (say a Japanese one: 3 UTF-8 bytes) can span tokens, so text is held back until it decodes without a
-    trailing U+FFFD. Only a short window of ids is decoded per token, so the cost stays flat."""
+    (say a Japanese one: 3 UTF-8 bytes) can span tokens, so a trailing U+FFFD is held back until what follows
+    settles it. What it prints, joined, is exactly `decode(ids)`: text up to a whole character never changes
+    as bytes are added. Only a short window of ids is decoded per token, so the cost stays flat."""
 
     def __init__(self, tok: Tokenizer, skip_special: bool = False):
         self._tok, self._skip = tok, skip_special
-        # ids[:read] are printed; ids[:read] is also decoded with the new ids as context, because some decoders
-        # (SentencePiece's) drop a leading space that only the first token of a text may drop.
+        # The window: a context id already printed (some decoders, SentencePiece's, drop a leading space that
+        # only the first token of a text may drop), then the ids since; `_done` characters of its text are out.
         self._ids: list[int] = []
-        self._read = 0
-        self._printed = ""  # decode(ids[:read])
+        self._done = 0
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
         text = self._tok.decode(self._ids, self._skip)
-        # A UTF-8 character is at most 4 bytes and each token carries at least one, so a U+FFFD still there after
-        # 4 pending tokens is an invalid byte in the output, not half a character: print it rather than stall.
-        if text.endswith("\ufffd") and len(self._ids) - self._read < 4:
-            return ""
-        new = text[len(self._printed):]
-        # Keep the last printed tokens as context, drop the rest: the window stays a few tokens long.
-        self._ids = self._ids[self._read:]
-        self._read = len(self._ids)
-        self._printed = self._tok.decode(self._ids, self._skip)
+        # Trailing U+FFFDs may be half a character: hold them. Invalid bytes followed by a real character print
+        # with it; a run of them only at the very end waits for flush().
+        settled = len(text.rstrip("\ufffd"))
+        new = text[self._done:settled] if settled > self._done else ""
+        self._done = max(self._done, settled)
+        if settled == len(text):  # a clean end: keep the last id as context and start a new window
+            self._ids = self._ids[-1:]
+            self._done = len(self._tok.decode(self._ids, self._skip))
         return new
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character prints as U+FFFD), and a fresh start."""
-        new = self._tok.decode(self._ids, self._skip)[len(self._printed):]
-        self._ids, self._read, self._printed = [], 0, ""
+        new = self._tok.decode(self._ids, self._skip)[self._done:]
+        self._ids, self._done = [], 0
         return new
 
 
