@@ -1,6 +1,7 @@
 """Data preparation invariants: encodings and input formats read right, errors name file/line/byte, documents end
 with end-of-text, splits match nanoGPT's, shards match meta.json, chunked reading changes nothing."""
 
+import codecs
 import json
 import sys
 import types
@@ -82,6 +83,24 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
         docs([str(bad)])
     with pytest.raises(HomeLLMError, match="--encoding 'klingon' is unknown"):
         docs([str(bad)], encoding="klingon")
+    with pytest.raises(HomeLLMError, match="--encoding 'rot13' is not a text encoding"):
+        docs([str(bad)], encoding="rot13")
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-16", b""), ("utf-16-be", codecs.BOM_UTF16_BE),
+                                           ("utf-16-le", codecs.BOM_UTF16_LE), ("utf-32", b"")])
+def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypatch, encoding, bom):
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 64)  # many blocks: the byte order must hold past the first
+    text = "".join(f"line {i}: 日本語のテキスト\r\n" for i in range(40))
+    path = tmp_path / "wide.txt"
+    path.write_bytes(bom + text.encode(encoding))  # "utf-16" and "utf-32" write their own BOM
+    want = [text.replace("\r\n", "\n")]
+    assert docs([str(path)]) == want  # auto: the BOM names it
+    assert docs([str(path)], encoding=encoding) == want
+    no_bom = tmp_path / "nobom.txt"
+    no_bom.write_bytes("plain text\n".encode("utf-16-le"))
+    with pytest.raises(HomeLLMError, match="NUL bytes among the text, as UTF-16 without a byte-order mark has"):
+        docs([str(no_bom)])
 
 
 def test_utf8_bom_and_crlf(tmp_path):

@@ -61,10 +61,15 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
     character, which byte-level BPE never merges across: tokenizing the pieces equals tokenizing the whole.
     """
     if encoding != "auto":
+        names = "use auto, utf-8, cp932 (Shift_JIS), euc-jp, gbk, big5, utf-16, ..."
         try:
             codecs.lookup(encoding)
         except LookupError:
-            raise HomeLLMError(f"--encoding {encoding!r} is unknown: use auto, utf-8, cp932 (Shift_JIS), ...") from None
+            raise HomeLLMError(f"--encoding {encoding!r} is unknown: {names}") from None
+        try:
+            "text".encode(encoding)  # rot13, hex, zlib are codecs too, but not of text
+        except LookupError:
+            raise HomeLLMError(f"--encoding {encoding!r} is not a text encoding: {names}") from None
     doc = 0
     for kind, source in _expand(inputs):
         if kind == "hf":
@@ -135,15 +140,52 @@ def _decode(data: bytes, encoding: str, final: bool) -> tuple[str, int]:
         return data[: e.start].decode(encoding), e.start
 
 
+def _wide_blocks(path: Path, encoding: str) -> Iterator[str]:
+    """The text of a file in an encoding where a line break is not the byte 0x0A (UTF-16, UTF-32), in blocks.
+    One incremental decoder reads the whole file, so the byte order its BOM gave holds to the end."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    held, offset = "", 0  # a CR at a block's end waits: its LF may start the next block
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(_CHUNK_BYTES)
+            try:
+                text = held + decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise HomeLLMError(f"{path}: bytes near byte offset {offset + e.start} are not valid {encoding}: "
+                                   "pass the --encoding the file was written in, or fix the file") from None
+            offset += len(data)
+            if offset == len(data) and text.startswith("\ufeff"):
+                text = text[1:]  # utf-16-le/-be keep a byte-order mark as a character: it is none
+            held = text[-1:] if text.endswith("\r") and data else ""
+            text = text[: len(text) - len(held)]
+            if text:
+                yield text.replace("\r\n", "\n")
+            if not data:
+                return
+
+
 def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
     """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # A byte-order mark names UTF-16 or UTF-32 (UTF-32's little-endian mark begins with UTF-16's).
+    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+            (codecs.BOM_UTF16_BE, "utf-16")]
+    if chosen is None:
+        chosen = next((name for bom, name in boms if head.startswith(bom)), None)
+    if chosen is not None and "\n".encode(chosen) != b"\n":
+        yield from _wide_blocks(path, chosen)
+        return
     with open(path, "rb") as f:
         offset = 0  # file offset of data[0], for error messages
         data = f.read(_CHUNK_BYTES)
         if data.startswith(codecs.BOM_UTF8):
             data, offset = data[3:], 3
             chosen = chosen or "utf-8"
+        if chosen is None and b"\x00" in data[:4096]:
+            raise HomeLLMError(f"{path}: NUL bytes among the text, as UTF-16 without a byte-order mark has: pass "
+                               "--encoding utf-16-le (or utf-16-be)")
         while data:
             more = f.read(_CHUNK_BYTES)
             final = not more
@@ -174,7 +216,8 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
                 except UnicodeDecodeError as e:  # report the UTF-8 error under auto: the likelier intent
                     name = "UTF-8 or Shift_JIS (cp932)" if chosen is None else enc
                     raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
-                                       f"valid {name}: pass --encoding (e.g. cp932, latin-1) or fix the file") from None
+                                       f"valid {name}: pass the --encoding it was written in (e.g. euc-jp, gbk, big5, "
+                                       "utf-16) or fix the file") from None
                 raise  # pragma: no cover - the decode above must fail again
             if text:
                 yield text.replace("\r\n", "\n")
