@@ -244,6 +244,9 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         ({**ok, "max_tokens": 600}, 400, "max_tokens", "context_length_exceeded"),
         ({**ok, "messages": [{"role": "user", "content": "la " * 600}]}, 400, "messages", "context_length_exceeded"),
         ({**ok, "model": "gpt-4"}, 404, "model", "model_not_found"),
+        (json.dumps({**ok, "messages": [{"role": "user", "content": "hi\ud800"}]}).encode(), 400, "messages",
+         "invalid_value"),  # a lone surrogate escape
+        (json.dumps({**ok, "pad": "x" * (5 << 20)}).encode(), 413, None, "request_too_large"),
         ({k: v for k, v in ok.items() if k != "model"}, 400, "model", "invalid_type"),
     ]
     for body, status, param, code in cases:

@@ -280,6 +280,9 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any, lo: float
     return value
 
 
+# No prompt that fits a context comes near this; bigger bodies only cost memory and time to parse.
+MAX_BODY_BYTES = 4 << 20
+
 # Features of OpenAI's API that homellm does not have: refused unless left at their defaults.
 _UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logprobs": False, "top_logprobs": None,
                 "echo": False, "suffix": None, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0,
@@ -436,7 +439,15 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
 
     async def read_body(request: Request) -> dict[str, Any]:
         authorize(request)
-        raw = await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():  # past the limit the rest is read and dropped, so the client hears why
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                chunks.append(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB: no prompt that long fits a "
+                           "model's context", None, "request_too_large")
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -444,6 +455,12 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
                            "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        for key, value in body.items():  # JSON may escape a lone surrogate ("\ud800"), which is no text at all
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"'{key}' holds a lone surrogate escape (such as \\ud800), which is not text: "
+                               "send valid Unicode", key, "invalid_value") from None
         return body
 
     def check_model(body: dict[str, Any]) -> None:
