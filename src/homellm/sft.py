@@ -11,6 +11,8 @@ Held-out conversations give the val loss.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,11 +220,15 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     config = load_json(run / "config.json")
     if "lora" not in config:
         raise HomeLLMError(f"{run} is not a LoRA run (its config.json has no lora section): nothing to merge")
-    if (out / "best").exists():
-        raise HomeLLMError(f"{out} already holds a model: choose a new --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise HomeLLMError(f"--out {out} is not empty: choose a new --out")
     model = load_model(run, which)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "config.json", {**{k: v for k, v in config.items() if k != "lora"}, "merged_from": str(run)})
-    Tokenizer.load(run).save(out / "tokenizer", model_max_length=model.cfg.block_size)
-    save_checkpoint(out, "best", model, None, {"step": 0, "merged_from": str(run)})
+    # Written whole into a staging folder, then renamed into place: a crash never leaves half a run behind.
+    stage = out.parent / f".{out.name}.merging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"}, "merged_from": str(run)})
+    Tokenizer.load(run).save(stage / "tokenizer", model_max_length=model.cfg.block_size)
+    save_checkpoint(stage, "best", model, None, {"step": 0, "merged_from": str(run)})
+    os.replace(stage, out)  # over nothing, or an empty folder
     return out
