@@ -247,6 +247,9 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         (json.dumps({**ok, "messages": [{"role": "user", "content": "hi\ud800"}]}).encode(), 400, "messages",
          "invalid_value"),  # a lone surrogate escape
         (json.dumps({**ok, "pad": "x" * (5 << 20)}).encode(), 413, None, "request_too_large"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                          {"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, "messages", "invalid_value"),
         ({k: v for k, v in ok.items() if k != "model"}, 400, "model", "invalid_type"),
     ]
     for body, status, param, code in cases:
@@ -255,6 +258,9 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
     assert post(url, {**ok, "messages": "hi"})[1]["error"]["message"] == (
         "request body: 'messages' is str, not a list of {role, content} messages")
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    assert "content parts of type image_url are not supported: this model reads text only" in post(
+        url, {**ok, "messages": [{"role": "user", "content": image}]})[1]["error"]["message"]
     status, answer = post(server.url + "/v1/nothing", ok)
     assert status == 404 and answer["error"]["code"] == "not_found"
     # The official client raises its typed errors, carrying our codes.

@@ -342,6 +342,10 @@ def _content(message: Any) -> Any:
         parts = message["content"]
         if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
             return {**message, "content": "".join(p["text"] for p in parts)}
+        kinds = sorted({str(p.get("type")) for p in parts if isinstance(p, dict) and p.get("type") != "text"})
+        if kinds:
+            raise HomeLLMError(f"content parts of type {', '.join(kinds)} are not supported: this model reads text "
+                               "only, so send {\"type\": \"text\"} parts or a string")
     return message
 
 
