@@ -324,3 +324,10 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     write(tmp_path / "texts" / "b.txt", "another\n")
     assert docs([str(path), str(path), str(tmp_path / "texts"), str(tmp_path / "texts" / "*.txt")]) == [
         "one story\n", "another\n"]
+
+
+def test_a_jsonl_byte_order_mark_and_upper_case_suffixes_are_read(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.JSONL").write_bytes(codecs.BOM_UTF8 + b'{"text": "first"}\n{"text": "second"}\n')
+    write(tmp_path / "in" / "b.TXT", "third")
+    assert docs([str(tmp_path / "in")]) == ["first", "second", "third"]

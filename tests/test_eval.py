@@ -3,6 +3,7 @@ quickstart end to end."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -95,6 +96,16 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir)
     assert proc.returncode == 2 and "--n 0" in proc.stderr
     proc = homellm("eval", str(run), "--task", "nonsense", check=False)
     assert proc.returncode == 2 and "nonsense" in proc.stderr
+    # As a fine-tuned run (an sft section, no data folder of its own), each refusal says what applies instead.
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k != "data_dir"}, "sft": {}}))
+    proc = homellm("eval", str(run), "--task", "arithmetic", check=False)
+    assert proc.returncode == 2 and "is scored by `--task chat-arithmetic`" in proc.stderr
+    proc = homellm("eval", str(run), "--task", "loss", check=False)
+    assert proc.returncode == 2 and "was not trained on a prepared data folder" in proc.stderr
+    shutil.rmtree(run / "tokenizer")
+    proc = homellm("generate", str(run), "--prompt", "the", check=False)
+    assert proc.returncode == 2 and "tokenizer is missing: copy back the tokenizer/ folder" in proc.stderr
 
 
 def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir):

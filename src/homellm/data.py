@@ -107,13 +107,13 @@ def _expand(inputs: list[str]) -> list[tuple[str, str]]:
             raise HomeLLMError(f"{spec}: no such file or folder: check the path")
         for path in paths:
             if path.is_dir():
-                files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _FOLDER_SUFFIXES
+                files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _FOLDER_SUFFIXES
                                and not f.name.startswith("."))
                 if not files:
                     raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
             else:
                 files = [path]
-            out += [("jsonl" if f.suffix == ".jsonl" else "txt", str(f)) for f in files]
+            out += [("jsonl" if f.suffix.lower() == ".jsonl" else "txt", str(f)) for f in files]
     # A file named twice (`a.txt a.txt`, or a file and its folder) is read once: twice would repeat its text, and
     # put copies of the same documents on both sides of the train/val split.
     unique: dict[str, tuple[str, str]] = {}
@@ -291,7 +291,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             where = f"{path}:{n}"
             start, offset = offset, offset + len(raw)
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM some editors put first is no record
             except UnicodeDecodeError as e:
                 yield where, HomeLLMError(f"{where}: not UTF-8 (byte offset {start + e.start}): convert the file to "
                                           "UTF-8")

@@ -85,9 +85,11 @@ def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
     run = Path(run)
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem")
-    if _run_config(run).get("task") != "arithmetic":
-        raise HomeLLMError(f"{run} was not trained on the arithmetic task (its config.json names no task): "
-                           "train one with `homellm quickstart`, or use `--task loss`")
+    config = _run_config(run)
+    if config.get("task") != "arithmetic":
+        fix = ("a chat model fine-tuned on the task is scored by `--task chat-arithmetic`" if "sft" in config else
+               "train one with `homellm quickstart`, or use `--task loss`")
+        raise HomeLLMError(f"{run} was not trained on the arithmetic task (its config.json names no task): {fix}")
     tok = Tokenizer.load(run)
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
@@ -121,9 +123,9 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         saved = config.get("data_dir")
         found = [d for d in ([Path(saved)] if saved else []) + [run / "data"] if (d / "meta.json").is_file()]
         if not found:
-            raise HomeLLMError(f"{run} records no prepared data that still exists"
-                               + (f" ({saved})" if saved else "") + ": pass --data, a folder made by "
-                               f"`homellm prepare --tokenizer {run}`")
+            what = (f"no longer finds the prepared data it was trained on ({saved})" if saved else
+                    "was not trained on a prepared data folder (fine-tuned or merged runs are not)")
+            raise HomeLLMError(f"{run} {what}: pass --data, a folder made by `homellm prepare --tokenizer {run}`")
         data_dir = found[0]
     if cfg.batches <= 0:
         raise HomeLLMError(f"--batches {cfg.batches}: evaluate at least 1 batch")

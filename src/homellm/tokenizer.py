@@ -166,6 +166,9 @@ class Tokenizer:
         for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
             if candidate.is_file():
                 return cls(_read_hf(candidate, "train or import the tokenizer again"))
+        if (path / "config.json").is_file():  # a run: only its own tokenizer gives its ids their meaning
+            raise HomeLLMError(f"{path / 'tokenizer'} is missing: copy back the tokenizer/ folder of the data the run "
+                               "was trained on (a newly trained tokenizer would give the model's ids other meanings)")
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
                            "train one with `homellm tokenizer`, or pass a run or data folder that holds one")
 
