@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from homellm.config import ModelConfig, SampleConfig, TokenizerConfig
-from homellm.generate import beam_search, generate_ids, sample_next, stream_text
+from homellm.generate import TextStream, beam_search, generate_ids, sample_next, stream_text
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, train_tokenizer
 from homellm.train import sample_text
@@ -235,3 +235,13 @@ def test_stream_equals_decoded_ids_cut_at_stop_on_random_text(tok):
     cut = "".join(stream_text(model, tok, prompt, SampleConfig(temperature=1.0, max_new_tokens=60, seed=3,
                                                                 stop=[stop])))
     assert cut == full[:full.find(stop)] and stop not in cut
+
+
+def test_a_special_token_as_a_stop_ends_the_text(tok):
+    """Special tokens decode to nothing, so as text they could never match: "<|im_start|>" stops as its id."""
+    ids = tok.encode("hello there<|im_start|>user\nmore", allow_special=True)
+    stream = TextStream(tok, ["<|im_start|>"])
+    text = "".join(stream.push(i) for i in ids if not stream.stopped)
+    assert stream.stopped and text + stream.flush() == "hello there"
+    plain = TextStream(tok, [])
+    assert "".join(plain.push(i) for i in ids) + plain.flush() == "hello thereuser\nmore"

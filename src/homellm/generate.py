@@ -14,7 +14,7 @@ from contextlib import closing
 import torch
 import torch.nn.functional as F
 
-from homellm.config import SampleConfig
+from homellm.config import SPECIAL_TOKENS, SampleConfig
 from homellm.errors import HomeLLMError
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer
@@ -176,11 +176,18 @@ class TextStream:
 
     def __init__(self, tok: Tokenizer, stops: list[str]):
         self.decoder = tok.stream(skip_special=True)
-        self.stops = [s for s in stops if s]
+        # A special token as a stop ("<|im_start|>") is one id, never seen as text: special tokens decode to "".
+        special = {s: tok.hf.token_to_id(s) for s in stops if s in SPECIAL_TOKENS}
+        self.stop_ids = {i for i in special.values() if i is not None}
+        self.stops = [s for s in stops if s and s not in special]
         self.pending = ""  # decoded, not yet emitted
         self.stopped = False
 
     def push(self, token: int) -> str:
+        if token in self.stop_ids:
+            text = self.flush()
+            self.stopped = True
+            return text
         text, self.stopped = _cut_at_stop(self.pending + self.decoder.push(token), self.stops)
         ready = len(text) if self.stopped else len(text) - _stop_prefix_len(text, self.stops)
         self.pending = text[ready:]
@@ -207,20 +214,19 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                generator: torch.Generator | None = None) -> Iterator[str]:
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
     state across calls (a chat's turns); by default a fresh one seeded with cfg.seed."""
-    stop_ids = {tok.eot_id, tok.im_end_id}
-    stops = [s for s in cfg.stop if s]
+    stream = TextStream(tok, cfg.stop)
+    stop_ids = {tok.eot_id, tok.im_end_id} | stream.stop_ids
     start, new = time.perf_counter(), 0
     try:
         if cfg.num_beams > 1:
             out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids)
             new = len(out)
-            text, _ = _cut_at_stop(tok.decode(out, skip_special=True), stops)
+            text, _ = _cut_at_stop(tok.decode(out, skip_special=True), stream.stops)
             if text:
                 yield text
             return
         if generator is None:
             generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
-        stream = TextStream(tok, stops)
         with closing(generate_ids(model, ids, cfg, stop_ids, generator)) as gen:
             for token in gen:
                 new += 1
