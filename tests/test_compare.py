@@ -109,6 +109,20 @@ def test_a_bad_prompt_file_is_one_line_from_the_cli(runs, tmp_path, capsys):
     assert err.startswith("homellm: error:") and err.count("\n") == 1 and "nowhere.txt" in err
 
 
+def test_an_unusable_second_run_fails_before_the_first_generates(runs, tmp_path, monkeypatch):
+    from homellm import compare as module
+
+    _, _, base, _ = runs
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "best")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(USER + "\n", encoding="utf-8")
+    monkeypatch.setattr(module, "complete", lambda *a: pytest.fail("generated before checking both runs"))
+    with pytest.raises(HomeLLMError, match="broken"):
+        compare(base, broken, CompareConfig(prompts=str(prompts)))
+
+
 def test_compare_from_the_command_line(runs, tmp_path):
     _, _, base, sft = runs
     prompts = tmp_path / "prompts.txt"

@@ -17,11 +17,14 @@ from typing import TextIO
 from tqdm import tqdm
 
 from homellm.chat import prompt_ids
+from homellm.checkpoint import load_model
 from homellm.config import CompareConfig, load_json
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
 from homellm.io import atomic_write_text
+from homellm.model import GPT
+from homellm.tokenizer import Tokenizer
 
 PROMPTS_HELP = 'give a .txt file with one prompt a line, or a .jsonl file with a "prompt" field per line'
 
@@ -57,14 +60,9 @@ def is_sft(run: str | Path) -> bool:
     return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
 
 
-def complete(run: str | Path, prompts: list[str], cfg: CompareConfig, chat: bool) -> list[str]:
+def complete(run: str | Path, model: GPT, tok: Tokenizer, prompts: list[str], cfg: CompareConfig, chat: bool
+             ) -> list[str]:
     """Each prompt's continuation (raw) or reply (chat) by the run's model, stop strings cut off."""
-    from homellm.checkpoint import load_model
-    from homellm.tokenizer import Tokenizer
-    from homellm.train import resolve_device
-
-    model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
-    tok = Tokenizer.load(run)
     out = []
     for p in tqdm(prompts, desc=Path(run).name, unit="prompt", file=sys.stderr, dynamic_ncols=True):
         # raw prompts honour special tokens, as `homellm generate` does; chat content is always plain text
@@ -127,7 +125,12 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     prompts = read_prompts(cfg.prompts)
     runs = [Path(run_a), Path(run_b)]
     modes = [cfg.chat or is_sft(r) for r in runs]
-    outputs = [complete(r, prompts, cfg, chat) for r, chat in zip(runs, modes)]
+    from homellm.train import resolve_device
+
+    # Both loaded before any generation: a run that cannot be used fails now, not after the other's prompts.
+    device = resolve_device(cfg.device)
+    loaded = [(load_model(r, cfg.checkpoint, device), Tokenizer.load(r)) for r in runs]
+    outputs = [complete(r, model, tok, prompts, cfg, chat) for r, (model, tok), chat in zip(runs, loaded, modes)]
     header = ["#", "prompt", *(f"{ab}: {r.name}" for ab, r in zip("AB", runs))]
     rows = [[str(i), p, a, b] for i, (p, a, b) in enumerate(zip(prompts, *outputs), 1)]
     sampling = ("greedy" if cfg.temperature == 0 else
