@@ -454,3 +454,24 @@ def test_readme_serve_examples_run_against_the_server(run, server, capsys):
         for command in adapt(curl.removeprefix("bash\n")).replace("\\\n", " ").strip().splitlines():
             out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60).stdout
             assert '"choices"' in out and ("data: [DONE]" in out) == ('"stream": true' in command)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(run, server, monkeypatch):
+    """A long prompt tokenized on the loop would hold every other request, the health check too."""
+    import asyncio
+
+    on_loop = []
+    encode = Tokenizer.encode
+
+    def spy(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread: a worker's
+            on_loop.append(False)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", spy)
+    server.client.completions.create(model=run.name, prompt="the cat", max_tokens=2, temperature=0)
+    server.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[0][:1], max_tokens=2, temperature=0)
+    assert on_loop and not any(on_loop)

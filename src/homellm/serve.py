@@ -597,7 +597,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
             raise ApiError(400, f"{len(texts)} prompts x n={params.n} exceed --max-batch {cfg.max_batch}", "n",
                            "invalid_value")
         # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
-        prompts = [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts]
+        # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
+        prompts = await asyncio.to_thread(lambda: [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts])
         return await generate(request, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -610,7 +611,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         except HomeLLMError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         params = parse_params(body, None, cfg.max_batch)
-        return await generate(request, [prompt_ids(tok, messages)], params, chat=True)
+        return await generate(request, [await asyncio.to_thread(prompt_ids, tok, messages)], params, chat=True)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> Response:
