@@ -246,7 +246,6 @@ def check_out(args: argparse.Namespace) -> None:
         except OSError as e:
             raise HomeLLMError(f"--out {out}: cannot write in {ancestor} ({e.strerror}): choose another --out"
                                ) from None
-    if args.func is cmd_compare:
         if out.is_dir():
             raise HomeLLMError(f"--out {out} is a folder: give the report's file path, such as {out / 'compare.md'}")
         if out.exists() and args.prompts and out.resolve() == Path(args.prompts).resolve():

@@ -153,9 +153,9 @@ def _wide_blocks(path: Path, encoding: str) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise HomeLLMError(f"{path}: bytes near byte offset {offset + e.start} are not valid {encoding}: "
                                    "pass the --encoding the file was written in, or fix the file") from None
-            offset += len(data)
-            if offset == len(data) and text.startswith("\ufeff"):
+            if offset == 0 and text.startswith("\ufeff"):
                 text = text[1:]  # utf-16-le/-be keep a byte-order mark as a character: it is none
+            offset += len(data)
             held = text[-1:] if text.endswith("\r") and data else ""
             text = text[: len(text) - len(held)]
             if text:

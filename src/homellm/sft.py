@@ -230,5 +230,7 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"}, "merged_from": str(run)})
     Tokenizer.load(run).save(stage / "tokenizer", model_max_length=model.cfg.block_size)
     save_checkpoint(stage, "best", model, None, {"step": 0, "merged_from": str(run)})
-    os.replace(stage, out)  # over nothing, or an empty folder
+    if out.is_dir():
+        out.rmdir()  # empty (checked above); renaming over a folder works on POSIX only
+    os.replace(stage, out)
     return out
