@@ -241,3 +241,11 @@ def test_an_argument_that_is_not_utf8_is_named_before_any_work(tmp_path, monkeyp
                                        "name in Shift_JIS?): rename the file to UTF-8, e.g. `convmv -f sjis -t utf8 "
                                        "--notest FILE`, or type the text as UTF-8\n")
     assert not any(tmp_path.iterdir())
+
+
+def test_an_error_on_another_rank_names_the_rank(tmp_path, monkeypatch, capsys):
+    from homellm.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.startswith(f"homellm: error (rank 1): {tmp_path / 'nowhere'}: not a homellm run")

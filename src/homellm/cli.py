@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args)
         args.func(args)
     except HomeLLMError as e:
-        print(f"homellm: error: {e}", file=sys.stderr)
+        # Under torchrun every rank may report: name the others, and write each line whole so none interleave.
+        rank = os.environ.get("RANK", "0")
+        sys.stderr.write(f"homellm: error{f' (rank {rank})' if rank != '0' else ''}: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("\nhomellm: interrupted", file=sys.stderr)
