@@ -6,10 +6,12 @@ import random
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
 
 from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig
 from homellm.errors import HomeLLMError
-from homellm.tokenizer import UNK, Tokenizer, train_tokenizer
+from homellm.tokenizer import UNK, Tokenizer, import_tokenizer, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -240,3 +242,28 @@ def test_max_chars_caps_training_text(tmp_path):
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def byte_fallback_tokenizer(tmp_path) -> Tokenizer:
+    """A Llama-style tokenizer: SentencePiece's ▁ for spaces, and characters outside the vocabulary written as
+    their UTF-8 bytes, one <0xNN> token each."""
+    from tokenizers import normalizers
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}}
+    for piece in ["▁", "a", "b", "c", "▁a", "日"]:
+        vocab[piece] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.save(str(tmp_path / "llama.json"))
+    return import_tokenizer(tmp_path / "llama.json")
+
+
+def test_streamed_text_equals_the_decode_with_byte_fallback(tmp_path):
+    tok = byte_fallback_tokenizer(tmp_path)
+    text = "a 日本語のテキスト abc ＡＢＣ 鬱蒼 cab"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) > len(text)  # mostly byte tokens
+    stream = tok.stream()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == text

@@ -181,7 +181,7 @@ class StreamDecoder:
 
     def __init__(self, tok: Tokenizer, skip_special: bool = False):
         self._tok, self._skip = tok, skip_special
-        # The window: a context id already printed (some decoders, SentencePiece's, drop a leading space that
+        # The window: context ids already printed (some decoders, SentencePiece's, drop a leading space that
         # only the first token of a text may drop), then the ids since; `_done` characters of its text are out.
         self._ids: list[int] = []
         self._done = 0
@@ -194,9 +194,14 @@ class StreamDecoder:
         settled = len(text.rstrip("\ufffd"))
         new = text[self._done:settled] if settled > self._done else ""
         self._done = max(self._done, settled)
-        if settled == len(text):  # a clean end: keep the last id as context and start a new window
-            self._ids = self._ids[-1:]
-            self._done = len(self._tok.decode(self._ids, self._skip))
+        if settled == len(text):  # a clean end: start a new window from the shortest clean tail of ids
+            for k in range(1, len(self._ids) + 1):
+                # A tail that decodes alone to exactly its part of the text: one byte token of a character
+                # (Llama's <0xE3>-style byte fallback) would turn every byte run after it into U+FFFDs.
+                tail = self._tok.decode(self._ids[-k:], self._skip)
+                if "\ufffd" not in tail and text.endswith(tail):
+                    self._ids, self._done = self._ids[-k:], len(tail)
+                    break
         return new
 
     def flush(self) -> str:
