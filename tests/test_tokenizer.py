@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models
+from tokenizers import decoders, models, pre_tokenizers
 
-from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig
+from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, PrepareConfig, TokenizerConfig
+from homellm.data import prepare
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import UNK, Tokenizer, import_tokenizer, train_tokenizer
 
@@ -267,3 +268,21 @@ def test_streamed_text_equals_the_decode_with_byte_fallback(tmp_path):
     assert tok.decode(ids) == text and len(ids) > len(text)  # mostly byte tokens
     stream = tok.stream()
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+
+
+def test_an_imported_tokenizers_own_unknown_token_is_counted(tmp_path):
+    """A SentencePiece-style BPE without byte fallback writes what it lacks as its own <unk>: prepare counts those
+    tokens, and refuses text that is mostly unknown, as it does for homellm's char tokenizers."""
+    vocab = {"<unk>": 0, "▁": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.save(str(tmp_path / "sp.json"))
+    tok = import_tokenizer(tmp_path / "sp.json")
+    assert tok.unk_id == 0 and tok.unknown_chars("ab 日本 c") == {"日", "本"}
+    assert "cannot write '日', '本': the model reads them as <unk>" in tok.unknown_note("ab 日本 c")
+    tok.save(tmp_path / "tok")
+    (tmp_path / "ja.txt").write_text("日本語の文章です。" * 50 + "\n", encoding="utf-8")
+    with pytest.raises(HomeLLMError, match=r"ja.txt: .* tokens \(.*%\) are characters the tokenizer"):
+        prepare(PrepareConfig(input=[str(tmp_path / "ja.txt")], tokenizer=str(tmp_path / "tok"),
+                              out=str(tmp_path / "d")))

@@ -9,6 +9,7 @@ folder loads in `transformers.PreTrainedTokenizerFast`. Every tokenizer reserves
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -38,9 +39,9 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
     what = (f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are characters the tokenizer {tokenizer} does "
             f"not know, such as {' '.join(sorted(examples)[:10])!r}")
     if unknown / total > MAX_UNKNOWN_SHARE:
-        raise HomeLLMError(f"{where}: {what}; they would all become {UNK}: train a tokenizer on this text "
+        raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: train a tokenizer on this text "
                            "(`homellm tokenizer train --input ...`)")
-    print(f"note: {where}: {what}; they become {UNK}", file=sys.stderr)
+    print(f"note: {where}: {what}; they become the unknown token", file=sys.stderr)
 
 
 class Tokenizer:
@@ -77,15 +78,21 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
 
-    @property
+    @functools.cached_property
     def unk_id(self) -> int | None:
-        """<|unk|>'s id in a char tokenizer; None for byte-level BPE, which can write any text."""
-        return self.hf.token_to_id(UNK)
+        """The id text it cannot write becomes: <|unk|> in a char tokenizer, or an imported model's own unknown
+        token (<unk>, [UNK]); None for byte-level BPE, which can write any text."""
+        if (own := self.hf.token_to_id(UNK)) is not None:
+            return own
+        model = json.loads(self.hf.to_str())["model"]
+        if isinstance(model.get("unk_token"), str):  # BPE, WordPiece
+            return self.hf.token_to_id(model["unk_token"])
+        return model.get("unk_id") if isinstance(model.get("unk_id"), int) else None  # Unigram
 
     def unknown_chars(self, text: str) -> set[str]:
-        """The characters of text this tokenizer writes as <|unk|> (kept whole, so --words never count)."""
+        """The characters of text this tokenizer writes as unknown (kept whole, so --words never count)."""
         unk = self.unk_id
-        return set() if unk is None else {c for c in set(text) if self.encode(c) == [unk]}
+        return set() if unk is None else {c for c in set(text) if unk in self.encode(c)}
 
     def unknown_note(self, text: str) -> str:
         """A note naming the characters of text the model will read as <|unk|>, or "" when there are none."""
@@ -93,7 +100,8 @@ class Tokenizer:
         if not chars:
             return ""
         shown = ", ".join(repr(c) for c in chars[:10]) + (f" and {len(chars) - 10} more" if len(chars) > 10 else "")
-        return f"this model's tokenizer cannot write {shown}: the model reads them as {UNK}, so they mean nothing to it"
+        unk = self.hf.id_to_token(self.unk_id)
+        return f"this model's tokenizer cannot write {shown}: the model reads them as {unk}, so they mean nothing to it"
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""
