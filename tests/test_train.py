@@ -195,6 +195,33 @@ def test_time_budget_stops_the_run(tmp_path, data_dir):
     assert (tmp_path / "run" / "last").is_dir()
 
 
+def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Evaluation counts against --max-time: one that takes the rest must make that step the last, with `last`
+    written and the stop said, not leave the loop without them. A fake clock makes evaluation slow."""
+    from homellm import train as module
+
+    clock = [0.0]
+
+    def tick() -> float:
+        clock[0] += 1e-4
+        return clock[0]
+
+    evaluate = module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock[0] += 100.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(module.time, "perf_counter", tick)
+    monkeypatch.setattr(module, "evaluate", slow_evaluate)
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=50.0, eval_every=3,
+                  checkpoint_every=0)
+    summary = pretrain(model_cfg, cfg)
+    assert (summary["steps"], summary["stop"]) == (3, "max_time")
+    assert json.loads((tmp_path / "run" / "last" / "checkpoint.json").read_text())["step"] == 3
+
+
 def test_schedule_warmup_cosine_and_wsd():
     cfg = TrainConfig(warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0.0, 0, cfg) == pytest.approx(0.1)

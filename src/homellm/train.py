@@ -373,10 +373,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     stop_reason = "max_steps"
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
-    while True:
-        elapsed = _one_clock(elapsed, cfg, env)  # evaluation time, added per rank, is agreed on here
-        if progress() >= 1.0:
-            break
+    while progress() < 1.0:  # (a resumed run may have nothing left to do)
         t0 = time.perf_counter()
         factor = lr_factor(progress(), step, cfg)
         for opt in optimizers:
@@ -426,7 +423,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
             t_eval = time.perf_counter()
             last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
-            elapsed += time.perf_counter() - t_eval  # the budget counts evaluation too: it is wall-clock
+            # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
+            # is the last, with its checkpoint, rather than the loop ending without one.
+            elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)
+            done = done or progress() >= 1.0
             if last_val is not None:
                 record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
                 record.update(last_val)
