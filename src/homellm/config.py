@@ -237,6 +237,7 @@ _POSITIVE = (lambda v: v > 0, "must be positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
 _AT_LEAST_1 = (lambda v: v >= 1, "must be 1 or more")
 _CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
+_TOKENIZER_KIND = (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model
     "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_kv_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1,
@@ -251,8 +252,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
-    "tokenizer_kind": (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char"),
-    "kind": (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char"),
+    "tokenizer_kind": _TOKENIZER_KIND, "kind": _TOKENIZER_KIND,
     # sampling
     "max_new_tokens": _AT_LEAST_1, "temperature": _NOT_NEGATIVE, "top_k": _NOT_NEGATIVE, "top_p": _between(0, 1),
     "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "checkpoint": _CHECKPOINT,

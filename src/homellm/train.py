@@ -81,11 +81,11 @@ class TokenBatches:
             n = sum(len(m) for m in self.splits["train"])
             raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of {block_size} tokens (the "
                                "model's context, --block-size when training): add text, or train with a lower one")
-        self.val_tokens = sum(len(m) for m in self.splits["val"])
         # Why val_batch gives nothing, when it does, in words that say what to do.
+        val_tokens = sum(len(m) for m in self.splits["val"])
         self.no_val = "" if len(self.starts["val"]) and self.starts["val"][-1] else (
-            f"{data_dir} has no validation tokens: prepare it with a --val-fraction above 0" if not self.val_tokens
-            else f"{data_dir} has {self.val_tokens} validation tokens, too few for one window of {block_size + 1}: "
+            f"{data_dir} has no validation tokens: prepare it with a --val-fraction above 0" if not val_tokens
+            else f"{data_dir} has {val_tokens} validation tokens, too few for one window of {block_size + 1}: "
             "prepare it with a higher --val-fraction")
 
     def _windows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,9 +485,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     for i, line in lines:
         try:
             row = json.loads(line)
-            row_step = row["step"] if isinstance(row, dict) else None
-        except (json.JSONDecodeError, KeyError):
-            row_step = None
+        except json.JSONDecodeError:
+            row = None
+        row_step = row.get("step") if isinstance(row, dict) else None
         if not isinstance(row_step, int):
             if i == lines[-1][0]:  # a line cut short by a crash or a full disk: it was never a whole record
                 print(f"note: {path}:{i} is an incomplete log line: dropped", file=sys.stderr)
