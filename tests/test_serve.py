@@ -263,6 +263,14 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         url, {**ok, "messages": [{"role": "user", "content": image}]})[1]["error"]["message"]
     status, answer = post(server.url + "/v1/nothing", ok)
     assert status == 404 and answer["error"]["code"] == "not_found"
+    # A wrong method names the right ones; HEAD, as uptime checkers send, answers what GET does without a body.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=60)
+    assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
+    assert json.loads(e.value.read())["error"]["code"] == "method_not_allowed"
+    for path in ("/health", "/v1/models", "/"):
+        with urllib.request.urlopen(urllib.request.Request(server.url + path, method="HEAD"), timeout=60) as r:
+            assert r.status == 200 and r.read() == b"" and int(r.headers["Content-Length"]) > 0
     # The official client raises its typed errors, carrying our codes.
     with pytest.raises(openai.BadRequestError) as e:
         server.client.completions.create(model=run.name, prompt="x" * 600, max_tokens=10)

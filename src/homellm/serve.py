@@ -418,6 +418,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
     app = FastAPI(title="homellm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
 
+    GET = ["GET", "HEAD"]  # HEAD too, as `curl -I` and uptime checkers send: the headers of GET, no body
+
     def json_response(obj: Any, status: int = 200) -> Response:
         return Response(dumps(obj), status, media_type="application/json")
 
@@ -429,7 +431,9 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
     async def http_error(request: Request, e: HTTPException) -> Response:
         message = f"{request.method} {request.url.path}: no such endpoint" if e.status_code == 404 else str(e.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return json_response(ApiError(e.status_code, message, None, code).body(), e.status_code)
+        response = json_response(ApiError(e.status_code, message, None, code).body(), e.status_code)
+        response.headers.update(e.headers or {})  # a 405's Allow: the methods the path takes (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> Response:
@@ -567,17 +571,17 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=GET)
     async def health() -> Response:
         return json_response({"status": "ok", "model": name, "active_generations": scheduler.busy()})
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=GET)
     async def models(request: Request) -> Response:
         authorize(request)
         return json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "homellm", "context_length": block}]})
 
-    @app.get("/v1/models/{model_id}")
+    @app.api_route("/v1/models/{model_id}", methods=GET)
     async def model_info(request: Request, model_id: str) -> Response:
         authorize(request)
         check_model({"model": model_id})
@@ -613,7 +617,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         params = parse_params(body, None, cfg.max_batch)
         return await generate(request, [await asyncio.to_thread(prompt_ids, tok, messages)], params, chat=True)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=GET, response_class=HTMLResponse)
     async def index() -> Response:
         return HTMLResponse(page())
 
