@@ -331,3 +331,30 @@ def test_a_jsonl_byte_order_mark_and_upper_case_suffixes_are_read(tmp_path):
     (tmp_path / "in" / "a.JSONL").write_bytes(codecs.BOM_UTF8 + b'{"text": "first"}\n{"text": "second"}\n')
     write(tmp_path / "in" / "b.TXT", "third")
     assert docs([str(tmp_path / "in")]) == ["first", "second", "third"]
+
+
+def test_jsonl_is_utf8_whatever_the_encoding_of_the_text_files_beside_it(tmp_path):
+    """--encoding is for .txt: a folder of Shift_JIS texts with a UTF-8 .jsonl reads both; a .jsonl in another
+    encoding is named, UTF-16 by its byte-order mark (as Windows PowerShell writes it)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes("吾輩は猫である。".encode("cp932"))
+    write(tmp_path / "in" / "b.jsonl", '{"text": "名前はまだ無い。"}\n')
+    assert docs([str(tmp_path / "in")], encoding="cp932") == ["吾輩は猫である。", "名前はまだ無い。"]
+    (tmp_path / "sjis.jsonl").write_bytes('{"text": "吾輩は猫である。"}\n'.encode("cp932"))
+    with pytest.raises(HomeLLMError, match=r"sjis.jsonl:1: not UTF-8 \(byte offset 10\): .jsonl files must be UTF-8 "
+                                           r"\(--encoding applies to .txt only\): convert it"):
+        docs([str(tmp_path / "sjis.jsonl")], encoding="cp932")
+    (tmp_path / "wide.jsonl").write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode("utf-16"))
+    with pytest.raises(HomeLLMError, match=r"wide.jsonl:1: not UTF-8 \(utf-16, by its byte-order mark\)"):
+        docs([str(tmp_path / "wide.jsonl")])
+
+
+def test_a_validation_share_above_half_is_pointed_out(tmp_path, capsys):
+    """--val-fraction 0.9 read as the training share would train on a tenth of the text."""
+    text = write(tmp_path / "a.txt", "one two three four five six seven eight nine ten\n" * 20)
+    tok = char_tok(tmp_path, str(text))
+    for fraction, said in ((0.1, False), (0.5, False), (0.9, "holds out 90% of the text for validation and trains on "
+                                                            "10%; it is the validation share")):
+        prepare(PrepareConfig(input=[str(text)], tokenizer=str(tok), out=str(tmp_path / "d"), val_fraction=fraction))
+        err = capsys.readouterr().err
+        assert (said in err) if said else "--val-fraction" not in err

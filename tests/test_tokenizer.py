@@ -286,3 +286,62 @@ def test_an_imported_tokenizers_own_unknown_token_is_counted(tmp_path):
     with pytest.raises(HomeLLMError, match=r"ja.txt: .* tokens \(.*%\) are characters the tokenizer"):
         prepare(PrepareConfig(input=[str(tmp_path / "ja.txt")], tokenizer=str(tmp_path / "tok"),
                               out=str(tmp_path / "d")))
+
+
+def wordpiece_tokenizer(tmp_path) -> Path:
+    """A BERT-style WordPiece: it lowercases, strips accents and splits off punctuation, so text does not come
+    back as written."""
+    from tokenizers import normalizers
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(dict.fromkeys("abcdefghijklmnopqrstuvwxyz!,.()"))}}
+    for word in ["hello", "world", "##s", "##llo"]:
+        vocab[word] = len(vocab)
+    hf = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece()
+    hf.save(str(tmp_path / "wp.json"))
+    return tmp_path / "wp.json"
+
+
+def test_a_lossy_imported_tokenizer_is_named_on_import_and_in_prepare(tmp_path, capsys):
+    tok = import_tokenizer(wordpiece_tokenizer(tmp_path))
+    err = capsys.readouterr().err
+    assert "wp.json: it does not give text back as written: 'Hello World! ' comes back as 'hello world! '" in err
+    assert "cannot write '1', '2', '3', '4', '5'" in err  # its [UNK]s are named apart from the changes
+    tok.save(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("Worlds hello\n" * 20, encoding="utf-8")
+    prepare(PrepareConfig(input=[str(tmp_path / "a.txt")], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d")))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "does not give text back" in line]
+    assert len(notes) == 1 and "'Worlds hello" in notes[0] and "'worlds hello" in notes[0]
+    # Words it cannot write, though it knows each of their characters, are counted all the same.
+    (tmp_path / "b.txt").write_text("the world\n" * 20, encoding="utf-8")
+    with pytest.raises(HomeLLMError, match=r"b.txt: 20 of 40 tokens \(50.0%\) are text the tokenizer .* cannot write"):
+        prepare(PrepareConfig(input=[str(tmp_path / "b.txt")], tokenizer=str(tmp_path / "tok"),
+                              out=str(tmp_path / "e")))
+    # Bits per byte counts what each token adds to the text: a word follows a space, "##s" joins the one before,
+    # and [UNK] stands for bytes it lost.
+    tb = tok.token_bytes()
+    assert [tb[tok.hf.token_to_id(t)] for t in ("hello", "##llo", "##s", "[UNK]")] == [6, 3, 1, 0]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "gpt2", "byte-fallback"])
+def test_lossless_tokenizers_get_no_round_trip_note(kind, bpe, gpt2, tmp_path, capsys):
+    tok = {"bpe": bpe, "gpt2": gpt2}.get(kind) or byte_fallback_tokenizer(tmp_path)
+    assert "does not give text back" not in capsys.readouterr().err
+    for text in (ja_text(n_docs=1, chars=2000), zh_text(2000), random_unicode(300, seed=2)):
+        assert tok.round_trip_note(text) == ""
+
+
+def test_byte_fallback_tokens_count_one_byte_even_when_marked_special(tmp_path):
+    plain = byte_fallback_tokenizer(tmp_path)
+    spec = json.loads(plain.hf.to_str())
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    spec["added_tokens"] += [{"id": plain.hf.token_to_id(f"<0x{b:02X}>"), "content": f"<0x{b:02X}>", **flags}
+                             for b in range(256)]  # as some Llama tokenizer.json files have them
+    (tmp_path / "special.json").write_text(json.dumps(spec), encoding="utf-8")
+    tok = import_tokenizer(tmp_path / "special.json")
+    assert tok.hf.get_added_tokens_decoder()[tok.hf.token_to_id("<0x8B>")].special
+    assert (tok.token_bytes() == plain.token_bytes()).all() and tok.token_bytes()[tok.hf.token_to_id("<0x8B>")] == 1
+    text = "a 日本語 abc ＡＢＣ"
+    assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode()) + 1  # and the ▁ put before the text

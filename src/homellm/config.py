@@ -131,7 +131,7 @@ class PrepareConfig:
     tokenizer: str = ""  # a tokenizer dir (or a run dir holding one)
     out: str = ""
     text_field: str = "text"
-    encoding: str = "auto"
+    encoding: str = "auto"  # of .txt inputs: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, utf-16...; .jsonl is UTF-8
     val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
     shard_tokens: int = 100_000_000  # tokens per shard file
     max_docs: int = 0  # stop after this many documents (useful for hub datasets); 0 = all

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +31,7 @@ from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
 _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: enough pieces to use every core
+_ROUND_TRIP_CHARS = 2000  # of the first document, decoded back to tell a lossy tokenizer
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
 
@@ -54,7 +56,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
     - `.txt`: one document per file, unless the file contains `<|endoftext|>`: then that separates documents
       (TinyStories' layout) and whitespace around each separator is dropped. UTF-8 (a BOM is skipped), or with
       encoding="auto" Shift_JIS (cp932) when the file is not UTF-8. CRLF becomes LF.
-    - `.jsonl`: one document per line, its `text_field` string; empty lines are skipped.
+    - `.jsonl`: one document per line, its `text_field` string; empty lines are skipped. Always UTF-8, as JSON Lines
+      is by definition: `encoding` is for .txt files, so a folder may mix Shift_JIS texts with .jsonl.
     - a folder: its .txt and .jsonl files, recursively, in sorted order; a glob: the files it matches.
     - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`).
     Empty documents are skipped. Pieces of a text are cut only before a line break that follows a non-space
@@ -164,16 +167,18 @@ def _wide_blocks(path: Path, encoding: str) -> Iterator[str]:
                 return
 
 
+# A byte-order mark names UTF-16 or UTF-32 (UTF-32's little-endian mark begins with UTF-16's, so it comes first).
+_UTF16_32_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+                  (codecs.BOM_UTF16_BE, "utf-16")]
+
+
 def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
     """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
     with open(path, "rb") as f:
         head = f.read(4)
-    # A byte-order mark names UTF-16 or UTF-32 (UTF-32's little-endian mark begins with UTF-16's).
-    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
-            (codecs.BOM_UTF16_BE, "utf-16")]
     if chosen is None:
-        chosen = next((name for bom, name in boms if head.startswith(bom)), None)
+        chosen = next((name for bom, name in _UTF16_32_BOMS if head.startswith(bom)), None)
     if chosen is not None and "\n".encode(chosen) != b"\n":
         yield from _wide_blocks(path, chosen)
         return
@@ -293,8 +298,13 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM some editors put first is no record
             except UnicodeDecodeError as e:
-                yield where, HomeLLMError(f"{where}: not UTF-8 (byte offset {start + e.start}): convert the file to "
-                                          "UTF-8")
+                # JSON Lines is UTF-8 by definition; --encoding is for .txt. Windows tools write UTF-16 with a BOM.
+                found = next((name for bom, name in _UTF16_32_BOMS if raw.startswith(bom)), None) if n == 1 else None
+                what = f"{found}, by its byte-order mark" if found else f"byte offset {start + e.start}"
+                yield where, HomeLLMError(f"{where}: not UTF-8 ({what}): .jsonl files must be UTF-8 (--encoding "
+                                          "applies to .txt only): convert it, e.g. `iconv -f cp932 -t utf-8 FILE`")
+                if found:
+                    return
                 continue
             if not line.strip():
                 continue
@@ -409,6 +419,10 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
         raise HomeLLMError(f"--val-fraction {cfg.val_fraction} must be at least 0 and below 1")
     if cfg.shard_tokens <= 0:
         raise HomeLLMError(f"--shard-tokens {cfg.shard_tokens} must be positive")
+    if cfg.val_fraction > 0.5:  # read as the training share, a common slip, it would train on the smaller part
+        held, kept = (f"{round(100 * f, 6):g}%" for f in (cfg.val_fraction, 1 - cfg.val_fraction))
+        print(f"note: --val-fraction {cfg.val_fraction} holds out {held} of the text for validation and trains on "
+              f"{kept}; it is the validation share (the default is 0.1)", file=sys.stderr)
     tok = Tokenizer.load(cfg.tokenizer)
     final = Path(cfg.out)
     # Everything is written into a staging folder first and replaces earlier data in --out only once it is complete,
@@ -445,6 +459,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
 
     def flush(batch: list[Piece]) -> None:
         nonlocal docs, val_docs, tokens, unknown
+        if not tokens and (note := tok.round_trip_note(batch[0].text[:_ROUND_TRIP_CHARS])):
+            # An imported WordPiece lowercases, an NFKC one turns full-width letters half-width: say so once.
+            print(f"note: {cfg.tokenizer}: {note} in {' '.join(cfg.input)}; the model will learn and write text "
+                  "that way (a tokenizer trained by `homellm tokenizer` gives any text back)", file=sys.stderr)
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
             side = "val" if _is_val(cfg.seed, piece.doc, cfg.val_fraction) else "train"

@@ -9,6 +9,7 @@ folder loads in `transformers.PreTrainedTokenizerFast`. Every tokenizer reserves
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -29,6 +30,9 @@ _HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no l
 # A char tokenizer turns characters it never saw into <|unk|>, which loses them: a few (a rare symbol) are noted,
 # more than this share means the wrong tokenizer for the text, and the text is refused.
 MAX_UNKNOWN_SHARE = 0.05
+# What an imported tokenizer is tried on: case, runs of spaces, tabs, line breaks, accents, Japanese, Chinese and
+# emoji, the things lossy tokenizers (WordPiece's lowercasing, NFKC, whitespace splitting) change.
+ROUND_TRIP_PROBE = "Hello World!  Two spaces,\ttab.\nCafé naïve 1,234.5 日本語の文章です。中文文本。🙂 (x)"
 
 
 def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, tokenizer: str, where: str) -> None:
@@ -36,8 +40,11 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
     share above (prepare and sft use it, so both hold text to the same rule)."""
     if not unknown:
         return
+    shown = " ".join(sorted(examples)[:10])
+    # A WordPiece tokenizer loses whole words whose characters it knows alone: then there is no character to show.
     what = (f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are characters the tokenizer {tokenizer} does "
-            f"not know, such as {' '.join(sorted(examples)[:10])!r}")
+            f"not know, such as {shown!r}" if shown else
+            f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are text the tokenizer {tokenizer} cannot write")
     if unknown / total > MAX_UNKNOWN_SHARE:
         raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: train a tokenizer on this text "
                            "(`homellm tokenizer train --input ...`)")
@@ -103,6 +110,20 @@ class Tokenizer:
         unk = self.hf.id_to_token(self.unk_id)
         return f"this model's tokenizer cannot write {shown}: the model reads them as {unk}, so they mean nothing to it"
 
+    def round_trip_note(self, text: str) -> str:
+        """"" when decode(encode(text)) gives text back, else where it does not, as 'this' comes back as 'that'.
+        Characters written as unknown are left out: `unknown_note` names those."""
+        unknown = self.unknown_chars(text)
+        text = "".join(c for c in text if c not in unknown)
+        back = self.decode(self.encode(text))
+        if back == text:
+            return ""
+        tag, i1, i2, j1, j2 = next(op for op in difflib.SequenceMatcher(None, text, back, autojunk=False).get_opcodes()
+                                   if op[0] != "equal")
+        start, end = max(0, i1 - 12), i2 + 12
+        return (f"it does not give text back as written: {text[start:end]!r} comes back as "
+                f"{back[max(0, j1 - (i1 - start)):j2 + 12]!r}")
+
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""
         tok = self.hf if allow_special else self._plain
@@ -125,15 +146,21 @@ class Tokenizer:
             byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
             added = self.hf.get_added_tokens_decoder()
             out = np.zeros(self.vocab_size, dtype=np.int64)
+            decoder = spec.get("decoder") or {}
+            prefix = decoder.get("prefix", "##") if decoder.get("type") == "WordPiece" else None
             for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-                if i in added:
+                if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) and not byte_level:
+                    out[i] = 1  # SentencePiece byte fallback, whether or not the file marks it special
+                elif i in added:
                     out[i] = 0 if added[i].special else len(token.encode())
                 elif byte_level:
                     out[i] = len(token)
-                elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-                    out[i] = 1  # SentencePiece byte fallback
+                elif prefix is not None:  # WordPiece: "##ing" joins the word before; any other word follows a space
+                    out[i] = len(token[len(prefix):].encode()) if token.startswith(prefix) else len(token.encode()) + 1
                 else:
                     out[i] = len(token.replace("\u2581", " ").encode())  # SentencePiece's word-start mark
+            if self.unk_id is not None:
+                out[self.unk_id] = 0  # it stands for text it lost, as homellm's own <|unk|> does
             self._token_bytes = out
         return self._token_bytes
 
@@ -347,4 +374,9 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
     # appended after the largest id.
     hf.add_special_tokens(_special_tokens())
-    return Tokenizer(hf)
+    tok = Tokenizer(hf)
+    if note := tok.unknown_note(ROUND_TRIP_PROBE):
+        print(f"note: {path}: {note}", file=sys.stderr)
+    if note := tok.round_trip_note(ROUND_TRIP_PROBE):
+        print(f"note: {path}: {note}; a model trained with it writes text that way", file=sys.stderr)
+    return tok
