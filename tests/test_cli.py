@@ -248,4 +248,28 @@ def test_an_error_on_another_rank_names_the_rank(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("RANK", "1")
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
-    assert capsys.readouterr().err.startswith(f"homellm: error (rank 1): {tmp_path / 'nowhere'}: not a homellm run")
+    assert capsys.readouterr().err.startswith(f"homellm: error (rank 1): {tmp_path / 'nowhere'}: not found")
+
+
+def test_a_verb_given_something_other_than_a_run_says_what_it_was_given(tmp_path, monkeypatch, capsys):
+    from homellm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for folder, name in (("tok", "tokenizer.json"), ("data", "meta.json"), ("empty", None)):
+        (tmp_path / folder).mkdir()
+        if name:
+            (tmp_path / folder / name).touch()
+    (tmp_path / "c.txt").write_text("text\n")
+    made_by = ": pass the --out folder of `homellm pretrain`, `sft` or `quickstart`\n"
+    for path, what in [("nowhere", "not found"), ("c.txt", "a file, not a run folder"),
+                       ("tok", "a tokenizer, not a run"),
+                       ("data", "prepared data, not a run (train on it: `homellm pretrain --data data --out RUN`)"),
+                       ("empty", "not a homellm run (no config.json)")]:
+        for argv in (["info", path], ["generate", path, "--prompt", "x"], ["chat", path], ["eval", path]):
+            assert main(argv) == 2, argv
+            assert capsys.readouterr().err == f"homellm: error: {path}: {what}{made_by}", argv
+    assert main(["merge", "data", "--out", "m"]) == 2
+    assert capsys.readouterr().err.startswith("homellm: error: data: prepared data, not a run (train on it")
+    assert main(["tokenizer", "--input", "c.txt", "--out", "t"]) == 2  # argparse named c.txt as the wrong word
+    assert capsys.readouterr().err == ("homellm: error: `homellm tokenizer` takes its action first: `homellm "
+                                       "tokenizer train --input ... --out DIR`\n")

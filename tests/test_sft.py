@@ -254,7 +254,7 @@ def test_sft_refuses_bad_init_and_out(tmp_path, base_run):
     data = qa_file(tmp_path / "qa.jsonl", 10)
     r = homellm("sft", "--init", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "o"),
                 check=False)
-    assert r.returncode == 2 and "not a homellm run" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "nothing: not found: pass the --out folder" in r.stderr and "Traceback" not in r.stderr
     r = homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(base_run), check=False)
     assert r.returncode == 2 and "is the --init run" in r.stderr
 

@@ -141,11 +141,27 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
     return chosen
 
 
+def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` or `quickstart`") -> Path:
+    """RUN/config.json, or a one-line error that says what RUN is instead (missing, a file, data, a tokenizer)."""
+    run = Path(run)
+    path = run / "config.json"
+    if path.is_file():
+        return path
+    if not run.exists():
+        what = "not found"
+    elif not run.is_dir():
+        what = "a file, not a run folder"
+    elif (run / "meta.json").is_file():
+        what = f"prepared data, not a run (train on it: `homellm pretrain --data {run} --out RUN`)"
+    elif (run / "tokenizer.json").is_file():
+        what = "a tokenizer, not a run"
+    else:
+        what = "not a homellm run (no config.json)"
+    raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")
+
+
 def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise HomeLLMError(f"{run}: not a homellm run (no config.json): pass the --out folder of "
-                           "`homellm pretrain` or `homellm sft`")
+    path = run_config_path(run)
     cfg = load_json(path)
     for section in ("model", "train"):
         if not isinstance(cfg, dict) or not isinstance(cfg.get(section), dict):

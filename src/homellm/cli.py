@@ -279,9 +279,15 @@ def check_utf8(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokenizer"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
+        # argparse would say "argument ACTION: invalid choice: 'corpus.txt'", naming the wrong word.
+        print("homellm: error: `homellm tokenizer` takes its action first: `homellm tokenizer train --input ... "
+              "--out DIR`", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
-        check_utf8(sys.argv[1:] if argv is None else argv)
+        check_utf8(argv)
         check_out(args)
         args.func(args)
     except HomeLLMError as e:

@@ -414,7 +414,7 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the prepared data to")
     if not cfg.tokenizer:
-        raise HomeLLMError("--tokenizer is required: a tokenizer folder (train one with `homellm tokenizer`)")
+        raise HomeLLMError("--tokenizer is required: a tokenizer folder (train one with `homellm tokenizer train`)")
     if not 0 <= cfg.val_fraction < 1:
         raise HomeLLMError(f"--val-fraction {cfg.val_fraction} must be at least 0 and below 1")
     if cfg.shard_tokens <= 0:

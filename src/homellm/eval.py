@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from homellm.checkpoint import run_config_path
 from homellm.config import EOT, IM_END, EvalConfig
 from homellm.errors import HomeLLMError
 from homellm.info import table
@@ -69,10 +70,7 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
 
 
 def _run_config(run: Path) -> dict[str, Any]:
-    path = run / "config.json"
-    if not path.is_file():
-        raise HomeLLMError(f"{run}: no config.json there: pass a run directory made by pretrain or quickstart")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(run_config_path(run).read_text(encoding="utf-8"))
 
 
 def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,

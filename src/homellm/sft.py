@@ -211,13 +211,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
 
 def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     """`homellm merge`: a LoRA run's adapters folded into its base weights, written as a standalone run."""
-    from homellm.checkpoint import load_model, save_checkpoint
+    from homellm.checkpoint import load_model, run_config_path, save_checkpoint
     from homellm.config import save_json
 
     run, out = Path(run), Path(out)
-    if not (run / "config.json").is_file():
-        raise HomeLLMError(f"{run}: not a homellm run (no config.json): pass the --out folder of a LoRA `homellm sft`")
-    config = load_json(run / "config.json")
+    config = load_json(run_config_path(run, "a LoRA `homellm sft`"))
     if "lora" not in config:
         raise HomeLLMError(f"{run} is not a LoRA run (its config.json has no lora section): nothing to merge")
     if out.is_dir() and any(out.iterdir()):

@@ -1,6 +1,6 @@
 """Tokenizers: byte-level BPE or one token per character, stored as Hugging Face `tokenizer.json` files.
 
-    homellm tokenizer --input ../shared/data/tinyshakespeare/input.txt --vocab-size 1024 --out runs/tok
+    homellm tokenizer train --input ../shared/data/tinyshakespeare/input.txt --vocab-size 1024 --out runs/tok
 
 Both kinds are Hugging Face `tokenizers` objects, so training and encoding run in parallel Rust and the saved
 folder loads in `transformers.PreTrainedTokenizerFast`. Every tokenizer reserves the special tokens of
@@ -70,7 +70,7 @@ class Tokenizer:
         missing = [s for s, i in ids.items() if i is None]
         if missing:
             raise HomeLLMError(f"tokenizer lacks the special tokens {', '.join(missing)}: import it with "
-                               "`homellm tokenizer --from-file PATH --out DIR`, which adds them")
+                               "`homellm tokenizer train --from-file PATH --out DIR`, which adds them")
         self.eot_id, self.im_start_id, self.im_end_id, self.pad_id = (ids[s] for s in (EOT, IM_START, IM_END, PAD))
         # One more than the largest id, not the count: imported tokenizers may leave holes, embeddings must not.
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
@@ -205,7 +205,7 @@ class Tokenizer:
             raise HomeLLMError(f"{path / 'tokenizer'} is missing: copy back the tokenizer/ folder of the data the run "
                                "was trained on (a newly trained tokenizer would give the model's ids other meanings)")
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
-                           "train one with `homellm tokenizer`, or pass a run or data folder that holds one")
+                           "train one with `homellm tokenizer train`, or pass a run or data folder that holds one")
 
 
 class StreamDecoder:
