@@ -358,3 +358,24 @@ def test_a_validation_share_above_half_is_pointed_out(tmp_path, capsys):
         prepare(PrepareConfig(input=[str(text)], tokenizer=str(tok), out=str(tmp_path / "d"), val_fraction=fraction))
         err = capsys.readouterr().err
         assert (said in err) if said else "--val-fraction" not in err
+
+
+def test_folders_homellm_made_are_not_read_as_text(tmp_path, capsys):
+    """A run's metrics.jsonl is no corpus: a run or prepared data given as input is named with what to do instead,
+    and the runs inside a project folder are skipped with a note."""
+    run, data = tmp_path / "proj" / "runs" / "r", tmp_path / "d"
+    run.mkdir(parents=True)
+    write(run / "config.json", "{}")
+    write(run / "metrics.jsonl", '{"step": 1, "train_loss": 3.0}\n')
+    write(tmp_path / "proj" / "story.txt", "Once upon a time.")
+    with pytest.raises(HomeLLMError, match=rf"^{run} is a homellm run, not text: name the text files to train on \("
+                                           rf"continue the run itself with `homellm pretrain --resume --out {run}`\)"):
+        docs([str(run)])
+    assert docs([str(tmp_path / "proj")]) == ["Once upon a time."]
+    assert f"note: {tmp_path / 'proj'}: skipping 1 folder(s) homellm made (runs, prepared data): {run}" in (
+        capsys.readouterr().err)
+    text = write(tmp_path / "a.txt", "some text to prepare\n" * 10)
+    prepare(PrepareConfig(input=[str(text)], tokenizer=str(char_tok(tmp_path, str(text))), out=str(data)))
+    with pytest.raises(HomeLLMError, match=rf"^{data} is prepared data, not text: train on it with `homellm pretrain "
+                                           rf"--data {data}`, as it is"):
+        docs([str(data)])

@@ -53,7 +53,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     cfg = build(PrepareConfig, args)
     meta = prepare(cfg)
     print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) from "
-          f"{meta['documents']:,} documents written to {cfg.out}")
+          f"{meta['documents']:,} document{'s' * (meta['documents'] != 1)} written to {cfg.out}")
 
 
 def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:

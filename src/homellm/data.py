@@ -91,7 +91,7 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
         raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty, or --text-field names an empty field")
 
 
-def _expand(inputs: list[str]) -> list[tuple[str, str]]:
+def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
     """(kind, source) for every file or dataset the inputs name; kind is txt, jsonl or hf."""
     if not inputs:
         raise HomeLLMError("no input given: pass .txt/.jsonl files, folders, globs or hf:NAME")
@@ -110,8 +110,16 @@ def _expand(inputs: list[str]) -> list[tuple[str, str]]:
             raise HomeLLMError(f"{spec}: no such file or folder: check the path")
         for path in paths:
             if path.is_dir():
+                if made := _made_by_homellm(path):
+                    raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=path)}")
+                # A project folder holds its runs too: their metrics.jsonl and prepared data are no corpus.
+                skip = sorted({m.parent for m in path.rglob("*.json") if m.name in ("config.json", "meta.json")
+                               and _made_by_homellm(m.parent)})
+                if skip and not quiet:
+                    tqdm.write(f"note: {path}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
+                               f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}", file=sys.stderr)
                 files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _FOLDER_SUFFIXES
-                               and not f.name.startswith("."))
+                               and not f.name.startswith(".") and not any(s in f.parents for s in skip))
                 if not files:
                     raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
             else:
@@ -125,9 +133,23 @@ def _expand(inputs: list[str]) -> list[tuple[str, str]]:
     return list(unique.values())
 
 
+_MADE_FIX = {"a homellm run": "name the text files to train on (continue the run itself with `homellm pretrain "
+                              "--resume --out {path}`)",
+             "prepared data": "train on it with `homellm pretrain --data {path}`, as it is"}
+
+
+def _made_by_homellm(folder: Path) -> str | None:
+    """What homellm wrote this folder as ("a homellm run", "prepared data"), or None for anything else."""
+    if (folder / "config.json").is_file() and (folder / "metrics.jsonl").is_file():
+        return "a homellm run"
+    if (folder / "meta.json").is_file() and any(folder.glob("train_*.bin")):
+        return "prepared data"
+    return None
+
+
 def input_bytes(inputs: list[str]) -> int | None:
     """Total size of the input files, for a progress bar's ETA; None when a hub dataset is among them."""
-    sources = _expand(inputs)
+    sources = _expand(inputs, quiet=True)  # the reading that follows notes what it skips
     if any(kind == "hf" for kind, _ in sources):
         return None
     return sum(os.path.getsize(s) for _, s in sources)
@@ -461,8 +483,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
         nonlocal docs, val_docs, tokens, unknown
         if not tokens and (note := tok.round_trip_note(batch[0].text[:_ROUND_TRIP_CHARS])):
             # An imported WordPiece lowercases, an NFKC one turns full-width letters half-width: say so once.
-            print(f"note: {cfg.tokenizer}: {note} in {' '.join(cfg.input)}; the model will learn and write text "
-                  "that way (a tokenizer trained by `homellm tokenizer` gives any text back)", file=sys.stderr)
+            tqdm.write(f"note: {cfg.tokenizer}: {note} in {' '.join(cfg.input)}; the model will learn and write "
+                       "text that way (a tokenizer trained by `homellm tokenizer train` gives any text back)",
+                       file=sys.stderr)  # above the progress bar, not inside its line
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
             side = "val" if _is_val(cfg.seed, piece.doc, cfg.val_fraction) else "train"
