@@ -12,7 +12,7 @@ import pytest
 
 from homellm import data
 from homellm.config import EOT, PrepareConfig, TokenizerConfig
-from homellm.data import iter_documents, open_split, prepare, read_meta
+from homellm.data import iter_documents, open_split, prepare, read_meta, staged_note
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
@@ -280,10 +280,18 @@ def test_failed_prepare_keeps_earlier_data_and_readers_explain(tmp_path):
         with pytest.raises(HomeLLMError, match=message):
             prepare(PrepareConfig(input=inputs, tokenizer=tok, out=str(out)))
         assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    # A prepare killed mid-way (SIGKILL: no clean-up) leaves its staging folder: named, then cleared by the next.
+    (out / ".preparing").mkdir()
+    (out / ".preparing" / "train_00000.bin").write_bytes(b"\0" * 2**20)
+    assert staged_note(out) == (f"{out / '.preparing'} holds 1.0 MiB from a prepare into {out} that was interrupted "
+                                "or is running: training reads the complete data beside it; delete the folder once no "
+                                "prepare runs")
     (out / "meta.json").unlink()
-    with pytest.raises(HomeLLMError, match="run `homellm prepare"):
+    with pytest.raises(HomeLLMError, match=r"no meta.json \(a prepare into it was interrupted or is running\)\): run "
+                                           "`homellm prepare"):
         read_meta(out)
     prepare(PrepareConfig(input=[str(good)], tokenizer=tok, out=str(out)))
+    assert not (out / ".preparing").exists() and staged_note(out) == ""
     (out / "train_00000.bin").write_bytes(b"\0")
     with pytest.raises(HomeLLMError, match="train_00000.bin: missing or not"):
         open_split(out, "train")

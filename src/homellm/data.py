@@ -587,13 +587,26 @@ def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: Prepare
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared data folder."""
     path = Path(data_dir) / "meta.json"
+    # What an interrupted prepare leaves (a kill mid-way; its own errors clean up): gone at the next prepare there.
+    staged = Path(data_dir) / ".preparing"
     if not path.is_file():
-        raise HomeLLMError(f"{data_dir}: not a prepared data folder (no meta.json): run `homellm prepare --input ... "
-                           f"--tokenizer ... --out {data_dir}`")
+        why = " (a prepare into it was interrupted or is running)" if staged.is_dir() else ""
+        raise HomeLLMError(f"{data_dir}: not a prepared data folder (no meta.json{why}): run `homellm prepare --input "
+                           f"... --tokenizer ... --out {data_dir}`")
     meta = load_json(path)
     if not isinstance(meta, dict) or meta.get("format") != "homellm-tokens-v1":
         raise HomeLLMError(f"{path}: not written by `homellm prepare`: run `homellm prepare` again")
     return meta
+
+
+def staged_note(data_dir: str | Path) -> str:
+    """A note on what an interrupted prepare left in data_dir (its staging folder and size), or ""."""
+    staged = Path(data_dir) / ".preparing"
+    if not staged.is_dir():
+        return ""
+    size = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
+    return (f"{staged} holds {size / 2**20:,.1f} MiB from a prepare into {data_dir} that was interrupted or is "
+            "running: training reads the complete data beside it; delete the folder once no prepare runs")
 
 
 def open_split(data_dir: str | Path, split: str) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ from homellm.config import (
     save_json,
     to_dict,
 )
-from homellm.data import open_split, read_meta
+from homellm.data import open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError
 from homellm.model import GPT
 from homellm.muon import Muon
@@ -585,6 +585,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError(f"--vocab-size {model_cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
                            "drop --vocab-size")
     meta = read_meta(data_dir)
+    if note := staged_note(data_dir):
+        print(f"note: {note}", file=sys.stderr)
     data = TokenBatches(data_dir, model_cfg.block_size, cfg.seed, tok.token_bytes())
     if data.no_val and (cfg.eval_every or cfg.patience):
         print(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
