@@ -44,6 +44,22 @@ def test_help_shows_kebab_case_flags_from_the_config(capsys):
         assert flag in text
 
 
+@pytest.mark.parametrize("verb, shown", [
+    ("pretrain", {"n-embd": 192, "max-time": 120.0, "max-steps": 100000, "batch-size": 16}),  # the cpu preset
+    ("sft", {"lr": 0.0003, "max-steps": 500, "batch-size": 16}),  # fine-tuning's own defaults
+])
+def test_help_shows_the_defaults_a_run_gets(verb, shown, capsys):
+    """Not the config class's defaults, which the preset or fine-tuning replaces (--help said 1000 steps and no time
+    limit while a plain pretrain stopped after 120 s)."""
+    import re
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, value in shown.items():
+        assert re.search(rf"--{flag} {flag.upper().replace('-', '_')} (?:(?! --).)*\(default: {value}\)", text), flag
+
+
 def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
     homellm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok))

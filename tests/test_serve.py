@@ -365,13 +365,16 @@ def test_serve_per_row_cache_equals_one_sequence_at_a_time():
             torch.testing.assert_close(torch.stack([g[i] for g in got]), want[i], atol=1e-5, rtol=1e-4)
 
 
-def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run):
-    proc = subprocess.Popen([sys.executable, "-m", "homellm", "serve", str(run), "--port", "0"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run, host):
+    proc = subprocess.Popen([sys.executable, "-m", "homellm", "serve", str(run), "--port", "0", "--host", host,
+                             "--api-key", "k"], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         first = proc.stdout.readline()
         url = first.split(" at ")[1].split()[0]
+        # Listening on every address prints an address a browser can open, and says the rest.
+        assert url.startswith("http://127.0.0.1:") and ("every address" in first) == (host == "0.0.0.0")
         with urllib.request.urlopen(url + "/health") as r:
             assert r.status == 200
         proc.send_signal(signal.SIGTERM)

@@ -205,11 +205,15 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
         # ... and load_model on the LoRA run merges the same way; `merge` writes it as a standalone run.
         torch.testing.assert_close(load_model(out, "last")(x)[0], lora_logits, rtol=1e-4, atol=1e-4)
     # A merge killed between its writes leaves nothing in --out, and the same command then completes.
+    source = json.loads((out / "last" / "checkpoint.json").read_text())
     killed = homellm("merge", str(out), "--out", str(tmp_path / "merged"), "--checkpoint", "last",
-                     env={"HOMELLM_FAULT_KILL_IN_CHECKPOINT": "0"}, check=False)
+                     env={"HOMELLM_FAULT_KILL_IN_CHECKPOINT": str(source["step"])}, check=False)
     assert killed.returncode == -9 and not (tmp_path / "merged").exists()
     homellm("merge", str(out), "--out", str(tmp_path / "merged"), "--checkpoint", "last")
     assert not (tmp_path / ".merged.merging").exists()
+    merged_info = json.loads((tmp_path / "merged" / "best" / "checkpoint.json").read_text())
+    assert source["step"] > 0 and all(merged_info[k] == source[k] for k in ("step", "tokens"))
+    assert merged_info["merged_from"] == f"{out}/last"  # `info` shows the step it was trained to, not 0
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "merged")(x)[0], lora_logits, rtol=1e-4, atol=1e-4)
     bad = homellm("merge", str(base_run), "--out", str(tmp_path / "m2"), check=False)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import homellm
-from homellm.checkpoint import find_checkpoint, load_model
+from homellm.checkpoint import find_checkpoint, load_model, read_config
 from homellm.config import ModelConfig, TrainConfig, preset, replace
 from homellm.errors import HomeLLMError
 from homellm.muon import Muon
@@ -193,6 +193,25 @@ def test_time_budget_stops_the_run(tmp_path, data_dir):
     assert summary["stop"] == "max_time"
     assert 1.5 <= summary["elapsed_s"] < 5
     assert (tmp_path / "run" / "last").is_dir()
+
+
+def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_path, reference, capsys):
+    """--resume of a run at its end used to report "stop": "max_steps" whatever had ended it; now it names the
+    reason, leaves the run as it was, and a higher limit trains on."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    model_cfg, cfg = read_config(run)
+    cfg = replace(cfg, out=str(run), resume=True)
+    before = (run / "metrics.jsonl").read_text()
+    summary = pretrain(model_cfg, cfg)
+    assert (summary["steps"], summary["stop"]) == (16, "max_steps")
+    assert f"note: {run} had already finished at step 16 (max_steps): raise --max-steps" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+    timed = replace(cfg, max_steps=0, max_time=0.001)
+    assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
+    assert "(max_time): raise --max-steps or --max-time" in capsys.readouterr().err
+    more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
+    assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in capsys.readouterr().err
 
 
 def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(tmp_path, data_dir, monkeypatch):

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from homellm.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    SFT_TRAIN,
     ChatConfig,
     CompareConfig,
     EvalConfig,
@@ -64,7 +67,7 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     if getattr(args, "resume", False) and args.preset is None and out and (Path(out) / "config.json").is_file():
         model_cfg, train_cfg = read_config(out)
     else:
-        model_cfg, train_cfg = preset(args.preset or "cpu")
+        model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
     train_cfg = replace(train_cfg, **pick(args, TrainConfig))
     model_cfg.validate()
@@ -186,10 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a model from scratch (or --resume)",
                        description="Train a model. Flags override the preset; --data takes a prepared folder or "
-                                   "raw .txt/.jsonl inputs (tokenizer and shards are then built inside --out).")
-    p.add_argument("--preset", default=None, help="tiny, cpu (default), arithmetic or gpt2-124m")
-    add_flags(p, ModelConfig)
-    add_flags(p, TrainConfig)
+                                   "raw .txt/.jsonl inputs (tokenizer and shards are then built inside --out). "
+                                   f"The defaults shown are the {DEFAULT_PRESET} preset's; another --preset sets its "
+                                   "own, and --resume keeps the run's.")
+    p.add_argument("--preset", default=None, help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    model_defaults, train_defaults = PRESETS[DEFAULT_PRESET]
+    add_flags(p, ModelConfig, defaults=model_defaults)
+    add_flags(p, TrainConfig, defaults=train_defaults)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="fine-tune a trained run on conversations (full weights or LoRA)",
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
                                    "steps).")
     add_flags(p, SFTConfig)
-    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field"))
+    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

@@ -288,7 +288,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "cpu": (
         dict(family="llama", n_layer=4, n_head=4, n_embd=192, block_size=128),
         dict(batch_size=16, lr=2e-3, warmup_steps=50, max_steps=100_000, max_time=120.0, eval_every=250,
-             eval_batches=20, tokenizer_vocab=1024, weight_decay=0.1, checkpoint_every=1000),
+             eval_batches=20, tokenizer_vocab=1024, weight_decay=0.1, checkpoint_every=250),
     ),
     "arithmetic": (  # the quickstart's recipe for the built-in task (bench/README.md has its measurements)
         dict(family="llama", n_layer=4, n_head=4, n_embd=128, block_size=96),
@@ -302,6 +302,14 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              eval_batches=100, tokenizer_vocab=50257, dtype="bfloat16", compile=True, checkpoint_every=1000),
     ),
 }
+
+DEFAULT_PRESET = "cpu"  # what `pretrain` uses without --preset (a fresh start; --resume keeps the run's own)
+
+# Training defaults for fine-tuning, below any flag the user gives: a small learning rate (the model already
+# knows the language), no weight decay, frequent evaluation. LoRA's adapters start at zero and need more.
+SFT_TRAIN = dict(lr=3e-4, warmup_steps=20, max_steps=500, eval_every=100, eval_batches=10, weight_decay=0.0,
+                 checkpoint_every=250, batch_size=16, log_every=10)
+LORA_LR = 1e-3
 
 
 def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
@@ -334,15 +342,17 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-              positional: tuple[str, ...] = ()) -> None:
+              positional: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
     """Add one `--kebab-case` flag per field of `cls`. Defaults are suppressed, so the namespace holds only
-    what the user typed and presets can fill in the rest."""
+    what the user typed and presets can fill in the rest. `defaults` are the values the verb fills in over the
+    class's own (a preset's, fine-tuning's): --help shows what a run gets, not what the class says."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         tp = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = (defaults or {}).get(f.name, default)
         comment = _field_comments(cls).get(f.name, "")
         help_text = f"{comment} (default: {default!r})".strip().replace("%", "%%")
         if f.name in positional:

@@ -216,9 +216,9 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
 def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, Any]:
     """Stages 6-7: fine-tune the model on the task asked as questions (SFT), then score it per phrasing."""
-    from homellm.config import EvalConfig, SFTConfig
+    from homellm.config import SFT_TRAIN, EvalConfig, SFTConfig
     from homellm.eval import eval_chat_arithmetic
-    from homellm.sft import SFT_TRAIN, sft
+    from homellm.sft import sft
 
     _stage(6, 7, f"fine-tuning it into a chat model for {seconds:.0f} s (questions in English, Japanese, symbols)")
     problems = arithmetic.generate(cfg.chat_problems, cfg.seed + 7, split="train")

@@ -673,10 +673,13 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
         raise HomeLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): choose another --port "
                            "(0 picks a free one) or --host") from None
     host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}"
+    # 0.0.0.0 and :: are where it listens (every address), not where a browser can go: this machine's own is.
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{shown}]' if family == socket.AF_INET6 else shown}:{port}"
+    everywhere = "; it listens on every address: other machines reach it by this one's" if shown != host else ""
     server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3))
-    print(f"homellm: serving {Path(run).resolve().name} at {url} (chat page: {url}/, OpenAI API: {url}/v1); "
-          "Ctrl-C stops", flush=True)
+    print(f"homellm: serving {Path(run).resolve().name} at {url} (chat page: {url}/, OpenAI API: {url}/v1)"
+          f"{everywhere}; Ctrl-C stops", flush=True)
     if ready is not None:
         ready(url, server)
     with sock:

@@ -29,15 +29,19 @@ from homellm.checkpoint import (
     read_weights,
     sha256_file,
 )
-from homellm.config import SFTConfig, TrainConfig, check_ranges, from_dict, load_json, replace, to_dict
+from homellm.config import (
+    LORA_LR,
+    SFT_TRAIN,
+    SFTConfig,
+    TrainConfig,
+    check_ranges,
+    from_dict,
+    load_json,
+    replace,
+    to_dict,
+)
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer, check_unknown
-
-# Training defaults for fine-tuning, below any flag the user gives: a small learning rate (the model already
-# knows the language), no weight decay, frequent evaluation. LoRA's adapters start at zero and need more.
-SFT_TRAIN = dict(lr=3e-4, warmup_steps=20, max_steps=500, eval_every=100, eval_batches=10, weight_decay=0.0,
-                 checkpoint_every=250, batch_size=16, log_every=10)
-LORA_LR = 1e-3
 
 
 class ChatBatches:
@@ -211,7 +215,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
 
 def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     """`homellm merge`: a LoRA run's adapters folded into its base weights, written as a standalone run."""
-    from homellm.checkpoint import load_model, run_config_path, save_checkpoint
+    from homellm.checkpoint import INFO, find_checkpoint, load_model, run_config_path, save_checkpoint
     from homellm.config import save_json
 
     run, out = Path(run), Path(out)
@@ -221,13 +225,15 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     if out.is_dir() and any(out.iterdir()):
         raise HomeLLMError(f"--out {out} is not empty: choose a new --out")
     model = load_model(run, which)
+    source = find_checkpoint(run, which)  # the one load_model read (it falls back the same way)
+    info = {k: v for k, v in load_json(source / INFO).items() if k != "sha256"}  # step, tokens, val loss: kept
     # Written whole into a staging folder, then renamed into place: a crash never leaves half a run behind.
     stage = out.parent / f".{out.name}.merging"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"}, "merged_from": str(run)})
     Tokenizer.load(run).save(stage / "tokenizer", model_max_length=model.cfg.block_size)
-    save_checkpoint(stage, "best", model, None, {"step": 0, "merged_from": str(run)})
+    save_checkpoint(stage, "best", model, None, {**info, "merged_from": f"{run}/{source.name}"})
     if out.is_dir():
         out.rmdir()  # empty (checked above); renaming over a folder works on POSIX only
     os.replace(stage, out)

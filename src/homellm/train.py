@@ -371,9 +371,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                desc=f"train {run.name}", dynamic_ncols=True, file=sys.stderr)
     last_val: dict[str, float] | None = None
     stop_reason = "max_steps"
+    if cfg.max_time > 0 and elapsed >= cfg.max_time:
+        stop_reason = "max_time"
+    if progress() >= 1.0 or (cfg.patience and bad_evals >= cfg.patience):  # resumed after its end: nothing to do
+        if cfg.patience and bad_evals >= cfg.patience and progress() < 1.0:
+            stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
+        if env.main:
+            bar.write(f"note: {run} had already finished at step {step} ({stop_reason}): raise --max-steps or "
+                      "--max-time (or --patience) to train it further", file=sys.stderr)
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
-    while progress() < 1.0:  # (a resumed run may have nothing left to do)
+    while progress() < 1.0 and not (cfg.patience and bad_evals >= cfg.patience):
         t0 = time.perf_counter()
         factor = lr_factor(progress(), step, cfg)
         for opt in optimizers:
@@ -430,7 +438,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             if last_val is not None:
                 record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
                 record.update(last_val)
-                bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte")
+                if env.main:  # tqdm's write prints even where the bar is disabled: once, not per rank
+                    bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte")
                 if last_val["val_loss"] < best_val:
                     best_val, bad_evals = last_val["val_loss"], 0
                     checkpoint("best", last_val)
