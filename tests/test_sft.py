@@ -238,6 +238,18 @@ def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run):
     assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 2
 
 
+def test_lora_with_muon_trains_every_adapter_with_muon(tmp_path, base_run):
+    """LoRA's parameters are all matrices: Muon takes them all, and AdamW, left with none, is not made (it used to
+    stop with "optimizer got an empty parameter list"). Resume restores the one optimizer."""
+    out, data = tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
+    homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "2",
+            "--optimizer", "muon", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "1")
+    state = torch.load(out / "last" / "state.pt", weights_only=True)
+    assert len(state["optimizers"]) == 1 and state["optimizers"][0]["state"]
+    homellm("sft", "--out", str(out), "--resume", "--max-steps", "3")
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 3
+
+
 def test_sft_resume_after_sigkill_is_identical(tmp_path, base_run):
     data = qa_file(tmp_path / "qa.jsonl", 60)
     flags = ["--init", str(base_run), "--data", str(data), "--max-steps", "12", "--eval-every", "4",
@@ -261,6 +273,8 @@ def test_sft_refuses_bad_init_and_out(tmp_path, base_run):
     assert r.returncode == 2 and "nothing: not found: pass the --out folder" in r.stderr and "Traceback" not in r.stderr
     r = homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(base_run), check=False)
     assert r.returncode == 2 and "is the --init run" in r.stderr
+    r = homellm("sft", "--out", str(tmp_path / "stopped-early"), "--resume", check=False)
+    assert r.returncode == 2 and "stopped-early holds no fine-tuning run to continue (no config.json)" in r.stderr
 
 
 def test_resuming_with_another_init_names_both(tmp_path, base_run):

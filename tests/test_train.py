@@ -94,6 +94,43 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_d
     assert_same_weights(run / "last", reference / "last")
 
 
+def test_a_kill_between_a_checkpoints_two_renames_resumes_from_the_new_one(tmp_path, data_dir, reference):
+    """Killed while `best` of step 4 was being swapped in, before any `last`: the complete .best.tmp is used, and the
+    step's metrics line, written before the checkpoint, is kept (it used to be written after, and was lost)."""
+    run = tmp_path / "run"
+    killed = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
+                     env={"HOMELLM_FAULT_KILL_IN_CHECKPOINT": "4"}, check=False)
+    assert killed.returncode == -9 and not (run / "best").exists() and not (run / "last").exists()
+    assert max(r["step"] for r in metrics(run)) == 4
+    resumed = homellm("pretrain", "--out", str(run), "--resume")
+    assert f"using {run / '.best.tmp'} (step 4)" in resumed.stderr
+    assert metrics(run) == metrics(reference)
+    assert_same_weights(run / "last", reference / "last")
+    assert_same_weights(run / "best", reference / "best")
+    # At the very end, `last` moved aside and the new one not yet in place: resuming puts it back, trains nothing.
+    (run / "last").rename(run / ".last.old")
+    again = homellm("pretrain", "--out", str(run), "--resume")
+    assert "had already finished at step 16 (max_steps)" in again.stderr
+    assert_same_weights(run / "last", reference / "last") and metrics(run) == metrics(reference)
+
+
+def test_a_damaged_checkpoint_record_is_named_and_skipped(tmp_path, reference, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    record = run / "last" / "checkpoint.json"
+    good = json.loads(record.read_text())
+    for bad in ([1, 2], {k: v for k, v in good.items() if k != "step"}, {**good, "step": "x"}):
+        record.write_text(json.dumps(bad))
+        assert find_checkpoint(run, "last", need_state=True) == run / "best"
+        assert "checkpoint.json: not a checkpoint record (it needs a whole-number step" in capsys.readouterr().err
+    shutil.rmtree(run / "last")
+    (run / "last").write_text("not a folder")  # and a file where `last` should be is replaced by the next save
+    assert "last: not a folder" in str(find_checkpoint(run, "last", need_state=True)) + capsys.readouterr().err
+    model_cfg, cfg = read_config(run)
+    pretrain(model_cfg, replace(cfg, out=str(run), resume=True, max_steps=18))
+    assert (run / "last").is_dir() and json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 18
+
+
 def test_corrupt_checkpoint_falls_back_to_newest_valid(tmp_path, reference, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

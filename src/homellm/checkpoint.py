@@ -72,7 +72,7 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
     """Write RUN/NAME atomically: files into RUN/.NAME.tmp, fsync, then rename over the old folder."""
     run = Path(run)
     tmp, final, old = run / f".{name}.tmp", run / name, run / f".{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir(parents=True)
     save_file(weights_of(model), str(tmp / WEIGHTS))
     files = [WEIGHTS]
@@ -87,11 +87,19 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
     fsync_dir(tmp)
     fault_point("HOMELLM_FAULT_KILL_IN_CHECKPOINT", info.get("step"))
     if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(run)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder or a file (a `last` that something made a plain file) if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def fault_point(var: str, step: Any) -> None:
@@ -105,8 +113,10 @@ def fault_point(var: str, step: Any) -> None:
 def verify_checkpoint(folder: Path, need_state: bool) -> dict[str, Any]:
     """checkpoint.json of a complete, uncorrupted checkpoint folder; HomeLLMError saying what is wrong."""
     if not folder.is_dir():
-        raise HomeLLMError(f"{folder}: missing")
+        raise HomeLLMError(f"{folder}: {'not a folder' if folder.exists() else 'missing'}")
     info = load_json(folder / INFO)
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int) or not isinstance(info.get("sha256"), dict):
+        raise HomeLLMError(f"{folder / INFO}: not a checkpoint record (it needs a whole-number step and checksums)")
     files = [WEIGHTS, STATE] if need_state else [WEIGHTS]
     for f in files:
         if not (folder / f).is_file():
@@ -120,7 +130,9 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
     """The checkpoint folder to use: `prefer` (best or last) when valid, else the newest valid one, saying so."""
     run = Path(run)
     names = [prefer, "best" if prefer == "last" else "last"]
-    candidates = [run / n for n in names] + [run / f".{n}.old" for n in names]
+    # A kill between save_checkpoint's two renames leaves the previous folder as .NAME.old and the new, complete
+    # one as .NAME.tmp (complete when its checksums hold: checkpoint.json is written last).
+    candidates = [run / n for n in names] + [run / f".{n}.{end}" for n in names for end in ("tmp", "old")]
     valid: list[tuple[int, Path]] = []
     problems = []
     for c in candidates:
@@ -131,8 +143,8 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
                 problems.append(str(e))
     if not valid:
         what = "resumable checkpoint" if need_state else "checkpoint"
-        raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train it with `homellm pretrain`"
-                           + (" without --resume" if need_state else ""))
+        # Not "without --resume": that start is refused while the damaged last/ is there (it would be overwritten).
+        raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train again into a new --out")
     steps = {p: s for s, p in valid}
     chosen = run / prefer if run / prefer in steps else max(valid)[1]
     if chosen != run / prefer and not quiet:

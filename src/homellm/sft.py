@@ -148,6 +148,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     check_ranges(cfg)
     check_ranges(train_cfg)
     if not cfg.init:
+        if train_cfg.resume:  # a run stopped before it saved anything holds no --init to resume from
+            raise HomeLLMError(f"--resume: {train_cfg.out} holds no fine-tuning run to continue (no config.json): "
+                               "start it with --init RUN --data FILE")
         raise HomeLLMError("--init is required: the trained run to fine-tune")
     if not train_cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")

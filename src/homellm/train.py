@@ -207,7 +207,8 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
         hidden = [p for n, p in params if p.dim() == 2 and n not in embeddings]
         rest = [p for n, p in params if not (p.dim() == 2 and n not in embeddings)]
         muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-        return [muon, torch.optim.AdamW(rest, weight_decay=0.0, **adam)]
+        # LoRA trains matrices only: then every parameter is Muon's and AdamW, which refuses an empty list, is left out.
+        return [muon, torch.optim.AdamW(rest, weight_decay=0.0, **adam)] if rest else [muon]
     raise HomeLLMError(f"--optimizer {cfg.optimizer!r} is unknown: use adamw or muon")
 
 
@@ -324,8 +325,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     elapsed = 0.0
     best_val, bad_evals = math.inf, 0
     metrics_path = run / "metrics.jsonl"
+    resumed_from = None
     if cfg.resume:
-        folder = find_checkpoint(run, "last", need_state=True)
+        folder = resumed_from = find_checkpoint(run, "last", need_state=True)
         load_weights_into(model, read_weights(folder), str(folder))
         state = load_state(folder)
         for opt, sd in zip(optimizers, state["optimizers"]):
@@ -379,6 +381,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         if env.main:
             bar.write(f"note: {run} had already finished at step {step} ({stop_reason}): raise --max-steps or "
                       "--max-time (or --patience) to train it further", file=sys.stderr)
+        if resumed_from is not None and resumed_from != run / "last":  # killed while its final `last` was written
+            checkpoint("last", {})
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
     while progress() < 1.0 and not (cfg.patience and bad_evals >= cfg.patience):
@@ -428,6 +432,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                                                                                  if peak else {}))
         else:
             record = {}
+        new_best = False
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
             t_eval = time.perf_counter()
             last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
@@ -441,8 +446,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 if env.main:  # tqdm's write prints even where the bar is disabled: once, not per rank
                     bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte")
                 if last_val["val_loss"] < best_val:
-                    best_val, bad_evals = last_val["val_loss"], 0
-                    checkpoint("best", last_val)
+                    best_val, bad_evals, new_best = last_val["val_loss"], 0, True
                 else:
                     bad_evals += 1
                     if cfg.patience and bad_evals >= cfg.patience:
@@ -450,6 +454,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         if record and env.main:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if new_best:
+            # After the step's metrics line: a run resumed from `best` (no `last` yet) starts after this step, and
+            # would never write the line.
+            checkpoint("best", last_val or {})
         if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
             bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}")
         fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
