@@ -375,6 +375,10 @@ def test_folders_homellm_made_are_not_read_as_text(tmp_path, capsys):
     run.mkdir(parents=True)
     write(run / "config.json", "{}")
     write(run / "metrics.jsonl", '{"step": 1, "train_loss": 3.0}\n')
+    (run / "data").mkdir()  # its prepared data, inside it: skipped with it, not counted again
+    write(run / "data" / "meta.json", "{}")
+    (run / "data" / "train_00000.bin").write_bytes(b"\0\0")
+    write(run / "data" / "notes.txt", "not text to train on")
     write(tmp_path / "proj" / "story.txt", "Once upon a time.")
     with pytest.raises(HomeLLMError, match=rf"^{run} is a homellm run, not text: name the text files to train on \("
                                            rf"continue the run itself with `homellm pretrain --resume --out {run}`\)"):

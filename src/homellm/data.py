@@ -113,8 +113,9 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                 if made := _made_by_homellm(path):
                     raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=path)}")
                 # A project folder holds its runs too: their metrics.jsonl and prepared data are no corpus.
-                skip = sorted({m.parent for m in path.rglob("*.json") if m.name in ("config.json", "meta.json")
-                               and _made_by_homellm(m.parent)})
+                inside = {m.parent for m in path.rglob("*.json") if m.name in ("config.json", "meta.json")
+                          and _made_by_homellm(m.parent)}
+                skip = sorted(m for m in inside if not inside & set(m.parents))  # a run's data/ goes with the run
                 if skip and not quiet:
                     tqdm.write(f"note: {path}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
                                f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}", file=sys.stderr)
