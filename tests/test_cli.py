@@ -289,3 +289,19 @@ def test_a_verb_given_something_other_than_a_run_says_what_it_was_given(tmp_path
     assert main(["tokenizer", "--input", "c.txt", "--out", "t"]) == 2  # argparse named c.txt as the wrong word
     assert capsys.readouterr().err == ("homellm: error: `homellm tokenizer` takes its action first: `homellm "
                                        "tokenizer train --input ... --out DIR`\n")
+
+
+def test_max_steps_alone_turns_off_the_presets_time_budget(capsys):
+    """`--max-steps 10000` with the cpu preset used to stop after its 120 s, still in warmup, without a word."""
+    from homellm.cli import resolve_train
+
+    def resolved(*flags: str) -> tuple[int, float]:
+        cfg = resolve_train(build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", *flags]))[1]
+        return cfg.max_steps, cfg.max_time
+
+    assert resolved("--max-steps", "500") == (500, 0.0)
+    assert ("note: --max-steps 500 alone ends the run by steps: the cpu preset's --max-time 120 is off"
+            in capsys.readouterr().err)
+    assert resolved("--max-steps", "500", "--max-time", "60") == (500, 60.0)
+    assert resolved() == (100_000, 120.0) and resolved("--preset", "tiny", "--max-steps", "5") == (5, 0.0)
+    assert "--max-time" not in capsys.readouterr().err

@@ -114,6 +114,20 @@ def test_a_kill_between_a_checkpoints_two_renames_resumes_from_the_new_one(tmp_p
     assert_same_weights(run / "last", reference / "last") and metrics(run) == metrics(reference)
 
 
+def test_ctrl_c_finishes_the_step_and_writes_last_to_resume_from(tmp_path, data_dir, reference):
+    """Relay training stopped with Ctrl-C used to lose every step since the last periodic checkpoint (5 here)."""
+    run = tmp_path / "run"
+    stopped = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
+                      env={"HOMELLM_FAULT_SIGINT_AT_STEP": "7"}, check=False)
+    assert stopped.returncode == 130 and "interrupted at step 7; `--resume` continues from there" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and json.loads(stopped.stdout.splitlines()[-1])["stop"] == "interrupted"
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 7
+    homellm("pretrain", "--out", str(run), "--resume")
+    assert metrics(run) == metrics(reference)
+    assert_same_weights(run / "last", reference / "last")
+    assert_same_weights(run / "best", reference / "best")
+
+
 def test_a_damaged_checkpoint_record_is_named_and_skipped(tmp_path, reference, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

@@ -102,12 +102,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def fault_point(var: str, step: Any) -> None:
-    """Fault injection for the crash tests: SIGKILL this process at the step named by the variable."""
+def fault_point(var: str, step: Any, signal_name: str = "SIGKILL") -> None:
+    """Fault injection for the crash tests: send this process a signal (SIGKILL) at the step named by the variable."""
     if os.environ.get(var) and str(step) == os.environ[var]:
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, signal_name))
 
 
 def verify_checkpoint(folder: Path, need_state: bool) -> dict[str, Any]:

@@ -66,10 +66,18 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     out = getattr(args, "out", "")
     if getattr(args, "resume", False) and args.preset is None and out and (Path(out) / "config.json").is_file():
         model_cfg, train_cfg = read_config(out)
+        source = f"run {out}"
     else:
         model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
+        source = f"{args.preset or DEFAULT_PRESET} preset"
+    typed = pick(args, TrainConfig)
+    if typed.get("max_steps", 0) > 0 and "max_time" not in typed and train_cfg.max_time > 0:
+        # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
+        print(f"note: --max-steps {typed['max_steps']} alone ends the run by steps: the {source}'s --max-time "
+              f"{train_cfg.max_time:g} is off (give --max-time too to keep a time budget)", file=sys.stderr)
+        typed["max_time"] = 0.0
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
-    train_cfg = replace(train_cfg, **pick(args, TrainConfig))
+    train_cfg = replace(train_cfg, **typed)
     model_cfg.validate()
     check_ranges(train_cfg)
     return model_cfg, train_cfg
@@ -82,6 +90,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     summary = pretrain(model_cfg, train_cfg)
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
+    _interrupted(summary)
+
+
+def _interrupted(summary: dict[str, Any] | None) -> None:
+    """A run stopped by Ctrl-C (with its checkpoint written) still exits as interrupted, for scripts."""
+    if summary and summary.get("stop") == "interrupted":
+        print(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -148,6 +164,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     summary = sft(*resolve_sft(pick(args, SFTConfig), pick(args, TrainConfig)))
     print(json.dumps(summary, ensure_ascii=False))
+    _interrupted(summary)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

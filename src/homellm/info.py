@@ -51,7 +51,7 @@ def describe(run: str | Path) -> str:
     total = model.num_params()
     params = [(k, f"{n:,}", f"{100 * n / total:.1f}%") for k, n in parameter_groups(model)]
     params += [("total", f"{total:,}", "100.0%"),
-               ("non-embedding", f"{model.num_params(embeddings=False):,}", ""),
+               ("non-embedding (output layer counted)", f"{model.num_params(embeddings=False):,}", ""),
                ("training FLOPs per token", f"{model.flops_per_token():,}", "")]
     out = [f"run {run}", "", table(arch, ("architecture", "")), "", table(params, ("parameters", "count", "share"))]
     ckpts = []

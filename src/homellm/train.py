@@ -345,6 +345,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         save_json(run / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), **(extra_config or {})})
         tokenizer.save(run / "tokenizer", model_max_length=model_cfg.block_size)
 
+    if env.main:
+        ends = " or ".join([f"at step {cfg.max_steps:,}"] * (cfg.max_steps > 0) + [f"after {cfg.max_time:g} s"] *
+                           (cfg.max_time > 0))
+        print(f"training {run}: {model_cfg.family} {model_cfg.n_layer} layer{'s' * (model_cfg.n_layer != 1)} x "
+              f"{model_cfg.n_embd} wide, "
+              f"{model.num_params():,} parameters, on {env.device} ({str(env.dtype).removeprefix('torch.')}"
+              f"{' x ' + str(env.world) + ' processes' if env.world > 1 else ''}); it ends {ends}"
+              f"{', whichever comes first' if cfg.max_steps > 0 and cfg.max_time > 0 else ''}", file=sys.stderr)
     raw = model
     if cfg.compile:
         model = torch.compile(model)
@@ -373,6 +381,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                desc=f"train {run.name}", dynamic_ncols=True, file=sys.stderr)
     last_val: dict[str, float] | None = None
     stop_reason = "max_steps"
+    # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
+    # One process only: the ranks of torchrun would each stop at a step of their own and wait on each other.
+    interrupt = _Interrupt(bar) if env.world == 1 else None
     if cfg.max_time > 0 and elapsed >= cfg.max_time:
         stop_reason = "max_time"
     if progress() >= 1.0 or (cfg.patience and bad_evals >= cfg.patience):  # resumed after its end: nothing to do
@@ -385,92 +396,102 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             checkpoint("last", {})
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
-    while progress() < 1.0 and not (cfg.patience and bad_evals >= cfg.patience):
-        t0 = time.perf_counter()
-        factor = lr_factor(progress(), step, cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
-        loss_sum = torch.zeros((), device=env.device)
-        for micro in range(cfg.grad_accum):
-            x, y, *documents = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
-            with sync:
-                with _autocast(env):
-                    _, loss = model(x, y, documents=_documents(documents, env))
-                scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-            tokens += x.numel() * env.world  # rows may be shorter than the context (the quickstart's are)
-        if cfg.grad_clip > 0:
+    try:
+        while progress() < 1.0 and not (cfg.patience and bad_evals >= cfg.patience):
+            t0 = time.perf_counter()
+            factor = lr_factor(progress(), step, cfg)
             for opt in optimizers:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = _one_clock(elapsed + time.perf_counter() - t0, cfg, env)
-        done = progress() >= 1.0
-        bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
+                for group in opt.param_groups:
+                    group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(cfg.grad_accum):
+                x, y, *documents = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+                with sync:
+                    with _autocast(env):
+                        _, loss = model(x, y, documents=_documents(documents, env))
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+                tokens += x.numel() * env.world  # rows may be shorter than the context (the quickstart's are)
+            if cfg.grad_clip > 0:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = _one_clock(elapsed + time.perf_counter() - t0, cfg, env)
+            done = progress() >= 1.0
+            fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
+            # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
+            halted = interrupt is not None and interrupt.asked and not done
+            bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
-        if step % cfg.log_every == 0 or done:
-            loss_value = _all_sum([loss_sum.item() / cfg.grad_accum], env)[0] / env.world
-            now = time.perf_counter()
-            rate = (tokens - tokens_log) / max(now - t_log, 1e-9)
-            t_log, tokens_log = now, tokens
-            record: dict[str, Any] = {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3),
-                                      "tok_per_s": round(rate, 1), "lr": cfg.lr * factor, "train_loss": loss_value}
-            if peak:
-                record["mfu"] = round(flops_per_token * rate / (peak * env.world), 4)
-            if not math.isfinite(loss_value):
-                raise HomeLLMError(f"training diverged at step {step} (loss {loss_value}): lower --lr or raise "
-                                   "--warmup-steps, then train again (or --resume from the last checkpoint)")
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{record['mfu']:.1%}"}
-                                                                                 if peak else {}))
-        else:
-            record = {}
-        new_best = False
-        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
-            t_eval = time.perf_counter()
-            last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
-            # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
-            # is the last, with its checkpoint, rather than the loop ending without one.
-            elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)
-            done = done or progress() >= 1.0
-            if last_val is not None:
-                record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
-                record.update(last_val)
-                if env.main:  # tqdm's write prints even where the bar is disabled: once, not per rank
-                    bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte")
-                if last_val["val_loss"] < best_val:
-                    best_val, bad_evals, new_best = last_val["val_loss"], 0, True
-                else:
-                    bad_evals += 1
-                    if cfg.patience and bad_evals >= cfg.patience:
-                        stop_reason, done = f"early stop: no better val loss in {bad_evals} evaluations", True
-        if record and env.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        if new_best:
-            # After the step's metrics line: a run resumed from `best` (no `last` yet) starts after this step, and
-            # would never write the line.
-            checkpoint("best", last_val or {})
-        if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
-            bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}")
-        fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
-        periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
-        if periodic or done:
-            checkpoint("last", last_val or {})
-        if "val_loss" in record or periodic:
-            # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
-            t_log, tokens_log = time.perf_counter(), tokens
-        if done:
-            if cfg.max_time > 0 and elapsed >= cfg.max_time and stop_reason == "max_steps":
-                stop_reason = "max_time"
-            break
+            if step % cfg.log_every == 0 or done:
+                loss_value = _all_sum([loss_sum.item() / cfg.grad_accum], env)[0] / env.world
+                now = time.perf_counter()
+                rate = (tokens - tokens_log) / max(now - t_log, 1e-9)
+                t_log, tokens_log = now, tokens
+                record: dict[str, Any] = {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3),
+                                          "tok_per_s": round(rate, 1), "lr": cfg.lr * factor, "train_loss": loss_value}
+                if peak:
+                    record["mfu"] = round(flops_per_token * rate / (peak * env.world), 4)
+                if not math.isfinite(loss_value):
+                    raise HomeLLMError(f"training diverged at step {step} (loss {loss_value}): lower --lr or raise "
+                                       "--warmup-steps, then train again (or --resume from the last checkpoint)")
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{record['mfu']:.1%}"}
+                                                                                     if peak else {}))
+            else:
+                record = {}
+            new_best = False
+            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
+                t_eval = time.perf_counter()
+                last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
+                # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
+                # is the last, with its checkpoint, rather than the loop ending without one.
+                elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)
+                done = done or progress() >= 1.0
+                if last_val is not None:
+                    record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
+                    record.update(last_val)
+                    if env.main:  # tqdm's write prints even where the bar is disabled: once, not per rank
+                        bar.write(f"step {step}: val loss {last_val['val_loss']:.4f}, "
+                                  f"{last_val['val_bpb']:.4f} bits/byte")
+                    if last_val["val_loss"] < best_val:
+                        best_val, bad_evals, new_best = last_val["val_loss"], 0, True
+                    else:
+                        bad_evals += 1
+                        if cfg.patience and bad_evals >= cfg.patience:
+                            stop_reason, done = f"early stop: no better val loss in {bad_evals} evaluations", True
+            if record and env.main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            if new_best:
+                # After the step's metrics line: a run resumed from `best` (no `last` yet) starts after this step, and
+                # would never write the line.
+                checkpoint("best", last_val or {})
+            if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
+                bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}")
+            fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
+            periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+            if periodic or done or halted:
+                checkpoint("last", last_val or {})
+            if "val_loss" in record or periodic:
+                # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
+                t_log, tokens_log = time.perf_counter(), tokens
+            if done or halted:
+                if halted:
+                    stop_reason = "interrupted"
+                elif cfg.max_time > 0 and elapsed >= cfg.max_time and stop_reason == "max_steps":
+                    stop_reason = "max_time"
+                break
+    finally:
+        if interrupt is not None:
+            interrupt.restore()
     bar.close()
     if ddp:
         dist.barrier()
@@ -480,6 +501,32 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     if env.main:
         print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}", file=sys.stderr)
     return summary
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C (SIGINT) into a request that the loop honours after the current step; a second one
+    raises KeyboardInterrupt as usual. A no-op outside the main thread, where signal handlers cannot be set."""
+
+    def __init__(self, bar: tqdm):
+        import signal
+        import threading
+
+        self.asked, self._bar, self._old = False, bar, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        self._bar.write("stopping after this step, with a checkpoint to --resume from (Ctrl-C again stops at once)",
+                        file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
