@@ -305,3 +305,23 @@ def test_max_steps_alone_turns_off_the_presets_time_budget(capsys):
     assert resolved("--max-steps", "500", "--max-time", "60") == (500, 60.0)
     assert resolved() == (100_000, 120.0) and resolved("--preset", "tiny", "--max-steps", "5") == (5, 0.0)
     assert "--max-time" not in capsys.readouterr().err
+
+
+def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
+    """nanoGPT's --max_iters, a script's --epochs or --top_k: argparse said only 'unrecognized arguments'."""
+    from homellm.cli import main
+
+    for argv, hint in [
+        (["generate", "r", "--prompt", "x", "--max_new_tokens", "20", "--top_k", "40"],
+         "homellm generate: unrecognized arguments: --max_new_tokens 20 --top_k 40: --max_new_tokens is "
+         "--max-new-tokens; --top_k is --top-k"),
+        (["pretrain", "--data", "d", "--epochs", "2"],
+         "--epochs is --max-steps (homellm counts optimizer steps, not epochs)"),
+        (["pretrain", "--data", "d", "--max_iters=5000"], "--max_iters is --max-steps"),
+        (["tokenizer", "train", "--input", "a", "--vocab_size", "300"], "--vocab_size is --vocab-size"),
+        (["chat", "r", "--max-tokens", "50"], "--max-tokens is --max-new-tokens"),
+        (["generate", "r", "--prompt", "x", "stray"], "unrecognized arguments: stray: see `homellm generate --help`"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("homellm: error: ") and hint in err and err.count("\n") == 1, err

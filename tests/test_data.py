@@ -391,3 +391,16 @@ def test_folders_homellm_made_are_not_read_as_text(tmp_path, capsys):
     with pytest.raises(HomeLLMError, match=rf"^{data} is prepared data, not text: train on it with `homellm pretrain "
                                            rf"--data {data}`, as it is"):
         docs([str(data)])
+
+
+def test_a_zipped_or_gzipped_file_is_named_as_such(tmp_path):
+    """Aozora Bunko's downloads are zip files: they used to be read as UTF-16 'with NUL bytes'."""
+    import gzip
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "rashomon.zip", "w") as z:
+        z.writestr("rashomon.txt", "羅生門".encode("cp932"))
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"some text"))
+    for name, message in (("rashomon.zip", "a zip archive, not text: unzip it"), ("a.txt.gz", "gzip-compressed")):
+        with pytest.raises(HomeLLMError, match=f"{name}: {message}"):
+            docs([str(tmp_path / name)])

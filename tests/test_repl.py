@@ -244,6 +244,14 @@ def test_chat_from_the_command_line_reads_stdin(chat_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert REPLY in proc.stdout and "tokens/s]" in proc.stdout
     assert REPLY in saved.read_text(encoding="utf-8")
+    # This run was never fine-tuned on conversations: chat says so once, up front (it used to answer regardless).
+    assert f"note: {run} was pretrained only, not fine-tuned on conversations" in proc.stderr
+
+
+def test_chat_on_a_fine_tuned_run_adds_no_note(tmp_path, capsys):
+    _, _, run = build_chat_run(tmp_path, sft=True)
+    repl.chat(run, GREEDY, script("/quit"), io.StringIO())
+    assert "pretrained only" not in capsys.readouterr().err
 
 
 def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):

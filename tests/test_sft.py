@@ -80,11 +80,17 @@ def test_user_text_cannot_forge_a_turn(bpe):
 
 def test_read_conversations_formats_and_errors(tmp_path):
     good = tmp_path / "good.jsonl"
+    sharegpt = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                                  {"from": "human", "value": "1+1?"}, {"from": "gpt", "value": "2"}], "system": "简洁"}
     good.write_text(json.dumps({"messages": CHAT}) + "\n\n" +
-                    json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n")
+                    json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n" +
+                    json.dumps(sharegpt, ensure_ascii=False) + "\n", encoding="utf-8")
     convs, skipped = read_conversations([str(good)])
-    assert skipped == 0 and len(convs) == 2
+    assert skipped == 0 and len(convs) == 3
     assert convs[1] == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert convs[2] == [{"role": "system", "content": "简洁"}, {"role": "user", "content": "你好"},
+                        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1?"},
+                        {"role": "assistant", "content": "2"}]  # ShareGPT's layout (BELLE, Vicuna)
     cases = {
         "{not json": "not valid JSON",
         json.dumps({"messages": [{"role": "robot", "content": "hi"}]}): "unknown role 'robot'",
@@ -99,6 +105,11 @@ def test_read_conversations_formats_and_errors(tmp_path):
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."},
                                  {"role": "assistant", "content": "Hi"}]}): "message 1 is a system message",
         json.dumps({"text": "hi"}): "expected",
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}):
+            "ShareGPT speaker 'robot' is unknown: use human or gpt",
+        json.dumps({"conversations": [{"from": "human", "value": 5}]}): "ShareGPT turns must be",
+        json.dumps({"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "hi"}]}):
+            "starts with the assistant",
     }
     for line, message in cases.items():
         bad = tmp_path / "bad.jsonl"

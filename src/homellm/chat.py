@@ -76,10 +76,28 @@ def to_markdown(messages: list[Message], title: str = "Conversation") -> str:
     return "\n".join(lines)
 
 
+# ShareGPT's speaker names (BELLE, Vicuna, LLaMA-Factory data), as OpenAI roles.
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
 def _conversation(record: Any, where: str) -> list[Message]:
-    """One jsonl record, OpenAI-style {"messages": [...]} or Alpaca-style {"instruction", "input", "output"}."""
+    """One jsonl record, OpenAI-style {"messages": [...]}, ShareGPT-style {"conversations": [{"from", "value"}]}
+    or Alpaca-style {"instruction", "input", "output"}."""
     if isinstance(record, dict) and "messages" in record:
         messages = check_messages(record["messages"], where)
+    elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
+        turns = record["conversations"]
+        if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            raise HomeLLMError(f"{where}: ShareGPT turns must be {{\"from\": ..., \"value\": \"text\"}} objects")
+        unknown = sorted({str(t.get("from")) for t in turns} - set(_SHAREGPT_ROLES))
+        if unknown:
+            raise HomeLLMError(f"{where}: ShareGPT speaker {unknown[0]!r} is unknown: use human or gpt (or "
+                               f"{', '.join(k for k in _SHAREGPT_ROLES if k not in ('human', 'gpt'))})")
+        system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) and \
+            record["system"] else []
+        messages = check_messages(system + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]}
+                                            for t in turns], where)
     elif isinstance(record, dict) and "instruction" in record and "output" in record:
         fields = ("instruction", "input", "output", "system")
         if not all(isinstance(record.get(k, ""), str) for k in fields):
@@ -88,8 +106,8 @@ def _conversation(record: Any, where: str) -> list[Message]:
         messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
             {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
-        raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}} or Alpaca's {{\"instruction\", \"input\", "
-                           "\"output\"}")
+        raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}}, ShareGPT's {{\"conversations\": [...]}} or "
+                           "Alpaca's {\"instruction\", \"input\", \"output\"}")
     return _check_training(messages, where)
 
 

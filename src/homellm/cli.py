@@ -301,6 +301,33 @@ def check_utf8(argv: list[str]) -> None:
                                ) from None
 
 
+# Names other tools use for what homellm counts differently (nanoGPT's iterations, other scripts' epochs).
+_OTHER_NAMES = {"--max-iters": "--max-steps", "--iters": "--max-steps", "--epochs": "--max-steps",
+                "--n-epochs": "--max-steps", "--num-epochs": "--max-steps", "--max-tokens": "--max-new-tokens"}
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
+    """'unrecognized arguments' with the flag meant: --max_new_tokens is --max-new-tokens, --epochs is --max-steps."""
+    import difflib
+
+    verb = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    if getattr(args, "action", None):  # `tokenizer train`
+        verb = verb._subparsers._group_actions[0].choices[args.action]  # type: ignore[union-attr]
+    known = [o for a in verb._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=")[0].replace("_", "-").lower()
+        if not arg.startswith("--"):
+            continue
+        meant = _OTHER_NAMES.get(name) if _OTHER_NAMES.get(name) in known else None
+        meant = meant or (name if name in known else next(iter(difflib.get_close_matches(name, known, 1, 0.75)), None))
+        if meant:
+            steps = " (homellm counts optimizer steps, not epochs)" if "epoch" in name or "iter" in name else ""
+            hints.append(f"{arg.split('=')[0]} is {meant}{steps}")
+    return (f"{verb.prog}: unrecognized arguments: {' '.join(unknown)}"
+            + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tokenizer"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
@@ -308,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         print("homellm: error: `homellm tokenizer` takes its action first: `homellm tokenizer train --input ... "
               "--out DIR`", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"homellm: error: {_unknown_flags(parser, args, unknown)}", file=sys.stderr)
+        return 2
     try:
         check_utf8(argv)
         check_out(args)

@@ -200,6 +200,10 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
     with open(path, "rb") as f:
         head = f.read(4)
+    for magic, kind, fix in ((b"PK\x03\x04", "a zip archive", "unzip it and give the .txt inside"),
+                             (b"\x1f\x8b", "gzip-compressed", "decompress it with gunzip")):
+        if head.startswith(magic):  # Aozora Bunko's files come zipped: its bytes would read as garbled text
+            raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
     if chosen is None:
         chosen = next((name for bom, name in _UTF16_32_BOMS if head.startswith(bom)), None)
     if chosen is not None and "\n".encode(chosen) != b"\n":

@@ -210,6 +210,12 @@ def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = inpu
         import readline  # noqa: F401  (importing it gives input() line editing and history in a terminal)
     except ImportError:  # Windows
         pass
+    from homellm.compare import is_sft
+
     model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     tok = Tokenizer.load(run)
+    if not is_sft(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
+        print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): it does not know "
+              f"turns, so replies may not answer; `homellm generate {run} --prompt TEXT` continues text",
+              file=sys.stderr)
     return chat_loop(model, tok, cfg, input_fn, out)

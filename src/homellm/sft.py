@@ -2,7 +2,7 @@
 
     homellm sft --init runs/base --data chats.jsonl --out runs/chat [--lora-rank 8]
 
-Conversations (OpenAI `messages` or Alpaca jsonl) are rendered in the chat format; the loss covers assistant
+Conversations (OpenAI `messages`, ShareGPT or Alpaca jsonl) are rendered in the chat format; the loss covers assistant
 replies only. Rows of block_size + 1 tokens hold one conversation each (padding) or as many whole ones as fit
 (packing, the default: far fewer wasted positions on short chats). Packed conversations are separate documents
 (GPT.forward's `documents`): each starts at position 0 and sees none of the others, as when it is chatted.
