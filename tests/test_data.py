@@ -404,3 +404,40 @@ def test_a_zipped_or_gzipped_file_is_named_as_such(tmp_path):
     for name, message in (("rashomon.zip", "a zip archive, not text: unzip it"), ("a.txt.gz", "gzip-compressed")):
         with pytest.raises(HomeLLMError, match=f"{name}: {message}"):
             docs([str(tmp_path / name)])
+
+
+AOZORA = """羅生門
+芥川龍之介
+
+-------------------------------------------------------
+【テキスト中に現れる記号について】
+
+《》：ルビ
+（例）下人《げにん》
+-------------------------------------------------------
+
+　ある日の暮方《くれがた》の事である。一人の｜下人《げにん》が、羅生門の下で雨やみを待っていた。
+［＃３字下げ］一［＃「一」は中見出し］
+　広い門の下には、この男のほかに誰もいない。
+
+
+底本：「芥川龍之介全集1」ちくま文庫、筑摩書房
+入力：j.utsumi
+"""
+
+
+def test_aozora_markup_is_dropped_on_request(tmp_path, monkeypatch):
+    """Ruby, its ｜ mark, ［＃…］ notes, the notation block and the 底本 footer are Aozora's, not the author's."""
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 37)  # lines cut across blocks must be cleaned whole
+    path = tmp_path / "rashomon.txt"
+    path.write_bytes(AOZORA.replace("\n", "\r\n").encode("cp932"))
+    assert docs([str(path)], aozora=True) == [
+        "羅生門\n芥川龍之介\n\n\n　ある日の暮方の事である。一人の下人が、羅生門の下で雨やみを待っていた。\n一\n"
+        "　広い門の下には、この男のほかに誰もいない。\n"]
+    assert docs([str(path)]) == [AOZORA]  # and kept as they are without --aozora
+
+
+def test_aozora_originals_lose_every_mark(tmp_path):
+    text = "".join(docs([str(need("ja_aozora/sjis"))], aozora=True))
+    assert not any(mark in text for mark in ("《", "》", "｜", "［＃", "底本：", "【テキスト中に現れる記号について】"))
+    assert text.startswith("或阿呆の一生\n芥川龍之介") and len(text) > 300_000

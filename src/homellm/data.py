@@ -50,7 +50,7 @@ class Piece(NamedTuple):
 # ---- reading documents -------------------------------------------------------------------------------------
 
 def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = "auto",
-                   max_docs: int = 0) -> Iterator[Piece]:
+                   max_docs: int = 0, aozora: bool = False) -> Iterator[Piece]:
     """Stream documents as pieces, never holding a corpus whole.
 
     - `.txt`: one document per file, unless the file contains `<|endoftext|>`: then that separates documents
@@ -60,8 +60,9 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
       is by definition: `encoding` is for .txt files, so a folder may mix Shift_JIS texts with .jsonl.
     - a folder: its .txt and .jsonl files, recursively, in sorted order; a glob: the files it matches.
     - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`).
-    Empty documents are skipped. Pieces of a text are cut only before a line break that follows a non-space
-    character, which byte-level BPE never merges across: tokenizing the pieces equals tokenizing the whole.
+    With aozora=True, .txt files lose Aozora Bunko's markup (`_aozora_text`). Empty documents are skipped. Pieces
+    of a text are cut only before a line break that follows a non-space character, which byte-level BPE never merges
+    across: tokenizing the pieces equals tokenizing the whole.
     """
     if encoding != "auto":
         names = "use auto, utf-8, cp932 (Shift_JIS), euc-jp, gbk, big5, utf-16, ..."
@@ -80,7 +81,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
         elif kind == "jsonl":
             texts = ((t, True) for t in _jsonl_docs(Path(source), text_field))
         else:
-            texts = _split_documents(_stable_pieces(_decoded_blocks(Path(source), encoding)))
+            blocks = _decoded_blocks(Path(source), encoding)
+            texts = _split_documents(_stable_pieces(_aozora_text(blocks) if aozora else blocks))
         for text, end in texts:
             yield Piece(doc, text, end)
             if end:
@@ -254,6 +256,53 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
             if text:
                 yield text.replace("\r\n", "\n")
             data, offset = data[used:] + more, offset + used
+
+
+_AOZORA_MARKUP = re.compile(r"《[^》\n]*》|［＃[^］\n]*］|｜")  # ruby, editor's notes, the ruby start mark
+_AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
+
+
+def _aozora_text(blocks: Iterable[str]) -> Iterator[str]:
+    """Aozora Bunko text as read: ruby 《かな》 and its ｜ mark, ［＃…］ notes, the block explaining those signs
+    (between two dashed lines near the top) and the 底本 (source edition) footer are dropped; lines kept whole."""
+    line_no, state = 0, "top"  # top -> notes (between the dashed lines) -> body -> footer
+    blank: list[str] = []  # blank lines wait for the next line of text: those before the footer go with it
+    for block in _lines_whole(blocks):
+        out = []
+        for line in block.splitlines(keepends=True):
+            line_no += 1
+            bare = line.strip()
+            if state == "footer":
+                continue
+            if re.fullmatch(r"-{10,}", bare) and state in ("top", "notes") and line_no <= _AOZORA_HEADER_LINES:
+                state = "notes" if state == "top" else "body"
+                continue
+            if state == "notes":
+                continue
+            if bare.startswith("底本："):
+                state = "footer"
+                continue
+            line = _AOZORA_MARKUP.sub("", line)
+            if line.strip():
+                out += [*blank, line]
+                blank = []
+            else:
+                blank.append(line)
+        if out:
+            yield "".join(out)
+
+
+def _lines_whole(blocks: Iterable[str]) -> Iterator[str]:
+    """The same text, re-cut so that every block ends at a line break (but the last): a regex sees whole lines."""
+    carry = ""
+    for block in blocks:
+        text = carry + block
+        cut = text.rfind("\n") + 1
+        carry = text[cut:]
+        if cut:
+            yield text[:cut]
+    if carry:
+        yield carry
 
 
 def _stable_cut(buf: str) -> int:
@@ -513,7 +562,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
     with tqdm(total=input_bytes(cfg.input), unit="B", unit_scale=True, unit_divisor=1024, desc="prepare") as bar:
         batch: list[Piece] = []
         size = 0
-        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs):
+        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora):
             batch.append(piece)
             size += len(piece.text)
             if size >= _BATCH_CHARS:
@@ -551,6 +600,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
         "inputs": list(cfg.input),
         "text_field": cfg.text_field,
         "encoding": cfg.encoding,
+        "aozora": cfg.aozora,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
     }

@@ -275,7 +275,7 @@ def _training_text(cfg: TokenizerConfig) -> Iterator[str]:
         raise HomeLLMError("--input is required: .txt/.jsonl files, folders, globs or hf:NAME to train on")
     left = cfg.max_chars or float("inf")
     seen = 0
-    for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding):
+    for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, aozora=cfg.aozora):
         text = piece.text[: int(min(left, len(piece.text)))]
         left -= len(text)
         seen += len(text)
