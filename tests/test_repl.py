@@ -131,15 +131,28 @@ def test_a_reply_cut_by_max_tokens_never_ends_in_half_a_character(chat_run):
 def test_slash_commands_change_what_generation_uses(chat_run, calls):
     _, tok, _ = chat_run
     chat, text = run_chat(chat_run, "/temperature 0.5", "/top_k 7", "/top_p 0.9", "/max_tokens 5",
-                          "/system Be brief.", "/help", "hello")
+                          "/repetition_penalty 1.3", "/seed 42", "/system Be brief.", "/help", "hello")
     assert len(calls) == 1
     ids, cfg = calls[0]
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens) == (0.5, 7, 0.9, 5)
+    assert (cfg.repetition_penalty, cfg.seed) == (1.3, 42)
     assert cfg == chat.cfg and cfg.system == "Be brief."
     assert ids == prompt_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
     assert stats_lines(text)[0] <= 5
-    for command in ("/temperature", "/top_k", "/top_p", "/max_tokens", "/system", "/reset", "/save", "/quit"):
+    for command in ("/temperature", "/top_k", "/top_p", "/max_tokens", "/repetition_penalty", "/seed", "/system",
+                    "/reset", "/save", "/quit"):
         assert command in text  # /help lists it
+
+
+def test_seed_restarts_sampling_so_the_replies_after_it_replay(chat_run):
+    """Two chats that began from other seeds say the same after /seed 7, and differ before it."""
+    texts = []
+    for start in (1, 2):
+        sampled = dataclasses.replace(GREEDY, temperature=1.5, max_new_tokens=24, seed=start)
+        _, text = run_chat(chat_run, USER, "/reset", "/seed 7", USER, cfg=sampled)
+        texts.append(re.sub(r"[\d.]+ tokens/s", "", text).split("[seed = 7]"))  # the speed differs
+    assert texts[0][1] == texts[1][1]
+    assert texts[0][0] != texts[1][0]  # (the seeds were not the same to begin with)
 
 
 def test_quit_ends_the_loop_and_leaves_the_rest_unread(chat_run):
@@ -151,7 +164,8 @@ def test_quit_ends_the_loop_and_leaves_the_rest_unread(chat_run):
 
 def test_bad_values_print_one_line_and_change_nothing(chat_run, calls):
     bad = ["/temperature abc", "/temperature -1", "/top_k 2.5", "/top_k", "/top_p 0", "/top_p 1.5", "/max_tokens 0",
-           "/max_tokens many", "/save", "/nonsense", "/temperature nan", "/temperature inf", "/top_p nan"]
+           "/max_tokens many", "/save", "/nonsense", "/temperature nan", "/temperature inf", "/top_p nan",
+           "/repetition_penalty 0", "/seed -1", f"/seed {2**63}", "/seed 1.5"]
     chat, text = run_chat(chat_run, *bad, USER)
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(bad)

@@ -21,7 +21,7 @@ from typing import TextIO
 import torch
 
 from homellm.chat import Message, prompt_ids, to_markdown
-from homellm.config import ChatConfig
+from homellm.config import SEED_LIMIT, ChatConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
 from homellm.io import atomic_write_text
@@ -33,6 +33,8 @@ HELP = """\
 /top_k N         sample among the N likeliest tokens; 0 = off (now {top_k})
 /top_p X         nucleus sampling, 0 < X <= 1; 1 = off (now {top_p})
 /max_tokens N    longest reply in tokens (now {max_new_tokens})
+/repetition_penalty X   > 1 discourages repeating tokens; 1 = off (now {repetition_penalty})
+/seed N          restart the sampling from seed N: the replies that follow replay (now {seed})
 /system TEXT     set the system prompt; /system alone shows it
 /reset           forget the conversation (the system prompt stays)
 /save FILE       write the whole conversation as Markdown
@@ -66,6 +68,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str], float]]] = {
     "top_k": ("top_k", _number(int, 0)),
     "top_p": ("top_p", _number(float, 0.0, 1.0, low_open=True)),
     "max_tokens": ("max_new_tokens", _number(int, 0, low_open=True)),
+    "repetition_penalty": ("repetition_penalty", _number(float, 0.0, low_open=True)),
+    "seed": ("seed", _number(int, 0, SEED_LIMIT - 1)),
 }
 
 
@@ -149,6 +153,8 @@ class Chat:
                 if not arg:
                     raise HomeLLMError(f"/{name} needs a value (now {getattr(self.cfg, field)})")
                 self.cfg = dataclasses.replace(self.cfg, **{field: parse(arg)})
+                if name == "seed":  # the chat's one generator starts over: what follows replays from here
+                    self.generator.manual_seed(self.cfg.seed)
                 self.say(f"[{name} = {getattr(self.cfg, field)}]")
             elif name == "system":
                 if not arg:
