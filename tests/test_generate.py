@@ -2,11 +2,13 @@
 sampling filters keep what they promise, beam search finds likelier text than greedy, and streamed text equals the
 decoded ids cut at the stop string, with no half characters."""
 
+import codecs
+
 import pytest
 import torch
 
 from homellm.config import ModelConfig, SampleConfig, TokenizerConfig
-from homellm.generate import TextStream, beam_search, generate_ids, sample_next, stream_text
+from homellm.generate import TextStream, beam_search, generate_ids, sample_next, stream_ids, stream_text
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, train_tokenizer
 from homellm.train import sample_text
@@ -220,15 +222,48 @@ def test_training_samples_end_after_their_stop_string(tok, story):
     assert sample_text(model, tok, prompt, stop="$") == prompt + rest  # never generated: nothing to cut
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_sampled_text_is_always_valid_utf8(tok, temperature):
+    """An untrained byte-level model samples tokens that end mid-character and others that do not go on with them:
+    unguarded, the text is full of U+FFFD; the tokenizer's Utf8Guard keeps every sample valid UTF-8."""
+    model = tiny("gpt2", vocab=tok.vocab_size)
+    guard = tok.utf8_guard
+    assert guard is not None
+    broken = 0
+    for seed in range(8):
+        cfg = SampleConfig(temperature=temperature, max_new_tokens=40, seed=seed)
+        prompt = tok.encode(f"日本語 {seed}")
+        for use in (None, guard):
+            ids = list(generate_ids(model, prompt, cfg, {tok.eot_id}, torch.Generator().manual_seed(seed), use))
+            if use is None:
+                broken += "\ufffd" in tok.decode(ids)
+                continue
+            # Valid UTF-8 throughout (this raises otherwise), but for a last character max_new_tokens cut short.
+            codecs.getincrementaldecoder("utf-8")().decode(b"".join(token_bytes(tok, i) for i in ids), final=False)
+            streamed = "".join(stream_ids(model, tok, prompt, cfg))
+            assert "\ufffd" not in tok.decode(ids).rstrip("\ufffd") and "\ufffd" not in streamed  # (cut dropped)
+    assert broken  # the unguarded samples were not
+
+
+def token_bytes(tok: Tokenizer, i: int) -> bytes:
+    """The bytes a byte-level BPE token writes (special tokens write none)."""
+    from homellm.tokenizer import _byte_alphabet
+
+    back = {c: b for b, c in _byte_alphabet().items()}
+    token = tok.hf.id_to_token(i)
+    special = (tok.eot_id, tok.im_start_id, tok.im_end_id, tok.pad_id)
+    return b"" if token is None or i in special else bytes(back[c] for c in token)
+
+
 def test_stream_equals_decoded_ids_cut_at_stop_on_random_text(tok):
     """An untrained model samples arbitrary tokens: the pieces still add up to the decoded ids, cut at the stop."""
     model = tiny("gpt2", vocab=tok.vocab_size)
     cfg = SampleConfig(temperature=1.0, max_new_tokens=60, seed=3)
     prompt = "<|im_start|>user\nhello<|im_end|>"
     ids = list(generate_ids(model, tok.encode(prompt, allow_special=True), cfg, {tok.eot_id, tok.im_end_id},
-                            torch.Generator().manual_seed(cfg.seed)))
+                            torch.Generator().manual_seed(cfg.seed), tok.utf8_guard))
     full = tok.decode(ids, skip_special=True)
-    assert len(full) > 20
+    assert len(full) > 10
     pieces = list(stream_text(model, tok, prompt, cfg))
     assert "".join(pieces) == full and len(pieces) > 1
     stop = full[len(full) // 2:len(full) // 2 + 2]

@@ -17,18 +17,21 @@ import torch.nn.functional as F
 from homellm.config import SPECIAL_TOKENS, SampleConfig
 from homellm.errors import HomeLLMError
 from homellm.model import GPT, KVCache
-from homellm.tokenizer import Tokenizer
+from homellm.tokenizer import Tokenizer, Utf8Guard
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) and the ids so far (B, T) -> the next id of each row (B,)."""
+                generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) and the ids so far (B, T) -> the next id of each row (B,); `allowed` (B, V) bool, from
+    Utf8Guard.mask, keeps the text valid UTF-8."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and history.numel():
         # CTRL's penalty: dividing a negative logit would raise it, so those are multiplied instead.
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
         logits = logits.scatter(1, history, seen)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
@@ -63,8 +66,9 @@ def _extend(model: GPT, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
 
 def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids: Collection[int] = frozenset(),
-                 generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield up to cfg.max_new_tokens ids after the prompt, ending before the first id in stop_ids.
+                 generator: torch.Generator | None = None, guard: Utf8Guard | None = None) -> Iterator[int]:
+    """Yield up to cfg.max_new_tokens ids after the prompt, ending before the first id in stop_ids; with a guard
+    (the tokenizer's utf8_guard), only ids that keep the text valid UTF-8.
 
     A prompt longer than the context keeps its last block_size - 1 tokens. When the cache is full the window
     slides: the last block_size // 2 tokens are prefilled into a fresh cache, so generation can outrun the context.
@@ -76,6 +80,7 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout
+    state = 0 if guard is None else guard.state(tokens)
     try:
         cache, logits = _prefill(model, tokens)
         for i in range(cfg.max_new_tokens):
@@ -85,10 +90,13 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
                 else:
                     logits = _extend(model, torch.tensor([tokens[-1:]], device=device), cache)
             history = torch.tensor([tokens], device=device)
-            token = int(sample_next(logits, history, cfg, generator))
+            allowed = None if guard is None else guard.mask([state], device, logits.size(-1))
+            token = int(sample_next(logits, history, cfg, generator, allowed))
             if token in stop_ids:
                 return
             tokens.append(token)
+            if guard is not None:
+                state = guard.state([token], state)
             yield token
     finally:
         model.train(was_training)
@@ -227,7 +235,7 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
             return
         if generator is None:
             generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
-        with closing(generate_ids(model, ids, cfg, stop_ids, generator)) as gen:
+        with closing(generate_ids(model, ids, cfg, stop_ids, generator, tok.utf8_guard)) as gen:
             for token in gen:
                 new += 1
                 text = stream.push(token)
@@ -236,6 +244,8 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                 if stream.stopped:
                     return
         text = stream.flush()
+        if tok.utf8_guard is not None:  # guarded, only max_new_tokens cutting a character short leaves a U+FFFD
+            text = text.rstrip("\ufffd")
         if text:
             yield text
     finally:

@@ -59,6 +59,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # generated ids (no stop id)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    utf8: int = 0  # where the text stands in a UTF-8 character (Utf8Guard's state), set from the prompt
 
 
 def _deliver(outbox: list[tuple[asyncio.Queue, Event]]) -> None:
@@ -171,6 +172,8 @@ class Scheduler:
         self.lengths[row] = n
         if seq.seeded:
             seq.generator = torch.Generator(self.device).manual_seed(seq.cfg.seed)
+        if self.tok.utf8_guard is not None:
+            seq.utf8 = self.tok.utf8_guard.state(seq.prompt)
         self._sample([seq], logits)
 
     def _step(self) -> None:
@@ -193,9 +196,12 @@ class Scheduler:
                 s.cfg.temperature, s.cfg.top_k, s.cfg.top_p)
             groups.setdefault(key, []).append(i)
         no_history = torch.empty(0, 0, dtype=torch.long, device=self.device)
+        guard = self.tok.utf8_guard
         for rows in groups.values():
             first = seqs[rows[0]]
-            ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator)
+            allowed = None if guard is None else guard.mask([seqs[i].utf8 for i in rows], self.device,
+                                                            logits.size(-1))
+            ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator, allowed)
             for i, token in zip(rows, ids.tolist()):
                 self._push(seqs[i], token)
 
@@ -205,11 +211,15 @@ class Scheduler:
             self._finish(seq, seq.text.flush(), "stop")
             return
         seq.tokens.append(token)
+        if self.tok.utf8_guard is not None:
+            seq.utf8 = self.tok.utf8_guard.state([token], seq.utf8)
         text = seq.text.push(token)
         if seq.text.stopped:
             self._finish(seq, text, "stop")
         elif len(seq.tokens) >= seq.cfg.max_new_tokens:
             text += seq.text.flush()
+            if self.tok.utf8_guard is not None:  # as stream_ids: a character the limit cut short is dropped
+                text = text.rstrip("\ufffd")
             self._finish(seq, text, "stop" if seq.text.stopped else "length")
         elif text:
             self.outbox.append((seq.events, (seq.index, text, None)))

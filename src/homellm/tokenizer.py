@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
@@ -164,6 +165,26 @@ class Tokenizer:
             self._token_bytes = out
         return self._token_bytes
 
+    @functools.cached_property
+    def utf8_guard(self) -> Utf8Guard | None:
+        """What keeps sampling to valid UTF-8 (see Utf8Guard), or None when every token is whole characters."""
+        spec = json.loads(self.hf.to_str())
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        to_byte = {c: b for b, c in _byte_alphabet().items()}
+        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        pieces: list[bytes | None] = [None] * self.vocab_size  # None: a special token, or no token at that id
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                continue
+            if byte_level and all(c in to_byte for c in token):
+                pieces[i] = bytes(to_byte[c] for c in token)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                pieces[i] = bytes([int(token[3:5], 16)])
+            else:
+                pieces[i] = token.replace("\u2581", " ").encode()
+        guard = Utf8Guard(pieces)
+        return guard if guard.needed else None
+
     def same_as(self, other: Tokenizer) -> bool:
         """Whether both turn text into the same ids (the same vocabulary, merges and pre-processing)."""
         return self.hf.to_str() == other.hf.to_str()
@@ -206,6 +227,75 @@ class Tokenizer:
                                "was trained on (a newly trained tokenizer would give the model's ids other meanings)")
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
                            "train one with `homellm tokenizer train`, or pass a run or data folder that holds one")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, which `tokenizers`' ByteLevel uses)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in keep)
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+# UTF-8's states between bytes: 0 between characters, else (bytes still due, the next byte's low, high bound).
+_UTF8_STATES = [0, (1, 0x80, 0xBF), (2, 0xA0, 0xBF), (2, 0x80, 0xBF), (2, 0x80, 0x9F), (3, 0x90, 0xBF),
+                (3, 0x80, 0xBF), (3, 0x80, 0x8F)]
+_UTF8_INDEX = {s: i for i, s in enumerate(_UTF8_STATES)}
+
+
+def _utf8_step(state: int, byte: int) -> int | None:
+    """The state after one more byte, or None where the bytes stop being UTF-8 (RFC 3629's table)."""
+    if state == 0:
+        if byte < 0x80:
+            return 0
+        lead = [(0xC2, 0xDF, (1, 0x80, 0xBF)), (0xE0, 0xE0, (2, 0xA0, 0xBF)), (0xE1, 0xEC, (2, 0x80, 0xBF)),
+                (0xED, 0xED, (2, 0x80, 0x9F)), (0xEE, 0xEF, (2, 0x80, 0xBF)), (0xF0, 0xF0, (3, 0x90, 0xBF)),
+                (0xF1, 0xF3, (3, 0x80, 0xBF)), (0xF4, 0xF4, (3, 0x80, 0x8F))]
+        return next((_UTF8_INDEX[s] for lo, hi, s in lead if lo <= byte <= hi), None)
+    due, lo, hi = _UTF8_STATES[state]
+    if not lo <= byte <= hi:
+        return None
+    return 0 if due == 1 else _UTF8_INDEX[(due - 1, 0x80, 0xBF)]
+
+
+class Utf8Guard:
+    """Keeps sampled text valid UTF-8. A byte-level model can sample a token that ends mid-character and then one
+    that does not go on with it; the text then shows U+FFFD. For each state between bytes, `allowed` says which
+    tokens keep the bytes valid and `after` where they lead; special tokens only come between characters."""
+
+    def __init__(self, pieces: list[bytes | None]):
+        V, S = len(pieces), len(_UTF8_STATES)
+        self.allowed = np.zeros((S, V), dtype=bool)
+        self.after = np.zeros((S, V), dtype=np.int8)
+        for i, piece in enumerate(pieces):
+            # Only a token starting with a continuation byte can go on from inside a character.
+            for state in range(S) if piece and 0x80 <= piece[0] <= 0xBF else [0]:
+                end: int | None = state
+                for byte in piece or b"":
+                    end = _utf8_step(end, byte)
+                    if end is None:
+                        break
+                if end is not None:
+                    self.allowed[state, i], self.after[state, i] = True, end
+        self.needed = bool((self.after != 0).any())  # some token ends mid-character
+        self.allowed[~self.allowed.any(axis=1)] = True  # a state no token can leave: allow all, never none
+        self._masks: dict[Any, Any] = {}  # (device, width) -> the table as a torch tensor there
+
+    def state(self, ids: Iterable[int], state: int = 0) -> int:
+        """The state after ids; a token that breaks UTF-8 (a prompt of raw ids) starts afresh between characters."""
+        for i in ids:
+            state = int(self.after[state, i]) if self.allowed[state, i] else 0
+        return state
+
+    def mask(self, states: list[int], device: Any, width: int) -> Any:
+        """(len(states), width) bool tensor: the tokens each row may sample next. `width` is the model's vocabulary,
+        padded past the tokenizer's: ids beyond it are no token and never allowed."""
+        import torch  # here, not at the top: the tokenizer verbs do not need torch
+
+        if (device, width) not in self._masks:
+            table = np.zeros((self.allowed.shape[0], width), dtype=bool)
+            table[:, :self.allowed.shape[1]] = self.allowed
+            self._masks[device, width] = torch.from_numpy(table).to(device)
+        return self._masks[device, width][states]
 
 
 class StreamDecoder:
