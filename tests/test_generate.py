@@ -242,6 +242,10 @@ def test_sampled_text_is_always_valid_utf8(tok, temperature):
             codecs.getincrementaldecoder("utf-8")().decode(b"".join(token_bytes(tok, i) for i in ids), final=False)
             streamed = "".join(stream_ids(model, tok, prompt, cfg))
             assert "\ufffd" not in tok.decode(ids).rstrip("\ufffd") and "\ufffd" not in streamed  # (cut dropped)
+            if temperature == 0:  # beam search keeps to the same rule: one beam is guarded greedy decoding
+                assert beam_search(model, prompt, 1, 40, {tok.eot_id}, guard=guard) == ids
+                beams = beam_search(model, prompt, 3, 40, {tok.eot_id}, guard=guard)
+                codecs.getincrementaldecoder("utf-8")().decode(b"".join(token_bytes(tok, i) for i in beams))
     assert broken  # the unguarded samples were not
 
 

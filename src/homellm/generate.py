@@ -104,10 +104,11 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
 
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
-                stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0) -> list[int]:
+                stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0,
+                guard: Utf8Guard | None = None) -> list[int]:
     """The new ids (no prompt, no stop id) of the best hypothesis, scored sum(logprob) / length**length_penalty
     (above 1 favours longer ones). Deterministic. The context window slides as in `generate_ids`, so one beam is
-    greedy decoding at any length."""
+    greedy decoding at any length; a guard keeps every beam valid UTF-8, as there."""
     if not prompt_ids:
         raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
     block = model.cfg.block_size
@@ -125,6 +126,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         scores = torch.full((num_beams,), float("-inf"), device=device)
         scores[0] = 0.0
         seqs = torch.empty(num_beams, 0, dtype=torch.long, device=device)
+        states = [0 if guard is None else guard.state(prompt)] * num_beams  # each beam's place in a character
         finished: list[tuple[float, list[int]]] = []  # (normalised score, ids)
         for step in range(steps):
             if step and cache.pos == block:  # every beam has the same length: refill them all as one batch
@@ -134,6 +136,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             elif step:
                 logits = _extend(model, seqs[:, -1:], cache)
             total = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (num_beams, V)
+            if guard is not None:
+                total = total.masked_fill(~guard.mask(states, device, total.size(-1)), float("-inf"))
             vocab, length = total.size(-1), (step + 1) ** length_penalty
             # A stop id among the num_beams best candidates ends a hypothesis; its logprob counts in the score.
             best, flat = total.flatten().topk(num_beams)
@@ -143,6 +147,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             scores, flat = total.index_fill(1, stops, float("-inf")).flatten().topk(num_beams)
             beam = flat // vocab
             seqs = torch.cat([seqs[beam], (flat % vocab)[:, None]], dim=1)  # (num_beams, step + 1)
+            if guard is not None:
+                states = [guard.state([t], states[b]) for b, t in zip(beam.tolist(), seqs[:, -1].tolist())]
             cache.reorder(beam)
             if scores[0] == float("-inf"):
                 break  # every continuation was a stop
@@ -227,9 +233,11 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
     start, new = time.perf_counter(), 0
     try:
         if cfg.num_beams > 1:
-            out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids)
+            out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard)
             new = len(out)
             text, _ = _cut_at_stop(tok.decode(out, skip_special=True), stream.stops)
+            if tok.utf8_guard is not None:
+                text = text.rstrip("\ufffd")  # a character max_new_tokens cut short
             if text:
                 yield text
             return
