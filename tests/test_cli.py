@@ -325,3 +325,18 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("homellm: error: ") and hint in err and err.count("\n") == 1, err
+
+
+def test_raw_aozora_text_goes_straight_to_a_model_without_its_markup(tmp_path):
+    from homellm.data import open_split
+
+    text = "羅生門\n\n　ある日の暮方《くれがた》の事である。｜下人《げにん》が待っていた。［＃改ページ］\n" * 40
+    (tmp_path / "rashomon.txt").write_bytes((text + "\n底本：「芥川龍之介全集」\n").encode("cp932"))
+    homellm("pretrain", "--data", str(tmp_path / "rashomon.txt"), "--aozora", "--out", str(tmp_path / "run"),
+            "--preset", "tiny", "--max-steps", "2", "--tokenizer-kind", "char")
+    data = tmp_path / "run" / "data"
+    tok = Tokenizer.load(data)
+    seen = tok.decode(open_split(data, "train")[0].tolist() + open_split(data, "val")[0].tolist())
+    assert "ある日の暮方の事である。下人が待っていた。" in seen
+    assert not any(mark in seen for mark in ("《", "｜", "［＃", "底本"))
+    assert json.loads((data / "meta.json").read_text())["pretrain_inputs"]["aozora"] is True

@@ -51,7 +51,8 @@ from homellm.tokenizer import Tokenizer
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "eval_every", "checkpoint_every", "log_every", "sample_every",
-                     "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data", "out"}
+                     "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data", "aozora",
+                     "out"}
 
 
 class Batches(Protocol):
@@ -595,7 +596,7 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     data_dir = run / "data"
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
-                "tokenizer_vocab": cfg.tokenizer_vocab}
+                "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora}
     if (data_dir / "meta.json").is_file() and read_meta(data_dir).get("pretrain_inputs") == settings:
         return data_dir
     if cfg.resume:  # new text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
@@ -605,9 +606,9 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         tok_dir = run / "data_tokenizer"
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
         train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
-                                        vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field))
+                                        vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field, aozora=cfg.aozora))
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
-                          text_field=cfg.text_field), extra_meta={"pretrain_inputs": settings})
+                          text_field=cfg.text_field, aozora=cfg.aozora), extra_meta={"pretrain_inputs": settings})
     return data_dir
 
 
