@@ -6,6 +6,7 @@ import pytest
 
 from conftest import homellm, make_corpus
 from homellm.cli import build_parser
+from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
 
@@ -305,6 +306,9 @@ def test_max_steps_alone_turns_off_the_presets_time_budget(capsys):
     assert resolved("--max-steps", "500", "--max-time", "60") == (500, 60.0)
     assert resolved() == (100_000, 120.0) and resolved("--preset", "tiny", "--max-steps", "5") == (5, 0.0)
     assert "--max-time" not in capsys.readouterr().err
+    assert resolved("--epochs", "2")[1] == 0.0 and "--epochs 2.0 alone ends the run by steps" in capsys.readouterr().err
+    with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length of the run"):
+        resolved("--epochs", "2", "--max-steps", "10")
 
 
 def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
@@ -315,8 +319,9 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         (["generate", "r", "--prompt", "x", "--max_new_tokens", "20", "--top_k", "40"],
          "homellm generate: unrecognized arguments: --max_new_tokens 20 --top_k 40: --max_new_tokens is "
          "--max-new-tokens; --top_k is --top-k"),
-        (["pretrain", "--data", "d", "--epochs", "2"],
+        (["sft", "--init", "r", "--epochs", "2"],
          "--epochs is --max-steps (homellm counts optimizer steps, not epochs)"),
+        (["pretrain", "--data", "d", "--n_epochs", "2"], "--n_epochs is --epochs"),
         (["pretrain", "--data", "d", "--max_iters=5000"], "--max_iters is --max-steps"),
         (["tokenizer", "train", "--input", "a", "--vocab_size", "300"], "--vocab_size is --vocab-size"),
         (["chat", "r", "--max-tokens", "50"], "--max-tokens is --max-new-tokens"),

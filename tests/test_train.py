@@ -236,6 +236,19 @@ def test_muon_trains(tmp_path, data_dir):
     assert rows["val_loss"] < math.log(64) - 0.5
 
 
+def test_epochs_set_the_steps_from_the_training_tokens(tmp_path, data_dir, capsys):
+    """nanoGPT-style random windows: an epoch is the split's token count, read batch x block tokens a step."""
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), epochs=0.25, max_steps=0, eval_every=0,
+                  grad_accum=2)
+    train_tokens = json.loads((data_dir / "meta.json").read_text())["train_tokens"]
+    steps = math.ceil(0.25 * train_tokens / (cfg.batch_size * 2 * model_cfg.block_size))
+    summary = pretrain(model_cfg, cfg)
+    assert summary["steps"] == steps and summary["tokens"] == steps * cfg.batch_size * 2 * model_cfg.block_size
+    assert f"--epochs 0.25: {steps:,} steps of {cfg.batch_size * 2 * model_cfg.block_size:,} tokens" in (
+        capsys.readouterr().err)
+
+
 def test_time_budget_stops_the_run(tmp_path, data_dir):
     model_cfg, cfg = preset("tiny")
     cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=10**9, max_time=1.5,

@@ -71,9 +71,12 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
         source = f"{args.preset or DEFAULT_PRESET} preset"
     typed = pick(args, TrainConfig)
-    if typed.get("max_steps", 0) > 0 and "max_time" not in typed and train_cfg.max_time > 0:
+    if typed.get("max_steps", 0) > 0 and typed.get("epochs", 0) > 0:
+        raise HomeLLMError("--max-steps and --epochs both set the length of the run: give one of them")
+    by = next((f for f in ("max_steps", "epochs") if typed.get(f, 0) > 0), None)
+    if by and "max_time" not in typed and train_cfg.max_time > 0:
         # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
-        print(f"note: --max-steps {typed['max_steps']} alone ends the run by steps: the {source}'s --max-time "
+        print(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
               f"{train_cfg.max_time:g} is off (give --max-time too to keep a time budget)", file=sys.stderr)
         typed["max_time"] = 0.0
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
                                    "steps).")
     add_flags(p, SFTConfig)
-    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field", "aozora"),
+    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field", "aozora", "epochs"),
               defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
@@ -303,8 +306,9 @@ def check_utf8(argv: list[str]) -> None:
 
 
 # Names other tools use for what homellm counts differently (nanoGPT's iterations, other scripts' epochs).
-_OTHER_NAMES = {"--max-iters": "--max-steps", "--iters": "--max-steps", "--epochs": "--max-steps",
-                "--n-epochs": "--max-steps", "--num-epochs": "--max-steps", "--max-tokens": "--max-new-tokens"}
+_OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",), "--epochs": ("--max-steps",),
+                "--n-epochs": ("--epochs", "--max-steps"), "--num-epochs": ("--epochs", "--max-steps"),
+                "--max-tokens": ("--max-new-tokens",)}
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
@@ -320,10 +324,10 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
         name = arg.split("=")[0].replace("_", "-").lower()
         if not arg.startswith("--"):
             continue
-        meant = _OTHER_NAMES.get(name) if _OTHER_NAMES.get(name) in known else None
+        meant = next((m for m in _OTHER_NAMES.get(name, ()) if m in known), None)
         meant = meant or (name if name in known else next(iter(difflib.get_close_matches(name, known, 1, 0.75)), None))
         if meant:
-            steps = " (homellm counts optimizer steps, not epochs)" if "epoch" in name or "iter" in name else ""
+            steps = " (homellm counts optimizer steps, not epochs)" if meant == "--max-steps" else ""
             hints.append(f"{arg.split('=')[0]} is {meant}{steps}")
     return (f"{verb.prog}: unrecognized arguments: {' '.join(unknown)}"
             + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))

@@ -97,6 +97,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw, or muon: Muon for hidden matrices and AdamW for the rest
     muon_lr: float = 0.02
     max_steps: int = 1000
+    epochs: float = 0.0  # instead of --max-steps: steps enough to read the training tokens this many times; 0 = off
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
     eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end)
     eval_batches: int = 20  # val batches per evaluation
@@ -252,7 +253,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_lr_ratio": _between(0, 1), "warmup_steps": _NOT_NEGATIVE, "decay_fraction": _between(0, 1),
     "weight_decay": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE, "max_time": _NOT_NEGATIVE, "eval_batches": _AT_LEAST_1,
     "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE, "grad_accum": _AT_LEAST_1, "log_every": _AT_LEAST_1,
-    "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE,
+    "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE, "epochs": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
     "tokenizer_kind": _TOKENIZER_KIND, "kind": _TOKENIZER_KIND,

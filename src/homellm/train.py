@@ -52,7 +52,7 @@ from homellm.tokenizer import Tokenizer
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "eval_every", "checkpoint_every", "log_every", "sample_every",
                      "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data", "aozora",
-                     "out"}
+                     "epochs", "out"}
 
 
 class Batches(Protocol):
@@ -652,6 +652,15 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     meta = read_meta(data_dir)
     if note := staged_note(data_dir):
         print(f"note: {note}", file=sys.stderr)
+    if cfg.epochs > 0:
+        # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
+        # random windows, not one pass over each window.
+        per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * model_cfg.block_size
+        cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * meta["train_tokens"] / per_step)))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} tokens read the "
+                  f"{meta['train_tokens']:,} training tokens {cfg.epochs:g} times over (in random windows)",
+                  file=sys.stderr)
     data = TokenBatches(data_dir, model_cfg.block_size, cfg.seed, tok.token_bytes())
     if data.no_val and (cfg.eval_every or cfg.patience):
         print(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
