@@ -190,6 +190,7 @@ class TextStream:
 
     def __init__(self, tok: Tokenizer, stops: list[str]):
         self.decoder = tok.stream(skip_special=True)
+        self.guarded = tok.utf8_guard is not None
         # A special token as a stop ("<|im_start|>") is one id, never seen as text: special tokens decode to "".
         special = {s: tok.hf.token_to_id(s) for s in stops if s in SPECIAL_TOKENS}
         self.stop_ids = {i for i in special.values() if i is not None}
@@ -210,7 +211,8 @@ class TextStream:
     def flush(self) -> str:
         text, self.stopped = _cut_at_stop(self.pending + self.decoder.flush(), self.stops)
         self.pending = ""
-        return text
+        # Guarded sampling leaves a U+FFFD only where max_new_tokens cut a character short: drop it.
+        return text.rstrip("\ufffd") if self.guarded else text
 
 
 def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
@@ -252,8 +254,6 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                 if stream.stopped:
                     return
         text = stream.flush()
-        if tok.utf8_guard is not None:  # guarded, only max_new_tokens cutting a character short leaves a U+FFFD
-            text = text.rstrip("\ufffd")
         if text:
             yield text
     finally:

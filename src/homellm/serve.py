@@ -218,8 +218,6 @@ class Scheduler:
             self._finish(seq, text, "stop")
         elif len(seq.tokens) >= seq.cfg.max_new_tokens:
             text += seq.text.flush()
-            if self.tok.utf8_guard is not None:  # as stream_ids: a character the limit cut short is dropped
-                text = text.rstrip("\ufffd")
             self._finish(seq, text, "stop" if seq.text.stopped else "length")
         elif text:
             self.outbox.append((seq.events, (seq.index, text, None)))

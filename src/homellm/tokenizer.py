@@ -137,52 +137,45 @@ class Tokenizer:
         return StreamDecoder(self, skip_special)
 
     def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each id adds to decoded text, 0 for special tokens: bits per byte is
-        sum(nats) / (ln 2 * token_bytes()[targets].sum()), comparable across tokenizers.
-
-        Exact for byte-level BPE (each character of a token stands for one byte) and char tokenizers (`<|unk|>`
-        counts 0); for other imported models an approximation from the token strings."""
+        """UTF-8 bytes each id adds to decoded text (`_pieces`), 0 for special and unknown tokens: bits per byte is
+        sum(nats) / (ln 2 * token_bytes()[targets].sum()), comparable across tokenizers."""
         if self._token_bytes is None:
-            spec = json.loads(self.hf.to_str())
-            byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
-            added = self.hf.get_added_tokens_decoder()
-            out = np.zeros(self.vocab_size, dtype=np.int64)
-            decoder = spec.get("decoder") or {}
-            prefix = decoder.get("prefix", "##") if decoder.get("type") == "WordPiece" else None
-            for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-                if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) and not byte_level:
-                    out[i] = 1  # SentencePiece byte fallback, whether or not the file marks it special
-                elif i in added:
-                    out[i] = 0 if added[i].special else len(token.encode())
-                elif byte_level:
-                    out[i] = len(token)
-                elif prefix is not None:  # WordPiece: "##ing" joins the word before; any other word follows a space
-                    out[i] = len(token[len(prefix):].encode()) if token.startswith(prefix) else len(token.encode()) + 1
-                else:
-                    out[i] = len(token.replace("\u2581", " ").encode())  # SentencePiece's word-start mark
+            out = np.array([0 if piece is None else len(piece) for piece in self._pieces], dtype=np.int64)
             if self.unk_id is not None:
                 out[self.unk_id] = 0  # it stands for text it lost, as homellm's own <|unk|> does
             self._token_bytes = out
         return self._token_bytes
 
     @functools.cached_property
-    def utf8_guard(self) -> Utf8Guard | None:
-        """What keeps sampling to valid UTF-8 (see Utf8Guard), or None when every token is whole characters."""
+    def _pieces(self) -> list[bytes | None]:
+        """The UTF-8 bytes each id writes into decoded text; None for special tokens and ids with no token.
+
+        Exact for byte-level BPE (each character of a token stands for one byte), byte fallback (<0xE3>) and char
+        tokenizers; for WordPiece and SentencePiece an approximation from the token strings (their spaces)."""
         spec = json.loads(self.hf.to_str())
         byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        decoder = spec.get("decoder") or {}
+        prefix = decoder.get("prefix", "##") if decoder.get("type") == "WordPiece" else None
         to_byte = {c: b for b, c in _byte_alphabet().items()}
-        special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
-        pieces: list[bytes | None] = [None] * self.vocab_size  # None: a special token, or no token at that id
+        added = self.hf.get_added_tokens_decoder()
+        pieces: list[bytes | None] = [None] * self.vocab_size
         for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-            if i in special:
-                continue
-            if byte_level and all(c in to_byte for c in token):
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) and not byte_level:
+                pieces[i] = bytes([int(token[3:5], 16)])  # byte fallback, whether or not the file marks it special
+            elif i in added:
+                pieces[i] = None if added[i].special else token.encode()
+            elif byte_level:
                 pieces[i] = bytes(to_byte[c] for c in token)
-            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-                pieces[i] = bytes([int(token[3:5], 16)])
+            elif prefix is not None:  # WordPiece: "##ing" joins the word before; any other word follows a space
+                pieces[i] = token[len(prefix):].encode() if token.startswith(prefix) else b" " + token.encode()
             else:
-                pieces[i] = token.replace("\u2581", " ").encode()
-        guard = Utf8Guard(pieces)
+                pieces[i] = token.replace("\u2581", " ").encode()  # SentencePiece's word-start mark
+        return pieces
+
+    @functools.cached_property
+    def utf8_guard(self) -> Utf8Guard | None:
+        """What keeps sampling to valid UTF-8 (see Utf8Guard), or None when every token is whole characters."""
+        guard = Utf8Guard(self._pieces)
         return guard if guard.needed else None
 
     def same_as(self, other: Tokenizer) -> bool:

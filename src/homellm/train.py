@@ -12,7 +12,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -382,13 +384,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                desc=f"train {run.name}", dynamic_ncols=True, file=sys.stderr)
     last_val: dict[str, float] | None = None
     stop_reason = "max_steps"
-    # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
-    # One process only: the ranks of torchrun would each stop at a step of their own and wait on each other.
-    interrupt = _Interrupt(bar) if env.world == 1 else None
+    def finished() -> bool:
+        return progress() >= 1.0 or bool(cfg.patience and bad_evals >= cfg.patience)
+
     if cfg.max_time > 0 and elapsed >= cfg.max_time:
         stop_reason = "max_time"
-    if progress() >= 1.0 or (cfg.patience and bad_evals >= cfg.patience):  # resumed after its end: nothing to do
-        if cfg.patience and bad_evals >= cfg.patience and progress() < 1.0:
+    if finished():  # resumed after its end: nothing to do
+        if progress() < 1.0:
             stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
         if env.main:
             bar.write(f"note: {run} had already finished at step {step} ({stop_reason}): raise --max-steps or "
@@ -397,8 +399,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             checkpoint("last", {})
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
-    try:
-        while progress() < 1.0 and not (cfg.patience and bad_evals >= cfg.patience):
+    # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
+    # One process only: the ranks of torchrun would each stop at a step of their own and wait on each other.
+    with _Interrupt(bar, enabled=env.world == 1) as interrupt:
+        while not finished():
             t0 = time.perf_counter()
             factor = lr_factor(progress(), step, cfg)
             for opt in optimizers:
@@ -429,7 +433,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             done = progress() >= 1.0
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
-            halted = interrupt is not None and interrupt.asked and not done
+            halted = interrupt.asked and not done
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
             if step % cfg.log_every == 0 or done:
@@ -490,9 +494,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 elif cfg.max_time > 0 and elapsed >= cfg.max_time and stop_reason == "max_steps":
                     stop_reason = "max_time"
                 break
-    finally:
-        if interrupt is not None:
-            interrupt.restore()
     bar.close()
     if ddp:
         dist.barrier()
@@ -505,16 +506,22 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
 
 
 class _Interrupt:
-    """Turns the first Ctrl-C (SIGINT) into a request that the loop honours after the current step; a second one
-    raises KeyboardInterrupt as usual. A no-op outside the main thread, where signal handlers cannot be set."""
+    """While entered, the first Ctrl-C (SIGINT) only sets `asked`, which the loop honours after the current step; a
+    second one raises KeyboardInterrupt as usual. Off (`asked` stays False) when not enabled, and outside the main
+    thread, where signal handlers cannot be set."""
 
-    def __init__(self, bar: tqdm):
-        import signal
-        import threading
-
+    def __init__(self, bar: tqdm, enabled: bool):
         self.asked, self._bar, self._old = False, bar, None
-        if threading.current_thread() is threading.main_thread():
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _Interrupt:
+        if self._enabled:
             self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.asked:
@@ -522,12 +529,6 @@ class _Interrupt:
         self.asked = True
         self._bar.write("stopping after this step, with a checkpoint to --resume from (Ctrl-C again stops at once)",
                         file=sys.stderr)
-
-    def restore(self) -> None:
-        if self._old is not None:
-            import signal
-
-            signal.signal(signal.SIGINT, self._old)
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
