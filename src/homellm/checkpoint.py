@@ -172,6 +172,12 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
     raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")
 
 
+def is_sft(run: str | Path) -> bool:
+    """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""
+    path = Path(run) / "config.json"
+    return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
+
+
 def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
     path = run_config_path(run)
     cfg = load_json(path)

@@ -17,8 +17,8 @@ from typing import TextIO
 from tqdm import tqdm
 
 from homellm.chat import prompt_ids
-from homellm.checkpoint import load_model
-from homellm.config import CompareConfig, load_json
+from homellm.checkpoint import is_sft, load_model
+from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
@@ -52,12 +52,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise HomeLLMError(f"{path}: no prompts in the file: {PROMPTS_HELP}")
     return prompts
-
-
-def is_sft(run: str | Path) -> bool:
-    """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""
-    path = Path(run) / "config.json"
-    return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
 
 
 def complete(run: str | Path, model: GPT, tok: Tokenizer, prompts: list[str], cfg: CompareConfig, chat: bool

@@ -209,14 +209,13 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig, input_fn: Callable[[s
 def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> Chat:
     """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
-    from homellm.checkpoint import load_model
+    from homellm.checkpoint import is_sft, load_model
     from homellm.train import resolve_device
 
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history in a terminal)
     except ImportError:  # Windows
         pass
-    from homellm.compare import is_sft
 
     model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     tok = Tokenizer.load(run)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from homellm.checkpoint import (
     fault_point,
     find_checkpoint,
+    is_sft,
     load_state,
     load_weights_into,
     read_config,
@@ -40,7 +41,6 @@ from homellm.config import (
     TokenizerConfig,
     TrainConfig,
     check_ranges,
-    load_json,
     replace,
     save_json,
     to_dict,
@@ -619,7 +619,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError("--out is required: the run folder to write")
     run = Path(cfg.out)
     if cfg.resume:
-        if (run / "config.json").is_file() and "sft" in load_json(run / "config.json"):
+        if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
         saved_model, _ = read_config(run)
         if model_cfg.vocab_size == 0:
