@@ -215,6 +215,37 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, data_dir):
+    """torchrun passes Ctrl-C on to each rank, which may be a step apart when it lands: here only rank 1 sees it.
+    The ranks used to each stop at a step of their own (or not at all), with no checkpoint, and hang in a collective
+    until torchrun killed them. Now all stop after step 5 with `last`, and resuming matches one process."""
+    flags = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--log-every", "1", "--device", "cpu"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    homellm("pretrain", "--data", str(data_dir), "--out", str(single), *flags, "--batch-size", "8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "homellm", "pretrain", "--out", str(double)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(torchrun + ["--data", str(data_dir), *flags, "--batch-size", "4"], capture_output=True,
+                          text=True, timeout=240,
+                          env={**env, "HOMELLM_FAULT_SIGINT_AT_STEP": "5", "HOMELLM_FAULT_RANK": "1"})
+    assert proc.returncode != 0 and proc.stderr.count("interrupted at step 5; `--resume` continues") == 1, \
+        proc.stderr[-3000:]
+    assert proc.stdout.count('"stop": "interrupted"') == 1
+    assert json.loads((double / "last" / "checkpoint.json").read_text())["step"] == 5
+    proc = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(single), metrics(double)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=1e-4)
+        if "val_loss" in ra:
+            assert math.isclose(ra["val_loss"], rb["val_loss"], rel_tol=1e-4)
+    wa = load_file(str(single / "last" / "model.safetensors"))
+    wb = load_file(str(double / "last" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def test_training_lowers_val_loss_and_bpb_is_loss_over_ln2_for_ascii_chars(tmp_path, data_dir):
     model_cfg, cfg = preset("tiny")
     cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=60, eval_every=30)

@@ -103,8 +103,10 @@ def _remove(path: Path) -> None:
 
 
 def fault_point(var: str, step: Any, signal_name: str = "SIGKILL") -> None:
-    """Fault injection for the crash tests: send this process a signal (SIGKILL) at the step named by the variable."""
-    if os.environ.get(var) and str(step) == os.environ[var]:
+    """Fault injection for the crash tests: send this process a signal (SIGKILL) at the step named by the variable;
+    under torchrun only on rank HOMELLM_FAULT_RANK where that is set."""
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get(var) and str(step) == os.environ[var] and os.environ.get("HOMELLM_FAULT_RANK", rank) == rank:
         import signal
 
         os.kill(os.getpid(), getattr(signal, signal_name))

@@ -99,7 +99,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def _interrupted(summary: dict[str, Any] | None) -> None:
     """A run stopped by Ctrl-C (with its checkpoint written) still exits as interrupted, for scripts."""
     if summary and summary.get("stop") == "interrupted":
-        print(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            print(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there",
+                  file=sys.stderr)
         raise SystemExit(130)
 
 

@@ -253,14 +253,17 @@ def _all_sum(values: list[float], env: Env) -> list[float]:
     return t.tolist()
 
 
-def _one_clock(elapsed: float, cfg: TrainConfig, env: Env) -> float:
+def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False) -> tuple[float, bool]:
     """Under a time budget every rank takes the slowest one's elapsed time: the learning rate follows it and the
-    run stops by it, so the ranks must agree on it (each clock alone left one rank waiting in a collective)."""
-    if env.world == 1 or cfg.max_time <= 0:
-        return elapsed
-    t = torch.tensor([elapsed], dtype=torch.float64, device=env.device)
+    run stops by it, so the ranks must agree on it (each clock alone left one rank waiting in a collective).
+    Likewise a Ctrl-C (`stop`): torchrun passes it to each rank, which may be a step apart when it lands, so the
+    ranks stop after the step where any of them saw it. One collective serves both."""
+    if env.world == 1:
+        return elapsed, stop
+    t = torch.tensor([elapsed if cfg.max_time > 0 else 0.0, float(stop)], dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    agreed, any_stop = t.tolist()
+    return (agreed if cfg.max_time > 0 else elapsed), any_stop > 0
 
 
 def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
@@ -400,8 +403,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
-    # One process only: the ranks of torchrun would each stop at a step of their own and wait on each other.
-    with _Interrupt(bar, enabled=env.world == 1) as interrupt:
+    # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
+    with _Interrupt(bar, announce=env.main) as interrupt:
         while not finished():
             t0 = time.perf_counter()
             factor = lr_factor(progress(), step, cfg)
@@ -429,11 +432,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
-            elapsed = _one_clock(elapsed + time.perf_counter() - t0, cfg, env)
-            done = progress() >= 1.0
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
+            elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked)
+            done = progress() >= 1.0
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
-            halted = interrupt.asked and not done
+            halted = asked and not done
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
             if step % cfg.log_every == 0 or done:
@@ -458,7 +461,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
                 # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
                 # is the last, with its checkpoint, rather than the loop ending without one.
-                elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)
+                elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)[0]
                 done = done or progress() >= 1.0
                 if last_val is not None:
                     record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
@@ -507,15 +510,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
 
 class _Interrupt:
     """While entered, the first Ctrl-C (SIGINT) only sets `asked`, which the loop honours after the current step; a
-    second one raises KeyboardInterrupt as usual. Off (`asked` stays False) when not enabled, and outside the main
-    thread, where signal handlers cannot be set."""
+    second one raises KeyboardInterrupt as usual. Off (`asked` stays False) outside the main thread, where signal
+    handlers cannot be set. `announce` is off on all ranks of torchrun but the first, which speaks for them."""
 
-    def __init__(self, bar: tqdm, enabled: bool):
-        self.asked, self._bar, self._old = False, bar, None
-        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self, bar: tqdm, announce: bool = True):
+        self.asked, self._bar, self._old, self._announce = False, bar, None, announce
 
     def __enter__(self) -> _Interrupt:
-        if self._enabled:
+        if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -527,8 +529,9 @@ class _Interrupt:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        self._bar.write("stopping after this step, with a checkpoint to --resume from (Ctrl-C again stops at once)",
-                        file=sys.stderr)
+        if self._announce:
+            self._bar.write("stopping after this step, with a checkpoint to --resume from (Ctrl-C again stops at "
+                            "once)", file=sys.stderr)
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
