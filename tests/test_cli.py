@@ -319,8 +319,8 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         (["generate", "r", "--prompt", "x", "--max_new_tokens", "20", "--top_k", "40"],
          "homellm generate: unrecognized arguments: --max_new_tokens 20 --top_k 40: --max_new_tokens is "
          "--max-new-tokens; --top_k is --top-k"),
-        (["sft", "--init", "r", "--epochs", "2"],
-         "--epochs is --max-steps (homellm counts optimizer steps, not epochs)"),
+        (["sft", "--init", "r", "--iters", "200"], "--iters is --max-steps (homellm counts optimizer steps"),
+        (["sft", "--init", "r", "--num_epochs", "2"], "--num_epochs is --epochs"),
         (["pretrain", "--data", "d", "--n_epochs", "2"], "--n_epochs is --epochs"),
         (["pretrain", "--data", "d", "--max_iters=5000"], "--max_iters is --max-steps"),
         (["tokenizer", "train", "--input", "a", "--vocab_size", "300"], "--vocab_size is --vocab-size"),

@@ -1,6 +1,7 @@
 """Chat format, SFT data, fine-tuning with the one training loop, LoRA and merging."""
 
 import json
+import math
 import random
 import shutil
 
@@ -189,6 +190,23 @@ def test_sft_lowers_held_out_loss(tmp_path, base_run):
     assert summary["val_loss"] == pytest.approx(after, rel=1e-4)
     saved = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert saved["sft"]["init"] == str(base_run.resolve()) and saved["sft_data"]["val_conversations"] == 40
+
+
+def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, capsys):
+    """Each training row is read once per epoch; `--max-steps` on resuming such a run replaces its epochs."""
+    from homellm.cli import run_length
+
+    data, out = qa_file(tmp_path / "qa.jsonl", 30), tmp_path / "sft"
+    cfg, train_cfg = resolve_sft({"init": str(base_run), "data": [str(data)], "pack": False},
+                                 run_length({"out": str(out), "epochs": 1.5, "eval_every": 0, "batch_size": 4}))
+    summary = sft(cfg, train_cfg)
+    rows = 30 - 2  # one conversation a row (no packing); 5 % of 30 held out rounds to 2
+    assert summary["val_conversations"] == 2 and summary["steps"] == math.ceil(1.5 * rows / 4) == 11
+    assert "--epochs 1.5: 11 steps of 4 rows read the 28 training rows 1.5 times over" in capsys.readouterr().err
+    with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length"):
+        run_length({"max_steps": 5, "epochs": 2.0})
+    cfg, train_cfg = resolve_sft({}, run_length({"out": str(out), "resume": True, "max_steps": 14}))
+    assert train_cfg.epochs == 0 and sft(cfg, train_cfg)["steps"] == 14
 
 
 def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base_run):

@@ -70,9 +70,7 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     else:
         model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
         source = f"{args.preset or DEFAULT_PRESET} preset"
-    typed = pick(args, TrainConfig)
-    if typed.get("max_steps", 0) > 0 and typed.get("epochs", 0) > 0:
-        raise HomeLLMError("--max-steps and --epochs both set the length of the run: give one of them")
+    typed = run_length(pick(args, TrainConfig))
     by = next((f for f in ("max_steps", "epochs") if typed.get(f, 0) > 0), None)
     if by and "max_time" not in typed and train_cfg.max_time > 0:
         # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
@@ -84,6 +82,14 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     model_cfg.validate()
     check_ranges(train_cfg)
     return model_cfg, train_cfg
+
+
+def run_length(typed: dict[str, Any]) -> dict[str, Any]:
+    """The training flags typed, checked for one length of run: --max-steps typed on resuming a run that was set in
+    epochs replaces them (the epochs would otherwise recompute the steps over it)."""
+    if typed.get("max_steps", 0) > 0 and typed.get("epochs", 0) > 0:
+        raise HomeLLMError("--max-steps and --epochs both set the length of the run: give one of them")
+    return {**typed, "epochs": 0.0} if typed.get("max_steps", 0) > 0 else typed
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -167,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from homellm.sft import resolve_sft, sft
 
-    summary = sft(*resolve_sft(pick(args, SFTConfig), pick(args, TrainConfig)))
+    summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(pick(args, TrainConfig))))
     print(json.dumps(summary, ensure_ascii=False))
     _interrupted(summary)
 
@@ -225,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
                                    "steps).")
     add_flags(p, SFTConfig)
-    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field", "aozora", "epochs"),
+    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field", "aozora"),
               defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
@@ -307,14 +313,14 @@ def check_utf8(argv: list[str]) -> None:
                                ) from None
 
 
-# Names other tools use for what homellm counts differently (nanoGPT's iterations, other scripts' epochs).
-_OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",), "--epochs": ("--max-steps",),
+# Names other tools use for what homellm calls otherwise (nanoGPT's iterations, --num_epochs, --max_tokens).
+_OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",),
                 "--n-epochs": ("--epochs", "--max-steps"), "--num-epochs": ("--epochs", "--max-steps"),
                 "--max-tokens": ("--max-new-tokens",)}
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
-    """'unrecognized arguments' with the flag meant: --max_new_tokens is --max-new-tokens, --epochs is --max-steps."""
+    """'unrecognized arguments' with the flag meant: --max_new_tokens is --max-new-tokens, --iters is --max-steps."""
     import difflib
 
     verb = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]

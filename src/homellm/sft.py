@@ -11,6 +11,7 @@ Held-out conversations give the val loss.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -193,10 +194,19 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
                       str(init), " ".join(cfg.data))
     stats = {**data.stats, "bad_lines_skipped": bad}
-    print(f"{stats['conversations']:,} conversations ({stats['val_conversations']:,} held out), "
-          f"{len(data.rows['train'][0]):,} training rows of {model_cfg.block_size} tokens"
-          f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
-          f"long, {bad} bad lines skipped", file=sys.stderr)
+    n_rows, main = len(data.rows["train"][0]), os.environ.get("RANK", "0") == "0"
+    if main:
+        print(f"{stats['conversations']:,} conversations ({stats['val_conversations']:,} held out), "
+              f"{n_rows:,} training rows of {model_cfg.block_size} tokens"
+              f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
+              f"long, {bad} bad lines skipped", file=sys.stderr)
+    if train_cfg.epochs > 0:
+        # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
+        per_step = train_cfg.batch_size * train_cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        train_cfg = replace(train_cfg, max_steps=max(1, math.ceil(train_cfg.epochs * n_rows / per_step)))
+        if main:
+            print(f"--epochs {train_cfg.epochs:g}: {train_cfg.max_steps:,} steps of {per_step:,} rows read the "
+                  f"{n_rows:,} training rows {train_cfg.epochs:g} times over", file=sys.stderr)
     spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
     lora = None
     if cfg.lora_rank > 0:
