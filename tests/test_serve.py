@@ -31,7 +31,7 @@ from homellm.train import train
 openai = pytest.importorskip("openai", reason="the serve tests need the dev extra: pip install -e '.[dev]'")
 pytest.importorskip("fastapi", reason="the serve tests need the dev extra: pip install -e '.[dev]'")
 
-from homellm.serve import render_html, serve  # noqa: E402
+from homellm.serve import lan_address, render_html, serve  # noqa: E402
 
 JA = "むかしむかし、ある山のふもとに小さな村がありました。"
 MATH = r"$\frac{7}{3}$"
@@ -374,7 +374,10 @@ def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run, host)
         first = proc.stdout.readline()
         url = first.split(" at ")[1].split()[0]
         # Listening on every address prints an address a browser can open, and says the rest.
-        assert url.startswith("http://127.0.0.1:") and ("every address" in first) == (host == "0.0.0.0")
+        assert url.startswith("http://127.0.0.1:")
+        lan = lan_address()  # None on a machine with no network route: then the banner says so in words
+        assert ("other machines" in first) == (host == "0.0.0.0")
+        assert (host == "0.0.0.0" and lan is not None) == (f"http://{lan}:{url.rsplit(':', 1)[1]}" in first)
         with urllib.request.urlopen(url + "/health") as r:
             assert r.status == 200
         proc.send_signal(signal.SIGTERM)
