@@ -215,6 +215,17 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_a_config_error_under_torchrun_is_said_once(tmp_path, data_dir):
+    """Every rank used to print it, rank-prefixed: N copies of one mistake."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "homellm", "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset",
+                "tiny", "--n-head", "3"]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and proc.stderr.count("homellm: error") == 1, proc.stderr[-3000:]
+    assert "--n-embd 32 is not divisible by --n-head 3" in proc.stderr
+
+
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, data_dir):
     """torchrun passes Ctrl-C on to each rank, which may be a step apart when it lands: here only rank 1 sees it.
     The ranks used to each stop at a step of their own (or not at all), with no checkpoint, and hang in a collective

@@ -341,6 +341,15 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
             + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))
 
 
+def _said_by_local_rank_0() -> bool:
+    """Under torchrun, an error before the ranks connect (a flag, a missing file) is the same on every rank of a
+    machine, and its first rank says it: the others keep quiet rather than repeat it per process. Another machine's
+    first rank still speaks, as its files may differ; errors after connecting may be a rank's own, so all speak."""
+    dist = sys.modules.get("torch.distributed")
+    connected = dist is not None and dist.is_available() and dist.is_initialized()
+    return os.environ.get("LOCAL_RANK", "0") != "0" and not connected
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tokenizer"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
@@ -358,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args)
         args.func(args)
     except HomeLLMError as e:
+        if _said_by_local_rank_0():
+            return 2
         # Under torchrun every rank may report: name the others, and write each line whole so none interleave.
         rank = os.environ.get("RANK", "0")
         sys.stderr.write(f"homellm: error{f' (rank {rank})' if rank != '0' else ''}: {e}\n")
