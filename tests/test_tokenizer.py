@@ -230,6 +230,12 @@ def test_bad_input_errors(tmp_path):
         train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), kind="wordpiece"))
     with pytest.raises(HomeLLMError, match="not found"):
         train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "nope"), out=str(tmp_path / "t")))
+    (tmp_path / "rinna").mkdir()
+    spm = write(tmp_path / "rinna" / "spiece.model", "protobuf bytes")  # a hub folder with no tokenizer.json
+    for given in (spm.parent, spm):
+        with pytest.raises(HomeLLMError, match=r"spiece.model is a SentencePiece model, .*save_pretrained\('"
+                           + str(spm.parent) + r"-hf'\)\", then give --from-file " + str(spm.parent) + "-hf"):
+            train_tokenizer(TokenizerConfig(from_file=str(given), out=str(tmp_path / "t")))
     assert not (tmp_path / "t").exists()
 
 

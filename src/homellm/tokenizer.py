@@ -450,6 +450,19 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
         hf = _byte_level(HFTokenizer(bpe))
     else:
         file = path / "tokenizer.json" if path.is_dir() else path
+        spm = path if path.suffix == ".model" and path.is_file() else next(iter(sorted(path.glob("*.model"))), None) \
+            if path.is_dir() and not file.is_file() else None
+        if spm is not None:
+            # Models from the hub that ship only this (rinna's, T5's) convert once with transformers, which knows
+            # each family's conventions (byte fallback, the leading space); homellm then imports the result.
+            folder = spm.parent
+            needs = "" if (folder / "tokenizer_config.json").is_file() else (
+                f" (in the model's folder as downloaded: {folder} lacks the tokenizer_config.json that names its kind)")
+            raise HomeLLMError(f"--from-file {path}: {spm.name} is a SentencePiece model, which homellm imports once "
+                               f"it is a tokenizer.json: convert it with transformers{needs} (pip install transformers "
+                               f"sentencepiece protobuf): python -c \"from transformers import AutoTokenizer; "
+                               f"AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}-hf')\", then "
+                               f"give --from-file {folder}-hf")
         if not file.is_file():
             raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
                                "tokenizer.json or with GPT-2's encoder.json + vocab.bpe")
