@@ -204,7 +204,13 @@ def chars() -> str:
 
 
 def is_heldout(p: Problem) -> bool:
-    """Whether the problem belongs to the held-out split, decided by a hash of its prompt text alone."""
+    """Whether the problem belongs to the held-out split, decided by a hash of its prompt text alone.
+
+    Except `0 \\div 0`, always in training: it is the one problem where two rules meet (0 divided by anything is 0;
+    anything divided by 0 is undefined), so no other problem teaches which wins. Hashed into the held-out split, it
+    was never trained, and, as 0 is each 1-digit dividend's equal, about a third of the held-out zero divisors."""
+    if p.a == 0 and p.b == 0 and p.op == r"\div":
+        return False
     digest = hashlib.sha1(prompt(p).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 1000 < _HELDOUT_PER_MILLE
 
