@@ -2,8 +2,11 @@
 
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 
 import jinja2
 import pytest
@@ -207,6 +210,34 @@ def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, cap
         run_length({"max_steps": 5, "epochs": 2.0})
     cfg, train_cfg = resolve_sft({}, run_length({"out": str(out), "resume": True, "max_steps": 14}))
     assert train_cfg.epochs == 0 and sft(cfg, train_cfg)["steps"] == 14
+
+
+def test_sft_trains_the_same_whatever_the_batch_layout(tmp_path, base_run):
+    """SFT trains replies only, so rows hold different numbers of trained tokens. Each micro-batch's mean used to
+    weigh equally, so --grad-accum 2 or two processes trained otherwise than one batch of 4. And with fewer val rows
+    (1 here) than processes x batch, the rank left without one returned early and the other waited for ever."""
+    data = qa_file(tmp_path / "qa.jsonl", 40)
+    flags = ["--init", str(base_run), "--data", str(data), "--max-steps", "4", "--eval-every", "2", "--log-every",
+             "1", "--lr", "3e-3", "--device", "cpu"]
+    homellm("sft", *flags, "--out", str(tmp_path / "one"), "--batch-size", "4")
+    homellm("sft", *flags, "--out", str(tmp_path / "accum"), "--batch-size", "2", "--grad-accum", "2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "homellm", "sft", *flags, "--out", str(tmp_path / "ddp"), "--batch-size", "2"]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["sft_data"]["val_conversations"] == 2
+    want = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    reference = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    for run in ("accum", "ddp"):
+        got = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+        for a, b in zip(want, got):
+            for key in ("train_loss", "val_loss"):
+                assert (key in a) == (key in b) and math.isclose(a.get(key, 0), b.get(key, 0), rel_tol=1e-4), run
+        weights = load_file(str(tmp_path / run / "last" / "model.safetensors"))
+        for k in reference:
+            torch.testing.assert_close(weights[k], reference[k], atol=1e-5, rtol=1e-4)
 
 
 def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base_run):

@@ -253,6 +253,16 @@ def _all_sum(values: list[float], env: Env) -> list[float]:
     return t.tolist()
 
 
+def _trained_tokens(mine: int, env: Env) -> float | torch.Tensor:
+    """The trained (not masked) targets of a step over all ranks, at least 1; a device tensor under DDP, so that
+    reading it does not wait for the device."""
+    if env.world == 1:
+        return float(max(mine, 1))
+    t = torch.tensor(float(mine), dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.clamp(min=1.0).float()
+
+
 def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False) -> tuple[float, bool]:
     """Under a time budget every rank takes the slowest one's elapsed time: the learning rate follows it and the
     run stops by it, so the ranks must agree on it (each clock alone left one rank waiting in a collective).
@@ -281,10 +291,7 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
     token_bytes = torch.from_numpy(data.token_bytes)
     for i in range(batches):
         batch = data.val_batch(i, batch_size, env.rank, env.world)
-        if batch is None:  # no val data at all, or (a finite val set, as in SFT) no more of it
-            if i == 0:
-                model.train(was_training)
-                return None
+        if batch is None:  # no val data at all, or (a finite val set, as in SFT) no more of it for this rank
             break
         x, y, *documents = batch
         with _autocast(env):
@@ -294,8 +301,12 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
         tokens += n
         nbytes += token_bytes[y.clamp(min=0)][y != -100].sum().item()
     model.train(was_training)
+    # Every rank sums, even one left without a batch: with fewer val rows than ranks x batch (SFT's few held-out
+    # conversations) a rank that returned early left the others waiting in this collective for ever.
     nats, tokens, nbytes = _all_sum([nats, tokens, nbytes], env)
-    return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
+    if not tokens:
+        return None
+    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(nbytes, 1)}
 
 
 def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -412,15 +423,23 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 for group in opt.param_groups:
                     group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
             loss_sum = torch.zeros((), device=env.device)
-            for micro in range(cfg.grad_accum):
-                x, y, *documents = data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
+            batches = [data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
+                       for micro in range(cfg.grad_accum)]
+            # The step's loss is the mean over all its trained tokens, on every rank and micro-batch: weighting
+            # each micro-batch's mean equally would weigh a token by how few others share its micro-batch (SFT
+            # masks all but the replies), and the gradient would change with --grad-accum or the process count.
+            trained = [int((b[1] != -100).sum()) for b in batches]
+            step_trained = _trained_tokens(sum(trained), env)
+            for micro, (x, y, *documents) in enumerate(batches):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
                 with sync:
                     with _autocast(env):
                         _, loss = model(x, y, documents=_documents(documents, env))
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
+                    # DDP averages the ranks' gradients: x world undoes that, as the weights are global already.
+                    weight = trained[micro] * env.world / step_trained  # 1 / grad_accum when nothing is masked
+                    scaler.scale(loss * weight).backward()
+                loss_sum += loss.detach() * trained[micro]
                 tokens += x.numel() * env.world  # rows may be shorter than the context (the quickstart's are)
             if cfg.grad_clip > 0:
                 for opt in optimizers:
@@ -440,7 +459,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
             if step % cfg.log_every == 0 or done:
-                loss_value = _all_sum([loss_sum.item() / cfg.grad_accum], env)[0] / env.world
+                loss_value = _all_sum([loss_sum.item()], env)[0] / max(float(step_trained), 1.0)
                 now = time.perf_counter()
                 rate = (tokens - tokens_log) / max(now - t_log, 1e-9)
                 t_log, tokens_log = now, tokens
