@@ -287,6 +287,23 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert f"note: resuming on {more}, not the conversations the run began with ({data})" in resumed.stderr
 
 
+def test_lora_refuses_a_layer_whose_weight_is_tied():
+    """With tied embeddings lm_head's weight is the token embedding: trained, its adapter changed only the output,
+    merged it changed the input embeddings too, so generate and serve ran another model than the one trained."""
+    cfg = replace(preset("tiny")[0], vocab_size=64)
+    with pytest.raises(HomeLLMError, match=r"--lora-targets lm_head: lm_head shares its weight with "
+                                           r"embed_tokens.weight \(tied embeddings\)"):
+        attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj", "lm_head"]))
+    untied = GPT(replace(cfg, tie_embeddings=False))
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (2, 8))
+    lora = attach_lora(untied, LoraSpec(rank=2, targets=["q_proj", "lm_head"]))
+    for b in lora.B.values():
+        torch.nn.init.normal_(b)
+    before = untied(x)[0]
+    torch.testing.assert_close(merge_lora(untied)(x)[0], before, atol=1e-4, rtol=1e-4)
+
+
 def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run):
     base, out, data = tmp_path / "base", tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
     shutil.copytree(base_run, base)

@@ -43,8 +43,16 @@ class LoRA(nn.Module):
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         self.layers: dict[str, nn.Linear] = {}
+        names: dict[int, list[str]] = {}
+        for pname, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(pname)
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.split(".")[-1] in spec.targets:
+                if len(shared := names[id(module.weight)]) > 1:
+                    # Merged, the update would change every user of the weight, not only the layer it trained in.
+                    raise HomeLLMError(f"--lora-targets {name.split('.')[-1]}: {name} shares its weight with "
+                                       f"{', '.join(n for n in shared if n != name + '.weight')} (tied embeddings), "
+                                       "so merging its adapter would change both: leave it out of --lora-targets")
                 key = name.replace(".", "_")  # ParameterDict keys cannot hold dots
                 A = torch.empty(spec.rank, module.in_features, device=module.weight.device)
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear initialises its weight
