@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +19,7 @@ from homellm.checkpoint import find_checkpoint, load_model, read_config
 from homellm.config import ModelConfig, TrainConfig, preset, replace
 from homellm.errors import HomeLLMError
 from homellm.muon import Muon
-from homellm.train import lr_factor, pretrain
+from homellm.train import TokenBatches, lr_factor, pretrain
 
 RUN_FLAGS = ["--preset", "tiny", "--max-steps", "16", "--checkpoint-every", "5", "--eval-every", "4",
              "--log-every", "2", "--dropout", "0.1", "--batch-size", "4"]
@@ -191,6 +192,20 @@ def test_resume_with_a_different_config_is_refused(tmp_path, reference):
     assert "Traceback" not in proc.stderr
     proc = homellm("pretrain", "--data", "x", "--out", str(run), "--preset", "tiny", check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_windows_start_anywhere_they_fit_up_to_the_last_token(monkeypatch):
+    """A shard of L tokens has L - block_size windows of block_size + 1: the count was one short, so a shard's last
+    token was never a target and a split of exactly one window was refused."""
+    import homellm.train as train_module
+
+    shards = {"train": [np.arange(12), np.arange(100, 109)], "val": [np.arange(9)]}
+    monkeypatch.setattr(train_module, "open_split", lambda data_dir, split: shards[split])
+    data = TokenBatches("d", 8, 0, np.ones(128, dtype=np.int64))
+    firsts = {int(v) for step in range(200) for v in data.train_batch(step, 0, 4, 0, 1)[0][:, 0]}
+    assert firsts == {0, 1, 2, 3, 100}  # 12 tokens: starts 0-3; 9 tokens: start 0 only
+    x, y = data.val_batch(0, 2, 0, 1)
+    assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
 
 
 def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir):

@@ -79,11 +79,13 @@ class TokenBatches:
         self.block_size, self.seed, self.token_bytes = block_size, seed, token_bytes
         self.splits = {s: open_split(data_dir, s) for s in ("train", "val")}
         # Valid window starts per shard, cumulated, so a uniform draw over all of them maps to (shard, offset).
-        self.starts = {s: np.cumsum([max(0, len(m) - block_size - 1) for m in maps]) for s, maps in self.splits.items()}
+        # A shard of L tokens has L - block_size windows of block_size + 1 (the last one ends on its last token).
+        self.starts = {s: np.cumsum([max(0, len(m) - block_size) for m in maps]) for s, maps in self.splits.items()}
         if not len(self.starts["train"]) or self.starts["train"][-1] == 0:
             n = sum(len(m) for m in self.splits["train"])
-            raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of {block_size} tokens (the "
-                               "model's context, --block-size when training): add text, or train with a lower one")
+            raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of {block_size + 1} (the "
+                               "model's context, --block-size when training, and 1): add text, or train with a lower "
+                               "one")
         # Why val_batch gives nothing, when it does, in words that say what to do.
         val_tokens = sum(len(m) for m in self.splits["val"])
         self.no_val = "" if len(self.starts["val"]) and self.starts["val"][-1] else (
