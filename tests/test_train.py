@@ -332,7 +332,9 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
     assert "(max_time): raise --max-steps or --max-time" in capsys.readouterr().err
     more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
-    assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in err
+    assert "note: the run now ends at --max-steps 18 --max-time 0 (it was 0 and 0.001): the learning rate's" in err
 
 
 def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(tmp_path, data_dir, monkeypatch):
@@ -372,6 +374,21 @@ def test_schedule_warmup_cosine_and_wsd():
     assert lr_factor(0.79, 79, wsd) == 1.0
     assert lr_factor(0.9, 90, wsd) == pytest.approx(0.55)
     assert lr_factor(1.0, 100, wsd) == pytest.approx(0.1)
+    # The decay starts where warmup ended: full rate there, half way down half way through the rest.
+    assert lr_factor(0.1, 10, cfg, decay_start=0.1) == 1.0
+    assert lr_factor(0.55, 55, cfg, decay_start=0.1) == pytest.approx(0.55)
+    assert lr_factor(0.9, 90, wsd, decay_start=0.5) == 1.0 and lr_factor(0.95, 95, wsd, 0.5) == pytest.approx(0.55)
+
+
+def test_the_rate_peaks_when_warmup_ends_and_decays_smoothly_to_the_end(tmp_path, data_dir):
+    """Counted from the run's start, the cosine dropped from the peak at once after warmup (1.0 -> 0.55 here)."""
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=20, warmup_steps=10, log_every=1,
+                  eval_every=0, min_lr_ratio=0.0)
+    pretrain(model_cfg, cfg)
+    lrs = [r["lr"] / cfg.lr for r in metrics(tmp_path / "run")]  # the rate each step trained with
+    assert lrs[9] == lrs[10] == 1.0 and lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert all(0 < b - a < 0.16 for a, b in zip(lrs[11:], lrs[10:])) and lrs[19] == pytest.approx(0.0245, abs=1e-3)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, data_dir):

@@ -217,11 +217,15 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
     raise HomeLLMError(f"--optimizer {cfg.optimizer!r} is unknown: use adamw or muon")
 
 
-def lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak learning rate: linear warmup, then cosine (or warmup-stable-decay) to min_lr_ratio."""
+def lr_factor(progress: float, step: int, cfg: TrainConfig, decay_start: float = 0.0) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine (or warmup-stable-decay) to min_lr_ratio.
+
+    The decay runs over the rest of the run, from `decay_start` (the progress at which warmup ended) to 1, as
+    nanoGPT's (it - warmup) / (decay_iters - warmup): counted from 0, the rate fell from the peak straight to the
+    curve's value at the warmup's share of the run (1.0 -> 0.87 after 50 warmup steps of 200)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    p = min(max(progress, 0.0), 1.0)
+    p = min(max((progress - decay_start) / max(1.0 - decay_start, 1e-9), 0.0), 1.0)
     lo = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
@@ -343,6 +347,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     step = tokens = 0
     elapsed = 0.0
     best_val, bad_evals = math.inf, 0
+    warmup_at: tuple[int, float] | None = None  # (step, elapsed) where warmup ended: where the decay starts
     metrics_path = run / "metrics.jsonl"
     resumed_from = None
     if cfg.resume:
@@ -354,10 +359,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
+        # Checkpoints from before it was kept decayed from the run's start, and go on that way.
+        warmup_at = tuple(state["warmup_at"]) if state.get("warmup_at") else (0, 0.0) if step > cfg.warmup_steps \
+            else None
         _set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
         if env.main:
             _truncate_metrics(metrics_path, step)
             print(f"resuming {run} from {folder.name} at step {step}", file=sys.stderr)
+            was = read_config(run)[1]
+            if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):
+                print(f"note: the run now ends at --max-steps {cfg.max_steps} --max-time {cfg.max_time:g} (it was "
+                      f"{was.max_steps} and {was.max_time:g}): the learning rate's decay stretches to the new end, "
+                      "so the rate moves at once from where it was", file=sys.stderr)
     elif env.main:
         metrics_path.unlink(missing_ok=True)
     if env.main:
@@ -383,16 +396,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     peak = _peak_flops(env.device)
     flops_per_token = raw.flops_per_token()
 
-    def progress() -> float:
-        p = step / cfg.max_steps if cfg.max_steps > 0 else 0.0
-        return max(p, elapsed / cfg.max_time) if cfg.max_time > 0 else p
+    def progress(at: tuple[int, float] | None = None) -> float:
+        """How far the run is towards its end (steps or time, whichever is further), now or at (step, elapsed)."""
+        s, e = at or (step, elapsed)
+        p = s / cfg.max_steps if cfg.max_steps > 0 else 0.0
+        return max(p, e / cfg.max_time) if cfg.max_time > 0 else p
 
     def checkpoint(name: str, info: dict[str, Any]) -> None:
         rng = _gather_rng(env)
         if env.main:
             state = {"optimizers": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
                      "step": step, "tokens": tokens, "elapsed": elapsed, "best_val": best_val,
-                     "bad_evals": bad_evals, "rng": rng, "data_position": step}
+                     "bad_evals": bad_evals, "rng": rng, "data_position": step,
+                     "warmup_at": list(warmup_at) if warmup_at else None}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
     bar = tqdm(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time), initial=step if cfg.max_time <= 0
@@ -420,7 +436,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     with _Interrupt(bar, announce=env.main) as interrupt:
         while not finished():
             t0 = time.perf_counter()
-            factor = lr_factor(progress(), step, cfg)
+            if warmup_at is None and step >= cfg.warmup_steps:
+                warmup_at = (step, elapsed)
+            factor = lr_factor(progress(), step, cfg, progress(warmup_at))
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
