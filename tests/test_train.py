@@ -380,6 +380,20 @@ def test_schedule_warmup_cosine_and_wsd():
     assert lr_factor(0.9, 90, wsd, decay_start=0.5) == 1.0 and lr_factor(0.95, 95, wsd, 0.5) == pytest.approx(0.55)
 
 
+def test_weight_decay_means_the_matrices_with_either_optimizer():
+    """Under Muon the embedding matrices went to AdamW undecayed, while --optimizer adamw decays them."""
+    from homellm.model import GPT
+    from homellm.train import make_optimizers
+
+    model = GPT(replace(preset("tiny")[0], vocab_size=64, tie_embeddings=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for optimizer in ("adamw", "muon"):
+        cfg = TrainConfig(optimizer=optimizer, weight_decay=0.1)
+        decayed = {names[id(p)] for opt in make_optimizers(model, cfg, torch.device("cpu"))
+                   for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2}, optimizer
+
+
 def test_the_rate_peaks_when_warmup_ends_and_decays_smoothly_to_the_end(tmp_path, data_dir):
     """Counted from the run's start, the cosine dropped from the peak at once after warmup (1.0 -> 0.55 here)."""
     model_cfg, cfg = preset("tiny")

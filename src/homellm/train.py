@@ -210,10 +210,14 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
                                    {"params": rest, "weight_decay": 0.0}], **adam)]
     if cfg.optimizer == "muon":
         hidden = [p for n, p in params if p.dim() == 2 and n not in embeddings]
-        rest = [p for n, p in params if not (p.dim() == 2 and n not in embeddings)]
+        # The embedding matrices stay with AdamW, decayed as they are under --optimizer adamw: one meaning of
+        # --weight-decay (matrices) whichever optimizer is chosen.
+        groups = [{"params": [p for n, p in params if n in embeddings], "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in params if p.dim() != 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
         # LoRA trains matrices only: then every parameter is Muon's and AdamW, which refuses an empty list, is left out.
-        return [muon, torch.optim.AdamW(rest, weight_decay=0.0, **adam)] if rest else [muon]
+        return [muon, torch.optim.AdamW(groups, **adam)] if groups else [muon]
     raise HomeLLMError(f"--optimizer {cfg.optimizer!r} is unknown: use adamw or muon")
 
 
