@@ -214,6 +214,8 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
         # --weight-decay (matrices) whichever optimizer is chosen.
         groups = [{"params": [p for n, p in params if n in embeddings], "weight_decay": cfg.weight_decay},
                   {"params": [p for n, p in params if p.dim() != 2], "weight_decay": 0.0}]
+        if not cfg.weight_decay:  # one group, in the order runs written before the split resume with
+            groups = [{"params": [p for n, p in params if p.dim() != 2 or n in embeddings], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
         # LoRA trains matrices only: then every parameter is Muon's and AdamW, which refuses an empty list, is left out.
@@ -359,7 +361,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         load_weights_into(model, read_weights(folder), str(folder))
         state = load_state(folder)
         for opt, sd in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+            try:
+                opt.load_state_dict(sd)
+            except ValueError as e:  # parameter groups laid out otherwise, by another version of homellm
+                raise HomeLLMError(f"{folder}: its optimizer state does not fit this homellm's {type(opt).__name__} "
+                                   f"({e}): resume it with the version that wrote it, or start a new run from its "
+                                   "weights") from None
         scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
