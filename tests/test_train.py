@@ -183,6 +183,30 @@ def test_a_damaged_config_json_is_named_not_a_traceback(tmp_path, reference):
         load_model(run)
 
 
+def test_a_run_finds_its_data_from_any_folder_and_a_quickstart_run_is_not_resumed_as_pretraining(tmp_path, data_dir,
+                                                                                                      reference):
+    """The run kept --data as typed ("prep"): resumed from another folder it trained, without a word, on whatever
+    folder of that name was there. Now the config holds the absolute path."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(data_dir, here / "prep")
+    (there / "prep").mkdir(parents=True)  # another folder of the same name, empty
+    cli = [sys.executable, "-m", "homellm", "pretrain", "--out", str(tmp_path / "run")]
+    subprocess.run(cli + ["--data", "prep", "--preset", "tiny", "--max-steps", "2", "--eval-every", "0"], cwd=here,
+                   check=True, capture_output=True, timeout=120)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["data"] == [str(here / "prep")] and config["data_dir"] == str(here / "prep")
+    proc = subprocess.run(cli + ["--resume", "--max-steps", "3"], cwd=there, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and '"steps": 3' in proc.stdout, proc.stderr
+    quick = tmp_path / "quick"
+    shutil.copytree(reference, quick)
+    config = json.loads((quick / "config.json").read_text())
+    (quick / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))
+    proc = homellm("pretrain", "--out", str(quick), "--resume", "--max-steps", "20", check=False)
+    assert proc.returncode == 2 and "was trained by `homellm quickstart` on the arithmetic task's answers" in (
+        proc.stderr)
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

@@ -174,7 +174,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                             packed=not cfg.chat)
     meta = read_meta(data_dir)
     summary = train(model_cfg, train_cfg, batches, tok, extra_config={
-        "task": "arithmetic", "data_dir": str(data_dir),
+        "task": "arithmetic", "data_dir": str(Path(data_dir).resolve()),
         "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}})
     _stage(5, stages, f"evaluating on {cfg.n:,} held-out problems")
     from homellm.checkpoint import load_model

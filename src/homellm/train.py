@@ -41,6 +41,7 @@ from homellm.config import (
     TokenizerConfig,
     TrainConfig,
     check_ranges,
+    load_json,
     replace,
     save_json,
     to_dict,
@@ -671,10 +672,17 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
     run = Path(cfg.out)
+    # Kept absolute in the run's config: a --resume or eval from another folder must find the same text, not a
+    # folder of the same name there (hf: names and globs stay as given; a glob is made absolute, pattern and all).
+    cfg = replace(cfg, data=[d if d.startswith("hf:") else os.path.abspath(d) for d in cfg.data])
     if cfg.resume:
         if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
         saved_model, _ = read_config(run)
+        if load_json(run / "config.json").get("task") == "arithmetic":
+            raise HomeLLMError(f"{run} was trained by `homellm quickstart` on the arithmetic task's answers only, "
+                               "which `pretrain --resume` would not continue the same way: train a new one with "
+                               "`homellm quickstart --max-time SECONDS`, or fine-tune this one with `homellm sft`")
         if model_cfg.vocab_size == 0:
             model_cfg = replace(model_cfg, vocab_size=saved_model.vocab_size)
         check_resume(run, model_cfg, cfg)
@@ -719,5 +727,5 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if data.no_val and (cfg.eval_every or cfg.patience):
         print(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
               f"{data.no_val}", file=sys.stderr)
-    return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir), "data_meta": {
+    return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir.resolve()), "data_meta": {
         k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")}})
