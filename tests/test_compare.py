@@ -133,3 +133,9 @@ def test_compare_from_the_command_line(runs, tmp_path):
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert md_cell(REPLY) in out.read_text(encoding="utf-8") and "おしまい" in proc.stdout
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "keep me"}\n')
+    proc = subprocess.run([sys.executable, "-m", "homellm", "compare", str(base), str(sft), "--prompts", str(prompts),
+                           "--out", str(data)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"{data} exists and homellm did not write it: choose another --out" in proc.stderr
+    assert data.read_text() == '{"text": "keep me"}\n'

@@ -184,6 +184,12 @@ def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
         assert m["content"] in saved
     assert os.listdir(path.parent) == ["chat.md"]  # written atomically: no temp file left
     assert f"6 messages saved to {path}" in text
+    # Saving again over its own file is fine; over a file it did not write, refused (it replaced someone's data).
+    notes = tmp_path / "notes" / "mine.jsonl"
+    notes.write_text('{"text": "keep me"}\n')
+    chat, text = run_chat(chat_run, USER, "hi", f"/save {path}", f"/save {notes}", cfg=cfg)
+    assert f"3 messages saved to {path}" in text and notes.read_text() == '{"text": "keep me"}\n'
+    assert f"error: {notes} exists and homellm did not write it: choose another file name" in text
 
 
 def test_reset_forgets_the_turns_but_keeps_the_system_prompt(chat_run, calls):

@@ -22,7 +22,7 @@ from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
-from homellm.io import atomic_write_text
+from homellm.io import atomic_write_text, check_overwrite
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -118,6 +118,8 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     """Run cfg.prompts through both runs, print the table, write the Markdown report; its path."""
     prompts = read_prompts(cfg.prompts)
     runs = [Path(run_a), Path(run_b)]
+    path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
+    check_overwrite(path, "# homellm compare", "choose another --out")  # before the work, not after it
     modes = [cfg.chat or is_sft(r) for r in runs]
     from homellm.train import resolve_device
 
@@ -141,7 +143,6 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     rest = total - number
     widths = [number, rest // 4, (rest - rest // 4) // 2, rest - rest // 4 - (rest - rest // 4) // 2]
     out.write(screen_table(header, rows, widths) + "\n")
-    path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
     atomic_write_text(path, markdown(header, rows, intro))
     out.write(f"written to {path}\n")
     return path

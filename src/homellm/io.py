@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from homellm.errors import HomeLLMError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -43,6 +45,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_overwrite(path: Path, starts_with: str, fix: str) -> None:
+    """Refuse to replace a file that does not begin as the files we write there do: a /save or report written
+    over someone's notes or data would lose them. An earlier output of ours (or a folder's absence) is fine."""
+    path = Path(path)
+    if path.is_dir():
+        raise HomeLLMError(f"{path} is a folder: {fix}")
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(len(starts_with.encode()))
+        if head != starts_with.encode():
+            raise HomeLLMError(f"{path} exists and homellm did not write it: {fix}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -24,7 +24,7 @@ from homellm.chat import Message, prompt_ids, to_markdown
 from homellm.config import SEED_LIMIT, ChatConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
-from homellm.io import atomic_write_text
+from homellm.io import atomic_write_text, check_overwrite
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -169,6 +169,7 @@ class Chat:
             elif name == "save":
                 if not arg:
                     raise HomeLLMError("/save needs a file name, e.g. /save chat.md")
+                check_overwrite(Path(arg), "# Conversation", "choose another file name")
                 try:
                     atomic_write_text(Path(arg), to_markdown(self.transcript))
                 except OSError as e:
