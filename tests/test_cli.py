@@ -1,6 +1,7 @@
 """The command line as a user meets it: every verb's --help, and the tiny pipeline end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -345,3 +346,24 @@ def test_raw_aozora_text_goes_straight_to_a_model_without_its_markup(tmp_path):
     assert "ある日の暮方の事である。下人が待っていた。" in seen
     assert not any(mark in seen for mark in ("《", "｜", "［＃", "底本"))
     assert json.loads((data / "meta.json").read_text())["pretrain_inputs"]["aozora"] is True
+
+
+def test_the_machines_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, corpus, capsys):
+    """A full disk, a path without permission, memory too small for the model: the user's to fix, so one line each
+    (they were tracebacks). Any other error is a bug and keeps its traceback."""
+    import errno
+
+    from homellm.cli import _error_message, main
+
+    assert _error_message(OSError(errno.ENOSPC, "No space left on device", "run/metrics.jsonl")) == (
+        "run/metrics.jsonl: the disk is full: make room, or write to another disk")
+    assert _error_message(PermissionError(errno.EACCES, "Permission denied", "ro/x")) == (
+        "ro/x: permission denied: check the permissions, or choose another path")
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert _error_message(oom).startswith("out of memory (37.3 GiB more was asked): lower --batch-size")
+    assert _error_message(RuntimeError("shape mismatch")) is None and _error_message(KeyError("x")) is None
+    if Path("/proc/self").is_dir():  # Linux: nothing can be made in /proc, a folder that exists
+        assert main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", "/proc/homellm"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("homellm: error: /proc/homellm: ") and err.count("\n") == 1, err

@@ -129,6 +129,27 @@ def test_ctrl_c_finishes_the_step_and_writes_last_to_resume_from(tmp_path, data_
     assert_same_weights(run / "best", reference / "best")
 
 
+def test_a_checkpoint_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, reference, monkeypatch):
+    """torch.save on a full disk says "unexpected pos"; the half-written .last.tmp was left filling the disk, and
+    the next --resume failed on it. The previous checkpoint stays as it was."""
+    from homellm import checkpoint as module
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = (run / "last" / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 268096 vs 267988")
+
+    monkeypatch.setattr(module.torch, "save", full)
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    model = module.load_model(run, "last")
+    with pytest.raises(HomeLLMError, match=r"run/last: cannot write the checkpoint \(the disk is full; 0.0 MiB free\): "
+                                           r"make room, then --resume from the previous checkpoint, which is intact"):
+        module.save_checkpoint(run, "last", model, {"step": 1}, {"step": 1})
+    assert not (run / ".last.tmp").exists() and (run / "last" / "model.safetensors").read_bytes() == before
+
+
 def test_a_damaged_checkpoint_record_is_named_and_skipped(tmp_path, reference, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)

@@ -14,6 +14,7 @@ at any moment leaves the previous checkpoint whole: either RUN/NAME or, mid-swap
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -74,17 +75,28 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
     tmp, final, old = run / f".{name}.tmp", run / name, run / f".{name}.old"
     _remove(tmp)
     tmp.mkdir(parents=True)
-    save_file(weights_of(model), str(tmp / WEIGHTS))
     files = [WEIGHTS]
-    if state is not None:
-        torch.save(state, tmp / STATE)
-        files.append(STATE)
-    for f in files:
-        os.chmod(tmp / f, file_mode())
-        with open(tmp / f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    save_json(tmp / INFO, {**info, "sha256": {f: sha256_file(tmp / f) for f in files}})
-    fsync_dir(tmp)
+    try:
+        save_file(weights_of(model), str(tmp / WEIGHTS))
+        if state is not None:
+            torch.save(state, tmp / STATE)
+            files.append(STATE)
+        for f in files:
+            os.chmod(tmp / f, file_mode())
+            with open(tmp / f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        save_json(tmp / INFO, {**info, "sha256": {f: sha256_file(tmp / f) for f in files}})
+        fsync_dir(tmp)
+    except Exception as e:
+        # Half written: left behind, it kept the disk full and the next --resume failed on it. torch and
+        # safetensors say "unexpected pos" or "No space left" in their own words: the free space tells.
+        free = shutil.disk_usage(run).free
+        _remove(tmp)
+        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+            raise
+        why = "the disk is full" if free < 2**24 or isinstance(e, OSError) else str(e).splitlines()[0]
+        raise HomeLLMError(f"{final}: cannot write the checkpoint ({why}; {free / 2**20:,.1f} MiB free): make room, "
+                           "then --resume from the previous checkpoint, which is intact") from None
     fault_point("HOMELLM_FAULT_KILL_IN_CHECKPOINT", info.get("step"))
     if final.exists():
         _remove(old)

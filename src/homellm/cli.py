@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -341,6 +342,33 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
             + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))
 
 
+_OS_FIXES = {errno.ENOSPC: "the disk is full: make room, or write to another disk",
+             errno.EACCES: "permission denied: check the permissions, or choose another path",
+             errno.EPERM: "not permitted here: choose another path",
+             errno.EROFS: "a read-only file system: choose a path on a writable one",
+             errno.EDQUOT: "over the disk quota: make room, or write elsewhere"}
+
+
+def _error_message(e: BaseException) -> str | None:
+    """The one line for an error that is the input's or the machine's (a full disk, a file without permission,
+    memory too small for the model); None for anything else, which is a bug and keeps its traceback."""
+    if isinstance(e, HomeLLMError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{_OS_FIXES.get(e.errno, e.strerror or str(e))}"
+    text = str(e)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+        import re
+
+        size = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's words
+        cuda = re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)
+        asked = (f"{int(size[1]) / 2**30:,.1f} GiB" if size else cuda[1] if cuda else "") + " more was asked"
+        return (f"out of memory{f' ({asked})' if size or cuda else ''}: lower --batch-size (raise --grad-accum to "
+                "keep the batch), --block-size, or the model (--n-layer, --n-embd)")
+    return None
+
+
 def _said_by_local_rank_0() -> bool:
     """Under torchrun, an error before the ranks connect (a flag, a missing file) is the same on every rank of a
     machine, and its first rank says it: the others keep quiet rather than repeat it per process. Another machine's
@@ -366,12 +394,15 @@ def main(argv: list[str] | None = None) -> int:
         check_utf8(argv)
         check_out(args)
         args.func(args)
-    except HomeLLMError as e:
+    except (HomeLLMError, OSError, MemoryError, RuntimeError) as e:
+        message = _error_message(e)
+        if message is None:  # a bug, not the user's input or machine: the traceback is for us
+            raise
         if _said_by_local_rank_0():
             return 2
         # Under torchrun every rank may report: name the others, and write each line whole so none interleave.
         rank = os.environ.get("RANK", "0")
-        sys.stderr.write(f"homellm: error{f' (rank {rank})' if rank != '0' else ''}: {e}\n")
+        sys.stderr.write(f"homellm: error{f' (rank {rank})' if rank != '0' else ''}: {message}\n")
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:

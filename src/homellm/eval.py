@@ -97,9 +97,10 @@ def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
     result = arithmetic.score(problems, completions)
     result.update(task="arithmetic", seed=cfg.seed, max_digits=cfg.max_digits, checkpoint=cfg.checkpoint)
     suffix = "" if cfg.max_digits == 2 else f"_{cfg.max_digits}d"
+    if not quiet:  # shown before it is saved: a run folder that cannot be written must not cost the result
+        print(arithmetic.format_table(result))
     atomic_write_text(run / f"eval_arithmetic{suffix}.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if not quiet:
-        print(arithmetic.format_table(result))
         print(f"written to {run / f'eval_arithmetic{suffix}.json'}")
     return result
 
@@ -140,9 +141,9 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     if result is None:
         raise HomeLLMError(f"--data {data.no_val}")
     result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, **result}
-    atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
     print(table([("val loss (nats/token)", f"{result['val_loss']:.4f}"),
                  ("val bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
+    atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -183,13 +184,13 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
         rows.append((phrasing, scored["n"], scored["correct"], f"{100 * scored['accuracy']:.1f} %"))
     total = sum(r[1] for r in rows)
     result["accuracy"] = sum(r[2] for r in rows) / total
-    atomic_write_text(run / "eval_chat_arithmetic.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if not quiet:
         print(table(rows + [("overall", total, sum(r[2] for r in rows), f"{100 * result['accuracy']:.1f} %")],
                     ("phrasing", "n", "correct", "accuracy")))
         for phrasing, r in result["by_phrasing"].items():
             for f in r["failures"][:2]:
                 print(f"  {phrasing}: {f['question']!r} -> {f['got']!r} (expected {f['expected']!r})")
+    atomic_write_text(run / "eval_chat_arithmetic.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 

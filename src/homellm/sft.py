@@ -244,9 +244,14 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     stage = out.parent / f".{out.name}.merging"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"}, "merged_from": str(run)})
-    Tokenizer.load(run).save(stage / "tokenizer", model_max_length=model.cfg.block_size)
-    save_checkpoint(stage, "best", model, None, {**info, "merged_from": f"{run}/{source.name}"})
+    try:
+        save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"},
+                                          "merged_from": str(run)})
+        Tokenizer.load(run).save(stage / "tokenizer", model_max_length=model.cfg.block_size)
+        save_checkpoint(stage, "best", model, None, {**info, "merged_from": f"{run}/{source.name}"})
+    except BaseException:  # a full disk, or Ctrl-C: a half-made run must not stay behind, filling the disk
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     if out.is_dir():
         out.rmdir()  # empty (checked above); renaming over a folder works on POSIX only
     os.replace(stage, out)
