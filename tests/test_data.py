@@ -81,6 +81,14 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
     bad.write_bytes(b"abc\n\xff")  # Python's cp932 would accept 0xff as a private-use character: auto must not
     with pytest.raises(HomeLLMError, match="0xff at byte offset 4"):
         docs([str(bad)])
+    # Latin-1 French that also decodes as cp932 (each "é" and the "e" after it make a kanji) was read as Japanese.
+    french = "Une idée née dans une pensée forte.\n"
+    bad.write_bytes(french.encode("latin-1"))
+    assert french.encode("latin-1").decode("cp932")  # the trap: it decodes
+    with pytest.raises(HomeLLMError, match=r"not UTF-8 \(byte 0xe9 at byte offset 6\), and read as Shift_JIS it has "
+                                           r"no kana, so it is not Japanese either: pass the --encoding"):
+        docs([str(bad)])
+    assert docs([str(bad)], encoding="latin-1") == [french]
     with pytest.raises(HomeLLMError, match="--encoding 'klingon' is unknown"):
         docs([str(bad)], encoding="klingon")
     with pytest.raises(HomeLLMError, match="--encoding 'rot13' is not a text encoding"):

@@ -36,6 +36,7 @@ _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards 
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
 
 
+_KANA = re.compile("[\u3041-\u30ff]")  # hiragana and katakana
 _PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
 
 
@@ -158,6 +159,12 @@ def input_bytes(inputs: list[str]) -> int | None:
     return sum(os.path.getsize(s) for _, s in sources)
 
 
+def _head(path: Path, size: int = 1 << 16) -> bytes:
+    """The first bytes of a file: enough text to tell its language by, whatever block size reads it."""
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
 def _decode(data: bytes, encoding: str, final: bool) -> tuple[str, int]:
     """Decode `data`, leaving a character cut by the block boundary to the next block: (text, bytes used)."""
     try:
@@ -240,6 +247,14 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
                         text, used = _decode(data[:cut], "cp932", final)
                         if _PRIVATE_USE.search(text):  # Python's cp932 turns stray bytes (0xA0, 0xFD-0xFF) into these
                             raise e from None
+                        if not _KANA.search(_head(path).decode("cp932", errors="ignore")):
+                            # Latin-1 French or Spanish often decodes as cp932 too (an accented byte and the letter
+                            # after it make a kanji), into kanji without one kana: Japanese prose always has kana.
+                            raise HomeLLMError(
+                                f"{path}: not UTF-8 (byte 0x{data[e.start]:02x} at byte offset {offset + e.start}), "
+                                "and read as Shift_JIS it has no kana, so it is not Japanese either: pass the "
+                                "--encoding it was written in (e.g. latin-1 or cp1252 for Western European text, gbk, "
+                                "big5; --encoding cp932 if it is Shift_JIS after all)") from None
                         chosen = "cp932"
                 else:
                     text, used = _decode(data[:cut], chosen, final)
