@@ -449,3 +449,18 @@ def test_aozora_originals_lose_every_mark(tmp_path):
     text = "".join(docs([str(need("ja_aozora/sjis"))], aozora=True))
     assert not any(mark in text for mark in ("《", "》", "｜", "［＃", "底本：", "【テキスト中に現れる記号について】"))
     assert text.startswith("或阿呆の一生\n芥川龍之介") and len(text) > 300_000
+
+
+def test_a_json_file_is_read_as_records_not_as_text(tmp_path):
+    """A .json array was prepared as plain text: its brackets, quotes and field names were trained on."""
+    array = tmp_path / "stories.json"
+    array.write_text(json.dumps([{"text": "Hello world."}, {"text": "Second story."}], indent=1), encoding="utf-8")
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name, as hub datasets often are
+    lines.write_text('{"text": "One."}\n{"text": "Two."}\n', encoding="utf-8")
+    assert docs([str(array)]) == ["Hello world.", "Second story."] and docs([str(lines)]) == ["One.", "Two."]
+    array.write_text('[{"text": "fine"}, {"body": "no text field"}]', encoding="utf-8")
+    with pytest.raises(HomeLLMError, match=r"stories.json\[1\]: no field 'text' \(found: body\)"):
+        docs([str(array)])
+    array.write_text('[{"text": "cut short"', encoding="utf-8")
+    with pytest.raises(HomeLLMError, match=r"stories.json:1: a file that starts as a JSON array, but is not valid"):
+        docs([str(array)])

@@ -91,6 +91,13 @@ def test_read_conversations_formats_and_errors(tmp_path):
                     json.dumps(sharegpt, ensure_ascii=False) + "\n", encoding="utf-8")
     convs, skipped = read_conversations([str(good)])
     assert skipped == 0 and len(convs) == 3
+    # A file named twice, or with its folder, is read once (twice put copies on both sides of the val split); a
+    # folder gives its .jsonl and .json files; a JSON array (Alpaca's alpaca_data.json) is read as records.
+    alpaca = tmp_path / "alpaca_data.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 and 1", "output": "2"}]), encoding="utf-8")
+    again, _ = read_conversations([str(good), str(good), str(tmp_path)])
+    assert again == convs + [[{"role": "user", "content": "Add\n\n1 and 1"}, {"role": "assistant", "content": "2"}]]
+    alpaca.unlink()
     assert convs[1] == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     assert convs[2] == [{"role": "system", "content": "简洁"}, {"role": "user", "content": "你好"},
                         {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1?"},

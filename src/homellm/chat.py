@@ -9,6 +9,7 @@ Face's `apply_chat_template` renders the identical text.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,18 @@ def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[l
     """All conversations in the jsonl files, and how many bad lines were skipped (skip_bad) instead of failing."""
     conversations: list[list[Message]] = []
     skipped = 0
+    files: dict[str, Path] = {}  # by real path: a file named twice (or with its folder) is read once, as prepare does
     for path in map(Path, paths):
-        if not path.is_file():
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in (".jsonl", ".json") and f.is_file()
+                           and not f.name.startswith("."))
+            if not found:
+                raise HomeLLMError(f"{path}: a folder with no .jsonl or .json file: give the conversation files")
+        elif not path.is_file():
             raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations")
+        for f in found if path.is_dir() else [path]:
+            files.setdefault(os.path.realpath(f), f)
+    for path in files.values():
         for where, record in jsonl_records(path):
             try:
                 if isinstance(record, HomeLLMError):

@@ -128,7 +128,8 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                     raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
             else:
                 files = [path]
-            out += [("jsonl" if f.suffix.lower() == ".jsonl" else "txt", str(f)) for f in files]
+            # A .json named directly is JSON records too (an array, or lines as the hub's datasets often are).
+            out += [("jsonl" if f.suffix.lower() in (".jsonl", ".json") else "txt", str(f)) for f in files]
     # A file named twice (`a.txt a.txt`, or a file and its folder) is read once: twice would repeat its text, and
     # put copies of the same documents on both sides of the train/val split.
     unique: dict[str, tuple[str, str]] = {}
@@ -380,7 +381,23 @@ def _split_documents(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
 
 def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
     """("FILE:LINE", parsed object) for each non-blank line; a line that is not UTF-8 JSON comes as a HomeLLMError
-    in place of the object, so a caller may raise it or skip the line and go on."""
+    in place of the object, so a caller may raise it or skip the line and go on.
+
+    A file that is one JSON array instead (Alpaca's alpaca_data.json, many .json exports) gives ("FILE[i]", item)
+    for its items: it is read whole, as an array cannot be streamed."""
+    with open(path, "rb") as f:
+        start = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
+    if start.startswith(b"["):
+        try:
+            items = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f"{path}:{getattr(e, 'lineno', 1)}"
+            yield where, HomeLLMError(f"{where}: a file that starts as a JSON array, but is not valid UTF-8 JSON "
+                                      f"({e}): fix it, or write it as JSON Lines (.jsonl), one object a line")
+            return
+        if isinstance(items, list):
+            yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
+            return
     with open(path, "rb") as f:
         offset = 0
         for n, raw in enumerate(f, 1):
@@ -402,7 +419,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {e.msg} at column {e.colno}): "
+                msg = e.msg.removesuffix(" at")  # "Invalid control character at" + " at column 23"
+                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {msg} at column {e.colno}): "
                                           "fix or delete the line")
 
 
