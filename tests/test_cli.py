@@ -144,7 +144,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["pretrain", "--data", "x.txt", "--out", "r", "--norm-eps", "inf"], "--norm-eps inf: must be a finite number"),
     (["pretrain", "--data", "x.txt", "--out", "r", "--seed", "-1"], "--seed -1: must be at least 0 and below"),
     (["generate", "RUN", "--prompt", "a", "--seed", str(10**23)], f"--seed {10**23}: must be at least 0 and below"),
-    (["pretrain", "--data", "x.txt", "--out", "r", "--n-kv-head", "-2"], "--n-kv-head -2: must be 1 or more"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--n-kv-head", "-2"], "--n-kv-head -2: must be 0 (as many as"),
     (["quickstart", "--out", "q", "--problems", "-5"], "--problems -5: must be 0 or more"),
     (["generate", "RUN", "--prompt", "a", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be positive"),
     (["generate", "RUN", "--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens 0: must be 1 or more"),
@@ -158,6 +158,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--lora-rank", "-2"], "--lora-rank -2: must be"),
     (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--val-fraction", "1.5"], "--val-fraction 1.5:"),
     (["quickstart", "--out", "q", "--chat", "--chat-problems", "0"], "--chat-problems 0: must be 1 or more"),
+    (["merge", "RUN", "--out", "m", "--checkpoint", "foo"], "--checkpoint 'foo' is unknown: use best or last"),
+    (["compare", "a", "b", "--prompts", "."], ".: a folder, not a file"),
 ])
 def test_out_of_range_values_stop_with_one_line_naming_the_flag(argv, message, tmp_path, monkeypatch, capsys):
     from homellm.cli import main
@@ -367,3 +369,12 @@ def test_the_machines_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path
         assert main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", "/proc/homellm"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("homellm: error: /proc/homellm: ") and err.count("\n") == 1, err
+
+
+def test_pretrain_names_its_own_tokenizer_flags(tmp_path, corpus, capsys):
+    """The tokenizer pretrain trains was refused as "--vocab-size 100 is too small", pretrain's flag for the model's
+    vocabulary: following that hint changed the wrong thing."""
+    from homellm.cli import main
+
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "r"), "--tokenizer-vocab", "100"]) == 2
+    assert "homellm: error: --tokenizer-vocab 100 is too small" in capsys.readouterr().err

@@ -107,8 +107,16 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     assert docs([str(path)], encoding=encoding) == want
     no_bom = tmp_path / "nobom.txt"
     no_bom.write_bytes("plain text\n".encode("utf-16-le"))
-    with pytest.raises(HomeLLMError, match="NUL bytes among the text, as UTF-16 without a byte-order mark has"):
+    with pytest.raises(HomeLLMError, match="NUL bytes at every other byte, as UTF-16 without a byte-order mark has: "
+                                           "pass --encoding utf-16-le"):
         docs([str(no_bom)])
+    no_bom.write_bytes("plain text\n".encode("utf-16-be"))
+    with pytest.raises(HomeLLMError, match="pass --encoding utf-16-be"):
+        docs([str(no_bom)])
+    weights = tmp_path / "model.safetensors"  # given by mistake: it was "UTF-16 without a byte-order mark"
+    weights.write_bytes(b"\x08\x01\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\": \"F32\"}}" + bytes(range(256)) * 4)
+    with pytest.raises(HomeLLMError, match="model.safetensors: a binary file .*, not text: give the text files"):
+        docs([str(weights)])
 
 
 def test_utf8_bom_and_crlf(tmp_path):

@@ -301,6 +301,9 @@ def test_lora_refuses_a_layer_whose_weight_is_tied():
     with pytest.raises(HomeLLMError, match=r"--lora-targets lm_head: lm_head shares its weight with "
                                            r"embed_tokens.weight \(tied embeddings\)"):
         attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj", "lm_head"]))
+    with pytest.raises(HomeLLMError, match=r"--lora-rank 33 is above layers.0.self_attn.q_proj's width \(32 x 32\): "
+                                           r"use at most 32"):
+        attach_lora(GPT(cfg), LoraSpec(rank=33, targets=["q_proj"]))
     untied = GPT(replace(cfg, tie_embeddings=False))
     torch.manual_seed(0)
     x = torch.randint(0, 64, (2, 8))

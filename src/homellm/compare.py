@@ -35,7 +35,7 @@ def read_prompts(path: str | Path) -> list[str]:
         raise HomeLLMError(f"--prompts is missing: {PROMPTS_HELP}")
     path = Path(path)
     if not path.is_file():
-        raise HomeLLMError(f"{path}: no such file: {PROMPTS_HELP}")
+        raise HomeLLMError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}: {PROMPTS_HELP}")
     prompts = []
     if path.suffix == ".jsonl":
         for where, record in jsonl_records(path):

@@ -244,7 +244,8 @@ _CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
 _TOKENIZER_KIND = (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model
-    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_kv_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1,
+    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1,
+    "n_kv_head": (lambda v: v >= 0, "must be 0 (as many as --n-head) or more"),
     "block_size": _AT_LEAST_1, "seed": _between(0, SEED_LIMIT, hi_open=True),
     "dropout": _between(0, 1, hi_open=True), "rope_theta": _POSITIVE, "norm_eps": _POSITIVE,
     "intermediate_size": _AT_LEAST_1,

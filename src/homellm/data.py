@@ -160,6 +160,16 @@ def input_bytes(inputs: list[str]) -> int | None:
     return sum(os.path.getsize(s) for _, s in sources)
 
 
+def _nul_bytes(head: bytes) -> str:
+    """What NUL bytes at a file's start say: UTF-16 without a byte-order mark puts them at every other byte (its
+    ASCII characters' high halves); anything else with NULs is a binary file (weights, an archive, a program)."""
+    nul = [i % 2 for i, b in enumerate(head) if b == 0]
+    if len(nul) >= len(head) // 8 and max(nul.count(0), nul.count(1)) >= 0.95 * len(nul):
+        order = "utf-16-le" if nul.count(1) > nul.count(0) else "utf-16-be"
+        return f"NUL bytes at every other byte, as UTF-16 without a byte-order mark has: pass --encoding {order}"
+    return "a binary file (NUL bytes among the first bytes), not text: give the text files"
+
+
 def _head(path: Path, size: int = 1 << 16) -> bytes:
     """The first bytes of a file: enough text to tell its language by, whatever block size reads it."""
     with open(path, "rb") as f:
@@ -226,8 +236,7 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
             data, offset = data[3:], 3
             chosen = chosen or "utf-8"
         if chosen is None and b"\x00" in data[:4096]:
-            raise HomeLLMError(f"{path}: NUL bytes among the text, as UTF-16 without a byte-order mark has: pass "
-                               "--encoding utf-16-le (or utf-16-be)")
+            raise HomeLLMError(f"{path}: {_nul_bytes(data[:4096])}")
         while data:
             more = f.read(_CHUNK_BYTES)
             final = not more
@@ -410,7 +419,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 found = next((name for bom, name in _UTF16_32_BOMS if raw.startswith(bom)), None) if n == 1 else None
                 what = f"{found}, by its byte-order mark" if found else f"byte offset {start + e.start}"
                 yield where, HomeLLMError(f"{where}: not UTF-8 ({what}): .jsonl files must be UTF-8 (--encoding "
-                                          "applies to .txt only): convert it, e.g. `iconv -f cp932 -t utf-8 FILE`")
+                                          f"applies to .txt only): convert it, e.g. `iconv -f {found or 'cp932'} -t "
+                                          "utf-8 FILE`")
                 if found:
                     return
                 continue

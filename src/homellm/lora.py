@@ -53,6 +53,11 @@ class LoRA(nn.Module):
                     raise HomeLLMError(f"--lora-targets {name.split('.')[-1]}: {name} shares its weight with "
                                        f"{', '.join(n for n in shared if n != name + '.weight')} (tied embeddings), "
                                        "so merging its adapter would change both: leave it out of --lora-targets")
+                if spec.rank > (width := min(module.in_features, module.out_features)):
+                    # A rank above the layer's width adds nothing a full update lacks, at more cost than one.
+                    raise HomeLLMError(f"--lora-rank {spec.rank} is above {name}'s width ({module.in_features} x "
+                                       f"{module.out_features}): use at most {width} (8 or 16 are usual), or "
+                                       "fine-tune all weights")
                 key = name.replace(".", "_")  # ParameterDict keys cannot hold dots
                 A = torch.empty(spec.rank, module.in_features, device=module.weight.device)
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear initialises its weight

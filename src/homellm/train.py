@@ -660,8 +660,13 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     else:
         tok_dir = run / "data_tokenizer"
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
-        train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
-                                        vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field, aozora=cfg.aozora))
+        try:
+            train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
+                                            vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field,
+                                            aozora=cfg.aozora))
+        except HomeLLMError as e:  # `tokenizer train` names its own flags; here they are pretrain's
+            raise HomeLLMError(str(e).replace("--vocab-size", "--tokenizer-vocab").replace("--kind",
+                                                                                          "--tokenizer-kind")) from None
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
                           text_field=cfg.text_field, aozora=cfg.aozora), extra_meta={"pretrain_inputs": settings})
     return data_dir
