@@ -378,3 +378,12 @@ def test_pretrain_names_its_own_tokenizer_flags(tmp_path, corpus, capsys):
 
     assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "r"), "--tokenizer-vocab", "100"]) == 2
     assert "homellm: error: --tokenizer-vocab 100 is too small" in capsys.readouterr().err
+
+
+def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_again(tmp_path, capsys):
+    from homellm.cli import main
+
+    (tmp_path / "run" / "data_tokenizer").mkdir(parents=True)  # what a Ctrl-C in `pretrain --data TEXT` leaves
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "its first start stopped while preparing the text, before training: run that command again without " \
+           "--resume" in capsys.readouterr().err

@@ -472,3 +472,14 @@ def test_a_json_file_is_read_as_records_not_as_text(tmp_path):
     array.write_text('[{"text": "cut short"', encoding="utf-8")
     with pytest.raises(HomeLLMError, match=r"stories.json:1: a file that starts as a JSON array, but is not valid"):
         docs([str(array)])
+
+
+def test_a_failed_prepare_leaves_no_empty_out_folder(tmp_path):
+    """`prepare --out NEW` without input (or with bad input) left NEW behind, empty."""
+    src = tmp_path / "a.txt"
+    src.write_text("some text\n", encoding="utf-8")
+    tok = char_tok(tmp_path, str(src))
+    for inputs in ([], [str(tmp_path / "missing.txt")]):
+        with pytest.raises(HomeLLMError):
+            prepare(PrepareConfig(input=inputs, tokenizer=str(tok), out=str(tmp_path / "new")))
+        assert not (tmp_path / "new").exists()

@@ -181,6 +181,10 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
         what = f"prepared data, not a run (train on it: `homellm pretrain --data {run} --out RUN`)"
     elif (run / "tokenizer.json").is_file():
         what = "a tokenizer, not a run"
+    elif (run / "data_tokenizer").is_dir() or (run / "data").is_dir():
+        # `pretrain --data TEXT` builds these first, and writes config.json only when training starts.
+        raise HomeLLMError(f"{run}: its first start stopped while preparing the text, before training: run that "
+                           "command again without --resume (it picks up what was prepared)")
     else:
         what = "not a homellm run (no config.json)"
     raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")

@@ -547,13 +547,14 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     # Everything is written into a staging folder first and replaces earlier data in --out only once it is complete,
     # so bad input or a crash halfway never loses data prepared before (at the cost of room for both meanwhile).
     out = final / ".preparing"
+    made = not final.exists()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
         meta = {**_prepare_into(out, cfg, tok), **(extra_meta or {})}
         save_json(out / "meta.json", meta)  # here first: a meta.json that cannot be written fails before the swap
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(final if made else out, ignore_errors=True)  # a folder this call made goes too: no empty --out
         raise
     # The old meta.json would vouch for shards about to go: it goes first, and the new one is written last.
     (final / "meta.json").unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import difflib
 import functools
 import json
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -346,7 +347,13 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
         tok = _train_char(_training_text(cfg), cfg.words)
     else:
         raise HomeLLMError(f"--kind {cfg.kind!r} is unknown: use bpe or char")
-    tok.save(cfg.out)
+    made = not Path(cfg.out).exists()
+    try:
+        tok.save(cfg.out)
+    except BaseException:
+        if made:  # a full disk: no half-written tokenizer folder left behind
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
     return tok
 
 
