@@ -483,3 +483,14 @@ def test_a_failed_prepare_leaves_no_empty_out_folder(tmp_path):
         with pytest.raises(HomeLLMError):
             prepare(PrepareConfig(input=inputs, tokenizer=str(tok), out=str(tmp_path / "new")))
         assert not (tmp_path / "new").exists()
+
+
+def test_preparing_over_prepared_data_says_it_replaces_it(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("some text\n" * 50, encoding="utf-8")
+    tok = char_tok(tmp_path, str(src))
+    cfg = PrepareConfig(input=[str(src)], tokenizer=str(tok), out=str(tmp_path / "data"))
+    prepare(cfg)
+    assert "replaced" not in capsys.readouterr().err
+    prepare(cfg)
+    assert f"note: {tmp_path / 'data'} holds prepared data (" in capsys.readouterr().err

@@ -548,6 +548,10 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     # so bad input or a crash halfway never loses data prepared before (at the cost of room for both meanwhile).
     out = final / ".preparing"
     made = not final.exists()
+    if (final / "meta.json").is_file():
+        old = read_meta(final)
+        print(f"note: {final} holds prepared data ({old.get('train_tokens', 0):,} training tokens): it is replaced "
+              "once the new data is complete (Ctrl-C now keeps it)", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
