@@ -384,6 +384,18 @@ def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_aga
     from homellm.cli import main
 
     (tmp_path / "run" / "data_tokenizer").mkdir(parents=True)  # what a Ctrl-C in `pretrain --data TEXT` leaves
+    (tmp_path / "run" / "data_tokenizer" / "tokenizer.json").write_text("{}")
     assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume"]) == 2
-    assert "its first start stopped while preparing the text, before training: run that command again without " \
-           "--resume" in capsys.readouterr().err
+    assert "a run whose first start stopped while preparing its text, before training (no config.json yet): run its " \
+           "`homellm pretrain --data ...` command again, without --resume" in capsys.readouterr().err
+    (tmp_path / "project" / "data").mkdir(parents=True)  # any folder with a data/ is not that
+    assert main(["generate", str(tmp_path / "project"), "--prompt", "hi"]) == 2
+    assert "project: not a homellm run (no config.json)" in capsys.readouterr().err
+    # A LOCAL_RANK left in the environment outside torchrun must not silence errors.
+    import os
+    os.environ["LOCAL_RANK"] = "1"
+    try:
+        assert main(["generate", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
+    finally:
+        del os.environ["LOCAL_RANK"]
+    assert "nothing: not found" in capsys.readouterr().err

@@ -89,6 +89,9 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
                                            r"no kana, so it is not Japanese either: pass the --encoding"):
         docs([str(bad)])
     assert docs([str(bad)], encoding="latin-1") == [french]
+    preface = "An English preface of some length.\n" * 2000  # 72,000 bytes of ASCII before the Shift_JIS starts
+    bad.write_bytes(preface.encode() + "吾輩は猫である。名前はまだ無い。\n".encode("cp932"))
+    assert docs([str(bad)]) == [preface + "吾輩は猫である。名前はまだ無い。\n"]
     with pytest.raises(HomeLLMError, match="--encoding 'klingon' is unknown"):
         docs([str(bad)], encoding="klingon")
     with pytest.raises(HomeLLMError, match="--encoding 'rot13' is not a text encoding"):

@@ -190,6 +190,14 @@ def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
     chat, text = run_chat(chat_run, USER, "hi", f"/save {path}", f"/save {notes}", cfg=cfg)
     assert f"messages saved to {path}" in text and notes.read_text() == '{"text": "keep me"}\n'
     assert f"error: {notes} exists and homellm did not write it: choose another file name" in text
+    lookalike, empty = tmp_path / "notes" / "bob.md", tmp_path / "notes" / "empty.md"
+    lookalike.write_text("# Conversation notes with Bob\n")
+    empty.write_text("")
+    long_name = tmp_path / ("x" * 300 + ".md")
+    chat, text = run_chat(chat_run, USER, f"/save {lookalike}", f"/save {empty}", f"/save {long_name}", "hi",
+                          cfg=cfg)
+    assert lookalike.read_text() == "# Conversation notes with Bob\n" and f"messages saved to {empty}" in text
+    assert "cannot write (File name too long): choose another file" in text and len(chat.transcript) >= 2
 
 
 def test_reset_forgets_the_turns_but_keeps_the_system_prompt(chat_run, calls):

@@ -95,8 +95,16 @@ def test_read_conversations_formats_and_errors(tmp_path):
     # folder gives its .jsonl and .json files; a JSON array (Alpaca's alpaca_data.json) is read as records.
     alpaca = tmp_path / "alpaca_data.json"
     alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 and 1", "output": "2"}]), encoding="utf-8")
+    run = tmp_path / "runs" / "chat"  # a run inside the folder: its checkpoint.json and metrics are no chats
+    (run / "best").mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "best/checkpoint.json"):
+        (run / name).write_text("{\n}\n")
     again, _ = read_conversations([str(good), str(good), str(tmp_path)])
     assert again == convs + [[{"role": "user", "content": "Add\n\n1 and 1"}, {"role": "assistant", "content": "2"}]]
+    # A JSON array that does not parse is the whole file, which --skip-bad must not skip as one bad line.
+    alpaca.write_text('[{"instruction": "Add", "output": "2"},]', encoding="utf-8")
+    with pytest.raises(HomeLLMError, match="alpaca_data.json:1: a file that starts as a JSON array, but is not valid"):
+        read_conversations([str(good), str(alpaca)], skip_bad=True)
     alpaca.unlink()
     assert convs[1] == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     assert convs[2] == [{"role": "system", "content": "简洁"}, {"role": "user", "content": "你好"},
@@ -304,6 +312,7 @@ def test_lora_refuses_a_layer_whose_weight_is_tied():
     with pytest.raises(HomeLLMError, match=r"--lora-rank 33 is above layers.0.self_attn.q_proj's width \(32 x 32\): "
                                            r"use at most 32"):
         attach_lora(GPT(cfg), LoraSpec(rank=33, targets=["q_proj"]))
+    assert attach_lora(GPT(cfg), LoraSpec(rank=33, targets=["q_proj"]), new=False)  # saved runs made before load
     untied = GPT(replace(cfg, tie_embeddings=False))
     torch.manual_seed(0)
     x = torch.randint(0, 64, (2, 8))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from homellm.config import CHAT_TEMPLATE, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
-from homellm.data import jsonl_records
+from homellm.data import folder_files, jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
@@ -137,8 +137,7 @@ def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[l
     files: dict[str, Path] = {}  # by real path: a file named twice (or with its folder) is read once, as prepare does
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in (".jsonl", ".json") and f.is_file()
-                           and not f.name.startswith("."))
+            found = folder_files(path, (".jsonl", ".json"))
             if not found:
                 raise HomeLLMError(f"{path}: a folder with no .jsonl or .json file: give the conversation files")
         elif not path.is_file():

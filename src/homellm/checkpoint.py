@@ -92,11 +92,12 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
         # safetensors say "unexpected pos" or "No space left" in their own words: the free space tells.
         free = shutil.disk_usage(run).free
         _remove(tmp)
-        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(e, (RuntimeError, SafetensorError)) and free < 2**24)
+        if not full:  # anything else is not the disk's: it keeps its own message (and a bug its traceback)
             raise
-        why = "the disk is full" if free < 2**24 or isinstance(e, OSError) else str(e).splitlines()[0]
-        raise HomeLLMError(f"{final}: cannot write the checkpoint ({why}; {free / 2**20:,.1f} MiB free): make room, "
-                           "then --resume from the previous checkpoint, which is intact") from None
+        raise HomeLLMError(f"{final}: cannot write the checkpoint (the disk is full; {free / 2**20:,.1f} MiB free): "
+                           "make room, then --resume from the previous checkpoint, which is intact") from None
     fault_point("HOMELLM_FAULT_KILL_IN_CHECKPOINT", info.get("step"))
     if final.exists():
         _remove(old)
@@ -181,10 +182,11 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
         what = f"prepared data, not a run (train on it: `homellm pretrain --data {run} --out RUN`)"
     elif (run / "tokenizer.json").is_file():
         what = "a tokenizer, not a run"
-    elif (run / "data_tokenizer").is_dir() or (run / "data").is_dir():
+    elif (run / "data_tokenizer" / "tokenizer.json").is_file() or (run / "data" / ".preparing").is_dir():
         # `pretrain --data TEXT` builds these first, and writes config.json only when training starts.
-        raise HomeLLMError(f"{run}: its first start stopped while preparing the text, before training: run that "
-                           "command again without --resume (it picks up what was prepared)")
+        raise HomeLLMError(f"{run}: a run whose first start stopped while preparing its text, before training (no "
+                           "config.json yet): run its `homellm pretrain --data ...` command again, without --resume "
+                           "(it picks up what was prepared)")
     else:
         what = "not a homellm run (no config.json)"
     raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")
@@ -242,7 +244,7 @@ def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
         raise HomeLLMError(f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it: the adapters "
                            "only fit the weights they were trained with; train them again")
     model = load_model(base, folder.name, "cpu").train()
-    attach_lora(model, LoraSpec(**lora["spec"]))
+    attach_lora(model, LoraSpec(**lora["spec"]), new=False)
     return model
 
 

@@ -375,7 +375,8 @@ def _said_by_local_rank_0() -> bool:
     first rank still speaks, as its files may differ; errors after connecting may be a rank's own, so all speak."""
     dist = sys.modules.get("torch.distributed")
     connected = dist is not None and dist.is_available() and dist.is_initialized()
-    return os.environ.get("LOCAL_RANK", "0") != "0" and not connected
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a stray LOCAL_RANK alone must not silence
+    return under_torchrun and os.environ.get("LOCAL_RANK", "0") != "0" and not connected
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         check_utf8(argv)
         check_out(args)
         args.func(args)
+    except BrokenPipeError:  # `homellm generate ... | head` closed its end: nothing left to say, to no one
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141
     except (HomeLLMError, OSError, MemoryError, RuntimeError) as e:
         message = _error_message(e)
         if message is None:  # a bug, not the user's input or machine: the traceback is for us

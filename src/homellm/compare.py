@@ -119,7 +119,7 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     prompts = read_prompts(cfg.prompts)
     runs = [Path(run_a), Path(run_b)]
     path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
-    check_overwrite(path, "# homellm compare", "choose another --out")  # before the work, not after it
+    check_overwrite(path, "# homellm compare\n", "choose another --out")  # before the work, not after it
     modes = [cfg.chat or is_sft(r) for r in runs]
     from homellm.train import resolve_device
 

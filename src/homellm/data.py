@@ -115,15 +115,7 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
             if path.is_dir():
                 if made := _made_by_homellm(path):
                     raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=path)}")
-                # A project folder holds its runs too: their metrics.jsonl and prepared data are no corpus.
-                inside = {m.parent for m in path.rglob("*.json") if m.name in ("config.json", "meta.json")
-                          and _made_by_homellm(m.parent)}
-                skip = sorted(m for m in inside if not inside & set(m.parents))  # a run's data/ goes with the run
-                if skip and not quiet:
-                    tqdm.write(f"note: {path}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
-                               f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}", file=sys.stderr)
-                files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _FOLDER_SUFFIXES
-                               and not f.name.startswith(".") and not any(s in f.parents for s in skip))
+                files = folder_files(path, _FOLDER_SUFFIXES, quiet)
                 if not files:
                     raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
             else:
@@ -141,6 +133,21 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
 _MADE_FIX = {"a homellm run": "name the text files to train on (continue the run itself with `homellm pretrain "
                               "--resume --out {path}`)",
              "prepared data": "train on it with `homellm pretrain --data {path}`, as it is"}
+
+
+def folder_files(folder: Path, suffixes: tuple[str, ...], quiet: bool = False) -> list[Path]:
+    """The files with these suffixes under a folder, sorted, without hidden ones (or those in hidden folders) and
+    without what homellm made there: a project folder holds its runs too, whose metrics.jsonl, checkpoint.json and
+    prepared data are no corpus and no conversations."""
+    inside = {m.parent for m in folder.rglob("*.json") if m.name in ("config.json", "meta.json")
+              and _made_by_homellm(m.parent)}
+    skip = sorted(m for m in inside if not inside & set(m.parents))  # a run's data/ goes with the run
+    if skip and not quiet:
+        tqdm.write(f"note: {folder}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
+                   f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}", file=sys.stderr)
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                  and not any(s in f.parents for s in skip))
 
 
 def _made_by_homellm(folder: Path) -> str | None:
@@ -170,9 +177,11 @@ def _nul_bytes(head: bytes) -> str:
     return "a binary file (NUL bytes among the first bytes), not text: give the text files"
 
 
-def _head(path: Path, size: int = 1 << 16) -> bytes:
-    """The first bytes of a file: enough text to tell its language by, whatever block size reads it."""
+def _head(path: Path, start: int = 0, size: int = 1 << 16) -> bytes:
+    """Bytes of a file from `start` (its first non-ASCII byte): enough text to tell its language by, whatever block
+    size reads it and however long an ASCII preface it has."""
     with open(path, "rb") as f:
+        f.seek(start)
         return f.read(size)
 
 
@@ -257,7 +266,7 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
                         text, used = _decode(data[:cut], "cp932", final)
                         if _PRIVATE_USE.search(text):  # Python's cp932 turns stray bytes (0xA0, 0xFD-0xFF) into these
                             raise e from None
-                        if not _KANA.search(_head(path).decode("cp932", errors="ignore")):
+                        if not _KANA.search(_head(path, offset + e.start).decode("cp932", errors="ignore")):
                             # Latin-1 French or Spanish often decodes as cp932 too (an accented byte and the letter
                             # after it make a kanji), into kanji without one kana: Japanese prose always has kana.
                             raise HomeLLMError(
@@ -400,10 +409,10 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             items = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            # Raised, not yielded: --skip-bad skips a bad line, and this is the whole file.
             where = f"{path}:{getattr(e, 'lineno', 1)}"
-            yield where, HomeLLMError(f"{where}: a file that starts as a JSON array, but is not valid UTF-8 JSON "
-                                      f"({e}): fix it, or write it as JSON Lines (.jsonl), one object a line")
-            return
+            raise HomeLLMError(f"{where}: a file that starts as a JSON array, but is not valid UTF-8 JSON ({e}): fix "
+                               "it, or write it as JSON Lines (.jsonl), one object a line") from None
         if isinstance(items, list):
             yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
             return

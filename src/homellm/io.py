@@ -53,7 +53,7 @@ def check_overwrite(path: Path, starts_with: str, fix: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise HomeLLMError(f"{path} is a folder: {fix}")
-    if path.exists():
+    if path.exists() and path.stat().st_size:  # an empty file holds nothing to lose
         with open(path, "rb") as f:
             head = f.read(len(starts_with.encode()))
         if head != starts_with.encode():

@@ -34,7 +34,7 @@ class LoraSpec:
 class LoRA(nn.Module):
     """A (rank, in) and B (out, rank) per target layer; B starts at zero so training starts from the base model."""
 
-    def __init__(self, model: GPT, spec: LoraSpec):
+    def __init__(self, model: GPT, spec: LoraSpec, new: bool = True):
         super().__init__()
         if spec.rank <= 0:
             raise HomeLLMError(f"--lora-rank {spec.rank}: give a positive rank (e.g. 8)")
@@ -50,10 +50,11 @@ class LoRA(nn.Module):
             if isinstance(module, nn.Linear) and name.split(".")[-1] in spec.targets:
                 if len(shared := names[id(module.weight)]) > 1:
                     # Merged, the update would change every user of the weight, not only the layer it trained in.
+                    # Loading merges too, so a run made before this check is refused rather than run wrongly.
                     raise HomeLLMError(f"--lora-targets {name.split('.')[-1]}: {name} shares its weight with "
                                        f"{', '.join(n for n in shared if n != name + '.weight')} (tied embeddings), "
                                        "so merging its adapter would change both: leave it out of --lora-targets")
-                if spec.rank > (width := min(module.in_features, module.out_features)):
+                if new and spec.rank > (width := min(module.in_features, module.out_features)):
                     # A rank above the layer's width adds nothing a full update lacks, at more cost than one.
                     raise HomeLLMError(f"--lora-rank {spec.rank} is above {name}'s width ({module.in_features} x "
                                        f"{module.out_features}): use at most {width} (8 or 16 are usual), or "
@@ -84,11 +85,12 @@ class LoRA(nn.Module):
         self._hooks = []
 
 
-def attach_lora(model: GPT, spec: LoraSpec) -> LoRA:
-    """Freeze the model and add adapters as `model.lora`, its only trainable parameters."""
+def attach_lora(model: GPT, spec: LoraSpec, new: bool = True) -> LoRA:
+    """Freeze the model and add adapters as `model.lora`, its only trainable parameters. `new` is False for adapters
+    a saved run already trained: a rank check for new ones must not lock out runs that were allowed then."""
     for p in model.parameters():
         p.requires_grad_(False)
-    model.lora = LoRA(model, spec)
+    model.lora = LoRA(model, spec, new)
     return model.lora
 
 

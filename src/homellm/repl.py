@@ -169,8 +169,8 @@ class Chat:
             elif name == "save":
                 if not arg:
                     raise HomeLLMError("/save needs a file name, e.g. /save chat.md")
-                check_overwrite(Path(arg), "# Conversation", "choose another file name")
                 try:
+                    check_overwrite(Path(arg), "# Conversation\n", "choose another file name")
                     atomic_write_text(Path(arg), to_markdown(self.transcript))
                 except OSError as e:
                     raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None

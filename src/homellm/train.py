@@ -637,6 +637,11 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 6
 
 # ---- pretraining: from a data folder or raw text ------------------------------------------------------------
 
+def absolute_inputs(inputs: list[str]) -> list[str]:
+    """--data as absolute paths (hf: names as given; a glob made absolute, pattern and all)."""
+    return [d if d.startswith("hf:") else os.path.abspath(d) for d in inputs]
+
+
 def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     """The prepared data folder for cfg.data: itself, or RUN/data built from raw text (tokenizer trained first)."""
     from homellm.config import PrepareConfig
@@ -652,8 +657,10 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
                 "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora}
-    if (data_dir / "meta.json").is_file() and read_meta(data_dir).get("pretrain_inputs") == settings:
-        return data_dir
+    if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
+        # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now.
+        if {**made, "inputs": absolute_inputs(made.get("inputs", []))} == settings:
+            return data_dir
     if cfg.resume:  # new text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
         tok_dir = run
         print(f"tokenizing {' '.join(cfg.data)} with {run}'s tokenizer", file=sys.stderr)
@@ -678,8 +685,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError("--out is required: the run folder to write")
     run = Path(cfg.out)
     # Kept absolute in the run's config: a --resume or eval from another folder must find the same text, not a
-    # folder of the same name there (hf: names and globs stay as given; a glob is made absolute, pattern and all).
-    cfg = replace(cfg, data=[d if d.startswith("hf:") else os.path.abspath(d) for d in cfg.data])
+    # folder of the same name there.
+    cfg = replace(cfg, data=absolute_inputs(cfg.data))
     if cfg.resume:
         if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
