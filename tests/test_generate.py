@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from homellm.config import ModelConfig, SampleConfig, TokenizerConfig
-from homellm.generate import TextStream, beam_search, generate_ids, sample_next, stream_ids, stream_text
+from homellm.generate import (
+    TextStream,
+    beam_search,
+    generate_ids,
+    sample_next,
+    seeded_generator,
+    stream_ids,
+    stream_text,
+)
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, train_tokenizer
 from homellm.train import sample_text
@@ -90,6 +98,15 @@ def test_sampling_is_seeded_and_filters_reduce_to_greedy():
     greedy = list(generate_ids(model, [1, 2, 3], SampleConfig(temperature=0.0, max_new_tokens=30)))
     assert sample(model, SampleConfig(temperature=1.0, top_k=1, max_new_tokens=30), 0) == greedy
     assert sample(model, SampleConfig(temperature=1.0, top_p=1e-6, max_new_tokens=30), 0) == greedy
+    # Seeds 2**32 apart gave one text (torch's CPU generator keeps 32 bits of a seed); and a request's reply 1 of
+    # seed s was reply 0 of seed s + 1. Hashed, seeds and replies draw independently.
+    def first_draws(seed: int, stream: int = 0) -> list[float]:
+        return torch.rand(8, generator=seeded_generator(seed, "cpu", stream)).tolist()
+
+    assert first_draws(5) == first_draws(5) != first_draws(5 + 2**32) and first_draws(5, 1) != first_draws(6, 0)
+    # A tiny temperature (OpenAI's range allows 1e-39) made logits of inf and NaN probabilities: now greedy.
+    for temperature in (1e-39, 1e-300):
+        assert sample(model, SampleConfig(temperature=temperature, max_new_tokens=30), 0) == greedy
 
 
 def draws(logits: list[float], n: int = 4000, history: list[int] | None = None, **cfg) -> torch.Tensor:
@@ -265,7 +282,7 @@ def test_stream_equals_decoded_ids_cut_at_stop_on_random_text(tok):
     cfg = SampleConfig(temperature=1.0, max_new_tokens=60, seed=3)
     prompt = "<|im_start|>user\nhello<|im_end|>"
     ids = list(generate_ids(model, tok.encode(prompt, allow_special=True), cfg, {tok.eot_id, tok.im_end_id},
-                            torch.Generator().manual_seed(cfg.seed), tok.utf8_guard))
+                            seeded_generator(cfg.seed, "cpu"), tok.utf8_guard))
     full = tok.decode(ids, skip_special=True)
     assert len(full) > 10
     pieces = list(stream_text(model, tok, prompt, cfg))

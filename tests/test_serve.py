@@ -241,6 +241,9 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         ({**ok, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "invalid_value"),
         ({**ok, "messages": []}, 400, "messages", "invalid_value"),
         ({**ok, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+        ({**ok, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+        ({**ok, "modalities": ["audio"]}, 400, "modalities", "unsupported_parameter"),
+        ({**ok, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
         ({**ok, "max_tokens": 600}, 400, "max_tokens", "context_length_exceeded"),
         ({**ok, "messages": [{"role": "user", "content": "la " * 600}]}, 400, "messages", "context_length_exceeded"),
         ({**ok, "model": "gpt-4"}, 404, "model", "model_not_found"),
@@ -256,6 +259,14 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         got, answer = post(url, body)
         assert (got, answer["error"]["param"], answer["error"]["code"]) == (status, param, code), body
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    # completions' `logprobs: 0` asks for the chosen token's logprob (0 == False let it pass, ignored); the default
+    # values of the refused fields and OpenAI's `developer` role (its newer name for system) are fine.
+    completion = {"model": run.name, "prompt": "hi", "max_tokens": 2}
+    assert post(server.url + "/v1/completions", {**completion, "logprobs": 0})[1]["error"]["param"] == "logprobs"
+    assert post(server.url + "/v1/completions", {**completion, "logprobs": None, "echo": False})[0] == 200
+    developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    for fine in ({"response_format": {"type": "text"}, "max_tokens": 2}, {"messages": developer, "max_tokens": 2}):
+        assert post(url, {**ok, **fine})[0] == 200, fine
     assert post(url, {**ok, "messages": "hi"})[1]["error"]["message"] == (
         "request body: 'messages' is str, not a list of {role, content} messages")
     image = [{"type": "image_url", "image_url": {"url": "x"}}]
@@ -291,6 +302,14 @@ def test_api_key_and_capacity(run):
             keyless.models.list()
         assert e.value.code == "invalid_api_key"
         assert post(s.url + "/v1/completions", {"model": run.name, "prompt": "x"})[0] == 401
+        # The scheme's name is case-insensitive (RFC 9110); the key is not.
+        for header, status in ((f"bearer {KEY}", 200), (f"BEARER {KEY}", 200), (f"Bearer {KEY.upper()}x", 401)):
+            request = urllib.request.Request(s.url + "/v1/models", headers={"Authorization": header})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    assert r.status == status
+            except urllib.error.HTTPError as e:
+                assert e.code == status, header
         stream = s.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[2][:1], max_tokens=400,
                                                   temperature=0, stream=True)
         next(iter(stream))  # the one row is taken for as long as this stream runs

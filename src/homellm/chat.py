@@ -32,9 +32,10 @@ def check_messages(messages: Any, where: str) -> list[Message]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
             raise HomeLLMError(f"{where}: message {i} needs a 'role' and a string 'content'")
-        if m["role"] not in ROLES:
+        role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system prompt
+        if role not in ROLES:
             raise HomeLLMError(f"{where}: message {i} has unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": role, "content": m["content"]})
     return out
 
 

@@ -7,6 +7,7 @@ streamed text that never prints half a character or any part of a stop string.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Collection, Iterator
 from contextlib import closing
@@ -18,6 +19,14 @@ from homellm.config import SPECIAL_TOKENS, SampleConfig
 from homellm.errors import HomeLLMError
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer, Utf8Guard
+
+
+def seeded_generator(seed: int, device: torch.device | str, stream: int = 0) -> torch.Generator:
+    """The generator for a seed (and stream: a reply's index among several): the two hashed together. torch's CPU
+    generator keeps 32 bits of a seed, so seeds 2**32 apart gave one text; and seed + index for a request's several
+    replies made reply 1 of seed s reply 0 of seed s + 1."""
+    digest = hashlib.blake2b(f"{seed}/{stream}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
@@ -34,7 +43,9 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
         logits = logits.masked_fill(~allowed, float("-inf"))
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+    # Shifted so the largest is 0, and the temperature floored: a tiny one (1e-39 passes OpenAI's 0-2) made logits
+    # of inf, then NaN probabilities, and the server's step failed every request sharing it. It samples as greedy.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(cfg.temperature, 1e-6)
     if 0 < cfg.top_k < logits.size(-1):
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -244,7 +255,7 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                 yield text
             return
         if generator is None:
-            generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+            generator = seeded_generator(cfg.seed, next(model.parameters()).device)
         with closing(generate_ids(model, ids, cfg, stop_ids, generator, tok.utf8_guard)) as gen:
             for token in gen:
                 new += 1

@@ -18,12 +18,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from homellm.chat import Message, prompt_ids, to_markdown
 from homellm.config import SEED_LIMIT, ChatConfig
 from homellm.errors import HomeLLMError
-from homellm.generate import stream_ids
+from homellm.generate import seeded_generator, stream_ids
 from homellm.io import atomic_write_text, check_overwrite
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
@@ -81,7 +79,7 @@ class Chat:
         self.turns: list[tuple[str, str]] = []  # (user, assistant) pairs the model still sees
         self.transcript: list[Message] = []  # everything said since the start or /reset, system prompts included
         # One generator for the whole chat: replies differ turn to turn, yet a session replays from its seed.
-        self.generator = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+        self.generator = seeded_generator(cfg.seed, next(model.parameters()).device)
         self.reset()
 
     def say(self, text: str) -> None:
@@ -154,7 +152,7 @@ class Chat:
                     raise HomeLLMError(f"/{name} needs a value (now {getattr(self.cfg, field)})")
                 self.cfg = dataclasses.replace(self.cfg, **{field: parse(arg)})
                 if name == "seed":  # the chat's one generator starts over: what follows replays from here
-                    self.generator.manual_seed(self.cfg.seed)
+                    self.generator = seeded_generator(self.cfg.seed, self.generator.device)
                 self.say(f"[{name} = {getattr(self.cfg, field)}]")
             elif name == "system":
                 if not arg:

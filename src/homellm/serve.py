@@ -10,7 +10,6 @@ its row when it ends, when its client disconnects, or when the server stops, and
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import html
 import json
@@ -35,7 +34,7 @@ import torch
 from homellm.chat import check_messages, prompt_ids, to_markdown
 from homellm.config import SEED_LIMIT, SampleConfig, ServeConfig
 from homellm.errors import HomeLLMError
-from homellm.generate import TextStream, _prefill, sample_next
+from homellm.generate import TextStream, _prefill, sample_next, seeded_generator
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer
 
@@ -171,7 +170,7 @@ class Scheduler:
         self.cache.v[:, row, :, :n] = cache.v[:, 0, :, :n]
         self.lengths[row] = n
         if seq.seeded:
-            seq.generator = torch.Generator(self.device).manual_seed(seq.cfg.seed)
+            seq.generator = seeded_generator(seq.cfg.seed, self.device, seq.index)  # choices differ, reproducibly
         if self.tok.utf8_guard is not None:
             seq.utf8 = self.tok.utf8_guard.state(seq.prompt)
         self._sample([seq], logits)
@@ -294,7 +293,8 @@ MAX_BODY_BYTES = 4 << 20
 # Features of OpenAI's API that homellm does not have: refused unless left at their defaults.
 _UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logprobs": False, "top_logprobs": None,
                 "echo": False, "suffix": None, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0,
-                "logit_bias": {}}
+                "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"], "audio": None,
+                "prediction": None}
 
 
 @dataclass
@@ -312,7 +312,9 @@ def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Pa
     """Sampling fields shared by /v1/completions and /v1/chat/completions. max_tokens: the default limit (None:
     all the context the prompt leaves, which _fit_context fills in)."""
     for name, default in _UNSUPPORTED.items():
-        if body.get(name) not in (None, default):
+        value = body.get(name)
+        # By type too: 0 == False, and completions' `logprobs: 0` asks for logprobs (of the chosen token).
+        if value is not None and (value != default or isinstance(value, bool) != isinstance(default, bool)):
             raise ApiError(400, f"'{name}' is not supported by homellm: leave it out", name, "unsupported_parameter")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
@@ -324,6 +326,9 @@ def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Pa
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    if body.get("stream_options") is not None and body.get("stream") is not True:  # as OpenAI answers
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options",
+                       "invalid_value")
     sample = SampleConfig(max_new_tokens=_number(body, limit, int, max_tokens or 0, 1),
                           temperature=float(_number(body, "temperature", float, 1.0, 0, 2)),
                           top_p=float(_number(body, "top_p", float, 1.0, 0, 1)),
@@ -448,8 +453,10 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         return json_response(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body(), 500)
 
     def authorize(request: Request) -> None:
-        if cfg.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                                   f"Bearer {cfg.api_key}".encode()):
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        # The scheme's name is case-insensitive (RFC 9110: `bearer` is `Bearer`); the key is compared in full.
+        if cfg.api_key and not (scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(),
+                                                                                 cfg.api_key.encode())):
             raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer KEY` with the "
                                 "server's --api-key", None, "invalid_api_key")
 
@@ -494,9 +501,6 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         seqs = [Sequence(prompt, params.sample, params.seeded, i * params.n + j, queue,
                          TextStream(tok, params.sample.stop))
                 for i, prompt in enumerate(prompts) for j in range(params.n)]
-        if params.seeded:  # choice j of a seeded request samples with seed + j: choices differ, yet reproducibly
-            for s in seqs:
-                s.cfg = dataclasses.replace(params.sample, seed=params.sample.seed + s.index)
         try:
             scheduler.submit(seqs)
         except ServerBusy:
