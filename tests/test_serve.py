@@ -216,8 +216,32 @@ def test_sampling_is_reproducible_with_a_seed_alone_or_beside_others(run, server
     ask = dict(model=run.name, prompt="the", max_tokens=20, temperature=1.5, top_p=0.95, seed=7,
                extra_body={"top_k": 50})
     alone = server.client.completions.create(**ask).choices[0].text
-    with_others = server.client.completions.create(**{**ask, "n": 3}).choices  # choice j samples with seed 7 + j
+    with_others = server.client.completions.create(**{**ask, "n": 3}).choices  # choice j: seed 7 hashed with j
     assert with_others[0].text == alone
+
+
+def test_a_request_that_fails_to_sample_fails_alone(run, server, monkeypatch):
+    """A sampling error (a temperature of 1e-39 made NaN probabilities) used to fail every request in the step."""
+    import homellm.serve as serve_module
+
+    real = serve_module.sample_next
+
+    def fragile(logits, history, cfg, *args):
+        if cfg.temperature == 1.25:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, history, cfg, *args)
+
+    monkeypatch.setattr(serve_module, "sample_next", fragile)
+    stream = server.client.completions.create(model=run.name, prompt="the cat", max_tokens=40, temperature=0,
+                                              stream=True)
+    pieces = iter(stream)
+    first = next(pieces).choices[0].text  # in flight while the other fails
+    status, answer = post(server.url + "/v1/completions", {"model": run.name, "prompt": "the", "max_tokens": 5,
+                                                           "temperature": 1.25})
+    assert status == 500 and answer["error"]["type"] == "server_error"
+    rest = [c.choices[0] for c in pieces if c.choices]
+    assert first + "".join(c.text for c in rest) == greedy(run, prompt="the cat", n=40)
+    assert rest[-1].finish_reason in ("stop", "length")
 
 
 def test_bad_requests_get_openai_shaped_errors(run, server):

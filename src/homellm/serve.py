@@ -149,9 +149,13 @@ class Scheduler:
                             new.append(seq)
                     self.peak = max(self.peak, len(self.active))
                     self.cond.notify_all()
-                try:
-                    for seq in new:
+                for seq in new:
+                    try:
                         self._admit(seq)
+                    except Exception:  # this request's prompt or settings: it fails alone
+                        traceback.print_exc()
+                        self._finish(seq, "", "error")
+                try:
                     self._step()
                 except Exception:  # a bug or out of memory: fail the requests in flight, keep serving
                     traceback.print_exc()
@@ -200,7 +204,13 @@ class Scheduler:
             first = seqs[rows[0]]
             allowed = None if guard is None else guard.mask([seqs[i].utf8 for i in rows], self.device,
                                                             logits.size(-1))
-            ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator, allowed)
+            try:
+                ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator, allowed)
+            except Exception:  # these rows' settings: they fail, and the rows sampled with others' go on
+                traceback.print_exc()
+                for i in rows:
+                    self._finish(seqs[i], "", "error")
+                continue
             for i, token in zip(rows, ids.tolist()):
                 self._push(seqs[i], token)
 
