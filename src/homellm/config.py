@@ -97,7 +97,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw, or muon: Muon for hidden matrices and AdamW for the rest
     muon_lr: float = 0.02
     max_steps: int = 1000
-    epochs: float = 0.0  # instead of --max-steps: steps enough to read the training tokens this many times; 0 = off
+    epochs: float = 0.0  # instead of --max-steps: read the training data this many times (sft: every row); 0 = off
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
     eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end)
     eval_batches: int = 20  # val batches per evaluation
