@@ -29,7 +29,9 @@ def task_data(tmp_path_factory):
     return root / "data", Tokenizer.load(root / "tok")
 
 
-def test_answer_rows_start_at_a_problem_and_train_only_the_answers(task_data):
+def test_answer_rows_start_at_a_problem_and_train_only_the_answers_and_their_end(task_data):
+    """After the answer's closing '$' the target is end-of-text (where the text has its newline): untrained, the
+    model wrote `84$$$$$...` after the answer, and `generate` had no reason to stop."""
     data_dir, tok = task_data
     batches = AnswerBatches(data_dir, tok, block_size=64, seed=0)
     x, y = batches.train_batch(step=3, micro=0, batch_size=16, rank=0, world=1)
@@ -40,9 +42,11 @@ def test_answer_rows_start_at_a_problem_and_train_only_the_answers(task_data):
         for j in range(len(chars) - 1):
             line_start = "".join(chars[:j + 1]).rfind("\n") + 1
             answer = "=" in chars[line_start:j + 1] and chars[j + 1] != "\n"
-            assert (row_y[j] != -100) == answer, (j, "".join(chars))
+            assert (row_y[j] != -100) == (answer or chars[j + 1] == "\n"), (j, "".join(chars))
             if answer:
                 assert row_y[j] == row_x[j + 1]
+            elif chars[j + 1] == "\n":
+                assert chars[j] == "$" and row_y[j] == tok.eot_id
 
 
 def test_packed_answer_rows_make_each_problem_line_a_document(task_data):

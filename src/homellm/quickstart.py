@@ -11,6 +11,7 @@ is scored; the operands are random and cannot be predicted anyway.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ class AnswerBatches:
 
     def __init__(self, data_dir: str | Path, tok: Tokenizer, block_size: int, seed: int, packed: bool = False):
         self.block_size, self.seed, self.packed, self.token_bytes = block_size, seed, packed, tok.token_bytes()
+        self.eot = tok.eot_id
         newline, equals = (tok.encode(c) for c in ("\n", "="))
         if len(newline) != 1 or len(equals) != 1:
             raise HomeLLMError(f"{data_dir}: the tokenizer must give '\\n' and '=' one token each: "
@@ -67,7 +69,9 @@ class AnswerBatches:
         eq_before = np.cumsum(tokens == equals) - (tokens == equals)  # '=' strictly before each token
         line_base = eq_before[np.minimum(starts, len(tokens) - 1)]
         answer = (eq_before - line_base[line] > 0) & ~is_nl  # after the line's '=', up to its closing '$'
-        targets = np.where(answer, tokens, -100)
+        # After the closing '$' comes end-of-text (where the text has its newline), so `generate` stops there: it
+        # printed `84$$$$$$...`, as nothing after the answer was trained.
+        targets = np.where(answer, tokens, np.where(is_nl, self.eot, -100))
         starts = starts[starts + self.block_size + 1 <= len(tokens)]
         return torch.from_numpy(tokens), torch.from_numpy(targets), starts, torch.from_numpy(line.astype(np.int32))
 
@@ -202,13 +206,15 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     minutes = (time.perf_counter() - t_start) / 60
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
           f"{summary['steps']:,} steps ({minutes:.1f} min in all). Next:")
-    print(f"  homellm generate {run} --prompt '$12 \\times 7 =' --temperature 0")
-    print(f"  homellm eval {run} --task arithmetic --max-digits 3     # operands beyond the training range")
+    # Quoted for the shell: an --out with a space.
+    where = shlex.quote(str(run))
+    print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
+    print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")
     if cfg.chat:
-        print(f"  homellm chat {run / 'chat'}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
+        print(f"  homellm chat {shlex.quote(str(run / 'chat'))}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
     else:
-        print(f"  homellm quickstart --chat --out {run}-chat     # the same, plus a chat model")
-    print(f"  homellm info {run}")
+        print(f"  homellm quickstart --chat --out {shlex.quote(str(run) + '-chat')}     # the same, plus a chat model")
+    print(f"  homellm info {where}")
     report["minutes"] = round(minutes, 2)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
     return result

@@ -421,7 +421,9 @@ def _train_char(texts: Iterator[str], words: Sequence[str] = ()) -> Tokenizer:
         vocab.setdefault(c, len(vocab))
     tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
     # Every character alone, except the words, longest first so that a word inside a longer one never wins.
-    pieces = [re.escape(w) for w in sorted(set(words), key=len, reverse=True)] + [r"[\s\S]"]
+    # Ties by text: by length alone, equal lengths (\\times, \\frac{) came in set order, which string hashing
+    # changes per process, so two quickstarts wrote different tokenizer.json for the same ids.
+    pieces = [re.escape(w) for w in sorted(set(words), key=lambda w: (-len(w), w))] + [r"[\s\S]"]
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(pieces)), behavior="isolated")
     tok.decoder = decoders.Fuse()  # join the characters back without separators
     tok.add_special_tokens([*_special_tokens(), AddedToken(UNK, special=True, normalized=False)])
