@@ -460,6 +460,19 @@ def test_aozora_originals_lose_every_mark(tmp_path):
     text = "".join(docs([str(need("ja_aozora/sjis"))], aozora=True))
     assert not any(mark in text for mark in ("《", "》", "｜", "［＃", "底本：", "【テキスト中に現れる記号について】"))
     assert text.startswith("或阿呆の一生\n芥川龍之介") and len(text) > 300_000
+    # Characters Shift_JIS lacks are written ※［＃「言＋墟のつくり」、第4水準2-88-74］: the note names the character
+    # (JIS X 0213 plane-row-cell, or U+XXXX), which took the place of a bare ※ that lost it.
+    assert "譃" in text and "餅菓子の饀" in text and "※" not in text
+
+
+def test_aozora_gaiji_notes_become_their_characters(tmp_path):
+    path = tmp_path / "gaiji.txt"
+    path.write_bytes("鳥が※［＃「言＋墟のつくり」、第4水準2-88-74］と※［＃「てへん＋劣」、U+6318、123-4］、"
+                     "※［＃小書き片仮名ヒ、1-6-84］、※［＃「口＋世」、ページ数-行数］\n".encode("cp932"))
+    assert docs([str(path)], aozora=True) == ["鳥が譃と挘、ㇶ、※\n"]
+    hw = tmp_path / "hankaku.txt"  # half-width katakana are kana too: read as Shift_JIS
+    hw.write_bytes("ｱｲｳｴｵ 漢字\n".encode("cp932"))
+    assert docs([str(hw)]) == ["ｱｲｳｴｵ 漢字\n"]
 
 
 def test_a_json_file_is_read_as_records_not_as_text(tmp_path):

@@ -120,6 +120,12 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir):
     assert "bits per byte" in proc.stdout
     assert 0 < result["val_loss"] < math.log(64) + 0.5
     assert math.isclose(result["val_bpb"], result["val_loss"] / math.log(2), rel_tol=1e-6)  # ASCII: 1 byte/char
+    assert "note:" not in proc.stderr
+    # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))
+    proc = homellm("eval", str(run), "--task", "loss", "--batches", "1")
+    assert "trained on the arithmetic answers alone; this loss scores every token" in proc.stderr
 
 
 def test_quickstart_generates_problems_in_proportion_to_its_budget():

@@ -188,6 +188,16 @@ def test_load_errors_are_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_char_tokenizer_counts_every_characters_bytes(tmp_path):
+    """SentencePiece's and byte fallback's rules were applied to char tokenizers too: "▁" counted 1 byte (it is 3),
+    and a --words entry "<0x41>" 1 (it is 6), so meta.json's bytes and val bits per byte came out wrong."""
+    text = "load ▁▂▃▅▇ spark <0x41>\n"
+    src = write(tmp_path / "spark.txt", text)
+    tok = train_tokenizer(TokenizerConfig(input=[str(src)], out=str(tmp_path / "c"), kind="char", words=["<0x41>"]))
+    ids = tok.encode(text)
+    assert tok.token_bytes()[ids].sum() == len(text.encode()) and tok.decode(ids) == text
+
+
 def test_char_tokenizer_round_trip_and_unknown_characters(tmp_path):
     text = "hello wörld\n日本語 🎉\r\n"
     src = write(tmp_path / "a.jsonl", json.dumps({"text": text}) + "\n")

@@ -36,7 +36,7 @@ _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards 
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
 
 
-_KANA = re.compile("[\u3041-\u30ff]")  # hiragana and katakana
+_KANA = re.compile("[\u3041-\u30ff\uff66-\uff9d]")  # hiragana, katakana and half-width katakana
 _PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
 
 
@@ -293,6 +293,21 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
 
 
 _AOZORA_MARKUP = re.compile(r"《[^》\n]*》|［＃[^］\n]*］|｜")  # ruby, editor's notes, the ruby start mark
+# A character Shift_JIS lacks: ※ and a note giving its JIS X 0213 plane-row-cell (第3水準1-86-62) or code point.
+_AOZORA_GAIJI = re.compile(r"※［＃[^］\n]*?(?:U\+([0-9A-Fa-f]{4,6})|(\d)-(\d{1,2})-(\d{1,2}))[^］\n]*］")
+
+
+def _gaiji(m: re.Match) -> str:
+    """The character an Aozora gaiji note names (euc_jis_2004 is JIS X 0213 laid out in bytes); else the note,
+    which the markup pass then drops, leaving the ※ that marks the unknown character."""
+    if m[1]:
+        return chr(int(m[1], 16))
+    plane, row, cell = int(m[2]), int(m[3]), int(m[4])
+    raw = bytes([0xA0 + row, 0xA0 + cell]) if plane == 1 else bytes([0x8F, 0xA0 + row, 0xA0 + cell])
+    try:
+        return raw.decode("euc_jis_2004")
+    except (UnicodeDecodeError, ValueError):
+        return m[0]
 _AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
 
 
@@ -316,7 +331,7 @@ def _aozora_text(blocks: Iterable[str]) -> Iterator[str]:
             if bare.startswith("底本："):
                 state = "footer"
                 continue
-            line = _AOZORA_MARKUP.sub("", line)
+            line = _AOZORA_MARKUP.sub("", _AOZORA_GAIJI.sub(_gaiji, line))
             if line.strip():
                 out += [*blank, line]
                 blank = []

@@ -134,6 +134,10 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     if not tok.same_as(run_tok):
         raise HomeLLMError(f"--data {data_dir} was tokenized with another tokenizer than {run}: prepare it with "
                            f"`homellm prepare --tokenizer {run}`")
+    if config.get("task") == "arithmetic":  # its val loss in metrics.jsonl scores the answers alone
+        print(f"note: {run} trained on the arithmetic answers alone; this loss scores every token of the text, "
+              "problems included, so it is far above the run's own val loss: `--task arithmetic` measures it",
+              file=sys.stderr)
     env = setup_env(TrainConfig(device=cfg.device))
     model = load_model(run, cfg.checkpoint, env.device)
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())

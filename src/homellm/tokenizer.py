@@ -157,11 +157,15 @@ class Tokenizer:
         byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         decoder = spec.get("decoder") or {}
         prefix = decoder.get("prefix", "##") if decoder.get("type") == "WordPiece" else None
+        # Only a model with byte fallback writes <0xE3> as a byte, and only SentencePiece's decoder turns its mark
+        # into a space: a char tokenizer's "▁" is 3 bytes of text, and a --words entry "<0x41>" 6 (both counted 1).
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        metaspace = any(s in json.dumps(decoder) for s in ("Metaspace", "\\u2581"))  # its Replace("▁", " ")
         to_byte = {c: b for b, c in _byte_alphabet().items()}
         added = self.hf.get_added_tokens_decoder()
         pieces: list[bytes | None] = [None] * self.vocab_size
         for token, i in self.hf.get_vocab(with_added_tokens=True).items():
-            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) and not byte_level:
+            if byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
                 pieces[i] = bytes([int(token[3:5], 16)])  # byte fallback, whether or not the file marks it special
             elif i in added:
                 pieces[i] = None if added[i].special else token.encode()
@@ -169,8 +173,10 @@ class Tokenizer:
                 pieces[i] = bytes(to_byte[c] for c in token)
             elif prefix is not None:  # WordPiece: "##ing" joins the word before; any other word follows a space
                 pieces[i] = token[len(prefix):].encode() if token.startswith(prefix) else b" " + token.encode()
-            else:
+            elif metaspace:
                 pieces[i] = token.replace("\u2581", " ").encode()  # SentencePiece's word-start mark
+            else:
+                pieces[i] = token.encode()
         return pieces
 
     @functools.cached_property
