@@ -258,6 +258,21 @@ def test_windows_start_anywhere_they_fit_up_to_the_last_token(monkeypatch):
     assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
 
 
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two runs of the same global batch (one process and torchrun's two): the same steps, tokens, losses within
+    float reordering, and weights."""
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        assert ra["tokens"] == rb["tokens"]
+        assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=1e-4)
+        if "val_loss" in ra:
+            assert math.isclose(ra["val_loss"], rb["val_loss"], rel_tol=1e-4)
+    wa, wb = (load_file(str(run / "last" / "model.safetensors")) for run in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
 def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir):
     flags = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--log-every", "1", "--device", "cpu"]
     single, double = tmp_path / "one", tmp_path / "two"
@@ -267,17 +282,7 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir
     proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = metrics(single), metrics(double)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra["tokens"] == rb["tokens"]
-        assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=1e-4)
-        if "val_loss" in ra:
-            assert math.isclose(ra["val_loss"], rb["val_loss"], rel_tol=1e-4)
-    wa = load_file(str(single / "last" / "model.safetensors"))
-    wb = load_file(str(double / "last" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert_same_training(single, double)
 
 
 def test_a_config_error_under_torchrun_is_said_once(tmp_path, data_dir):
@@ -310,16 +315,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tm
     assert json.loads((double / "last" / "checkpoint.json").read_text())["step"] == 5
     proc = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = metrics(single), metrics(double)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
-    for ra, rb in zip(a, b):
-        assert math.isclose(ra["train_loss"], rb["train_loss"], rel_tol=1e-4)
-        if "val_loss" in ra:
-            assert math.isclose(ra["val_loss"], rb["val_loss"], rel_tol=1e-4)
-    wa = load_file(str(single / "last" / "model.safetensors"))
-    wb = load_file(str(double / "last" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert [r["step"] for r in metrics(double)] == list(range(1, 9))
+    assert_same_training(single, double)
 
 
 def test_training_lowers_val_loss_and_bpb_is_loss_over_ln2_for_ascii_chars(tmp_path, data_dir):
