@@ -388,6 +388,11 @@ def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_aga
     assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume"]) == 2
     assert "a run whose first start stopped while preparing its text, before training (no config.json yet): run its " \
            "`homellm pretrain --data ...` command again, without --resume" in capsys.readouterr().err
+    (tmp_path / "quick" / "task").mkdir(parents=True)  # a quickstart stopped the same way
+    (tmp_path / "quick" / "data_tokenizer").mkdir()
+    (tmp_path / "quick" / "data_tokenizer" / "tokenizer.json").write_text("{}")
+    assert main(["eval", str(tmp_path / "quick")]) == 2
+    assert f"run `homellm quickstart --out {tmp_path / 'quick'}` again" in capsys.readouterr().err
     (tmp_path / "project" / "data").mkdir(parents=True)  # any folder with a data/ is not that
     assert main(["generate", str(tmp_path / "project"), "--prompt", "hi"]) == 2
     assert "project: not a homellm run (no config.json)" in capsys.readouterr().err

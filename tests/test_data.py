@@ -468,11 +468,14 @@ def test_aozora_originals_lose_every_mark(tmp_path):
 def test_aozora_gaiji_notes_become_their_characters(tmp_path):
     path = tmp_path / "gaiji.txt"
     path.write_bytes("鳥が※［＃「言＋墟のつくり」、第4水準2-88-74］と※［＃「てへん＋劣」、U+6318、123-4］、"
-                     "※［＃小書き片仮名ヒ、1-6-84］、※［＃「口＋世」、ページ数-行数］\n".encode("cp932"))
-    assert docs([str(path)], aozora=True) == ["鳥が譃と挘、ㇶ、※\n"]
-    hw = tmp_path / "hankaku.txt"  # half-width katakana are kana too: read as Shift_JIS
-    hw.write_bytes("ｱｲｳｴｵ 漢字\n".encode("cp932"))
-    assert docs([str(hw)]) == ["ｱｲｳｴｵ 漢字\n"]
+                     "※［＃小書き片仮名ヒ、1-6-84］、※［＃「口＋世」、ページ数-行数］、※［＃「某」、1-99-1］\n"
+                     .encode("cp932"))
+    assert docs([str(path)], aozora=True) == ["鳥が譃と挘、ㇶ、※、※\n"]  # a malformed code stays unknown
+    # Half-width katakana are not taken as kana: cp932 reads Latin-1's « » ° and accented capitals as them.
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Il dit « Bonjour, ça va » et très élégant, 20 °C.\n".encode("latin-1"))
+    with pytest.raises(HomeLLMError, match="read as Shift_JIS it has no kana"):
+        docs([str(latin)])
 
 
 def test_a_json_file_is_read_as_records_not_as_text(tmp_path):

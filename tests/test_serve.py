@@ -242,6 +242,20 @@ def test_a_request_that_fails_to_sample_fails_alone(run, server, monkeypatch):
     rest = [c.choices[0] for c in pieces if c.choices]
     assert first + "".join(c.text for c in rest) == greedy(run, prompt="the cat", n=40)
     assert rest[-1].finish_reason in ("stop", "length")
+    # A request's other choices stop with it: the answer is a 500, and their text would be thrown away.
+    steps = []
+
+    def counting(logits, history, cfg, *args):
+        steps.append(1)
+        return fragile(logits, history, cfg, *args)
+
+    monkeypatch.setattr(serve_module, "sample_next", counting)
+    real_prefill = serve_module._prefill
+    monkeypatch.setattr(serve_module, "_prefill", lambda model, ids: (_ for _ in ()).throw(MemoryError("long prompt"))
+                        if len(ids) > 3 else real_prefill(model, ids))
+    status, _ = post(server.url + "/v1/completions", {"model": run.name, "prompt": ["the", "the cat sat on the mat"],
+                                                      "max_tokens": 400, "temperature": 0})
+    assert status == 500 and len(steps) < 200, len(steps)  # it generated all 400 before
 
 
 def test_bad_requests_get_openai_shaped_errors(run, server):

@@ -183,10 +183,11 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
     elif (run / "tokenizer.json").is_file():
         what = "a tokenizer, not a run"
     elif (run / "data_tokenizer" / "tokenizer.json").is_file() or (run / "data" / ".preparing").is_dir():
-        # `pretrain --data TEXT` builds these first, and writes config.json only when training starts.
+        # `pretrain --data TEXT` and `quickstart` build these first, and write config.json only when training starts.
+        again = f"`homellm quickstart --out {run}` again" if (run / "task").is_dir() else (
+            "its `homellm pretrain --data ...` command again, without --resume")
         raise HomeLLMError(f"{run}: a run whose first start stopped while preparing its text, before training (no "
-                           "config.json yet): run its `homellm pretrain --data ...` command again, without --resume "
-                           "(it picks up what was prepared)")
+                           f"config.json yet): run {again} (it picks up what was prepared)")
     else:
         what = "not a homellm run (no config.json)"
     raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")

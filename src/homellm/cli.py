@@ -375,7 +375,7 @@ def _said_by_local_rank_0() -> bool:
     first rank still speaks, as its files may differ; errors after connecting may be a rank's own, so all speak."""
     dist = sys.modules.get("torch.distributed")
     connected = dist is not None and dist.is_available() and dist.is_initialized()
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a stray LOCAL_RANK alone must not silence
+    under_torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")  # a stray LOCAL_RANK must not silence
     return under_torchrun and os.environ.get("LOCAL_RANK", "0") != "0" and not connected
 
 

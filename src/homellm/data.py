@@ -36,7 +36,9 @@ _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards 
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
 
 
-_KANA = re.compile("[\u3041-\u30ff\uff66-\uff9d]")  # hiragana, katakana and half-width katakana
+# Hiragana and katakana. Not half-width katakana: cp932 reads each byte 0xA6-0xDD as one, and in Latin-1 those are
+# « » ° and the accented capitals, so French would pass; Shift_JIS in half-width kana alone takes --encoding cp932.
+_KANA = re.compile("[\u3041-\u30ff]")
 _PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
 
 
@@ -303,10 +305,12 @@ def _gaiji(m: re.Match) -> str:
     if m[1]:
         return chr(int(m[1], 16))
     plane, row, cell = int(m[2]), int(m[3]), int(m[4])
+    if plane not in (1, 2) or not (1 <= row <= 94 and 1 <= cell <= 94):  # a malformed note
+        return m[0]
     raw = bytes([0xA0 + row, 0xA0 + cell]) if plane == 1 else bytes([0x8F, 0xA0 + row, 0xA0 + cell])
     try:
         return raw.decode("euc_jis_2004")
-    except (UnicodeDecodeError, ValueError):
+    except UnicodeDecodeError:  # a code JIS X 0213 leaves empty
         return m[0]
 _AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
 

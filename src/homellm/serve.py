@@ -550,11 +550,12 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
             texts: dict[int, list[str]] = {s.index: [] for s in seqs}
             reasons: dict[int, str] = {}
             async for index, text, reason in events():
+                if reason == "error":  # the answer is a 500 now: the other choices' text would be thrown away
+                    scheduler.cancel(seqs)
+                    raise ApiError(500, "generation failed: see the server's log", None, None, "server_error")
                 texts[index].append(text)
                 if reason:
                     reasons[index] = reason
-            if "error" in reasons.values():
-                raise ApiError(500, "generation failed: see the server's log", None, None, "server_error")
             if chat:
                 choices = [{"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
                             "finish_reason": reasons.get(i)} for i, t in texts.items()]

@@ -159,7 +159,7 @@ class Tokenizer:
         prefix = decoder.get("prefix", "##") if decoder.get("type") == "WordPiece" else None
         # Only a model with byte fallback writes <0xE3> as a byte, and only SentencePiece's decoder turns its mark
         # into a space: a char tokenizer's "▁" is 3 bytes of text, and a --words entry "<0x41>" 6 (both counted 1).
-        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback")) or "ByteFallback" in json.dumps(decoder)
         metaspace = any(s in json.dumps(decoder) for s in ("Metaspace", "\\u2581"))  # its Replace("▁", " ")
         to_byte = {c: b for b, c in _byte_alphabet().items()}
         added = self.hf.get_added_tokens_decoder()
