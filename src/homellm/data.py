@@ -58,9 +58,11 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
 
     - `.txt`: one document per file, unless the file contains `<|endoftext|>`: then that separates documents
       (TinyStories' layout) and whitespace around each separator is dropped. UTF-8 (a BOM is skipped), or with
-      encoding="auto" Shift_JIS (cp932) when the file is not UTF-8. CRLF becomes LF.
+      encoding="auto" Shift_JIS (cp932) when the file is not UTF-8 and has kana.
     - `.jsonl`: one document per line, its `text_field` string; empty lines are skipped. Always UTF-8, as JSON Lines
-      is by definition: `encoding` is for .txt files, so a folder may mix Shift_JIS texts with .jsonl.
+      is by definition: `encoding` is for .txt files, so a folder may mix Shift_JIS texts with .jsonl. A `.json`
+      named directly is read the same way, or as one JSON array of records.
+    - In every kind, CRLF in the text becomes LF: a corpus from Windows and one from elsewhere train alike.
     - a folder: its .txt and .jsonl files, recursively, in sorted order; a glob: the files it matches.
     - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`).
     With aozora=True, .txt files lose Aozora Bunko's markup (`_aozora_text`). Empty documents are skipped. Pieces
