@@ -197,3 +197,13 @@ def test_chat_questions_keep_the_problem_and_score_replies_exactly():
         r"$12 \times 7 = 84$", r"$12 \times 7 = 85$", r"$12 \times 8 = 84$", r"$12 \times 7 = 84$ and more")])
     assert scored["correct"] == 1 and scored["malformed"] == 2
     assert set(arithmetic.chat_chars()) >= set("What is×÷は？かける")
+
+
+def test_quickstart_decodes_on_one_thread_and_gives_the_threads_back():
+    from homellm.quickstart import _one_thread
+
+    before = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt), _one_thread():
+        assert torch.get_num_threads() == 1
+        raise KeyboardInterrupt  # given back however the evaluation ends
+    assert torch.get_num_threads() == before

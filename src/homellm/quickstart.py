@@ -10,11 +10,12 @@ is scored; the operands are random and cannot be predicted anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,19 @@ class AnswerBatches:
             return None
         rows = self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world)
         return tuple(t[rank * batch_size:(rank + 1) * batch_size] for t in rows)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Decoding the quickstart's model on one thread: its small matrices gain nothing from two (1,000 problems:
+    2.68 s vs 2.84 s on the idle 2-core machine), and with another job busy two threads contend (2.72 vs 4.37 s,
+    and a 120 s quickstart took 221 s under heavier load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stage(n: int, total: int, text: str) -> None:
@@ -185,12 +199,13 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from homellm.train import resolve_device
 
     model = load_model(run, "best", resolve_device(cfg.device))
-    result = eval_arithmetic(run, EvalConfig(n=cfg.n, seed=cfg.seed + 1, device=cfg.device), model=model,
-                             quiet=True)
+    with _one_thread():
+        result = eval_arithmetic(run, EvalConfig(n=cfg.n, seed=cfg.seed + 1, device=cfg.device), model=model,
+                                 quiet=True)
+        samples = arithmetic.generate(8, cfg.seed + 99, split="heldout")
+        answers = greedy_complete(model, tok, [arithmetic.prompt(p) for p in samples], 32, stop_ids(tok, "$\n"),
+                                  desc="samples")
     print("\n" + arithmetic.format_table({**result, "failures": []}))
-    samples = arithmetic.generate(8, cfg.seed + 99, split="heldout")
-    answers = greedy_complete(model, tok, [arithmetic.prompt(p) for p in samples], 32, stop_ids(tok, "$\n"),
-                              desc="samples")
     print("\nsample held-out problems:")
     for p, a in zip(samples, answers):
         mark = "ok" if arithmetic.parse_completion(a) == p.result else f"wrong, expected {p.result}"
@@ -236,6 +251,8 @@ def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, An
                         optimizer="muon", lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
     summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg)
     _stage(7, 7, "evaluating the chat model on held-out problems in each phrasing")
-    result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1, device=cfg.device))
+    with _one_thread():
+        result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1,
+                                                               device=cfg.device))
     return {"summary": summary, "accuracy": result["accuracy"],
             "by_phrasing": {k: v["accuracy"] for k, v in result["by_phrasing"].items()}}
