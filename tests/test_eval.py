@@ -90,26 +90,25 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(task_data):
         assert got == alone or (len(ids) < 10 and got[:len(alone)] == alone and len(tok.encode(got)) == len(ids) + 1)
 
 
-def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir):
+def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir, capsys):
+    from homellm.cli import main
+
+    def refused(*argv: str) -> str:  # in this process: each CLI start costs seconds of imports, and these are many
+        assert main(list(argv)) == 2, argv
+        return capsys.readouterr().err
+
     run = tmp_path / "run"
-    homellm("pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "4")
-    proc = homellm("eval", str(run), "--task", "arithmetic", check=False)
-    assert proc.returncode == 2 and "not trained on the arithmetic task" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    proc = homellm("eval", str(run), "--n", "0", check=False)
-    assert proc.returncode == 2 and "--n 0" in proc.stderr
-    proc = homellm("eval", str(run), "--task", "nonsense", check=False)
-    assert proc.returncode == 2 and "nonsense" in proc.stderr
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "4"]) == 0
+    assert "not trained on the arithmetic task" in refused("eval", str(run), "--task", "arithmetic")
+    assert "--n 0" in refused("eval", str(run), "--n", "0")
+    assert "nonsense" in refused("eval", str(run), "--task", "nonsense")
     # As a fine-tuned run (an sft section, no data folder of its own), each refusal says what applies instead.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k != "data_dir"}, "sft": {}}))
-    proc = homellm("eval", str(run), "--task", "arithmetic", check=False)
-    assert proc.returncode == 2 and "is scored by `--task chat-arithmetic`" in proc.stderr
-    proc = homellm("eval", str(run), "--task", "loss", check=False)
-    assert proc.returncode == 2 and "was not trained on a prepared data folder" in proc.stderr
+    assert "is scored by `--task chat-arithmetic`" in refused("eval", str(run), "--task", "arithmetic")
+    assert "was not trained on a prepared data folder" in refused("eval", str(run), "--task", "loss")
     shutil.rmtree(run / "tokenizer")
-    proc = homellm("generate", str(run), "--prompt", "the", check=False)
-    assert proc.returncode == 2 and "tokenizer is missing: copy back the tokenizer/ folder" in proc.stderr
+    assert "tokenizer is missing: copy back the tokenizer/ folder" in refused("generate", str(run), "--prompt", "the")
 
 
 def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir):
