@@ -238,17 +238,21 @@ def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path,
     assert sorted(f.name for f in (tmp_path / "data").iterdir()) == ["meta.json"]
 
 
-def test_a_validation_split_too_short_for_one_window_is_said_plainly(tmp_path, corpus):
-    homellm("tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "tok"))
-    homellm("prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "d"),
-            "--val-fraction", "0.0001")
+def test_a_validation_split_too_short_for_one_window_is_said_plainly(tmp_path, corpus, capsys):
+    from homellm.cli import main
+
+    assert main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "tok")]) == 0
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"), "--out",
+                 str(tmp_path / "d"), "--val-fraction", "0.0001"]) == 0
     run = tmp_path / "run"
-    proc = homellm("pretrain", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps",
-                   "4", "--eval-every", "2", "--patience", "1")
-    assert "note: no evaluation, so no `best` checkpoint and no early stopping: " in proc.stderr
-    assert "validation tokens, too few for one window of 33: prepare it with a higher --val-fraction" in proc.stderr
-    proc = homellm("eval", str(run), "--task", "loss", "--checkpoint", "last", check=False)
-    assert proc.returncode == 2 and "too few for one window of 33" in proc.stderr
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps",
+                 "4", "--eval-every", "2", "--patience", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: no evaluation, so no `best` checkpoint and no early stopping: " in err
+    assert "validation tokens, too few for one window of 33: prepare it with a higher --val-fraction" in err
+    assert main(["eval", str(run), "--task", "loss", "--checkpoint", "last"]) == 2
+    assert "too few for one window of 33" in capsys.readouterr().err
 
 
 def test_an_argument_that_is_not_utf8_is_named_before_any_work(tmp_path, monkeypatch, capsys):

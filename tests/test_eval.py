@@ -111,20 +111,24 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
     assert "tokenizer is missing: copy back the tokenizer/ folder" in refused("generate", str(run), "--prompt", "the")
 
 
-def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir):
+def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys):
+    from homellm.cli import main
+
     run = tmp_path / "run"
-    homellm("pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "10")
-    proc = homellm("eval", str(run), "--task", "loss", "--batches", "3")
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "10"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--task", "loss", "--batches", "3"]) == 0
+    out = capsys.readouterr()
     result = json.loads((run / "eval_loss.json").read_text())
-    assert "bits per byte" in proc.stdout
+    assert "bits per byte" in out.out
     assert 0 < result["val_loss"] < math.log(64) + 0.5
     assert math.isclose(result["val_bpb"], result["val_loss"] / math.log(2), rel_tol=1e-6)  # ASCII: 1 byte/char
-    assert "note:" not in proc.stderr
+    assert "note:" not in out.err
     # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))
-    proc = homellm("eval", str(run), "--task", "loss", "--batches", "1")
-    assert "trained on the arithmetic answers alone; this loss scores every token" in proc.stderr
+    assert main(["eval", str(run), "--task", "loss", "--batches", "1"]) == 0
+    assert "trained on the arithmetic answers alone; this loss scores every token" in capsys.readouterr().err
 
 
 def test_quickstart_generates_problems_in_proportion_to_its_budget():

@@ -362,15 +362,19 @@ def test_sft_resume_after_sigkill_is_identical(tmp_path, base_run):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sft_refuses_bad_init_and_out(tmp_path, base_run):
+def test_sft_refuses_bad_init_and_out(tmp_path, base_run, capsys):
+    from homellm.cli import main
+
+    def refused(*argv: str) -> str:
+        assert main(["sft", *argv]) == 2, argv
+        return capsys.readouterr().err
+
     data = qa_file(tmp_path / "qa.jsonl", 10)
-    r = homellm("sft", "--init", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "o"),
-                check=False)
-    assert r.returncode == 2 and "nothing: not found: pass the --out folder" in r.stderr and "Traceback" not in r.stderr
-    r = homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(base_run), check=False)
-    assert r.returncode == 2 and "is the --init run" in r.stderr
-    r = homellm("sft", "--out", str(tmp_path / "stopped-early"), "--resume", check=False)
-    assert r.returncode == 2 and "stopped-early holds no fine-tuning run to continue (no config.json)" in r.stderr
+    err = refused("--init", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "o"))
+    assert "nothing: not found: pass the --out folder" in err
+    assert "is the --init run" in refused("--init", str(base_run), "--data", str(data), "--out", str(base_run))
+    err = refused("--out", str(tmp_path / "stopped-early"), "--resume")
+    assert "stopped-early holds no fine-tuning run to continue (no config.json)" in err
 
 
 def test_resuming_with_another_init_names_both(tmp_path, base_run):
