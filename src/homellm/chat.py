@@ -141,9 +141,11 @@ def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[l
             found = folder_files(path, (".jsonl", ".json"))
             if not found:
                 raise HomeLLMError(f"{path}: a folder with no .jsonl or .json file: give the conversation files")
-        elif not path.is_file():
+        elif path.is_file():
+            found = [path]
+        else:
             raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations")
-        for f in found if path.is_dir() else [path]:
+        for f in found:
             files.setdefault(os.path.realpath(f), f)
     for path in files.values():
         for where, record in jsonl_records(path):

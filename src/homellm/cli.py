@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -359,13 +360,11 @@ def _error_message(e: BaseException) -> str | None:
         return f"{where}{_OS_FIXES.get(e.errno, e.strerror or str(e))}"
     text = str(e)
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
-        import re
-
         size = re.search(r"tried to allocate (\d+) bytes", text)  # the CPU allocator's words
         cuda = re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)
-        asked = (f"{int(size[1]) / 2**30:,.1f} GiB" if size else cuda[1] if cuda else "") + " more was asked"
-        return (f"out of memory{f' ({asked})' if size or cuda else ''}: lower --batch-size (raise --grad-accum to "
-                "keep the batch), --block-size, or the model (--n-layer, --n-embd)")
+        asked = f"{int(size[1]) / 2**30:,.1f} GiB" if size else cuda[1] if cuda else None
+        return (f"out of memory{f' ({asked} more was asked)' if asked else ''}: lower --batch-size (raise "
+                "--grad-accum to keep the batch), --block-size, or the model (--n-layer, --n-embd)")
     return None
 
 

@@ -297,6 +297,7 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
 
 
 _AOZORA_MARKUP = re.compile(r"《[^》\n]*》|［＃[^］\n]*］|｜")  # ruby, editor's notes, the ruby start mark
+_AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
 # A character Shift_JIS lacks: ※ and a note giving its JIS X 0213 plane-row-cell (第3水準1-86-62) or code point.
 _AOZORA_GAIJI = re.compile(r"※［＃[^］\n]*?(?:U\+([0-9A-Fa-f]{4,6})|(\d)-(\d{1,2})-(\d{1,2}))[^］\n]*］")
 
@@ -314,7 +315,6 @@ def _gaiji(m: re.Match) -> str:
         return raw.decode("euc_jis_2004")
     except UnicodeDecodeError:  # a code JIS X 0213 leaves empty
         return m[0]
-_AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
 
 
 def _aozora_text(blocks: Iterable[str]) -> Iterator[str]:

@@ -666,16 +666,16 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
 
 # ---- the server ---------------------------------------------------------------------------------------------
 
-def lan_address(family: socket.AddressFamily = socket.AF_INET) -> str | None:
-    """This machine's address on its network (the one its default route leaves by), or None offline. Connecting a
-    UDP socket picks the route and sends nothing; 192.0.2.1 is a documentation address that is never reached."""
+def lan_address() -> str | None:
+    """This machine's IPv4 address on its network (the one its default route leaves by), or None offline.
+    Connecting a UDP socket picks the route and sends nothing; 192.0.2.1 is a documentation address, never reached."""
     try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9) if family == socket.AF_INET else ("2001:db8::1", 9))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
             address = s.getsockname()[0]
     except OSError:
         return None
-    return None if address.startswith("127.") or address in ("::1", "0.0.0.0", "::") else address
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] | None = None) -> None:
@@ -711,10 +711,9 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     # 0.0.0.0 and :: are where it listens (every address), not where a browser can go: this machine's own is.
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     url = f"http://{f'[{shown}]' if family == socket.AF_INET6 else shown}:{port}"
-    lan = lan_address(family) if shown != host else None
-    everywhere = "" if shown == host else (f"; other machines on the network: http://{lan}:{port}" if lan and
-                                           family == socket.AF_INET else
-                                           "; it listens on every address: other machines reach it by this one's")
+    lan = lan_address() if host == "0.0.0.0" else None
+    everywhere = ("" if shown == host else f"; other machines on the network: http://{lan}:{port}" if lan else
+                  "; it listens on every address: other machines reach it by this one's")
     server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3))
     print(f"homellm: serving {Path(run).resolve().name} at {url} (chat page: {url}/, OpenAI API: {url}/v1)"
           f"{everywhere}; Ctrl-C stops", flush=True)

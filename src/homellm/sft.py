@@ -11,7 +11,6 @@ Held-out conversations give the val loss.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -144,7 +143,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
 def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
-    from homellm.train import check_resume, train
+    from homellm.train import check_resume, steps_for_epochs, train
 
     check_ranges(cfg)
     check_ranges(train_cfg)
@@ -202,11 +201,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
               f"long, {bad} bad lines skipped", file=sys.stderr)
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
-        per_step = train_cfg.batch_size * train_cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-        train_cfg = replace(train_cfg, max_steps=max(1, math.ceil(train_cfg.epochs * n_rows / per_step)))
-        if main:
-            print(f"--epochs {train_cfg.epochs:g}: {train_cfg.max_steps:,} steps of {per_step:,} rows read the "
-                  f"{n_rows:,} training rows {train_cfg.epochs:g} times over", file=sys.stderr)
+        train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")
     spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
     lora = None
     if cfg.lora_rank > 0:

@@ -154,13 +154,14 @@ class Tokenizer:
         Exact for byte-level BPE (each character of a token stands for one byte), byte fallback (<0xE3>) and char
         tokenizers; for WordPiece and SentencePiece an approximation from the token strings (their spaces)."""
         spec = json.loads(self.hf.to_str())
-        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         decoder = spec.get("decoder") or {}
+        decoders_used = json.dumps(decoder)  # ASCII: "▁" appears as \u2581
+        byte_level = "ByteLevel" in decoders_used
         prefix = decoder.get("prefix", "##") if decoder.get("type") == "WordPiece" else None
         # Only a model with byte fallback writes <0xE3> as a byte, and only SentencePiece's decoder turns its mark
         # into a space: a char tokenizer's "▁" is 3 bytes of text, and a --words entry "<0x41>" 6 (both counted 1).
-        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback")) or "ByteFallback" in json.dumps(decoder)
-        metaspace = any(s in json.dumps(decoder) for s in ("Metaspace", "\\u2581"))  # its Replace("▁", " ")
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback")) or "ByteFallback" in decoders_used
+        metaspace = "Metaspace" in decoders_used or "\\u2581" in decoders_used  # its Replace("▁", " ")
         to_byte = {c: b for b, c in _byte_alphabet().items()}
         added = self.hf.get_added_tokens_decoder()
         pieces: list[bytes | None] = [None] * self.vocab_size
@@ -465,8 +466,11 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
         hf = _byte_level(HFTokenizer(bpe))
     else:
         file = path / "tokenizer.json" if path.is_dir() else path
-        spm = path if path.suffix == ".model" and path.is_file() else next(iter(sorted(path.glob("*.model"))), None) \
-            if path.is_dir() and not file.is_file() else None
+        spm = None  # a SentencePiece model, named or the only tokenizer in a folder
+        if path.suffix == ".model" and path.is_file():
+            spm = path
+        elif path.is_dir() and not file.is_file():
+            spm = next(iter(sorted(path.glob("*.model"))), None)
         if spm is not None:
             # Models from the hub that ship only this (rinna's, T5's) convert once with transformers, which knows
             # each family's conventions (byte fallback, the leading space); homellm then imports the result.

@@ -637,6 +637,17 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 6
 
 # ---- pretraining: from a data folder or raw text ------------------------------------------------------------
 
+def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how: str = "") -> TrainConfig:
+    """cfg with the max_steps that read `total` training units (tokens, rows) cfg.epochs times, at batch_size x
+    grad_accum rows of `per_row` units a step on every process; said once, under torchrun too."""
+    per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * per_row
+    cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} {unit} read the {total:,} training "
+              f"{unit} {cfg.epochs:g} times over{how}", file=sys.stderr)
+    return cfg
+
+
 def absolute_inputs(inputs: list[str]) -> list[str]:
     """--data as absolute paths (hf: names as given; a glob made absolute, pattern and all)."""
     return [d if d.startswith("hf:") else os.path.abspath(d) for d in inputs]
@@ -729,12 +740,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if cfg.epochs > 0:
         # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
         # random windows, not one pass over each window.
-        per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * model_cfg.block_size
-        cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * meta["train_tokens"] / per_step)))
-        if os.environ.get("RANK", "0") == "0":
-            print(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} tokens read the "
-                  f"{meta['train_tokens']:,} training tokens {cfg.epochs:g} times over (in random windows)",
-                  file=sys.stderr)
+        cfg = steps_for_epochs(cfg, meta["train_tokens"], model_cfg.block_size, "tokens", " (in random windows)")
     data = TokenBatches(data_dir, model_cfg.block_size, cfg.seed, tok.token_bytes())
     if data.no_val and (cfg.eval_every or cfg.patience):
         print(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
