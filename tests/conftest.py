@@ -14,6 +14,10 @@ from homellm.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+# Tests never reach the network: Hugging Face libraries read these before their first download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 def make_corpus(path: Path, n_lines: int = 3000, seed: int = 0) -> Path:
     """Sentences from a small grammar: learnable structure, so a tiny model's loss falls quickly."""

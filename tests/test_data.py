@@ -287,6 +287,23 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
         docs(["hf:x"])
 
 
+def test_hf_inputs_stream_through_the_real_datasets_package(tmp_path):
+    """The hub's loading code itself, offline: a local folder in the hub's layout streams as a dataset would."""
+    pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
+    gsm8k = need("gsm8k")
+    direct = docs([str(gsm8k / "train.jsonl")], text_field="question", max_docs=40)
+    assert docs([f"hf:{gsm8k}"], text_field="question", max_docs=40) == direct and len(direct) == 40
+    assert docs([f"hf:{gsm8k}:train"], text_field="answer", max_docs=2)[1].startswith("Weng earns")
+    with pytest.raises(HomeLLMError, match=r"no field 'text' \(found: question, answer\).*--text-field"):
+        docs([f"hf:{gsm8k}"])
+    # Errors that appear only while rows stream (a dropped connection, a file that is not UTF-8) are one line too.
+    latin1 = tmp_path / "latin1"
+    latin1.mkdir()
+    (latin1 / "a.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(HomeLLMError, match=r"latin1: reading row 0 failed \(.*utf-8.*\): check the network"):
+        docs([f"hf:{latin1}"])
+
+
 def test_failed_prepare_keeps_earlier_data_and_readers_explain(tmp_path):
     good = write(tmp_path / "a.jsonl", '{"text": "hello"}\n{"text": "world"}\n')
     tok = str(char_tok(tmp_path, str(good)))

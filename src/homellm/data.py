@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -64,7 +65,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
       named directly is read the same way, or as one JSON array of records.
     - In every kind, CRLF in the text becomes LF: a corpus from Windows and one from elsewhere train alike.
     - a folder: its .txt and .jsonl files, recursively, in sorted order; a glob: the files it matches.
-    - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`).
+    - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`);
+      NAME may be a local folder in the hub's layout, read by the same code.
     With aozora=True, .txt files lose Aozora Bunko's markup (`_aozora_text`). Empty documents are skipped. Pieces
     of a text are cut only before a line break that follows a non-space character, which byte-level BPE never merges
     across: tokenizing the pieces equals tokenizing the whole.
@@ -480,6 +482,10 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
             yield text.replace("\r\n", "\n")
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def _hf_docs(spec: str, field: str) -> Iterator[str]:
     try:
         import datasets  # optional: only hub inputs need it
@@ -494,9 +500,17 @@ def _hf_docs(spec: str, field: str) -> Iterator[str]:
         # streaming: rows arrive as they download; nothing is cached whole, so the corpus may exceed the disk
         rows = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise HomeLLMError(f"{spec}: cannot load the dataset ({reason}): check the name, split and network") from None
-    for i, row in enumerate(rows):
+        raise HomeLLMError(f"{spec}: cannot load the dataset ({_first_line(e)}): check the name, split and "
+                           "network") from None
+    rows = iter(rows)
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a dropped connection, or files datasets cannot decode, show up only while reading
+            raise HomeLLMError(f"{spec}: reading row {i} failed ({_first_line(e)}): check the network, or the "
+                               "dataset's files") from None
         if field not in row:
             raise HomeLLMError(f"{spec}: row {i} has no field {field!r} (found: {', '.join(row)}): "
                                "pass --text-field with the field that holds the text")
