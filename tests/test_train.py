@@ -520,11 +520,12 @@ def test_written_files_follow_the_umask_like_any_other(reference):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
 
 
-def test_ddp_ranks_agree_on_a_time_budget(tmp_path, data_dir):
-    """Each rank's own clock once left one rank in the final checkpoint's collective and the other in a step."""
+def test_ddp_ranks_agree_on_a_time_budget(tmp_path, corpus):
+    """Each rank's own clock once left one rank in the final checkpoint's collective and the other in a step.
+    From raw text: rank 1 waits while rank 0 builds the tokenizer and shards in the run."""
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "homellm", "pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny",
+                "-m", "homellm", "pretrain", "--data", str(corpus), "--out", str(run), "--preset", "tiny",
                 "--max-steps", "0", "--max-time", "3", "--eval-every", "5", "--checkpoint-every", "0", "--device",
                 "cpu", "--batch-size", "4"]
     proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=240,

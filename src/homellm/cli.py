@@ -176,7 +176,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from homellm.sft import resolve_sft, sft
 
     summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(pick(args, TrainConfig))))
-    print(json.dumps(summary, ensure_ascii=False))
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(json.dumps(summary, ensure_ascii=False))
     _interrupted(summary)
 
 
@@ -378,6 +379,13 @@ def _said_by_local_rank_0() -> bool:
     return under_torchrun and os.environ.get("LOCAL_RANK", "0") != "0" and not connected
 
 
+def _leave_process_group() -> None:
+    """After a torchrun verb's success: torch warns at exit about a group left standing (NCCL's resources)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tokenizer"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
@@ -394,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         check_utf8(argv)
         check_out(args)
         args.func(args)
+        _leave_process_group()
     except BrokenPipeError:  # `homellm generate ... | head` closed its end: nothing left to say, to no one
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141

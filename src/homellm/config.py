@@ -304,7 +304,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gpt2-124m": (
         dict(family="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50304),
         dict(batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, max_steps=19_073, eval_every=250,
-             eval_batches=100, tokenizer_vocab=50257, dtype="bfloat16", compile=True, checkpoint_every=1000),
+             eval_batches=100, tokenizer_vocab=50257, compile=True, checkpoint_every=1000),
     ),
 }
 

@@ -138,7 +138,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         print(f"note: {run} trained on the arithmetic answers alone; this loss scores every token of the text, "
               "problems included, so it is far above the run's own val loss: `--task arithmetic` measures it",
               file=sys.stderr)
-    env = setup_env(TrainConfig(device=cfg.device))
+    env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype))  # scored as it trained
     model = load_model(run, cfg.checkpoint, env.device)
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     result = evaluate(model, data, min(cfg.batch_size, 64), cfg.batches, env)

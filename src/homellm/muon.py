@@ -2,7 +2,8 @@
 
 The update is torch.optim.Muon's with its defaults (Nesterov momentum 0.95, the quintic Newton-Schulz iteration in
 bfloat16, the learning rate scaled by sqrt(max(1, rows / cols)), decoupled weight decay), so a run can switch
-between the two (bit-identical on CPU, tested; on GPU batched kernels may round differently). torch.optim.Muon
+between the two (bit-identical on CPU, tested; on GPU batched kernels may round differently; on GPUs without native
+bfloat16 the iteration runs in float32). torch.optim.Muon
 orthogonalises one matrix at a time: a small model's 28 matrices cost 28 x 15
 small matmuls per step. Stacking the matrices of each shape makes that a few batched matmuls
 (bench/optimizer_step_ab.py measures both).
@@ -18,10 +19,18 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic iteration
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 as torch.optim.Muon, where the device has it natively (the CPU, CUDA from Ampere on); float32 on
+    GPUs that would emulate it (T4, V100: several times slower) and on Apple's MPS (bfloat16 needs macOS 14)."""
+    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """A batch (n, rows, cols) of matrices -> about their orthogonal factors U V^T (singular values near 1)."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.to(ns_dtype(g.device))
     tall = x.size(1) > x.size(2)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT

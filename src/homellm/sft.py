@@ -143,7 +143,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
 def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
-    from homellm.train import check_resume, steps_for_epochs, train
+    from homellm.train import check_resume, say, steps_for_epochs, train
 
     check_ranges(cfg)
     check_ranges(train_cfg)
@@ -176,8 +176,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
             raise HomeLLMError(f"--resume: {out}/config.json differs ({'; '.join(diffs)}): drop those flags, or "
                                "fine-tune into a new --out")
         if saved_sft.get("data") not in (None, list(cfg.data)):  # allowed, like new text for pretrain --resume
-            print(f"note: resuming on {' '.join(cfg.data)}, not the conversations the run began with "
-                  f"({' '.join(saved_sft['data'])})", file=sys.stderr)
+            say(f"note: resuming on {' '.join(cfg.data)}, not the conversations the run began with "
+                f"({' '.join(saved_sft['data'])})")
         if saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get("base_sha256"):
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
@@ -211,8 +211,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth of memory
         if lora:
             attach_lora(model, spec)
-            print(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
-                  f"{sum(p.numel() for p in model.parameters()):,}", file=sys.stderr)
+            say(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
+                f"{sum(p.numel() for p in model.parameters()):,}")
 
     extra: dict[str, Any] = {"sft": to_dict(replace(cfg, init=str(init.resolve()))), "sft_data": stats}
     if lora:

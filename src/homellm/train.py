@@ -8,10 +8,12 @@ sees the same tokens in the same order, so resuming needs only the step (plus op
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -151,7 +153,17 @@ def resolve_device(name: str) -> torch.device:
         raise HomeLLMError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs, numbered from 0")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise HomeLLMError(f"--device {name}: Apple's MPS is not available here: use --device cpu (or auto)")
+    if device.type == "cuda":  # TF32 matmuls: fp32 work (inference, --dtype float32) on the tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bfloat16 natively: CUDA from compute capability 8.0 (Ampere) on. torch's own
+    check also counts emulation, which on a T4, V100 or RTX 20xx runs without the tensor cores and without fast
+    attention kernels, several times slower than float16."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def setup_env(cfg: TrainConfig) -> Env:
@@ -159,20 +171,30 @@ def setup_env(cfg: TrainConfig) -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(cfg.device)
+    if world > 1 and dev.type == "mps":
+        raise HomeLLMError("torchrun with Apple's MPS: its GPU cannot join a process group; train in one process, or "
+                           "with --device cpu")
     if dev.type == "cuda":
+        if world > 1 and local_rank >= torch.cuda.device_count():
+            raise HomeLLMError(f"local rank {local_rank} has no GPU of its own: this machine's processes see "
+                               f"{torch.cuda.device_count()} CUDA GPUs; start at most that many per node "
+                               "(--nproc-per-node)")
         dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if cfg.dtype == "auto":  # float16 (with the grad scaler) where the GPU's bfloat16 would be emulated
+        dtype = (torch.bfloat16 if native_bf16(dev) else torch.float16) if dev.type == "cuda" else torch.float32
     elif cfg.dtype in dtypes:
         dtype = dtypes[cfg.dtype]
     else:
         raise HomeLLMError(f"--dtype {cfg.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
+    if dtype == torch.bfloat16 and dev.type == "cuda" and not native_bf16(dev):
+        major, minor = torch.cuda.get_device_capability(dev)
+        raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(dev)} (compute capability {major}.{minor}) "
+                           "only emulates bfloat16, several times slower; Ampere (8.0) and later have it: use "
+                           "--dtype float16 (or auto)")
     return Env(rank, world, local_rank, dev, dtype)
 
 
@@ -182,16 +204,20 @@ def _autocast(env: Env) -> contextlib.AbstractContextManager:
     return torch.autocast(env.device.type, dtype=env.dtype)
 
 
+# Dense (not sparse) bf16/fp16 tensor-core peaks, in FLOP/s, by device name, the more specific names first:
+# "L4" must not match an L40S (3x faster), nor "H100" an H100 PCIe, nor "4090" a laptop's 4090.
+_PEAK_FLOPS = ((r"Laptop|Mobile|Max-Q", None), (r"H[12]00 NVL", 835e12), (r"H100 PCIe", 756e12), (r"H[12]00", 989e12),
+               (r"A100\b", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12), (r"L4\b", 121e12), (r"A10\b", 125e12),
+               (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"V100", 125e12), (r"T4\b", 65e12))
+
+
+def peak_flops(name: str) -> float | None:
+    """The dense half-precision peak of a GPU by its name, for MFU; None for GPUs not in the table."""
+    return next((flops for pattern, flops in _PEAK_FLOPS if re.search(pattern, name)), None)
+
+
 def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known GPUs, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12),
-                       ("3090", 71e12), ("A10", 125e12), ("T4", 65e12)):
-        if key in name:
-            return flops
-    return None
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 # ---- optimizer and schedule ---------------------------------------------------------------------------------
@@ -244,18 +270,24 @@ def lr_factor(progress: float, step: int, cfg: TrainConfig, decay_start: float =
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators a run draws from: the CPU's, and its accelerator's (dropout on the GPU draws there). Only the
+    device trained on is touched: asking CUDA for its state on a CPU run would start a CUDA context per process."""
     state = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
              "python": json.dumps(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _all_sum(values: list[float], env: Env) -> list[float]:
@@ -368,13 +400,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 raise HomeLLMError(f"{folder}: its optimizer state does not fit this homellm's {type(opt).__name__} "
                                    f"({e}): resume it with the version that wrote it, or start a new run from its "
                                    "weights") from None
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # a run resumed on a GPU of another precision has none
+            scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
         # Checkpoints from before it was kept decayed from the run's start, and go on that way.
         warmup_at = tuple(state["warmup_at"]) if state.get("warmup_at") else (0, 0.0) if step > cfg.warmup_steps \
             else None
-        _set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
+        _set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0], env.device)
         if env.main:
             _truncate_metrics(metrics_path, step)
             print(f"resuming {run} from {folder.name} at step {step}", file=sys.stderr)
@@ -402,8 +435,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         model = torch.compile(model)
     ddp = env.world > 1
     if ddp:
+        # The only buffers are RoPE's tables, computed alike on every rank: broadcasting them each forward is waste.
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index]
-                                                          if env.device.type == "cuda" else None)
+                                                          if env.device.type == "cuda" else None,
+                                                          broadcast_buffers=False)
     eval_model = raw if not cfg.compile else model.module if ddp else model
     peak = _peak_flops(env.device)
     flops_per_token = raw.flops_per_token()
@@ -587,7 +622,7 @@ class _Interrupt:
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
     """RNG state of every rank (dropout differs per rank), gathered on rank 0."""
-    mine = _rng_state()
+    mine = _rng_state(env.device)
     if env.world == 1:
         return [mine]
     out: list[Any] = [None] * env.world
@@ -642,10 +677,15 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     grad_accum rows of `per_row` units a step on every process; said once, under torchrun too."""
     per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * per_row
     cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
-    if os.environ.get("RANK", "0") == "0":
-        print(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} {unit} read the {total:,} training "
-              f"{unit} {cfg.epochs:g} times over{how}", file=sys.stderr)
+    say(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} {unit} read the {total:,} training {unit} "
+        f"{cfg.epochs:g} times over{how}")
     return cfg
+
+
+def say(text: str) -> None:
+    """A line on stderr, once under torchrun: every rank reaches the same notes, and rank 0 says them."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
 
 
 def absolute_inputs(inputs: list[str]) -> list[str]:
@@ -713,17 +753,22 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError(f"{run} already holds a trained run: add --resume to continue it, or choose a new --out")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         setup_env(cfg)  # join the group before rank 0 prepares data, so the others can wait for it
-    if dist.is_initialized() and dist.get_rank() != 0:
+    # Preparing raw text can take hours, past the 10 minutes after which NCCL's watchdog kills a rank waiting in a
+    # collective (gloo's 30): the others wait for rank 0 in a gloo group of their own, with a day's patience.
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if dist.is_initialized() else None
+    if waiting is not None and dist.get_rank() != 0:
         try:
-            dist.barrier()
+            dist.barrier(group=waiting)
         except RuntimeError:  # rank 0 stopped, and printed why: one line here too, not a traceback
             raise HomeLLMError(f"rank {dist.get_rank()}: rank 0 stopped while preparing the data: see its error"
                                ) from None
         data_dir = prepare_inputs(cfg, model_cfg.block_size)
     else:
         data_dir = prepare_inputs(cfg, model_cfg.block_size)
-        if dist.is_initialized():
-            dist.barrier()
+        if waiting is not None:
+            dist.barrier(group=waiting)
+    if waiting is not None:
+        dist.destroy_process_group(waiting)
     tok = Tokenizer.load(data_dir)
     if cfg.resume and not tok.same_as(Tokenizer.load(run)):
         raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {run} was trained with: its "
@@ -736,14 +781,14 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
                            "drop --vocab-size")
     meta = read_meta(data_dir)
     if note := staged_note(data_dir):
-        print(f"note: {note}", file=sys.stderr)
+        say(f"note: {note}")
     if cfg.epochs > 0:
         # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
         # random windows, not one pass over each window.
         cfg = steps_for_epochs(cfg, meta["train_tokens"], model_cfg.block_size, "tokens", " (in random windows)")
     data = TokenBatches(data_dir, model_cfg.block_size, cfg.seed, tok.token_bytes())
     if data.no_val and (cfg.eval_every or cfg.patience):
-        print(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
-              f"{data.no_val}", file=sys.stderr)
+        say(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
+            f"{data.no_val}")
     return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir.resolve()), "data_meta": {
         k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")}})

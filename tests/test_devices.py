@@ -1,0 +1,85 @@
+"""Device and precision choices for GPUs this machine does not have: torch.cuda's answers are faked, so what homellm
+decides from them is tested here; the kernels themselves need the GPU."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from homellm.cli import main
+from homellm.config import TrainConfig
+from homellm.errors import HomeLLMError
+from homellm.muon import ns_dtype
+from homellm.train import peak_flops, setup_env
+
+
+def fake_gpu(monkeypatch, name: str, major: int, minor: int, count: int = 1) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        major=major, minor=minor, name=name))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation "works"
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_auto_precision_is_float16_where_bfloat16_would_be_emulated(monkeypatch):
+    """torch's is_bf16_supported() counts emulation: on a T4 (Colab's GPU) auto chose a bfloat16 that runs without
+    tensor cores or fast attention. Now auto is float16 there (with the grad scaler), bfloat16 from Ampere on."""
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", 8, 0)
+    assert setup_env(TrainConfig(device="cuda")).dtype == torch.bfloat16
+    assert ns_dtype(torch.device("cuda")) == torch.bfloat16
+    fake_gpu(monkeypatch, "Tesla T4", 7, 5)
+    assert torch.cuda.is_bf16_supported()  # torch's own check says yes: the trap
+    env = setup_env(TrainConfig(device="cuda"))
+    assert env.dtype == torch.float16 and env.device == torch.device("cuda", 0)
+    assert setup_env(TrainConfig(device="cuda", dtype="float32")).dtype == torch.float32
+    with pytest.raises(HomeLLMError, match=r"--dtype bfloat16: Tesla T4 \(compute capability 7.5\) only emulates "
+                                           r"bfloat16.*use --dtype float16 \(or auto\)"):
+        setup_env(TrainConfig(device="cuda", dtype="bfloat16"))
+    # Muon's Newton-Schulz iteration likewise: float32 there (and on MPS), bfloat16 as torch's Muon on the CPU.
+    assert ns_dtype(torch.device("cuda")) == torch.float32
+    assert ns_dtype(torch.device("mps")) == torch.float32 and ns_dtype(torch.device("cpu")) == torch.bfloat16
+    assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
+
+
+def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", 8, 9, count=2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(HomeLLMError, match=r"local rank 2 has no GPU of its own.*see 2 CUDA GPUs.*--nproc-per-node"):
+        setup_env(TrainConfig(device="auto"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(HomeLLMError, match="torchrun with Apple's MPS"):
+        setup_env(TrainConfig(device="auto"))
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None),
+    ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 4090 Laptop GPU", None), ("Tesla T4", 65e12),
+    ("Tesla V100-SXM2-16GB", 125e12), ("NVIDIA GeForce GTX 1080", None)])
+def test_mfu_peaks_match_whole_gpu_names(name, flops):
+    """Substrings used to match: an L40S took the L4's peak (MFU 3x too high), a 4090 laptop the desktop's."""
+    assert peak_flops(name) == flops
+
+
+def test_resuming_where_auto_means_float16_loads_a_run_saved_without_a_scaler(tmp_path, data_dir):
+    """A run saved in bfloat16 or float32 has an empty scaler state; resumed where `auto` means float16 (a T4), the
+    enabled scaler refused it. Emulated here by a saved float16 config over a float32 checkpoint."""
+    run = tmp_path / "run"
+    flags = ["--data", str(data_dir), "--out", str(run)]
+    assert main(["pretrain", *flags, "--preset", "tiny", "--device", "cpu", "--eval-every", "0",
+                 "--max-steps", "2"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["dtype"] = "float16"
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["pretrain", *flags, "--max-steps", "3", "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
