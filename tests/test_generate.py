@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from homellm.config import ModelConfig, SampleConfig, TokenizerConfig
+from homellm.errors import HomeLLMError
 from homellm.generate import (
     TextStream,
     beam_search,
@@ -301,3 +302,68 @@ def test_a_special_token_as_a_stop_ends_the_text(tok):
     assert stream.stopped and text + stream.flush() == "hello there"
     plain = TextStream(tok, [])
     assert "".join(plain.push(i) for i in ids) + plain.flush() == "hello thereuser\nmore"
+
+
+def test_a_sentencepiece_style_decoder_keeps_the_space_before_the_first_new_word(tmp_path):
+    """Llama's decoder strips the space a text's first token starts with ("▁they" alone is "they"): streamed or
+    beam-searched, the first new word lost its space after the prompt ("...is thethey"). The stream now starts
+    with the end of the prompt as context, so the new text is exactly decode(prompt + new) after decode(prompt)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from homellm.tokenizer import import_tokenizer
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf.train_from_iterator([EN * 20], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = import_tokenizer(tmp_path / "tokenizer.json")
+    model = tiny("llama", vocab=tok.vocab_size + 8)
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt)
+    stops, spaced = {tok.eot_id, tok.im_end_id}, 0
+    for cfg in [SampleConfig(temperature=1.0, max_new_tokens=12, seed=seed) for seed in range(12)] + [
+            SampleConfig(num_beams=2, max_new_tokens=12)]:
+        new = (beam_search(model, ids, 2, 12, stops, guard=tok.utf8_guard) if cfg.num_beams > 1 else
+               list(generate_ids(model, ids, cfg, stops, seeded_generator(cfg.seed, "cpu"), tok.utf8_guard)))
+        whole = tok.decode(ids + new, skip_special=True)
+        assert whole.startswith(prompt)
+        assert "".join(stream_ids(model, tok, ids, cfg)) == whole[len(prompt):]
+        spaced += whole[len(prompt):].startswith(" ")
+    assert spaced  # some replies began a new word: the case the old stream got wrong
+
+
+def test_the_padded_ids_past_the_tokenizer_are_never_chosen(tok):
+    """The model's vocabulary is padded to a multiple of 64. Tokenizers whose tokens are whole characters (char,
+    most imported ones) had no guard, so an untrained model sampled those ids, which are no text; greedy evaluation
+    could pick them too."""
+    model = tiny("gpt2", vocab=tok.vocab_size + 40)
+    with torch.no_grad():  # make the padded ids the likeliest, so the test cannot pass by chance
+        model.lm_head.weight[tok.vocab_size:] = model.lm_head.weight[:40] * 4
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=200, seed=0)
+    prompt = tok.encode(EN)
+    ids = list(generate_ids(model, prompt, cfg, set(), seeded_generator(0, "cpu"), tok.utf8_guard))
+    assert len(ids) == 200 and max(ids) < tok.vocab_size
+    assert max(beam_search(model, prompt, 3, 20, set(), guard=tok.utf8_guard)) < tok.vocab_size
+    from homellm.eval import greedy_complete
+
+    expected = prompt[-21:]
+    with torch.no_grad():
+        for _ in range(10):
+            expected.append(int(model(torch.tensor([expected]))[0][0, -1, :tok.vocab_size].argmax()))
+    assert greedy_complete(model, tok, [prompt[-21:]], 10, torch.tensor([-1])) == [tok.decode(expected[21:])]
+
+
+def test_sampling_edge_values_stay_finite_and_exact():
+    # A tiny repetition penalty (positive, so allowed) made the repeated logit inf and the probabilities NaN.
+    assert set(draws([1.0, 3.0, 2.0], history=[0], temperature=1.0, repetition_penalty=1e-45).tolist()) == {0}
+    # Top-p keeps the smallest set whose mass reaches it: 0.5 is reached by the first token alone.
+    probs = torch.tensor([0.5, 0.25, 0.25]).log().tolist()
+    assert set(draws(probs, temperature=1.0, top_p=0.5).tolist()) == {0}
+
+
+def test_more_beams_than_tokens_is_refused(tok):
+    model = tiny("gpt2", vocab=tok.vocab_size)
+    with pytest.raises(HomeLLMError, match=r"--num-beams 100000 is more than the \d+ tokens"):
+        list(stream_ids(model, tok, tok.encode(EN), SampleConfig(num_beams=100_000)))

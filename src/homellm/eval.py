@@ -56,7 +56,7 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
                 done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
                 generated = []
                 for t in range(steps):
-                    nxt = logits[:, -1].argmax(-1)
+                    nxt = logits[:, -1, :tok.vocab_size].argmax(-1)  # the padded ids past it are no token
                     generated.append(torch.where(done, -1, nxt))
                     done |= torch.isin(nxt, stop)
                     if bool(done.all()) or t == steps - 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import closing
 
 import torch
@@ -38,6 +38,8 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
         # CTRL's penalty: dividing a negative logit would raise it, so those are multiplied instead.
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        # Kept finite: a tiny penalty (1e-45 is positive) made them inf, and the probabilities NaN.
+        seen = seen.clamp(-torch.finfo(seen.dtype).max, torch.finfo(seen.dtype).max)
         logits = logits.scatter(1, history, seen)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -52,8 +54,10 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
     if cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token once the likelier ones already cover top_p; the likeliest has nothing before it, so it stays.
-        drop = probs.cumsum(dim=-1) - probs > cfg.top_p
+        # Drop a token once the likelier ones already reach top_p (the smallest such set, as Hugging Face's); the
+        # likeliest always stays, even at top_p 0.
+        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        drop[:, 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
@@ -92,6 +96,7 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
     was_training = model.training
     model.eval()  # no dropout
     state = 0 if guard is None else guard.state(tokens)
+    no_history = torch.empty(1, 0, dtype=torch.long, device=device)
     try:
         cache, logits = _prefill(model, tokens)
         for i in range(cfg.max_new_tokens):
@@ -100,7 +105,9 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
                     cache, logits = _prefill(model, tokens[-max(block // 2, 1):])
                 else:
                     logits = _extend(model, torch.tensor([tokens[-1:]], device=device), cache)
-            history = torch.tensor([tokens], device=device)
+            # The ids so far only matter to the repetition penalty: a tensor of them each step cost as much as the
+            # step itself on long generations.
+            history = torch.tensor([tokens], device=device) if cfg.repetition_penalty != 1.0 else no_history
             allowed = None if guard is None else guard.mask([state], device, logits.size(-1))
             token = int(sample_next(logits, history, cfg, generator, allowed))
             if token in stop_ids:
@@ -159,7 +166,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             beam = flat // vocab
             seqs = torch.cat([seqs[beam], (flat % vocab)[:, None]], dim=1)  # (num_beams, step + 1)
             if guard is not None:
-                states = [guard.state([t], states[b]) for b, t in zip(beam.tolist(), seqs[:, -1].tolist())]
+                states = [guard.state([t], states[b]) if score > float("-inf") else 0  # a dead beam's id is no token
+                          for b, t, score in zip(beam.tolist(), seqs[:, -1].tolist(), scores.tolist())]
             cache.reorder(beam)
             if scores[0] == float("-inf"):
                 break  # every continuation was a stop
@@ -194,14 +202,14 @@ class TextStream:
     """Generated ids in, printable text out: whole characters only, and never a stop string or what follows it.
     Text that may be the start of a stop string is held back until the next id settles it.
 
-        text = TextStream(tok, ["\n\n"])
+        text = TextStream(tok, ["\n\n"], prompt_ids)
         piece = text.push(token)      # "" while held; text.stopped once a stop string appeared
         tail = text.flush()           # at the end: what was held, minus any stop string
     """
 
-    def __init__(self, tok: Tokenizer, stops: list[str]):
-        self.decoder = tok.stream(skip_special=True)
-        self.guarded = tok.utf8_guard is not None
+    def __init__(self, tok: Tokenizer, stops: list[str], prompt: Sequence[int] = ()):
+        self.decoder = tok.stream(skip_special=True, context=prompt)
+        self.guarded = tok.utf8_guard.needed
         # A special token as a stop ("<|im_start|>") is one id, never seen as text: special tokens decode to "".
         special = {s: tok.hf.token_to_id(s) for s in stops if s in SPECIAL_TOKENS}
         self.stop_ids = {i for i in special.values() if i is not None}
@@ -241,15 +249,18 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                generator: torch.Generator | None = None) -> Iterator[str]:
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
     state across calls (a chat's turns); by default a fresh one seeded with cfg.seed."""
-    stream = TextStream(tok, cfg.stop)
+    stream = TextStream(tok, cfg.stop, ids)
     stop_ids = {tok.eot_id, tok.im_end_id} | stream.stop_ids
     start, new = time.perf_counter(), 0
+    if cfg.num_beams > tok.vocab_size:
+        raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
+                           "from: use fewer beams (4 is common)")
     try:
         if cfg.num_beams > 1:
             out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard)
             new = len(out)
-            text, _ = _cut_at_stop(tok.decode(out, skip_special=True), stream.stops)
-            if tok.utf8_guard is not None:
+            text, _ = _cut_at_stop(stream.decoder.push_all(out), stream.stops)
+            if stream.guarded:
                 text = text.rstrip("\ufffd")  # a character max_new_tokens cut short
             if text:
                 yield text

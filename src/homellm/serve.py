@@ -175,8 +175,7 @@ class Scheduler:
         self.lengths[row] = n
         if seq.seeded:
             seq.generator = seeded_generator(seq.cfg.seed, self.device, seq.index)  # choices differ, reproducibly
-        if self.tok.utf8_guard is not None:
-            seq.utf8 = self.tok.utf8_guard.state(seq.prompt)
+        seq.utf8 = self.tok.utf8_guard.state(seq.prompt)
         self._sample([seq], logits)
 
     def _step(self) -> None:
@@ -202,8 +201,7 @@ class Scheduler:
         guard = self.tok.utf8_guard
         for rows in groups.values():
             first = seqs[rows[0]]
-            allowed = None if guard is None else guard.mask([seqs[i].utf8 for i in rows], self.device,
-                                                            logits.size(-1))
+            allowed = guard.mask([seqs[i].utf8 for i in rows], self.device, logits.size(-1))
             try:
                 ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator, allowed)
             except Exception:  # these rows' settings: they fail, and the rows sampled with others' go on
@@ -220,8 +218,7 @@ class Scheduler:
             self._finish(seq, seq.text.flush(), "stop")
             return
         seq.tokens.append(token)
-        if self.tok.utf8_guard is not None:
-            seq.utf8 = self.tok.utf8_guard.state([token], seq.utf8)
+        seq.utf8 = self.tok.utf8_guard.state([token], seq.utf8)
         text = seq.text.push(token)
         if seq.text.stopped:
             self._finish(seq, text, "stop")
@@ -509,7 +506,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         _fit_context(prompts, params, block, "messages" if chat else "prompt")
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         seqs = [Sequence(prompt, params.sample, params.seeded, i * params.n + j, queue,
-                         TextStream(tok, params.sample.stop))
+                         TextStream(tok, params.sample.stop, prompt))
                 for i, prompt in enumerate(prompts) for j in range(params.n)]
         try:
             scheduler.submit(seqs)

@@ -134,8 +134,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
-    def stream(self, skip_special: bool = False) -> StreamDecoder:
-        return StreamDecoder(self, skip_special)
+    def stream(self, skip_special: bool = False, context: Sequence[int] = ()) -> StreamDecoder:
+        """A StreamDecoder for the ids that follow `context` (the prompt's), which it does not print."""
+        return StreamDecoder(self, skip_special, context)
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id adds to decoded text (`_pieces`), 0 for special and unknown tokens: bits per byte is
@@ -181,10 +182,10 @@ class Tokenizer:
         return pieces
 
     @functools.cached_property
-    def utf8_guard(self) -> Utf8Guard | None:
-        """What keeps sampling to valid UTF-8 (see Utf8Guard), or None when every token is whole characters."""
-        guard = Utf8Guard(self._pieces)
-        return guard if guard.needed else None
+    def utf8_guard(self) -> Utf8Guard:
+        """What keeps sampling to valid UTF-8 (see Utf8Guard) and to the tokenizer's ids: the model's vocabulary is
+        padded past them (to a multiple of 64), and an untrained model samples those ids, which are no text."""
+        return Utf8Guard(self._pieces)
 
     def same_as(self, other: Tokenizer) -> bool:
         """Whether both turn text into the same ids (the same vocabulary, merges and pre-processing)."""
@@ -305,12 +306,18 @@ class StreamDecoder:
     settles it. What it prints, joined, is exactly `decode(ids)`: text up to a whole character never changes
     as bytes are added. Only a short window of ids is decoded per token, so the cost stays flat."""
 
-    def __init__(self, tok: Tokenizer, skip_special: bool = False):
+    def __init__(self, tok: Tokenizer, skip_special: bool = False, context: Sequence[int] = ()):
         self._tok, self._skip = tok, skip_special
         # The window: context ids already printed (some decoders, SentencePiece's, drop a leading space that
         # only the first token of a text may drop), then the ids since; `_done` characters of its text are out.
+        # It starts with the end of the prompt, so the first new word keeps its space after it ("the" + "▁they").
         self._ids: list[int] = []
-        self._done = 0
+        for k in range(1, min(len(context), 8) + 1):
+            tail = tok.decode(list(context[-k:]), skip_special)
+            if tail and "\ufffd" not in tail:
+                self._ids = [int(i) for i in context[-k:]]
+                break
+        self._done = len(tok.decode(self._ids, skip_special)) if self._ids else 0
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
@@ -324,11 +331,16 @@ class StreamDecoder:
             for k in range(1, len(self._ids) + 1):
                 # A tail that decodes alone to exactly its part of the text: one byte token of a character
                 # (Llama's <0xE3>-style byte fallback) would turn every byte run after it into U+FFFDs.
+                # And not empty: after a skipped special token alone, the next word would lose its space again.
                 tail = self._tok.decode(self._ids[-k:], self._skip)
-                if "\ufffd" not in tail and text.endswith(tail):
+                if tail and "\ufffd" not in tail and text.endswith(tail):
                     self._ids, self._done = self._ids[-k:], len(tail)
                     break
         return new
+
+    def push_all(self, ids: Iterable[int]) -> str:
+        """The text of all of `ids` after what came before, held-back characters included."""
+        return "".join(self.push(i) for i in ids) + self.flush()
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character prints as U+FFFD), and a fresh start."""
