@@ -292,3 +292,26 @@ def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):
     out = io.StringIO()
     Chat(model, tok, dataclasses.replace(GREEDY, system="see 短"), out).context("hello")
     assert "[note: this model's tokenizer cannot write '短'" in out.getvalue()
+
+
+def test_input_that_is_not_utf8_is_refused_in_one_line_and_the_chat_goes_on(chat_run, tmp_path, monkeypatch):
+    """Undecodable bytes reach input() as lone surrogates (or as UnicodeDecodeError from a strict stdin): the
+    tokenizer raised a TypeError traceback and the conversation was lost. And /save ~/x.md saves in the home folder,
+    not in a new folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    answers = iter(["caf\udce9", None, USER, "/save ~/chat.md"])
+
+    def input_fn(prompt: str = "") -> str:
+        line = next(answers, "/quit")
+        if line is None:
+            raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+        return line
+
+    model, tok, _ = chat_run
+    out = io.StringIO()
+    chat = chat_loop(model, tok, GREEDY, input_fn, out)
+    errors = [line for line in out.getvalue().splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the message is not valid UTF-8 text: set the terminal to UTF-8 and type it again",
+                      "error: the message is not UTF-8 (invalid continuation byte at byte 0): set the terminal to "
+                      "UTF-8"]
+    assert chat.turns == [(USER, REPLY)] and (tmp_path / "chat.md").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import json
 import os
@@ -386,8 +387,22 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def utf8_output(*streams: Any) -> None:
+    """Text out as UTF-8 whatever the locale says: Windows writes a redirected stdout in cp1252, which cannot hold
+    Japanese or Chinese, and every print of such text failed with a traceback. A terminal that is not UTF-8 (rare:
+    Windows' console takes Unicode whatever its code page) shows what it cannot draw as "?"."""
+    for stream in streams:
+        if not hasattr(stream, "reconfigure") or codecs.lookup(stream.encoding or "ascii").name == "utf-8":
+            continue
+        if stream.isatty():
+            stream.reconfigure(errors="replace")
+        else:
+            stream.reconfigure(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    utf8_output(sys.stdout, sys.stderr)
     if argv[:1] == ["tokenizer"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
         # argparse would say "argument ACTION: invalid choice: 'corpus.txt'", naming the wrong word.
         print("homellm: error: `homellm tokenizer` takes its action first: `homellm tokenizer train --input ... "

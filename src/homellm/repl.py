@@ -112,9 +112,12 @@ class Chat:
         if dropped:
             self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)}; "
                      f"{len(self.turns)} left in the model's {block}-token context]")
-        if len(ids) + room > block:
+        if len(ids) >= block:
             self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: the model sees only "
                      "the end of them]")
+        elif len(ids) + room > block:
+            self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: a reply past "
+                     f"{block - len(ids)} tokens slides the window, and the start of the conversation leaves it]")
         return ids
 
     def reply(self, user: str) -> str:
@@ -167,9 +170,10 @@ class Chat:
             elif name == "save":
                 if not arg:
                     raise HomeLLMError("/save needs a file name, e.g. /save chat.md")
+                path = Path(arg).expanduser()  # no shell here to expand ~: it made a folder named "~"
                 try:
-                    check_overwrite(Path(arg), "# Conversation\n", "choose another file name")
-                    atomic_write_text(Path(arg), to_markdown(self.transcript))
+                    check_overwrite(path, "# Conversation\n", "choose another file name")
+                    atomic_write_text(path, to_markdown(self.transcript))
                 except OSError as e:
                     raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None
                 self.say(f"[{len(self.transcript)} messages saved to {arg}]")
@@ -196,6 +200,14 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig, input_fn: Callable[[s
         except (EOFError, KeyboardInterrupt):
             chat.say("")
             return chat
+        except UnicodeDecodeError as e:  # a terminal or pipe in another encoding: the message is lost, not the chat
+            chat.say(f"error: the message is not UTF-8 ({e.reason} at byte {e.start}): set the terminal to UTF-8")
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes that Python's stdin kept as lone surrogates
+            chat.say("error: the message is not valid UTF-8 text: set the terminal to UTF-8 and type it again")
+            continue
         if not line.strip():
             continue
         if line.startswith("/") and not line.startswith("//"):
