@@ -377,10 +377,10 @@ def test_sft_refuses_bad_init_and_out(tmp_path, base_run, capsys):
     assert "stopped-early holds no fine-tuning run to continue (no config.json)" in err
 
 
-def test_resuming_with_another_init_names_both(tmp_path, base_run):
+def test_resuming_lora_with_another_init_names_both(tmp_path, base_run):
     out = tmp_path / "s"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"sft": {"init": str(tmp_path / "elsewhere")}}))
+    (out / "config.json").write_text(json.dumps({"sft": {"init": str(tmp_path / "elsewhere")}, "lora": {}}))
     data = qa_file(tmp_path / "qa.jsonl", 10)
     with pytest.raises(HomeLLMError, match=r"--init .* is not the run's init \(.*elsewhere\): drop --init"):
         sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(out), resume=True))
@@ -394,3 +394,42 @@ def test_conversations_the_char_tokenizer_cannot_write_are_refused(tmp_path, bas
     with pytest.raises(HomeLLMError, match=r"ja.jsonl: .* tokens \(.*%\) are characters the tokenizer .* such as '"):
         sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(tmp_path / "s"), max_steps=1))
     assert not (tmp_path / "s" / "last").exists()
+
+
+def test_a_full_fine_tune_resumes_with_its_init_moved_and_its_data_named_relative(tmp_path, base_run, monkeypatch):
+    """A full fine-tune resumes from its own `last`: it used to need its --init run still in place (its weights
+    were loaded, then overwritten), and named the moved run and --init against each other. A relative --data was
+    saved as typed, so resuming from another folder read another file or none."""
+    from homellm.cli import main
+
+    base, work, out = tmp_path / "base", tmp_path / "work", tmp_path / "run"
+    shutil.copytree(base_run, base)
+    work.mkdir()
+    qa_file(work / "qa.jsonl", 30)
+    monkeypatch.chdir(work)
+    assert main(["sft", "--init", str(base), "--data", "qa.jsonl", "--out", str(out), "--max-steps", "2",
+                 "--eval-every", "0", "--batch-size", "4"]) == 0
+    assert json.loads((out / "config.json").read_text())["sft"]["data"] == [str(work / "qa.jsonl")]
+    base.rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 3
+    assert json.loads((out / "config.json").read_text())["sft"]["init"] == str(base)  # what it began from
+
+
+def test_bad_conversation_text_and_lora_targets_are_named(tmp_path, base_run):
+    """A lone surrogate ("\\ud800" in JSON) crashed the tokenizer with a TypeError traceback, --skip-bad or not; a
+    mistyped --lora-targets name was dropped without a word (only q_proj trained of "q_proj v_prj")."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good).replace("hi", "h\\ud800i") + "\n")
+    with pytest.raises(HomeLLMError, match=r"chats.jsonl:2: message 0 holds '\\ud800', half of a UTF-16 pair"):
+        read_conversations([str(path)])
+    assert read_conversations([str(path)], skip_bad=True) == ([[{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "ok"}]], 1)
+    cfg = replace(preset("tiny")[0], vocab_size=64)
+    with pytest.raises(HomeLLMError, match=r"--lora-targets v_prj names no linear layer of the model: use some of "
+                                           r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj", "v_prj"]))
+    lora = attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj,v_proj"]))  # the comma list users type
+    assert {k.split("_attn_")[-1] for k in lora.layers} == {"q_proj", "v_proj"}

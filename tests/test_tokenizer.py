@@ -202,12 +202,14 @@ def test_char_tokenizer_round_trip_and_unknown_characters(tmp_path):
     text = "hello wörld\n日本語 🎉\r\n"
     src = write(tmp_path / "a.jsonl", json.dumps({"text": text}) + "\n")
     tok = train_tokenizer(TokenizerConfig(input=[str(src)], out=str(tmp_path / "c"), kind="char", vocab_size=5))
-    alphabet = sorted(set(text.replace("\r\n", "\n")))  # the reader turns CRLF into LF
+    # The reader turns CRLF into LF; the chat roles' letters are always there, so any char model can learn to chat.
+    alphabet = sorted(set(text.replace("\r\n", "\n")) | set("systemuserassistant\n"))
     assert tok.kind == "char" and tok.vocab_size == len(SPECIAL_TOKENS) + 1 + len(alphabet)
     body = "".join(alphabet) * 3
     assert tok.encode(body) == [len(SPECIAL_TOKENS) + 1 + alphabet.index(c) for c in body]
     assert tok.decode(tok.encode(body)) == body
     assert tok.decode(tok.encode("hxz")) == f"h{UNK}{UNK}"  # char is lossless on the training alphabet only
+    assert UNK not in tok.decode(tok.encode("system\nuser\nassistant\n"))
     assert tok.token_bytes()[tok.encode(body)].sum() == len(body.encode())
     loaded = Tokenizer.load(tmp_path / "c")
     assert loaded.encode(body + EOT) == tok.encode(body + EOT)
@@ -250,10 +252,11 @@ def test_bad_input_errors(tmp_path):
 
 
 def test_max_chars_caps_training_text(tmp_path):
-    corpus = write(tmp_path / "a.txt", "ab" * 100 + "xyz")
+    corpus = write(tmp_path / "a.txt", "bc" * 100 + "xqz")
     tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "c"), kind="char", max_chars=50))
-    assert tok.vocab_size == len(SPECIAL_TOKENS) + 1 + 2  # x, y, z lie past the cap
-    assert tok.encode("xa") == [4, 5]  # x is <|unk|>
+    roles = len(set("systemuserassistant\n"))  # always in a char vocabulary
+    assert tok.vocab_size == len(SPECIAL_TOKENS) + 1 + 2 + roles  # x, q, z lie past the cap
+    assert tok.encode("x")[0] == tok.unk_id and tok.unk_id not in tok.encode("bc")
 
 
 def write(path: Path, text: str) -> Path:

@@ -119,6 +119,11 @@ def _check_training(messages: list[Message], where: str) -> list[Message]:
     if not any(m["role"] == "assistant" for m in messages):
         raise HomeLLMError(f"{where}: the conversation has no assistant turn: nothing to learn from it")
     for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which are no text
+            raise HomeLLMError(f"{where}: message {i} holds {m['content'][e.start]!r}, half of a UTF-16 pair, which "
+                               "is no character: fix the text, or drop the line") from None
         if m["role"] == "system" and i > 0:
             raise HomeLLMError(f"{where}: message {i} is a system message: only the first message may be one")
         if m["role"] == "assistant" and not m["content"].strip():

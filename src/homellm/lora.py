@@ -46,8 +46,9 @@ class LoRA(nn.Module):
         names: dict[int, list[str]] = {}
         for pname, param in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(pname)
+        targets = [t.strip() for item in spec.targets for t in item.split(",") if t.strip()]  # "q_proj,v_proj" too
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name.split(".")[-1] in spec.targets:
+            if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
                 if len(shared := names[id(module.weight)]) > 1:
                     # Merged, the update would change every user of the weight, not only the layer it trained in.
                     # Loading merges too, so a run made before this check is refused rather than run wrongly.
@@ -65,6 +66,10 @@ class LoRA(nn.Module):
                 self.A[key] = nn.Parameter(A)
                 self.B[key] = nn.Parameter(torch.zeros(module.out_features, spec.rank, device=module.weight.device))
                 self.layers[key] = module
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        if new and (unknown := [t for t in targets if t not in linear]):  # a typo (v_prj) was left out unsaid
+            raise HomeLLMError(f"--lora-targets {unknown[0]} names no linear layer of the model: use some of "
+                               f"{', '.join(linear)}")
         if not self.layers:
             raise HomeLLMError(f"--lora-targets {','.join(spec.targets)} match no linear layer of the model: use "
                                "names such as q_proj, v_proj, up_proj, down_proj")

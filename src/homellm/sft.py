@@ -143,7 +143,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
 def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
-    from homellm.train import check_resume, say, steps_for_epochs, train
+    from homellm.train import absolute_inputs, check_resume, say, steps_for_epochs, train
 
     check_ranges(cfg)
     check_ranges(train_cfg)
@@ -156,18 +156,26 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError("--out is required: the run folder to write")
     if not cfg.data:
         raise HomeLLMError("--data is required: .jsonl files of conversations")
+    # Kept absolute, as pretrain's --data: resumed from another folder, a relative path read other files, or none.
+    cfg = replace(cfg, data=absolute_inputs(cfg.data))
     init, out = Path(cfg.init), Path(train_cfg.out)
     if init.resolve() == out.resolve():
         raise HomeLLMError(f"--out {out} is the --init run: write the fine-tuned model to a new folder")
-    model_cfg, _ = read_config(init)
-    if "lora" in load_json(init / "config.json"):
+    saved = load_json(out / "config.json") if train_cfg.resume and (out / "config.json").is_file() else {}
+    # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
+    # and may have moved or gone. LoRA adapters always need their base.
+    own = bool(saved) and "lora" not in saved
+    source = out if own else init
+    model_cfg, _ = read_config(source)
+    if not own and "lora" in load_json(init / "config.json"):
         raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge {init} --out "
                            "MERGED`) and fine-tune the merged run")
-    folder = find_checkpoint(init, cfg.init_checkpoint)
+    folder = None if own else find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
-        saved = load_json(out / "config.json") if (out / "config.json").is_file() else {}
         saved_sft = saved.get("sft", {})
-        if saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
+        if own:
+            cfg = replace(cfg, init=saved_sft.get("init", cfg.init))  # what the run began from, whatever is there now
+        elif saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
             raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_sft['init']}): drop --init to "
                                "continue the run, or choose a new --out")
         diffs = [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in saved_sft.items()
@@ -175,17 +183,28 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         if diffs:
             raise HomeLLMError(f"--resume: {out}/config.json differs ({'; '.join(diffs)}): drop those flags, or "
                                "fine-tune into a new --out")
-        if saved_sft.get("data") not in (None, list(cfg.data)):  # allowed, like new text for pretrain --resume
+        # Other conversations are allowed, as new text for pretrain --resume (absolute: older runs saved them as typed)
+        if saved_sft.get("data") is not None and absolute_inputs(saved_sft["data"]) != cfg.data:
             say(f"note: resuming on {' '.join(cfg.data)}, not the conversations the run began with "
                 f"({' '.join(saved_sft['data'])})")
-        if saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get("base_sha256"):
+        if folder is not None and saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get(
+                "base_sha256"):
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
         check_resume(out, model_cfg, train_cfg)
     elif (out / "last").exists():
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
-    tok = Tokenizer.load(init)
+    tok = Tokenizer.load(source)
     conversations, bad = read_conversations(cfg.data, cfg.skip_bad)
+    if tok.unk_id is not None:
+        roles = sorted({"user", "assistant"} | {m["role"] for conv in conversations for m in conv})
+        if cannot := [r for r in roles if tok.unk_id in tok.encode(r + "\n")]:
+            # A char tokenizer learns only the characters of its text: a Chinese corpus has no Latin letters, and
+            # every turn's header would read as unknowns, the user's and the assistant's alike.
+            raise HomeLLMError(f"{source}'s tokenizer cannot write the chat role names ({', '.join(cannot)}): it is a "
+                               "char tokenizer trained on text without their letters; train it on your text plus a "
+                               "file holding 'system user assistant' (`homellm tokenizer train --kind char --input "
+                               "TEXT roles.txt --out TOK`), then prepare and pretrain with it, or use a BPE tokenizer")
     data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg, train_cfg.grad_accum)
     rows = [data.rows[split][0] for split in ("train", "val")]
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
@@ -208,13 +227,14 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         lora = {"base": str(init.resolve()), "base_checkpoint": folder.name,
                 "base_sha256": sha256_file(folder / WEIGHTS), "spec": to_dict(spec)}
     def init_model(model: torch.nn.Module) -> None:
-        load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth of memory
+        if folder is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
+            load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth
         if lora:
             attach_lora(model, spec)
             say(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
                 f"{sum(p.numel() for p in model.parameters()):,}")
 
-    extra: dict[str, Any] = {"sft": to_dict(replace(cfg, init=str(init.resolve()))), "sft_data": stats}
+    extra: dict[str, Any] = {"sft": to_dict(replace(cfg, init=str(Path(cfg.init).resolve()))), "sft_data": stats}
     if lora:
         extra["lora"] = lora
     summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra)

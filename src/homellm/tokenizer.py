@@ -23,7 +23,17 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, TokenizerConfig, save_json
+from homellm.config import (
+    CHAT_TEMPLATE,
+    EOT,
+    IM_END,
+    IM_START,
+    PAD,
+    ROLES,
+    SPECIAL_TOKENS,
+    TokenizerConfig,
+    save_json,
+)
 from homellm.errors import HomeLLMError
 from homellm.io import atomic_write
 
@@ -425,14 +435,17 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 def _train_char(texts: Iterator[str], words: Sequence[str] = ()) -> Tokenizer:
     """One token per character, ids in code-point order after the specials (nanoGPT's char model), then one
     per word: a string such as `\\times` that is always one token, which shortens every sequence that has it.
-    Lossless only on the training alphabet: other characters become <|unk|>. --vocab-size does not apply."""
+    Lossless only on the training alphabet (plus the letters of the chat roles): other characters become <|unk|>.
+    --vocab-size does not apply."""
     for w in words:
         if not w or any(special in w for special in [*SPECIAL_TOKENS, UNK]):
             raise HomeLLMError(f"--words {w!r}: a word must be non-empty and hold no special token such as {EOT}: "
                                "plain text must never encode to one")
         if "\n" in w:
             raise HomeLLMError(f"--words {w!r}: a word cannot hold a line break (`prepare` may cut text there)")
-    chars: set[str] = set()
+    # The chat format's role names and line break, whatever the text: a char model of a Chinese corpus could
+    # otherwise never be fine-tuned into a chat model (every turn's header would read as unknowns).
+    chars: set[str] = set("".join(ROLES) + "\n")
     for text in texts:
         chars.update(text)
     vocab = {s: i for i, s in enumerate([*SPECIAL_TOKENS, UNK])}
