@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -384,7 +385,8 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert (run / "metrics.jsonl").read_text() == before
     timed = replace(cfg, max_steps=0, max_time=0.001)
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
-    assert "(max_time): raise --max-steps or --max-time" in capsys.readouterr().err
+    assert re.search(r"note: .*run has used \d+ s, its whole --max-time 0.001 \(evaluations count too\): raise "
+                     r"--max-time above \d+ to train it further", capsys.readouterr().err)
     more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
     err = capsys.readouterr().err
     assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in err
@@ -416,6 +418,35 @@ def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(t
     summary = pretrain(model_cfg, cfg)
     assert (summary["steps"], summary["stop"]) == (3, "max_time")
     assert json.loads((tmp_path / "run" / "last" / "checkpoint.json").read_text())["step"] == 3
+
+
+def test_a_time_budget_keeps_room_for_the_final_evaluation(tmp_path, data_dir, monkeypatch):
+    """The evaluation after the last step ran past --max-time (a 30 s run took 54 s on a busy machine, and the
+    excess was carried into the next session's budget). The budget now keeps room for it: as long as the latest
+    evaluation took. A fake clock: every reading moves it 0.1 s, an evaluation 10 s."""
+    from homellm import train as module
+
+    clock = [0.0]
+
+    def tick() -> float:
+        clock[0] += 0.1
+        return clock[0]
+
+    evaluate = module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock[0] += 10.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(module.time, "perf_counter", tick)
+    monkeypatch.setattr(module, "evaluate", slow_evaluate)
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=50.0, eval_every=20,
+                  checkpoint_every=0)
+    summary = pretrain(model_cfg, cfg)
+    evals = [r for r in metrics(tmp_path / "run") if "val_loss" in r]
+    assert summary["stop"] == "max_time" and len(evals) >= 2 and evals[-1]["step"] == summary["steps"]
+    assert 40 <= summary["elapsed_s"] <= 50.5  # the final evaluation included; before, 60.1
 
 
 def test_schedule_warmup_cosine_and_wsd():

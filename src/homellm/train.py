@@ -443,11 +443,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     peak = _peak_flops(env.device)
     flops_per_token = raw.flops_per_token()
 
+    # The evaluation after the last step counts against --max-time too: the budget keeps room for it, as long as
+    # the latest evaluation took, or before the first one a guess from the steps' pace (an evaluation batch is a
+    # forward pass, about a third of a training micro-batch's work). Both come from the clock the ranks agree on.
+    final_eval = {"seconds": 0.0, "measured": False, "since": (step, elapsed)}
+    evaluates = cfg.eval_every > 0 and cfg.max_time > 0 and not getattr(data, "no_val", None)
+
     def progress(at: tuple[int, float] | None = None) -> float:
         """How far the run is towards its end (steps or time, whichever is further), now or at (step, elapsed)."""
         s, e = at or (step, elapsed)
         p = s / cfg.max_steps if cfg.max_steps > 0 else 0.0
-        return max(p, e / cfg.max_time) if cfg.max_time > 0 else p
+        return max(p, e / max(cfg.max_time - final_eval["seconds"], cfg.max_time / 2)) if cfg.max_time > 0 else p
 
     def checkpoint(name: str, info: dict[str, Any]) -> None:
         rng = _gather_rng(env)
@@ -471,7 +477,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     if finished():  # resumed after its end: nothing to do
         if progress() < 1.0:
             stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
-        if env.main:
+        if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
+            bar.write(f"note: {run} has used {elapsed:.0f} s, its whole --max-time {cfg.max_time:g} (evaluations "
+                      f"count too): raise --max-time above {elapsed:.0f} to train it further", file=sys.stderr)
+        elif env.main:
             bar.write(f"note: {run} had already finished at step {step} ({stop_reason}): raise --max-steps or "
                       "--max-time (or --patience) to train it further", file=sys.stderr)
         if resumed_from is not None and resumed_from != run / "last":  # killed while its final `last` was written
@@ -520,6 +529,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             step += 1
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
             elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked)
+            if evaluates and not final_eval["measured"]:
+                s0, e0 = final_eval["since"]
+                final_eval["seconds"] = cfg.eval_batches * (elapsed - e0) / (step - s0) / cfg.grad_accum / 3
             done = progress() >= 1.0
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
             halted = asked and not done
@@ -547,7 +559,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
                 # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
                 # is the last, with its checkpoint, rather than the loop ending without one.
+                before = elapsed
                 elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)[0]
+                final_eval.update(seconds=elapsed - before, measured=True)
                 done = done or progress() >= 1.0
                 if last_val is not None:
                     record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
@@ -580,8 +594,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             if done or halted:
                 if halted:
                     stop_reason = "interrupted"
-                elif cfg.max_time > 0 and elapsed >= cfg.max_time and stop_reason == "max_steps":
-                    stop_reason = "max_time"
+                elif cfg.max_time > 0 and not 0 < cfg.max_steps <= step and stop_reason == "max_steps":
+                    stop_reason = "max_time"  # (it may stop short of the budget: room kept for the final evaluation)
                 break
     bar.close()
     if ddp:
