@@ -124,6 +124,13 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys):
     assert 0 < result["val_loss"] < math.log(64) + 0.5
     assert math.isclose(result["val_bpb"], result["val_loss"] / math.log(2), rel_tol=1e-6)  # ASCII: 1 byte/char
     assert "note:" not in out.err
+    # 50 batches of 64 random windows (the default) read a small val split many times over, for minutes: the
+    # batches stop at about one window per block_size val tokens.
+    meta = json.loads((data_dir / "meta.json").read_text())
+    block = json.loads((run / "config.json").read_text())["model"]["block_size"]
+    assert main(["eval", str(run), "--task", "loss"]) == 0
+    batches = math.ceil(math.ceil(meta["val_tokens"] / block) / 64)
+    assert 1 <= batches < 50 and f"evaluating {batches} batch" in capsys.readouterr().err
     # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))
@@ -181,7 +188,7 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     again = homellm("eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5")
     assert "ja" in again.stdout and "overall" in again.stdout
     again = homellm("eval", str(run), "--task", "chat-arithmetic", "--n", "5", check=False)
-    assert again.returncode == 2 and "is not a chat model" in again.stderr
+    assert again.returncode == 2 and f"is the quickstart's base model; its chat model is {run / 'chat'}" in again.stderr
 
 
 def test_chat_questions_keep_the_problem_and_score_replies_exactly():

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from homellm.chat import prompt_ids, render
-from homellm.checkpoint import load_model
+from homellm.checkpoint import is_sft, load_model
 from homellm.config import ModelConfig, SampleConfig, ServeConfig, TokenizerConfig, TrainConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_text
@@ -422,13 +422,19 @@ def test_serve_per_row_cache_equals_one_sequence_at_a_time():
             torch.testing.assert_close(torch.stack([g[i] for g in got]), want[i], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
-def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run, host):
+@pytest.mark.parametrize("host, key", [("127.0.0.1", "k"), ("0.0.0.0", "k"), ("0.0.0.0", "")])
+def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run, host, key):
     proc = subprocess.Popen([sys.executable, "-m", "homellm", "serve", str(run), "--port", "0", "--host", host,
-                             "--api-key", "k"], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             *(["--api-key", key] if key else [])], text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         first = proc.stdout.readline()
+        # Every address and no key: said, as the README asks for one. A pretrained-only run: said, as chat says.
+        # (Read here, line by line: communicate() below reads the pipe itself, past what readline buffered.)
+        said = [host == "0.0.0.0" and not key, not is_sft(run)]
+        notes = "".join(proc.stdout.readline() for _ in range(sum(said)))
+        assert ("anyone on the network can use it; set one with --api-key" in notes) == said[0]
+        assert ("was pretrained only, not fine-tuned on conversations" in notes) == said[1]
         url = first.split(" at ")[1].split()[0]
         # Listening on every address prints an address a browser can open, and says the rest.
         assert url.startswith("http://127.0.0.1:")

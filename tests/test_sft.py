@@ -171,6 +171,7 @@ def test_chat_batches_pack_split_truncate_and_skip(bpe):
 def test_packed_rows_train_exactly_what_padded_rows_do(bpe):
     """Packing changes the layout, not the maths: the summed loss over all conversations is the same."""
     convs = [CHAT[1:3], CHAT[1:2] + [{"role": "assistant", "content": "いいえ、違います。"}], CHAT[1:3] * 2] * 3
+    torch.manual_seed(0)  # whatever ran before: some random models attend so evenly that the check below is moot
     model = GPT(replace(preset("tiny")[0], vocab_size=bpe.vocab_size, block_size=128)).eval()
     sums = {}
     for pack in (True, False):
@@ -433,3 +434,15 @@ def test_bad_conversation_text_and_lora_targets_are_named(tmp_path, base_run):
         attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj", "v_prj"]))
     lora = attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj,v_proj"]))  # the comma list users type
     assert {k.split("_attn_")[-1] for k in lora.layers} == {"q_proj", "v_proj"}
+
+
+def test_a_context_too_short_for_most_conversations_is_said(tmp_path, base_run, capsys):
+    long = {"messages": [{"role": "user", "content": "what does the cat see? " * 6},
+                         {"role": "assistant", "content": "the moon. " * 6}]}
+    path = tmp_path / "long.jsonl"
+    path.write_text((json.dumps(long) + "\n") * 8)
+    qa_file(tmp_path / "short.jsonl", 4)
+    sft(SFTConfig(init=str(base_run), data=[str(path), str(tmp_path / "short.jsonl")]),
+        TrainConfig(out=str(tmp_path / "o"), max_steps=1, eval_every=0, batch_size=2))
+    assert "note: 8 of 12 conversations (67%) are longer than the model's 64-token context and were cut or " \
+           "skipped: fine-tune a base pretrained with a longer --block-size" in capsys.readouterr().err

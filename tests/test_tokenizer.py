@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from conftest import homellm
 from homellm.config import CHAT_TEMPLATE, EOT, IM_END, IM_START, PAD, SPECIAL_TOKENS, PrepareConfig, TokenizerConfig
 from homellm.data import prepare
 from homellm.errors import HomeLLMError
@@ -364,3 +365,14 @@ def test_byte_fallback_tokens_count_one_byte_even_when_marked_special(tmp_path):
     assert (tok.token_bytes() == plain.token_bytes()).all() and tok.token_bytes()[tok.hf.token_to_id("<0x8B>")] == 1
     text = "a 日本語 abc ＡＢＣ"
     assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode()) + 1  # and the ▁ put before the text
+
+
+def test_a_vocabulary_the_text_cannot_fill_is_said(tmp_path):
+    """--vocab-size 100000 on a small text gave a few hundred ids without a word, and the trainer's progress left
+    blank lines in the command's output."""
+    corpus = write(tmp_path / "a.txt", "the cat sees the moon. " * 50)
+    proc = homellm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "100000", "--out",
+                   str(tmp_path / "t"))
+    ids = Tokenizer.load(tmp_path / "t").vocab_size
+    assert ids < 400 and f"note: the text gives {ids:,} tokens, not the 100,000 asked" in proc.stderr
+    assert proc.stdout == f"tokenizer (bpe, {ids} ids) written to {tmp_path / 't'}\n"

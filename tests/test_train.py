@@ -564,3 +564,23 @@ def test_ddp_ranks_agree_on_a_time_budget(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"stop": "max_time"') == 1  # the summary, from rank 0 only
     assert (run / "last" / "model.safetensors").is_file()
+
+
+def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpus, capsys):
+    """`prepare` into the folder a run trained on replaced its shards: --resume went on with the new text, and the
+    run's config took the new counts, without a word."""
+    from homellm.cli import main
+
+    prep, run = tmp_path / "prep", tmp_path / "run"
+    shutil.copytree(data_dir, prep)
+    flags = ["--out", str(run), "--eval-every", "0"]
+    assert main(["pretrain", "--data", str(prep), "--preset", "tiny", "--max-steps", "2", *flags]) == 0
+    assert main(["pretrain", "--resume", "--max-steps", "3", *flags]) == 0
+    assert "changed since" not in capsys.readouterr().err  # the same data: nothing to say
+    half = tmp_path / "half.txt"
+    half.write_text("".join(corpus.read_text().splitlines(keepends=True)[:1500]))
+    assert main(["prepare", "--input", str(half), "--tokenizer", str(prep), "--out", str(prep)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", "--max-steps", "4", *flags]) == 0
+    assert re.search(rf"note: {prep} changed since {run} last trained on it \([\d,]+ -> [\d,]+ training tokens\)",
+                     capsys.readouterr().err)

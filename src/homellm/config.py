@@ -116,7 +116,7 @@ class TrainConfig:
 
 @dataclass
 class TokenizerConfig:
-    input: list[str] = field(default_factory=list)  # .txt/.jsonl files, folders, globs, or hf:NAME
+    input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[:SPLIT]
     out: str = ""
     kind: str = "bpe"  # bpe: byte-level BPE (lossless on any text); char: one token per character
     words: list[str] = field(default_factory=list)  # char only: strings that are one token each, e.g. \times
@@ -130,7 +130,7 @@ class TokenizerConfig:
 
 @dataclass
 class PrepareConfig:
-    input: list[str] = field(default_factory=list)  # .txt/.jsonl files, folders, globs, or hf:NAME
+    input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[:SPLIT]
     tokenizer: str = ""  # a tokenizer dir (or a run dir holding one)
     out: str = ""
     text_field: str = "text"
@@ -193,7 +193,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class SFTConfig:
     init: str = ""  # the trained run to fine-tune (pretrained, or an earlier SFT)
     init_checkpoint: str = "best"  # which checkpoint of --init: best or last
-    data: list[str] = field(default_factory=list)  # .jsonl conversations: {"messages": [...]} or Alpaca fields
+    data: list[str] = field(default_factory=list)  # .jsonl/.json files or folders: OpenAI, ShareGPT or Alpaca
     val_fraction: float = 0.05  # conversations held out for the val loss
     pack: bool = True  # several whole conversations per row (fast); --no-pack pads one conversation per row
     overlong: str = "truncate"  # conversations longer than the context: truncate or skip (both are counted)

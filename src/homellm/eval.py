@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -141,7 +142,14 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype))  # scored as it trained
     model = load_model(run, cfg.checkpoint, env.device)
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
-    result = evaluate(model, data, min(cfg.batch_size, 64), cfg.batches, env)
+    # Windows are drawn at random: past about one per block of val tokens they only repeat the same text (50
+    # batches of 64 on a 4,000-token split read it 100 times over, for minutes).
+    batch = min(cfg.batch_size, 64)  # windows of a whole context each: 64 keep the memory of one batch modest
+    windows = math.ceil(sum(len(m) for m in data.splits["val"]) / model_cfg.block_size)
+    batches = min(cfg.batches, max(1, math.ceil(windows / batch)))
+    print(f"evaluating {batches} batch{'es' * (batches != 1)} of {batch} windows of {model_cfg.block_size} tokens "
+          f"from {data_dir}'s val split", file=sys.stderr)
+    result = evaluate(model, data, batch, batches, env)
     if result is None:
         raise HomeLLMError(f"--data {data.no_val}")
     result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, **result}
@@ -164,6 +172,9 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem per phrasing")
     if "sft" not in _run_config(run):
+        if (run / "chat" / "config.json").is_file():  # `quickstart --chat` puts its chat model in RUN/chat
+            raise HomeLLMError(f"{run} is the quickstart's base model; its chat model is {run / 'chat'}: "
+                               f"`homellm eval {run / 'chat'} --task chat-arithmetic`")
         raise HomeLLMError(f"{run} is not a chat model (its config.json has no sft section): fine-tune one with "
                            "`homellm quickstart --chat` or `homellm sft`, or use --task arithmetic")
     tok = Tokenizer.load(run)

@@ -19,6 +19,7 @@ import re
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -681,6 +682,8 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     _require_server_packages()
     import uvicorn
 
+    from homellm.checkpoint import is_sft
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
@@ -714,6 +717,12 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=3))
     print(f"homellm: serving {Path(run).resolve().name} at {url} (chat page: {url}/, OpenAI API: {url}/v1)"
           f"{everywhere}; Ctrl-C stops", flush=True)
+    if shown != host and not cfg.api_key:  # anyone who can reach this machine may use its model (and its CPU)
+        print("note: every address and no --api-key: anyone on the network can use it; set one with --api-key "
+              "(e.g. --api-key \"$(openssl rand -hex 16)\")", file=sys.stderr, flush=True)
+    if not is_sft(run):  # as chat says: the chat page and /v1/chat/completions will not get answers
+        print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): chat replies may "
+              "not answer; /v1/completions continues text", file=sys.stderr, flush=True)
     if ready is not None:
         ready(url, server)
     with sock:

@@ -218,6 +218,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
               f"{n_rows:,} training rows of {model_cfg.block_size} tokens"
               f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
               f"long, {bad} bad lines skipped", file=sys.stderr)
+    if (cut := stats["truncated"] + stats["skipped"]) > 0.2 * stats["conversations"]:
+        # Cut conversations lose their later turns, replies included: a base with too short a context for this data.
+        say(f"note: {cut:,} of {stats['conversations']:,} conversations ({cut / stats['conversations']:.0%}) are "
+            f"longer than the model's {model_cfg.block_size}-token context and were cut or skipped: fine-tune a base "
+            "pretrained with a longer --block-size (e.g. 512) to keep them whole")
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
         train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")

@@ -426,9 +426,13 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
                            f"{len(alphabet) + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     tok = _byte_level(HFTokenizer(models.BPE()))
     # The full 256-byte alphabet, seen in training or not: any text, in any script, round-trips losslessly.
+    # The trainer's progress goes to stdout, and away from a terminal it is only blank lines in the output.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_special_tokens(), initial_alphabet=alphabet,
-                                  show_progress=True)
+                                  show_progress=sys.stdout.isatty())
     tok.train_from_iterator(texts, trainer)
+    if (got := tok.get_vocab_size()) < vocab_size:  # merging stops when no pair of tokens repeats
+        print(f"note: the text gives {got:,} tokens, not the {vocab_size:,} asked: every pair that repeats is merged "
+              "already; more text would give more", file=sys.stderr)
     return Tokenizer(tok)
 
 

@@ -796,6 +796,12 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     meta = read_meta(data_dir)
     if note := staged_note(data_dir):
         say(f"note: {note}")
+    kept = ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")
+    was = load_json(run / "config.json").get("data_meta") if cfg.resume else None
+    if was and was != {k: meta[k] for k in kept}:  # prepared again since (same folder, other text): said, not hidden
+        say(f"note: {data_dir} changed since {run} last trained on it ({was.get('train_tokens', 0):,} -> "
+            f"{meta['train_tokens']:,} training tokens): training goes on with the new data, and its val loss "
+            "is not comparable with the earlier one")
     if cfg.epochs > 0:
         # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
         # random windows, not one pass over each window.
@@ -805,4 +811,4 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         say(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
             f"{data.no_val}")
     return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir.resolve()), "data_meta": {
-        k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")}})
+        k: meta[k] for k in kept}})
