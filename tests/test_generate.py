@@ -322,7 +322,7 @@ def test_a_sentencepiece_style_decoder_keeps_the_space_before_the_first_new_word
     model = tiny("llama", vocab=tok.vocab_size + 8)
     prompt = "The quick brown fox"
     ids = tok.encode(prompt)
-    stops, spaced = {tok.eot_id, tok.im_end_id}, 0
+    stops, spaced = {tok.eot_id, tok.im_end_id, tok.im_start_id}, 0
     for cfg in [SampleConfig(temperature=1.0, max_new_tokens=12, seed=seed) for seed in range(12)] + [
             SampleConfig(num_beams=2, max_new_tokens=12)]:
         new = (beam_search(model, ids, 2, 12, stops, guard=tok.utf8_guard) if cfg.num_beams > 1 else
@@ -367,3 +367,20 @@ def test_more_beams_than_tokens_is_refused(tok):
     model = tiny("gpt2", vocab=tok.vocab_size)
     with pytest.raises(HomeLLMError, match=r"--num-beams 100000 is more than the \d+ tokens"):
         list(stream_ids(model, tok, tok.encode(EN), SampleConfig(num_beams=100_000)))
+
+
+def test_a_new_turn_ends_a_reply(tok):
+    """A chat model that skips <|im_end|> and opens the next turn (<|im_start|>user...) went on writing the user's
+    part into its reply."""
+    model = tiny("gpt2", vocab=tok.vocab_size)
+    forward = model.forward
+
+    def opens_a_turn(*args, **kwargs):
+        logits, loss = forward(*args, **kwargs)
+        logits[..., tok.im_start_id] = 1e4  # always the likeliest
+        return logits, loss
+
+    model.forward = opens_a_turn
+    stats: dict = {}
+    assert list(stream_ids(model, tok, tok.encode(EN), SampleConfig(temperature=0.0), stats)) == []
+    assert stats["new_tokens"] == 0

@@ -584,3 +584,18 @@ def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpu
     assert main(["pretrain", "--resume", "--max-steps", "4", *flags]) == 0
     assert re.search(rf"note: {prep} changed since {run} last trained on it \([\d,]+ -> [\d,]+ training tokens\)",
                      capsys.readouterr().err)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(tmp_path, data_dir, capsys):
+    """Killed before its first checkpoint, --resume said "no valid resumable checkpoint (...): train again into a
+    new --out", though the same --out starts again fine."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    flags = ["--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "2", "--eval-every", "0"]
+    assert main(["pretrain", *flags]) == 0
+    shutil.rmtree(run / "last")  # as if killed before it was written: config.json and metrics are there
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 2
+    assert f"{run}: no checkpoint yet, the run stopped before its first: start it again without --resume (the " \
+           "same --out is fine)" in capsys.readouterr().err
+    assert main(["pretrain", *flags]) == 0 and (run / "last").is_dir()

@@ -156,6 +156,10 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         except HomeLLMError as e:
             if c.exists() or not c.name.startswith("."):
                 problems.append(str(e))
+    if not any(c.exists() for c in candidates):  # stopped before its first checkpoint: nothing to fall back on
+        fix = ("start it again without --resume (the same --out is fine), and a lower --checkpoint-every saves "
+               "sooner" if need_state else "it has no weights yet: train it (or resume it) until it writes one")
+        raise HomeLLMError(f"{run}: no checkpoint yet, the run stopped before its first: {fix}")
     if not valid:
         what = "resumable checkpoint" if need_state else "checkpoint"
         # Not "without --resume": that start is refused while the damaged last/ is there (it would be overwritten).

@@ -238,9 +238,9 @@ def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
                 stats: dict[str, float] | None = None) -> Iterator[str]:
     """Yield the generated text piece by piece: never half a character, never a stop string or what follows it.
 
-    Special tokens in the prompt are honoured (chat markup); generation ends at end of text or <|im_end|>. With
-    cfg.num_beams > 1 the beam search result comes as one piece. `stats`, if given, is filled at the end with
-    prompt_tokens, new_tokens, seconds and tok_per_s."""
+    Special tokens in the prompt are honoured (chat markup); generation ends at end of text, <|im_end|> or
+    <|im_start|>. With cfg.num_beams > 1 the beam search result comes as one piece. `stats`, if given, is filled at
+    the end with prompt_tokens, new_tokens, seconds and tok_per_s."""
     ids = tok.encode(prompt, allow_special=True) or [tok.eot_id]  # an empty prompt starts a fresh document
     yield from stream_ids(model, tok, ids, cfg, stats)
 
@@ -250,7 +250,9 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
     state across calls (a chat's turns); by default a fresh one seeded with cfg.seed."""
     stream = TextStream(tok, cfg.stop, ids)
-    stop_ids = {tok.eot_id, tok.im_end_id} | stream.stop_ids
+    # A reply's end, a document's end, and a new turn: a chat model that skips <|im_end|> and opens the next turn
+    # would otherwise go on writing the user's part.
+    stop_ids = {tok.eot_id, tok.im_end_id, tok.im_start_id} | stream.stop_ids
     start, new = time.perf_counter(), 0
     if cfg.num_beams > tok.vocab_size:
         raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
