@@ -83,3 +83,16 @@ def test_resuming_where_auto_means_float16_loads_a_run_saved_without_a_scaler(tm
     (run / "config.json").write_text(json.dumps(config))
     assert main(["pretrain", *flags, "--max-steps", "3", "--resume"]) == 0
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
+
+
+def test_float16_logs_its_loss_scale(tmp_path, data_dir):
+    """float16 (auto on GPUs without native bfloat16) skips the steps whose gradients overflow and lowers its loss
+    scale; nothing showed it. The scale is logged with every step's metrics. float16 autocast runs on the CPU too."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--device", "cpu",
+                 "--dtype", "float16", "--max-steps", "3", "--log-every", "1", "--eval-every", "0"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["loss_scale"] > 0 for r in rows)
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "fp32"), "--preset", "tiny", "--device",
+                 "cpu", "--max-steps", "1", "--eval-every", "0"]) == 0
+    assert "loss_scale" not in (tmp_path / "fp32" / "metrics.jsonl").read_text()

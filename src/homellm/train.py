@@ -546,6 +546,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                                           "tok_per_s": round(rate, 1), "lr": cfg.lr * factor, "train_loss": loss_value}
                 if peak:
                     record["mfu"] = round(flops_per_token * rate / (peak * env.world), 4)
+                if scaler.is_enabled():  # float16: the scaler skips a step whose gradients overflow, and halves this
+                    record["loss_scale"] = scaler.get_scale()
                 if not math.isfinite(loss_value):
                     raise HomeLLMError(f"training diverged at step {step} (loss {loss_value}): lower --lr or raise "
                                        "--warmup-steps, then train again (or --resume from the last checkpoint)")
