@@ -78,6 +78,8 @@ class Batches(Protocol):
 class TokenBatches:
     """Random windows of block_size + 1 tokens from memory-mapped shards (nanoGPT's sampling)."""
 
+    masked = False  # every target is trained: a step's count of them is known without asking the other ranks
+
     def __init__(self, data_dir: str | Path, block_size: int, seed: int, token_bytes: np.ndarray):
         self.block_size, self.seed, self.token_bytes = block_size, seed, token_bytes
         self.splits = {s: open_split(data_dir, s) for s in ("train", "val")}
@@ -505,7 +507,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             # each micro-batch's mean equally would weigh a token by how few others share its micro-batch (SFT
             # masks all but the replies), and the gradient would change with --grad-accum or the process count.
             trained = [int((b[1] != -100).sum()) for b in batches]
-            step_trained = _trained_tokens(sum(trained), env)
+            step_trained = (_trained_tokens(sum(trained), env) if getattr(data, "masked", True) else
+                            float(sum(trained) * env.world))
             for micro, (x, y, *documents) in enumerate(batches):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
