@@ -599,3 +599,26 @@ def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(tmp_path,
     assert f"{run}: no checkpoint yet, the run stopped before its first: start it again without --resume (the " \
            "same --out is fine)" in capsys.readouterr().err
     assert main(["pretrain", *flags]) == 0 and (run / "last").is_dir()
+
+
+def test_sessions_of_a_relay_run_add_up_to_one_uninterrupted_run(tmp_path, data_dir, capsys):
+    """Relay training (a few sessions a day, as on Colab): --session-time ends a session with `last` written and
+    the schedule untouched, where --max-time would reshape the schedule to the session. Resumed session after
+    session, the run ends bit-identical to one that ran straight through."""
+    from homellm.cli import main
+
+    flags = ["--data", str(data_dir), "--preset", "tiny", "--max-steps", "4", "--eval-every", "2", "--log-every", "1",
+             "--device", "cpu"]
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "straight")]) == 0
+    relay = tmp_path / "relay"
+    assert main(["pretrain", *flags, "--out", str(relay), "--session-time", "1e-9"]) == 0  # one step a session
+    sessions = 1
+    while json.loads((relay / "last" / "checkpoint.json").read_text())["step"] < 4:
+        assert main(["pretrain", "--out", str(relay), "--resume", "--session-time", "1e-9"]) == 0
+        sessions += 1
+    assert sessions == 4
+    assert "this session ended at step 1 (--session-time); `--resume` continues" in capsys.readouterr().err
+    assert [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in metrics(relay)] == \
+        [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in metrics(tmp_path / "straight")]
+    a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("straight", "relay"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -107,6 +107,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _interrupted(summary: dict[str, Any] | None) -> None:
     """A run stopped by Ctrl-C (with its checkpoint written) still exits as interrupted, for scripts."""
+    if summary and summary.get("stop") == "session_time" and os.environ.get("RANK", "0") == "0":
+        print(f"homellm: this session ended at step {summary['steps']} (--session-time); `--resume` continues "
+              "from there, on the same schedule", file=sys.stderr)
     if summary and summary.get("stop") == "interrupted":
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once
             print(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there",

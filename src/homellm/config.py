@@ -99,6 +99,7 @@ class TrainConfig:
     max_steps: int = 1000
     epochs: float = 0.0  # instead of --max-steps: read the training data this many times (sft: every row); 0 = off
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
+    session_time: float = 0.0  # stop this session after N s with `last` written, schedule unchanged: --resume goes on
     eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end)
     eval_batches: int = 20  # val batches per evaluation
     sample_every: int = 0  # print a generated sample every N steps; 0 = only at the end
@@ -253,6 +254,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _POSITIVE, "muon_lr": _POSITIVE, "beta1": _between(0, 1, hi_open=True), "beta2": _between(0, 1, hi_open=True),
     "min_lr_ratio": _between(0, 1), "warmup_steps": _NOT_NEGATIVE, "decay_fraction": _between(0, 1),
     "weight_decay": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE, "max_time": _NOT_NEGATIVE, "eval_batches": _AT_LEAST_1,
+    "session_time": _NOT_NEGATIVE,
     "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE, "grad_accum": _AT_LEAST_1, "log_every": _AT_LEAST_1,
     "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE, "epochs": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),

@@ -55,9 +55,9 @@ from homellm.muon import Muon
 from homellm.tokenizer import Tokenizer
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
-RESUMABLE_CHANGES = {"max_steps", "max_time", "eval_every", "checkpoint_every", "log_every", "sample_every",
-                     "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data", "aozora",
-                     "epochs", "out"}
+RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "log_every",
+                     "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data",
+                     "aozora", "epochs", "out"}
 
 
 class Batches(Protocol):
@@ -317,10 +317,11 @@ def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False) -
     ranks stop after the step where any of them saw it. One collective serves both."""
     if env.world == 1:
         return elapsed, stop
-    t = torch.tensor([elapsed if cfg.max_time > 0 else 0.0, float(stop)], dtype=torch.float64, device=env.device)
+    timed = cfg.max_time > 0 or cfg.session_time > 0
+    t = torch.tensor([elapsed if timed else 0.0, float(stop)], dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     agreed, any_stop = t.tolist()
-    return (agreed if cfg.max_time > 0 else elapsed), any_stop > 0
+    return (agreed if timed else elapsed), any_stop > 0
 
 
 def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
@@ -431,7 +432,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
               f"{model_cfg.n_embd} wide, "
               f"{model.num_params():,} parameters, on {env.device} ({str(env.dtype).removeprefix('torch.')}"
               f"{' x ' + str(env.world) + ' processes' if env.world > 1 else ''}); it ends {ends}"
-              f"{', whichever comes first' if cfg.max_steps > 0 and cfg.max_time > 0 else ''}", file=sys.stderr)
+              f"{', whichever comes first' if cfg.max_steps > 0 and cfg.max_time > 0 else ''}"
+              f"{f'; this session stops after {cfg.session_time:g} s' if cfg.session_time > 0 else ''}",
+              file=sys.stderr)
     raw = model
     if cfg.compile:
         model = torch.compile(model)
@@ -489,6 +492,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             checkpoint("last", {})
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
+    session_start = elapsed
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
     with _Interrupt(bar, announce=env.main) as interrupt:
@@ -537,7 +541,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 final_eval["seconds"] = cfg.eval_batches * (elapsed - e0) / (step - s0) / cfg.grad_accum / 3
             done = progress() >= 1.0
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
-            halted = asked and not done
+            # A session's end (--session-time) stops as Ctrl-C does: `last` written, the schedule left as it is.
+            session_over = cfg.session_time > 0 and elapsed - session_start >= cfg.session_time
+            halted = (asked or session_over) and not done
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
             if step % cfg.log_every == 0 or done:
@@ -598,7 +604,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 t_log, tokens_log = time.perf_counter(), tokens
             if done or halted:
                 if halted:
-                    stop_reason = "interrupted"
+                    stop_reason = "interrupted" if asked else "session_time"
                 elif cfg.max_time > 0 and not 0 < cfg.max_steps <= step and stop_reason == "max_steps":
                     stop_reason = "max_time"  # (it may stop short of the budget: room kept for the final evaluation)
                 break
