@@ -367,7 +367,7 @@ def test_time_budget_stops_the_run(tmp_path, data_dir):
                   eval_every=10**6)
     summary = pretrain(model_cfg, cfg)
     assert summary["stop"] == "max_time"
-    assert 1.5 <= summary["elapsed_s"] < 5
+    assert 1.0 <= summary["elapsed_s"] < 5  # (training stops short of it by the final evaluation's time)
     assert (tmp_path / "run" / "last").is_dir()
 
 
