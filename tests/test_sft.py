@@ -292,6 +292,12 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert merged_info["merged_from"] == f"{out}/last"  # `info` shows the step it was trained to, not 0
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "merged")(x)[0], lora_logits, rtol=1e-4, atol=1e-4)
+    from homellm.info import describe  # says what each run is: adapters over which base, or merged from which
+
+    assert f"LoRA adapters (rank 4, alpha 16.0, on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) " \
+           f"over {base_run.resolve()}/" in describe(out)
+    assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
+    assert f"merged from the LoRA run {out}" in describe(tmp_path / "merged")
     bad = homellm("merge", str(base_run), "--out", str(tmp_path / "m2"), check=False)
     assert bad.returncode == 2 and "not a LoRA run" in bad.stderr
     bad = homellm("sft", "--init", str(out), "--data", str(data), "--out", str(tmp_path / "s2"), check=False)

@@ -77,4 +77,15 @@ def describe(run: str | Path) -> str:
         out += ["", f"data {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} accumulation, "
             f"schedule {tcfg.schedule}, seed {tcfg.seed}"]
+    if "sft" in cfg:  # what a fine-tuned run began from, and on what
+        d = cfg.get("sft_data", {})
+        out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "
+                f"{d.get('conversations', 0):,} conversations ({d.get('val_conversations', 0):,} held out)"]
+    if lora := cfg.get("lora"):  # its files hold the adapters only: every verb merges them into this base
+        spec = lora.get("spec", {})
+        out += [f"LoRA adapters (rank {spec.get('rank')}, alpha {spec.get('alpha')}, on "
+                f"{', '.join(spec.get('targets', []))}) over {lora.get('base')}/{lora.get('base_checkpoint')}: "
+                "the parameter counts above are the merged model's"]
+    if "merged_from" in cfg:
+        out += [f"merged from the LoRA run {cfg['merged_from']}"]
     return "\n".join(out)
