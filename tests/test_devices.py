@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from homellm.cli import main
-from homellm.config import TrainConfig
+from homellm.config import TrainConfig, replace
 from homellm.errors import HomeLLMError
 from homellm.muon import ns_dtype
 from homellm.train import peak_flops, setup_env
@@ -96,3 +96,17 @@ def test_float16_logs_its_loss_scale(tmp_path, data_dir):
     assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "fp32"), "--preset", "tiny", "--device",
                  "cpu", "--max-steps", "1", "--eval-every", "0"]) == 0
     assert "loss_scale" not in (tmp_path / "fp32" / "metrics.jsonl").read_text()
+
+
+def test_a_run_resumes_in_another_precision(tmp_path, data_dir):
+    """A run saved with --dtype bfloat16 (the gpt2-124m preset's before it became auto) could not go on where
+    bfloat16 is emulated: without --dtype it was refused as emulated, with --dtype float16 as a changed config."""
+    from homellm.checkpoint import read_config
+    from homellm.train import check_resume
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--device", "cpu",
+                 "--dtype", "bfloat16", "--max-steps", "1", "--eval-every", "0"]) == 0
+    model_cfg, cfg = read_config(run)
+    for dtype in ("float16", "auto", "float32"):
+        check_resume(run, model_cfg, replace(cfg, dtype=dtype))

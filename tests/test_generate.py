@@ -334,10 +334,14 @@ def test_a_sentencepiece_style_decoder_keeps_the_space_before_the_first_new_word
     assert spaced  # some replies began a new word: the case the old stream got wrong
 
 
-def test_the_padded_ids_past_the_tokenizer_are_never_chosen(tok):
+def test_the_padded_ids_past_the_tokenizer_are_never_chosen(tmp_path):
     """The model's vocabulary is padded to a multiple of 64. Tokenizers whose tokens are whole characters (char,
     most imported ones) had no guard, so an untrained model sampled those ids, which are no text; greedy evaluation
     could pick them too."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(EN * 3, encoding="utf-8")
+    tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "char"), kind="char"))
+    assert not tok.utf8_guard.needed  # whole characters: the case that had no guard at all
     model = tiny("gpt2", vocab=tok.vocab_size + 40)
     with torch.no_grad():  # make the padded ids the likeliest, so the test cannot pass by chance
         model.lm_head.weight[tok.vocab_size:] = model.lm_head.weight[:40] * 4
@@ -384,3 +388,12 @@ def test_a_new_turn_ends_a_reply(tok):
     stats: dict = {}
     assert list(stream_ids(model, tok, tok.encode(EN), SampleConfig(temperature=0.0), stats)) == []
     assert stats["new_tokens"] == 0
+
+
+def test_a_run_of_special_tokens_keeps_the_stream_window_small(tok):
+    """Skipped special tokens decode to nothing: a window of them alone never trimmed, and each push decoded every
+    tail of it (400 <|pad|> took 0.6 s, growing with the cube)."""
+    stream = tok.stream(skip_special=True, context=tok.encode(EN))
+    assert "".join(stream.push(tok.pad_id) for _ in range(400)) == ""
+    assert stream.push(tok.encode(" the")[0]) == " the"[:len(tok.decode(tok.encode(" the")[:1]))]
+    assert len(stream._ids) <= 8

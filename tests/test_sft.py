@@ -438,6 +438,8 @@ def test_bad_conversation_text_and_lora_targets_are_named(tmp_path, base_run):
     with pytest.raises(HomeLLMError, match=r"--lora-targets v_prj names no linear layer of the model: use some of "
                                            r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
         attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj", "v_prj"]))
+    gpt2 = attach_lora(GPT(replace(cfg, family="gpt2")), LoraSpec(rank=2))  # the default list has llama's gate_proj
+    assert {k.rsplit("_", 2)[-2] for k in gpt2.layers} == {"q", "k", "v", "o", "up", "down"}
     lora = attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj,v_proj"]))  # the comma list users type
     assert {k.split("_attn_")[-1] for k in lora.layers} == {"q_proj", "v_proj"}
 

@@ -447,6 +447,9 @@ def test_a_time_budget_keeps_room_for_the_final_evaluation(tmp_path, data_dir, m
     evals = [r for r in metrics(tmp_path / "run") if "val_loss" in r]
     assert summary["stop"] == "max_time" and len(evals) >= 2 and evals[-1]["step"] == summary["steps"]
     assert 40 <= summary["elapsed_s"] <= 50.5  # the final evaluation included; before, 60.1
+    # Resumed, it is finished: the room it kept is in its checkpoint (without it, resuming trained on past 60 s).
+    again = pretrain(model_cfg, replace(cfg, resume=True))
+    assert (again["steps"], again["elapsed_s"]) == (summary["steps"], summary["elapsed_s"])
 
 
 def test_schedule_warmup_cosine_and_wsd():

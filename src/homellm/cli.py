@@ -393,7 +393,10 @@ def _leave_process_group() -> None:
 def utf8_output(*streams: Any) -> None:
     """Text out as UTF-8 whatever the locale says: Windows writes a redirected stdout in cp1252, which cannot hold
     Japanese or Chinese, and every print of such text failed with a traceback. A terminal that is not UTF-8 (rare:
-    Windows' console takes Unicode whatever its code page) shows what it cannot draw as "?"."""
+    Windows' console takes Unicode whatever its code page) shows what it cannot draw as "?". An encoding asked for
+    with PYTHONIOENCODING is kept: whoever reads the output said what they decode."""
+    if os.environ.get("PYTHONIOENCODING"):
+        return
     for stream in streams:
         if not hasattr(stream, "reconfigure") or codecs.lookup(stream.encoding or "ascii").name == "utf-8":
             continue

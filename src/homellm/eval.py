@@ -110,7 +110,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     """Val loss and bits per byte of a run on a prepared data folder; written to RUN/eval_loss.json."""
     from homellm.checkpoint import load_model, read_config
     from homellm.config import TrainConfig
-    from homellm.train import TokenBatches, evaluate, setup_env
+    from homellm.train import TokenBatches, evaluate, native_bf16, resolve_device, setup_env
 
     run = Path(run)
     config = _run_config(run)
@@ -139,7 +139,11 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         print(f"note: {run} trained on the arithmetic answers alone; this loss scores every token of the text, "
               "problems included, so it is far above the run's own val loss: `--task arithmetic` measures it",
               file=sys.stderr)
-    env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype))  # scored as it trained
+    # On a GPU, scored in the precision it trained in (as metrics.jsonl was), when this GPU has it natively; else,
+    # and on the CPU (where float16 autocast is slower than float32), the device's own choice.
+    device = resolve_device(cfg.device)
+    as_trained = device.type == "cuda" and (train_cfg.dtype != "bfloat16" or native_bf16(device))
+    env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype if as_trained else "auto"))
     model = load_model(run, cfg.checkpoint, env.device)
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     # Windows are drawn at random: past about one per block of val tokens they only repeat the same text (50

@@ -67,7 +67,8 @@ class LoRA(nn.Module):
                 self.B[key] = nn.Parameter(torch.zeros(module.out_features, spec.rank, device=module.weight.device))
                 self.layers[key] = module
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        if new and (unknown := [t for t in targets if t not in linear]):  # a typo (v_prj) was left out unsaid
+        # A typo (v_prj) was left out unsaid. The default list names both families' layers (gate_proj is llama's).
+        if new and (unknown := [t for t in targets if t not in linear and t not in LORA_TARGETS]):
             raise HomeLLMError(f"--lora-targets {unknown[0]} names no linear layer of the model: use some of "
                                f"{', '.join(linear)}")
         if not self.layers:

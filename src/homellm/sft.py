@@ -174,6 +174,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     if train_cfg.resume:
         saved_sft = saved.get("sft", {})
         if own:
+            if saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
+                say(f"note: a full fine-tune resumes from its own `last`: --init {init} is not read (the run began "
+                    f"from {saved_sft['init']})")
             cfg = replace(cfg, init=saved_sft.get("init", cfg.init))  # what the run began from, whatever is there now
         elif saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
             raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_sft['init']}): drop --init to "
@@ -201,10 +204,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         if cannot := [r for r in roles if tok.unk_id in tok.encode(r + "\n")]:
             # A char tokenizer learns only the characters of its text: a Chinese corpus has no Latin letters, and
             # every turn's header would read as unknowns, the user's and the assistant's alike.
-            raise HomeLLMError(f"{source}'s tokenizer cannot write the chat role names ({', '.join(cannot)}): it is a "
-                               "char tokenizer trained on text without their letters; train it on your text plus a "
-                               "file holding 'system user assistant' (`homellm tokenizer train --kind char --input "
-                               "TEXT roles.txt --out TOK`), then prepare and pretrain with it, or use a BPE tokenizer")
+            raise HomeLLMError(f"{source}'s tokenizer cannot write the chat role names ({', '.join(cannot)}): a char "
+                               "tokenizer made before they were always included; train the tokenizer again (`homellm "
+                               "tokenizer train --kind char`), then prepare and pretrain with it, or use a BPE one")
     data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg, train_cfg.grad_accum)
     rows = [data.rows[split][0] for split in ("train", "val")]
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
@@ -222,7 +224,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         # Cut conversations lose their later turns, replies included: a base with too short a context for this data.
         say(f"note: {cut:,} of {stats['conversations']:,} conversations ({cut / stats['conversations']:.0%}) are "
             f"longer than the model's {model_cfg.block_size}-token context and were cut or skipped: fine-tune a base "
-            "pretrained with a longer --block-size (e.g. 512) to keep them whole")
+            f"pretrained with a longer --block-size (e.g. {2 * model_cfg.block_size}) to keep them whole")
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
         train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")
@@ -235,7 +237,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         if folder is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
             load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth
         if lora:
-            attach_lora(model, spec)
+            attach_lora(model, spec, new=not train_cfg.resume)  # resumed: adapters as they were allowed then
             say(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
                 f"{sum(p.numel() for p in model.parameters()):,}")
 

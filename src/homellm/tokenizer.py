@@ -192,6 +192,11 @@ class Tokenizer:
         return pieces
 
     @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (the four of the chat format, <|unk|> of a char tokenizer, an import's own)."""
+        return frozenset(i for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+
+    @functools.cached_property
     def utf8_guard(self) -> Utf8Guard:
         """What keeps sampling to valid UTF-8 (see Utf8Guard) and to the tokenizer's ids: the model's vocabulary is
         padded past them (to a multiple of 64), and an untrained model samples those ids, which are no text."""
@@ -330,6 +335,8 @@ class StreamDecoder:
         self._done = len(tok.decode(self._ids, skip_special)) if self._ids else 0
 
     def push(self, token_id: int) -> str:
+        if self._skip and token_id in self._tok.special_ids:  # no text, and a window of them alone never trims
+            return ""
         self._ids.append(int(token_id))
         text = self._tok.decode(self._ids, self._skip)
         # Trailing U+FFFDs may be half a character: hold them. Invalid bytes followed by a real character print

@@ -57,7 +57,8 @@ from homellm.tokenizer import Tokenizer
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "log_every",
                      "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data",
-                     "aozora", "epochs", "out"}
+                     "aozora", "epochs", "out",
+                     "dtype"}  # (the precision: a run goes on where its first GPU's is not native, or from the CPU)
 
 
 class Batches(Protocol):
@@ -392,6 +393,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     warmup_at: tuple[int, float] | None = None  # (step, elapsed) where warmup ended: where the decay starts
     metrics_path = run / "metrics.jsonl"
     resumed_from = None
+    kept_eval: list[Any] = [0.0, False]  # the final evaluation's expected seconds, and whether measured (below)
     if cfg.resume:
         folder = resumed_from = find_checkpoint(run, "last", need_state=True)
         load_weights_into(model, read_weights(folder), str(folder))
@@ -407,6 +409,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
+        kept_eval = state.get("final_eval", kept_eval)  # else a run that stopped short for it would go on past it
         # Checkpoints from before it was kept decayed from the run's start, and go on that way.
         warmup_at = tuple(state["warmup_at"]) if state.get("warmup_at") else (0, 0.0) if step > cfg.warmup_steps \
             else None
@@ -451,7 +454,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     # The evaluation after the last step counts against --max-time too: the budget keeps room for it, as long as
     # the latest evaluation took, or before the first one a guess from the steps' pace (an evaluation batch is a
     # forward pass, about a third of a training micro-batch's work). Both come from the clock the ranks agree on.
-    final_eval = {"seconds": 0.0, "measured": False, "since": (step, elapsed)}
+    final_eval = {"seconds": kept_eval[0], "measured": kept_eval[1], "since": (step, elapsed)}
     evaluates = cfg.eval_every > 0 and cfg.max_time > 0 and not getattr(data, "no_val", None)
 
     def progress(at: tuple[int, float] | None = None) -> float:
@@ -466,7 +469,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             state = {"optimizers": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
                      "step": step, "tokens": tokens, "elapsed": elapsed, "best_val": best_val,
                      "bad_evals": bad_evals, "rng": rng, "data_position": step,
-                     "warmup_at": list(warmup_at) if warmup_at else None}
+                     "warmup_at": list(warmup_at) if warmup_at else None,
+                     "final_eval": [final_eval["seconds"], final_eval["measured"]]}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
     bar = tqdm(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time), initial=step if cfg.max_time <= 0
