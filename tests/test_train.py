@@ -625,3 +625,25 @@ def test_sessions_of_a_relay_run_add_up_to_one_uninterrupted_run(tmp_path, data_
         [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in metrics(tmp_path / "straight")]
     a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("straight", "relay"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_learning_rate_never_climbs_back_when_an_evaluation_runs_faster_than_guessed(tmp_path, data_dir,
+                                                                                      monkeypatch):
+    """Before the first evaluation the room kept for the final one is a guess from the steps' pace; a faster
+    evaluation shrinks it, which moved the run's progress back and the cosine rate up again. A fake clock makes
+    every reading 0.1 s, so 150 evaluation batches are guessed at 5 s and take 0.1 s."""
+    from homellm import train as module
+
+    clock = [0.0]
+
+    def tick() -> float:
+        clock[0] += 0.1
+        return clock[0]
+
+    monkeypatch.setattr(module.time, "perf_counter", tick)
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=20.0, eval_every=20,
+                  eval_batches=150, log_every=1, checkpoint_every=0, warmup_steps=2)
+    pretrain(model_cfg, cfg)
+    rates = [r["lr"] for r in metrics(tmp_path / "run") if "lr" in r][2:]
+    assert len(rates) > 30 and all(b <= a for a, b in zip(rates, rates[1:]))

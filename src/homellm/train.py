@@ -497,6 +497,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
     session_start = elapsed
+    schedule_at = 0.0  # how far along its schedule the learning rate is
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
     with _Interrupt(bar, announce=env.main) as interrupt:
@@ -504,7 +505,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             t0 = time.perf_counter()
             if warmup_at is None and step >= cfg.warmup_steps:
                 warmup_at = (step, elapsed)
-            factor = lr_factor(progress(), step, cfg, progress(warmup_at))
+            # Never backwards: the room kept for the final evaluation shrinks when one runs faster than guessed, and
+            # the rate must not climb back up its curve for it.
+            schedule_at = max(schedule_at, progress())
+            factor = lr_factor(schedule_at, step, cfg, progress(warmup_at))
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
