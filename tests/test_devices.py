@@ -110,3 +110,19 @@ def test_a_run_resumes_in_another_precision(tmp_path, data_dir):
     model_cfg, cfg = read_config(run)
     for dtype in ("float16", "auto", "float32"):
         check_resume(run, model_cfg, replace(cfg, dtype=dtype))
+
+
+def test_compile_where_it_cannot_work_trains_without_it_and_says_why(tmp_path, data_dir, monkeypatch, capsys):
+    """torch.compile failed at the first step, with a page of traceback, where Triton is missing or too new for the
+    GPU (P100, GTX 10xx, Windows), or the CPU has no C++ compiler. The gpt2-124m preset compiles."""
+    from homellm import train as module
+
+    fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", 6, 0)
+    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: object())
+    assert "compute capability 7.0 or later, and this GPU has 6.x" in module._cannot_compile(torch.device("cuda"))
+    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
+    assert "Triton" in module._cannot_compile(torch.device("cuda"))
+    monkeypatch.setattr(module.shutil, "which", lambda name: None)
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "tiny", "--device",
+                 "cpu", "--compile", "--max-steps", "1", "--eval-every", "0"]) == 0
+    assert "note: training without torch.compile: on the CPU it builds C++, and no compiler" in capsys.readouterr().err

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -199,6 +201,19 @@ def setup_env(cfg: TrainConfig) -> Env:
                            "only emulates bfloat16, several times slower; Ampere (8.0) and later have it: use "
                            "--dtype float16 (or auto)")
     return Env(rank, world, local_rank, dev, dtype)
+
+
+def _cannot_compile(device: torch.device) -> str | None:
+    """Why torch.compile would fail at the first step here, or None. Its GPU kernels are Triton's, which needs
+    Linux (or WSL) and compute capability 7.0 (V100, T4, RTX 20xx) or later; on the CPU it builds C++."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton, which it writes GPU kernels in, is not installed (Linux only: pip install triton)"
+        if (major := torch.cuda.get_device_capability(device)[0]) < 7:
+            return f"Triton needs compute capability 7.0 or later, and this GPU has {major}.x"
+    if device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "g++", "clang++"))):
+        return "on the CPU it builds C++, and no compiler (g++ or clang++) was found"
+    return None
 
 
 def _autocast(env: Env) -> contextlib.AbstractContextManager:
@@ -439,7 +454,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
               f"{f'; this session stops after {cfg.session_time:g} s' if cfg.session_time > 0 else ''}",
               file=sys.stderr)
     raw = model
-    if cfg.compile:
+    if cfg.compile and (why := _cannot_compile(env.device)):  # (the gpt2-124m preset compiles)
+        say(f"note: training without torch.compile: {why}")
+    elif cfg.compile:
         model = torch.compile(model)
     ddp = env.world > 1
     if ddp:
