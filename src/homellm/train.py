@@ -444,7 +444,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         tokenizer.save(run / "tokenizer", model_max_length=model_cfg.block_size)
 
     if env.main:
-        ends = " or ".join([f"at step {cfg.max_steps:,}"] * (cfg.max_steps > 0) + [f"after {cfg.max_time:g} s"] *
+        ends = " or ".join([f"at step {cfg.max_steps:,}"] * (cfg.max_steps > 0) + [f"after {cfg.max_time:.4g} s"] *
                            (cfg.max_time > 0))
         print(f"training {run}: {model_cfg.family} {model_cfg.n_layer} layer{'s' * (model_cfg.n_layer != 1)} x "
               f"{model_cfg.n_embd} wide, "
