@@ -36,13 +36,16 @@ def bpe(tmp_path_factory, corpus) -> Tokenizer:
 
 
 def qa_file(path, n: int, seed: int = 0):
-    """Questions about the corpus's grammar whose answers follow a rule: what follows the subject."""
+    """Questions about the corpus's grammar whose answers follow a rule: what follows the subject. Each question
+    ends with a tag of its own (its number in letters the corpus has), as sft trains one copy of a conversation."""
     rng = random.Random(seed)
     pairs = {"the cat": "the moon.", "a dog": "a red bird.", "she": "the sea.", "he": "a small boat."}
     with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            who = rng.choice(list(pairs))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"what does {who} see?"},
+        for i in range(n):
+            who, tag, k = rng.choice(list(pairs)), "", seed * 10_000 + i
+            while not tag or k:  # k in base 5, written with a to e
+                tag, k = "abcde"[k % 5] + tag, k // 5
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"what does {who} see? {tag}"},
                                              {"role": "assistant", "content": pairs[who]}]}) + "\n")
     return path
 
@@ -445,12 +448,24 @@ def test_bad_conversation_text_and_lora_targets_are_named(tmp_path, base_run):
 
 
 def test_a_context_too_short_for_most_conversations_is_said(tmp_path, base_run, capsys):
-    long = {"messages": [{"role": "user", "content": "what does the cat see? " * 6},
-                         {"role": "assistant", "content": "the moon. " * 6}]}
     path = tmp_path / "long.jsonl"
-    path.write_text((json.dumps(long) + "\n") * 8)
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "what does the cat see? " * (6 + i)},
+                                                     {"role": "assistant", "content": "the moon. " * 6}]}) + "\n"
+                            for i in range(8)))
     qa_file(tmp_path / "short.jsonl", 4)
     sft(SFTConfig(init=str(base_run), data=[str(path), str(tmp_path / "short.jsonl")]),
         TrainConfig(out=str(tmp_path / "o"), max_steps=1, eval_every=0, batch_size=2))
     assert "note: 8 of 12 conversations (67%) are longer than the model's 64-token context and were cut or " \
            "skipped: fine-tune a base pretrained with a longer --block-size" in capsys.readouterr().err
+
+
+def test_a_conversation_given_twice_is_trained_once(tmp_path, base_run, capsys):
+    """Merged datasets repeat conversations: one copy fell in val and the other in train (helper audit: "2
+    conversations (1 held out)"), so the val loss scored text the model had trained on."""
+    a, b = qa_file(tmp_path / "a.jsonl", 12, seed=1), tmp_path / "b.jsonl"
+    b.write_text(a.read_text().splitlines(keepends=True)[0] * 3)  # one of a's, three more times
+    summary = sft(SFTConfig(init=str(base_run), data=[str(a), str(b)]),
+                  TrainConfig(out=str(tmp_path / "o"), max_steps=1, eval_every=0, batch_size=2))
+    distinct = len(set(a.read_text().splitlines()))
+    assert summary["conversations"] == distinct and summary["duplicates_dropped"] == 15 - distinct
+    assert f"{15 - distinct} duplicates dropped" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Held-out conversations give the val loss.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -199,6 +200,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
     tok = Tokenizer.load(source)
     conversations, bad = read_conversations(cfg.data, cfg.skip_bad)
+    # One copy of each conversation: merged datasets repeat many, and a copy on each side of the split made the
+    # val loss score text it had trained on. (--epochs repeats data on purpose.)
+    unique = list({json.dumps(conv, ensure_ascii=False, sort_keys=True): conv for conv in conversations}.values())
+    duplicates, conversations = len(conversations) - len(unique), unique
     if tok.unk_id is not None:
         roles = sorted({"user", "assistant"} | {m["role"] for conv in conversations for m in conv})
         if cannot := [r for r in roles if tok.unk_id in tok.encode(r + "\n")]:
@@ -213,13 +218,13 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         text = "".join(m["content"] for conv in conversations for m in conv)
         check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
                       str(init), " ".join(cfg.data))
-    stats = {**data.stats, "bad_lines_skipped": bad}
+    stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates}
     n_rows, main = len(data.rows["train"][0]), os.environ.get("RANK", "0") == "0"
     if main:
         print(f"{stats['conversations']:,} conversations ({stats['val_conversations']:,} held out), "
               f"{n_rows:,} training rows of {model_cfg.block_size} tokens"
               f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
-              f"long, {bad} bad lines skipped", file=sys.stderr)
+              f"long, {bad} bad lines skipped, {duplicates} duplicates dropped", file=sys.stderr)
     if (cut := stats["truncated"] + stats["skipped"]) > 0.2 * stats["conversations"]:
         # Cut conversations lose their later turns, replies included: a base with too short a context for this data.
         say(f"note: {cut:,} of {stats['conversations']:,} conversations ({cut / stats['conversations']:.0%}) are "
