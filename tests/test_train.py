@@ -394,25 +394,30 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert "note: the run now ends at --max-steps 18 --max-time 0 (it was 0 and 0.001): the learning rate's" in err
 
 
-def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(tmp_path, data_dir, monkeypatch):
-    """Evaluation counts against --max-time: one that takes the rest must make that step the last, with `last`
-    written and the stop said, not leave the loop without them. A fake clock makes evaluation slow."""
+def fake_clock(monkeypatch, reading: float, evaluation: float = 0.0) -> None:
+    """The training loop's clock, faked: each reading moves it `reading` seconds, each evaluation `evaluation`."""
     from homellm import train as module
 
     clock = [0.0]
 
     def tick() -> float:
-        clock[0] += 1e-4
+        clock[0] += reading
         return clock[0]
 
     evaluate = module.evaluate
 
     def slow_evaluate(*args, **kwargs):
-        clock[0] += 100.0
+        clock[0] += evaluation
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(module.time, "perf_counter", tick)
     monkeypatch.setattr(module, "evaluate", slow_evaluate)
+
+
+def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Evaluation counts against --max-time: one that takes the rest must make that step the last, with `last`
+    written and the stop said, not leave the loop without them. A fake clock makes evaluation slow."""
+    fake_clock(monkeypatch, reading=1e-4, evaluation=100.0)
     model_cfg, cfg = preset("tiny")
     cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=50.0, eval_every=3,
                   checkpoint_every=0)
@@ -425,22 +430,7 @@ def test_a_time_budget_keeps_room_for_the_final_evaluation(tmp_path, data_dir, m
     """The evaluation after the last step ran past --max-time (a 30 s run took 54 s on a busy machine, and the
     excess was carried into the next session's budget). The budget now keeps room for it: as long as the latest
     evaluation took. A fake clock: every reading moves it 0.1 s, an evaluation 10 s."""
-    from homellm import train as module
-
-    clock = [0.0]
-
-    def tick() -> float:
-        clock[0] += 0.1
-        return clock[0]
-
-    evaluate = module.evaluate
-
-    def slow_evaluate(*args, **kwargs):
-        clock[0] += 10.0
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(module.time, "perf_counter", tick)
-    monkeypatch.setattr(module, "evaluate", slow_evaluate)
+    fake_clock(monkeypatch, reading=0.1, evaluation=10.0)
     model_cfg, cfg = preset("tiny")
     cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=50.0, eval_every=20,
                   checkpoint_every=0)
@@ -634,15 +624,7 @@ def test_the_learning_rate_never_climbs_back_when_an_evaluation_runs_faster_than
     """Before the first evaluation the room kept for the final one is a guess from the steps' pace; a faster
     evaluation shrinks it, which moved the run's progress back and the cosine rate up again. A fake clock makes
     every reading 0.1 s, so 150 evaluation batches are guessed at 5 s and take 0.1 s."""
-    from homellm import train as module
-
-    clock = [0.0]
-
-    def tick() -> float:
-        clock[0] += 0.1
-        return clock[0]
-
-    monkeypatch.setattr(module.time, "perf_counter", tick)
+    fake_clock(monkeypatch, reading=0.1)
     model_cfg, cfg = preset("tiny")
     cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=20.0, eval_every=20,
                   eval_batches=150, log_every=1, checkpoint_every=0, warmup_steps=2)
