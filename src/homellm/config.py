@@ -151,7 +151,7 @@ class SampleConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # nucleus sampling; 1 = off
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the text; 1 = off
-    stop: list[str] = field(default_factory=list)  # stop when any of these strings is generated
+    stop: list[str] = field(default_factory=list)  # stop at any of these strings (a line break: bash's $'\n')
     num_beams: int = 1  # >1: beam search (deterministic; ignores temperature, top-k, top-p)
     seed: int = 0
     checkpoint: str = "best"  # best or last
