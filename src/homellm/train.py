@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -460,10 +461,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         model = torch.compile(model)
     ddp = env.world > 1
     if ddp:
-        # The only buffers are RoPE's tables, computed alike on every rank: broadcasting them each forward is waste.
+        # The only buffers are RoPE's tables, computed alike on every rank: syncing them each forward is waste.
+        # (torch 2.13 renamed the option and warns at the old name; earlier ones know only that.)
+        ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers": False}
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index]
-                                                          if env.device.type == "cuda" else None,
-                                                          broadcast_buffers=False)
+                                                          if env.device.type == "cuda" else None, **no_sync)
     eval_model = raw if not cfg.compile else model.module if ddp else model
     peak = _peak_flops(env.device)
     flops_per_token = raw.flops_per_token()
