@@ -552,3 +552,12 @@ def test_prompts_are_tokenized_off_the_event_loop(run, server, monkeypatch):
     server.client.completions.create(model=run.name, prompt="the cat", max_tokens=2, temperature=0)
     server.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[0][:1], max_tokens=2, temperature=0)
     assert on_loop and not any(on_loop)
+
+
+def test_the_cores_to_serve_with_are_counted_on_macos_and_windows_too(monkeypatch):
+    """os.sched_getaffinity is Linux's: `homellm serve` failed with an AttributeError on a Mac."""
+    from homellm.serve import usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cpus() == (os.cpu_count() or 1)

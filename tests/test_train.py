@@ -631,3 +631,22 @@ def test_the_learning_rate_never_climbs_back_when_an_evaluation_runs_faster_than
     pretrain(model_cfg, cfg)
     rates = [r["lr"] for r in metrics(tmp_path / "run") if "lr" in r][2:]
     assert len(rates) > 30 and all(b <= a for a, b in zip(rates, rates[1:]))
+
+
+def test_checkpoints_are_written_where_folders_cannot_be_opened_as_files(tmp_path, data_dir, monkeypatch):
+    """Windows: os.open on a folder raises PermissionError, and fsync of the folder after each rename made every
+    checkpoint, and so every run, fail there."""
+    from homellm import io
+
+    real_open = os.open
+
+    def no_folders(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(io, "FOLDERS_OPEN", False)  # as on Windows (os.name itself cannot be faked: pathlib uses it)
+    monkeypatch.setattr(io.os, "open", no_folders)
+    model_cfg, cfg = preset("tiny")
+    pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=2, eval_every=1))
+    assert (tmp_path / "run" / "last").is_dir() and (tmp_path / "run" / "best").is_dir()

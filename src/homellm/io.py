@@ -11,8 +11,15 @@ from pathlib import Path
 
 from homellm.errors import HomeLLMError
 
+# Windows cannot open a folder as a file (every checkpoint failed there with permission denied), and NTFS journals
+# a rename itself: there is nothing to fsync there.
+FOLDERS_OPEN = os.name != "nt"
+
 
 def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where folders can be opened: FOLDERS_OPEN)."""
+    if not FOLDERS_OPEN:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

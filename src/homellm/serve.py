@@ -676,6 +676,14 @@ def lan_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity on Linux; macOS and Windows have no such call (serve
+    failed there with an AttributeError), and all their cores count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM (or until `server.should_exit` is set). `ready(url, server)` is called once the
     port is bound: connections made from then on wait in the listen queue until the app is up."""
@@ -699,7 +707,7 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
                     signal.signal(s, handler)
 
     # Process-wide, hence here and not in create_app: the model's threads must not starve the event loop's.
-    torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    torch.set_num_threads(cfg.threads or max(1, usable_cpus() - 1))
     app = create_app(run, cfg)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     try:
