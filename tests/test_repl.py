@@ -163,7 +163,7 @@ def test_quit_ends_the_loop_and_leaves_the_rest_unread(chat_run):
 
 
 def test_bad_values_print_one_line_and_change_nothing(chat_run, calls):
-    bad = ["/temperature abc", "/temperature -1", "/top_k 2.5", "/top_k", "/top_p 0", "/top_p 1.5", "/max_tokens 0",
+    bad = ["/temperature abc", "/temperature -1", "/top_k 2.5", "/top_k", "/top_p -0.1", "/top_p 1.5", "/max_tokens 0",
            "/max_tokens many", "/save", "/nonsense", "/temperature nan", "/temperature inf", "/top_p nan",
            "/repetition_penalty 0", "/seed -1", f"/seed {2**63}", "/seed 1.5"]
     chat, text = run_chat(chat_run, *bad, USER)

@@ -469,3 +469,15 @@ def test_a_conversation_given_twice_is_trained_once(tmp_path, base_run, capsys):
     distinct = len(set(a.read_text().splitlines()))
     assert summary["conversations"] == distinct and summary["duplicates_dropped"] == 15 - distinct
     assert f"{15 - distinct} duplicates dropped" in capsys.readouterr().err
+
+
+def test_flags_that_do_nothing_here_are_said(tmp_path, base_run, capsys):
+    """LoRA's flags without --lora-rank, and evaluation with nothing held out, were ignored without a word."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(qa_file(tmp_path / "qa.jsonl", 1).read_text())
+    sft(SFTConfig(init=str(base_run), data=[str(one)], lora_alpha=32.0),
+        TrainConfig(out=str(tmp_path / "o"), max_steps=1, eval_every=1, batch_size=1))
+    err = capsys.readouterr().err
+    assert "note: no evaluation, so no `best` checkpoint: 1 conversation and --val-fraction 0.05 hold none out" in err
+    assert "note: --lora-alpha, --lora-dropout and --lora-targets apply to LoRA only" in err
+    assert not (tmp_path / "o" / "best").exists()

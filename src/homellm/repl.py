@@ -29,7 +29,7 @@ from homellm.tokenizer import Tokenizer
 HELP = """\
 /temperature X   sampling temperature; 0 = greedy (now {temperature})
 /top_k N         sample among the N likeliest tokens; 0 = off (now {top_k})
-/top_p X         nucleus sampling, 0 < X <= 1; 1 = off (now {top_p})
+/top_p X         nucleus sampling, 0 <= X <= 1; 1 = off (now {top_p})
 /max_tokens N    longest reply in tokens (now {max_new_tokens})
 /repetition_penalty X   > 1 discourages repeating tokens; 1 = off (now {repetition_penalty})
 /seed N          restart the sampling from seed N: the replies that follow replay (now {seed})
@@ -64,7 +64,7 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
 SETTINGS: dict[str, tuple[str, Callable[[str], float]]] = {
     "temperature": ("temperature", _number(float, 0.0)),
     "top_k": ("top_k", _number(int, 0)),
-    "top_p": ("top_p", _number(float, 0.0, 1.0, low_open=True)),
+    "top_p": ("top_p", _number(float, 0.0, 1.0)),  # 0 keeps the likeliest token alone, as --top-p 0 does
     "max_tokens": ("max_new_tokens", _number(int, 0, low_open=True)),
     "repetition_penalty": ("repetition_penalty", _number(float, 0.0, low_open=True)),
     "seed": ("seed", _number(int, 0, SEED_LIMIT - 1)),

@@ -32,6 +32,7 @@ from homellm.checkpoint import (
 )
 from homellm.config import (
     LORA_LR,
+    LORA_TARGETS,
     SFT_TRAIN,
     SFTConfig,
     TrainConfig,
@@ -221,10 +222,18 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates}
     n_rows, main = len(data.rows["train"][0]), os.environ.get("RANK", "0") == "0"
     if main:
-        print(f"{stats['conversations']:,} conversations ({stats['val_conversations']:,} held out), "
+        print(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
+              f"({stats['val_conversations']:,} held out), "
               f"{n_rows:,} training rows of {model_cfg.block_size} tokens"
               f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
               f"long, {bad} bad lines skipped, {duplicates} duplicates dropped", file=sys.stderr)
+    if not stats["val_conversations"] and (train_cfg.eval_every or train_cfg.patience):
+        say(f"note: no evaluation, so no `best` checkpoint: {stats['conversations']} conversation"
+            f"{'s' * (stats['conversations'] != 1)} and --val-fraction {cfg.val_fraction:g} hold none out")
+    lora_flags = (cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+    if not cfg.lora_rank and lora_flags != (SFTConfig.lora_alpha, SFTConfig.lora_dropout, list(LORA_TARGETS)):
+        say("note: --lora-alpha, --lora-dropout and --lora-targets apply to LoRA only, with --lora-rank N: this run "
+            "fine-tunes all weights")
     if (cut := stats["truncated"] + stats["skipped"]) > 0.2 * stats["conversations"]:
         # Cut conversations lose their later turns, replies included: a base with too short a context for this data.
         say(f"note: {cut:,} of {stats['conversations']:,} conversations ({cut / stats['conversations']:.0%}) are "
