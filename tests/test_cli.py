@@ -83,35 +83,43 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     assert "parameters" in proc.stdout.lower()
 
 
-def test_raw_text_goes_straight_to_a_model(tmp_path, corpus):
+def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):
+    from homellm.cli import main  # in-process, for the suite's time: each command as a user types it
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
     run = tmp_path / "run"
-    homellm("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "5",
-            "--eval-every", "5")
+    assert cli("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "5",
+               "--eval-every", "5")[0] == 0
     assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "last" / "model.safetensors").is_file()
     tokenizer = (run / "tokenizer" / "tokenizer.json").read_bytes()
     # Resuming on new text reads it with the run's own tokenizer (relay pretraining), never a new one.
     more = make_corpus(tmp_path / "more.txt", n_lines=500, seed=1)
-    proc = homellm("pretrain", "--data", str(more), "--out", str(run), "--resume", "--max-steps", "8")
-    assert f"tokenizing {more} with {run}'s tokenizer" in proc.stderr
+    rc, _, err = cli("pretrain", "--data", str(more), "--out", str(run), "--resume", "--max-steps", "8")
+    assert rc == 0 and f"tokenizing {more} with {run}'s tokenizer" in err
     assert json.loads((run / "data" / "meta.json").read_text())["inputs"] == [str(more)]
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 8
     # Data prepared with another tokenizer is refused before anything is written.
-    homellm("tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "char"))
-    homellm("prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "char"), "--out", str(tmp_path / "d"))
+    assert cli("tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "char"))[0] == 0
+    assert cli("prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "char"), "--out",
+               str(tmp_path / "d"))[0] == 0
     before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
-    proc = homellm("pretrain", "--data", str(tmp_path / "d"), "--out", str(run), "--resume", "--max-steps", "9",
-                   check=False)
-    assert proc.returncode == 2 and "was prepared with another tokenizer than" in proc.stderr
+    rc, _, err = cli("pretrain", "--data", str(tmp_path / "d"), "--out", str(run), "--resume", "--max-steps", "9")
+    assert rc == 2 and "was prepared with another tokenizer than" in err
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
     # eval --task loss finds the run's data/ even where the saved path no longer leads (another cwd, a moved run).
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "data_dir": "elsewhere/data"}))
-    assert "bits per byte" in homellm("eval", str(run), "--task", "loss", "--batches", "1").stdout
+    assert "bits per byte" in cli("eval", str(run), "--task", "loss", "--batches", "1")[1]
     # A fine-tuned run continues with sft, and says so.
     (run / "config.json").write_text(json.dumps({**config, "sft": {}}))
-    proc = homellm("pretrain", "--out", str(run), "--resume", check=False)
-    assert proc.returncode == 2 and "is a fine-tuned run: continue it with `homellm sft --resume" in proc.stderr
+    rc, _, err = cli("pretrain", "--out", str(run), "--resume")
+    assert rc == 2 and "is a fine-tuned run: continue it with `homellm sft --resume" in err
 
 
 def test_an_interrupted_raw_text_start_rebuilds_its_data_when_the_tokenizer_settings_change(tmp_path, corpus):

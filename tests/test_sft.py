@@ -333,26 +333,32 @@ def test_lora_refuses_a_layer_whose_weight_is_tied():
     torch.testing.assert_close(merge_lora(untied)(x)[0], before, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run):
+def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run, capsys):
+    from homellm.cli import main  # in-process: the suite's time
+
     base, out, data = tmp_path / "base", tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
     shutil.copytree(base_run, base)
-    homellm("sft", "--init", str(base), "--init-checkpoint", "last", "--data", str(data), "--out", str(out),
-            "--lora-rank", "2", "--max-steps", "2", "--eval-every", "0")
-    homellm("pretrain", "--out", str(base), "--resume", "--max-steps", "62")  # its `last` moves on
-    bad = homellm("sft", "--out", str(out), "--resume", "--max-steps", "4", check=False)
-    assert bad.returncode == 2 and "changed since" in bad.stderr and "adapters were trained on it" in bad.stderr
+    assert main(["sft", "--init", str(base), "--init-checkpoint", "last", "--data", str(data), "--out", str(out),
+                 "--lora-rank", "2", "--max-steps", "2", "--eval-every", "0"]) == 0
+    assert main(["pretrain", "--out", str(base), "--resume", "--max-steps", "62"]) == 0  # its `last` moves on
+    capsys.readouterr()
+    assert main(["sft", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since" in err and "adapters were trained on it" in err
     assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 2
 
 
 def test_lora_with_muon_trains_every_adapter_with_muon(tmp_path, base_run):
     """LoRA's parameters are all matrices: Muon takes them all, and AdamW, left with none, is not made (it used to
     stop with "optimizer got an empty parameter list"). Resume restores the one optimizer."""
+    from homellm.cli import main
+
     out, data = tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
-    homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "2",
-            "--optimizer", "muon", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "1")
+    assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "2",
+                 "--optimizer", "muon", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "1"]) == 0
     state = torch.load(out / "last" / "state.pt", weights_only=True)
     assert len(state["optimizers"]) == 1 and state["optimizers"][0]["state"]
-    homellm("sft", "--out", str(out), "--resume", "--max-steps", "3")
+    assert main(["sft", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
     assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 3
 
 
