@@ -430,3 +430,18 @@ def test_output_is_utf8_where_the_locale_is_not(monkeypatch):
     stream.write("吾輩は猫である\n")
     stream.flush()
     assert raw.getvalue().decode("utf-8") == "吾輩は猫である\n"
+
+
+def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monkeypatch, capsys):
+    """--prompt - takes the prompt from standard input: a long or multi-line one, without the shell's quoting."""
+    import sys
+
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "1",
+                 "--eval-every", "0"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat sees\nthe moon."))
+    assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the cat sees\nthe moon.")

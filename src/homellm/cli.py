@@ -124,6 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.train import resolve_device
 
     cfg = build(SampleConfig, args)
+    if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
+        cfg = replace(cfg, prompt=sys.stdin.read())
     model = load_model(args.run, cfg.checkpoint, resolve_device(cfg.device))
     tok = Tokenizer.load(args.run)
     block = model.cfg.block_size
