@@ -397,3 +397,16 @@ def test_a_run_of_special_tokens_keeps_the_stream_window_small(tok):
     assert "".join(stream.push(tok.pad_id) for _ in range(400)) == ""
     assert stream.push(tok.encode(" the")[0]) == " the"[:len(tok.decode(tok.encode(" the")[:1]))]
     assert len(stream._ids) <= 8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_applies_the_repetition_penalty_as_sampling_does(family):
+    """Beam search ignored --repetition-penalty. With it, one beam is still greedy decoding, penalty included, past
+    the context too."""
+    model = tiny(family)
+    prompt = [5, 9, 12]
+    penalised = SampleConfig(temperature=0.0, max_new_tokens=40, repetition_penalty=3.0)
+    greedy = list(generate_ids(model, prompt, penalised))
+    assert greedy != list(generate_ids(model, prompt, SampleConfig(temperature=0.0, max_new_tokens=40)))
+    assert beam_search(model, prompt, 1, 40, repetition_penalty=3.0) == greedy
+    assert beam_search(model, prompt, 3, 40, repetition_penalty=3.0) != beam_search(model, prompt, 3, 40)

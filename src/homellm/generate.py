@@ -29,18 +29,23 @@ def seeded_generator(seed: int, device: torch.device | str, stream: int = 0) -> 
     return torch.Generator(device).manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
+def penalize(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty on logits (B, V) for the ids of each row's history (B, T): dividing a negative logit
+    would raise it, so those are multiplied instead."""
+    if penalty == 1.0 or not history.numel():
+        return logits
+    seen = logits.gather(1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # Kept finite: a tiny penalty (1e-45 is positive) made them inf, and the probabilities NaN.
+    seen = seen.clamp(-torch.finfo(seen.dtype).max, torch.finfo(seen.dtype).max)
+    return logits.scatter(1, history, seen)
+
+
 def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
                 generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) and the ids so far (B, T) -> the next id of each row (B,); `allowed` (B, V) bool, from
     Utf8Guard.mask, keeps the text valid UTF-8."""
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and history.numel():
-        # CTRL's penalty: dividing a negative logit would raise it, so those are multiplied instead.
-        seen = logits.gather(1, history)
-        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
-        # Kept finite: a tiny penalty (1e-45 is positive) made them inf, and the probabilities NaN.
-        seen = seen.clamp(-torch.finfo(seen.dtype).max, torch.finfo(seen.dtype).max)
-        logits = logits.scatter(1, history, seen)
+    logits = penalize(logits.float(), history, cfg.repetition_penalty)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if cfg.temperature == 0:
@@ -123,10 +128,11 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
                 stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0,
-                guard: Utf8Guard | None = None) -> list[int]:
+                guard: Utf8Guard | None = None, repetition_penalty: float = 1.0) -> list[int]:
     """The new ids (no prompt, no stop id) of the best hypothesis, scored sum(logprob) / length**length_penalty
     (above 1 favours longer ones). Deterministic. The context window slides as in `generate_ids`, so one beam is
-    greedy decoding at any length; a guard keeps every beam valid UTF-8, as there."""
+    greedy decoding at any length; a guard keeps every beam valid UTF-8, and the repetition penalty applies to each
+    beam's logits, as there."""
     if not prompt_ids:
         raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
     block = model.cfg.block_size
@@ -153,6 +159,9 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
                 logits = model(context[:, -max(block // 2, 1):], cache=cache)[0][:, -1]
             elif step:
                 logits = _extend(model, seqs[:, -1:], cache)
+            if repetition_penalty != 1.0:  # each beam's own history: the prompt and its tokens so far
+                history = torch.cat([torch.tensor([prompt], device=device).expand(num_beams, -1), seqs], dim=1)
+                logits = penalize(logits.float(), history, repetition_penalty)
             total = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (num_beams, V)
             if guard is not None:
                 total = total.masked_fill(~guard.mask(states, device, total.size(-1)), float("-inf"))
@@ -259,7 +268,8 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                            "from: use fewer beams (4 is common)")
     try:
         if cfg.num_beams > 1:
-            out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard)
+            out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard,
+                              repetition_penalty=cfg.repetition_penalty)
             new = len(out)
             text, _ = _cut_at_stop(stream.decoder.push_all(out), stream.stops)
             if stream.guarded:
