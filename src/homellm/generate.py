@@ -159,10 +159,11 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
                 logits = model(context[:, -max(block // 2, 1):], cache=cache)[0][:, -1]
             elif step:
                 logits = _extend(model, seqs[:, -1:], cache)
+            logits = logits.float()
             if repetition_penalty != 1.0:  # each beam's own history: the prompt and its tokens so far
                 history = torch.cat([torch.tensor([prompt], device=device).expand(num_beams, -1), seqs], dim=1)
-                logits = penalize(logits.float(), history, repetition_penalty)
-            total = scores[:, None] + F.log_softmax(logits.float(), dim=-1)  # (num_beams, V)
+                logits = penalize(logits, history, repetition_penalty)
+            total = scores[:, None] + F.log_softmax(logits, dim=-1)  # (num_beams, V)
             if guard is not None:
                 total = total.masked_fill(~guard.mask(states, device, total.size(-1)), float("-inf"))
             vocab, length = total.size(-1), (step + 1) ** length_penalty
@@ -258,14 +259,14 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                generator: torch.Generator | None = None) -> Iterator[str]:
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
     state across calls (a chat's turns); by default a fresh one seeded with cfg.seed."""
+    if cfg.num_beams > tok.vocab_size:
+        raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
+                           "from: use fewer beams (4 is common)")
     stream = TextStream(tok, cfg.stop, ids)
     # A reply's end, a document's end, and a new turn: a chat model that skips <|im_end|> and opens the next turn
     # would otherwise go on writing the user's part.
     stop_ids = {tok.eot_id, tok.im_end_id, tok.im_start_id} | stream.stop_ids
     start, new = time.perf_counter(), 0
-    if cfg.num_beams > tok.vocab_size:
-        raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
-                           "from: use fewer beams (4 is common)")
     try:
         if cfg.num_beams > 1:
             out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard,

@@ -27,10 +27,12 @@ def ns_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """A batch (n, rows, cols) of matrices -> about their orthogonal factors U V^T (singular values near 1)."""
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+                  ) -> torch.Tensor:
+    """A batch (n, rows, cols) of matrices -> about their orthogonal factors U V^T (singular values near 1),
+    iterated in `dtype` (ns_dtype of their device)."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(ns_dtype(g.device))
+    x = g.to(dtype)
     tall = x.size(1) > x.size(2)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
@@ -72,8 +74,9 @@ class Muon(torch.optim.Optimizer):
             by_shape: dict[torch.Size, list[int]] = {}
             for i, p in enumerate(params):
                 by_shape.setdefault(p.shape, []).append(i)
+            dtype = ns_dtype(params[0].device)  # once a step: on CUDA it asks the driver
             for shape, index in by_shape.items():
-                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"])
+                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"], dtype=dtype)
                 scale = group["lr"] * math.sqrt(max(1.0, shape[0] / shape[1]))
                 torch._foreach_add_([params[i] for i in index], list(ortho.to(params[index[0]].dtype).unbind()),
                                     alpha=-scale)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +174,13 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     folder = None if own else find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
         saved_sft = saved.get("sft", {})
+        other_init = saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve()
         if own:
-            if saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
+            if other_init:
                 say(f"note: a full fine-tune resumes from its own `last`: --init {init} is not read (the run began "
                     f"from {saved_sft['init']})")
             cfg = replace(cfg, init=saved_sft.get("init", cfg.init))  # what the run began from, whatever is there now
-        elif saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve():
+        elif other_init:
             raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_sft['init']}): drop --init to "
                                "continue the run, or choose a new --out")
         diffs = [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in saved_sft.items()
@@ -220,13 +220,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
                       str(init), " ".join(cfg.data))
     stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates}
-    n_rows, main = len(data.rows["train"][0]), os.environ.get("RANK", "0") == "0"
-    if main:
-        print(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
-              f"({stats['val_conversations']:,} held out), "
-              f"{n_rows:,} training rows of {model_cfg.block_size} tokens"
-              f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too "
-              f"long, {bad} bad lines skipped, {duplicates} duplicates dropped", file=sys.stderr)
+    n_rows = len(data.rows["train"][0])
+    say(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
+        f"({stats['val_conversations']:,} held out), {n_rows:,} training rows of {model_cfg.block_size} tokens"
+        f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too long, "
+        f"{bad} bad lines skipped, {duplicates} duplicates dropped")
     if not stats["val_conversations"] and (train_cfg.eval_every or train_cfg.patience):
         say(f"note: no evaluation, so no `best` checkpoint: {stats['conversations']} conversation"
             f"{'s' * (stats['conversations'] != 1)} and --val-fraction {cfg.val_fraction:g} hold none out")

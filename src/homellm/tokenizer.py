@@ -327,12 +327,9 @@ class StreamDecoder:
         # only the first token of a text may drop), then the ids since; `_done` characters of its text are out.
         # It starts with the end of the prompt, so the first new word keeps its space after it ("the" + "▁they").
         self._ids: list[int] = []
-        for k in range(1, min(len(context), 8) + 1):
-            tail = tok.decode(list(context[-k:]), skip_special)
-            if tail and "\ufffd" not in tail:
-                self._ids = [int(i) for i in context[-k:]]
-                break
-        self._done = len(tok.decode(self._ids, skip_special)) if self._ids else 0
+        self._done = 0
+        context = [int(i) for i in context[-8:]]
+        self._restart(context, tok.decode(context, skip_special))
 
     def push(self, token_id: int) -> str:
         if self._skip and token_id in self._tok.special_ids:  # no text, and a window of them alone never trims
@@ -345,15 +342,19 @@ class StreamDecoder:
         new = text[self._done:settled] if settled > self._done else ""
         self._done = max(self._done, settled)
         if settled == len(text):  # a clean end: start a new window from the shortest clean tail of ids
-            for k in range(1, len(self._ids) + 1):
-                # A tail that decodes alone to exactly its part of the text: one byte token of a character
-                # (Llama's <0xE3>-style byte fallback) would turn every byte run after it into U+FFFDs.
-                # And not empty: after a skipped special token alone, the next word would lose its space again.
-                tail = self._tok.decode(self._ids[-k:], self._skip)
-                if tail and "\ufffd" not in tail and text.endswith(tail):
-                    self._ids, self._done = self._ids[-k:], len(tail)
-                    break
+            self._restart(self._ids, text)
         return new
+
+    def _restart(self, ids: list[int], text: str) -> None:
+        """Make the window the shortest tail of `ids` (whose text is `text`, all printed) that decodes alone to
+        exactly its part of the text: one byte token of a character (Llama's <0xE3>-style byte fallback) would
+        turn every byte run after it into U+FFFDs. And not empty: after a skipped special token alone, or with no
+        context, the next word would lose the space a SentencePiece decoder drops at a text's start."""
+        for k in range(1, len(ids) + 1):
+            tail = self._tok.decode(ids[-k:], self._skip)
+            if tail and "\ufffd" not in tail and text.endswith(tail):
+                self._ids, self._done = ids[-k:], len(tail)
+                return
 
     def push_all(self, ids: Iterable[int]) -> str:
         """The text of all of `ids` after what came before, held-back characters included."""

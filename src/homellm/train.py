@@ -409,7 +409,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     warmup_at: tuple[int, float] | None = None  # (step, elapsed) where warmup ended: where the decay starts
     metrics_path = run / "metrics.jsonl"
     resumed_from = None
-    kept_eval: list[Any] = [0.0, False]  # the final evaluation's expected seconds, and whether measured (below)
+    eval_room, eval_measured = 0.0, False  # the final evaluation's expected seconds, and whether measured (below)
     if cfg.resume:
         folder = resumed_from = find_checkpoint(run, "last", need_state=True)
         load_weights_into(model, read_weights(folder), str(folder))
@@ -425,7 +425,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
-        kept_eval = state.get("final_eval", kept_eval)  # else a run that stopped short for it would go on past it
+        # Else a run that stopped short of its budget for the final evaluation would go on past it.
+        eval_room, eval_measured = state.get("final_eval", (eval_room, eval_measured))
         # Checkpoints from before it was kept decayed from the run's start, and go on that way.
         warmup_at = tuple(state["warmup_at"]) if state.get("warmup_at") else (0, 0.0) if step > cfg.warmup_steps \
             else None
@@ -474,14 +475,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     # The evaluation after the last step counts against --max-time too: the budget keeps room for it, as long as
     # the latest evaluation took, or before the first one a guess from the steps' pace (an evaluation batch is a
     # forward pass, about a third of a training micro-batch's work). Both come from the clock the ranks agree on.
-    final_eval = {"seconds": kept_eval[0], "measured": kept_eval[1], "since": (step, elapsed)}
+    start_step, start_elapsed = step, elapsed  # where this session began
     evaluates = cfg.eval_every > 0 and cfg.max_time > 0 and not getattr(data, "no_val", None)
 
     def progress(at: tuple[int, float] | None = None) -> float:
         """How far the run is towards its end (steps or time, whichever is further), now or at (step, elapsed)."""
         s, e = at or (step, elapsed)
         p = s / cfg.max_steps if cfg.max_steps > 0 else 0.0
-        return max(p, e / max(cfg.max_time - final_eval["seconds"], cfg.max_time / 2)) if cfg.max_time > 0 else p
+        return max(p, e / max(cfg.max_time - eval_room, cfg.max_time / 2)) if cfg.max_time > 0 else p
 
     def checkpoint(name: str, info: dict[str, Any]) -> None:
         rng = _gather_rng(env)
@@ -490,7 +491,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                      "step": step, "tokens": tokens, "elapsed": elapsed, "best_val": best_val,
                      "bad_evals": bad_evals, "rng": rng, "data_position": step,
                      "warmup_at": list(warmup_at) if warmup_at else None,
-                     "final_eval": [final_eval["seconds"], final_eval["measured"]]}
+                     "final_eval": [eval_room, eval_measured]}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
     bar = tqdm(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time), initial=step if cfg.max_time <= 0
@@ -516,7 +517,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             checkpoint("last", {})
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
-    session_start = elapsed
+    masked = getattr(data, "masked", True)  # pretraining's windows train every target: no count to gather
     schedule_at = 0.0  # how far along its schedule the learning rate is
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
@@ -539,8 +540,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             # each micro-batch's mean equally would weigh a token by how few others share its micro-batch (SFT
             # masks all but the replies), and the gradient would change with --grad-accum or the process count.
             trained = [int((b[1] != -100).sum()) for b in batches]
-            step_trained = (_trained_tokens(sum(trained), env) if getattr(data, "masked", True) else
-                            float(sum(trained) * env.world))
+            step_trained = _trained_tokens(sum(trained), env) if masked else float(sum(trained) * env.world)
             for micro, (x, y, *documents) in enumerate(batches):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
@@ -564,13 +564,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             step += 1
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
             elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked)
-            if evaluates and not final_eval["measured"]:
-                s0, e0 = final_eval["since"]
-                final_eval["seconds"] = cfg.eval_batches * (elapsed - e0) / (step - s0) / cfg.grad_accum / 3
+            if evaluates and not eval_measured:
+                eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / cfg.grad_accum / 3
             done = progress() >= 1.0
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
             # A session's end (--session-time) stops as Ctrl-C does: `last` written, the schedule left as it is.
-            session_over = cfg.session_time > 0 and elapsed - session_start >= cfg.session_time
+            session_over = cfg.session_time > 0 and elapsed - start_elapsed >= cfg.session_time
             halted = (asked or session_over) and not done
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
 
@@ -600,7 +599,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 # is the last, with its checkpoint, rather than the loop ending without one.
                 before = elapsed
                 elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)[0]
-                final_eval.update(seconds=elapsed - before, measured=True)
+                eval_room, eval_measured = elapsed - before, True
                 done = done or progress() >= 1.0
                 if last_val is not None:
                     record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
