@@ -17,6 +17,7 @@ from homellm.generate import (
     seeded_generator,
     stream_ids,
     stream_text,
+    window,
 )
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, train_tokenizer
@@ -38,14 +39,15 @@ def tiny(family: str, vocab: int = 64) -> GPT:
     return GPT(cfg).eval()
 
 
-def naive_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
-    """Full forward every step; the same window rule: past block_size tokens, keep the last block_size // 2."""
+def naive_greedy(model: GPT, prompt: list[int], n: int, keep: int = 0) -> list[int]:
+    """Full forward every step; the same window rule: past block_size tokens, keep the last block_size // 2
+    (after the first `keep`, which stay)."""
     block = model.cfg.block_size
-    ctx, out = prompt[-(block - 1):], []
+    ctx, out = prompt[:keep] + prompt[keep:][-(block - 1 - keep):], []
     with torch.no_grad():
         for _ in range(n):
             if len(ctx) > block:
-                ctx = ctx[-(block // 2):]
+                ctx = ctx[:keep] + ctx[keep:][-(block // 2 - keep):]
             token = int(model(torch.tensor([ctx]))[0][0, -1].argmax())
             out.append(token)
             ctx = ctx + [token]
@@ -67,6 +69,28 @@ def test_greedy_with_cache_equals_full_recompute_past_the_context(family):
     assert out == naive_greedy(model, prompt, GREEDY.max_new_tokens)
     long_prompt = torch.randint(0, 64, (45,), generator=torch.Generator().manual_seed(2)).tolist()
     assert list(generate_ids(model, long_prompt, GREEDY)) == naive_greedy(model, long_prompt, 70)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kept_prefix_stays_in_every_window(family):
+    model = tiny(family)  # block_size 32: a slide keeps 16 tokens, of which the first 5 of the prompt
+    windows: list[list[int]] = []  # the ids of every forward pass that starts a fresh cache
+    def fresh_cache(module, args, kwargs):
+        if kwargs.get("cache") is not None and kwargs["cache"].pos == 0:
+            windows.append(args[0][0].tolist())
+
+    model.register_forward_pre_hook(fresh_cache, with_kwargs=True)
+    for prompt in (list(range(5, 12)), list(range(1, 50))):  # short, and longer than the context
+        windows.clear()
+        out = list(generate_ids(model, prompt, GREEDY, keep=5))
+        assert len(windows) > 3 and all(w[:5] == prompt[:5] for w in windows)
+        assert out == naive_greedy(model, prompt, GREEDY.max_new_tokens, keep=5)
+        windows.clear()
+        assert beam_search(model, prompt, 1, GREEDY.max_new_tokens, keep=5) == out
+        assert len(windows) > 3 and all(w[:5] == prompt[:5] for w in windows)
+    assert window(list(range(10)), 4, keep=2) == [0, 1, 8, 9]
+    assert window(list(range(10)), 4, keep=3) == [6, 7, 8, 9]  # over half of the window: not kept
+    assert window(list(range(3)), 4, keep=2) == [0, 1, 2]
 
 
 def test_stops_before_a_stop_id_and_keeps_max_new_tokens():

@@ -83,9 +83,9 @@ def calls(monkeypatch) -> list[tuple[list[int], ChatConfig]]:
     """Every (prompt ids, config) the chat generates from."""
     seen, real = [], repl.stream_ids
 
-    def spy(model, tok, ids, cfg, stats=None, generator=None):
+    def spy(model, tok, ids, cfg, stats=None, generator=None, keep=0):
         seen.append((list(ids), cfg))
-        yield from real(model, tok, ids, cfg, stats, generator)
+        yield from real(model, tok, ids, cfg, stats, generator, keep)
 
     monkeypatch.setattr(repl, "stream_ids", spy)
     return seen
@@ -225,7 +225,31 @@ def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stay
     assert [m["content"] for m in chat.transcript if m["role"] == "user"] == messages  # /save still has them all
     # a message too long for the context on its own: said so, and answered anyway
     chat, text = run_chat(chat_run, EN * 2, cfg=cfg)
-    assert "the model sees only the end" in text and len(chat.turns) == 1
+    assert "the model sees only the end of them" in text and len(chat.turns) == 1  # "Be kind." is too long to keep
+    chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system="S"))
+    assert "the model sees only the system prompt and the end of the message" in text and len(chat.turns) == 1
+
+
+def test_a_reply_that_slides_the_window_keeps_the_system_prompt(chat_run):
+    model, tok, _ = chat_run
+    block = model.cfg.block_size
+    head = render(tok, [{"role": "system", "content": "S"}])[0]
+    windows: list[list[int]] = []  # the ids of every forward pass that starts a fresh cache
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: windows.append(args[0][0].tolist()) if kwargs["cache"].pos == 0 else None,
+        with_kwargs=True)
+    try:
+        cfg = dataclasses.replace(GREEDY, system="S", max_new_tokens=3 * block, stop=[])
+        chat, text = run_chat(chat_run, EN[:30], cfg=cfg)
+    finally:
+        hook.remove()
+    assert len(windows) > 2, "the reply should have outrun the context more than once"
+    assert all(w[:len(head)] == head for w in windows)  # the prompt, and every slide after it
+    assert "slides the window, and the start of the conversation leaves it (the system prompt stays)" in text
+    # a system prompt over a quarter of the context is not kept, and the chat says so
+    cfg = dataclasses.replace(cfg, system="Be kind, be brief.")
+    chat, text = run_chat(chat_run, "hi", cfg=cfg)
+    assert chat.system_ids() == 0 and "(the system prompt too: it takes over a quarter of the context)" in text
 
 
 def test_ctrl_c_during_a_reply_stops_only_the_reply(chat_run):

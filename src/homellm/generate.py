@@ -78,6 +78,15 @@ def _prefill(model: GPT, ids: list[int], batch: int = 1) -> tuple[KVCache, torch
     return cache, logits[:, -1].expand(batch, -1)
 
 
+def window(ids: list[int], length: int, keep: int = 0) -> list[int]:
+    """The last `length` ids, after the first `keep` (a chat's system prompt, which must not leave the context) when
+    those take at most half of it; without them, simply the last `length`."""
+    length = max(length, 1)
+    if keep <= 0 or 2 * keep > length or len(ids) <= length:
+        return ids[-length:]
+    return ids[:keep] + ids[len(ids) - (length - keep):]
+
+
 @torch.inference_mode()
 def _extend(model: GPT, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one new id per row, ids (B, 1) -> the next logits (B, V)."""
@@ -86,17 +95,20 @@ def _extend(model: GPT, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
 
 def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids: Collection[int] = frozenset(),
-                 generator: torch.Generator | None = None, guard: Utf8Guard | None = None) -> Iterator[int]:
+                 generator: torch.Generator | None = None, guard: Utf8Guard | None = None, keep: int = 0
+                 ) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens ids after the prompt, ending before the first id in stop_ids; with a guard
     (the tokenizer's utf8_guard), only ids that keep the text valid UTF-8.
 
     A prompt longer than the context keeps its last block_size - 1 tokens. When the cache is full the window
     slides: the last block_size // 2 tokens are prefilled into a fresh cache, so generation can outrun the context.
+    The first `keep` ids of the prompt (a chat's system prompt) stay at the start of every window, as llama.cpp's
+    --keep does, when they take at most half of it.
     """
     if not prompt_ids:
         raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
     block = model.cfg.block_size
-    tokens = list(prompt_ids)[-max(block - 1, 1):]
+    tokens = window(list(prompt_ids), block - 1, keep)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout
@@ -107,7 +119,7 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
         for i in range(cfg.max_new_tokens):
             if i:  # feed the previous token only now: the last one yielded needs no forward pass
                 if cache.pos == block:
-                    cache, logits = _prefill(model, tokens[-max(block // 2, 1):])
+                    cache, logits = _prefill(model, window(tokens, block // 2, keep))
                 else:
                     logits = _extend(model, torch.tensor([tokens[-1:]], device=device), cache)
             # The ids so far only matter to the repetition penalty: a tensor of them each step cost as much as the
@@ -128,15 +140,15 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
                 stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0,
-                guard: Utf8Guard | None = None, repetition_penalty: float = 1.0) -> list[int]:
+                guard: Utf8Guard | None = None, repetition_penalty: float = 1.0, keep: int = 0) -> list[int]:
     """The new ids (no prompt, no stop id) of the best hypothesis, scored sum(logprob) / length**length_penalty
     (above 1 favours longer ones). Deterministic. The context window slides as in `generate_ids`, so one beam is
     greedy decoding at any length; a guard keeps every beam valid UTF-8, and the repetition penalty applies to each
-    beam's logits, as there."""
+    beam's logits, as there. `keep` as there."""
     if not prompt_ids:
         raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
     block = model.cfg.block_size
-    prompt = list(prompt_ids)[-max(block - 1, 1):]
+    prompt = window(list(prompt_ids), block - 1, keep)
     steps = max_new_tokens
     if steps <= 0:
         return []
@@ -156,7 +168,8 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             if step and cache.pos == block:  # every beam has the same length: refill them all as one batch
                 context = torch.cat([torch.tensor([prompt], device=device).expand(num_beams, -1), seqs], dim=1)
                 cache = KVCache(model.cfg, num_beams, block, device, next(model.parameters()).dtype)
-                logits = model(context[:, -max(block // 2, 1):], cache=cache)[0][:, -1]
+                cols = torch.tensor(window(list(range(context.size(1))), block // 2, keep), device=device)
+                logits = model(context[:, cols], cache=cache)[0][:, -1]
             elif step:
                 logits = _extend(model, seqs[:, -1:], cache)
             logits = logits.float()
@@ -256,9 +269,10 @@ def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
 
 
 def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, stats: dict[str, float] | None = None,
-               generator: torch.Generator | None = None) -> Iterator[str]:
+               generator: torch.Generator | None = None, keep: int = 0) -> Iterator[str]:
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
-    state across calls (a chat's turns); by default a fresh one seeded with cfg.seed."""
+    state across calls (a chat's turns); by default a fresh one seeded with cfg.seed. The first `keep` ids stay in
+    the context when the window slides (generate_ids)."""
     if cfg.num_beams > tok.vocab_size:
         raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
                            "from: use fewer beams (4 is common)")
@@ -270,7 +284,7 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
     try:
         if cfg.num_beams > 1:
             out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard,
-                              repetition_penalty=cfg.repetition_penalty)
+                              repetition_penalty=cfg.repetition_penalty, keep=keep)
             new = len(out)
             text, _ = _cut_at_stop(stream.decoder.push_all(out), stream.stops)
             if stream.guarded:
@@ -280,7 +294,7 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
             return
         if generator is None:
             generator = seeded_generator(cfg.seed, next(model.parameters()).device)
-        with closing(generate_ids(model, ids, cfg, stop_ids, generator, tok.utf8_guard)) as gen:
+        with closing(generate_ids(model, ids, cfg, stop_ids, generator, tok.utf8_guard, keep)) as gen:
             for token in gen:
                 new += 1
                 text = stream.push(token)

@@ -18,7 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import TextIO
 
-from homellm.chat import Message, prompt_ids, to_markdown
+from homellm.chat import Message, prompt_ids, render, to_markdown
 from homellm.config import SEED_LIMIT, ChatConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import seeded_generator, stream_ids
@@ -96,9 +96,16 @@ class Chat:
         history = [{"role": r, "content": c} for u, a in self.turns for r, c in (("user", u), ("assistant", a))]
         return [*system, *history, {"role": "user", "content": user}]
 
+    def system_ids(self) -> int:
+        """How many of the prompt's first ids are the system prompt, which stays when the window slides; 0 when it
+        would take more than a quarter of the context (half of what a slide keeps), or there is none."""
+        n = len(render(self.tok, [{"role": "system", "content": self.cfg.system}])[0]) if self.cfg.system else 0
+        return n if n <= self.model.cfg.block_size // 4 else 0
+
     def context(self, user: str) -> list[int]:
         """The prompt ids for `user`, after dropping the oldest turns until it leaves room for the reply. The room
-        is max_new_tokens, at most half the context: a longer reply slides the window as it goes."""
+        is max_new_tokens, at most half the context: a longer reply slides the window as it goes, keeping the
+        system prompt."""
         block = self.model.cfg.block_size
         if note := self.tok.unknown_note(user + self.cfg.system):
             self.say(f"[note: {note}]")
@@ -112,22 +119,28 @@ class Chat:
         if dropped:
             self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)}; "
                      f"{len(self.turns)} left in the model's {block}-token context]")
+        keep = self.system_ids()
         if len(ids) >= block:
+            seen = "the system prompt and the end of the message" if keep else "the end of them"
             self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: the model sees only "
-                     "the end of them]")
+                     f"{seen}]")
         elif len(ids) + room > block:
+            kept = " (the system prompt stays)" if keep else (
+                " (the system prompt too: it takes over a quarter of the context)" if self.cfg.system else "")
             self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: a reply past "
-                     f"{block - len(ids)} tokens slides the window, and the start of the conversation leaves it]")
+                     f"{block - len(ids)} tokens slides the window, and the start of the conversation leaves it"
+                     f"{kept}]")
         return ids
 
     def reply(self, user: str) -> str:
         """Stream the model's reply to `user`; Ctrl-C ends the reply early and keeps what was generated."""
         ids = self.context(user)
+        keep = self.system_ids()
         pieces: list[str] = []
         stats: dict[str, float] = {}
         interrupted = False
         try:
-            with closing(stream_ids(self.model, self.tok, ids, self.cfg, stats, self.generator)) as stream:
+            with closing(stream_ids(self.model, self.tok, ids, self.cfg, stats, self.generator, keep)) as stream:
                 held = ""  # a reply cut off by max_tokens mid-character ends in U+FFFD: hold it, never show it
                 for piece in stream:
                     text = held + piece
