@@ -791,6 +791,9 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     # folder of the same name there.
     cfg = replace(cfg, data=absolute_inputs(cfg.data))
     if cfg.resume:
+        if not (run / "config.json").exists():  # the first session of a relay: nothing to resume yet
+            raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
+                               "--resume to continue it)")
         if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
         saved_model, _ = read_config(run)
