@@ -139,6 +139,12 @@ def test_jsonl_custom_field_and_errors(tmp_path):
         docs([str(bad)])
     with pytest.raises(HomeLLMError, match="is a int, not text"):
         docs([str(write(tmp_path / "c.jsonl", '{"text": 5}\n'))])
+    # JSON's "\ud800" escape is half of a UTF-16 pair: named, where no tokenizer could take it; a whole pair is text
+    lone = write(tmp_path / "d.jsonl", '{"text": "ok \\ud83d\\ude00 pair"}\n{"text": null}\n{"text": "lone \\ud800"}\n')
+    with pytest.raises(HomeLLMError) as e:
+        docs([str(lone)])
+    assert f"{lone}:3: field 'text' holds '\\ud800' at character 5, half of a UTF-16 pair" in str(e.value)
+    assert docs([str(lone)], max_docs=1) == ["ok \U0001f600 pair"]
 
 
 def test_folders_globs_and_missing_inputs(tmp_path):
@@ -278,6 +284,8 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
     assert calls == [("someone/stories", None, "train", True), ("someone/stories", "cfg", "validation", True)]
     with pytest.raises(HomeLLMError, match="no field 'body'.*--text-field"):
         docs(["hf:x"], text_field="body")
+    with pytest.raises(HomeLLMError, match=r"hf:x: row 0: field 'n' is a int, not text"):  # not skipped unsaid
+        docs(["hf:x"], text_field="n")
     src = write(tmp_path / "a.txt", "row 0123456789")
     meta = prepare(PrepareConfig(input=["hf:x:test"], tokenizer=str(char_tok(tmp_path, str(src))),
                                  out=str(tmp_path / "d")))

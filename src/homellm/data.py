@@ -474,12 +474,24 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
             fields = ", ".join(obj) if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
             raise HomeLLMError(f"{where}: no field {field!r} (found: {fields}): "
                                "pass --text-field with the field that holds the text")
-        text = obj[field]
-        if not isinstance(text, str):
-            raise HomeLLMError(f"{where}: field {field!r} is a {type(text).__name__}, not text: "
-                               "pass --text-field with the field that holds the text")
-        if text.strip():
-            yield text.replace("\r\n", "\n")
+        if text := _text(obj[field], where, field):
+            yield text
+
+
+def _text(text: Any, where: str, field: str) -> str:
+    """A record's text field, checked: text (None counts as empty), and no lone surrogate, which JSON's "\ud800"
+    escape decodes to and which no encoder can take."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise HomeLLMError(f"{where}: field {field!r} is a {type(text).__name__}, not text: "
+                           "pass --text-field with the field that holds the text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HomeLLMError(f"{where}: field {field!r} holds {text[e.start]!r} at character {e.start}, half of a "
+                           "UTF-16 pair, which is no character: fix the text, or drop the record") from None
+    return text.replace("\r\n", "\n") if text.strip() else ""
 
 
 def _first_line(e: Exception) -> str:
@@ -514,9 +526,8 @@ def _hf_docs(spec: str, field: str) -> Iterator[str]:
         if field not in row:
             raise HomeLLMError(f"{spec}: row {i} has no field {field!r} (found: {', '.join(row)}): "
                                "pass --text-field with the field that holds the text")
-        text = row[field]
-        if isinstance(text, str) and text.strip():
-            yield text.replace("\r\n", "\n")
+        if text := _text(row[field], f"{spec}: row {i}", field):
+            yield text
 
 
 # ---- writing shards ----------------------------------------------------------------------------------------
