@@ -445,3 +445,13 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     monkeypatch.setattr(sys, "stdin", io.StringIO("the cat sees\nthe moon."))
     assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("the cat sees\nthe moon.")
+
+
+def test_a_list_flag_given_twice_keeps_both(tmp_path):
+    """`--input a.txt --input b.txt` used to keep b.txt alone, and prepare dropped a.txt without a word."""
+    args = build_parser().parse_args(["prepare", "--input", "a.txt", "--input", "b.txt", "c.txt", "--tokenizer", "t",
+                                      "--out", "o"])
+    assert args.input == ["a.txt", "b.txt", "c.txt"]
+    args = build_parser().parse_args(["generate", "run", "--stop", "x", "--stop", "y", "--prompt", "p"])
+    assert args.stop == ["x", "y"]
+    assert not hasattr(build_parser().parse_args(["generate", "run"]), "stop")  # unset: the config's default

@@ -368,9 +368,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(flag, nargs="+", type=typing.get_args(tp)[0], default=argparse.SUPPRESS,
-                                help=help_text)
+        elif typing.get_origin(tp) is list:  # "extend": `--input a --input b` is both, as `--input a b` is
+            parser.add_argument(flag, nargs="+", action="extend", type=typing.get_args(tp)[0],
+                                default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_text)
 
