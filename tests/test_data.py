@@ -5,6 +5,7 @@ import codecs
 import json
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -538,3 +539,14 @@ def test_preparing_over_prepared_data_says_it_replaces_it(tmp_path, capsys):
     assert "replaced" not in capsys.readouterr().err
     prepare(cfg)
     assert f"note: {tmp_path / 'data'} holds prepared data (" in capsys.readouterr().err
+    # a folder whose tokenizer/ or shards no meta.json vouches for is someone else's: refused, nothing removed
+    (tmp_path / "mine" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "mine" / "tokenizer" / "NOTES.md").write_text("keep")
+    with pytest.raises(HomeLLMError, match=r"holds tokenizer/ but no meta.json of `homellm prepare`"):
+        prepare(replace(cfg, out=str(tmp_path / "mine")))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text('{"name": "my notes"}')
+    with pytest.raises(HomeLLMError, match=r"holds a meta.json that `homellm prepare` did not write: choose another"):
+        prepare(replace(cfg, out=str(tmp_path / "other")))
+    assert (tmp_path / "mine" / "tokenizer" / "NOTES.md").read_text() == "keep"
+    assert (tmp_path / "other" / "meta.json").read_text() == '{"name": "my notes"}'

@@ -604,9 +604,18 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     out = final / ".preparing"
     made = not final.exists()
     if (final / "meta.json").is_file():
-        old = read_meta(final)
+        try:
+            old = read_meta(final)
+        except HomeLLMError:
+            raise HomeLLMError(f"--out {final} holds a meta.json that `homellm prepare` did not write: choose another "
+                               "--out") from None
         print(f"note: {final} holds prepared data ({old.get('train_tokens', 0):,} training tokens): it is replaced "
               "once the new data is complete (Ctrl-C now keeps it)", file=sys.stderr)
+    elif theirs := [p.name + "/" * p.is_dir() for p in (final / "tokenizer", *final.glob("train_*.bin"),
+                                                         *final.glob("val_*.bin")) if p.exists()]:
+        # Replaced at the end only when a meta.json says they are prepare's own: these may be anyone's.
+        raise HomeLLMError(f"--out {final} holds {theirs[0]} but no meta.json of `homellm prepare`, so they may not be "
+                           "its own: prepare into another --out (or delete them, if an interrupted prepare left them)")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
