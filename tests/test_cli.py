@@ -455,3 +455,18 @@ def test_a_list_flag_given_twice_keeps_both(tmp_path):
     args = build_parser().parse_args(["generate", "run", "--stop", "x", "--stop", "y", "--prompt", "p"])
     assert args.stop == ["x", "y"]
     assert not hasattr(build_parser().parse_args(["generate", "run"]), "stop")  # unset: the config's default
+
+
+def test_pretrain_reads_raw_text_in_the_encoding_given(tmp_path, capsys):
+    """prepare's error told `pretrain --data gbk.txt` to pass --encoding, which pretrain did not have."""
+    from homellm.cli import main
+
+    text = "子曰：學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？\n" * 40
+    gbk = tmp_path / "lunyu.txt"
+    gbk.write_bytes(text.encode("gbk"))
+    flags = ["--data", str(gbk), "--preset", "tiny", "--tokenizer-kind", "char", "--max-steps", "1", "--device", "cpu"]
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "a")]) == 2
+    assert "pass the --encoding" in capsys.readouterr().err
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "b"), "--encoding", "gbk"]) == 0
+    tok = Tokenizer.load(tmp_path / "b")
+    assert tok.decode(tok.encode(text)) == text and tok.unk_id not in tok.encode(text)

@@ -82,6 +82,7 @@ class TrainConfig:
     tokenizer_kind: str = "bpe"  # when --data is raw text: bpe (byte-level BPE) or char
     tokenizer_vocab: int = 1024  # when --data is raw text: BPE vocabulary size
     text_field: str = "text"  # when --data is raw jsonl: the field holding the text
+    encoding: str = "auto"  # when --data is raw .txt: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, big5, utf-16...
     aozora: bool = False  # when --data is raw text from Aozora Bunko: drop its ruby, notes and footer (as prepare)
     batch_size: int = 32  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without more memory

@@ -60,7 +60,7 @@ from homellm.tokenizer import Tokenizer
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "log_every",
                      "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data",
-                     "aozora", "epochs", "out",
+                     "aozora", "encoding", "epochs", "out",
                      "dtype"}  # (the precision: a run goes on where its first GPU's is not native, or from the CPU)
 
 
@@ -759,10 +759,11 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     data_dir = run / "data"
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
-                "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora}
+                "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora, "encoding": cfg.encoding}
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
-        # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now.
-        if {**made, "inputs": absolute_inputs(made.get("inputs", []))} == settings:
+        # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; and
+        # before --encoding, they read text as auto does.
+        if {"encoding": "auto", **made, "inputs": absolute_inputs(made.get("inputs", []))} == settings:
             return data_dir
     if cfg.resume:  # new text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
         tok_dir = run
@@ -773,12 +774,13 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         try:
             train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
                                             vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field,
-                                            aozora=cfg.aozora))
+                                            encoding=cfg.encoding, aozora=cfg.aozora))
         except HomeLLMError as e:  # `tokenizer train` names its own flags; here they are pretrain's
             raise HomeLLMError(str(e).replace("--vocab-size", "--tokenizer-vocab").replace("--kind",
                                                                                           "--tokenizer-kind")) from None
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
-                          text_field=cfg.text_field, aozora=cfg.aozora), extra_meta={"pretrain_inputs": settings})
+                          text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora),
+            extra_meta={"pretrain_inputs": settings})
     return data_dir
 
 
@@ -791,7 +793,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     # folder of the same name there.
     cfg = replace(cfg, data=absolute_inputs(cfg.data))
     if cfg.resume:
-        if not (run / "config.json").exists():  # the first session of a relay: nothing to resume yet
+        if not run.exists() or (run.is_dir() and not any(run.iterdir())):  # a relay's first session: nothing yet
             raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
                                "--resume to continue it)")
         if is_sft(run):
