@@ -582,6 +582,26 @@ def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpu
                      capsys.readouterr().err)
 
 
+def test_resuming_on_raw_text_that_grew_prepares_it_again(tmp_path, corpus, capsys):
+    """`pretrain --data corpus.txt --resume` after text was added to corpus.txt went on with the shards of the old
+    text, without a word."""
+    from homellm.cli import main
+
+    text, run = tmp_path / "corpus.txt", tmp_path / "run"
+    lines = corpus.read_text().splitlines(keepends=True)
+    text.write_text("".join(lines[:1500]))
+    flags = ["--data", str(text), "--out", str(run), "--eval-every", "0", "--tokenizer-kind", "char"]
+    assert main(["pretrain", *flags, "--preset", "tiny", "--max-steps", "2"]) == 0
+    before = json.loads((run / "data" / "meta.json").read_text())["train_tokens"]
+    assert main(["pretrain", *flags, "--resume", "--max-steps", "3"]) == 0
+    assert "changed since" not in capsys.readouterr().err  # the same text: the same shards
+    text.write_text("".join(lines))
+    assert main(["pretrain", *flags, "--resume", "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {text} changed since {run / 'data'} was prepared (" in err and "preparing it again" in err
+    assert json.loads((run / "data" / "meta.json").read_text())["train_tokens"] > before
+
+
 def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(tmp_path, data_dir, capsys):
     """Killed before its first checkpoint, --resume said "no valid resumable checkpoint (...): train again into a
     new --out", though the same --out starts again fine."""

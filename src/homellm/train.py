@@ -51,7 +51,7 @@ from homellm.config import (
     save_json,
     to_dict,
 )
-from homellm.data import open_split, read_meta, staged_note
+from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError
 from homellm.model import GPT
 from homellm.muon import Muon
@@ -758,13 +758,21 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     run = Path(cfg.out)
     data_dir = run / "data"
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
+    # The inputs' total size tells text added to a corpus since (a relay run whose corpus grows); modification times
+    # would not do, as a relay's every session on a fresh machine copies the corpus anew.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
-                "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora, "encoding": cfg.encoding}
+                "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora, "encoding": cfg.encoding,
+                "bytes": input_bytes(list(cfg.data))}
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
-        # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; and
-        # before --encoding, they read text as auto does.
-        if {"encoding": "auto", **made, "inputs": absolute_inputs(made.get("inputs", []))} == settings:
+        # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; before
+        # --encoding, they read text as auto does; and they did not save the size.
+        was = {"encoding": "auto", "bytes": settings["bytes"], **made,
+               "inputs": absolute_inputs(made.get("inputs", []))}
+        if was == settings:
             return data_dir
+        if cfg.resume and was["bytes"] != settings["bytes"]:
+            print(f"note: {' '.join(cfg.data)} changed since {data_dir} was prepared ({was['bytes']:,} bytes then, "
+                  f"{settings['bytes']:,} now): preparing it again", file=sys.stderr)
     if cfg.resume:  # new text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
         tok_dir = run
         print(f"tokenizing {' '.join(cfg.data)} with {run}'s tokenizer", file=sys.stderr)
