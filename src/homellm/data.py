@@ -355,6 +355,8 @@ def _lines_whole(blocks: Iterable[str]) -> Iterator[str]:
     for block in blocks:
         text = carry + block
         cut = text.rfind("\n") + 1
+        if not cut and len(text) > 4 * _CHUNK_BYTES:
+            cut = len(text)  # one enormous line: held whole, it grew memory with the file and time with its square
         carry = text[cut:]
         if cut:
             yield text[:cut]
