@@ -121,6 +121,10 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     weights.write_bytes(b"\x08\x01\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\": \"F32\"}}" + bytes(range(256)) * 4)
     with pytest.raises(HomeLLMError, match="model.safetensors: a binary file .*, not text: give the text files"):
         docs([str(weights)])
+    nul = write(tmp_path / "nul.txt", "text with a NUL\0 character in it\n" * 4)  # text after all: it can be read
+    with pytest.raises(HomeLLMError, match=r"or pass --encoding utf-8 if it is text that holds NUL characters"):
+        docs([str(nul)])
+    assert docs([str(nul)], encoding="utf-8") == [nul.read_text()]
 
 
 def test_utf8_bom_and_crlf(tmp_path):

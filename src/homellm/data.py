@@ -180,7 +180,8 @@ def _nul_bytes(head: bytes) -> str:
     if len(nul) >= len(head) // 8 and max(nul.count(0), nul.count(1)) >= 0.95 * len(nul):
         order = "utf-16-le" if nul.count(1) > nul.count(0) else "utf-16-be"
         return f"NUL bytes at every other byte, as UTF-16 without a byte-order mark has: pass --encoding {order}"
-    return "a binary file (NUL bytes among the first bytes), not text: give the text files"
+    return ("a binary file (NUL bytes among the first bytes), not text: give the text files (or pass --encoding "
+            "utf-8 if it is text that holds NUL characters)")
 
 
 def _head(path: Path, start: int = 0, size: int = 1 << 16) -> bytes:
