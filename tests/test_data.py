@@ -526,6 +526,9 @@ def test_a_json_file_is_read_as_records_not_as_text(tmp_path):
     array.write_text('[{"text": "cut short"', encoding="utf-8")
     with pytest.raises(HomeLLMError, match=r"stories.json:1: a file that starts as a JSON array, but is not valid"):
         docs([str(array)])
+    one = write(tmp_path / "one.json", json.dumps({"text": "one object"}, indent=2))  # not "fix or delete line 1"
+    with pytest.raises(HomeLLMError, match=r"one.json: a JSON object written over several lines: write one record a"):
+        docs([str(one)])
 
 
 def test_a_failed_prepare_leaves_no_empty_out_folder(tmp_path):

@@ -465,6 +465,10 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 msg = e.msg.removesuffix(" at")  # "Invalid control character at" + " at column 23"
+                if n == 1 and line.strip() == "{":  # pretty-printed: an object over several lines
+                    yield where, HomeLLMError(f"{path}: a JSON object written over several lines: write one record a "
+                                              "line (JSON Lines), or a JSON array of records")
+                    return
                 yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {msg} at column {e.colno}): "
                                           "fix or delete the line")
 
