@@ -315,6 +315,12 @@ def test_hf_inputs_stream_through_the_real_datasets_package(tmp_path):
     (latin1 / "a.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     with pytest.raises(HomeLLMError, match=r"latin1: reading row 0 failed \(.*utf-8.*\): check the network"):
         docs([f"hf:{latin1}"])
+    # datasets reads .txt files a row per line: they are read as homellm reads a .txt file, not a document a line
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    story = "First line.\n\n  Second paragraph, indented.\nLast line.\n"
+    (texts / "train.txt").write_text(story + f"{EOT}\n" + story, encoding="utf-8")
+    assert docs([f"hf:{texts}"]) == docs([str(texts / "train.txt")]) == [story.rstrip(), story]
 
 
 def test_failed_prepare_keeps_earlier_data_and_readers_explain(tmp_path):

@@ -66,7 +66,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
     - In every kind, CRLF in the text becomes LF: a corpus from Windows and one from elsewhere train alike.
     - a folder: its .txt and .jsonl files, recursively, in sorted order; a glob: the files it matches.
     - `hf:NAME`, `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a Hugging Face dataset, streamed (needs `datasets`);
-      NAME may be a local folder in the hub's layout, read by the same code.
+      NAME may be a local folder in the hub's layout, read by the same code. A row is a document, but in datasets
+      of .txt files, whose rows are lines: those are read as a .txt file is.
     With aozora=True, .txt files lose Aozora Bunko's markup (`_aozora_text`). Empty documents are skipped. Pieces
     of a text are cut only before a line break that follows a non-space character, which byte-level BPE never merges
     across: tokenizing the pieces equals tokenizing the whole.
@@ -84,7 +85,7 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
     doc = 0
     for kind, source in _expand(inputs):
         if kind == "hf":
-            texts: Iterator[tuple[str, bool]] = ((t, True) for t in _hf_docs(source, text_field))
+            texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field)
         elif kind == "jsonl":
             texts = ((t, True) for t in _jsonl_docs(Path(source), text_field))
         else:
@@ -505,7 +506,8 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def _hf_docs(spec: str, field: str) -> Iterator[str]:
+def _hf_docs(spec: str, field: str) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) from a Hugging Face dataset: a document per row, but for datasets of .txt files."""
     try:
         import datasets  # optional: only hub inputs need it
     except ImportError:
@@ -521,6 +523,16 @@ def _hf_docs(spec: str, field: str) -> Iterator[str]:
     except Exception as e:
         raise HomeLLMError(f"{spec}: cannot load the dataset ({_first_line(e)}): check the name, split and "
                            "network") from None
+    if getattr(getattr(rows, "info", None), "builder_name", None) == "text":
+        # datasets reads .txt files a row per line. A document per row put end-of-text between every two lines:
+        # the lines are read as homellm reads a .txt file instead (one document, unless <|endoftext|> separates).
+        yield from _split_documents(_stable_pieces(_blocks(_hf_rows(spec, field, rows, lines=True))))
+    else:
+        yield from ((text, True) for text in _hf_rows(spec, field, rows))
+
+
+def _hf_rows(spec: str, field: str, rows: Iterable[dict[str, Any]], lines: bool = False) -> Iterator[str]:
+    """Each row's text (a line and its line break, with lines=True), rows without text skipped."""
     rows = iter(rows)
     for i in itertools.count():
         try:
@@ -533,8 +545,24 @@ def _hf_docs(spec: str, field: str) -> Iterator[str]:
         if field not in row:
             raise HomeLLMError(f"{spec}: row {i} has no field {field!r} (found: {', '.join(row)}): "
                                "pass --text-field with the field that holds the text")
-        if text := _text(row[field], f"{spec}: row {i}", field):
+        if lines:
+            yield row[field] + "\n"
+        elif text := _text(row[field], f"{spec}: row {i}", field):
             yield text
+
+
+def _blocks(texts: Iterable[str]) -> Iterator[str]:
+    """Short texts (lines) joined into blocks of about _CHUNK_BYTES characters, as a .txt file is read."""
+    block: list[str] = []
+    size = 0
+    for text in texts:
+        block.append(text)
+        size += len(text)
+        if size >= _CHUNK_BYTES:
+            yield "".join(block)
+            block, size = [], 0
+    if block:
+        yield "".join(block)
 
 
 # ---- writing shards ----------------------------------------------------------------------------------------
