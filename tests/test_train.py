@@ -494,6 +494,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, data_dir, capsys):
         (["--data", str(data_dir), "--optimizer", "sgd"], "--optimizer"),
         (["--data", str(data_dir), "--log-every", "0"], "--log-every"),
         (["--data", str(data_dir), "--resume"], "holds no run yet: start it without --resume"),
+        (["--data", str(data_dir), "--n-head", "0"], "--n-head 0: must be 1 or more"),  # was a ZeroDivisionError
     ]
     for i, (flags, needle) in enumerate(cases):
         assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / f"r{i}"), *flags]) == 2

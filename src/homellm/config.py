@@ -66,13 +66,13 @@ class ModelConfig:
     def validate(self) -> None:
         if self.family not in ("gpt2", "llama"):
             raise HomeLLMError(f"--family {self.family!r} is unknown: use gpt2 or llama")
+        check_ranges(self)  # first: --n-head 0 would divide by zero below
         if self.n_embd % self.n_head:
             raise HomeLLMError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: change one")
         if self.n_head % self.n_kv_head:
             raise HomeLLMError(f"--n-head {self.n_head} is not divisible by --n-kv-head {self.n_kv_head}: change one")
         if self.family == "llama" and (self.n_embd // self.n_head) % 2:
             raise HomeLLMError("RoPE needs an even head size (n_embd / n_head): change --n-embd or --n-head")
-        check_ranges(self)
 
 
 @dataclass
