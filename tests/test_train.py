@@ -603,6 +603,23 @@ def test_resuming_on_raw_text_that_grew_prepares_it_again(tmp_path, corpus, caps
     assert json.loads((run / "data" / "meta.json").read_text())["train_tokens"] > before
 
 
+def test_a_new_start_never_overwrites_a_trained_run(tmp_path, data_dir, capsys):
+    """A run whose `last` was never written or was deleted, `best` alone left, was silently started over: its
+    metrics and `best` replaced."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    flags = ["--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "2", "--eval-every", "1"]
+    assert main(["pretrain", *flags]) == 0
+    before = (run / "metrics.jsonl").read_text()
+    for gone in ("none", "last"):
+        if gone == "last":
+            shutil.rmtree(run / "last")
+        assert main(["pretrain", *flags]) == 2
+        assert f"{run} already holds a trained run: add --resume to continue it" in capsys.readouterr().err
+        assert (run / "metrics.jsonl").read_text() == before and (run / "best").is_dir()
+
+
 def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(tmp_path, data_dir, capsys):
     """Killed before its first checkpoint, --resume said "no valid resumable checkpoint (...): train again into a
     new --out", though the same --out starts again fine."""
