@@ -470,3 +470,16 @@ def test_pretrain_reads_raw_text_in_the_encoding_given(tmp_path, capsys):
     assert main(["pretrain", *flags, "--out", str(tmp_path / "b"), "--encoding", "gbk"]) == 0
     tok = Tokenizer.load(tmp_path / "b")
     assert tok.decode(tok.encode(text)) == text and tok.unk_id not in tok.encode(text)
+
+
+def test_flags_that_do_nothing_here_are_pointed_out(tmp_path, data_dir, capsys):
+    """--tokenizer-vocab with prepared data, and --patience without evaluations, were taken and ignored unsaid."""
+    from homellm.cli import main
+
+    flags = ["--data", str(data_dir), "--preset", "tiny", "--max-steps", "1", "--device", "cpu"]
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "a"), "--tokenizer-vocab", "5000"]) == 0
+    assert f"note: --tokenizer-vocab applies to raw text only: {data_dir} is prepared data" in capsys.readouterr().err
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "b"), "--eval-every", "0", "--patience", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --patience 3 counts evaluations, and --eval-every 0 makes none: no early stopping" in err
+    assert "raw text only" not in err  # the preset's own tokenizer settings are not flags the user gave

@@ -99,6 +99,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from homellm.train import pretrain
 
     model_cfg, train_cfg = resolve_train(args)
+    raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "text_field", "encoding", "aozora")
+           if k in pick(args, TrainConfig)]
+    data = train_cfg.data
+    if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file() and os.environ.get("RANK", "0") == "0":
+        print(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
+              "prepared data, with its own tokenizer", file=sys.stderr)
     summary = pretrain(model_cfg, train_cfg)
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))

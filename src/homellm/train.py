@@ -863,5 +863,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if data.no_val and (cfg.eval_every or cfg.patience):
         say(f"note: no evaluation, so no `best` checkpoint{' and no early stopping' if cfg.patience else ''}: "
             f"{data.no_val}")
+    elif cfg.patience and not cfg.eval_every:
+        say(f"note: --patience {cfg.patience} counts evaluations, and --eval-every 0 makes none: no early stopping "
+            "(and no `best` checkpoint)")
     return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir.resolve()), "data_meta": {
         k: meta[k] for k in kept}})
