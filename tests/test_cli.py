@@ -483,3 +483,6 @@ def test_flags_that_do_nothing_here_are_pointed_out(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err
     assert "note: --patience 3 counts evaluations, and --eval-every 0 makes none: no early stopping" in err
     assert "raw text only" not in err  # the preset's own tokenizer settings are not flags the user gave
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "c"), "--warmup-steps", "5"]) == 0
+    assert "note: --warmup-steps 5 is not shorter than the run (1 step): the learning rate never reaches" in \
+        capsys.readouterr().err

@@ -455,6 +455,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
               f"{', whichever comes first' if cfg.max_steps > 0 and cfg.max_time > 0 else ''}"
               f"{f'; this session stops after {cfg.session_time:g} s' if cfg.session_time > 0 else ''}",
               file=sys.stderr)
+    if cfg.max_steps > 0 and cfg.warmup_steps >= cfg.max_steps and not cfg.resume:  # (a time budget's steps are
+        # unknown ahead) the rate would climb the whole run, never reach --lr, and never decay
+        steps = f"{cfg.max_steps:,} step{'s' * (cfg.max_steps != 1)}"
+        say(f"note: --warmup-steps {cfg.warmup_steps} is not shorter than the run ({steps}): the learning rate never "
+            f"reaches --lr {cfg.lr:g}; give fewer warmup steps (a tenth of the run is usual)")
     raw = model
     if cfg.compile and (why := _cannot_compile(env.device)):  # (the gpt2-124m preset compiles)
         say(f"note: training without torch.compile: {why}")
