@@ -532,6 +532,26 @@ def test_checkpoint_every_0_writes_last_only_at_the_end(tmp_path, data_dir):
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 6
 
 
+def test_last_carries_a_val_loss_only_when_measured_on_its_weights(tmp_path, data_dir, monkeypatch):
+    """`last` written at step 3 said step 2's val loss, and `info` showed it as that checkpoint's."""
+    from homellm import train as train_module
+
+    def stop_at_4(var, step, *args):
+        if var == "HOMELLM_FAULT_KILL_AT_STEP" and step == 4:
+            raise RuntimeError("stopped")  # as a kill would: after step 3's checkpoint, before step 4's
+
+    monkeypatch.setattr(train_module, "fault_point", stop_at_4)
+    model_cfg, cfg = preset("tiny")
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stopped"):
+        pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(run), max_steps=6, eval_every=2,
+                                    checkpoint_every=3))
+    last = json.loads((run / "last" / "checkpoint.json").read_text())
+    best = json.loads((run / "best" / "checkpoint.json").read_text())
+    assert last["step"] == 3 and "val_loss" not in last
+    assert best["step"] == 4 and best["val_loss"] > 0  # (step 4 evaluated before it stopped)
+
+
 def test_vocab_is_padded_to_a_multiple_of_64(tmp_path, data_dir):
     model_cfg, cfg = preset("tiny")
     pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=2))

@@ -629,8 +629,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}")
             fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
             periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
-            if periodic or done or halted:
-                checkpoint("last", last_val or {})
+            if periodic or done or halted:  # the val loss with it only when measured on these weights
+                checkpoint("last", last_val if last_val is not None and "val_loss" in record else {})
             if "val_loss" in record or periodic:
                 # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
                 t_log, tokens_log = time.perf_counter(), tokens
