@@ -122,6 +122,7 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys):
     result = json.loads((run / "eval_loss.json").read_text())
     assert "bits per byte" in out.out
     assert 0 < result["val_loss"] < math.log(64) + 0.5
+    assert result["batch_size"] == 64 and 1 <= result["batches"] <= 3  # what was read, not what was asked
     assert math.isclose(result["val_bpb"], result["val_loss"] / math.log(2), rel_tol=1e-6)  # ASCII: 1 byte/char
     assert "note:" not in out.err
     # 50 batches of 64 random windows (the default) read a small val split many times over, for minutes: the

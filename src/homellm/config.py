@@ -183,7 +183,7 @@ class EvalConfig:
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
     data: str = ""  # loss: a prepared data folder (default: the one the run was trained on)
     batches: int = 50  # loss: val batches to average
-    batch_size: int = 256  # sequences evaluated at once
+    batch_size: int = 256  # sequences evaluated at once (loss: at most 64 windows of a whole context, for memory)
     checkpoint: str = "best"  # best or last
     device: str = "auto"
 

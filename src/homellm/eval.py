@@ -156,7 +156,8 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     result = evaluate(model, data, batch, batches, env)
     if result is None:
         raise HomeLLMError(f"--data {data.no_val}")
-    result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, **result}
+    result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, "batches": batches,
+              "batch_size": batch, **result}
     print(table([("val loss (nats/token)", f"{result['val_loss']:.4f}"),
                  ("val bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
     atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
