@@ -382,8 +382,8 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     diffs += [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in to_dict(saved_train).items()
               if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
     if diffs:
-        raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags, or train "
-                           "into a new --out")
+        raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (and "
+                           "--preset: a resumed run starts from its own config), or train into a new --out")
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
