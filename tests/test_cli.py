@@ -486,3 +486,12 @@ def test_flags_that_do_nothing_here_are_pointed_out(tmp_path, data_dir, capsys):
     assert main(["pretrain", *flags, "--out", str(tmp_path / "c"), "--warmup-steps", "5"]) == 0
     assert "note: --warmup-steps 5 is not shorter than the run (1 step): the learning rate never reaches" in \
         capsys.readouterr().err
+
+
+def test_a_flag_argparse_refuses_is_one_line(capsys):
+    """`--lr abc` printed pretrain's usage, dozens of lines, above the error."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["pretrain", "--lr", "abc"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("homellm pretrain: error: argument --lr: invalid float value: 'abc' (see "
+                                       "`homellm pretrain --help`)\n")

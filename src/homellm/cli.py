@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from homellm.config import (
     DEFAULT_PRESET,
@@ -216,8 +216,15 @@ def run_verb(sub: argparse._SubParsersAction, name: str, help_text: str, func: C
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line: its usage block, dozens of lines for pretrain, buried the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="homellm", description="Build your own language model, end to end.")
+    parser = _Parser(prog="homellm", description="Build your own language model, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenizer", help="train (or import) a tokenizer")
