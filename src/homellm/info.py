@@ -73,7 +73,8 @@ def describe(run: str | Path) -> str:
     if "data_meta" in cfg:
         m = cfg["data_meta"]
         # Runs trained on a task's own batches (the quickstart) record tokens only, not documents or the split.
-        docs = f" from {m['documents']:,} documents (split by {m.get('split', '?')})" if "documents" in m else ""
+        docs = (f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} (split by {m.get('split', '?')})"
+                if "documents" in m else "")
         out += ["", f"data {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} accumulation, "
             f"schedule {tcfg.schedule}, seed {tcfg.seed}"]
