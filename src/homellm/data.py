@@ -646,9 +646,10 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
                                "--out") from None
         print(f"note: {final} holds prepared data ({old.get('train_tokens', 0):,} training tokens): it is replaced "
               "once the new data is complete (Ctrl-C now keeps it)", file=sys.stderr)
-    elif theirs := [p.name + "/" * p.is_dir() for p in (final / "tokenizer", *final.glob("train_*.bin"),
-                                                         *final.glob("val_*.bin")) if p.exists()]:
-        # Replaced at the end only when a meta.json says they are prepare's own: these may be anyone's.
+    elif not out.is_dir() and (theirs := [p.name + "/" * p.is_dir() for p in (
+            final / "tokenizer", *final.glob("train_*.bin"), *final.glob("val_*.bin")) if p.exists()]):
+        # Replaced at the end only when prepare's own: a meta.json says so, or the staging folder of a prepare that
+        # was killed while it swapped them in (it removes meta.json first). Without either, they may be anyone's.
         raise HomeLLMError(f"--out {final} holds {theirs[0]} but no meta.json of `homellm prepare`, so they may not be "
                            "its own: prepare into another --out (or delete them, if an interrupted prepare left them)")
     shutil.rmtree(out, ignore_errors=True)
