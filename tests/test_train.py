@@ -382,6 +382,8 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     before = (run / "metrics.jsonl").read_text()
     summary = pretrain(model_cfg, cfg)
     assert (summary["steps"], summary["stop"]) == (16, "max_steps")
+    final = json.loads(before.splitlines()[-1])
+    assert (summary["val_loss"], summary["val_bpb"]) == (final["val_loss"], final["val_bpb"])  # reported again
     assert f"note: {run} had already finished at step 16 (max_steps): raise --max-steps" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == before
     timed = replace(cfg, max_steps=0, max_time=0.001)

@@ -409,6 +409,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     warmup_at: tuple[int, float] | None = None  # (step, elapsed) where warmup ended: where the decay starts
     metrics_path = run / "metrics.jsonl"
     resumed_from = None
+    resumed_val: dict[str, float] | None = None  # the val loss measured on the weights resumed from, if it was
     eval_room, eval_measured = 0.0, False  # the final evaluation's expected seconds, and whether measured (below)
     if cfg.resume:
         folder = resumed_from = find_checkpoint(run, "last", need_state=True)
@@ -425,6 +426,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
+        info = load_json(folder / "checkpoint.json")
+        resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
         # Else a run that stopped short of its budget for the final evaluation would go on past it.
         eval_room, eval_measured = state.get("final_eval", (eval_room, eval_measured))
         # Checkpoints from before it was kept decayed from the run's start, and go on that way.
@@ -509,7 +512,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
 
     if cfg.max_time > 0 and elapsed >= cfg.max_time:
         stop_reason = "max_time"
-    if finished():  # resumed after its end: nothing to do
+    if finished():  # resumed after its end: nothing to do, and its final val loss to report again
+        last_val = resumed_val
         if progress() < 1.0:
             stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
         if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
