@@ -51,8 +51,8 @@ def tokens(out: Path, split: str) -> np.ndarray:
     return np.concatenate(shards) if shards else np.zeros(0, np.uint16)
 
 
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))  # as written: no newline translation
     return path
 
 
@@ -568,3 +568,18 @@ def test_preparing_over_prepared_data_says_it_replaces_it(tmp_path, capsys):
         prepare(replace(cfg, out=str(tmp_path / "other")))
     assert (tmp_path / "mine" / "tokenizer" / "NOTES.md").read_text() == "keep"
     assert (tmp_path / "other" / "meta.json").read_text() == '{"name": "my notes"}'
+
+
+def test_the_progress_meter_counts_the_files_bytes_whatever_their_encoding(tmp_path, monkeypatch):
+    """prepare's bar counted the text's UTF-8 bytes against the files' size: JSON's \\u escapes ended it near
+    half-way, Shift_JIS ran it past its total."""
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 64)  # many blocks
+    ja = "むかしむかし、ある山のふもとに小さな村がありました。\r\n" * 20
+    files = [write(tmp_path / "sjis.txt", ja, encoding="cp932"), write(tmp_path / "bom.txt", "\ufeff" + ja),
+             write(tmp_path / "utf16.txt", ja, encoding="utf-16"),
+             write(tmp_path / "esc.jsonl", "".join(json.dumps({"text": line}) + "\n" for line in ja.split("\r\n"))),
+             write(tmp_path / "array.json", json.dumps([{"text": ja}, {"text": "two"}]))]
+    for f in files:
+        meter = [0]
+        assert list(iter_documents([str(f)], meter=meter))
+        assert meter[0] == f.stat().st_size, f.name

@@ -54,7 +54,7 @@ class Piece(NamedTuple):
 # ---- reading documents -------------------------------------------------------------------------------------
 
 def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = "auto",
-                   max_docs: int = 0, aozora: bool = False) -> Iterator[Piece]:
+                   max_docs: int = 0, aozora: bool = False, meter: list[int] | None = None) -> Iterator[Piece]:
     """Stream documents as pieces, never holding a corpus whole.
 
     - `.txt`: one document per file, unless the file contains `<|endoftext|>`: then that separates documents
@@ -70,7 +70,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
       of .txt files, whose rows are lines: those are read as a .txt file is.
     With aozora=True, .txt files lose Aozora Bunko's markup (`_aozora_text`). Empty documents are skipped. Pieces
     of a text are cut only before a line break that follows a non-space character, which byte-level BPE never merges
-    across: tokenizing the pieces equals tokenizing the whole.
+    across: tokenizing the pieces equals tokenizing the whole. `meter[0]` counts the bytes of the files read so far
+    (a progress bar's position: JSON's escapes or Shift_JIS make the text's size another), or of the text for hf:.
     """
     if encoding != "auto":
         names = "use auto, utf-8, cp932 (Shift_JIS), euc-jp, gbk, big5, utf-16, ..."
@@ -85,11 +86,11 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
     doc = 0
     for kind, source in _expand(inputs):
         if kind == "hf":
-            texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field)
+            texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter)
         elif kind == "jsonl":
-            texts = ((t, True) for t in _jsonl_docs(Path(source), text_field))
+            texts = ((t, True) for t in _jsonl_docs(Path(source), text_field, meter))
         else:
-            blocks = _decoded_blocks(Path(source), encoding)
+            blocks = _decoded_blocks(Path(source), encoding, meter)
             texts = _split_documents(_stable_pieces(_aozora_text(blocks) if aozora else blocks))
         for text, end in texts:
             yield Piece(doc, text, end)
@@ -203,7 +204,7 @@ def _decode(data: bytes, encoding: str, final: bool) -> tuple[str, int]:
         return data[: e.start].decode(encoding), e.start
 
 
-def _wide_blocks(path: Path, encoding: str) -> Iterator[str]:
+def _wide_blocks(path: Path, encoding: str, meter: list[int] | None = None) -> Iterator[str]:
     """The text of a file in an encoding where a line break is not the byte 0x0A (UTF-16, UTF-32), in blocks.
     One incremental decoder reads the whole file, so the byte order its BOM gave holds to the end."""
     decoder = codecs.getincrementaldecoder(encoding)()
@@ -211,6 +212,8 @@ def _wide_blocks(path: Path, encoding: str) -> Iterator[str]:
     with open(path, "rb") as f:
         while True:
             data = f.read(_CHUNK_BYTES)
+            if meter is not None:
+                meter[0] += len(data)
             try:
                 text = held + decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
@@ -232,7 +235,7 @@ _UTF16_32_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32
                   (codecs.BOM_UTF16_BE, "utf-16")]
 
 
-def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
+def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -> Iterator[str]:
     """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
     with open(path, "rb") as f:
@@ -244,7 +247,7 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
     if chosen is None:
         chosen = next((name for bom, name in _UTF16_32_BOMS if head.startswith(bom)), None)
     if chosen is not None and "\n".encode(chosen) != b"\n":
-        yield from _wide_blocks(path, chosen)
+        yield from _wide_blocks(path, chosen, meter)
         return
     with open(path, "rb") as f:
         offset = 0  # file offset of data[0], for error messages
@@ -252,6 +255,8 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
         if data.startswith(codecs.BOM_UTF8):
             data, offset = data[3:], 3
             chosen = chosen or "utf-8"
+        if meter is not None:
+            meter[0] += offset
         if chosen is None and b"\x00" in data[:4096]:
             raise HomeLLMError(f"{path}: {_nul_bytes(data[:4096])}")
         while data:
@@ -295,6 +300,8 @@ def _decoded_blocks(path: Path, encoding: str) -> Iterator[str]:
                                        f"valid {name}: pass the --encoding it was written in (e.g. euc-jp, gbk, big5, "
                                        "utf-16) or fix the file") from None
                 raise  # pragma: no cover - the decode above must fail again
+            if meter is not None:
+                meter[0] += used
             if text:
                 yield text.replace("\r\n", "\n")
             data, offset = data[used:] + more, offset + used
@@ -424,7 +431,7 @@ def _split_documents(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
         yield pending + held, True
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_records(path: Path, meter: list[int] | None = None) -> Iterator[tuple[str, Any]]:
     """("FILE:LINE", parsed object) for each non-blank line; a line that is not UTF-8 JSON comes as a HomeLLMError
     in place of the object, so a caller may raise it or skip the line and go on.
 
@@ -441,6 +448,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise HomeLLMError(f"{where}: a file that starts as a JSON array, but is not valid UTF-8 JSON ({e}): fix "
                                "it, or write it as JSON Lines (.jsonl), one object a line") from None
         if isinstance(items, list):
+            if meter is not None:
+                meter[0] += os.path.getsize(path)
             yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
             return
     with open(path, "rb") as f:
@@ -448,6 +457,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
             start, offset = offset, offset + len(raw)
+            if meter is not None:
+                meter[0] += len(raw)
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM some editors put first is no record
             except UnicodeDecodeError as e:
@@ -474,8 +485,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                                           "fix or delete the line")
 
 
-def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    for where, obj in jsonl_records(path):
+def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Iterator[str]:
+    for where, obj in jsonl_records(path, meter):
         if isinstance(obj, HomeLLMError):
             raise obj
         if not isinstance(obj, dict) or field not in obj:
@@ -506,7 +517,7 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def _hf_docs(spec: str, field: str) -> Iterator[tuple[str, bool]]:
+def _hf_docs(spec: str, field: str, meter: list[int] | None = None) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) from a Hugging Face dataset: a document per row, but for datasets of .txt files."""
     try:
         import datasets  # optional: only hub inputs need it
@@ -526,9 +537,13 @@ def _hf_docs(spec: str, field: str) -> Iterator[tuple[str, bool]]:
     if getattr(getattr(rows, "info", None), "builder_name", None) == "text":
         # datasets reads .txt files a row per line. A document per row put end-of-text between every two lines:
         # the lines are read as homellm reads a .txt file instead (one document, unless <|endoftext|> separates).
-        yield from _split_documents(_stable_pieces(_blocks(_hf_rows(spec, field, rows, lines=True))))
+        texts = _split_documents(_stable_pieces(_blocks(_hf_rows(spec, field, rows, lines=True))))
     else:
-        yield from ((text, True) for text in _hf_rows(spec, field, rows))
+        texts = ((text, True) for text in _hf_rows(spec, field, rows))
+    for text, end in texts:
+        if meter is not None:  # the size of the text: a stream's own size is not known
+            meter[0] += len(text.encode())
+        yield text, end
 
 
 def _hf_rows(spec: str, field: str, rows: Iterable[dict[str, Any]], lines: bool = False) -> Iterator[str]:
@@ -705,12 +720,13 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
         for side, arrays in parts.items():
             if arrays:
                 writers[side].write(np.concatenate(arrays))
-        bar.update(sum(len(p.text.encode()) for p in batch))
+        bar.update(read[0] - bar.n)  # the bytes of the files read, as the bar's total counts them
 
+    read = [0]
     with tqdm(total=input_bytes(cfg.input), unit="B", unit_scale=True, unit_divisor=1024, desc="prepare") as bar:
         batch: list[Piece] = []
         size = 0
-        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora):
+        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora, read):
             batch.append(piece)
             size += len(piece.text)
             if size >= _BATCH_CHARS:
