@@ -256,7 +256,9 @@ def test_generate_rejects_bad_arguments() -> None:
     [
         (" 84$", "84"),
         (" 84$ garbage $7 + 1 = 8$", "84"),
-        ("84$", "84"),
+        ("84$", None),  # the contract's completion is ` 84$`: exactly one space first, none before the `$`
+        ("  84$", None),
+        (" 84 $", None),
         (r" -\frac{7}{3}$", r"-\frac{7}{3}"),
         (r" \text{undefined}$", UNDEFINED),
         (" 84.0$", "84.0"),
@@ -291,6 +293,11 @@ def test_score_right_wrong_malformed() -> None:
     assert all(len(row) <= 120 for row in table.splitlines())
     with pytest.raises(HomeLLMError):
         score(problems, completions[:2])
+    # the sample of failures keeps room for malformed outputs after many wrong answers
+    many = [Problem(12, r"\times", 7)] * 30
+    result = score(many, [" 99$"] * 15 + ["garbage"] * 15)
+    assert [f["got"] for f in result["failures"]] == [" 99$"] * 5 + ["garbage"] * 5
+    assert [f["got"] for f in score(many[:12], [" 99$"] * 2 + ["x"] * 10)["failures"]] == [" 99$"] * 2 + ["x"] * 8
 
 
 def test_score_perfect_and_empty(sample: list[Problem]) -> None:

@@ -282,13 +282,14 @@ def generate(n: int, seed: int, split: str = "train", max_digits: int = 2,
 
 
 def parse_completion(text: str) -> str | None:
-    """The answer a model wrote: ` 84$ anything` -> `84`; None when no answer followed by `$` is there.
+    """The answer a model wrote: ` 84$ anything` -> `84`; None unless the text starts exactly as the contract's
+    completion does: one space, an answer, `$` (what follows, where decoding stops, is not read).
 
     Never raises: model output can be anything.
     """
-    if not isinstance(text, str) or "$" not in text:
+    if not isinstance(text, str) or "$" not in text or not text.startswith(" "):
         return None
-    head = text[: text.index("$")].strip(" ")  # a missing leading space is forgiven, a newline is not
+    head = text[1: text.index("$")]
     return head if _ANSWER_SHAPE.fullmatch(head) else None
 
 
@@ -309,7 +310,8 @@ def score(problems: Sequence[Problem], completions: Sequence[str], max_failures:
         )
     buckets: dict[str, dict[str, dict]] = {c: {} for c in CATEGORIES}
     correct = malformed = 0
-    failures = []
+    wrong: list[dict] = []  # the first failures of each kind: well-formed wrong answers, and malformed outputs
+    bad: list[dict] = []
     for p, text in zip(problems, completions):
         got = parse_completion(text)
         ok = got == p.result
@@ -319,14 +321,17 @@ def score(problems: Sequence[Problem], completions: Sequence[str], max_failures:
             bucket = buckets[c].setdefault(getattr(p, c), {"n": 0, "correct": 0})
             bucket["n"] += 1
             bucket["correct"] += ok
-        if not ok and len(failures) < max_failures:
-            failures.append({"prompt": prompt(p), "expected": p.result, "got": text})
+        if not ok and len(kind := bad if got is None else wrong) < max_failures:
+            kind.append({"prompt": prompt(p), "expected": p.result, "got": text})
     by = {}
     for c, labels in buckets.items():
         by[c] = {}
         for label in sorted(labels, key=_label_key):
             b = labels[label]
             by[c][label] = {"n": b["n"], "correct": b["correct"], "accuracy": b["correct"] / b["n"]}
+    # The sample keeps half its room for malformed outputs, which the first wrong answers could crowd out.
+    keep_bad = min(len(bad), max(max_failures // 2, max_failures - len(wrong)))
+    failures = wrong[:max_failures - keep_bad] + bad[:keep_bad]
     n = len(problems)
     return {
         "n": n,
