@@ -253,7 +253,8 @@ def _sample(rng: random.Random, max_digits: int, operator_weights: Sequence[floa
 
 def generate(n: int, seed: int, split: str = "train", max_digits: int = 2,
              operator_weights: dict[str, float] | None = None) -> list[Problem]:
-    """n problems, the same for the same arguments; split "train" or "heldout" never share a problem.
+    """n problems, the same for the same arguments; split "train" or "heldout" never share a problem, and the
+    held-out ones are all different (training problems may repeat, as drawn).
 
     max_digits=3 adds operands of 100-999 (always integers) to test generalisation beyond training.
     operator_weights ({"mul": 2}: twice as many multiplications; unnamed operators weigh 1) tilts a training
@@ -274,9 +275,14 @@ def generate(n: int, seed: int, split: str = "train", max_digits: int = 2,
     rng = random.Random(seed)
     heldout = split == "heldout"
     problems: list[Problem] = []
+    seen: set[str] = set()  # held-out problems are distinct: a test set of 2,000 asked `$-7 + (-4) =` 11 times
     while len(problems) < n:
         p = _sample(rng, max_digits, weights)
         if is_heldout(p) == heldout:  # rejection keeps the category balance of both splits
+            if heldout:
+                if (text := prompt(p)) in seen:
+                    continue
+                seen.add(text)
             problems.append(p)
     return problems
 
