@@ -3,6 +3,7 @@ Japanese, one answering in LaTeX, one singing "la" for as long as it may) is ser
 Replies equal the library's own generation whether requests run alone or batched; errors come in OpenAI's shape; a
 client that disconnects stops its generation; the web page streams, renders math and downloads Markdown."""
 
+import html
 import http.client
 import json
 import os
@@ -264,6 +265,7 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
     cases = [
         (b"{not json", 400, None, "invalid_json"),
         (b"[1, 2]", 400, None, "invalid_json"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "invalid_json"),  # a RecursionError: 500
         ({**ok, "temperature": "hot"}, 400, "temperature", "invalid_type"),
         ({**ok, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
         ({**ok, "stream": "yes"}, 400, "stream", "invalid_type"),
@@ -385,6 +387,16 @@ def test_render_html_turns_latex_into_mathml_and_escapes_the_rest():
     assert out.startswith("&lt;b&gt;x&lt;/b&gt; is <math") and "<mfrac>" in out
     assert "costs $5 and $6" in out and out.count("<math") == 2 and 'display="block"' in out
     assert render_html(r"broken $\frac{$ stays") == r"broken $\frac{$ stays"
+    # latex2mathml copies \text{...} into <mtext> as it is, where HTML is live: `innerHTML` ran a model's script
+    for attack in (r"$\text{<img/src=x/onerror=alert(1)>}$", r"$\text{<img src='x' onerror='alert(1)'/>}$",
+                   r"$\href{javascript:alert(1)}{x}$"):
+        out = render_html(attack)
+        assert out == html.escape(attack)  # shown as written, nothing live
+    assert '<mtext>if\xa0x\xa0&gt;\xa00</mtext>' in render_html(r"$\text{if x > 0}$")  # text escaped anew
+    assert 'mathcolor="red"' in render_html(r"$\color{red}{x}$")
+    # a span of math is bounded: text of many openers that never close took quadratic time, and held the server
+    long = "\\(" + "x" * 2500 + "\\)"
+    assert render_html(long) == long and render_html(r"\(x\)").startswith("<math")
 
 
 def test_markdown_download(run, server):
@@ -561,3 +573,15 @@ def test_the_cores_to_serve_with_are_counted_on_macos_and_windows_too(monkeypatc
     assert usable_cpus() == len(os.sched_getaffinity(0))
     monkeypatch.delattr(os, "sched_getaffinity")
     assert usable_cpus() == (os.cpu_count() or 1)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="the page's script test needs node")
+def test_new_chat_during_a_reply_starts_clean():
+    """"New chat" mid-reply: the old reply's clean-up pushed its partial text into the new chat's turns, and the
+    first message there went to the model after it. Run with node against a stub DOM and a streaming fetch."""
+    page = Path(__file__).resolve().parents[1] / "src" / "homellm" / "static" / "chat.html"
+    harness = Path(__file__).with_name("chat_page_new_chat.js")
+    done = subprocess.run(["node", str(harness), str(page)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[{"role": "user", "content": "first question"}],
+                                       [{"role": "user", "content": "second question (new chat)"}]]

@@ -372,12 +372,45 @@ def _content(message: Any) -> Any:
 
 # ---- rendering for the page ---------------------------------------------------------------------------------
 
-_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\s)([^$\n]+?)(?<![\s\\])\$", re.DOTALL)
+# A span of math is at most 2,000 characters: unbounded, text of many openers that never close took time
+# quadratic in its length (80 KB of "\\(" held the server 14 s).
+_SPAN = "{1,2000}"
+_MATH = re.compile(rf"\$\$(.{_SPAN}?)\$\$|\\\[(.{_SPAN}?)\\\]|\\\((.{_SPAN}?)\\\)|"
+                   rf"(?<![\\$])\$(?!\s)([^$\n]{_SPAN}?)(?<![\s\\])\$", re.DOTALL)
+_MATHML_NS = "http://www.w3.org/1998/Math/MathML"
+# What the page may receive of latex2mathml's output: presentation MathML, its layout attributes, text. The
+# converter copies \text{...} into <mtext> as it is, and <mtext> takes HTML inside: `\text{<img onerror=...>}`
+# from a model or a user ran script in the page. So its output is parsed and rebuilt from these names alone.
+_MATHML_TAGS = frozenset("math mrow mi mn mo ms mtext mspace msup msub msubsup mfrac msqrt mroot mstyle merror mpadded "
+                         "mphantom mfenced menclose munder mover munderover mtable mtr mtd mlabeledtr mmultiscripts "
+                         "mprescripts none semantics".split())
+_MATHML_ATTRS = frozenset("display mathvariant stretchy fence separator lspace rspace width height depth linethickness "
+                          "columnalign rowalign accent accentunder movablelimits displaystyle scriptlevel minsize "
+                          "maxsize symmetric largeop form columnspacing rowspacing columnlines rowlines frame notation "
+                          "open close separators mathsize mathcolor mathbackground bevelled numalign denomalign "
+                          "align".split())
+
+
+def _safe_mathml(markup: str) -> str | None:
+    """latex2mathml's output rebuilt from allowed tags and attributes only; None when it holds anything else."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(markup)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        el.tag = el.tag.removeprefix("{" + _MATHML_NS + "}")
+        if el.tag not in _MATHML_TAGS or any(name not in _MATHML_ATTRS for name in el.attrib if name != "xmlns"):
+            return None
+    root.set("xmlns", _MATHML_NS)
+    return ET.tostring(root, encoding="unicode")  # text and attribute values escaped anew
 
 
 def render_html(text: str) -> str:
     """Text as HTML with its LaTeX ($...$, $$...$$, \\(...\\), \\[...\\]) as MathML, which browsers draw natively:
-    no script and no network. Everything else is escaped; LaTeX that does not convert stays as written."""
+    no script and no network. Everything else is escaped; LaTeX that does not convert stays as written, and so
+    does LaTeX whose MathML would hold anything but presentation markup (HTML inside \\text{}, a link)."""
     from latex2mathml.converter import convert
 
     out, at = [], 0
@@ -386,9 +419,10 @@ def render_html(text: str) -> str:
         block = m.group(1) is not None or m.group(2) is not None
         latex = next(g for g in m.groups() if g is not None)
         try:
-            out.append(convert(latex.strip(), display="block" if block else "inline"))
+            mathml = _safe_mathml(convert(latex.strip(), display="block" if block else "inline"))
         except Exception:  # latex2mathml raises many types for input it cannot parse
-            out.append(html.escape(m.group(0)))
+            mathml = None
+        out.append(mathml if mathml is not None else html.escape(m.group(0)))
         at = m.end()
     out.append(html.escape(text[at:]))
     return "".join(out)
@@ -481,7 +515,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nesting 100,000 deep)
             raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object", None,
                            "invalid_json") from None
         if not isinstance(body, dict):
@@ -647,7 +681,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         body = await read_body(request)
         if not isinstance(body.get("text"), str):
             raise ApiError(400, "'text' must be a string", "text", "invalid_type")
-        return json_response({"html": render_html(body["text"])})
+        # In a thread: long text must not hold the event loop, and every other request and stream with it.
+        return json_response({"html": await asyncio.to_thread(render_html, body["text"])})
 
     @app.post("/markdown")
     async def markdown(request: Request) -> Response:

@@ -1,0 +1,42 @@
+// The chat page's script against a stub DOM and fetch (tests/test_serve.py): a reply streams, "New chat" is
+// clicked halfway, a message is sent at once. Prints the messages of each chat request as JSON.
+const fs = require("fs");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const script = html.slice(html.indexOf("<script>") + 8, html.lastIndexOf("</script>"));
+const handlers = {}, elements = {};
+function element(id) {
+  return {id, value: "", textContent: "", innerHTML: "", dataset: {}, children: [],
+          classList: {add() {}, remove() {}, toggle() {}},
+          addEventListener(type, f) { handlers[id + ":" + type] = f; },
+          appendChild(c) { this.children.push(c); }, replaceChildren() { this.children = []; },
+          remove() {}, scrollIntoView() {}, requestSubmit() { handlers[id + ":submit"]({preventDefault() {}}); }};
+}
+global.document = {getElementById: (id) => (elements[id] ??= element(id)), createElement: () => element("")};
+global.localStorage = {getItem: () => null, setItem() {}};
+const sent = [];
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+global.fetch = async (url, opts = {}) => {
+  if (url === "/v1/models") return {ok: true, json: async () => ({data: [{id: "m"}]})};
+  if (url === "/render") return {ok: true, json: async () => ({html: JSON.parse(opts.body).text})};
+  sent.push(JSON.parse(opts.body).messages);
+  let n = 0;
+  return {ok: true, body: {getReader: () => ({read: async () => {
+    await sleep(5);
+    if (opts.signal.aborted) throw Object.assign(new Error("aborted"), {name: "AbortError"});
+    if (n++ >= 50) return {done: true};
+    const chunk = {choices: [{delta: {content: "old" + n + " "}}]};
+    return {done: false, value: new TextEncoder().encode("data: " + JSON.stringify(chunk) + "\n\n")};
+  }})}};
+};
+eval(script);
+(async () => {
+  const say = async (text) => { elements.input.value = text; handlers["composer:submit"]({preventDefault() {}}); };
+  await sleep(20);
+  await say("first question");
+  await sleep(60);  // part of the reply has streamed
+  handlers["new:click"]();
+  await say("second question (new chat)");  // at once: before the first reply's clean-up has run
+  await sleep(120);
+  console.log(JSON.stringify(sent));
+  process.exit(0);
+})();
