@@ -464,6 +464,12 @@ def test_cli_serves_on_a_free_port_logs_requests_and_stops_on_sigterm(run, host,
     assert "Application shutdown complete" in out
 
 
+def test_an_api_key_no_header_can_carry_is_refused(run):
+    for key in ("clé-ключ", " padded ", "tab\there"):
+        with pytest.raises(HomeLLMError, match="--api-key: use printable ASCII"):
+            serve(run, ServeConfig(port=0, api_key=key))
+
+
 def test_missing_server_packages_give_one_line_error(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(HomeLLMError, match=r"pip install 'homellm\[serve\]'"):
@@ -585,3 +591,48 @@ def test_new_chat_during_a_reply_starts_clean():
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [[{"role": "user", "content": "first question"}],
                                        [{"role": "user", "content": "second question (new chat)"}]]
+
+
+def test_a_stop_signal_ends_replies_in_progress_with_an_answer(run, monkeypatch):
+    """SIGINT/SIGTERM while replies were generating: after uvicorn's 3 s of grace their connections were cut (the
+    openai client raised a connection error) and a non-streaming request got a plain-text 500."""
+    srv = Server(run, ServeConfig(port=0, max_batch=4))
+    gate, stepping = threading.Event(), threading.Event()
+    real_step = srv.scheduler._step
+
+    def held_step() -> None:  # the replies stay in progress until the test lets them go
+        stepping.set()
+        gate.wait(60)
+        real_step()
+
+    monkeypatch.setattr(srv.scheduler, "_step", held_step)
+    results: dict[str, object] = {}
+
+    def ask(kind: str) -> None:
+        try:
+            if kind == "stream":
+                for _ in srv.client.chat.completions.create(model=run.name, stream=True, max_tokens=30,
+                                                            messages=[{"role": "user", "content": "hi"}]):
+                    pass
+            else:
+                srv.client.completions.create(model=run.name, prompt="the", max_tokens=30)
+            results[kind] = "finished"
+        except openai.APIError as e:
+            results[kind] = e
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in ("stream", "plain")]
+    for t in threads:
+        t.start()
+    assert stepping.wait(60)
+    while srv.scheduler.busy() < 2:  # both admitted (the scheduler notifies on every change)
+        with srv.scheduler.cond:
+            srv.scheduler.cond.wait(1)
+    srv.uvicorn.handle_exit(signal.SIGTERM, None)
+    for t in threads:
+        t.join(60)
+    gate.set()
+    srv.thread.join(60)
+    assert not srv.thread.is_alive()
+    assert isinstance(results["plain"], openai.APIStatusError) and results["plain"].status_code == 503
+    assert "the server is shutting down" in str(results["plain"])
+    assert isinstance(results["stream"], openai.APIError) and "the server is shutting down" in str(results["stream"])

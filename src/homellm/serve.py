@@ -88,6 +88,7 @@ class Scheduler:
         self.peak = 0  # the most rows ever decoded in one step
         self.thread: threading.Thread | None = None
         self.outbox: list[tuple[asyncio.Queue, Event]] = []  # events of this step, handed to the loop in one call
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- called from the server's side --
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -114,6 +115,16 @@ class Scheduler:
             for s in seqs:
                 s.cancelled = True
             self.cond.notify_all()
+
+    def end_all(self) -> None:
+        """The server is stopping: every request still generating or waiting gets its last event now ("shutdown"),
+        and answers so, rather than its connection cut when the grace period runs out. On the event loop's thread."""
+        with self.cond:
+            ended = [s for s in [*self.active, *self.waiting] if s.finish_reason is None and not s.cancelled]
+            for s in ended:
+                s.cancelled = True  # the scheduler adds nothing more for it, and frees its row
+            self.cond.notify_all()
+        _deliver([(s.events, (s.index, "", "shutdown")) for s in ended])
 
     def busy(self) -> int:
         """Sequences generating or waiting to: 0 once every request has ended or been cancelled."""
@@ -370,6 +381,9 @@ def _content(message: Any) -> Any:
     return message
 
 
+_SHUTDOWN = "the server is shutting down: this reply ends here; send it again once the server is back"
+
+
 # ---- rendering for the page ---------------------------------------------------------------------------------
 
 # A span of math is at most 2,000 characters: unbounded, text of many openers that never close took time
@@ -446,6 +460,10 @@ def _require_server_packages() -> None:
 def create_app(run: str | Path, cfg: ServeConfig) -> Any:
     """The FastAPI app serving `run`; its scheduler thread starts and stops with the app (app.state.scheduler)."""
     _require_server_packages()
+    if cfg.api_key and not (cfg.api_key.isascii() and cfg.api_key.isprintable() and cfg.api_key.strip() == cfg.api_key):
+        # An HTTP header carries bytes that servers read as Latin-1, and clients send ASCII: no request could match.
+        raise HomeLLMError("--api-key: use printable ASCII without spaces at its ends (letters, digits, punctuation), "
+                           "as HTTP headers carry; e.g. --api-key \"$(openssl rand -hex 16)\"")
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -585,6 +603,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
                 if reason == "error":  # the answer is a 500 now: the other choices' text would be thrown away
                     scheduler.cancel(seqs)
                     raise ApiError(500, "generation failed: see the server's log", None, None, "server_error")
+                if reason == "shutdown":
+                    raise ApiError(503, _SHUTDOWN, None, "server_shutting_down", "server_error")
                 texts[index].append(text)
                 if reason:
                     reasons[index] = reason
@@ -612,8 +632,9 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
                 for s in seqs:
                     yield chunk(s.index, None, None, role=True)
             async for index, text, reason in events():
-                if reason == "error":
-                    error = ApiError(500, "generation failed: see the server's log", None, None, "server_error")
+                if reason in ("error", "shutdown"):
+                    error = ApiError(500, "generation failed: see the server's log", None, None, "server_error") \
+                        if reason == "error" else ApiError(503, _SHUTDOWN, None, "server_shutting_down", "server_error")
                     yield f"data: {dumps(error.body())}\n\n"
                     continue
                 if text:
@@ -728,6 +749,13 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     from homellm.checkpoint import is_sft
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # Not here, in the signal handler, which may have interrupted code holding the scheduler's lock.
+            scheduler = app.state.scheduler
+            if scheduler.loop is not None:
+                scheduler.loop.call_soon_threadsafe(scheduler.end_all)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
             """SIGINT/SIGTERM end the serve loop and `serve` returns (uvicorn would re-raise them afterwards)."""
