@@ -356,6 +356,7 @@ def test_api_key_and_capacity(run):
         with pytest.raises(openai.APIStatusError) as e:
             s.client.completions.create(model=run.name, prompt="x", max_tokens=5)
         assert e.value.status_code == 503 and e.value.code == "server_overloaded"
+        assert e.value.response.headers["retry-after"] == "1"
         stream.close()
         assert s.scheduler.wait_idle(30)
         assert s.client.completions.create(model=run.name, prompt="x", max_tokens=5).choices[0].text is not None

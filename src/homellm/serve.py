@@ -498,7 +498,10 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> Response:
-        return json_response(e.body(), e.status)
+        response = json_response(e.body(), e.status)
+        if e.status == 503:  # at capacity: clients that honour it (the openai one does) wait a moment, then retry
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> Response:
