@@ -297,8 +297,8 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                 except UnicodeDecodeError as e:  # report the UTF-8 error under auto: the likelier intent
                     name = "UTF-8 or Shift_JIS (cp932)" if chosen is None else enc
                     raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
-                                       f"valid {name}: pass the --encoding it was written in (e.g. euc-jp, gbk, big5, "
-                                       "utf-16) or fix the file") from None
+                                       f"valid {name}: pass the --encoding it was written in (e.g. cp1252, euc-jp, "
+                                       "gbk, big5, utf-16) or fix the file") from None
                 raise  # pragma: no cover - the decode above must fail again
             if meter is not None:
                 meter[0] += used
