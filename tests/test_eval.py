@@ -101,6 +101,7 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
     assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "4"]) == 0
     assert "not trained on the arithmetic task" in refused("eval", str(run), "--task", "arithmetic")
     assert "--n 0" in refused("eval", str(run), "--n", "0")
+    assert "--max-digits 0 is out of range: use 1 to 9" in refused("eval", str(run), "--max-digits", "0")
     assert "nonsense" in refused("eval", str(run), "--task", "nonsense")
     # As a fine-tuned run (an sft section, no data folder of its own), each refusal says what applies instead.
     config = json.loads((run / "config.json").read_text())

@@ -270,6 +270,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
     "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
+    "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
 }
 
 
