@@ -637,3 +637,28 @@ def test_a_stop_signal_ends_replies_in_progress_with_an_answer(run, monkeypatch)
     assert isinstance(results["plain"], openai.APIStatusError) and results["plain"].status_code == 503
     assert "the server is shutting down" in str(results["plain"])
     assert isinstance(results["stream"], openai.APIError) and "the server is shutting down" in str(results["stream"])
+
+
+def test_cors_lets_named_origins_call_the_api(run):
+    """A web app on another origin (a dev server on another port) could not call the API: preflights got 405."""
+    with pytest.raises(HomeLLMError, match="--cors localhost:5173: give origins as scheme://host"):
+        serve(run, ServeConfig(port=0, cors=["localhost:5173"]))
+    srv = Server(run, ServeConfig(port=0, max_batch=2, cors=["http://localhost:5173"]))
+    try:
+        def preflight(origin: str) -> tuple[int, str | None]:
+            request = urllib.request.Request(srv.url + "/v1/chat/completions", method="OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    return r.status, r.headers.get("access-control-allow-origin")
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers.get("access-control-allow-origin")
+
+        assert preflight("http://localhost:5173") == (200, "http://localhost:5173")
+        assert preflight("http://elsewhere.example")[1] is None
+        request = urllib.request.Request(srv.url + "/v1/models", headers={"Origin": "http://localhost:5173"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
+    finally:
+        srv.close()

@@ -227,6 +227,7 @@ class ServeConfig:
     max_batch: int = 32  # sequences decoded together in one batched step: each holds a KV-cache row of the context
     max_queue: int = 64  # sequences waiting for a free row; beyond that requests get 503 (at capacity)
     threads: int = 0  # CPU threads for the model's math; 0 = all cores but one, which is left to HTTP and streaming
+    cors: list[str] = field(default_factory=list)  # web origins whose pages may call the API (https://app.example, *)
     checkpoint: str = "best"  # best or last
     device: str = "auto"
 

@@ -490,6 +490,14 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
 
     app = FastAPI(title="homellm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
+    if cfg.cors:  # a web app served from elsewhere (another port counts) may call the API only if named here
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [o.rstrip("/") for item in cfg.cors for o in item.split(",") if o.strip()]
+        if bad := [o for o in origins if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o)]:
+            raise HomeLLMError(f"--cors {bad[0]}: give origins as scheme://host[:port] (http://localhost:5173), or *")
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     GET = ["GET", "HEAD"]  # HEAD too, as `curl -I` and uptime checkers send: the headers of GET, no body
 
