@@ -376,3 +376,14 @@ def test_a_vocabulary_the_text_cannot_fill_is_said(tmp_path):
     ids = Tokenizer.load(tmp_path / "t").vocab_size
     assert ids < 400 and f"note: the text gives {ids:,} tokens, not the 100,000 asked" in proc.stderr
     assert proc.stdout == f"tokenizer (bpe, {ids} ids) written to {tmp_path / 't'}\n"
+
+
+def test_a_vocabulary_too_small_for_the_texts_characters_is_said(tmp_path, capsys):
+    """1,024 tokens on Chinese classics made 1.04 tokens a character, worse than a char tokenizer, unsaid."""
+    # 600 different CJK characters, each repeated so that merges exist: more than half of 512 tokens
+    text = "".join(chr(0x4E00 + i) * 3 + "。" for i in range(600))
+    corpus = write(tmp_path / "zh.txt", text * 3)
+    train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "t"), vocab_size=512))
+    assert "note: the text holds 601 different characters, more than half the 512 tokens" in capsys.readouterr().err
+    train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "t2"), vocab_size=2000))
+    assert "different characters" not in capsys.readouterr().err

@@ -437,10 +437,23 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     # The trainer's progress goes to stdout, and away from a terminal it is only blank lines in the output.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_special_tokens(), initial_alphabet=alphabet,
                                   show_progress=sys.stdout.isatty())
-    tok.train_from_iterator(texts, trainer)
+    chars: set[str] = set()
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        for text in texts:
+            chars.update(text)
+            yield text
+
+    tok.train_from_iterator(counted(texts), trainer)
     if (got := tok.get_vocab_size()) < vocab_size:  # merging stops when no pair of tokens repeats
         print(f"note: the text gives {got:,} tokens, not the {vocab_size:,} asked: every pair that repeats is merged "
               "already; more text would give more", file=sys.stderr)
+    elif len(chars) > vocab_size // 2:
+        # Chinese or Japanese text: most of its characters then stay split into their 3 UTF-8 bytes, so a token
+        # holds less than a character (1.04 tokens a character on Chinese classics at 1,024).
+        print(f"note: the text holds {len(chars):,} different characters, more than half the {vocab_size:,} tokens: "
+              "most stay split into bytes, several tokens each; Chinese or Japanese text wants 8,000 or more "
+              "(--vocab-size; --tokenizer-vocab in pretrain), or a char tokenizer", file=sys.stderr)
     return Tokenizer(tok)
 
 
