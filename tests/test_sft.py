@@ -407,8 +407,13 @@ def test_conversations_the_char_tokenizer_cannot_write_are_refused(tmp_path, bas
     chat = [{"role": "user", "content": "昔話をしてください"},
             {"role": "assistant", "content": "むかしむかし、ある村に"}]
     data.write_text("\n".join(json.dumps({"messages": chat}) for _ in range(20)) + "\n", encoding="utf-8")
-    with pytest.raises(HomeLLMError, match=r"ja.jsonl: .* tokens \(.*%\) are characters the tokenizer .* such as '"):
+    with pytest.raises(HomeLLMError, match=r"ja.jsonl: .* tokens \(.*%\) are characters the tokenizer .* such as '") \
+            as e:
         sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(tmp_path / "s"), max_steps=1))
+    # not "train a tokenizer on this text", which would give the base's weights other ids
+    assert str(e.value).endswith("replace or drop them in the conversations, or pretrain the base again with a "
+                                 "tokenizer that knows them (a char tokenizer knows only its text's characters; a "
+                                 "BPE one writes any text)")
     assert not (tmp_path / "s" / "last").exists()
 
 

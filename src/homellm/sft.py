@@ -217,8 +217,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     rows = [data.rows[split][0] for split in ("train", "val")]
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
         text = "".join(m["content"] for conv in conversations for m in conv)
+        # Not "train a tokenizer on this text": the base's weights mean its own tokenizer's ids.
         check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
-                      str(init), " ".join(cfg.data))
+                      str(init), " ".join(cfg.data), fix="replace or drop them in the conversations, or pretrain the "
+                      "base again with a tokenizer that knows them (a char tokenizer knows only its text's "
+                      "characters; a BPE one writes any text)")
     stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates}
     n_rows = len(data.rows["train"][0])
     say(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "

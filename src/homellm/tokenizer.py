@@ -47,9 +47,10 @@ MAX_UNKNOWN_SHARE = 0.05
 ROUND_TRIP_PROBE = "Hello World!  Two spaces,\ttab.\nCafé naïve 1,234.5 日本語の文章です。中文文本。🙂 (x)"
 
 
-def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, tokenizer: str, where: str) -> None:
+def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, tokenizer: str, where: str,
+                  fix: str = "train a tokenizer on this text (`homellm tokenizer train --input ...`)") -> None:
     """Say that `unknown` of `total` tokens or characters of `where` are unknown to `tokenizer`; refuse past the
-    share above (prepare and sft use it, so both hold text to the same rule)."""
+    share above, saying `fix` (prepare and sft use it, so both hold text to the same rule)."""
     if not unknown:
         return
     shown = " ".join(sorted(examples)[:10])
@@ -58,8 +59,7 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
             f"not know, such as {shown!r}" if shown else
             f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are text the tokenizer {tokenizer} cannot write")
     if unknown / total > MAX_UNKNOWN_SHARE:
-        raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: train a tokenizer on this text "
-                           "(`homellm tokenizer train --input ...`)")
+        raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: {fix}")
     print(f"note: {where}: {what}; they become the unknown token", file=sys.stderr)
 
 
