@@ -228,6 +228,8 @@ def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stay
     assert "the model sees only the end of them" in text and len(chat.turns) == 1  # "Be kind." is too long to keep
     chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system="S"))
     assert "the model sees only the system prompt and the end of the message" in text and len(chat.turns) == 1
+    chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system=""))  # none set: none named
+    assert "[this message takes " in text and "the model sees only its end]" in text and "system" not in text
 
 
 def test_a_reply_that_slides_the_window_keeps_the_system_prompt(chat_run):

@@ -120,16 +120,16 @@ class Chat:
             self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)}; "
                      f"{len(self.turns)} left in the model's {block}-token context]")
         keep = self.system_ids()
+        what = "this message and the system prompt take" if self.cfg.system else "this message takes"
         if len(ids) >= block:
-            seen = "the system prompt and the end of the message" if keep else "the end of them"
-            self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: the model sees only "
-                     f"{seen}]")
+            seen = ("the system prompt and the end of the message" if keep else "the end of them" if self.cfg.system
+                    else "its end")
+            self.say(f"[{what} {len(ids)} of {block} tokens: the model sees only {seen}]")
         elif len(ids) + room > block:
             kept = " (the system prompt stays)" if keep else (
                 " (the system prompt too: it takes over a quarter of the context)" if self.cfg.system else "")
-            self.say(f"[this message and the system prompt take {len(ids)} of {block} tokens: a reply past "
-                     f"{block - len(ids)} tokens slides the window, and the start of the conversation leaves it"
-                     f"{kept}]")
+            self.say(f"[{what} {len(ids)} of {block} tokens: a reply past {block - len(ids)} tokens slides the "
+                     f"window, and the start of the conversation leaves it{kept}]")
         return ids
 
     def reply(self, user: str) -> str:
