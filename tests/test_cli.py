@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,10 +71,15 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in tok.iterdir()}
     homellm("prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(data))
     assert json.loads((data / "meta.json").read_text())["train_tokens"] > 0
-    proc = homellm("pretrain", "--preset", "tiny", "--data", str(data), "--out", str(run), "--max-steps", "20",
-                   "--eval-every", "10")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Bytes, not text: text mode would turn the carriage returns of a terminal's progress bar into line breaks.
+    proc = subprocess.run([sys.executable, "-m", "homellm", "pretrain", "--preset", "tiny", "--data", str(data),
+                           "--out", str(run), "--max-steps", "20", "--eval-every", "10"], capture_output=True,
+                          timeout=300, check=True)
+    summary = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     assert summary["steps"] == 20 and summary["val_loss"] > 0
+    # stderr is a pipe here, as a log is: progress as whole lines (the rate, the loss), not carriage-return frames
+    frames = [line for line in proc.stderr.decode().split("\n") if line.startswith(f"train {run.name}:")]
+    assert b"\r" not in proc.stderr and frames and "20/20" in frames[-1] and "step/s" in frames[-1]
     assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
     proc = homellm("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "12", "--seed", "1")
     assert proc.stdout.startswith("the cat") and len(proc.stdout) > len("the cat\n")

@@ -14,15 +14,13 @@ import unicodedata
 from pathlib import Path
 from typing import TextIO
 
-from tqdm import tqdm
-
 from homellm.chat import prompt_ids
 from homellm.checkpoint import is_sft, load_model
 from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
-from homellm.io import atomic_write_text, check_overwrite
+from homellm.io import atomic_write_text, check_overwrite, progress_bar
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -58,7 +56,7 @@ def complete(run: str | Path, model: GPT, tok: Tokenizer, prompts: list[str], cf
              ) -> list[str]:
     """Each prompt's continuation (raw) or reply (chat) by the run's model, stop strings cut off."""
     out = []
-    for p in tqdm(prompts, desc=Path(run).name, unit="prompt", file=sys.stderr, dynamic_ncols=True):
+    for p in progress_bar(prompts, desc=Path(run).name, unit="prompt"):
         # raw prompts honour special tokens, as `homellm generate` does; chat content is always plain text
         ids = prompt_ids(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p, allow_special=True)
         # a continuation cut off by max_new_tokens mid-character ends in U+FFFD: drop it

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.io import fsync_dir
+from homellm.io import fsync_dir, progress_bar
 from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
@@ -723,7 +723,8 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
         bar.update(read[0] - bar.n)  # the bytes of the files read, as the bar's total counts them
 
     read = [0]
-    with tqdm(total=input_bytes(cfg.input), unit="B", unit_scale=True, unit_divisor=1024, desc="prepare") as bar:
+    with progress_bar(total=input_bytes(cfg.input), unit="B", unit_scale=True, unit_divisor=1024,
+                      desc="prepare") as bar:
         batch: list[Piece] = []
         size = 0
         for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora, read):

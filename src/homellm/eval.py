@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from homellm.checkpoint import run_config_path
 from homellm.config import EOT, IM_END, EvalConfig
 from homellm.errors import HomeLLMError
 from homellm.info import table
-from homellm.io import atomic_write_text
+from homellm.io import atomic_write_text, progress_bar
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer
 
@@ -43,7 +42,7 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
         by_length.setdefault(len(ids), []).append(i)
     out: list[list[int]] = [[] for _ in prompts]
     stop = stop.to(device)
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(prompts), desc=desc, unit="prompt") as bar:
         for length, rows in sorted(by_length.items()):
             if length == 0 or length >= model.cfg.block_size:
                 bar.update(len(rows))

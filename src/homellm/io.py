@@ -1,13 +1,15 @@
 """Atomic file writes: temp file in the same folder, fsync, rename. A crash or a full disk mid-write leaves
-the previous file intact."""
+the previous file intact. And progress bars that read well in a terminal and in a log."""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 from homellm.errors import HomeLLMError
 
@@ -73,3 +75,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class _LogLines:
+    """A log's view of a progress bar: each redraw, which a terminal overwrites in place after a carriage return,
+    as a line of its own; nothing for the bar's own clearing and closing."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if "\r" in text:
+            frame = text.rsplit("\r", 1)[-1].rstrip(" ")
+            if frame:
+                self.stream.write(frame + "\n")
+        elif text != "\n":  # the closing line break: the last frame ended its line already
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Iterable | None = None, **kw: Any) -> Any:
+    """tqdm on stderr. Where stderr is a log (`> log 2>&1`, nohup, CI) rather than a terminal, a plain line every
+    30 s and at the end: redrawn frames there were hundreds of carriage-return-joined copies on one line."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
+    return tqdm(iterable, file=_LogLines(sys.stderr), mininterval=30.0, ncols=100, **kw)

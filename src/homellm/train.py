@@ -53,6 +53,7 @@ from homellm.config import (
 )
 from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError
+from homellm.io import progress_bar
 from homellm.model import GPT
 from homellm.muon import Muon
 from homellm.tokenizer import Tokenizer
@@ -502,9 +503,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                      "final_eval": [eval_room, eval_measured]}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
-    bar = tqdm(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time), initial=step if cfg.max_time <= 0
-               else int(elapsed), unit="step" if cfg.max_time <= 0 else "s", disable=not env.main,
-               desc=f"train {run.name}", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time),
+                       initial=step if cfg.max_time <= 0 else int(elapsed), unit="step" if cfg.max_time <= 0 else "s",
+                       disable=not env.main, desc=f"train {run.name}")
     last_val: dict[str, float] | None = None
     stop_reason = "max_steps"
     def finished() -> bool:
