@@ -247,6 +247,26 @@ def test_resume_with_a_different_config_is_refused(tmp_path, reference):
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
+def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tmp_path, reference, capsys):
+    """A run trained by 2 processes at --batch-size 4 and resumed by 1 went on at batches of 4, other data and
+    other maths, without a word; and --batch-size 8, which keeps them, was refused."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["world"] == 1  # kept since
+    batch = config["train"]["batch_size"]
+    config["world"], config["train"]["batch_size"] = 2, batch // 2  # as torchrun with 2 processes would have saved
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17"]) == 2
+    assert (f"--resume: {run} trained on batches of {batch} sequences ({batch // 2} x 2 processes), and {batch // 2} "
+            f"x 1 process would draw other data and change the maths: resume with --batch-size {batch} on 1 "
+            "process") in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17", "--batch-size", str(batch)]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 17
+
+
 def test_windows_start_anywhere_they_fit_up_to_the_last_token(monkeypatch):
     """A shard of L tokens has L - block_size windows of block_size + 1: the count was one short, so a shard's last
     token was never a target and a split of exactly one window was refused."""

@@ -376,12 +376,23 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
 
 
 def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Refuse to resume with a config that computes something else than the saved run."""
+    """Refuse to resume with a config that computes something else than the saved run. The global batch is what
+    counts (the batch of step s is drawn for all processes at once): with another number of processes, --batch-size
+    may change so that it stays the same."""
     saved_model, saved_train = read_config(run)
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    saved_world = load_json(run / "config.json").get("world")  # None: written before it was kept
     diffs = [f"{k}: run has {v!r}, asked {getattr(model_cfg, k)!r}" for k, v in to_dict(saved_model).items()
              if getattr(model_cfg, k) != v]
     diffs += [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in to_dict(saved_train).items()
-              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v and not (k == "batch_size" and saved_world)]
+    if saved_world and saved_train.batch_size * saved_world != cfg.batch_size * world:
+        was, processes = saved_train.batch_size * saved_world, lambda n: f"{n} process{'es' * (n != 1)}"
+        fix = (f"--batch-size {was // world} on {processes(world)}" if was % world == 0 else
+               f"{processes(saved_world)} at --batch-size {saved_train.batch_size}")
+        raise HomeLLMError(f"--resume: {run} trained on batches of {was} sequences ({saved_train.batch_size} x "
+                           f"{processes(saved_world)}), and {cfg.batch_size} x {processes(world)} would draw other "
+                           f"data and change the maths: resume with {fix}")
     if diffs:
         raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (and "
                            "--preset: a resumed run starts from its own config), or train into a new --out")
@@ -446,7 +457,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     elif env.main:
         metrics_path.unlink(missing_ok=True)
     if env.main:
-        save_json(run / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), **(extra_config or {})})
+        save_json(run / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), "world": env.world,
+                                        **(extra_config or {})})
         tokenizer.save(run / "tokenizer", model_max_length=model_cfg.block_size)
 
     if env.main:
