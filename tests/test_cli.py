@@ -502,3 +502,26 @@ def test_a_flag_argparse_refuses_is_one_line(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("homellm pretrain: error: argument --lr: invalid float value: 'abc' (see "
                                        "`homellm pretrain --help`)\n")
+
+
+def test_under_torchrun_only_training_verbs_run_and_a_peers_stop_is_one_line(tmp_path, monkeypatch, capsys):
+    """`torchrun ... -m homellm eval` ran the whole evaluation in every process (two tables, two writers of one
+    file, and another number); and when rank 0 stopped on an error only it could see, rank 1 printed a gloo
+    traceback."""
+    import types
+
+    from homellm.cli import _error_message, main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["eval", str(tmp_path / "run"), "--task", "loss"]) == 2
+    assert capsys.readouterr().err == ("homellm: error: `homellm eval` runs in one process: run it without torchrun "
+                                       "(only pretrain and sft train across processes)\n")
+    connected = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,
+                                      get_world_size=lambda: 2)
+    monkeypatch.setitem(sys.modules, "torch.distributed", connected)
+    peer_gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                             "[127.0.0.1]:29500")
+    assert _error_message(peer_gone) == "another process of the run stopped (its error is above), so this one stops too"
+    assert _error_message(RuntimeError("shape mismatch")) is None  # a bug still keeps its traceback

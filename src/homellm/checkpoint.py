@@ -166,7 +166,7 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train again into a new --out")
     steps = {p: s for s, p in valid}
     chosen = run / prefer if run / prefer in steps else max(valid)[1]
-    if chosen != run / prefer and not quiet:
+    if chosen != run / prefer and not quiet and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"note: {run / prefer} is not usable ({problems[0]}); using {chosen} (step {steps[chosen]})",
               file=sys.stderr)
     return chosen

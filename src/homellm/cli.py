@@ -77,8 +77,10 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     by = next((f for f in ("max_steps", "epochs") if typed.get(f, 0) > 0), None)
     if by and "max_time" not in typed and train_cfg.max_time > 0:
         # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
-        print(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
-              f"{train_cfg.max_time:g} is off (give --max-time too to keep a time budget)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s "
+                  f"--max-time {train_cfg.max_time:g} is off (give --max-time too to keep a time budget)",
+                  file=sys.stderr)
         typed["max_time"] = 0.0
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
     train_cfg = replace(train_cfg, **typed)
@@ -375,6 +377,12 @@ def _error_message(e: BaseException) -> str | None:
     memory too small for the model); None for anything else, which is a bug and keeps its traceback."""
     if isinstance(e, HomeLLMError):
         return str(e)
+    dist = sys.modules.get("torch.distributed")
+    if (dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and re.search(r"gloo|nccl|connection (closed|reset) by peer", str(e), re.IGNORECASE)):
+        # Another rank stopped on an error it has said (a damaged file that rank 0 alone reads, a full disk where it
+        # alone writes), and this one's next collective found its connection gone: that is no bug of this rank's.
+        return "another process of the run stopped (its error is above), so this one stops too"
     if isinstance(e, OSError) and e.errno is not None:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{_OS_FIXES.get(e.errno, e.strerror or str(e))}"
@@ -437,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_utf8(argv)
         check_out(args)
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and args.func not in (cmd_pretrain, cmd_sft):
+            # Each process would run the whole verb: the same output N times, files written N times at once.
+            raise HomeLLMError(f"`homellm {args.command}` runs in one process: run it without torchrun (only "
+                               "pretrain and sft train across processes)")
         args.func(args)
         _leave_process_group()
     except BrokenPipeError:  # `homellm generate ... | head` closed its end: nothing left to say, to no one
@@ -454,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        print("\nhomellm: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every rank: said once
+            print("\nhomellm: interrupted", file=sys.stderr)
         return 130
     return 0
 

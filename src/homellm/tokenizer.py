@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 import re
 import shutil
 import sys
@@ -60,7 +61,8 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
             f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are text the tokenizer {tokenizer} cannot write")
     if unknown / total > MAX_UNKNOWN_SHARE:
         raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: {fix}")
-    print(f"note: {where}: {what}; they become the unknown token", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun, where every rank reads the same text
+        print(f"note: {where}: {what}; they become the unknown token", file=sys.stderr)
 
 
 class Tokenizer:

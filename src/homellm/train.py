@@ -849,8 +849,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         try:
             dist.barrier(group=waiting)
         except RuntimeError:  # rank 0 stopped, and printed why: one line here too, not a traceback
-            raise HomeLLMError(f"rank {dist.get_rank()}: rank 0 stopped while preparing the data: see its error"
-                               ) from None
+            raise HomeLLMError("rank 0 stopped while preparing the data: see its error") from None
         data_dir = prepare_inputs(cfg, model_cfg.block_size)
     else:
         data_dir = prepare_inputs(cfg, model_cfg.block_size)
