@@ -410,6 +410,7 @@ def _leave_process_group() -> None:
     """After a torchrun verb's success: torch warns at exit about a group left standing (NCCL's resources)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank done with the group before any tears it down
         dist.destroy_process_group()
 
 

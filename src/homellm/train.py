@@ -658,13 +658,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     stop_reason = "max_time"  # (it may stop short of the budget: room kept for the final evaluation)
                 break
     bar.close()
-    if ddp:
+    if env.main:
+        print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}", file=sys.stderr)
+    if ddp:  # after rank 0's sample: the ranks leave together (one gone early aborted another at exit, 2 in 35 runs)
         dist.barrier()
     summary = {"run": str(run), "steps": step, "tokens": tokens, "elapsed_s": round(elapsed, 2),
                "stop": stop_reason, "best_val_loss": None if best_val == math.inf else best_val,
                **(last_val or {})}
-    if env.main:
-        print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}", file=sys.stderr)
     return summary
 
 
