@@ -412,8 +412,8 @@ def test_conversations_the_char_tokenizer_cannot_write_are_refused(tmp_path, bas
         sft(SFTConfig(init=str(base_run), data=[str(data)]), TrainConfig(out=str(tmp_path / "s"), max_steps=1))
     # not "train a tokenizer on this text", which would give the base's weights other ids
     assert str(e.value).endswith("replace or drop them in the conversations, or pretrain the base again with a "
-                                 "tokenizer that knows them (a char tokenizer knows only its text's characters; a "
-                                 "BPE one writes any text)")
+                                 "tokenizer that knows them (a char tokenizer knows only its text's characters, and "
+                                 "those given with --words; a BPE one writes any text)")
     assert not (tmp_path / "s" / "last").exists()
 
 

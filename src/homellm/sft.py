@@ -221,7 +221,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
                       str(init), " ".join(cfg.data), fix="replace or drop them in the conversations, or pretrain the "
                       "base again with a tokenizer that knows them (a char tokenizer knows only its text's "
-                      "characters; a BPE one writes any text)")
+                      "characters, and those given with --words; a BPE one writes any text)")
     stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates}
     n_rows = len(data.rows["train"][0])
     say(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
