@@ -525,3 +525,19 @@ def test_under_torchrun_only_training_verbs_run_and_a_peers_stop_is_one_line(tmp
                              "[127.0.0.1]:29500")
     assert _error_message(peer_gone) == "another process of the run stopped (its error is above), so this one stops too"
     assert _error_message(RuntimeError("shape mismatch")) is None  # a bug still keeps its traceback
+
+
+def test_an_error_every_rank_meets_is_said_by_rank_0_alone(tmp_path, monkeypatch, capsys):
+    """Divergence (the loss is averaged over the ranks) was printed once per process."""
+    from homellm import cli
+
+    def diverges(args):
+        raise HomeLLMError("training diverged at step 5 (loss nan): lower --lr", everywhere=True)
+
+    monkeypatch.setattr(cli, "cmd_pretrain", diverges)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # each rank the first of its machine: none is silenced for that
+    for rank, said in (("1", ""), ("0", "homellm: error: training diverged at step 5 (loss nan): lower --lr\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["pretrain", "--data", "d", "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == said

@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         message = _error_message(e)
         if message is None:  # a bug, not the user's input or machine: the traceback is for us
             raise
-        if _said_by_local_rank_0():
+        if _said_by_local_rank_0() or (getattr(e, "everywhere", False) and os.environ.get("RANK", "0") != "0"):
             return 2
         # Under torchrun every rank may report: name the others, and write each line whole so none interleave.
         rank = os.environ.get("RANK", "0")

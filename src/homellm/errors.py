@@ -2,4 +2,11 @@
 
 
 class HomeLLMError(Exception):
-    """A mistake the user can fix: the message names the file, field or value and says what to do."""
+    """A mistake the user can fix: the message names the file, field or value and says what to do.
+
+    `everywhere`: every process of a torchrun run meets this same error at once (the data, the averaged loss), so
+    rank 0 says it for all of them."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere

@@ -95,7 +95,7 @@ class TokenBatches:
             n = sum(len(m) for m in self.splits["train"])
             raise HomeLLMError(f"{data_dir}: {n} training tokens cannot fill one window of {block_size + 1} (the "
                                "model's context, --block-size when training, and 1): add text, or train with a lower "
-                               "one")
+                               "one", everywhere=True)
         # Why val_batch gives nothing, when it does, in words that say what to do.
         val_tokens = sum(len(m) for m in self.splits["val"])
         self.no_val = "" if len(self.starts["val"]) and self.starts["val"][-1] else (
@@ -608,7 +608,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     record["loss_scale"] = scaler.get_scale()
                 if not math.isfinite(loss_value):
                     raise HomeLLMError(f"training diverged at step {step} (loss {loss_value}): lower --lr or raise "
-                                       "--warmup-steps, then train again (or --resume from the last checkpoint)")
+                                       "--warmup-steps, then train again (or --resume from the last checkpoint)",
+                                       everywhere=True)  # (the loss is averaged over the ranks)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{record['mfu']:.1%}"}
                                                                                      if peak else {}))
             else:
