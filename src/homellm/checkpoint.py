@@ -18,7 +18,6 @@ import errno
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from homellm.config import ModelConfig, TrainConfig, from_dict, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.io import file_mode, fsync_dir
+from homellm.io import file_mode, fsync_dir, say
 from homellm.model import GPT
 
 WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
@@ -166,9 +165,8 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train again into a new --out")
     steps = {p: s for s, p in valid}
     chosen = run / prefer if run / prefer in steps else max(valid)[1]
-    if chosen != run / prefer and not quiet and os.environ.get("RANK", "0") == "0":  # once under torchrun
-        print(f"note: {run / prefer} is not usable ({problems[0]}); using {chosen} (step {steps[chosen]})",
-              file=sys.stderr)
+    if chosen != run / prefer and not quiet:
+        say(f"note: {run / prefer} is not usable ({problems[0]}); using {chosen} (step {steps[chosen]})")
     return chosen
 
 

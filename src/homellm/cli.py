@@ -36,6 +36,7 @@ from homellm.config import (
     replace,
 )
 from homellm.errors import HomeLLMError
+from homellm.io import say
 
 
 def build(cls: type, args: argparse.Namespace) -> Any:
@@ -77,10 +78,8 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     by = next((f for f in ("max_steps", "epochs") if typed.get(f, 0) > 0), None)
     if by and "max_time" not in typed and train_cfg.max_time > 0:
         # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun
-            print(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s "
-                  f"--max-time {train_cfg.max_time:g} is off (give --max-time too to keep a time budget)",
-                  file=sys.stderr)
+        say(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
+            f"{train_cfg.max_time:g} is off (give --max-time too to keep a time budget)")
         typed["max_time"] = 0.0
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
     train_cfg = replace(train_cfg, **typed)
@@ -104,9 +103,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "text_field", "encoding", "aozora")
            if k in pick(args, TrainConfig)]
     data = train_cfg.data
-    if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file() and os.environ.get("RANK", "0") == "0":
-        print(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
-              "prepared data, with its own tokenizer", file=sys.stderr)
+    if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+        say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
+            "prepared data, with its own tokenizer")
     summary = pretrain(model_cfg, train_cfg)
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
@@ -115,13 +114,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _interrupted(summary: dict[str, Any] | None) -> None:
     """A run stopped by Ctrl-C (with its checkpoint written) still exits as interrupted, for scripts."""
-    if summary and summary.get("stop") == "session_time" and os.environ.get("RANK", "0") == "0":
-        print(f"homellm: this session ended at step {summary['steps']} (--session-time); `--resume` continues "
-              "from there, on the same schedule", file=sys.stderr)
+    if summary and summary.get("stop") == "session_time":
+        say(f"homellm: this session ended at step {summary['steps']} (--session-time); `--resume` continues from "
+            "there, on the same schedule")
     if summary and summary.get("stop") == "interrupted":
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-            print(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there",
-                  file=sys.stderr)
+        say(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there")
         raise SystemExit(130)
 
 
@@ -372,13 +369,22 @@ _OS_FIXES = {errno.ENOSPC: "the disk is full: make room, or write to another dis
              errno.EDQUOT: "over the disk quota: make room, or write elsewhere"}
 
 
+def _group() -> Any:
+    """torch.distributed when this process has joined a torchrun group (without importing torch), else None."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _under_torchrun() -> bool:
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")  # (a stray LOCAL_RANK alone is no torchrun)
+
+
 def _error_message(e: BaseException) -> str | None:
     """The one line for an error that is the input's or the machine's (a full disk, a file without permission,
     memory too small for the model); None for anything else, which is a bug and keeps its traceback."""
     if isinstance(e, HomeLLMError):
         return str(e)
-    dist = sys.modules.get("torch.distributed")
-    if (dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ((dist := _group()) is not None and dist.get_world_size() > 1
             and re.search(r"gloo|nccl|connection (closed|reset) by peer", str(e), re.IGNORECASE)):
         # Another rank stopped on an error it has said (a damaged file that rank 0 alone reads, a full disk where it
         # alone writes), and this one's next collective found its connection gone: that is no bug of this rank's.
@@ -400,16 +406,12 @@ def _said_by_local_rank_0() -> bool:
     """Under torchrun, an error before the ranks connect (a flag, a missing file) is the same on every rank of a
     machine, and its first rank says it: the others keep quiet rather than repeat it per process. Another machine's
     first rank still speaks, as its files may differ; errors after connecting may be a rank's own, so all speak."""
-    dist = sys.modules.get("torch.distributed")
-    connected = dist is not None and dist.is_available() and dist.is_initialized()
-    under_torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")  # a stray LOCAL_RANK must not silence
-    return under_torchrun and os.environ.get("LOCAL_RANK", "0") != "0" and not connected
+    return _under_torchrun() and os.environ.get("LOCAL_RANK", "0") != "0" and _group() is None
 
 
 def _leave_process_group() -> None:
     """After a torchrun verb's success: torch warns at exit about a group left standing (NCCL's resources)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if (dist := _group()) is not None:
         dist.barrier()  # every rank done with the group before any tears it down
         dist.destroy_process_group()
 
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_utf8(argv)
         check_out(args)
-        if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and args.func not in (cmd_pretrain, cmd_sft):
+        if _under_torchrun() and args.func not in (cmd_pretrain, cmd_sft):
             # Each process would run the whole verb: the same output N times, files written N times at once.
             raise HomeLLMError(f"`homellm {args.command}` runs in one process: run it without torchrun (only "
                                "pretrain and sft train across processes)")
@@ -467,8 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every rank: said once
-            print("\nhomellm: interrupted", file=sys.stderr)
+        say("\nhomellm: interrupted")  # torchrun passes Ctrl-C to every rank: said once
         return 130
     return 0
 

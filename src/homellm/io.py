@@ -1,5 +1,6 @@
 """Atomic file writes: temp file in the same folder, fsync, rename. A crash or a full disk mid-write leaves
-the previous file intact. And progress bars that read well in a terminal and in a log."""
+the previous file intact. And what goes to stderr: notes said once under torchrun, progress bars that read well
+in a terminal and in a log."""
 
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def say(text: str) -> None:
+    """A line on stderr, once under torchrun: every rank reaches the same notes, and rank 0 says them."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
 
 
 class _LogLines:

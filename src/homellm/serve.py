@@ -381,7 +381,14 @@ def _content(message: Any) -> Any:
     return message
 
 
-_SHUTDOWN = "the server is shutting down: this reply ends here; send it again once the server is back"
+def _failure(reason: str | None) -> ApiError | None:
+    """The error a choice's last event stands for: its generation failed, or the server is stopping."""
+    if reason == "error":
+        return ApiError(500, "generation failed: see the server's log", None, None, "server_error")
+    if reason == "shutdown":
+        return ApiError(503, "the server is shutting down: this reply ends here; send it again once the server is "
+                        "back", None, "server_shutting_down", "server_error")
+    return None
 
 
 # ---- rendering for the page ---------------------------------------------------------------------------------
@@ -611,11 +618,9 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
             texts: dict[int, list[str]] = {s.index: [] for s in seqs}
             reasons: dict[int, str] = {}
             async for index, text, reason in events():
-                if reason == "error":  # the answer is a 500 now: the other choices' text would be thrown away
+                if (error := _failure(reason)) is not None:  # the other choices' text would be thrown away
                     scheduler.cancel(seqs)
-                    raise ApiError(500, "generation failed: see the server's log", None, None, "server_error")
-                if reason == "shutdown":
-                    raise ApiError(503, _SHUTDOWN, None, "server_shutting_down", "server_error")
+                    raise error
                 texts[index].append(text)
                 if reason:
                     reasons[index] = reason
@@ -643,9 +648,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
                 for s in seqs:
                     yield chunk(s.index, None, None, role=True)
             async for index, text, reason in events():
-                if reason in ("error", "shutdown"):
-                    error = ApiError(500, "generation failed: see the server's log", None, None, "server_error") \
-                        if reason == "error" else ApiError(503, _SHUTDOWN, None, "server_shutting_down", "server_error")
+                if (error := _failure(reason)) is not None:
                     yield f"data: {dumps(error.body())}\n\n"
                     continue
                 if text:

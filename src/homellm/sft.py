@@ -42,6 +42,7 @@ from homellm.config import (
     to_dict,
 )
 from homellm.errors import HomeLLMError
+from homellm.io import say
 from homellm.tokenizer import Tokenizer, check_unknown
 
 
@@ -144,7 +145,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
 def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
-    from homellm.train import absolute_inputs, check_resume, say, steps_for_epochs, train
+    from homellm.train import absolute_inputs, check_resume, steps_for_epochs, train
 
     check_ranges(cfg)
     check_ranges(train_cfg)

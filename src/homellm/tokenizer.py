@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import os
 import re
 import shutil
 import sys
@@ -36,7 +35,7 @@ from homellm.config import (
     save_json,
 )
 from homellm.errors import HomeLLMError
-from homellm.io import atomic_write
+from homellm.io import atomic_write, say
 
 UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
 _HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
@@ -61,8 +60,7 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
             f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are text the tokenizer {tokenizer} cannot write")
     if unknown / total > MAX_UNKNOWN_SHARE:
         raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: {fix}")
-    if os.environ.get("RANK", "0") == "0":  # once under torchrun, where every rank reads the same text
-        print(f"note: {where}: {what}; they become the unknown token", file=sys.stderr)
+    say(f"note: {where}: {what}; they become the unknown token")
 
 
 class Tokenizer:

@@ -53,7 +53,7 @@ from homellm.config import (
 )
 from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError
-from homellm.io import progress_bar
+from homellm.io import progress_bar, say
 from homellm.model import GPT
 from homellm.muon import Muon
 from homellm.tokenizer import Tokenizer
@@ -755,12 +755,6 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     say(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} {unit} read the {total:,} training {unit} "
         f"{cfg.epochs:g} times over{how}")
     return cfg
-
-
-def say(text: str) -> None:
-    """A line on stderr, once under torchrun: every rank reaches the same notes, and rank 0 says them."""
-    if os.environ.get("RANK", "0") == "0":
-        print(text, file=sys.stderr)
 
 
 def absolute_inputs(inputs: list[str]) -> list[str]:
