@@ -24,7 +24,8 @@ class KVCache:
 
     `pos` is the number of positions already cached; forward writes the new ones after it and advances it.
     A server batching requests of different lengths sets `pos` to a tensor (B,) of per-row lengths instead; each
-    forward then takes one new token per row, written at that row's own position (homellm.serve)."""
+    forward then takes one new token per row, written at that row's own position (homellm.serve), and sets `end`,
+    the longest row's length after it, which every layer's keys are cut to."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype = torch.float32):
@@ -33,11 +34,12 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.pos = 0
+        self.pos: int | torch.Tensor = 0
+        self.end = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.pos, torch.Tensor):  # per-row lengths: row b's one new position goes at pos[b]
-            B, end = k.size(0), int(self.pos.max()) + 1
+            B, end = k.size(0), self.end
             if end > self.max_len:
                 raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
             rows = torch.arange(B, device=k.device)
@@ -210,6 +212,10 @@ class GPT(nn.Module):
             assert T == 1, "a cache with per-row lengths takes one new token per row"
         assert documents is None or cache is None, "packed documents are for training, without a cache"
         end = int(start.max()) + 1 if per_row else start + T
+        if per_row:
+            # Read once here for every layer: int() of a device tensor waits for the GPU, once per layer if each
+            # layer read it for itself.
+            cache.end = end
         if end > self.cfg.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
         x = self.embed_tokens(idx)
