@@ -168,6 +168,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["generate", "RUN", "--prompt", "a", "--temperature", "-1"], "--temperature -1.0: must be 0 or more"),
     (["generate", "RUN", "--prompt", "a", "--checkpoint", "middle"], "--checkpoint 'middle' is unknown: use best or"),
     (["chat", "RUN", "--top-k", "-1"], "--top-k -1: must be 0 or more"),
+    (["generate", "RUN", "--prompt", "a", "--dtype", "half"], "--dtype 'half' is unknown: use auto, float32, bfloat16"),
+    (["serve", "RUN", "--dtype", "fp8"], "--dtype 'fp8' is unknown: use auto, float32, bfloat16 or float16"),
     (["eval", "RUN", "--task", "loss", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),
     (["serve", "RUN", "--port", "70000"], "--port 70000: must be at least 0 and at most 65535"),
     (["serve", "RUN", "--threads", "-3"], "--threads -3: must be at least 0 and at most 1024"),
@@ -452,6 +454,25 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     monkeypatch.setattr(sys, "stdin", io.StringIO("the cat sees\nthe moon."))
     assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("the cat sees\nthe moon.")
+
+
+def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, data_dir, capsys):
+    import torch
+
+    from homellm.checkpoint import load_for_generation
+    from homellm.cli import main
+    from homellm.config import SampleConfig, ServeConfig
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "1",
+                 "--eval-every", "0"]) == 0
+    assert next(load_for_generation(run, SampleConfig()).parameters()).dtype == torch.float32  # auto, on a CPU
+    half = load_for_generation(run, ServeConfig(dtype="bfloat16"))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "5", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("the cat") and "tokens/s" in out.err
 
 
 def test_a_list_flag_given_twice_keeps_both(tmp_path):

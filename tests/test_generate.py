@@ -3,6 +3,7 @@ sampling filters keep what they promise, beam search finds likelier text than gr
 decoded ids cut at the stop string, with no half characters."""
 
 import codecs
+import copy
 
 import pytest
 import torch
@@ -244,6 +245,19 @@ def test_japanese_streams_whole_characters_and_stops_at_end_of_text(tok, story):
     assert stats["tok_per_s"] > 0
     beam = list(stream_text(model, tok, prompt, SampleConfig(num_beams=3, max_new_tokens=100)))
     assert beam == [rest]
+
+
+def test_bfloat16_weights_and_cache_generate_the_memorised_text(tok, story):
+    """The weights as a GPU loads them for generation (bfloat16, and the KV cache with them): the overfit
+    continuation comes out whole, greedy and by beam search, and a half-written character is still never shown."""
+    model, prompt, rest = story
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    pieces = list(stream_text(half, tok, prompt, SampleConfig(temperature=0.0, max_new_tokens=100)))
+    assert "".join(pieces) == rest and all("\ufffd" not in p for p in pieces)
+    assert "".join(stream_text(half, tok, prompt, SampleConfig(num_beams=3, max_new_tokens=100))) == rest
+    sampled = "".join(stream_text(half, tok, prompt, SampleConfig(temperature=1.0, top_p=0.9, seed=3,
+                                                                  max_new_tokens=40)))
+    assert "\ufffd" not in sampled
 
 
 @pytest.mark.parametrize("stop", [["川"], ["川が流"], ["川で泳", "花が"], ["川で泳"]])

@@ -177,6 +177,21 @@ def test_chat_replies_equal_the_library_alone_and_batched(run, server):
     assert replies == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
 
 
+def test_bfloat16_weights_serve_the_memorised_replies_alone_and_batched(run):
+    """--dtype bfloat16 (a GPU's default for serving): the weights and the batched per-row KV cache in bfloat16
+    still give every memorised reply, in a batch of four as alone."""
+    s = Server(run, ServeConfig(port=0, max_batch=8, dtype="bfloat16"))
+    try:
+        assert {p.dtype for p in s.scheduler.model.parameters()} == {torch.bfloat16}
+        for conversation in CONVERSATIONS[:2]:
+            out = s.client.chat.completions.create(model=run.name, messages=conversation[:1], temperature=0, n=4,
+                                                   max_tokens=60)
+            assert [c.message.content for c in out.choices] == [conversation[1]["content"]] * 4
+        assert s.scheduler.cache.k.dtype == torch.bfloat16 and s.scheduler.peak >= 4
+    finally:
+        s.close()
+
+
 def test_streaming_japanese_with_usage_never_splits_a_character(run, server):
     tok = Tokenizer.load(run)
     assert any("\ufffd" in tok.decode([i]) for i in tok.encode(JA))  # some tokens hold part of a character

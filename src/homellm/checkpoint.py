@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from homellm.config import ModelConfig, TrainConfig, from_dict, load_json, save_json
+from homellm.config import ModelConfig, SampleConfig, ServeConfig, TrainConfig, from_dict, load_json, save_json
 from homellm.errors import HomeLLMError
 from homellm.io import file_mode, fsync_dir, say
 from homellm.model import GPT
@@ -224,6 +224,16 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
 
         merge_lora(model)
     return model.to(device).eval()
+
+
+def load_for_generation(run: str | Path, cfg: SampleConfig | ServeConfig) -> GPT:
+    """The model to generate with, on cfg.device in cfg.dtype: a GPU reads half the bytes per token in bfloat16 or
+    float16, and decoding is bound by those reads. Sampling upcasts the logits."""
+    from homellm.train import pick_dtype, resolve_device
+
+    device = resolve_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    return load_model(run, cfg.checkpoint, device).to(dtype)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

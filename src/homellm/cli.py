@@ -123,15 +123,14 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from homellm.checkpoint import load_model
+    from homellm.checkpoint import load_for_generation
     from homellm.generate import stream_text
     from homellm.tokenizer import Tokenizer
-    from homellm.train import resolve_device
 
     cfg = build(SampleConfig, args)
     if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
         cfg = replace(cfg, prompt=sys.stdin.read())
-    model = load_model(args.run, cfg.checkpoint, resolve_device(cfg.device))
+    model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
     block = model.cfg.block_size
     if note := tok.unknown_note(cfg.prompt):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from homellm.chat import prompt_ids
-from homellm.checkpoint import is_sft, load_model
+from homellm.checkpoint import is_sft, load_for_generation
 from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
@@ -119,11 +119,8 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
     check_overwrite(path, "# homellm compare\n", "choose another --out")  # before the work, not after it
     modes = [cfg.chat or is_sft(r) for r in runs]
-    from homellm.train import resolve_device
-
     # Both loaded before any generation: a run that cannot be used fails now, not after the other's prompts.
-    device = resolve_device(cfg.device)
-    loaded = [(load_model(r, cfg.checkpoint, device), Tokenizer.load(r)) for r in runs]
+    loaded = [(load_for_generation(r, cfg), Tokenizer.load(r)) for r in runs]
     outputs = [complete(r, model, tok, prompts, cfg, chat) for r, (model, tok), chat in zip(runs, loaded, modes)]
     header = ["#", "prompt", *(f"{ab}: {r.name}" for ab, r in zip("AB", runs))]
     rows = [[str(i), p, a, b] for i, (p, a, b) in enumerate(zip(prompts, *outputs), 1)]

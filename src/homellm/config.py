@@ -157,6 +157,7 @@ class SampleConfig:
     seed: int = 0
     checkpoint: str = "best"  # best or last
     device: str = "auto"
+    dtype: str = "auto"  # the weights': auto = bfloat16 on a recent GPU (float16 on an older one), float32 on the CPU
 
 
 @dataclass
@@ -230,6 +231,7 @@ class ServeConfig:
     cors: list[str] = field(default_factory=list)  # web origins whose pages may call the API (https://app.example, *)
     checkpoint: str = "best"  # best or last
     device: str = "auto"
+    dtype: str = "auto"  # the weights': auto = bfloat16 on a recent GPU (float16 on an older one), float32 on the CPU
 
 
 # What each numeric or named field accepts, by field name across the config classes (a name means the same in
@@ -262,6 +264,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
     "tokenizer_kind": _TOKENIZER_KIND, "kind": _TOKENIZER_KIND,
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "is unknown: use auto, float32, bfloat16 or "
+              "float16"),
     # sampling
     "max_new_tokens": _AT_LEAST_1, "temperature": _NOT_NEGATIVE, "top_k": _NOT_NEGATIVE, "top_p": _between(0, 1),
     "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "checkpoint": _CHECKPOINT,

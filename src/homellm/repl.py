@@ -233,15 +233,14 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig, input_fn: Callable[[s
 def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> Chat:
     """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
-    from homellm.checkpoint import is_sft, load_model
-    from homellm.train import resolve_device
+    from homellm.checkpoint import is_sft, load_for_generation
 
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history in a terminal)
     except ImportError:  # Windows
         pass
 
-    model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
     if not is_sft(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
         print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): it does not know "

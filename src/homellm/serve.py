@@ -475,12 +475,11 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
     from fastapi.responses import HTMLResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from homellm.checkpoint import load_model
-    from homellm.train import resolve_device
+    from homellm.checkpoint import load_for_generation
 
     if cfg.max_batch < 1 or cfg.max_queue < 0:
         raise HomeLLMError(f"--max-batch must be >= 1 and --max-queue >= 0, got {cfg.max_batch}, {cfg.max_queue}")
-    model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
     name = Path(run).resolve().name
     created = int(Path(run, "config.json").stat().st_mtime)

@@ -190,19 +190,25 @@ def setup_env(cfg: TrainConfig) -> Env:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Env(rank, world, local_rank, dev, pick_dtype(cfg.dtype, dev))
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype on a device. auto: bfloat16 on a GPU that computes in it natively, float16 on an older GPU (training
+    adds the grad scaler), float32 elsewhere: on a CPU both halves are slower than float32."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype == "auto":  # float16 (with the grad scaler) where the GPU's bfloat16 would be emulated
-        dtype = (torch.bfloat16 if native_bf16(dev) else torch.float16) if dev.type == "cuda" else torch.float32
-    elif cfg.dtype in dtypes:
-        dtype = dtypes[cfg.dtype]
+    if name == "auto":
+        dtype = (torch.bfloat16 if native_bf16(device) else torch.float16) if device.type == "cuda" else torch.float32
+    elif name in dtypes:
+        dtype = dtypes[name]
     else:
-        raise HomeLLMError(f"--dtype {cfg.dtype!r} is unknown: use auto, float32, bfloat16 or float16")
-    if dtype == torch.bfloat16 and dev.type == "cuda" and not native_bf16(dev):
-        major, minor = torch.cuda.get_device_capability(dev)
-        raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(dev)} (compute capability {major}.{minor}) "
-                           "only emulates bfloat16, several times slower; Ampere (8.0) and later have it: use "
-                           "--dtype float16 (or auto)")
-    return Env(rank, world, local_rank, dev, dtype)
+        raise HomeLLMError(f"--dtype {name!r} is unknown: use auto, float32, bfloat16 or float16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
+                           f"{major}.{minor}) only emulates bfloat16, several times slower; Ampere (8.0) and later "
+                           "have it: use --dtype float16 (or auto)")
+    return dtype
 
 
 def _cannot_compile(device: torch.device) -> str | None:
