@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from homellm.config import ModelConfig
 from homellm.model import GPT, KVCache
@@ -101,6 +102,68 @@ def test_masked_targets_are_ignored():
     logits, loss = model(idx, targets)
     expected = torch.nn.functional.cross_entropy(logits[0, 4:], idx[0, 4:])
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_large_vocabulary_trains_on_the_chunked_loss_as_on_whole_logits(tied, monkeypatch):
+    """From CHUNKED_LOSS_VOCAB ids on, the loss never holds a batch's logits: its value and every gradient equal
+    F.cross_entropy on the whole logits; masked targets count for nothing, in several chunks and in no-grad
+    evaluation alike."""
+    import homellm.model as model_module
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=model_module.CHUNKED_LOSS_VOCAB, n_layer=1, n_head=2, n_embd=16,
+                      block_size=32, tie_embeddings=tied)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, 32))
+    targets = torch.randint(0, cfg.vocab_size, (3, 32))
+    targets[0, :10] = -100
+    monkeypatch.setattr(model_module, "_chunk_rows", lambda vocab: 7)  # 96 rows in 14 chunks, the last short
+    logits, loss = model(idx, targets)
+    assert logits is None
+    loss.backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    whole = F.cross_entropy(model(idx)[0].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    whole.backward()
+    torch.testing.assert_close(loss, whole)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(chunked[n], p.grad, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets)[1], whole)
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)  # a frozen body (LoRA freezes the head instead): x needs no gradient
+    _, loss = model(idx, targets)
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    if not tied:  # LoRA's case: the head frozen, the body trained
+        model.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(False)
+        model.zero_grad()
+        model(idx, targets)[1].backward()
+        assert model.lm_head.weight.grad is None and model.norm.weight.grad is not None
+
+
+def test_the_chunked_loss_under_bfloat16_autocast_matches_whole_logits():
+    import homellm.model as model_module
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(family="gpt2", vocab_size=model_module.CHUNKED_LOSS_VOCAB, n_layer=1, n_head=2,
+                            n_embd=16, block_size=16))
+    idx, targets = torch.randint(0, model.cfg.vocab_size, (2, 2, 16))
+    grads = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, chunked = model(idx, targets)
+        chunked.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+        whole = F.cross_entropy(model(idx)[0].flatten(0, 1).float(), targets.flatten())
+        whole.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(chunked, whole, atol=2e-3, rtol=2e-3)
+    assert all(a.dtype == torch.float32 for a in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=5e-2)
 
 
 def test_parameter_count_and_tying():

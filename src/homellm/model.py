@@ -11,6 +11,7 @@ and autocast are applied from outside.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,65 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+# From this vocabulary size on, the training loss never holds the logits of a whole batch: GPT-2's 50,257 ids at
+# batch 16 x 1,024 are 3.3 GB in float32, and cross-entropy keeps a copy and its gradient besides. Below it, the
+# chunks' Python loop costs more than the memory it saves (bench/README.md).
+CHUNKED_LOSS_VOCAB = 8192
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, 2**26 // vocab)  # 64M logits (256 MB in float32) at a time: smaller chunks ran slower on a CPU
+
+
+def _chunk_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed loss of rows x (n, d) against targets (-100 skipped), and their log-probabilities (n, V)."""
+    logits = (x @ weight.t()).float()
+    logprobs = logits - logits.logsumexp(dim=-1, keepdim=True)
+    picked = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return -(picked * (targets != -100)).sum(), logprobs
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of x @ weight.T, with both gradients computed chunk by chunk in the forward pass (the
+    gradient of the logits is softmax minus one-hot, known there): no chunk's logits outlive it, and nothing is
+    computed twice. The backward pass only scales the saved gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if x.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if weight.requires_grad else None
+        rows = _chunk_rows(weight.size(0))
+        for start in range(0, x.size(0), rows):
+            xs, ts = x[start:start + rows], targets[start:start + rows]
+            loss, logprobs = _chunk_loss(xs, weight, ts)
+            total += loss
+            grad = logprobs.exp_()  # softmax, in place of the log-probabilities
+            grad[torch.arange(ts.size(0), device=x.device), ts.clamp(min=0)] -= 1
+            grad = grad.mul_((ts != -100)[:, None]).to(xs.dtype)
+            if grad_x is not None:
+                grad_x[start:start + rows] = grad @ weight
+            if grad_w is not None:
+                grad_w += grad.t() @ xs
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+                None if grad_w is None else grad_w * grad_total, None)
+
+
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of the logits x (n, d) @ weight.T (V, d) against targets (n,), -100 skipped, equal
+    to F.cross_entropy's up to rounding, in at most 64M logits of memory however large n * V is."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets)
+    rows = _chunk_rows(weight.size(0))
+    return sum(_chunk_loss(x[s:s + rows], weight, targets[s:s + rows])[0] for s in range(0, x.size(0), rows))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -200,6 +260,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 documents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
+
+        Given targets with a vocabulary of CHUNKED_LOSS_VOCAB ids or more, the logits are None: the loss is
+        computed a chunk of rows at a time, without them (chunked_cross_entropy).
 
         With a cache, idx holds only the new tokens; their positions start at cache.pos (per row when it is a
         tensor: then T is 1). `documents` (B, T) packs several documents in a row: a run of equal numbers is one
@@ -245,13 +308,16 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x), None
-        logits = self.lm_head(x)
         # Sum over trained tokens divided by their count (at least 1), so a batch with every target masked
         # (possible in SFT) gives loss 0 instead of NaN.
         flat = targets.reshape(-1)
+        count = (flat != -100).sum().clamp(min=1)
+        if self.cfg.vocab_size >= CHUNKED_LOSS_VOCAB:
+            return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, flat) / count
+        logits = self.lm_head(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-100,
                                reduction="sum")
-        return logits, loss / (flat != -100).sum().clamp(min=1)
+        return logits, loss / count
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters counted once (tied weights are one tensor). Without embeddings: the count FLOPs scale with."""
