@@ -1,0 +1,140 @@
+"""Parity with Hugging Face transformers: the same weights give the same logits.
+
+Each homellm family is rebuilt as its transformers counterpart (llama -> LlamaForCausalLM, gpt2 ->
+GPT2LMHeadModel) from a config object, so nothing is downloaded; the state dict is mapped by name, loaded
+strictly, and fp32 logits of both models are compared in eval mode.
+
+HF runs with attn_implementation="eager": its attention is then plain matmul + softmax with its own causal mask
+and repeat_kv for grouped-query attention, an implementation independent of homellm's
+F.scaled_dot_product_attention(is_causal=..., enable_gqa=...). Comparing against HF's SDPA path would only
+compare SDPA with itself.
+"""
+
+import pytest
+import torch
+
+from homellm.config import ModelConfig
+from homellm.model import GPT
+
+transformers = pytest.importorskip("transformers", reason="needs the dev extra: pip install -e '.[dev]'")
+
+VOCAB, BLOCK = 100, 32
+
+
+def tiny(family: str, **kw) -> GPT:
+    """A tiny homellm model with every parameter random and activations of order 1. homellm's init (norm gains 1,
+    biases 0, matrices N(0, 0.02)) would hide a norm or bias mapped to the wrong place, and keep the MLP's inputs
+    so near 0 that GELU's tanh and erf forms agree within the tolerance."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, block_size=BLOCK, **kw)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # norm gains around 1, biases around 0
+            else:
+                p.normal_(0.0, p.size(1) ** -0.5)
+    return model.eval()
+
+
+def to_hf_llama(model: GPT) -> transformers.LlamaForCausalLM:
+    c = model.cfg
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias, tie_word_embeddings=c.tie_embeddings,
+        hidden_act="silu", attention_dropout=0.0, bos_token_id=None, eos_token_id=None,
+        attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    # The same names under a `model.` prefix, except the head.
+    sd = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
+    hf.load_state_dict(sd, strict=True)
+    return hf.eval()
+
+
+def to_hf_gpt2(model: GPT) -> transformers.GPT2LMHeadModel:
+    """GPT-2 always has biases (LayerNorm and Conv1D): bias=False maps to zero biases, which computes the same.
+    Conv1D stores weights transposed (in, out); q, k, v are fused in c_attn. GPT-2 has no grouped-query attention:
+    each key/value head is repeated for the query heads that share it, as SDPA's enable_gqa does."""
+    c = model.cfg
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=c.intermediate_size, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=None, eos_token_id=None, attn_implementation="eager")
+    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    src = model.state_dict()
+    rep, hd = c.n_head // c.n_kv_head, c.n_embd // c.n_head
+
+    def w(name):  # a Linear's weight as Conv1D's
+        return src[name + ".weight"].t()
+
+    def b(name, n):  # a bias, or zeros where homellm has none
+        return src.get(name + ".bias", torch.zeros(n))
+
+    def kv(name):  # (n_kv_head * hd, ...) -> (n_head * hd, ...): repeat each key/value head `rep` times
+        t = src[name]
+        return t.view(c.n_kv_head, hd, *t.shape[1:]).repeat_interleave(rep, dim=0).flatten(0, 1)
+
+    def kv_b(name):
+        return kv(name + ".bias") if name + ".bias" in src else torch.zeros(c.n_embd)
+
+    d = c.n_embd
+    sd = {"transformer.wte.weight": src["embed_tokens.weight"], "transformer.wpe.weight": src["embed_positions.weight"],
+          "transformer.ln_f.weight": src["norm.weight"], "transformer.ln_f.bias": b("norm", d),
+          "lm_head.weight": src["lm_head.weight"]}
+    for i in range(c.n_layer):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        a = p + "self_attn."
+        sd |= {
+            h + "ln_1.weight": src[p + "input_layernorm.weight"], h + "ln_1.bias": b(p + "input_layernorm", d),
+            h + "ln_2.weight": src[p + "post_attention_layernorm.weight"],
+            h + "ln_2.bias": b(p + "post_attention_layernorm", d),
+            h + "attn.c_attn.weight": torch.cat([w(a + "q_proj"), kv(a + "k_proj.weight").t(),
+                                                 kv(a + "v_proj.weight").t()], dim=1),
+            h + "attn.c_attn.bias": torch.cat([b(a + "q_proj", d), kv_b(a + "k_proj"), kv_b(a + "v_proj")]),
+            h + "attn.c_proj.weight": w(a + "o_proj"), h + "attn.c_proj.bias": b(a + "o_proj", d),
+            h + "mlp.c_fc.weight": w(p + "mlp.up_proj"), h + "mlp.c_fc.bias": b(p + "mlp.up_proj", c.intermediate_size),
+            h + "mlp.c_proj.weight": w(p + "mlp.down_proj"), h + "mlp.c_proj.bias": b(p + "mlp.down_proj", d),
+        }
+    hf.load_state_dict(sd, strict=True)
+    return hf.eval()
+
+
+def assert_same_logits(model: GPT, hf) -> None:
+    ids = torch.randint(0, VOCAB, (3, BLOCK), generator=torch.Generator().manual_seed(1))  # every position
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = hf(ids).logits
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # Also a prefix: positions and the causal mask must not depend on the length.
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :7])[0], hf(ids[:, :7]).logits, rtol=1e-5, atol=1e-5)
+
+
+def assert_tying(model: GPT, hf) -> None:
+    tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+    assert tied == model.cfg.tie_embeddings
+
+
+# Non-default eps and theta, so a setting HF ignored (or took from its own defaults) shows.
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_llama_matches_transformers(tie, n_kv_head, bias):
+    model = tiny("llama", n_kv_head=n_kv_head, tie_embeddings=tie, bias=bias, norm_eps=1e-4, rope_theta=500.0)
+    hf = to_hf_llama(model)
+    assert_tying(model, hf)
+    assert_same_logits(model, hf)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gpt2_matches_transformers(tie, n_kv_head, bias):
+    model = tiny("gpt2", n_kv_head=n_kv_head, tie_embeddings=tie, bias=bias, norm_eps=1e-4)
+    hf = to_hf_gpt2(model)
+    assert_tying(model, hf)
+    assert_same_logits(model, hf)
