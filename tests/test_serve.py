@@ -588,6 +588,24 @@ def test_prompts_are_tokenized_off_the_event_loop(run, server, monkeypatch):
     assert on_loop and not any(on_loop)
 
 
+def test_text_the_tokenizer_cannot_write_is_noted_in_the_log(run, server, monkeypatch, capsys, tmp_path):
+    """A char tokenizer reads unseen characters as <|unk|>: the server's log says so, per request, as generate and
+    chat do on the terminal (the fixture's byte-level BPE writes anything, so a char tokenizer judges here)."""
+    (tmp_path / "t.txt").write_text("abc def\n", encoding="utf-8")
+    char = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "t.txt")], out=str(tmp_path / "tok"), kind="char"))
+    judge = Tokenizer.unknown_note
+    monkeypatch.setattr(Tokenizer, "unknown_note", lambda self, text: judge(char, text))
+    capsys.readouterr()
+    server.client.completions.create(model=run.name, prompt="a cab", max_tokens=2, temperature=0)
+    assert "note: a request" not in capsys.readouterr().err
+    server.client.completions.create(model=run.name, prompt="the cat", max_tokens=2, temperature=0)
+    assert "note: a request: this model's tokenizer cannot write 'h': the model reads them as <|unk|>" in \
+        capsys.readouterr().err
+    server.client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "bad 猫"}],
+                                          max_tokens=2, temperature=0)
+    assert "cannot write '猫'" in capsys.readouterr().err
+
+
 def test_the_cores_to_serve_with_are_counted_on_macos_and_windows_too(monkeypatch):
     """os.sched_getaffinity is Linux's: `homellm serve` failed with an AttributeError on a Mac."""
     from homellm.serve import usable_cpus

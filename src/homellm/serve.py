@@ -368,6 +368,14 @@ def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prom
     params.sample.max_new_tokens = asked or block_size - longest
 
 
+def note_unknown(tok: Tokenizer, text: str) -> None:
+    """Tell the server's log when a request's text holds characters the tokenizer cannot write (a char
+    tokenizer's unseen ones): the model reads them as unknown, which explains odd replies. The API has no place for
+    a warning, and refusing would turn away text the model can still answer around."""
+    if note := tok.unknown_note(text):
+        print(f"note: a request: {note}", file=sys.stderr, flush=True)
+
+
 def _content(message: Any) -> Any:
     """OpenAI's content parts [{"type": "text", "text": ...}] joined into one string; anything else as it is."""
     if isinstance(message, dict) and isinstance(message.get("content"), list):
@@ -691,8 +699,11 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
                            "invalid_value")
         # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
         # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
-        prompts = await asyncio.to_thread(lambda: [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts])
-        return await generate(request, prompts, params, chat=False)
+        def encode() -> list[list[int]]:
+            note_unknown(tok, "".join(texts))
+            return [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts]
+
+        return await generate(request, await asyncio.to_thread(encode), params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -704,7 +715,12 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         except HomeLLMError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         params = parse_params(body, None, cfg.max_batch)
-        return await generate(request, [await asyncio.to_thread(prompt_ids, tok, messages)], params, chat=True)
+
+        def encode() -> list[int]:
+            note_unknown(tok, "".join(m["content"] for m in messages))
+            return prompt_ids(tok, messages)
+
+        return await generate(request, [await asyncio.to_thread(encode)], params, chat=True)
 
     @app.api_route("/", methods=GET, response_class=HTMLResponse)
     async def index() -> Response:
