@@ -1,4 +1,5 @@
-"""Parity with Hugging Face transformers: the same weights give the same logits.
+"""Parity with Hugging Face transformers: the same weights give the same logits, and a tokenizer folder gives the
+same ids.
 
 Each homellm family is rebuilt as its transformers counterpart (llama -> LlamaForCausalLM, gpt2 ->
 GPT2LMHeadModel) from a config object, so nothing is downloaded; the state dict is mapped by name, loaded
@@ -9,6 +10,10 @@ and repeat_kv for grouped-query attention, an implementation independent of home
 F.scaled_dot_product_attention(is_causal=..., enable_gqa=...). Comparing against HF's SDPA path would only
 compare SDPA with itself.
 """
+
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +143,48 @@ def test_gpt2_matches_transformers(tie, n_kv_head, bias):
     hf = to_hf_gpt2(model)
     assert_tying(model, hf)
     assert_same_logits(model, hf)
+
+
+# ---- tokenizers: the folder homellm writes loads in transformers and gives the same ids -----------------------
+
+def corpus_text() -> str:
+    """Our own text in three scripts (no corpus needed), with the chat and end-of-text tokens inside."""
+    return ("ROMEO: But soft, what light through yonder window breaks?\n"
+            "むかしむかし、ある山のふもとに小さな村がありました。\n滚滚长江东逝水，浪花淘尽英雄。\n"
+            "<|im_start|>user\n7 x 8?<|im_end|>\n<|endoftext|> 👩‍👩‍👧 e\u0301\n")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_a_tokenizer_folder_loads_in_transformers_with_the_same_ids(kind, tmp_path):
+    from homellm.config import SPECIAL_TOKENS, TokenizerConfig
+    from homellm.tokenizer import train_tokenizer
+
+    (tmp_path / "text.txt").write_text(corpus_text() * 5, encoding="utf-8")
+    ours = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "text.txt")], out=str(tmp_path / "tok"), kind=kind,
+                                           vocab_size=400))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = corpus_text()
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text, allow_special=True)
+    assert theirs.decode(ours.encode(text, allow_special=True)) == ours.decode(ours.encode(text, allow_special=True))
+    assert {t: theirs.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS} == \
+        {t: ours.encode(t, allow_special=True)[0] for t in SPECIAL_TOKENS}
+    assert theirs.eos_token_id == ours.eot_id and theirs.pad_token_id == ours.pad_id
+
+
+def test_gpt2_files_give_the_ids_of_transformers_gpt2_tokenizer(tmp_path):
+    from homellm.config import TokenizerConfig
+    from homellm.tokenizer import train_tokenizer
+
+    files = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_tokenizer"
+    shakespeare = files.parent / "tinyshakespeare" / "input.txt"
+    if not files.is_dir() or not shakespeare.is_file():
+        pytest.skip(f"{files.parent} is absent (the shared offline corpora are not on this machine)")
+    ours = train_tokenizer(TokenizerConfig(from_file=str(files), out=str(tmp_path / "tok")))
+    # Under the names transformers looks for in a folder (its 4.x and 5.x constructors differ in argument names).
+    (tmp_path / "hf").mkdir()
+    shutil.copy(files / "encoder.json", tmp_path / "hf" / "vocab.json")
+    shutil.copy(files / "vocab.bpe", tmp_path / "hf" / "merges.txt")
+    theirs = transformers.GPT2TokenizerFast.from_pretrained(str(tmp_path / "hf"))
+    # GPT-2's own <|endoftext|> is one id in both; the chat tokens are homellm's additions, unknown to GPT-2's files.
+    text = shakespeare.read_text(encoding="utf-8")[:20000] + re.sub(r"<\|im_(start|end)\|>", "", corpus_text())
+    assert ours.encode(text, allow_special=True) == theirs(text)["input_ids"]
