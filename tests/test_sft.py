@@ -333,6 +333,25 @@ def test_lora_refuses_a_layer_whose_weight_is_tied():
     torch.testing.assert_close(merge_lora(untied)(x)[0], before, atol=1e-4, rtol=1e-4)
 
 
+def test_a_lora_adapter_on_the_head_trains_at_a_large_vocabulary():
+    """From CHUNKED_LOSS_VOCAB ids on the loss skips the head's output, and with it the adapter's hook: an adapter
+    on lm_head got no gradient (and torchrun stopped: a parameter unused in the loss). The hook now keeps the whole
+    logits' path, whose loss includes the adapter."""
+    from homellm.model import CHUNKED_LOSS_VOCAB
+
+    cfg = replace(preset("tiny")[0], vocab_size=CHUNKED_LOSS_VOCAB, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    lora = attach_lora(model, LoraSpec(rank=2, targets=["q_proj", "lm_head"]))
+    x, y = torch.randint(0, cfg.vocab_size, (2, 2, 8))
+    logits, loss = model(x, y)
+    assert logits is not None
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.B.values())  # B starts at 0, A does not
+    lora.remove()
+    assert model(x, y)[0] is None  # without the hook: the chunks
+
+
 def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run, capsys):
     from homellm.cli import main  # in-process: the suite's time
 

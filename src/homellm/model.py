@@ -262,7 +262,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
 
         Given targets with a vocabulary of CHUNKED_LOSS_VOCAB ids or more, the logits are None: the loss is
-        computed a chunk of rows at a time, without them (chunked_cross_entropy).
+        computed a chunk of rows at a time, without them (chunked_cross_entropy), unless a hook adapts the head.
 
         With a cache, idx holds only the new tokens; their positions start at cache.pos (per row when it is a
         tensor: then T is 1). `documents` (B, T) packs several documents in a row: a run of equal numbers is one
@@ -312,7 +312,8 @@ class GPT(nn.Module):
         # (possible in SFT) gives loss 0 instead of NaN.
         flat = targets.reshape(-1)
         count = (flat != -100).sum().clamp(min=1)
-        if self.cfg.vocab_size >= CHUNKED_LOSS_VOCAB:
+        # A forward hook on the head (a LoRA adapter there) changes its output, which the chunks never compute.
+        if self.cfg.vocab_size >= CHUNKED_LOSS_VOCAB and not self.lm_head._forward_hooks:
             return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, flat) / count
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-100,
