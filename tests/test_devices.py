@@ -47,6 +47,23 @@ def test_auto_precision_is_float16_where_bfloat16_would_be_emulated(monkeypatch)
     assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
 
 
+def test_each_gpu_of_a_mixed_machine_is_asked_for_its_own_bfloat16(monkeypatch):
+    """torch's is_bf16_supported() asks the current GPU: with an A100 as cuda:0, `generate --device cuda:1` on a T4
+    loaded bfloat16 weights the T4 only emulates, and the other way round refused --dtype bfloat16 on an RTX 4090."""
+    from homellm.train import pick_dtype
+
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", 8, 0, count=2)
+    capability = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[
+        torch.device(device).index if device is not None else 0])
+    assert pick_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert pick_dtype("auto", torch.device("cuda", 1)) == torch.float16
+    assert ns_dtype(torch.device("cuda", 1)) == torch.float32
+    capability.update({0: (7, 5), 1: (8, 9)})
+    assert pick_dtype("bfloat16", torch.device("cuda", 1)) == torch.bfloat16
+    assert ns_dtype(torch.device("cuda", 1)) == torch.bfloat16
+
+
 def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", 8, 9, count=2)
     monkeypatch.setenv("WORLD_SIZE", "4")

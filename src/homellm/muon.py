@@ -22,7 +22,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jo
 def ns_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 as torch.optim.Muon, where the device has it natively (the CPU, CUDA from Ampere on); float32 on
     GPUs that would emulate it (T4, V100: several times slower) and on Apple's MPS (bfloat16 needs macOS 14)."""
-    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)):
+    from homellm.train import native_bf16  # (train imports this module)
+
+    if device.type == "cpu" or native_bf16(device):
         return torch.bfloat16
     return torch.float32
 

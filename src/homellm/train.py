@@ -169,8 +169,13 @@ def resolve_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes in bfloat16 natively: CUDA from compute capability 8.0 (Ampere) on. torch's own
     check also counts emulation, which on a T4, V100 or RTX 20xx runs without the tensor cores and without fast
-    attention kernels, several times slower than float16."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    attention kernels, several times slower than float16. Asked of `device` itself: torch's check asks the current
+    GPU, which on a machine of mixed GPUs (generate --device cuda:1) is another one."""
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:  # AMD: ROCm's GPUs compute bfloat16 natively
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def setup_env(cfg: TrainConfig) -> Env:
