@@ -475,6 +475,27 @@ def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, d
     assert out.out.startswith("the cat") and "tokens/s" in out.err
 
 
+def test_a_presets_gradient_accumulation_is_shared_among_torchruns_processes(monkeypatch, capsys):
+    """--batch-size and --grad-accum are per process: the README's 4-GPU gpt2-124m trained on 2M-token steps, 4x the
+    preset's 0.5M (and 4x its tokens in all) on a rate tuned for 0.5M. The preset's accumulation is now shared."""
+    from homellm.cli import resolve_train
+
+    def grad_accum(*flags: str) -> int:
+        return resolve_train(build_parser().parse_args(["pretrain", "--data", "d", "--out", "r", *flags]))[1].grad_accum
+
+    assert grad_accum("--preset", "gpt2-124m") == 32  # one process
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert grad_accum("--preset", "gpt2-124m") == 8
+    assert "note: 4 processes share the gpt2-124m preset's --grad-accum 32: each accumulates 8\n" in \
+        capsys.readouterr().err
+    assert grad_accum("--preset", "gpt2-124m", "--grad-accum", "5") == 5  # typed: as typed, per process
+    assert grad_accum("--preset", "cpu") == 1
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert grad_accum("--preset", "gpt2-124m", "--batch-size", "8") == 11
+    assert "each accumulates 11 (264 sequences a step instead of the preset's 256: give --grad-accum to choose)" in \
+        capsys.readouterr().err
+
+
 def test_a_list_flag_given_twice_keeps_both(tmp_path):
     """`--input a.txt --input b.txt` used to keep b.txt alone, and prepare dropped a.txt without a word."""
     args = build_parser().parse_args(["prepare", "--input", "a.txt", "--input", "b.txt", "c.txt", "--tokenizer", "t",

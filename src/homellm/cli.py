@@ -81,6 +81,18 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         say(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
             f"{train_cfg.max_time:g} is off (give --max-time too to keep a time budget)")
         typed["max_time"] = 0.0
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
+    if world > 1 and train_cfg.grad_accum > 1 and "grad_accum" not in typed and source.endswith("preset"):
+        # A preset's batch is global, as nanoGPT's: its accumulation is shared among torchrun's processes, or 4 GPUs
+        # would train gpt2-124m on 4x its tokens per step, and 4x its tokens in all, on a rate tuned for the one.
+        accum = max(1, round(train_cfg.grad_accum / world))
+        size = typed.get("batch_size", train_cfg.batch_size)
+        exact = "" if accum * world == train_cfg.grad_accum else (
+            f" ({size * accum * world} sequences a step instead of the preset's {size * train_cfg.grad_accum}: give "
+            "--grad-accum to choose)")
+        say(f"note: {world} processes share the {source}'s --grad-accum {train_cfg.grad_accum}: each accumulates "
+            f"{accum}{exact}")
+        train_cfg = replace(train_cfg, grad_accum=accum)
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
     train_cfg = replace(train_cfg, **typed)
     model_cfg.validate()
