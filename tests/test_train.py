@@ -281,6 +281,27 @@ def test_windows_start_anywhere_they_fit_up_to_the_last_token(monkeypatch):
     assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
 
 
+def test_each_process_reads_its_own_slice_of_the_global_batch(monkeypatch):
+    """Rank r of 4 gets rows r*b to (r+1)*b of the batch one process draws at batch 4b, train and val alike, and
+    reads only those (it built the whole global batch and dropped the rest: work that grew with the processes)."""
+    import homellm.train as train_module
+
+    shards = {"train": [np.arange(5000), np.arange(10_000, 13_000)], "val": [np.arange(20_000, 20_500)]}
+    monkeypatch.setattr(train_module, "open_split", lambda data_dir, split: shards[split])
+    data = TokenBatches("d", 16, 3, np.ones(32_768, dtype=np.int64))
+    whole = data.train_batch(7, 2, 12, 0, 1)
+    parts = [data.train_batch(7, 2, 3, rank, 4) for rank in range(4)]
+    assert all(torch.equal(torch.cat([p[i] for p in parts]), whole[i]) for i in range(2))
+    whole = data.val_batch(1, 8, 0, 1)
+    parts = [data.val_batch(1, 4, rank, 2) for rank in range(2)]
+    assert all(torch.equal(torch.cat([p[i] for p in parts]), whole[i]) for i in range(2))
+    read = []
+    stack = np.stack
+    monkeypatch.setattr(train_module.np, "stack", lambda rows: read.append(len(rows)) or stack(rows))
+    data.train_batch(7, 2, 3, 1, 4)
+    assert read == [3]
+
+
 def assert_same_training(a: Path, b: Path) -> None:
     """Two runs of the same global batch (one process and torchrun's two): the same steps, tokens, losses within
     float reordering, and weights."""

@@ -103,9 +103,12 @@ class TokenBatches:
             else f"{data_dir} has {val_tokens} validation tokens, too few for one window of {block_size + 1}: "
             "prepare it with a higher --val-fraction")
 
-    def _windows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, split: str, rng: np.random.Generator, n: int, keep: slice = slice(None)
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n windows drawn from rng, of which the rows in `keep` are read: a process reads its own slice of the
+        global batch, so the work per process stays the same however many there are."""
         starts = self.starts[split]
-        picks = rng.integers(0, starts[-1], size=n)
+        picks = rng.integers(0, starts[-1], size=n)[keep]
         shard = np.searchsorted(starts, picks, side="right")
         offset = picks - np.concatenate([[0], starts])[shard]
         rows = np.stack([self.splits[split][s][o:o + self.block_size + 1] for s, o in zip(shard, offset)])
@@ -115,16 +118,14 @@ class TokenBatches:
     def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 0, step, micro])
-        x, y = self._windows("train", rng, batch_size * world)
-        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+        return self._windows("train", rng, batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size))
 
     def val_batch(self, index: int, batch_size: int, rank: int, world: int
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not len(self.starts["val"]) or self.starts["val"][-1] == 0:
             return None
         rng = np.random.default_rng([self.seed, 1, index])  # the same val batches at every evaluation
-        x, y = self._windows("val", rng, batch_size * world)
-        return x[rank * batch_size:(rank + 1) * batch_size], y[rank * batch_size:(rank + 1) * batch_size]
+        return self._windows("val", rng, batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size))
 
 
 # ---- distributed, device, precision -------------------------------------------------------------------------
