@@ -82,10 +82,21 @@ def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
     ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None),
     ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 4090 Laptop GPU", None), ("Tesla T4", 65e12),
-    ("Tesla V100-SXM2-16GB", 125e12), ("NVIDIA GeForce GTX 1080", None)])
+    ("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12), ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA GeForce RTX 3090 Ti", 80e12), ("NVIDIA GeForce GTX 1080", None)])
 def test_mfu_peaks_match_whole_gpu_names(name, flops):
     """Substrings used to match: an L40S took the L4's peak (MFU 3x too high), a 4090 laptop the desktop's."""
     assert peak_flops(name) == flops
+
+
+def test_mfu_is_not_reported_against_half_precisions_peak_in_float32(monkeypatch):
+    from homellm.train import _peak_flops
+
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", 8, 0)
+    assert _peak_flops(torch.device("cuda", 0), torch.bfloat16) == _peak_flops(torch.device("cuda"), torch.float16)
+    assert _peak_flops(torch.device("cuda", 0), torch.bfloat16) == 312e12
+    assert _peak_flops(torch.device("cuda", 0), torch.float32) is None
+    assert _peak_flops(torch.device("cpu"), torch.bfloat16) is None
 
 
 def test_resuming_where_auto_means_float16_loads_a_run_saved_without_a_scaler(tmp_path, data_dir):

@@ -240,7 +240,8 @@ def _autocast(env: Env) -> contextlib.AbstractContextManager:
 # "L4" must not match an L40S (3x faster), nor "H100" an H100 PCIe, nor "4090" a laptop's 4090.
 _PEAK_FLOPS = ((r"Laptop|Mobile|Max-Q", None), (r"H[12]00 NVL", 835e12), (r"H100 PCIe", 756e12), (r"H[12]00", 989e12),
                (r"A100\b", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12), (r"L4\b", 121e12), (r"A10\b", 125e12),
-               (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"V100", 125e12), (r"T4\b", 65e12))
+               (r"RTX 4090", 165e12), (r"RTX 3090 Ti", 80e12), (r"RTX 3090", 71e12), (r"V100-PCIE", 112e12),
+               (r"V100", 125e12), (r"T4\b", 65e12))
 
 
 def peak_flops(name: str) -> float | None:
@@ -248,8 +249,12 @@ def peak_flops(name: str) -> float | None:
     return next((flops for pattern, flops in _PEAK_FLOPS if re.search(pattern, name)), None)
 
 
-def _peak_flops(device: torch.device) -> float | None:
-    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+def _peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The peak MFU is reported against: none in float32, whose own peak is 2x (TF32) to 8x (V100, T4) lower than
+    the table's, so MFU against it would read that much too low."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    return peak_flops(torch.cuda.get_device_name(device))
 
 
 # ---- optimizer and schedule ---------------------------------------------------------------------------------
@@ -502,7 +507,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index]
                                                           if env.device.type == "cuda" else None, **no_sync)
     eval_model = raw if not cfg.compile else model.module if ddp else model
-    peak = _peak_flops(env.device)
+    peak = _peak_flops(env.device, env.dtype)
     flops_per_token = raw.flops_per_token()
 
     # The evaluation after the last step counts against --max-time too: the budget keeps room for it, as long as
