@@ -70,8 +70,8 @@ def main() -> None:
     for mode, rs in results.items():
         print(f"{mode:8s} peak RSS median {statistics.median(r['peak_mib'] for r in rs):7.0f} MiB, "
               f"step median {statistics.median(r['ms'] for r in rs):7.1f} ms, last loss {rs[-1]['loss_last']:.4f}")
-    ratio = statistics.median(r["ms"] for r in results["whole"]) / statistics.median(r["ms"] for r in results["chunked"])
-    print(f"chunked speed vs whole: {ratio:.2f}x")
+    whole, chunked = (statistics.median(r["ms"] for r in results[mode]) for mode in ("whole", "chunked"))
+    print(f"chunked speed vs whole: {whole / chunked:.2f}x")
 
 
 if __name__ == "__main__":

@@ -492,8 +492,12 @@ def test_a_presets_gradient_accumulation_is_shared_among_torchruns_processes(mon
     assert grad_accum("--preset", "cpu") == 1
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert grad_accum("--preset", "gpt2-124m", "--batch-size", "8") == 11
-    assert "each accumulates 11 (264 sequences a step instead of the preset's 256: give --grad-accum to choose)" in \
-        capsys.readouterr().err
+    assert "each accumulates 11 (264 sequences a step instead of 256, as 3 does not divide 32: choose with " \
+           "--grad-accum)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    assert grad_accum("--preset", "gpt2-124m") == 1
+    assert "(1024 sequences a step instead of 512, as 64 does not divide 32: choose with --grad-accum and " \
+           "--batch-size)" in capsys.readouterr().err
 
 
 def test_a_list_flag_given_twice_keeps_both(tmp_path):

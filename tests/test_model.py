@@ -153,7 +153,8 @@ def test_the_chunked_loss_under_bfloat16_autocast_matches_whole_logits():
     idx, targets = torch.randint(0, model.cfg.vocab_size, (2, 2, 16))
     grads = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, chunked = model(idx, targets)
+        logits, chunked = model(idx, targets)
+        assert logits is None  # the chunks ran
         chunked.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         model.zero_grad()
@@ -164,6 +165,27 @@ def test_the_chunked_loss_under_bfloat16_autocast_matches_whole_logits():
     assert all(a.dtype == torch.float32 for a in grads[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=5e-2)
+
+
+def test_the_chunked_loss_gradient_stays_finite_in_float16():
+    """Under float16 autocast (auto on a T4 or V100) a chunk summed thousands of rows' gradients in a float16 matmul:
+    past 65,504 the head's gradient was inf at any loss scale, so the grad scaler skipped every step from then on.
+    Here 8,192 rows of one target with a feature of 10 sum to -81,920 before the mean."""
+    from homellm.model import CHUNKED_LOSS_VOCAB, chunked_cross_entropy
+
+    torch.manual_seed(0)
+    n, vocab = 8192, CHUNKED_LOSS_VOCAB
+    x = torch.randn(n, 16)
+    x[:, 0] = 10.0
+    weight = (torch.randn(vocab, 16) * 0.02).requires_grad_()
+    targets = torch.full((n,), 5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        (chunked_cross_entropy(x, weight, targets) / n).backward()
+    got = weight.grad.clone()
+    weight.grad = None
+    F.cross_entropy(x @ weight.t(), targets).backward()  # float32, whole logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, weight.grad, atol=1e-2, rtol=1e-2)
 
 
 def test_parameter_count_and_tying():

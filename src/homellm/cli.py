@@ -88,8 +88,8 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         accum = max(1, round(train_cfg.grad_accum / world))
         size = typed.get("batch_size", train_cfg.batch_size)
         exact = "" if accum * world == train_cfg.grad_accum else (
-            f" ({size * accum * world} sequences a step instead of the preset's {size * train_cfg.grad_accum}: give "
-            "--grad-accum to choose)")
+            f" ({size * accum * world} sequences a step instead of {size * train_cfg.grad_accum}, as {world} does not "
+            f"divide {train_cfg.grad_accum}: choose with --grad-accum{' and --batch-size' * (accum == 1)})")
         say(f"note: {world} processes share the {source}'s --grad-accum {train_cfg.grad_accum}: each accumulates "
             f"{accum}{exact}")
         train_cfg = replace(train_cfg, grad_accum=accum)

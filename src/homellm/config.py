@@ -157,7 +157,7 @@ class SampleConfig:
     seed: int = 0
     checkpoint: str = "best"  # best or last
     device: str = "auto"
-    dtype: str = "auto"  # the weights': auto = bfloat16 on a recent GPU (float16 on an older one), float32 on the CPU
+    dtype: str = "auto"  # the weights': auto = bfloat16 on a recent CUDA GPU (float16 before Ampere), else float32
 
 
 @dataclass
@@ -231,7 +231,7 @@ class ServeConfig:
     cors: list[str] = field(default_factory=list)  # web origins whose pages may call the API (https://app.example, *)
     checkpoint: str = "best"  # best or last
     device: str = "auto"
-    dtype: str = "auto"  # the weights': auto = bfloat16 on a recent GPU (float16 on an older one), float32 on the CPU
+    dtype: str = "auto"  # the weights': auto = bfloat16 on a recent CUDA GPU (float16 before Ampere), else float32
 
 
 # What each numeric or named field accepts, by field name across the config classes (a name means the same in

@@ -176,7 +176,7 @@ def _chunk_rows(vocab: int) -> int:
 def _chunk_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed loss of rows x (n, d) against targets (-100 skipped), and their log-probabilities (n, V)."""
     logits = (x @ weight.t()).float()
-    logprobs = logits - logits.logsumexp(dim=-1, keepdim=True)
+    logprobs = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))  # in place: one chunk-sized tensor, not two
     picked = logprobs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     return -(picked * (targets != -100)).sum(), logprobs
 
@@ -202,7 +202,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[start:start + rows] = grad @ weight
             if grad_w is not None:
-                grad_w += grad.t() @ xs
+                # Each row adds up to |x| here, so a float16 sum over thousands of rows could pass 65,504 and turn
+                # inf, which the grad scaler, applied only in backward, could never bring down: the rows are
+                # summed divided by their count, bounded by the largest |x|, then multiplied back in float32.
+                grad_w += (grad.t() @ (xs / xs.size(0))).float() * xs.size(0)
         ctx.save_for_backward(grad_x, grad_w)
         return total
 
@@ -215,7 +218,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The summed cross-entropy of the logits x (n, d) @ weight.T (V, d) against targets (n,), -100 skipped, equal
-    to F.cross_entropy's up to rounding, in at most 64M logits of memory however large n * V is."""
+    to F.cross_entropy's up to rounding, holding the logits of at most 64M (n, V) entries at a time however large
+    n * V is: one float32 chunk of 256 MB, and its half-precision copy under autocast."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets)
     rows = _chunk_rows(weight.size(0))
@@ -258,7 +262,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                documents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                documents: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab) and, given targets (-100 = not trained), the mean loss.
 
         Given targets with a vocabulary of CHUNKED_LOSS_VOCAB ids or more, the logits are None: the loss is
