@@ -16,9 +16,9 @@ import torch
 from homellm import repl
 from homellm.chat import prompt_ids, render, to_markdown
 from homellm.checkpoint import save_checkpoint
-from homellm.config import ChatConfig, ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
+from homellm.config import ChatConfig, GenerateConfig, ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
 from homellm.model import GPT
-from homellm.repl import Chat, chat_loop
+from homellm.repl import Chat, Continuations, chat_loop
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
 JA = "むかしむかし、ある山のふもとに小さな村がありました。村には川が流れていて、春になると桜の花がたくさん咲きました。"
@@ -341,3 +341,34 @@ def test_input_that_is_not_utf8_is_refused_in_one_line_and_the_chat_goes_on(chat
                       "error: the message is not UTF-8 (invalid continuation byte at byte 0): set the terminal to "
                       "UTF-8"]
     assert chat.turns == [(USER, REPLY)] and (tmp_path / "chat.md").is_file()
+
+
+def test_generate_interactive_continues_each_prompt_and_takes_chats_settings(chat_run, tmp_path):
+    """Seed 002's inference.py had an interactive mode with settings changed on the fly: `generate --interactive`.
+    Each prompt is continued afresh (no conversation), printed after the prompt; /system and /reset are chat's."""
+    model, tok, run = chat_run
+    prefix = tok.decode(prompt_ids(tok, [{"role": "user", "content": USER}]))  # as raw text, markup included
+    out = io.StringIO()
+    session = chat_loop(model, tok, GenerateConfig(temperature=0.0, max_new_tokens=40),
+                        script(prefix, "/system be brief", "/reset", "/max_tokens 3", prefix, "/help",
+                               f"/save {tmp_path / 'texts.md'}", "/quit"), out, session=Continuations)
+    text = out.getvalue()
+    assert prefix + REPLY + "\n[" in text  # the prompt, then what the model writes after it
+    assert "error: /system is chat's" in text and "error: /reset is chat's" in text
+    assert session.cfg.max_new_tokens == 3 and session.transcript[-1]["content"] == tok.decode(tok.encode(REPLY)[:3])
+    assert "/system" not in text.split("/help")[-1] and "longest continuation in tokens" in text
+    saved = (tmp_path / "texts.md").read_text(encoding="utf-8")
+    assert saved.count("**prompt**:") == 2 and REPLY in saved
+
+
+def test_generate_interactive_from_the_command_line(chat_run, monkeypatch, capsys):
+    from homellm.cli import main
+
+    model, tok, run = chat_run
+    prefix = tok.decode(prompt_ids(tok, [{"role": "user", "content": USER}]))
+    assert main(["generate", str(run), "--interactive", "--prompt", "-"]) == 2
+    assert "--prompt - reads standard input, which --interactive reads prompts from" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/temperature 0.5\n"))  # then end of input
+    assert main(["generate", str(run), "--interactive", "--prompt", prefix, "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert prefix + REPLY + "\n[" in out and "[temperature = 0.5]" in out

@@ -21,10 +21,10 @@ from homellm.config import (
     ChatConfig,
     CompareConfig,
     EvalConfig,
+    GenerateConfig,
     ModelConfig,
     PrepareConfig,
     QuickstartConfig,
-    SampleConfig,
     ServeConfig,
     SFTConfig,
     TokenizerConfig,
@@ -139,11 +139,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.generate import stream_text
     from homellm.tokenizer import Tokenizer
 
-    cfg = build(SampleConfig, args)
+    cfg = build(GenerateConfig, args)
+    if cfg.interactive and cfg.prompt == "-":
+        raise HomeLLMError("--prompt - reads standard input, which --interactive reads prompts from: give the first "
+                           "prompt as text, or type it")
     if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
         cfg = replace(cfg, prompt=sys.stdin.read())
     model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
+    if cfg.interactive:
+        from homellm.repl import Continuations, chat_loop, line_editing
+
+        line_editing()
+        first = iter([cfg.prompt] if cfg.prompt else [])
+        chat_loop(model, tok, cfg, lambda prompt: next(first, None) or input(prompt), sys.stdout, Continuations)
+        return
     block = model.cfg.block_size
     if note := tok.unknown_note(cfg.prompt):
         print(f"note: {note}", file=sys.stderr)
@@ -273,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best or last (default: best)")
     p.set_defaults(func=cmd_merge)
 
-    run_verb(sub, "generate", "continue a prompt with a trained model", cmd_generate, SampleConfig)
+    run_verb(sub, "generate", "continue a prompt with a trained model (or prompts typed in turn: --interactive)",
+             cmd_generate, GenerateConfig)
 
     run_verb(sub, "chat", "chat with a run in the terminal (slash commands change settings; /help)", cmd_chat,
              ChatConfig, skip=("prompt",))

@@ -161,6 +161,12 @@ class SampleConfig:
 
 
 @dataclass
+class GenerateConfig(SampleConfig):
+    """`homellm generate`: one prompt, or prompts typed one after another."""
+    interactive: bool = False  # a prompt loop: each line typed is continued; /temperature and the rest change settings
+
+
+@dataclass
 class ChatConfig(SampleConfig):
     """`homellm chat`: sampling settings (slash commands change them mid-chat) and the system prompt."""
     system: str = ""  # the system prompt: kept when old turns leave the context; /system changes it

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from homellm.chat import Message, prompt_ids, render, to_markdown
-from homellm.config import SEED_LIMIT, ChatConfig
+from homellm.config import SEED_LIMIT, ChatConfig, GenerateConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import seeded_generator, stream_ids
 from homellm.io import atomic_write_text, check_overwrite
@@ -134,8 +134,14 @@ class Chat:
 
     def reply(self, user: str) -> str:
         """Stream the model's reply to `user`; Ctrl-C ends the reply early and keeps what was generated."""
-        ids = self.context(user)
-        keep = self.system_ids()
+        text = self.stream(self.context(user), self.system_ids())
+        self.turns.append((user, text))
+        self.transcript += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        return text
+
+    def stream(self, ids: list[int], keep: int = 0) -> str:
+        """Print what the model writes after `ids` as it comes, then its rate; Ctrl-C ends it early and keeps
+        what was written."""
         pieces: list[str] = []
         stats: dict[str, float] = {}
         interrupted = False
@@ -150,12 +156,12 @@ class Chat:
                     self.out.flush()
         except KeyboardInterrupt:
             interrupted = True
-        text = "".join(pieces)
-        self.turns.append((user, text))
-        self.transcript += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         rate = f"{stats.get('new_tokens', 0)} tokens, {stats.get('tok_per_s', 0.0):.1f} tokens/s"
         self.say(("\n[interrupted: " if interrupted else "\n[") + rate + "]")
-        return text
+        return "".join(pieces)
+
+    def help(self) -> str:
+        return HELP.format(**dataclasses.asdict(self.cfg))
 
     def command(self, line: str) -> bool:
         """Run a slash command; False when it is /quit. Mistakes print one line and change nothing."""
@@ -191,7 +197,7 @@ class Chat:
                     raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None
                 self.say(f"[{len(self.transcript)} messages saved to {arg}]")
             elif name == "help":
-                self.say(HELP.format(**dataclasses.asdict(self.cfg)))
+                self.say(self.help())
             elif name in ("quit", "exit"):
                 return False
             else:
@@ -201,10 +207,45 @@ class Chat:
         return True
 
 
-def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
-              out: TextIO = sys.stdout) -> Chat:
-    """Read messages and slash commands from `input_fn` until /quit, end of input or Ctrl-C at the prompt."""
-    chat = Chat(model, tok, cfg, out)
+class Continuations(Chat):
+    """`homellm generate RUN --interactive`: each line typed is a prompt the model continues, as `generate --prompt`
+    continues it, printed after the prompt. Chat's settings and slash commands, but no conversation: every prompt
+    starts afresh, and one random generator runs through the session, so a prompt typed again gets another text."""
+
+    def reset(self) -> None:
+        self.transcript.clear()
+
+    def reply(self, prompt: str) -> str:
+        ids = self.tok.encode(prompt, allow_special=True)
+        block = self.model.cfg.block_size
+        if note := self.tok.unknown_note(prompt):
+            self.say(f"[note: {note}]")
+        if len(ids) > block - 1:
+            self.say(f"[the prompt is {len(ids)} tokens and the model's context {block}: it reads the last "
+                     f"{block - 1}]")
+        self.out.write(prompt)
+        text = self.stream(ids)
+        self.transcript += [{"role": "prompt", "content": prompt}, {"role": "continuation", "content": text}]
+        return text
+
+    def help(self) -> str:
+        lines = [line for line in super().help().splitlines() if not line.startswith(("/system", "/reset"))]
+        return "\n".join(line.replace("the whole conversation", "the prompts and their continuations")
+                         .replace("longest reply", "longest continuation").replace("a reply", "a continuation")
+                         .replace("the replies", "the texts").replace("a message", "a prompt") for line in lines)
+
+    def command(self, line: str) -> bool:
+        if line[1:].partition(" ")[0] in ("system", "reset"):
+            self.say(f"error: {line.split()[0]} is chat's: generate keeps no conversation (/help lists commands)")
+            return True
+        return super().command(line)
+
+
+def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, input_fn: Callable[[str], str] = input,
+              out: TextIO = sys.stdout, session: type[Chat] = Chat) -> Chat:
+    """Read messages (or, with session=Continuations, prompts) and slash commands from `input_fn` until /quit, end
+    of input or Ctrl-C at the prompt."""
+    chat = session(model, tok, cfg, out)
     chat.say(f"[{model.cfg.block_size}-token context, temperature {cfg.temperature}, max_tokens "
              f"{cfg.max_new_tokens}; /help lists commands, /quit or Ctrl-D leaves]")
     while True:
@@ -230,16 +271,19 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig, input_fn: Callable[[s
         chat.reply(line[1:] if line.startswith("//") else line)
 
 
-def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
-         out: TextIO = sys.stdout) -> Chat:
-    """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
-    from homellm.checkpoint import is_sft, load_for_generation
-
+def line_editing() -> None:
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history in a terminal)
     except ImportError:  # Windows
         pass
 
+
+def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
+         out: TextIO = sys.stdout) -> Chat:
+    """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
+    from homellm.checkpoint import is_sft, load_for_generation
+
+    line_editing()
     model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
     if not is_sft(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
