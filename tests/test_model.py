@@ -198,6 +198,13 @@ def test_parameter_count_and_tying():
     per_layer = 4 * d * d + 8 * d * d + 2 * d  # two LayerNorms with gains only (bias=False)
     assert tied.num_params(embeddings=False) == 2 * per_layer + d + 96 * d
     assert tied.flops_per_token() == 6 * tied.num_params(embeddings=False) + 12 * 2 * 32 * 32
+    # LoRA's frozen base: 4 FLOPs per weight (no weight gradient), so MFU is not overstated by half
+    tied.requires_grad_(False)
+    assert tied.flops_per_token() == 4 * tied.num_params(embeddings=False) + 12 * 2 * 32 * 32
+    untied.requires_grad_(False)
+    untied.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    assert untied.flops_per_token() == (4 * untied.num_params(embeddings=False) + 12 * 2 * 32 * 32
+                                        + 2 * untied.layers[0].mlp.up_proj.weight.numel())
 
 
 def test_grouped_query_attention_shrinks_kv_projections():

@@ -336,6 +336,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12 * L * d * T (PaLM)."""
+        """Training FLOPs per token (forward + backward), as PaLM counts them: 6 per weight (2 forward, 2 for its
+        input's gradient, 2 for its own) and attention's 12 * L * d * T. A frozen weight (LoRA's base) has no
+        gradient of its own: 4."""
         T = seq_len or self.cfg.block_size
-        return 6 * self.num_params(embeddings=False) + 12 * self.cfg.n_layer * self.cfg.n_embd * T
+        embeddings = {id(self.embed_tokens.weight)} | (
+            {id(self.embed_positions.weight)} if self.cfg.family == "gpt2" else set())
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad and id(p) not in embeddings)
+        if self.cfg.tie_embeddings and not self.lm_head.weight.requires_grad:
+            frozen += self.lm_head.weight.numel()  # the head's matmul, on the embedding's weight
+        return 6 * self.num_params(embeddings=False) - 2 * frozen + 12 * self.cfg.n_layer * self.cfg.n_embd * T
