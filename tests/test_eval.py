@@ -34,7 +34,7 @@ def test_answer_rows_start_at_a_problem_and_train_only_the_answers_and_their_end
     model wrote `84$$$$$...` after the answer, and `generate` had no reason to stop."""
     data_dir, tok = task_data
     batches = AnswerBatches(data_dir, tok, block_size=64, seed=0)
-    x, y = batches.train_batch(step=3, micro=0, batch_size=16, rank=0, world=1)
+    x, y = batches.train_batch(step=3, batch_size=16, part=0, parts=1)
     assert x.shape == y.shape == (16, 64)
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         chars = [tok.decode([t]) for t in row_x]  # a char tokenizer: one character per token
@@ -52,8 +52,8 @@ def test_answer_rows_start_at_a_problem_and_train_only_the_answers_and_their_end
 def test_packed_answer_rows_make_each_problem_line_a_document(task_data):
     data_dir, tok = task_data
     plain = AnswerBatches(data_dir, tok, block_size=64, seed=0)
-    x, y, documents = AnswerBatches(data_dir, tok, block_size=64, seed=0, packed=True).train_batch(3, 0, 16, 0, 1)
-    assert all(torch.equal(a, b) for a, b in zip((x, y), plain.train_batch(3, 0, 16, 0, 1)))  # the same rows
+    x, y, documents = AnswerBatches(data_dir, tok, block_size=64, seed=0, packed=True).train_batch(3, 16, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip((x, y), plain.train_batch(3, 16, 0, 1)))  # the same rows
     newline = tok.encode("\n")[0]
     after_newline = torch.zeros_like(x, dtype=torch.bool)
     after_newline[:, 1:] = x[:, :-1] == newline
@@ -66,12 +66,12 @@ def test_packed_answer_rows_make_each_problem_line_a_document(task_data):
 def test_train_batches_are_deterministic_and_sliced_per_rank(task_data):
     data_dir, tok = task_data
     batches = AnswerBatches(data_dir, tok, block_size=64, seed=0)
-    x, y = batches.train_batch(5, 0, 8, rank=0, world=1)
-    x0, _ = batches.train_batch(5, 0, 4, rank=0, world=2)
-    x1, _ = batches.train_batch(5, 0, 4, rank=1, world=2)
+    x, y = batches.train_batch(5, 8, part=0, parts=1)
+    x0, _ = batches.train_batch(5, 4, part=0, parts=2)
+    x1, _ = batches.train_batch(5, 4, part=1, parts=2)
     assert torch.equal(torch.cat([x0, x1]), x)
-    assert torch.equal(batches.train_batch(5, 0, 8, 0, 1)[1], y)
-    assert not torch.equal(batches.train_batch(6, 0, 8, 0, 1)[0], x)
+    assert torch.equal(batches.train_batch(5, 8, 0, 1)[1], y)
+    assert not torch.equal(batches.train_batch(6, 8, 0, 1)[0], x)
 
 
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(task_data):

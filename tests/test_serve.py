@@ -61,7 +61,7 @@ class Memorise:
             self.y[i, :len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
         self.y[2, len(rows[2][0]) - 3] = -100  # "sing" never learns to end: it goes on for as long as it is let
 
-    def train_batch(self, step, micro, batch_size, rank, world):
+    def train_batch(self, step, batch_size, part, parts):
         return self.x, self.y
 
     def val_batch(self, index, batch_size, rank, world):

@@ -164,9 +164,8 @@ def test_chat_batches_pack_split_truncate_and_skip(bpe):
     x, y, documents = packed.rows["train"]
     assert x.shape == y.shape == documents.shape and x.shape[1] == 128 and int((y != -100).sum()) > 0
     # Every row comes once per epoch, whatever the micro-batch layout.
-    packed.grad_accum = 2
     n = len(x)
-    stream = [tuple(packed.train_batch(s, m, 1, 0, 1)[0][0].tolist()) for s in range(n) for m in range(2)]
+    stream = [tuple(packed.train_batch(s, 1, m, 2)[0][0].tolist()) for s in range(n) for m in range(2)]
     rows = sorted(tuple(r.tolist()) for r in x)
     assert sorted(stream[:n]) == rows and sorted(stream[n:]) == rows
 

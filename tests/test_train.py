@@ -262,9 +262,30 @@ def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tmp_path
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17"]) == 2
     assert (f"--resume: {run} trained on batches of {batch} sequences ({batch // 2} x 2 processes), and {batch // 2} "
             f"x 1 process would draw other data and change the maths: resume with --batch-size {batch} on 1 "
-            "process") in capsys.readouterr().err
+            f"process (or --batch-size and --grad-accum whose product is {batch})") in capsys.readouterr().err
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17", "--batch-size", str(batch)]) == 0
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 17
+
+
+def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, data_dir):
+    """Relay training onto a GPU that fits fewer rows (seed 003): --batch-size 2 --grad-accum 2 was refused for a
+    run of --batch-size 4. A step's rows are now drawn for the whole global batch, so any split of it reads the same
+    rows, and the run goes on as it would have, up to the rounding of summing two micro-batches."""
+    flags = ["--preset", "tiny", "--max-steps", "10", "--checkpoint-every", "5", "--eval-every", "5", "--log-every",
+             "1", "--dropout", "0", "--batch-size", "4"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    homellm("pretrain", "--data", str(data_dir), "--out", str(whole), *flags)
+    homellm("pretrain", "--data", str(data_dir), "--out", str(run), *flags, env={"HOMELLM_FAULT_KILL_AT_STEP": "7"},
+            check=False)
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 5
+    homellm("pretrain", "--out", str(run), "--resume", "--batch-size", "2", "--grad-accum", "2")
+    got, want = metrics(run), metrics(whole)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 11))
+    for a, b in zip(got, want):
+        assert a["tokens"] == b["tokens"] and math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-4), a
+    wa, wb = (load_file(str(r / "last" / "model.safetensors")) for r in (run, whole))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
 def test_windows_start_anywhere_they_fit_up_to_the_last_token(monkeypatch):
@@ -275,7 +296,7 @@ def test_windows_start_anywhere_they_fit_up_to_the_last_token(monkeypatch):
     shards = {"train": [np.arange(12), np.arange(100, 109)], "val": [np.arange(9)]}
     monkeypatch.setattr(train_module, "open_split", lambda data_dir, split: shards[split])
     data = TokenBatches("d", 8, 0, np.ones(128, dtype=np.int64))
-    firsts = {int(v) for step in range(200) for v in data.train_batch(step, 0, 4, 0, 1)[0][:, 0]}
+    firsts = {int(v) for step in range(200) for v in data.train_batch(step, 4, 0, 1)[0][:, 0]}
     assert firsts == {0, 1, 2, 3, 100}  # 12 tokens: starts 0-3; 9 tokens: start 0 only
     x, y = data.val_batch(0, 2, 0, 1)
     assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
@@ -289,8 +310,8 @@ def test_each_process_reads_its_own_slice_of_the_global_batch(monkeypatch):
     shards = {"train": [np.arange(5000), np.arange(10_000, 13_000)], "val": [np.arange(20_000, 20_500)]}
     monkeypatch.setattr(train_module, "open_split", lambda data_dir, split: shards[split])
     data = TokenBatches("d", 16, 3, np.ones(32_768, dtype=np.int64))
-    whole = data.train_batch(7, 2, 12, 0, 1)
-    parts = [data.train_batch(7, 2, 3, rank, 4) for rank in range(4)]
+    whole = data.train_batch(7, 12, 0, 1)
+    parts = [data.train_batch(7, 3, rank, 4) for rank in range(4)]
     assert all(torch.equal(torch.cat([p[i] for p in parts]), whole[i]) for i in range(2))
     whole = data.val_batch(1, 8, 0, 1)
     parts = [data.val_batch(1, 4, rank, 2) for rank in range(2)]
@@ -298,7 +319,7 @@ def test_each_process_reads_its_own_slice_of_the_global_batch(monkeypatch):
     read = []
     stack = np.stack
     monkeypatch.setattr(train_module.np, "stack", lambda rows: read.append(len(rows)) or stack(rows))
-    data.train_batch(7, 2, 3, 1, 4)
+    data.train_batch(7, 3, 1, 4)
     assert read == [3]
 
 

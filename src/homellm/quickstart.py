@@ -76,22 +76,24 @@ class AnswerBatches:
         starts = starts[starts + self.block_size + 1 <= len(tokens)]
         return torch.from_numpy(tokens), torch.from_numpy(targets), starts, torch.from_numpy(line.astype(np.int32))
 
-    def _rows(self, split: str, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, ...]:
+    def _rows(self, split: str, rng: np.random.Generator, n: int, keep: slice = slice(None)
+              ) -> tuple[torch.Tensor, ...]:
+        """n rows drawn from rng, of which those in `keep` are built."""
         tokens, targets, starts, line = self.splits[split]
-        picks = torch.from_numpy(starts[rng.integers(0, len(starts), size=n)])
+        picks = torch.from_numpy(starts[rng.integers(0, len(starts), size=n)[keep]])
         index = picks[:, None] + torch.arange(self.block_size + 1)
         rows = (tokens[index[:, :-1]], targets[index[:, 1:]])
         return (*rows, line[index[:, :-1]]) if self.packed else rows
 
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
-        rows = self._rows("train", np.random.default_rng([self.seed, 0, step, micro]), batch_size * world)
-        return tuple(t[rank * batch_size:(rank + 1) * batch_size] for t in rows)
+    def train_batch(self, step: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, ...]:
+        return self._rows("train", np.random.default_rng([self.seed, 0, step, 0]), batch_size * parts,
+                          slice(part * batch_size, (part + 1) * batch_size))
 
     def val_batch(self, index: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...] | None:
         if len(self.splits["val"][2]) == 0:
             return None
-        rows = self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world)
-        return tuple(t[rank * batch_size:(rank + 1) * batch_size] for t in rows)
+        return self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world,
+                          slice(rank * batch_size, (rank + 1) * batch_size))
 
 
 @contextlib.contextmanager

@@ -50,8 +50,8 @@ class ChatBatches:
     """Rows of rendered conversations with targets only on trained tokens; epochs in a seeded order."""
 
     def __init__(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, seed: int,
-                 cfg: SFTConfig, grad_accum: int = 1):
-        self.seed, self.grad_accum, self.token_bytes = seed, grad_accum, tok.token_bytes()
+                 cfg: SFTConfig):
+        self.seed, self.token_bytes = seed, tok.token_bytes()
         self._orders: dict[int, np.ndarray] = {}
         if cfg.overlong not in ("truncate", "skip"):
             raise HomeLLMError(f"--overlong {cfg.overlong!r} is unknown: use truncate or skip")
@@ -103,10 +103,10 @@ class ChatBatches:
             return tokens[:, :-1], targets[:, 1:]
         return tokens[:, :-1], targets[:, 1:], documents[:, :-1]
 
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    def train_batch(self, step: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, ...]:
         n = len(self.rows["train"][0])
-        # This rank's place in one stream of rows, so every row is seen once per epoch whatever the batch layout.
-        first = ((step * self.grad_accum + micro) * world + rank) * batch_size
+        # This part's place in one stream of rows, so every row is seen once per epoch whatever the batch layout.
+        first = (step * parts + part) * batch_size
         picks = [int(self._order(i // n)[i % n]) for i in range(first, first + batch_size)]
         return tuple(t[picks] for t in self.rows["train"])
 
@@ -214,7 +214,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
             raise HomeLLMError(f"{source}'s tokenizer cannot write the chat role names ({', '.join(cannot)}): a char "
                                "tokenizer made before they were always included; train the tokenizer again (`homellm "
                                "tokenizer train --kind char`), then prepare and pretrain with it, or use a BPE one")
-    data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg, train_cfg.grad_accum)
+    data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg)
     rows = [data.rows[split][0] for split in ("train", "val")]
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
         text = "".join(m["content"] for conv in conversations for m in conv)

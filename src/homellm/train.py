@@ -66,15 +66,18 @@ RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "che
 
 
 class Batches(Protocol):
-    """A source of training data: batch (step, micro) for one rank, and fixed validation batches.
+    """A source of training data: a step's batch, a part at a time, and fixed validation batches.
 
+    A step's batch is batch_size x parts rows, drawn from the step alone; train_batch gives rows part * batch_size
+    to (part + 1) * batch_size. The training loop splits it among the micro-batches of gradient accumulation and
+    the processes (parts = grad_accum x world, part = micro x world + rank), so any split of the same global batch
+    reads the same rows: a run may resume with half the --batch-size and twice the --grad-accum on a smaller GPU.
     A batch is (inputs, targets), or (inputs, targets, documents) for rows that pack several documents (see
     GPT.forward)."""
 
     token_bytes: np.ndarray
 
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
-                    ) -> tuple[torch.Tensor, ...]: ...
+    def train_batch(self, step: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, ...]: ...
 
     def val_batch(self, index: int, batch_size: int, rank: int, world: int
                   ) -> tuple[torch.Tensor, ...] | None: ...
@@ -115,10 +118,11 @@ class TokenBatches:
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
-    def train_batch(self, step: int, micro: int, batch_size: int, rank: int, world: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, 0, step, micro])
-        return self._windows("train", rng, batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size))
+    def train_batch(self, step: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # (The last 0 was a micro-batch's index, when each drew its own: kept, runs without accumulation draw the
+        # same windows as they did.)
+        rng = np.random.default_rng([self.seed, 0, step, 0])
+        return self._windows("train", rng, batch_size * parts, slice(part * batch_size, (part + 1) * batch_size))
 
     def val_batch(self, index: int, batch_size: int, rank: int, world: int
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -394,22 +398,36 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
 
 def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     """Refuse to resume with a config that computes something else than the saved run. The global batch is what
-    counts (the batch of step s is drawn for all processes at once): with another number of processes, --batch-size
-    may change so that it stays the same."""
+    counts (a step's rows are drawn for all its parts at once, see Batches): with another number of processes, or
+    a GPU that fits fewer rows, --batch-size and --grad-accum may change so that it stays the same."""
     saved_model, saved_train = read_config(run)
     world = int(os.environ.get("WORLD_SIZE") or 1)
     saved_world = load_json(run / "config.json").get("world")  # None: written before it was kept
+    layout = ("batch_size", "grad_accum") if saved_world else ()
     diffs = [f"{k}: run has {v!r}, asked {getattr(model_cfg, k)!r}" for k, v in to_dict(saved_model).items()
              if getattr(model_cfg, k) != v]
     diffs += [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in to_dict(saved_train).items()
-              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v and not (k == "batch_size" and saved_world)]
-    if saved_world and saved_train.batch_size * saved_world != cfg.batch_size * world:
-        was, processes = saved_train.batch_size * saved_world, lambda n: f"{n} process{'es' * (n != 1)}"
-        fix = (f"--batch-size {was // world} on {processes(world)}" if was % world == 0 else
-               f"{processes(saved_world)} at --batch-size {saved_train.batch_size}")
-        raise HomeLLMError(f"--resume: {run} trained on batches of {was} sequences ({saved_train.batch_size} x "
-                           f"{processes(saved_world)}), and {cfg.batch_size} x {processes(world)} would draw other "
-                           f"data and change the maths: resume with {fix}")
+              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v and k not in layout]
+    was = saved_train.batch_size * saved_train.grad_accum * (saved_world or 1)
+    if saved_world and was != cfg.batch_size * cfg.grad_accum * world:
+        def processes(n: int) -> str:
+            return f"{n} process{'es' * (n != 1)}"
+
+        def layout(batch: int, accum: int, n: int) -> str:
+            return f"{batch} x {accum} micro-batches x {processes(n)}" if accum > 1 else f"{batch} x {processes(n)}"
+
+        per_process = was // world
+        if was % world:
+            fix = f"on {processes(saved_world)} (or a number of processes that divides {was})"
+        else:
+            accum = cfg.grad_accum if per_process % cfg.grad_accum == 0 else 1
+            fix = (f"--batch-size {per_process // accum}" + f" --grad-accum {accum}" * (accum > 1)
+                   + f" on {processes(world)}"
+                   + f" (or --batch-size and --grad-accum whose product is {per_process})" * (per_process > 1))
+        saved, asked = (layout(saved_train.batch_size, saved_train.grad_accum, saved_world),
+                        layout(cfg.batch_size, cfg.grad_accum, world))
+        raise HomeLLMError(f"--resume: {run} trained on batches of {was} sequences ({saved}), and {asked} would draw "
+                           f"other data and change the maths: resume with {fix}")
     if diffs:
         raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (and "
                            "--preset: a resumed run starts from its own config), or train into a new --out")
@@ -573,7 +591,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 for group in opt.param_groups:
                     group["lr"] = (cfg.muon_lr if isinstance(opt, Muon) else cfg.lr) * factor
             loss_sum = torch.zeros((), device=env.device)
-            batches = [data.train_batch(step, micro, cfg.batch_size, env.rank, env.world)
+            batches = [data.train_batch(step, cfg.batch_size, micro * env.world + env.rank, cfg.grad_accum * env.world)
                        for micro in range(cfg.grad_accum)]
             # The step's loss is the mean over all its trained tokens, on every rank and micro-batch: weighting
             # each micro-batch's mean equally would weigh a token by how few others share its micro-batch (SFT
