@@ -64,6 +64,26 @@ def test_each_gpu_of_a_mixed_machine_is_asked_for_its_own_bfloat16(monkeypatch):
     assert ns_dtype(torch.device("cuda", 1)) == torch.bfloat16
 
 
+def test_a_cpu_only_pytorch_on_a_gpu_machine_and_float16_on_the_cpu_are_said(monkeypatch, tmp_path, capsys):
+    import homellm.train as train_module
+    from homellm.train import pick_dtype, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(train_module, "_NVIDIA_DRIVER", tmp_path / "absent")
+    assert resolve_device("auto").type == "cpu" and capsys.readouterr().err == ""  # a machine without a GPU
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86\n")
+    monkeypatch.setattr(train_module, "_NVIDIA_DRIVER", tmp_path / "version")
+    assert resolve_device("auto").type == "cpu"
+    assert "this machine has an NVIDIA GPU, but this PyTorch is a CPU-only build" in capsys.readouterr().err
+    assert resolve_device("cpu").type == "cpu" and capsys.readouterr().err == ""  # asked for: nothing to say
+    assert pick_dtype("float16", torch.device("cpu")) == torch.float16
+    assert "--dtype float16 on the CPU is many times slower than float32" in capsys.readouterr().err
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32 and capsys.readouterr().err == ""
+
+
 def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", 8, 9, count=2)
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -147,10 +147,17 @@ class Env:
         return self.rank == 0
 
 
+_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present on Linux with NVIDIA's driver loaded
+
+
 def resolve_device(name: str) -> torch.device:
     """auto picks CUDA, then Apple's MPS, then the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if name == "cpu" and torch.version.cuda is None and torch.version.hip is None and _NVIDIA_DRIVER.exists():
+            # `pip install torch==2.13.0` from a CPU index, or a CPU wheel pinned elsewhere: the GPU sits idle.
+            say("note: this machine has an NVIDIA GPU, but this PyTorch is a CPU-only build, so homellm runs on the "
+                "CPU: install PyTorch's CUDA build (pip install torch, or the command pytorch.org gives) to use it")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -213,6 +220,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         dtype = dtypes[name]
     else:
         raise HomeLLMError(f"--dtype {name!r} is unknown: use auto, float32, bfloat16 or float16")
+    if dtype == torch.float16 and device.type == "cpu":
+        say("note: --dtype float16 on the CPU is many times slower than float32 (12x for a training step, measured "
+            "on a 2-core CPU), which has the fast kernels there: use float32 (auto) on the CPU")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
