@@ -85,6 +85,35 @@ def test_user_text_cannot_forge_a_turn(bpe):
     assert ids.count(bpe.im_start_id) == 2  # the two real turns only
 
 
+def test_conversations_from_a_hub_dataset_injected_and_through_the_real_datasets_package(tmp_path, monkeypatch):
+    """sft --data hf:NAME (seed 003 downloads BELLE's conversations): rows read as jsonl records are, a bad row
+    named by its index, and --max-conversations takes the first N of a dataset of millions."""
+    rows = [{"messages": CHAT}, {"instruction": "Add", "input": "2 and 3", "output": "5"}, {"text": "no chat"}]
+    calls = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return iter(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    sys.modules["datasets"].load_dataset = load_dataset
+    assert read_conversations(["hf:someone/chats"], limit=2) == ([CHAT, [
+        {"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]], 0)
+    assert calls == [("someone/chats", None, "train", True)]
+    with pytest.raises(HomeLLMError, match=r"^hf:someone/chats:test: row 2: "):
+        read_conversations(["hf:someone/chats:test"])
+    assert len(read_conversations(["hf:someone/chats"], skip_bad=True)[0]) == 2
+    monkeypatch.undo()
+    pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
+    folder = tmp_path / "chats"  # a local folder in the hub's layout streams as a hub dataset would
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:2] * 3),
+                                        encoding="utf-8")
+    direct, _ = read_conversations([str(folder / "train.jsonl")])
+    assert read_conversations([f"hf:{folder}"])[0] == direct and len(direct) == 6
+    assert read_conversations([f"hf:{folder}:train"], limit=3)[0] == direct[:3]
+
+
 def test_read_conversations_formats_and_errors(tmp_path):
     good = tmp_path / "good.jsonl"
     sharegpt = {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from homellm.config import CHAT_TEMPLATE, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
-from homellm.data import folder_files, jsonl_records
+from homellm.data import folder_files, hf_dataset, hf_records, jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
@@ -136,12 +136,17 @@ def _check_training(messages: list[Message], where: str) -> list[Message]:
     return messages
 
 
-def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[list[Message]], int]:
-    """All conversations in the jsonl files, and how many bad lines were skipped (skip_bad) instead of failing."""
+def read_conversations(paths: list[str], skip_bad: bool = False, limit: int = 0) -> tuple[list[list[Message]], int]:
+    """The conversations in the jsonl files and hf:NAME datasets (the first `limit` of them, when above 0: a sample
+    of a hub dataset of millions), and how many bad lines were skipped (skip_bad) instead of failing."""
     conversations: list[list[Message]] = []
     skipped = 0
-    files: dict[str, Path] = {}  # by real path: a file named twice (or with its folder) is read once, as prepare does
-    for path in map(Path, paths):
+    files: dict[str, Path | str] = {}  # by real path: a file named twice (or with its folder) is read once, as prepare
+    for spec in paths:
+        if spec.startswith("hf:"):
+            files.setdefault(spec, spec)
+            continue
+        path = Path(spec)
         if path.is_dir():
             found = folder_files(path, (".jsonl", ".json"))
             if not found:
@@ -149,11 +154,18 @@ def read_conversations(paths: list[str], skip_bad: bool = False) -> tuple[list[l
         elif path.is_file():
             found = [path]
         else:
-            raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations")
+            raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations, or hf:NAME")
         for f in found:
             files.setdefault(os.path.realpath(f), f)
     for path in files.values():
-        for where, record in jsonl_records(path):
+        # A dataset gives every row every column, None where a row lacks it: dropped, so that a row is read as the
+        # record it came from (an Alpaca row among OpenAI ones has no "messages").
+        records = jsonl_records(path) if isinstance(path, Path) else (
+            (f"{path}: row {i}", {k: v for k, v in row.items() if v is not None})
+            for i, row in hf_records(path, hf_dataset(path)))
+        for where, record in records:
+            if limit and len(conversations) >= limit:
+                break
             try:
                 if isinstance(record, HomeLLMError):
                     raise record

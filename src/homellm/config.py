@@ -202,7 +202,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class SFTConfig:
     init: str = ""  # the trained run to fine-tune (pretrained, or an earlier SFT)
     init_checkpoint: str = "best"  # which checkpoint of --init: best or last
-    data: list[str] = field(default_factory=list)  # .jsonl/.json files or folders: OpenAI, ShareGPT or Alpaca
+    data: list[str] = field(default_factory=list)  # .jsonl/.json files, folders or hf:NAME: OpenAI, ShareGPT, Alpaca
+    max_conversations: int = 0  # read at most this many (0 = all): a sample of a large hub dataset
     val_fraction: float = 0.05  # conversations held out for the val loss
     pack: bool = True  # several whole conversations per row (fast); --no-pack pads one conversation per row
     overlong: str = "truncate"  # conversations longer than the context: truncate or skip (both are counted)
@@ -280,6 +281,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
     "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
+    "max_conversations": _NOT_NEGATIVE,
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
     "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
 }

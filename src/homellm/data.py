@@ -517,8 +517,9 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def _hf_docs(spec: str, field: str, meter: list[int] | None = None) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) from a Hugging Face dataset: a document per row, but for datasets of .txt files."""
+def hf_dataset(spec: str) -> Iterable[dict[str, Any]]:
+    """The rows of a Hugging Face dataset named hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, streamed; read
+    them through hf_records, which names a failure while reading."""
     try:
         import datasets  # optional: only hub inputs need it
     except ImportError:
@@ -530,10 +531,29 @@ def _hf_docs(spec: str, field: str, meter: list[int] | None = None) -> Iterator[
     name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
     try:
         # streaming: rows arrive as they download; nothing is cached whole, so the corpus may exceed the disk
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:
         raise HomeLLMError(f"{spec}: cannot load the dataset ({_first_line(e)}): check the name, split and "
                            "network") from None
+
+
+def hf_records(spec: str, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, row) of a dataset's rows; a failure while reading is one line naming the row."""
+    rows = iter(rows)
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a dropped connection, or files datasets cannot decode, show up only while reading
+            raise HomeLLMError(f"{spec}: reading row {i} failed ({_first_line(e)}): check the network, or the "
+                               "dataset's files") from None
+        yield i, row
+
+
+def _hf_docs(spec: str, field: str, meter: list[int] | None = None) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) from a Hugging Face dataset: a document per row, but for datasets of .txt files."""
+    rows = hf_dataset(spec)
     if getattr(getattr(rows, "info", None), "builder_name", None) == "text":
         # datasets reads .txt files a row per line. A document per row put end-of-text between every two lines:
         # the lines are read as homellm reads a .txt file instead (one document, unless <|endoftext|> separates).
@@ -548,15 +568,7 @@ def _hf_docs(spec: str, field: str, meter: list[int] | None = None) -> Iterator[
 
 def _hf_rows(spec: str, field: str, rows: Iterable[dict[str, Any]], lines: bool = False) -> Iterator[str]:
     """Each row's text (a line and its line break, with lines=True), rows without text skipped."""
-    rows = iter(rows)
-    for i in itertools.count():
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except Exception as e:  # a dropped connection, or files datasets cannot decode, show up only while reading
-            raise HomeLLMError(f"{spec}: reading row {i} failed ({_first_line(e)}): check the network, or the "
-                               "dataset's files") from None
+    for i, row in hf_records(spec, rows):
         if field not in row:
             raise HomeLLMError(f"{spec}: row {i} has no field {field!r} (found: {', '.join(row)}): "
                                "pass --text-field with the field that holds the text")

@@ -124,7 +124,7 @@ class ChatBatches:
 
 
 # SFT fields that may change when resuming, like RESUMABLE_CHANGES: more or other conversations, not the method.
-SFT_RESUMABLE = {"init", "data", "skip_bad"}
+SFT_RESUMABLE = {"init", "data", "skip_bad", "max_conversations"}
 
 
 def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[SFTConfig, TrainConfig]:
@@ -157,7 +157,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     if not train_cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
     if not cfg.data:
-        raise HomeLLMError("--data is required: .jsonl files of conversations")
+        raise HomeLLMError("--data is required: .jsonl files of conversations, or hf:NAME")
     # Kept absolute, as pretrain's --data: resumed from another folder, a relative path read other files, or none.
     cfg = replace(cfg, data=absolute_inputs(cfg.data))
     init, out = Path(cfg.init), Path(train_cfg.out)
@@ -201,7 +201,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     elif (out / "last").exists():
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
     tok = Tokenizer.load(source)
-    conversations, bad = read_conversations(cfg.data, cfg.skip_bad)
+    conversations, bad = read_conversations(cfg.data, cfg.skip_bad, cfg.max_conversations)
     # One copy of each conversation: merged datasets repeat many, and a copy on each side of the split made the
     # val loss score text it had trained on. (--epochs repeats data on purpose.)
     unique = list({json.dumps(conv, ensure_ascii=False, sort_keys=True): conv for conv in conversations}.values())
