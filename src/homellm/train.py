@@ -413,11 +413,11 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     saved_model, saved_train = read_config(run)
     world = int(os.environ.get("WORLD_SIZE") or 1)
     saved_world = load_json(run / "config.json").get("world")  # None: written before it was kept
-    layout = ("batch_size", "grad_accum") if saved_world else ()
+    splits = ("batch_size", "grad_accum") if saved_world else ()  # checked below, as one product
     diffs = [f"{k}: run has {v!r}, asked {getattr(model_cfg, k)!r}" for k, v in to_dict(saved_model).items()
              if getattr(model_cfg, k) != v]
     diffs += [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in to_dict(saved_train).items()
-              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v and k not in layout]
+              if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v and k not in splits]
     was = saved_train.batch_size * saved_train.grad_accum * (saved_world or 1)
     if saved_world and was != cfg.batch_size * cfg.grad_accum * world:
         def processes(n: int) -> str:
