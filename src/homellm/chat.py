@@ -158,6 +158,8 @@ def read_conversations(paths: list[str], skip_bad: bool = False, limit: int = 0)
         for f in found:
             files.setdefault(os.path.realpath(f), f)
     for path in files.values():
+        if limit and len(conversations) >= limit:
+            break  # before opening the next source: a hub dataset would load over the network for nothing
         # A dataset gives every row every column, None where a row lacks it: dropped, so that a row is read as the
         # record it came from (an Alpaca row among OpenAI ones has no "messages").
         records = jsonl_records(path) if isinstance(path, Path) else (
