@@ -270,7 +270,8 @@ def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tmp_path
 def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, data_dir):
     """Relay training onto a GPU that fits fewer rows (seed 003): --batch-size 2 --grad-accum 2 was refused for a
     run of --batch-size 4. A step's rows are now drawn for the whole global batch, so any split of it reads the same
-    rows, and the run goes on as it would have, up to the rounding of summing two micro-batches."""
+    rows, and the run goes on as it would have, up to the rounding of summing two micro-batches. Its evaluations
+    score the same val rows too (they scored half of them: best and --patience compared two val sets)."""
     flags = ["--preset", "tiny", "--max-steps", "10", "--checkpoint-every", "5", "--eval-every", "5", "--log-every",
              "1", "--dropout", "0", "--batch-size", "4"]
     from homellm.cli import main  # in-process where no kill is needed, for the suite's time
@@ -285,6 +286,9 @@ def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, 
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 11))
     for a, b in zip(got, want):
         assert a["tokens"] == b["tokens"] and math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-4), a
+    assert [r["step"] for r in got if "val_loss" in r] == [5, 10]
+    for a, b in zip(got, want):
+        assert math.isclose(a.get("val_loss", 0), b.get("val_loss", 0), rel_tol=1e-4), (a, b)
     wa, wb = (load_file(str(r / "last" / "model.safetensors")) for r in (run, whole))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

@@ -102,7 +102,7 @@ class TrainConfig:
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
     session_time: float = 0.0  # stop this session after N s with `last` written, schedule unchanged: --resume goes on
     eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end)
-    eval_batches: int = 20  # val batches per evaluation
+    eval_batches: int = 20  # val batches per evaluation, each a global batch (batch_size x grad_accum x processes)
     sample_every: int = 0  # print a generated sample every N steps; 0 = only at the end
     sample_prompt: str = ""
     sample_stop: str = ""  # end each sample at this string (the quickstart's: `$`, where its answers end)
@@ -321,7 +321,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gpt2-124m": (
         dict(family="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50304),
         dict(batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, max_steps=19_073, eval_every=250,
-             eval_batches=100, tokenizer_vocab=50257, compile=True, checkpoint_every=1000),
+             eval_batches=5, tokenizer_vocab=50257, compile=True, checkpoint_every=1000),
     ),
 }
 

@@ -89,11 +89,11 @@ class AnswerBatches:
         return self._rows("train", np.random.default_rng([self.seed, 0, step, 0]), batch_size * parts,
                           slice(part * batch_size, (part + 1) * batch_size))
 
-    def val_batch(self, index: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...] | None:
+    def val_batch(self, index: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, ...] | None:
         if len(self.splits["val"][2]) == 0:
             return None
-        return self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * world,
-                          slice(rank * batch_size, (rank + 1) * batch_size))
+        return self._rows("val", np.random.default_rng([self.seed, 1, index]), batch_size * parts,
+                          slice(part * batch_size, (part + 1) * batch_size))
 
 
 @contextlib.contextmanager

@@ -116,8 +116,8 @@ class ChatBatches:
                             **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 
-    def val_batch(self, index: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, ...] | None:
-        start = (index * world + rank) * batch_size
+    def val_batch(self, index: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, ...] | None:
+        start = (index * parts + part) * batch_size
         if start >= len(self.rows["val"][0]):
             return None
         return tuple(t[start:start + batch_size] for t in self.rows["val"])

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -72,6 +73,7 @@ class Batches(Protocol):
     to (part + 1) * batch_size. The training loop splits it among the micro-batches of gradient accumulation and
     the processes (parts = grad_accum x world, part = micro x world + rank), so any split of the same global batch
     reads the same rows: a run may resume with half the --batch-size and twice the --grad-accum on a smaller GPU.
+    Validation batches are split the same way, so the val set is the same too.
     A batch is (inputs, targets), or (inputs, targets, documents) for rows that pack several documents (see
     GPT.forward)."""
 
@@ -79,7 +81,7 @@ class Batches(Protocol):
 
     def train_batch(self, step: int, batch_size: int, part: int, parts: int) -> tuple[torch.Tensor, ...]: ...
 
-    def val_batch(self, index: int, batch_size: int, rank: int, world: int
+    def val_batch(self, index: int, batch_size: int, part: int, parts: int
                   ) -> tuple[torch.Tensor, ...] | None: ...
 
 
@@ -124,12 +126,12 @@ class TokenBatches:
         rng = np.random.default_rng([self.seed, 0, step, 0])
         return self._windows("train", rng, batch_size * parts, slice(part * batch_size, (part + 1) * batch_size))
 
-    def val_batch(self, index: int, batch_size: int, rank: int, world: int
+    def val_batch(self, index: int, batch_size: int, part: int, parts: int
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not len(self.starts["val"]) or self.starts["val"][-1] == 0:
             return None
         rng = np.random.default_rng([self.seed, 1, index])  # the same val batches at every evaluation
-        return self._windows("val", rng, batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size))
+        return self._windows("val", rng, batch_size * parts, slice(part * batch_size, (part + 1) * batch_size))
 
 
 # ---- distributed, device, precision -------------------------------------------------------------------------
@@ -379,15 +381,19 @@ def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: int, env: Env
+def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: int, env: Env, grad_accum: int = 1
              ) -> dict[str, float] | None:
-    """Val loss (nats per token) and bits per byte over the fixed val batches; None without val data."""
+    """Val loss (nats per token) and bits per byte over the fixed val batches; None without val data. A val batch
+    is a global batch, split among micro-batches and processes as training splits it: a run resumed with half the
+    --batch-size and twice the --grad-accum scores the same rows (it scored half of them, and its best checkpoint
+    and --patience compared losses of two val sets)."""
     was_training = model.training
     model.eval()
     nats = tokens = nbytes = 0.0
     token_bytes = torch.from_numpy(data.token_bytes)
-    for i in range(batches):
-        batch = data.val_batch(i, batch_size, env.rank, env.world)
+    parts = grad_accum * env.world
+    for i, micro in itertools.product(range(batches), range(grad_accum)):
+        batch = data.val_batch(i, batch_size, micro * env.world + env.rank, parts)
         if batch is None:  # no val data at all, or (a finite val set, as in SFT) no more of it for this rank
             break
         x, y, *documents = batch
@@ -632,7 +638,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
             elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked)
             if evaluates and not eval_measured:
-                eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / cfg.grad_accum / 3
+                eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / 3
             done = progress() >= 1.0
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
             # A session's end (--session-time) stops as Ctrl-C does: `last` written, the schedule left as it is.
@@ -662,7 +668,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             new_best = False
             if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
                 t_eval = time.perf_counter()
-                last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env)
+                last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env, cfg.grad_accum)
                 # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
                 # is the last, with its checkpoint, rather than the loop ending without one.
                 before = elapsed
