@@ -20,7 +20,7 @@ from homellm.checkpoint import find_checkpoint, load_model, read_config
 from homellm.config import ModelConfig, TrainConfig, preset, replace
 from homellm.errors import HomeLLMError
 from homellm.muon import Muon
-from homellm.train import TokenBatches, lr_factor, pretrain
+from homellm.train import TokenBatches, check_resume, lr_factor, pretrain
 
 RUN_FLAGS = ["--preset", "tiny", "--max-steps", "16", "--checkpoint-every", "5", "--eval-every", "4",
              "--log-every", "2", "--dropout", "0.1", "--batch-size", "4"]
@@ -260,11 +260,32 @@ def test_resuming_on_another_number_of_processes_keeps_the_global_batch(tmp_path
     config["world"], config["train"]["batch_size"] = 2, batch // 2  # as torchrun with 2 processes would have saved
     (run / "config.json").write_text(json.dumps(config))
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17"]) == 2
+    # The suggestion keeps the asked batch, which is what fits the GPU's memory, and names both flags.
+    fix = f"--batch-size {batch // 2} --grad-accum 2 on 1 process"
     assert (f"--resume: {run} trained on batches of {batch} sequences ({batch // 2} x 2 processes), and {batch // 2} "
-            f"x 1 process would draw other data and change the maths: resume with --batch-size {batch} on 1 "
-            f"process (or --batch-size and --grad-accum whose product is {batch})") in capsys.readouterr().err
-    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17", "--batch-size", str(batch)]) == 0
+            f"x 1 process would draw other data and change the maths: resume with {fix} (or another --batch-size "
+            f"and --grad-accum whose product is {batch})") in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "17", *fix.split()[:4]]) == 0
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 17
+
+
+@pytest.mark.parametrize("world, batch, accum, fix", [
+    (3, 4, 1, "--batch-size 4 --grad-accum 1 on 1 process (or on a number of processes that divides 4)"),
+    (1, 1, 3, "--batch-size 1 --grad-accum 4 on 1 process"),  # the batch kept, the accumulation made to fit
+    (1, 3, 2, "--batch-size 2 --grad-accum 2 on 1 process"),  # the batch cannot be: the accumulation kept
+    (1, 3, 3, "--batch-size 4 --grad-accum 1 on 1 process"),  # neither: --grad-accum 1 named, or it stays 3
+    (2, 1, 1, "--batch-size 1 --grad-accum 2 on 2 processes"),
+])
+def test_the_refusal_to_change_the_global_batch_names_flags_that_work(tmp_path, reference, monkeypatch, world, batch,
+                                                                      accum, fix):
+    """Its advice was broken: "resume with on 2 processes" where the run's batch does not divide among them, and a
+    --grad-accum of 1 left unsaid, so the typed one stayed and the next resume was refused again."""
+    model_cfg, train_cfg = read_config(reference)
+    assert train_cfg.batch_size * train_cfg.grad_accum == 4
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(HomeLLMError) as err:
+        check_resume(reference, model_cfg, replace(train_cfg, batch_size=batch, grad_accum=accum))
+    assert f"resume with {fix}" in str(err.value), str(err.value)
 
 
 def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, data_dir):

@@ -433,13 +433,15 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
             return f"{batch} x {accum} micro-batches x {processes(n)}" if accum > 1 else f"{batch} x {processes(n)}"
 
         per_process = was // world
-        if was % world:
-            fix = f"on {processes(saved_world)} (or a number of processes that divides {was})"
-        else:
-            accum = cfg.grad_accum if per_process % cfg.grad_accum == 0 else 1
-            fix = (f"--batch-size {per_process // accum}" + f" --grad-accum {accum}" * (accum > 1)
-                   + f" on {processes(world)}"
-                   + f" (or --batch-size and --grad-accum whose product is {per_process})" * (per_process > 1))
+        if was % world:  # the run's own layout is one that works
+            fix = (f"--batch-size {saved_train.batch_size} --grad-accum {saved_train.grad_accum} on "
+                   f"{processes(saved_world)} (or on a number of processes that divides {was})")
+        else:  # the asked --batch-size if it fits (it is what fits the GPU's memory), else the asked --grad-accum
+            batch = (cfg.batch_size if per_process % cfg.batch_size == 0 else per_process // cfg.grad_accum
+                     if per_process % cfg.grad_accum == 0 else per_process)
+            # Both flags, always: a typed one is kept by the next --resume too, so one left out would be refused again.
+            fix = (f"--batch-size {batch} --grad-accum {per_process // batch} on {processes(world)}"
+                   + f" (or another --batch-size and --grad-accum whose product is {per_process})" * (per_process > 1))
         saved, asked = (layout(saved_train.batch_size, saved_train.grad_accum, saved_world),
                         layout(cfg.batch_size, cfg.grad_accum, world))
         raise HomeLLMError(f"--resume: {run} trained on batches of {was} sequences ({saved}), and {asked} would draw "
