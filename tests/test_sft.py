@@ -337,7 +337,12 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert bad.returncode == 2 and "lora_rank: run has 4, asked 2" in bad.stderr
     more = qa_file(tmp_path / "more.jsonl", 20, seed=1)
     resumed = homellm("sft", "--out", str(out), "--resume", "--data", str(more), "--max-steps", "22")
-    assert f"note: resuming on {more}, not the conversations the run began with ({data})" in resumed.stderr
+    assert f"note: resuming on {more}, not the conversations the run began with ({data}); the held-out " \
+           "conversations are drawn again" in resumed.stderr
+    # As silent before: another --max-conversations changes the held-out conversations just as other data does.
+    resumed = homellm("sft", "--out", str(out), "--resume", "--max-conversations", "15", "--max-steps", "23")
+    assert "note: resuming on the first 15 conversations, not all the conversations as the run began; the held-out " \
+           "conversations are drawn again" in resumed.stderr
 
 
 def test_lora_refuses_a_layer_whose_weight_is_tied():

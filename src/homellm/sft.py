@@ -190,9 +190,18 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
             raise HomeLLMError(f"--resume: {out}/config.json differs ({'; '.join(diffs)}): drop those flags, or "
                                "fine-tune into a new --out")
         # Other conversations are allowed, as new text for pretrain --resume (absolute: older runs saved them as typed)
+        # but the held-out ones are drawn again from them, which a val loss read across the resume should know.
+        redrawn = ("; the held-out conversations are drawn again, so val loss is over others than before (perhaps "
+                   "some trained on), and `best` compares it with the old val set's")
         if saved_sft.get("data") is not None and absolute_inputs(saved_sft["data"]) != cfg.data:
             say(f"note: resuming on {' '.join(cfg.data)}, not the conversations the run began with "
-                f"({' '.join(saved_sft['data'])})")
+                f"({' '.join(saved_sft['data'])}){redrawn}")
+        elif "max_conversations" in saved_sft and saved_sft["max_conversations"] != cfg.max_conversations:
+            def first(n: int) -> str:
+                return f"the first {n:,} conversations" if n else "all the conversations"
+
+            say(f"note: resuming on {first(cfg.max_conversations)}, not {first(saved_sft['max_conversations'])} as "
+                f"the run began{redrawn}")
         if folder is not None and saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get(
                 "base_sha256"):
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
