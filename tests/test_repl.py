@@ -372,3 +372,8 @@ def test_generate_interactive_from_the_command_line(chat_run, monkeypatch, capsy
     assert main(["generate", str(run), "--interactive", "--prompt", prefix, "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert prefix + REPLY + "\n[" in out and "[temperature = 0.5]" in out
+    # A first prompt that starts with "/" (a path, a regex) is continued, not read as a command.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["generate", str(run), "--interactive", "--prompt", "/help me", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "\n/help me" in out and "/temperature" not in out  # (the help lists it)

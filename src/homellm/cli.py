@@ -151,7 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from homellm.repl import Continuations, chat_loop, line_editing
 
         line_editing()
-        first = iter([cfg.prompt] if cfg.prompt else [])
+        # The first prompt is text as --prompt always is, not a command: "/" is doubled, as typed it would be.
+        first = iter(["/" * cfg.prompt.startswith("/") + cfg.prompt] if cfg.prompt else [])
         chat_loop(model, tok, cfg, lambda prompt: next(first, None) or input(prompt), sys.stdout, Continuations)
         return
     block = model.cfg.block_size
