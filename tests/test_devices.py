@@ -73,11 +73,25 @@ def test_a_cpu_only_pytorch_on_a_gpu_machine_and_float16_on_the_cpu_are_said(mon
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(train_module, "_NVIDIA_DRIVER", tmp_path / "absent")
+    monkeypatch.setattr(train_module, "_WSL_CUDA", tmp_path / "absent")
+    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(train_module, "_noted", set())
     assert resolve_device("auto").type == "cpu" and capsys.readouterr().err == ""  # a machine without a GPU
     (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86\n")
     monkeypatch.setattr(train_module, "_NVIDIA_DRIVER", tmp_path / "version")
     assert resolve_device("auto").type == "cpu"
     assert "this machine has an NVIDIA GPU, but this PyTorch is a CPU-only build" in capsys.readouterr().err
+    assert resolve_device("auto").type == "cpu" and capsys.readouterr().err == ""  # once: the quickstart asks twice
+    # WSL2 has no /proc/driver/nvidia, Windows neither: its CUDA library, or nvidia-smi on the PATH, tell instead.
+    monkeypatch.setattr(train_module, "_NVIDIA_DRIVER", tmp_path / "absent")
+    for sign in ("wsl", "smi"):
+        monkeypatch.setattr(train_module, "_noted", set())
+        if sign == "wsl":
+            monkeypatch.setattr(train_module, "_WSL_CUDA", tmp_path / "version")
+        else:
+            monkeypatch.setattr(train_module, "_WSL_CUDA", tmp_path / "absent")
+            monkeypatch.setattr(train_module.shutil, "which", lambda name: "C:/Windows/System32/nvidia-smi.exe")
+        assert resolve_device("auto").type == "cpu" and "is a CPU-only build" in capsys.readouterr().err, sign
     assert resolve_device("cpu").type == "cpu" and capsys.readouterr().err == ""  # asked for: nothing to say
     assert pick_dtype("float16", torch.device("cpu")) == torch.float16
     assert "--dtype float16 on the CPU is many times slower than float32" in capsys.readouterr().err

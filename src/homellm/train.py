@@ -149,15 +149,25 @@ class Env:
         return self.rank == 0
 
 
-_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present on Linux with NVIDIA's driver loaded
+# Signs of an NVIDIA GPU that a CPU-only PyTorch cannot see: the Linux driver's file, WSL2's CUDA library (WSL has
+# no /proc/driver/nvidia), or the driver's nvidia-smi on the PATH (Windows).
+_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+_WSL_CUDA = Path("/usr/lib/wsl/lib/libcuda.so.1")
+_noted: set[str] = set()  # notes said once a process: the quickstart resolves its device for training and evaluation
+
+
+def _nvidia_gpu() -> bool:
+    return _NVIDIA_DRIVER.exists() or _WSL_CUDA.exists() or shutil.which("nvidia-smi") is not None
 
 
 def resolve_device(name: str) -> torch.device:
     """auto picks CUDA, then Apple's MPS, then the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        if name == "cpu" and torch.version.cuda is None and torch.version.hip is None and _NVIDIA_DRIVER.exists():
+        if (name == "cpu" and torch.version.cuda is None and torch.version.hip is None and "cpu-only" not in _noted
+                and _nvidia_gpu()):
             # `pip install torch==2.13.0` from a CPU index, or a CPU wheel pinned elsewhere: the GPU sits idle.
+            _noted.add("cpu-only")
             say("note: this machine has an NVIDIA GPU, but this PyTorch is a CPU-only build, so homellm runs on the "
                 "CPU: install PyTorch's CUDA build (pip install torch, or the command pytorch.org gives) to use it")
     try:
