@@ -88,7 +88,9 @@ def test_user_text_cannot_forge_a_turn(bpe):
 def test_conversations_from_a_hub_dataset_injected_and_through_the_real_datasets_package(tmp_path, monkeypatch):
     """sft --data hf:NAME (seed 003 downloads BELLE's conversations): rows read as jsonl records are, a bad row
     named by its index, and --max-conversations takes the first N of a dataset of millions."""
-    rows = [{"messages": CHAT}, {"instruction": "Add", "input": "2 and 3", "output": "5"}, {"text": "no chat"}]
+    # A dataset gives every row every column, None where the row has none: the Alpaca row below is read as Alpaca.
+    rows = [{"messages": CHAT, "instruction": None, "input": None, "output": None},
+            {"messages": None, "instruction": "Add", "input": "2 and 3", "output": "5"}, {"text": "no chat"}]
     calls = []
 
     def load_dataset(name, config=None, split=None, streaming=False):

@@ -350,6 +350,20 @@ def test_each_process_reads_its_own_slice_of_the_global_batch(monkeypatch):
     assert read == [3]
 
 
+def test_the_windows_a_step_draws_stay_as_they_were(monkeypatch):
+    """Pinned: a run resumed by a later homellm must read the windows its first session would have. These are the
+    windows homellm drew at 8e80831, before a step's rows were drawn for the whole global batch; runs without
+    accumulation kept them, and any split of a global batch reads the same ones."""
+    import homellm.train as train_module
+
+    shards = {"train": [np.arange(5000), np.arange(10_000, 13_000)], "val": [np.arange(20_000, 20_500)]}
+    monkeypatch.setattr(train_module, "open_split", lambda data_dir, split: shards[split])
+    data = TokenBatches("d", 16, 0, np.ones(32_768, dtype=np.int64))
+    assert data.train_batch(3, 4, 0, 1)[0][:, 0].tolist() == [10793, 11107, 12576, 3525]
+    assert data.train_batch(3, 2, 1, 2)[0][:, 0].tolist() == [12576, 3525]
+    assert data.val_batch(0, 4, 0, 1)[0][:, 0].tolist() == [20252, 20430, 20480, 20269]
+
+
 def assert_same_training(a: Path, b: Path) -> None:
     """Two runs of the same global batch (one process and torchrun's two): the same steps, tokens, losses within
     float reordering, and weights."""

@@ -160,17 +160,19 @@ def read_conversations(paths: list[str], skip_bad: bool = False, limit: int = 0)
     for path in files.values():
         if limit and len(conversations) >= limit:
             break  # before opening the next source: a hub dataset would load over the network for nothing
-        # A dataset gives every row every column, None where a row lacks it: dropped, so that a row is read as the
-        # record it came from (an Alpaca row among OpenAI ones has no "messages").
         records = jsonl_records(path) if isinstance(path, Path) else (
-            (f"{path}: row {i}", {k: v for k, v in row.items() if v is not None})
-            for i, row in hf_records(path, hf_dataset(path)))
+            (f"{path}: row {i}", row) for i, row in hf_records(path, hf_dataset(path)))
         for where, record in records:
             if limit and len(conversations) >= limit:
                 break
             try:
                 if isinstance(record, HomeLLMError):
                     raise record
+                if isinstance(record, dict):
+                    # A dataset gives every row every column, None where a row lacks it, and so does a table saved
+                    # as jsonl (pandas writes null): dropped, so that a row is read as the record it came from (an
+                    # Alpaca row among OpenAI ones has no "messages").
+                    record = {k: v for k, v in record.items() if v is not None}
                 conversations.append(_conversation(record, where))
             except HomeLLMError as e:
                 if not skip_bad:
