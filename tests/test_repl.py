@@ -314,6 +314,9 @@ def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):
     assert tok.unknown_note("hello") == ""
     assert tok.unknown_note("hello 日本") == ("this model's tokenizer cannot write '日', '本': the model reads them as "
                                             "<|unk|>, so they mean nothing to it")
+    # A prompt's special tokens are read whole where generate reads them so: not as characters it cannot write.
+    assert tok.unknown_note("hello<|endoftext|>", allow_special=True) == ""
+    assert "cannot write '<', '>', 'f', 'x', '|'" in tok.unknown_note("hello<|endoftext|>")
     model = GPT(ModelConfig(family="llama", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64))
     out = io.StringIO()
     Chat(model, tok, dataclasses.replace(GREEDY, system="see 短"), out).context("hello")

@@ -156,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         chat_loop(model, tok, cfg, lambda prompt: next(first, None) or input(prompt), sys.stdout, Continuations)
         return
     block = model.cfg.block_size
-    if note := tok.unknown_note(cfg.prompt):
+    if note := tok.unknown_note(cfg.prompt, allow_special=True):
         print(f"note: {note}", file=sys.stderr)
     if (n := len(tok.encode(cfg.prompt, allow_special=True))) > block - 1:
         print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",

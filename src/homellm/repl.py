@@ -218,7 +218,7 @@ class Continuations(Chat):
     def reply(self, prompt: str) -> str:
         ids = self.tok.encode(prompt, allow_special=True)
         block = self.model.cfg.block_size
-        if note := self.tok.unknown_note(prompt):
+        if note := self.tok.unknown_note(prompt, allow_special=True):
             self.say(f"[note: {note}]")
         if len(ids) > block - 1:
             self.say(f"[the prompt is {len(ids)} tokens and the model's context {block}: it reads the last "

@@ -368,11 +368,11 @@ def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prom
     params.sample.max_new_tokens = asked or block_size - longest
 
 
-def note_unknown(tok: Tokenizer, text: str) -> None:
+def note_unknown(tok: Tokenizer, text: str, allow_special: bool = False) -> None:
     """Tell the server's log when a request's text holds characters the tokenizer cannot write (a char
     tokenizer's unseen ones): the model reads them as unknown, which explains odd replies. The API has no place for
     a warning, and refusing would turn away text the model can still answer around."""
-    if note := tok.unknown_note(text):
+    if note := tok.unknown_note(text, allow_special):
         print(f"note: a request: {note}", file=sys.stderr, flush=True)
 
 
@@ -700,7 +700,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
         # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
         def encode() -> list[list[int]]:
-            note_unknown(tok, "".join(texts))
+            note_unknown(tok, "".join(texts), allow_special=True)
             return [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts]
 
         return await generate(request, await asyncio.to_thread(encode), params, chat=False)

@@ -108,14 +108,21 @@ class Tokenizer:
             return self.hf.token_to_id(model["unk_token"])
         return model.get("unk_id") if isinstance(model.get("unk_id"), int) else None  # Unigram
 
-    def unknown_chars(self, text: str) -> set[str]:
-        """The characters of text this tokenizer writes as unknown (kept whole, so --words never count)."""
+    def unknown_chars(self, text: str, allow_special: bool = False) -> set[str]:
+        """The characters of text this tokenizer writes as unknown (kept whole, so --words never count); with
+        allow_special, as `encode` reads special tokens: whole, so a char tokenizer's missing '<' and '|' in a
+        prompt's <|endoftext|> are not named."""
         unk = self.unk_id
-        return set() if unk is None else {c for c in set(text) if unk in self.encode(c)}
+        if unk is None:
+            return set()
+        if allow_special and (special := [t.content for t in self.hf.get_added_tokens_decoder().values()
+                                          if t.special]):
+            text = re.sub("|".join(map(re.escape, special)), "", text)
+        return {c for c in set(text) if unk in self.encode(c)}
 
-    def unknown_note(self, text: str) -> str:
+    def unknown_note(self, text: str, allow_special: bool = False) -> str:
         """A note naming the characters of text the model will read as <|unk|>, or "" when there are none."""
-        chars = sorted(self.unknown_chars(text))
+        chars = sorted(self.unknown_chars(text, allow_special))
         if not chars:
             return ""
         shown = ", ".join(repr(c) for c in chars[:10]) + (f" and {len(chars) - 10} more" if len(chars) > 10 else "")
