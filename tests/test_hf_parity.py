@@ -42,67 +42,17 @@ def tiny(family: str, **kw) -> GPT:
     return model.eval()
 
 
-def to_hf_llama(model: GPT) -> transformers.LlamaForCausalLM:
-    c = model.cfg
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias, tie_word_embeddings=c.tie_embeddings,
-        hidden_act="silu", attention_dropout=0.0, bos_token_id=None, eos_token_id=None,
-        attn_implementation="eager")
-    hf = transformers.LlamaForCausalLM(hf_cfg)
-    # The same names under a `model.` prefix, except the head.
-    sd = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(sd, strict=True)
-    return hf.eval()
+def to_hf(model: GPT):
+    """transformers' model for homellm's config, with homellm's weights under transformers' names (homellm.hf's
+    maps, which `homellm export` writes), loaded strictly."""
+    from homellm.hf import to_transformers, transformers_config
 
-
-def to_hf_gpt2(model: GPT) -> transformers.GPT2LMHeadModel:
-    """GPT-2 always has biases (LayerNorm and Conv1D): bias=False maps to zero biases, which computes the same.
-    Conv1D stores weights transposed (in, out); q, k, v are fused in c_attn. GPT-2 has no grouped-query attention:
-    each key/value head is repeated for the query heads that share it, as SDPA's enable_gqa does."""
-    c = model.cfg
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        n_inner=c.intermediate_size, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=c.tie_embeddings,
-        bos_token_id=None, eos_token_id=None, attn_implementation="eager")
-    hf = transformers.GPT2LMHeadModel(hf_cfg)
-    src = model.state_dict()
-    rep, hd = c.n_head // c.n_kv_head, c.n_embd // c.n_head
-
-    def w(name):  # a Linear's weight as Conv1D's
-        return src[name + ".weight"].t()
-
-    def b(name, n):  # a bias, or zeros where homellm has none
-        return src.get(name + ".bias", torch.zeros(n))
-
-    def kv(name):  # (n_kv_head * hd, ...) -> (n_head * hd, ...): repeat each key/value head `rep` times
-        t = src[name]
-        return t.view(c.n_kv_head, hd, *t.shape[1:]).repeat_interleave(rep, dim=0).flatten(0, 1)
-
-    def kv_b(name):
-        return kv(name + ".bias") if name + ".bias" in src else torch.zeros(c.n_embd)
-
-    d = c.n_embd
-    sd = {"transformer.wte.weight": src["embed_tokens.weight"], "transformer.wpe.weight": src["embed_positions.weight"],
-          "transformer.ln_f.weight": src["norm.weight"], "transformer.ln_f.bias": b("norm", d),
-          "lm_head.weight": src["lm_head.weight"]}
-    for i in range(c.n_layer):
-        p, h = f"layers.{i}.", f"transformer.h.{i}."
-        a = p + "self_attn."
-        sd |= {
-            h + "ln_1.weight": src[p + "input_layernorm.weight"], h + "ln_1.bias": b(p + "input_layernorm", d),
-            h + "ln_2.weight": src[p + "post_attention_layernorm.weight"],
-            h + "ln_2.bias": b(p + "post_attention_layernorm", d),
-            h + "attn.c_attn.weight": torch.cat([w(a + "q_proj"), kv(a + "k_proj.weight").t(),
-                                                 kv(a + "v_proj.weight").t()], dim=1),
-            h + "attn.c_attn.bias": torch.cat([b(a + "q_proj", d), kv_b(a + "k_proj"), kv_b(a + "v_proj")]),
-            h + "attn.c_proj.weight": w(a + "o_proj"), h + "attn.c_proj.bias": b(a + "o_proj", d),
-            h + "mlp.c_fc.weight": w(p + "mlp.up_proj"), h + "mlp.c_fc.bias": b(p + "mlp.up_proj", c.intermediate_size),
-            h + "mlp.c_proj.weight": w(p + "mlp.down_proj"), h + "mlp.c_proj.bias": b(p + "mlp.down_proj", d),
-        }
+    tok = type("Ids", (), {"eot_id": None, "pad_id": None})()  # no tokenizer here: the ids are not compared
+    config = transformers.AutoConfig.for_model(**transformers_config(model.cfg, tok), attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    sd = to_transformers(model)
+    if model.cfg.tie_embeddings:  # stored once, as transformers stores it; its own load ties them
+        sd["lm_head.weight"] = model.lm_head.weight.detach()
     hf.load_state_dict(sd, strict=True)
     return hf.eval()
 
@@ -130,7 +80,8 @@ def assert_tying(model: GPT, hf) -> None:
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_llama_matches_transformers(tie, n_kv_head, bias):
     model = tiny("llama", n_kv_head=n_kv_head, tie_embeddings=tie, bias=bias, norm_eps=1e-4, rope_theta=500.0)
-    hf = to_hf_llama(model)
+    hf = to_hf(model)
+    assert type(hf).__name__ == "LlamaForCausalLM"
     assert_tying(model, hf)
     assert_same_logits(model, hf)
 
@@ -140,7 +91,8 @@ def test_llama_matches_transformers(tie, n_kv_head, bias):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_gpt2_matches_transformers(tie, n_kv_head, bias):
     model = tiny("gpt2", n_kv_head=n_kv_head, tie_embeddings=tie, bias=bias, norm_eps=1e-4)
-    hf = to_hf_gpt2(model)
+    hf = to_hf(model)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
     assert_tying(model, hf)
     assert_same_logits(model, hf)
 

@@ -21,7 +21,9 @@ from homellm.config import (
     ChatConfig,
     CompareConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
+    ImportConfig,
     ModelConfig,
     PrepareConfig,
     QuickstartConfig,
@@ -220,6 +222,26 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged weights written to {merge_run(args.run, args.out, args.checkpoint)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from homellm.hf import export_run
+
+    cfg = build(ExportConfig, args)
+    if not cfg.out:
+        raise HomeLLMError("--out is required: the folder to write the transformers model into")
+    print(f"transformers model written to {export_run(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from homellm.hf import import_model
+
+    cfg = build(ImportConfig, args)
+    if not cfg.out:
+        raise HomeLLMError("--out is required: the run folder to write")
+    out = import_model(args.source, cfg.out, cfg.context)
+    print(f"run written to {out}: try `homellm generate {out} --prompt TEXT`, or fine-tune it with "
+          f"`homellm sft --init {out} --data CHATS.jsonl --out RUN`")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from homellm.quickstart import quickstart
 
@@ -306,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
              cmd_serve, ServeConfig)
 
     run_verb(sub, "info", "architecture, parameter counts and checkpoints of a run", cmd_info)
+
+    run_verb(sub, "export", "write a run as a Hugging Face transformers model folder (to load or upload)",
+             cmd_export, ExportConfig)
+
+    p = sub.add_parser("import", help="a Hugging Face GPT-2 or Llama model as a run (to fine-tune, chat, serve)")
+    p.add_argument("source", help="a transformers model folder (as save_pretrained writes it), or hf:NAME")
+    add_flags(p, ImportConfig)
+    p.set_defaults(func=cmd_import)
     return parser
 
 

@@ -195,6 +195,19 @@ class EvalConfig:
     device: str = "auto"
 
 
+@dataclass
+class ExportConfig:
+    out: str = ""  # the folder to write: a transformers model (AutoModelForCausalLM.from_pretrained reads it)
+    checkpoint: str = "best"  # best or last
+    dtype: str = "float32"  # the weights' type in the folder: float32, or bfloat16 / float16 for half the size
+
+
+@dataclass
+class ImportConfig:
+    out: str = ""  # the run folder to write
+    context: int = 0  # cut the model's context to N positions (Llama 3's 131,072 makes big RoPE tables); 0 = as trained
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -281,7 +294,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
     "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
-    "max_conversations": _NOT_NEGATIVE,
+    "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE,
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
     "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
 }

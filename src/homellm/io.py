@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -55,6 +56,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_folder(out: Path, write: Callable[[Path], None], suffix: str = ".writing") -> None:
+    """A new folder `out` (absent or empty) written whole or not at all: `write` fills a staging folder beside it,
+    which is then renamed into place. A crash, a full disk or Ctrl-C never leaves half a run or model behind."""
+    stage = out.parent / f".{out.name}{suffix}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        write(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.is_dir():
+        out.rmdir()  # empty (the callers check first); renaming over a folder works on POSIX only
+    os.replace(stage, out)
 
 
 def check_overwrite(path: Path, starts_with: str, fix: str) -> None:

@@ -12,8 +12,6 @@ Held-out conversations give the val loss.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ from homellm.config import (
     to_dict,
 )
 from homellm.errors import HomeLLMError
-from homellm.io import say
+from homellm.io import atomic_folder, say
 from homellm.tokenizer import Tokenizer, check_unknown
 
 
@@ -289,19 +287,11 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     model = load_model(run, which)
     source = find_checkpoint(run, which)  # the one load_model read (it falls back the same way)
     info = {k: v for k, v in load_json(source / INFO).items() if k != "sha256"}  # step, tokens, val loss: kept
-    # Written whole into a staging folder, then renamed into place: a crash never leaves half a run behind.
-    stage = out.parent / f".{out.name}.merging"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
+    def write(stage: Path) -> None:
         save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"},
                                           "merged_from": str(run)})
         Tokenizer.load(run).save(stage / "tokenizer", model_max_length=model.cfg.block_size)
         save_checkpoint(stage, "best", model, None, {**info, "merged_from": f"{run}/{source.name}"})
-    except BaseException:  # a full disk, or Ctrl-C: a half-made run must not stay behind, filling the disk
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.is_dir():
-        out.rmdir()  # empty (checked above); renaming over a folder works on POSIX only
-    os.replace(stage, out)
+
+    atomic_folder(out, write, ".merging")
     return out

@@ -514,11 +514,15 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
     """An existing tokenizer.json (file, or a folder holding one), or GPT-2's encoder.json + vocab.bpe, with the
     special tokens it lacks added after its vocabulary. GPT-2's own `<|endoftext|>` (50256) is kept."""
     path = Path(path)
-    if path.is_dir() and (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+    # GPT-2's files as OpenAI released them, or as the hub names them (vocab.json + merges.txt) where a model
+    # folder has no tokenizer.json.
+    pair = next(((path / v, path / m) for v, m in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+                 if path.is_dir() and (path / v).is_file() and (path / m).is_file()), None)
+    if pair is not None and not (path / "tokenizer.json").is_file():
         try:
-            bpe = models.BPE.from_file(str(path / "encoder.json"), str(path / "vocab.bpe"))
+            bpe = models.BPE.from_file(str(pair[0]), str(pair[1]))
         except Exception as e:
-            raise HomeLLMError(f"{path}: cannot read encoder.json + vocab.bpe ({str(e).splitlines()[0]}): "
+            raise HomeLLMError(f"{path}: cannot read {pair[0].name} + {pair[1].name} ({str(e).splitlines()[0]}): "
                                "restore the files") from None
         hf = _byte_level(HFTokenizer(bpe))
     else:

@@ -1,0 +1,346 @@
+"""Hugging Face interop: a run written as a transformers model folder, and a transformers model read into a run.
+
+    homellm export runs/chat --out hf/chat   # AutoModelForCausalLM.from_pretrained("hf/chat"), or upload the folder
+    homellm import hf/gpt2 --out runs/gpt2   # a GPT-2 or Llama folder (or hf:NAME) becomes a run to fine-tune
+
+homellm's names were chosen for this: Llama's map is the identity under a `model.` prefix. GPT-2 keeps q, k and v
+fused in one Conv1D whose weights are stored transposed, and it has no grouped-query attention, so a homellm gpt2
+with fewer key/value heads is exported with each of them repeated for the query heads that share it (the same
+function). tests/test_hf_parity.py checks both maps against transformers' own models, logit for logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from homellm.config import ModelConfig, TrainConfig, load_json, save_json, to_dict
+from homellm.errors import HomeLLMError
+from homellm.io import atomic_folder
+from homellm.model import GPT
+from homellm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- the maps ----------------------------------------------------------------------------------------------------
+
+def transformers_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict[str, Any]:
+    """The config.json transformers reads for this architecture."""
+    ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id}
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02,
+              "torch_dtype": dtype, **ids}
+    if cfg.family == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
+                "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+                "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+                "head_dim": cfg.n_embd // cfg.n_head, "max_position_embeddings": cfg.block_size,
+                "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+                "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "hidden_act": "silu", "attention_dropout": 0.0,
+                **common}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True, **common}
+
+
+def to_transformers(model: GPT) -> dict[str, torch.Tensor]:
+    """homellm's state dict under transformers' names (a tied head stored once, as transformers saves it)."""
+    c = model.cfg
+    src = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if c.family == "llama":
+        sd = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in src.items()}
+    else:
+        sd = _gpt2_names(c, src)
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _gpt2_names(c: ModelConfig, src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2 has biases everywhere (bias=False maps to zeros, which computes the same) and Conv1D layers, whose
+    weights are (in, out): a Linear's transposed."""
+    d, rep, hd = c.n_embd, c.n_head // c.n_kv_head, c.n_embd // c.n_head
+
+    def w(name: str) -> torch.Tensor:
+        return src[name + ".weight"].t()
+
+    def b(name: str, n: int) -> torch.Tensor:
+        return src.get(name + ".bias", torch.zeros(n))
+
+    def kv(t: torch.Tensor) -> torch.Tensor:  # (n_kv_head * hd, ...) -> (n_head * hd, ...): each head `rep` times
+        return t.reshape(c.n_kv_head, hd, *t.shape[1:]).repeat_interleave(rep, dim=0).flatten(0, 1)
+
+    def kv_b(name: str) -> torch.Tensor:
+        return kv(src[name + ".bias"]) if name + ".bias" in src else torch.zeros(d)
+
+    sd = {"transformer.wte.weight": src["embed_tokens.weight"], "transformer.wpe.weight": src["embed_positions.weight"],
+          "transformer.ln_f.weight": src["norm.weight"], "transformer.ln_f.bias": b("norm", d),
+          "lm_head.weight": src["lm_head.weight"]}
+    for i in range(c.n_layer):
+        p, h, a = f"layers.{i}.", f"transformer.h.{i}.", f"layers.{i}.self_attn."
+        sd |= {
+            h + "ln_1.weight": src[p + "input_layernorm.weight"], h + "ln_1.bias": b(p + "input_layernorm", d),
+            h + "ln_2.weight": src[p + "post_attention_layernorm.weight"],
+            h + "ln_2.bias": b(p + "post_attention_layernorm", d),
+            h + "attn.c_attn.weight": torch.cat([w(a + "q_proj"), kv(src[a + "k_proj.weight"]).t(),
+                                                 kv(src[a + "v_proj.weight"]).t()], dim=1),
+            h + "attn.c_attn.bias": torch.cat([b(a + "q_proj", d), kv_b(a + "k_proj"), kv_b(a + "v_proj")]),
+            h + "attn.c_proj.weight": w(a + "o_proj"), h + "attn.c_proj.bias": b(a + "o_proj", d),
+            h + "mlp.c_fc.weight": w(p + "mlp.up_proj"),
+            h + "mlp.c_fc.bias": b(p + "mlp.up_proj", c.intermediate_size),
+            h + "mlp.c_proj.weight": w(p + "mlp.down_proj"), h + "mlp.c_proj.bias": b(p + "mlp.down_proj", d),
+        }
+    return sd
+
+
+def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor], where: str
+                      ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A transformers GPT-2 or Llama (config.json and state dict) as homellm's config and state dict, in float32."""
+    kind = config.get("model_type")
+    if kind == "gpt2":
+        return _from_gpt2(config, weights, where)
+    if kind == "llama":
+        return _from_llama(config, weights, where)
+    raise HomeLLMError(f"{where}: model_type {kind!r} is not one homellm runs: it imports gpt2 and llama models "
+                       "(GPT-2, rinna's Japanese GPT-2, TinyLlama, SmolLM, Llama 2 and 3 without rope scaling)")
+
+
+def _need(config: dict[str, Any], where: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise HomeLLMError(f"{where}: {what}, which homellm's model does not have: this model cannot be imported")
+
+
+def _from_gpt2(config: dict[str, Any], weights: dict[str, torch.Tensor], where: str
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    act = config.get("activation_function", "gelu_new")
+    _need(config, where, act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function {act!r}")
+    _need(config, where, config.get("scale_attn_weights", True), "attention scores not scaled by 1/sqrt(head size)")
+    _need(config, where, not config.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
+    d, n_head = config["n_embd"], config["n_head"]
+    cfg = ModelConfig(family="gpt2", vocab_size=config["vocab_size"], n_layer=config["n_layer"], n_head=n_head,
+                      n_embd=d, intermediate_size=config.get("n_inner") or 4 * d, block_size=config["n_positions"],
+                      bias=True, tie_embeddings=config.get("tie_word_embeddings", True),
+                      norm_eps=config.get("layer_norm_epsilon", 1e-5))
+    # The hub's first GPT-2 files name tensors without the `transformer.` prefix, and keep the causal mask.
+    src = {k.removeprefix("transformer."): v for k, v in weights.items()
+           if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    get = _getter(src, where)
+    sd = {"embed_tokens.weight": get("wte.weight"), "embed_positions.weight": get("wpe.weight"),
+          "norm.weight": get("ln_f.weight"), "norm.bias": get("ln_f.bias")}
+    for i in range(cfg.n_layer):
+        h, p = f"h.{i}.", f"layers.{i}."
+        q, k, v = get(h + "attn.c_attn.weight").t().chunk(3, dim=0)
+        qb, kb, vb = get(h + "attn.c_attn.bias").chunk(3)
+        sd |= {
+            p + "input_layernorm.weight": get(h + "ln_1.weight"), p + "input_layernorm.bias": get(h + "ln_1.bias"),
+            p + "post_attention_layernorm.weight": get(h + "ln_2.weight"),
+            p + "post_attention_layernorm.bias": get(h + "ln_2.bias"),
+            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+            p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb,
+            p + "self_attn.o_proj.weight": get(h + "attn.c_proj.weight").t(),
+            p + "self_attn.o_proj.bias": get(h + "attn.c_proj.bias"),
+            p + "mlp.up_proj.weight": get(h + "mlp.c_fc.weight").t(), p + "mlp.up_proj.bias": get(h + "mlp.c_fc.bias"),
+            p + "mlp.down_proj.weight": get(h + "mlp.c_proj.weight").t(),
+            p + "mlp.down_proj.bias": get(h + "mlp.c_proj.bias"),
+        }
+    sd["lm_head.weight"] = sd["embed_tokens.weight"] if cfg.tie_embeddings else get("lm_head.weight")
+    return cfg, sd
+
+
+def _from_llama(config: dict[str, Any], weights: dict[str, torch.Tensor], where: str
+                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    act = config.get("hidden_act", "silu")
+    _need(config, where, act == "silu", f"hidden_act {act!r}")
+    # transformers 5 writes RoPE's settings as rope_parameters; 4.x as rope_theta and rope_scaling.
+    ropes = [r for r in (config.get("rope_parameters"), config.get("rope_scaling")) if isinstance(r, dict)]
+    for rope in ropes:
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        _need(config, where, kind == "default", f"RoPE scaling {kind!r}")
+    theta = config.get("rope_theta") or next((r["rope_theta"] for r in ropes if "rope_theta" in r), 10000.0)
+    d, n_head = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or d // n_head
+    _need(config, where, head_dim * n_head == d, f"head_dim {head_dim} x {n_head} heads unlike hidden_size {d}")
+    bias, mlp_bias = config.get("attention_bias", False), config.get("mlp_bias", False)
+    _need(config, where, bias == mlp_bias, "biases in attention but not in the MLP (or the other way)")
+    cfg = ModelConfig(family="llama", vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"],
+                      n_head=n_head, n_kv_head=config.get("num_key_value_heads") or n_head, n_embd=d,
+                      intermediate_size=config["intermediate_size"],
+                      block_size=config.get("max_position_embeddings", 2048), bias=bias,
+                      tie_embeddings=config.get("tie_word_embeddings", False), rope_theta=float(theta),
+                      norm_eps=config.get("rms_norm_eps", 1e-6))
+    get = _getter({k.removeprefix("model."): v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")},
+                  where)
+    with torch.device("meta"):  # the names only: Llama's are homellm's own under `model.`
+        names = [k for k in GPT(cfg).state_dict() if k != "lm_head.weight"]
+    sd = {k: get(k) for k in names}
+    sd["lm_head.weight"] = sd["embed_tokens.weight"] if cfg.tie_embeddings else get("lm_head.weight")
+    return cfg, sd
+
+
+def _getter(src: dict[str, torch.Tensor], where: str):
+    def get(name: str) -> torch.Tensor:
+        if name not in src:
+            raise HomeLLMError(f"{where}: the weights lack {name!r}, which config.json's architecture needs: "
+                               "download the model again")
+        return src[name].float()
+    return get
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+
+def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype: str = "float32") -> Path:
+    """`homellm export`: the run's model as a transformers folder (config.json, model.safetensors, the tokenizer
+    with its chat template, generation_config.json and a model card), written whole or not at all."""
+    from homellm.checkpoint import INFO, find_checkpoint, is_sft, load_model
+
+    run, out = Path(run), Path(out)
+    if checkpoint not in ("best", "last"):
+        raise HomeLLMError(f"--checkpoint {checkpoint!r} is unknown: use best or last")
+    if dtype not in DTYPES:
+        raise HomeLLMError(f"--dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
+    _check_empty(out)
+    model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
+    info = load_json(find_checkpoint(run, checkpoint, quiet=True) / INFO)
+    tok = Tokenizer.load(run)
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_transformers(model).items()}
+    chat = is_sft(run)
+    ids = {"bos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
+           # A chat model ends its turn with <|im_end|>: generate() stops there, as homellm's chat does.
+           "eos_token_id": [tok.im_end_id, tok.eot_id] if chat else tok.eot_id}
+
+    def write(stage: Path) -> None:
+        # transformers refuses safetensors without {"format": "pt"}: it tells save_pretrained's files by it.
+        save_file(weights, str(stage / "model.safetensors"), metadata={"format": "pt"})
+        save_json(stage / "config.json", {**transformers_config(model.cfg, tok, dtype), **ids})
+        save_json(stage / "generation_config.json", ids)
+        tok.save(stage, model_max_length=model.cfg.block_size)
+        (stage / "README.md").write_text(_model_card(run, out, model, info, chat), encoding="utf-8")
+
+    atomic_folder(out, write, ".exporting")
+    return out
+
+
+def _model_card(run: Path, out: Path, model: GPT, info: dict[str, Any], chat: bool) -> str:
+    c = model.cfg
+    val = f", val loss {info['val_loss']:.4f}" if info.get("val_loss") is not None else ""
+    use = ('messages = [{"role": "user", "content": "Hello"}]\n'
+           'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")\n'
+           'print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_special_tokens=True))'
+           if chat else
+           'ids = tok("Once upon a time", return_tensors="pt").input_ids\n'
+           'print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=True)[0]))')
+    return (f"---\nlibrary_name: transformers\ntags: [homellm]\n---\n\n# {out.name}\n\n"
+            f"A {'chat ' if chat else ''}language model built with homellm ({run.name}, checkpoint at step "
+            f"{info.get('step', 0):,}, {info.get('tokens', 0):,} tokens{val}).\n\n"
+            f"| | |\n|---|---|\n| architecture | {'Llama' if c.family == 'llama' else 'GPT-2'} |\n"
+            f"| parameters | {model.num_params():,} |\n| layers / heads / width | {c.n_layer} / {c.n_head} / "
+            f"{c.n_embd} |\n| context | {c.block_size} tokens |\n| vocabulary | {c.vocab_size} |\n\n"
+            f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'tok = AutoTokenizer.from_pretrained("{out.name}")\n'
+            f'model = AutoModelForCausalLM.from_pretrained("{out.name}")\n{use}\n```\n')
+
+
+# ---- import ------------------------------------------------------------------------------------------------------
+
+def import_model(source: str, out: str | Path, context: int = 0) -> Path:
+    """`homellm import`: a transformers GPT-2 or Llama (a folder as save_pretrained writes it, or hf:NAME from the
+    hub) as a homellm run, ready for `sft --init`, generate, chat and serve. The tokenizer gains homellm's chat and
+    padding tokens where it lacks them; their embeddings start at the mean of the others (as a new word's
+    should: near nothing in particular), and fine-tuning teaches them."""
+    from homellm.checkpoint import load_weights_into, save_checkpoint
+    from homellm.tokenizer import import_tokenizer
+
+    out = Path(out)
+    _check_empty(out)
+    folder = _download(source) if source.startswith("hf:") else Path(source)
+    if not (folder / "config.json").is_file():
+        raise HomeLLMError(f"{source}: no config.json there: give a transformers model folder (as save_pretrained "
+                           "writes it) or hf:NAME")
+    cfg, sd = from_transformers(load_json(folder / "config.json"), read_weights(folder), str(folder))
+    spm = sorted(folder.glob("*.model"))
+    if spm and not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "encoder.json")):
+        # rinna's Japanese GPT-2 ships a SentencePiece model alone: transformers converts it, knowing its family.
+        raise HomeLLMError(f"{source}: its tokenizer is SentencePiece ({spm[0].name}) with no tokenizer.json: write "
+                           "one with transformers (pip install transformers sentencepiece protobuf): python -c "
+                           f"\"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{folder}')"
+                           f".save_pretrained('{folder}')\", then import it again")
+    tok = import_tokenizer(folder)
+    if tok.vocab_size > cfg.vocab_size:
+        grown = -(-tok.vocab_size // 64) * 64  # padded as homellm pads, for fast matmuls
+        for name in {"embed_tokens.weight", "lm_head.weight"}:
+            w = sd[name]
+            sd[name] = torch.cat([w, w.mean(0, keepdim=True).expand(grown - len(w), -1)])
+        cfg.vocab_size = grown
+    if context:
+        if context > cfg.block_size:
+            raise HomeLLMError(f"--context {context}: the model was trained for {cfg.block_size} positions at "
+                               f"most: give {cfg.block_size} or fewer")
+        cfg.block_size = context  # Llama 3's 131,072 would make RoPE tables and caches that size
+        if "embed_positions.weight" in sd:
+            sd["embed_positions.weight"] = sd["embed_positions.weight"][:context]
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    model = GPT(cfg)
+    load_weights_into(model, sd, str(folder))
+
+    def write(stage: Path) -> None:
+        save_json(stage / "config.json", {"model": to_dict(cfg), "train": to_dict(TrainConfig(out=str(out))),
+                                          "imported_from": source})
+        tok.save(stage / "tokenizer", model_max_length=cfg.block_size)
+        save_checkpoint(stage, "best", model, None, {"step": 0, "tokens": 0, "imported_from": source})
+
+    atomic_folder(out, write, ".importing")
+    return out
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A transformers folder's tensors: model.safetensors, pytorch_model.bin, or the shards their index names."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            files = sorted(set(load_json(folder / index).get("weight_map", {}).values()))
+            break
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    if not files:
+        raise HomeLLMError(f"{folder}: no model.safetensors or pytorch_model.bin: download the model's weights too")
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        try:
+            if name.endswith(".safetensors"):
+                weights |= load_file(str(path))
+            else:  # weights_only: a pickle from the internet must not run code
+                weights |= torch.load(path, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise HomeLLMError(f"{path}: cannot be read ({reason}): download the model again") from None
+    return weights
+
+
+def _download(spec: str) -> Path:
+    """hf:NAME from the Hugging Face hub, the files an import reads only (safetensors, else the .bin)."""
+    try:
+        from huggingface_hub import snapshot_download  # optional: comes with datasets and transformers
+    except ImportError:
+        raise HomeLLMError(f"{spec}: downloading from the Hugging Face hub needs huggingface_hub: pip install "
+                           "'homellm[hf]'") from None
+    name = spec[3:]
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin", "*.model", "*.txt"]))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HomeLLMError(f"{spec}: cannot download ({reason}): check the name and the network (a gated model "
+                           "needs `huggingface-cli login`)") from None
+    return folder
+
+
+def _check_empty(out: Path) -> None:
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise HomeLLMError(f"--out {out} is not empty: choose a new folder")

@@ -1,0 +1,246 @@
+"""`homellm export` and `homellm import`: a run as a transformers model folder and back, checked through
+transformers' own from_pretrained, generate and tokenizers (nothing downloaded: models are built from configs)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import homellm
+from homellm.checkpoint import load_model, save_checkpoint
+from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
+from homellm.errors import HomeLLMError
+from homellm.hf import export_run, import_model
+from homellm.model import GPT
+from homellm.tokenizer import Tokenizer, train_tokenizer
+
+transformers = pytest.importorskip("transformers", reason="needs the dev extra: pip install -e '.[dev]'")
+
+TEXT = ("ROMEO: But soft, what light through yonder window breaks?\n"
+        "むかしむかし、ある山のふもとに小さな村がありました。\n滚滚长江东逝水，浪花淘尽英雄。 12 + 7 = 19\n")
+
+
+def make_run(path: Path, family: str, sft: bool = False, **kw) -> Path:
+    """A run folder as pretrain writes one, with every weight random (homellm's init would hide a misplaced norm
+    or bias) and a BPE tokenizer of three scripts."""
+    tok = train_tokenizer(TokenizerConfig(input=[str(text_file(path.parent))], out=str(path / "tokenizer"),
+                                          vocab_size=400))
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=-(-tok.vocab_size // 64) * 64, n_layer=2, n_head=4, n_embd=64,
+                      block_size=48, **kw)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p)) if p.dim() == 1 else p.normal_(0.0, p.size(1) ** -0.5)
+    config = {"model": to_dict(cfg), "train": to_dict(TrainConfig(out=str(path)))}
+    if sft:
+        config["sft"] = {"init": "base"}
+    save_json(path / "config.json", config)
+    save_checkpoint(path, "best", model, None, {"step": 7, "tokens": 700, "val_loss": 3.25})
+    return path
+
+
+def text_file(folder: Path) -> Path:
+    path = folder / "text.txt"
+    path.write_text(TEXT * 20, encoding="utf-8")
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The command in-process (a fresh process per call costs seconds of imports): exit code, stdout, stderr."""
+    from homellm.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def ids_of(text: str, tok: Tokenizer) -> torch.Tensor:
+    return torch.tensor([tok.encode(text)])
+
+
+@pytest.mark.parametrize("family, kw", [("llama", dict(n_kv_head=2, rope_theta=500.0, norm_eps=1e-4)),
+                                        ("llama", dict(tie_embeddings=False, bias=True)),
+                                        ("gpt2", dict(n_kv_head=2, bias=True)),
+                                        ("gpt2", dict(tie_embeddings=False))],
+                         ids=["llama-gqa", "llama-untied-bias", "gpt2-gqa-bias", "gpt2-untied-nobias"])
+def test_an_exported_run_loads_in_transformers_and_answers_as_homellm_does(tmp_path, family, kw, capsys):
+    run = make_run(tmp_path / "run", family, **kw)
+    code, stdout, _ = cli(capsys, "export", str(run), "--out", str(tmp_path / "hf"))
+    out = Path(stdout.split()[-1])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                    "model.safetensors", "special_tokens_map.json",
+                                                    "tokenizer.json", "tokenizer_config.json"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours, tok = load_model(run), Tokenizer.load(run)
+    ids = ids_of(TEXT[:120], tok)[:, :48]
+    assert hf_tok(TEXT[:120], add_special_tokens=False, return_tensors="pt").input_ids[:, :48].equal(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids)[0], rtol=1e-5, atol=1e-5)
+    # Greedy continuations through transformers' generate (its own KV cache) and homellm's are the same ids.
+    # (Both over every id: homellm's commands keep to the tokenizer's ids and to valid UTF-8, which random weights
+    # would otherwise leave, but generate_ids alone is plain argmax, as transformers' is.)
+    from homellm.config import SampleConfig
+    from homellm.generate import generate_ids
+
+    theirs = hf.generate(ids[:, :10], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    mine = list(generate_ids(ours, ids[0, :10].tolist(), SampleConfig(temperature=0.0, max_new_tokens=12)))
+    assert theirs[0, 10:].tolist() == mine
+    card = (out / "README.md").read_text()
+    assert "step 7" in card and "val loss 3.2500" in card and f"{ours.num_params():,}" in card
+
+
+def test_a_chat_run_exports_its_turn_end_and_halves_in_bfloat16(tmp_path):
+    """A fine-tuned run ends its turns with <|im_end|>: transformers' generate must stop there, and the exported
+    chat template must render what homellm trained on."""
+    from homellm.chat import prompt_ids
+
+    run = make_run(tmp_path / "run", "llama", sft=True)
+    out = export_run(run, tmp_path / "hf", dtype="bfloat16")
+    tok = Tokenizer.load(run)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [tok.im_end_id, tok.eot_id]
+    assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (run / "best" / "model.safetensors").stat().st_size
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "12 + 7?"}]
+    rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(rendered, "input_ids", rendered)) == prompt_ids(tok, messages)
+    assert "apply_chat_template" in (out / "README.md").read_text()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
+    run = make_run(tmp_path / "run", "llama")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    for args, message in [(["--out", str(tmp_path / "full")], "is not empty: choose a new folder"),
+                          (["--out", str(tmp_path / "h"), "--dtype", "auto"], "--dtype 'auto' is unknown"),
+                          ([], "--out is required")]:
+        code, _, err = cli(capsys, "export", str(run), *args)
+        assert code == 2 and message in err, err
+    assert (tmp_path / "full" / "x").read_text() == "keep me" and not (tmp_path / "h").exists()
+
+
+# ---- import -------------------------------------------------------------------------------------------------------
+
+def hub_folder(tmp_path: Path, family: str, legacy: bool = False) -> tuple[Path, object]:
+    """A transformers model saved as the hub serves one, with a tokenizer that has only <|endoftext|>: homellm must
+    add its chat and padding tokens, and grow the embeddings for them."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path / f"hub-{family}"
+    folder.mkdir()
+    raw = HFTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if legacy:  # no tokenizer.json: GPT-2's vocab.json + merges.txt, as the older uploads have
+        raw.model.save(str(folder))
+    else:
+        raw.save(str(folder / "tokenizer.json"))
+    vocab = raw.get_vocab_size()
+    torch.manual_seed(1)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                         layer_norm_epsilon=1e-5, attn_implementation="eager")
+    else:
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          rope_theta=300.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                          attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    if legacy:  # GPT-2 as OpenAI first put it on the hub: pytorch_model.bin, no `transformer.` prefix, mask buffers
+        sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        sd |= {f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(2)}
+        torch.save(sd, folder / "pytorch_model.bin")
+        config.save_pretrained(folder)
+    else:
+        hf.save_pretrained(folder)
+    return folder, (hf, raw)
+
+
+@pytest.mark.parametrize("family, legacy", [("gpt2", False), ("gpt2", True), ("llama", False)],
+                         ids=["gpt2", "gpt2-legacy-bin", "llama"])
+def test_an_imported_model_computes_what_transformers_does_and_goes_back_out(tmp_path, family, legacy, capsys):
+    folder, (hf, raw) = hub_folder(tmp_path, family, legacy)
+    code, stdout, _ = cli(capsys, "import", str(folder), "--out", str(tmp_path / "run"))
+    assert code == 0 and "homellm sft --init" in stdout
+    run = tmp_path / "run"
+    model, tok = load_model(run), Tokenizer.load(run)
+    vocab = hf.config.vocab_size
+    assert model.cfg.vocab_size == 320 and tok.vocab_size == vocab + 3  # im_start, im_end, pad added; padded to 64
+    assert tok.encode(TEXT) == raw.encode(TEXT).ids  # the model's own ids, from tokenizer.json or GPT-2's files
+    ids = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(model(ids)[0][..., :vocab], want, rtol=1e-5, atol=1e-5)
+    # The new tokens start at the mean embedding: near nothing in particular, until fine-tuning teaches them.
+    emb = model.embed_tokens.weight.detach()
+    torch.testing.assert_close(emb[tok.im_start_id], emb[:vocab].mean(0))
+    # generate runs on it, and the run goes back out to transformers computing the same.
+    assert cli(capsys, "generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5")[0] == 0
+    export_run(run, tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits[..., :vocab], want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_imported_model_fine_tunes(tmp_path, capsys):
+    """The point of importing (seed 004 fine-tuned GPT-2): sft --init on it trains and writes a chat run."""
+    folder, _ = hub_folder(tmp_path, "gpt2")
+    import_model(str(folder), tmp_path / "run", context=32)
+    assert load_model(tmp_path / "run").embed_positions.weight.shape[0] == 32
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a} + 1?"},
+                                                      {"role": "assistant", "content": str(a + 1)}]}) + "\n"
+                             for a in range(30)))
+    code, _, err = cli(capsys, "sft", "--init", str(tmp_path / "run"), "--data", str(chats), "--out",
+                       str(tmp_path / "chat"), "--max-steps", "3", "--batch-size", "4", "--eval-every", "0")
+    assert code == 0 and (tmp_path / "chat" / "last").is_dir(), err
+
+
+def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
+    folder, _ = hub_folder(tmp_path, "llama")
+    config = json.loads((folder / "config.json").read_text())
+    cases = []
+    for name, change in [("bert", {"model_type": "bert"}),
+                         ("scaled", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+                         ("gelu", {"hidden_act": "gelu"})]:
+        other = tmp_path / name
+        other.mkdir()
+        (other / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+        (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        (other / "config.json").write_text(json.dumps({**config, **change}))
+        cases.append(other)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd.pop("model.norm.weight")
+    save_file(sd, str(cases[2] / "model.safetensors"), metadata={"format": "pt"})
+    (cases[2] / "config.json").write_text(json.dumps(config))
+    expect = ["model_type 'bert' is not one homellm runs", "RoPE scaling 'llama3'", "lack 'norm.weight'"]
+    proc = homellm("import", str(cases[0]), "--out", str(tmp_path / "r"), check=False)  # once as a user runs it
+    assert proc.returncode == 2 and expect[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    for source, message in zip(cases[1:], expect[1:]):
+        code, _, err = cli(capsys, "import", str(source), "--out", str(tmp_path / "r"))
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "r").exists()
+    for f in ("tokenizer.json", "model.safetensors"):  # rinna's layout: a SentencePiece model, no tokenizer.json
+        (cases[1] / f).rename(cases[1] / f.replace("tokenizer.json", "spiece.model"))
+    (cases[1] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HomeLLMError, match=r"SentencePiece \(spiece.model\) with no tokenizer.json: write one with"):
+        import_model(str(cases[1]), tmp_path / "r")
+    with pytest.raises(HomeLLMError, match="no config.json there"):
+        import_model(str(tmp_path), tmp_path / "r")
+    with pytest.raises(HomeLLMError, match="trained for 64 positions at most"):
+        import_model(str(folder), tmp_path / "r", context=65)
+    assert not (tmp_path / "r").exists() and not (tmp_path / ".r.importing").exists()
