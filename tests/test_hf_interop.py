@@ -244,3 +244,30 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     with pytest.raises(HomeLLMError, match="trained for 64 positions at most"):
         import_model(str(folder), tmp_path / "r", context=65)
     assert not (tmp_path / "r").exists() and not (tmp_path / ".r.importing").exists()
+
+
+def test_hf_name_downloads_only_the_files_an_import_reads(tmp_path, monkeypatch):
+    """hf:NAME goes through huggingface_hub's snapshot_download (injected here: no network in tests): safetensors
+    and the small files first, and the .bin only for a model that has no safetensors."""
+    import sys
+
+    folder, _ = hub_folder(tmp_path, "gpt2", legacy=True)  # pytorch_model.bin only
+    calls = []
+
+    def snapshot_download(name, allow_patterns):
+        calls.append((name, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", type(sys)("huggingface_hub"))
+    sys.modules["huggingface_hub"].snapshot_download = snapshot_download
+    import_model("hf:someone/tiny-gpt2", tmp_path / "run")
+    assert [name for name, _ in calls] == ["someone/tiny-gpt2"] * 2
+    assert "*.safetensors" in calls[0][1] and "*.bin" not in calls[0][1] and "*.bin" in calls[1][1]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["imported_from"] == "hf:someone/tiny-gpt2"
+
+    def offline(name, allow_patterns):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    sys.modules["huggingface_hub"].snapshot_download = offline
+    with pytest.raises(HomeLLMError, match=r"^hf:x/y: cannot download \(We couldn't connect .*\): check the name"):
+        import_model("hf:x/y", tmp_path / "run2")
