@@ -220,3 +220,63 @@ def test_quickstart_decodes_on_one_thread_and_gives_the_threads_back():
         assert torch.get_num_threads() == 1
         raise KeyboardInterrupt  # given back however the evaluation ends
     assert torch.get_num_threads() == before
+
+
+def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatch):
+    """Seed 004 asked its model "1 + 1 =" by hand: `eval --task exact --data FILE` scores such prompts. A pretrained
+    run's answer ends at the line's end, a chat run's at the end of its turn; surrounding spaces do not count."""
+    import homellm.eval as eval_module
+    from homellm.cli import main
+    from test_repl import REPLY, USER, build_chat_run
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "chat").mkdir()
+    _, tok, run = build_chat_run(tmp_path / "base")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"prompt": "1 + 1 =", "answer": "2", "category": "add"},
+        {"question": "2 + 2 =", "expected": 4, "category": "add"},
+        {"prompt": "3 x 3 =", "answer": "9", "category": "mul"}, {"prompt": "5 + 3 =", "answer": "8"}]) + "\n")
+    asked = []
+
+    def scripted(model, tok, prompts, max_new_tokens, stop, batch_size=256, desc=""):
+        asked.append(prompts)
+        return [" 2\n3 + 3 = 6", " 4<|endoftext|>", "9.0\n", " 3.5\n"]
+
+    monkeypatch.setattr(eval_module, "greedy_complete", scripted)
+    assert main(["eval", str(run), "--task", "exact", "--data", str(qa)]) == 0
+    out = capsys.readouterr().out
+    assert asked == [["1 + 1 =", "2 + 2 =", "3 x 3 =", "5 + 3 ="]]  # continued as text: a pretrained run
+    result = json.loads((run / "eval_exact.json").read_text())
+    assert (result["n"], result["correct"], result["chat"]) == (4, 2, False)
+    assert result["by_category"] == {"add": {"n": 2, "correct": 2, "accuracy": 1.0},
+                                     "mul": {"n": 1, "correct": 0, "accuracy": 0.0}}
+    assert [f["got"] for f in result["failures"]] == ["9.0", " 3.5"]
+    assert [line.split() for line in out.splitlines()[2:6]] == [
+        ["(none)", "1", "0", "0.0", "%"], ["add", "2", "2", "100.0", "%"], ["mul", "1", "0", "0.0", "%"],
+        ["overall", "4", "2", "50.0", "%"]]
+    assert "'5 + 3 =' -> '3.5' (expected '8')" in out
+    assert main(["eval", str(run), "--task", "exact", "--data", str(qa), "--n", "1"]) == 0
+    assert asked[-1] == ["1 + 1 ="]
+    monkeypatch.undo()
+    # A chat run, really decoded: the overfit model answers its one conversation, as a whole turn of two lines.
+    _, tok, chat = build_chat_run(tmp_path / "chat", sft=True)
+    qa.write_text(json.dumps({"prompt": USER, "answer": REPLY}, ensure_ascii=False) + "\n"
+                  + json.dumps({"prompt": USER, "answer": "おしまい"}, ensure_ascii=False) + "\n")
+    assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
+    result = json.loads((chat / "eval_exact.json").read_text())
+    assert (result["chat"], result["correct"], result["failures"][0]["got"]) == (True, 1, REPLY)
+    capsys.readouterr()
+    no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'output')"
+    for lines, message in [(None, "no such file"), ("{bad\n", "qa.jsonl:1: "), ('{"prompt": "x"}\n', no_answer),
+                           ("", "no prompt and answer pairs"), ('["x"]\n', "qa.jsonl[0]: not a JSON object")]:
+        qa.unlink(missing_ok=True)
+        if lines is not None:
+            qa.write_text(lines)
+        assert main(["eval", str(run), "--task", "exact", "--data", str(qa)]) == 2
+        assert message in capsys.readouterr().err, message
+    qa.write_text(json.dumps({"prompt": "a", "answer": "two\nlines"}) + "\n")
+    assert main(["eval", str(run), "--task", "exact", "--data", str(qa)]) == 2
+    assert "spans lines, but a pretrained run's answer ends at the line's end" in capsys.readouterr().err
+    assert main(["eval", str(run), "--task", "exact"]) == 2
+    assert "--task exact needs --data FILE" in capsys.readouterr().err

@@ -184,11 +184,12 @@ class CompareConfig(SampleConfig):
 
 @dataclass
 class EvalConfig:
-    task: str = "arithmetic"  # arithmetic: exact match; chat-arithmetic: a chat model per phrasing; loss: on --data
-    n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing)
+    # arithmetic: exact match; chat-arithmetic: a chat model per phrasing; loss: on --data; exact: your own prompts
+    task: str = "arithmetic"
+    n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing; exact: the first N)
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
-    data: str = ""  # loss: a prepared data folder (default: the one the run was trained on)
+    data: str = ""  # loss: a prepared data folder (default: the run's own); exact: a .jsonl of prompt and answer
     batches: int = 50  # loss: val batches to average
     batch_size: int = 256  # sequences evaluated at once (loss: at most 64 windows of a whole context, for memory)
     checkpoint: str = "best"  # best or last

@@ -1,6 +1,7 @@
 """`homellm eval`: measure a run. `--task arithmetic` scores exact answers to held-out problems;
 `--task chat-arithmetic` scores a chat model's replies to the same problems asked in English, Japanese and symbols;
-`--task loss` reports val loss and bits per byte on any prepared data folder."""
+`--task loss` reports val loss and bits per byte on any prepared data folder; `--task exact --data FILE` scores
+greedy answers to your own prompts."""
 
 from __future__ import annotations
 
@@ -213,6 +214,89 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     return result
 
 
+PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "question", "input"), ("answer", "expected", "output")
+
+
+def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
+    """Prompt and answer pairs (and an optional category) from a jsonl or JSON-array file, the first `limit`."""
+    from homellm.data import jsonl_records
+
+    if not path.is_file():
+        raise HomeLLMError(f"--data {path}: no such file: give a .jsonl file of {{\"prompt\": ..., \"answer\": ...}}")
+    pairs = []
+    for where, record in jsonl_records(path):
+        if isinstance(record, HomeLLMError):
+            raise record
+        if not isinstance(record, dict):
+            raise HomeLLMError(f"{where}: not a JSON object: write {{\"prompt\": ..., \"answer\": ...}}")
+        prompt = next((record[k] for k in PROMPT_FIELDS if k in record), None)
+        answer = next((record[k] for k in ANSWER_FIELDS if k in record), None)
+        for name, value, names in (("prompt", prompt, PROMPT_FIELDS), ("answer", answer, ANSWER_FIELDS)):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise HomeLLMError(f"{where}: no {name} (a string in {' or '.join(repr(n) for n in names)}): add it")
+        pairs.append({"prompt": str(prompt), "answer": str(answer), "category": str(record.get("category", ""))})
+        if len(pairs) == limit:
+            break
+    if not pairs:
+        raise HomeLLMError(f"--data {path}: no prompt and answer pairs in it: the file is empty")
+    return pairs
+
+
+def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> dict[str, Any]:
+    """Exact match of greedy answers to your own prompts (seed 004 asked its model "1 + 1 ="): a pretrained run
+    continues each prompt up to the end of the line, a chat run (sft) answers it as a user message up to the end
+    of its turn; the answer, stripped of surrounding spaces, must equal the expected one. Per category when the
+    records name one; written to RUN/eval_exact.json."""
+    from homellm.chat import prompt_ids
+    from homellm.checkpoint import is_sft, load_model
+    from homellm.train import resolve_device
+
+    run = Path(run)
+    if cfg.n <= 0:
+        raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 prompt")
+    if not cfg.data:
+        raise HomeLLMError("--task exact needs --data FILE: a .jsonl of {\"prompt\": ..., \"answer\": ...} lines")
+    run_config_path(run)
+    pairs = read_qa(Path(cfg.data), cfg.n)
+    chat = is_sft(run)
+    if not chat and (bad := next((p for p in pairs if "\n" in p["answer"].strip()), None)):
+        raise HomeLLMError(f"--data {cfg.data}: the answer {bad['answer']!r} spans lines, but a pretrained run's "
+                           "answer ends at the line's end: give one-line answers (a chat run answers whole turns)")
+    tok = Tokenizer.load(run)
+    if model is None:
+        model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    longest = max(len(tok.encode(p["answer"])) for p in pairs)
+    prompts = [prompt_ids(tok, [{"role": "user", "content": p["prompt"]}]) for p in pairs] if chat else [
+        p["prompt"] for p in pairs]
+    got = greedy_complete(model, tok, prompts, longest + 8, stop_ids(tok, "" if chat else "\n"), cfg.batch_size,
+                          desc=f"eval {run.name}")
+    if chat:
+        got = [g.removesuffix(IM_END).removesuffix(EOT) for g in got]
+    else:
+        got = [g.split("\n")[0].removesuffix(EOT) for g in got]
+    right = [g.strip() == p["answer"].strip() for g, p in zip(got, pairs)]
+    by: dict[str, list[int]] = {}
+    for p, ok in zip(pairs, right):
+        by.setdefault(p["category"], [0, 0])
+        by[p["category"]][0] += 1
+        by[p["category"]][1] += ok
+    result: dict[str, Any] = {
+        "task": "exact", "data": str(cfg.data), "checkpoint": cfg.checkpoint, "chat": chat, "n": len(pairs),
+        "correct": sum(right), "accuracy": sum(right) / len(pairs),
+        "by_category": {c: {"n": n, "correct": k, "accuracy": k / n} for c, (n, k) in by.items() if c},
+        "failures": [{"prompt": p["prompt"], "expected": p["answer"], "got": g}
+                     for p, g, ok in zip(pairs, got, right) if not ok][:20]}
+    named = any(by) and set(by) != {""}  # categories shown when the records name any; the rest as "(none)"
+    rows = [(c or "(none)", n, k, f"{100 * k / n:.1f} %") for c, (n, k) in sorted(by.items()) if named]
+    print(table(rows + [("overall", len(pairs), sum(right), f"{100 * result['accuracy']:.1f} %")],
+                ("category", "n", "correct", "accuracy")))
+    for f in result["failures"][:5]:
+        print(f"  {f['prompt']!r} -> {f['got'].strip()!r} (expected {f['expected'].strip()!r})")
+    atomic_write_text(run / "eval_exact.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"written to {run / 'eval_exact.json'}")
+    return result
+
+
 def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
     if cfg.task == "arithmetic":
         return eval_arithmetic(run, cfg)
@@ -220,4 +304,6 @@ def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
         return eval_chat_arithmetic(run, cfg)
     if cfg.task == "loss":
         return eval_loss(run, cfg)
-    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use arithmetic, chat-arithmetic or loss")
+    if cfg.task == "exact":
+        return eval_exact(run, cfg)
+    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use arithmetic, chat-arithmetic, loss or exact")
