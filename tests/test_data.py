@@ -583,3 +583,47 @@ def test_the_progress_meter_counts_the_files_bytes_whatever_their_encoding(tmp_p
         meter = [0]
         assert list(iter_documents([str(f)], meter=meter))
         assert meter[0] == f.stat().st_size, f.name
+
+
+def test_nanogpt_bin_files_are_used_in_place(tmp_path, corpus, capsys):
+    """A nanoGPT user has train.bin and val.bin already (its prepare.py: GPT-2 ids as raw uint16, each document
+    ended by <|endoftext|>; OpenWebText's are 17 GB): prepare adopts them without tokenizing or copying."""
+    from homellm.cli import main
+    from homellm.train import TokenBatches
+
+    tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "tok"), vocab_size=300))
+    lines = corpus.read_text().splitlines()
+    nano = tmp_path / "openwebtext"
+    nano.mkdir()
+    arrays = {}
+    for split, docs_ in (("train", lines[:200]), ("val", lines[200:220])):  # as nanoGPT's prepare.py writes them
+        ids = [i for d in docs_ for i in [*tok.encode(d), tok.eot_id]]
+        arrays[split] = np.array(ids, dtype=np.uint16)
+        arrays[split].tofile(nano / f"{split}.bin")
+    meta = prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "data")))
+    err = capsys.readouterr().err
+    assert "using nanoGPT's" in err and f"The text starts {lines[0][:40]!r}"[:-1] in err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["meta.json", "tokenizer"]  # nothing copied
+    assert (meta["documents"], meta["val_documents"], meta["split"]) == (220, 20, "nanogpt")
+    assert meta["train_bytes"] == sum(len(d.encode()) for d in lines[:200])  # end-of-text counts no byte
+    for split in ("train", "val"):
+        (shard,) = open_split(tmp_path / "data", split)
+        assert np.array_equal(shard, arrays[split])
+    data_ = TokenBatches(tmp_path / "data", 16, 0, tok.token_bytes())
+    assert data_.train_batch(0, 4, 0, 1)[0].shape == (4, 16)
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--block-size", "16"]) == 0
+    # What is not nanoGPT's BPE data, or not these ids, is refused in one line; pretrain points to prepare.
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(nano), "--out", str(tmp_path / "r2"), "--max-steps", "1"]) == 2
+    assert "holds nanoGPT's train.bin and val.bin" in capsys.readouterr().err
+    np.array([5, 400], dtype=np.uint16).tofile(nano / "val.bin")
+    with pytest.raises(HomeLLMError, match=r"val.bin: id 400 is past --tokenizer .*'s 300 ids"):
+        prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d2")))
+    (nano / "val.bin").write_bytes(b"\x01\x00\x02")
+    with pytest.raises(HomeLLMError, match="3 bytes, not a whole number of uint16 ids"):
+        prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d2")))
+    (nano / "meta.pkl").write_bytes(b"")
+    with pytest.raises(HomeLLMError, match="nanoGPT's character-level data"):
+        prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d2")))
+    assert not (tmp_path / "d2").exists()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError
-from homellm.io import fsync_dir, progress_bar
+from homellm.io import fsync_dir, progress_bar, say
 from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
@@ -681,8 +681,10 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
                            "its own: prepare into another --out (or delete them, if an interrupted prepare left them)")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    nanogpt = nanogpt_folder(cfg.input)
     try:
-        meta = {**_prepare_into(out, cfg, tok), **(extra_meta or {})}
+        meta = {**(_adopt_nanogpt(nanogpt, out, cfg, tok) if nanogpt else _prepare_into(out, cfg, tok)),
+                **(extra_meta or {})}
         save_json(out / "meta.json", meta)  # here first: a meta.json that cannot be written fails before the swap
     except BaseException:
         shutil.rmtree(final if made else out, ignore_errors=True)  # a folder this call made goes too: no empty --out
@@ -697,6 +699,66 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     out.rmdir()
     fsync_dir(final)
     return meta
+
+
+def nanogpt_folder(inputs: list[str]) -> Path | None:
+    """The folder of nanoGPT's prepared tokens (train.bin and val.bin, raw uint16) when it is the one input."""
+    if len(inputs) != 1 or inputs[0].startswith("hf:"):
+        return None
+    folder = Path(inputs[0])
+    return folder if (folder / "train.bin").is_file() and (folder / "val.bin").is_file() else None
+
+
+def _adopt_nanogpt(folder: Path, out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
+    """nanoGPT's train.bin and val.bin (its prepare.py's: GPT-2 ids as raw uint16, documents ended by
+    <|endoftext|>) used in place: homellm's shards are the same raw little-endian ids, so meta.json points at them
+    and nothing is copied or tokenized again (OpenWebText's are 17 GB). The ids are checked to fit the tokenizer,
+    and the start of the text shown, which tells a mismatched tokenizer at a glance."""
+    if (folder / "meta.pkl").is_file():
+        # shakespeare_char: ids of its own character table, which homellm's char tokenizer numbers otherwise.
+        raise HomeLLMError(f"--input {folder}: nanoGPT's character-level data (meta.pkl holds its own character "
+                           "ids): prepare the text itself instead, e.g. --input input.txt with a tokenizer from "
+                           "`homellm tokenizer train --kind char`")
+    if tok.vocab_size > 2**16:
+        raise HomeLLMError(f"--tokenizer {cfg.tokenizer} has {tok.vocab_size:,} ids, but nanoGPT's .bin files hold "
+                           "uint16 ids: use the tokenizer they were made with (GPT-2's)")
+    dtype = np.dtype("<u2")
+    token_bytes = tok.token_bytes()
+    meta_shards: dict[str, list[dict[str, Any]]] = {}
+    counts = {}
+    for split in ("train", "val"):
+        path = (folder / f"{split}.bin").resolve()
+        if path.stat().st_size % 2:
+            raise HomeLLMError(f"{path}: {path.stat().st_size:,} bytes, not a whole number of uint16 ids: is it "
+                               "nanoGPT's prepared data? run its prepare.py again")
+        ids = np.memmap(path, dtype=dtype, mode="r")
+        n_bytes = docs = top = 0
+        for start in range(0, len(ids), 1 << 24):  # a chunk at a time: memory stays flat for 9B tokens
+            chunk = np.asarray(ids[start:start + (1 << 24)])
+            top = max(top, int(chunk.max()))
+            if top >= tok.vocab_size:
+                raise HomeLLMError(f"{path}: id {top} is past --tokenizer {cfg.tokenizer}'s {tok.vocab_size:,} ids: "
+                                   "these ids come from another tokenizer; give the one they were made with")
+            n_bytes += int(token_bytes[chunk].sum())
+            docs += int((chunk == tok.eot_id).sum())
+        meta_shards[split] = [{"file": str(path), "tokens": len(ids)}] if len(ids) else []
+        counts[split] = (len(ids), n_bytes, docs)
+    if not counts["train"][0]:
+        raise HomeLLMError(f"{folder / 'train.bin'} is empty: run nanoGPT's prepare.py again")
+    start = tok.decode(np.asarray(np.memmap(folder / "train.bin", dtype=dtype, mode="r")[:40]).tolist())
+    say(f"note: using nanoGPT's {folder / 'train.bin'} ({counts['train'][0]:,} tokens) and val.bin "
+        f"({counts['val'][0]:,}) where they are, without copying: keep them there. The text starts {start[:80]!r}: "
+        "if that is not text, --tokenizer is not the one they were made with")
+    tok.save(out / "tokenizer")
+    return {
+        "format": "homellm-tokens-v1", "dtype": "uint16", "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+        "tokenizer": {"dir": "tokenizer", "kind": tok.kind, "source": str(cfg.tokenizer)},
+        "shards": meta_shards, "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
+        "train_bytes": counts["train"][1], "val_bytes": counts["val"][1],
+        "documents": counts["train"][2] + counts["val"][2], "unknown_tokens": 0, "val_documents": counts["val"][2],
+        "split": "nanogpt", "inputs": list(cfg.input), "text_field": cfg.text_field, "encoding": cfg.encoding,
+        "aozora": cfg.aozora, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+    }
 
 
 def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:

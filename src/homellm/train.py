@@ -828,13 +828,17 @@ def absolute_inputs(inputs: list[str]) -> list[str]:
 def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     """The prepared data folder for cfg.data: itself, or RUN/data built from raw text (tokenizer trained first)."""
     from homellm.config import PrepareConfig
-    from homellm.data import prepare
+    from homellm.data import nanogpt_folder, prepare
     from homellm.tokenizer import train_tokenizer
 
     if not cfg.data:
         raise HomeLLMError("--data is required: a folder from `homellm prepare`, or .txt/.jsonl files to train on")
     if len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file():
         return Path(cfg.data[0])
+    if nanogpt_folder(cfg.data):  # token ids, not text: a tokenizer trained here could not read them
+        raise HomeLLMError(f"--data {cfg.data[0]} holds nanoGPT's train.bin and val.bin, ids of the tokenizer they "
+                           f"were made with: adopt them with `homellm prepare --input {cfg.data[0]} --tokenizer "
+                           "GPT2_TOKENIZER --out DATA` (GPT-2's encoder.json + vocab.bpe), then --data DATA")
     run = Path(cfg.out)
     data_dir = run / "data"
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
