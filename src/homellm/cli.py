@@ -227,7 +227,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     cfg = build(ExportConfig, args)
     if not cfg.out:
-        raise HomeLLMError("--out is required: the folder to write the transformers model into")
+        raise HomeLLMError("--out is required: the folder to write the transformers model into (with --format "
+                           "gguf, the .gguf file)")
+    if cfg.format == "gguf":
+        from homellm.gguf_file import export_gguf
+
+        print(f"GGUF file written to {export_gguf(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
+        return
     print(f"transformers model written to {export_run(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
 
 
@@ -329,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_verb(sub, "info", "architecture, parameter counts and checkpoints of a run", cmd_info)
 
-    run_verb(sub, "export", "write a run as a Hugging Face transformers model folder (to load or upload)",
+    run_verb(sub, "export", "write a run as a Hugging Face transformers model folder, or a GGUF file for llama.cpp",
              cmd_export, ExportConfig)
 
     p = sub.add_parser("import", help="a Hugging Face GPT-2 or Llama model as a run (to fine-tune, chat, serve)")
@@ -359,7 +365,7 @@ def check_out(args: argparse.Namespace) -> None:
             raise HomeLLMError(f"--out {out} is a folder: give the report's file path, such as {out / 'compare.md'}")
         if out.exists() and args.prompts and out.resolve() == Path(args.prompts).resolve():
             raise HomeLLMError(f"--out {out} is the --prompts file: choose another --out")
-    elif out.exists() and not out.is_dir():
+    elif out.exists() and not out.is_dir() and getattr(args, "format", "") != "gguf":  # (gguf's --out is a file)
         raise HomeLLMError(f"--out {out} is a file: give a folder path")
     # What each verb must not write into: its files would replace a run's, prepared data's or a tokenizer's own
     # (a run's tokenizer/, say), leaving their token ids meaning other text. Resuming a run, or preparing data again

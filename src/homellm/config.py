@@ -198,9 +198,10 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    out: str = ""  # the folder to write: a transformers model (AutoModelForCausalLM.from_pretrained reads it)
+    out: str = ""  # hf: the folder to write (AutoModelForCausalLM.from_pretrained reads it); gguf: the .gguf file
+    format: str = "hf"  # hf: a transformers model folder; gguf: one file for llama.cpp, Ollama, LM Studio
     checkpoint: str = "best"  # best or last
-    dtype: str = "float32"  # the weights' type in the folder: float32, or bfloat16 / float16 for half the size
+    dtype: str = "float32"  # the weights' type: float32, or float16 (and, for hf, bfloat16) for half the size
 
 
 @dataclass
@@ -296,6 +297,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
     "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
     "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE,
+    "format": (lambda v: v in ("hf", "gguf"), "is unknown: use hf or gguf"),
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
     "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
 }
