@@ -271,3 +271,18 @@ def test_hf_name_downloads_only_the_files_an_import_reads(tmp_path, monkeypatch)
     sys.modules["huggingface_hub"].snapshot_download = offline
     with pytest.raises(HomeLLMError, match=r"^hf:x/y: cannot download \(We couldn't connect .*\): check the name"):
         import_model("hf:x/y", tmp_path / "run2")
+
+
+def test_weights_are_read_safetensors_first_and_a_git_lfs_pointer_is_named(tmp_path):
+    """A .bin index beside model.safetensors (its shards not downloaded) was read first and failed; a .bin that a
+    clone without git-lfs left as a pointer raised pickle's traceback."""
+    from homellm.hf import read_weights
+
+    folder, _ = hub_folder(tmp_path, "gpt2")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model-1.bin"}}))
+    assert "transformer.wte.weight" in read_weights(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin.index.json").unlink()
+    (folder / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    with pytest.raises(HomeLLMError, match=r"pytorch_model.bin: cannot be read .*`git lfs pull`"):
+        read_weights(folder)

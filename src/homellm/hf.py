@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from homellm.config import ModelConfig, TrainConfig, load_json, save_json, to_dict
@@ -300,12 +299,16 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A transformers folder's tensors: model.safetensors, pytorch_model.bin, or the shards their index names."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            files = sorted(set(load_json(folder / index).get("weight_map", {}).values()))
+    # Safetensors first, sharded or not: an hf: download fetches those only, and a .bin index may lie beside them.
+    files: list[str] = []
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin"):
+        if (folder / name).is_file():
+            mapping = load_json(folder / name).get("weight_map") if name.endswith(".json") else {"": name}
+            if not isinstance(mapping, dict):
+                raise HomeLLMError(f"{folder / name}: no weight_map object: download the model again")
+            files = sorted(set(mapping.values()))
             break
-    else:
-        files = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
     if not files:
         raise HomeLLMError(f"{folder}: no model.safetensors or pytorch_model.bin: download the model's weights too")
     weights: dict[str, torch.Tensor] = {}
@@ -316,9 +319,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 weights |= load_file(str(path))
             else:  # weights_only: a pickle from the internet must not run code
                 weights |= torch.load(path, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+        except Exception as e:  # safetensors', torch's and pickle's own errors: a truncated file, a Git LFS pointer
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise HomeLLMError(f"{path}: cannot be read ({reason}): download the model again") from None
+            raise HomeLLMError(f"{path}: cannot be read ({reason}): download the model again (a clone made without "
+                               "git-lfs holds pointers, not weights: `git lfs pull`)") from None
     return weights
 
 

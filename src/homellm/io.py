@@ -61,6 +61,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def atomic_folder(out: Path, write: Callable[[Path], None], suffix: str = ".writing") -> None:
     """A new folder `out` (absent or empty) written whole or not at all: `write` fills a staging folder beside it,
     which is then renamed into place. A crash, a full disk or Ctrl-C never leaves half a run or model behind."""
+    out = out.resolve()  # `--out .` has no name to stage beside
     stage = out.parent / f".{out.name}{suffix}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
