@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from homellm.checkpoint import load_model
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
-from test_hf_interop import cli, make_run
+from test_hf_interop import ARCHITECTURES, cli, make_run
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf extra: pip install -e '.[dev]'")
 from homellm.gguf_file import export_gguf, read_gguf  # noqa: E402  (after the skip: it needs gguf)
@@ -74,11 +74,7 @@ def forward(meta: dict, t: dict, ids: torch.Tensor) -> torch.Tensor:
     return norm(x, "output_norm") @ w.get("output.weight", w["token_embd.weight"]).T
 
 
-@pytest.mark.parametrize("family, kw", [("llama", dict(n_kv_head=2, rope_theta=500.0, norm_eps=1e-4)),
-                                        ("llama", dict(tie_embeddings=False, bias=True)),
-                                        ("gpt2", dict(n_kv_head=2, bias=True)),
-                                        ("gpt2", dict(tie_embeddings=False))],
-                         ids=["llama-gqa", "llama-untied-bias", "gpt2-gqa-bias", "gpt2-untied-nobias"])
+@ARCHITECTURES
 def test_a_gguf_file_computes_homellms_logits_in_llama_cpps_conventions(tmp_path, family, kw, capsys):
     run = make_run(tmp_path / "run", family, **kw)
     code, stdout, err = cli(capsys, "export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))

@@ -62,11 +62,15 @@ def ids_of(text: str, tok: Tokenizer) -> torch.Tensor:
     return torch.tensor([tok.encode(text)])
 
 
-@pytest.mark.parametrize("family, kw", [("llama", dict(n_kv_head=2, rope_theta=500.0, norm_eps=1e-4)),
-                                        ("llama", dict(tie_embeddings=False, bias=True)),
-                                        ("gpt2", dict(n_kv_head=2, bias=True)),
-                                        ("gpt2", dict(tie_embeddings=False))],
-                         ids=["llama-gqa", "llama-untied-bias", "gpt2-gqa-bias", "gpt2-untied-nobias"])
+# Both families, with and without grouped-query attention, tied embeddings and biases (test_gguf.py uses them too).
+ARCHITECTURES = pytest.mark.parametrize(
+    "family, kw", [("llama", dict(n_kv_head=2, rope_theta=500.0, norm_eps=1e-4)),
+                   ("llama", dict(tie_embeddings=False, bias=True)), ("gpt2", dict(n_kv_head=2, bias=True)),
+                   ("gpt2", dict(tie_embeddings=False))],
+    ids=["llama-gqa", "llama-untied-bias", "gpt2-gqa-bias", "gpt2-untied-nobias"])
+
+
+@ARCHITECTURES
 def test_an_exported_run_loads_in_transformers_and_answers_as_homellm_does(tmp_path, family, kw, capsys):
     run = make_run(tmp_path / "run", family, **kw)
     code, stdout, _ = cli(capsys, "export", str(run), "--out", str(tmp_path / "hf"))
