@@ -22,7 +22,7 @@ from homellm.gguf_file import export_gguf, read_gguf  # noqa: E402  (after the s
 def forward(meta: dict, t: dict, ids: torch.Tensor) -> torch.Tensor:
     """Logits from the GGUF file alone, computed as llama.cpp computes its llama and gpt2 architectures."""
     arch = meta["general.architecture"]
-    w = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in t.items()}
+    w = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in t.items()}  # a copy: the reader maps the file
     d, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)  # gpt2: each key/value head written per query head
     hd, T = d // heads, ids.shape[1]
