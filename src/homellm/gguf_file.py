@@ -12,7 +12,6 @@ pre-tokenizer, which is what `homellm tokenizer train` makes; a char-level token
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from homellm.config import CHAT_TEMPLATE
 from homellm.errors import HomeLLMError
+from homellm.io import atomic_write
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -111,10 +111,10 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
     model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
     c, tok = model.cfg, Tokenizer.load(run)
     tokens, types, merges = _vocabulary(tok, c.vocab_size, str(run))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing")
-    writer = gguf.GGUFWriter(str(tmp), "llama" if c.family == "llama" else "gpt2")
-    try:
+    chat = is_sft(run)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), "llama" if c.family == "llama" else "gpt2")
         writer.add_name(run.name)
         writer.add_context_length(c.block_size)
         writer.add_embedding_length(c.n_embd)
@@ -139,7 +139,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
         writer.add_pad_token_id(tok.pad_id)
         writer.add_add_bos_token(False)  # homellm's models start text as it comes, with no token before it
         writer.add_chat_template(CHAT_TEMPLATE)
-        if is_sft(run):
+        if chat:
             writer.add_eot_token_id(tok.im_end_id)  # a chat model's turn ends here: llama.cpp stops generating
         for name, tensor in gguf_tensors(model).items():
             array = tensor.detach().float().numpy()
@@ -148,12 +148,8 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     return out
 
 

@@ -109,7 +109,7 @@ def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor], 
                        "(GPT-2, rinna's Japanese GPT-2, TinyLlama, SmolLM, Llama 2 and 3 without rope scaling)")
 
 
-def _need(config: dict[str, Any], where: str, ok: bool, what: str) -> None:
+def _need(where: str, ok: bool, what: str) -> None:
     if not ok:
         raise HomeLLMError(f"{where}: {what}, which homellm's model does not have: this model cannot be imported")
 
@@ -117,9 +117,9 @@ def _need(config: dict[str, Any], where: str, ok: bool, what: str) -> None:
 def _from_gpt2(config: dict[str, Any], weights: dict[str, torch.Tensor], where: str
                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     act = config.get("activation_function", "gelu_new")
-    _need(config, where, act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function {act!r}")
-    _need(config, where, config.get("scale_attn_weights", True), "attention scores not scaled by 1/sqrt(head size)")
-    _need(config, where, not config.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
+    _need(where, act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function {act!r}")
+    _need(where, config.get("scale_attn_weights", True), "attention scores not scaled by 1/sqrt(head size)")
+    _need(where, not config.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
     d, n_head = config["n_embd"], config["n_head"]
     cfg = ModelConfig(family="gpt2", vocab_size=config["vocab_size"], n_layer=config["n_layer"], n_head=n_head,
                       n_embd=d, intermediate_size=config.get("n_inner") or 4 * d, block_size=config["n_positions"],
@@ -154,18 +154,18 @@ def _from_gpt2(config: dict[str, Any], weights: dict[str, torch.Tensor], where: 
 def _from_llama(config: dict[str, Any], weights: dict[str, torch.Tensor], where: str
                 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     act = config.get("hidden_act", "silu")
-    _need(config, where, act == "silu", f"hidden_act {act!r}")
+    _need(where, act == "silu", f"hidden_act {act!r}")
     # transformers 5 writes RoPE's settings as rope_parameters; 4.x as rope_theta and rope_scaling.
     ropes = [r for r in (config.get("rope_parameters"), config.get("rope_scaling")) if isinstance(r, dict)]
     for rope in ropes:
         kind = rope.get("rope_type", rope.get("type", "default"))
-        _need(config, where, kind == "default", f"RoPE scaling {kind!r}")
+        _need(where, kind == "default", f"RoPE scaling {kind!r}")
     theta = config.get("rope_theta") or next((r["rope_theta"] for r in ropes if "rope_theta" in r), 10000.0)
     d, n_head = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // n_head
-    _need(config, where, head_dim * n_head == d, f"head_dim {head_dim} x {n_head} heads unlike hidden_size {d}")
+    _need(where, head_dim * n_head == d, f"head_dim {head_dim} x {n_head} heads unlike hidden_size {d}")
     bias, mlp_bias = config.get("attention_bias", False), config.get("mlp_bias", False)
-    _need(config, where, bias == mlp_bias, "biases in attention but not in the MLP (or the other way)")
+    _need(where, bias == mlp_bias, "biases in attention but not in the MLP (or the other way)")
     cfg = ModelConfig(family="llama", vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"],
                       n_head=n_head, n_kv_head=config.get("num_key_value_heads") or n_head, n_embd=d,
                       intermediate_size=config["intermediate_size"],
