@@ -1,9 +1,11 @@
 """`homellm export` and `homellm import`: a run as a transformers model folder and back, checked through
 transformers' own from_pretrained, generate and tokenizers (nothing downloaded: models are built from configs)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,24 +135,36 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 # ---- import -------------------------------------------------------------------------------------------------------
 
-def hub_folder(tmp_path: Path, family: str, legacy: bool = False) -> tuple[Path, object]:
+def hub_folder(tmp_path: Path, family: str, legacy: bool = False, ends: str = "", vocab: int = 0
+               ) -> tuple[Path, object]:
     """A transformers model saved as the hub serves one, with a tokenizer that has only <|endoftext|>: homellm must
-    add its chat and padding tokens, and grow the embeddings for them."""
+    add its chat and padding tokens, and grow the embeddings for them. With `ends`, a Llama's tokenizer with </s>
+    (id 0) and <s> instead, which adds <s> before text: named as Llama 2's files name them ("llama2":
+    tokenizer_config.json's add_bos_token and eos_token) or as Llama 3's ("llama3": tokenizer.json's template and
+    config.json's eos_token_id only). `vocab`: the model's rows, where they are not the tokenizer's ids."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-    folder = tmp_path / f"hub-{family}"
+    folder = tmp_path / f"hub-{family}{ends}"
     folder.mkdir()
     raw = HFTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    special = ["</s>", "<s>"] if ends else ["<|endoftext|>"]
+    raw.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if ends:
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+        config = ({"add_bos_token": True, "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}
+                  if ends == "llama2" else {"bos_token": "<s>"})
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                  **config}))
     if legacy:  # no tokenizer.json: GPT-2's vocab.json + merges.txt, as the older uploads have
         raw.model.save(str(folder))
     else:
         raw.save(str(folder / "tokenizer.json"))
-    vocab = raw.get_vocab_size()
+    vocab = vocab or raw.get_vocab_size()
     torch.manual_seed(1)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4,
@@ -159,7 +173,7 @@ def hub_folder(tmp_path: Path, family: str, legacy: bool = False) -> tuple[Path,
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           rope_theta=300.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                          attn_implementation="eager")
+                                          attn_implementation="eager", bos_token_id=1, eos_token_id=0 if ends else 2)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -200,11 +214,63 @@ def test_an_imported_model_computes_what_transformers_does_and_goes_back_out(tmp
         torch.testing.assert_close(back(ids).logits[..., :vocab], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ends", ["llama2", "llama3"])
+def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_path, ends, capsys):
+    """A Llama ends text with </s> and reads it after <s>. Imported with homellm's new <|endoftext|> as its end
+    (untrained), generate never stopped, prompts lost their <s>, and an export told transformers the new ids."""
+    from homellm.chat import render
+    from homellm.config import SampleConfig
+    from homellm.generate import stream_text
+
+    folder, (_, raw) = hub_folder(tmp_path, "llama", ends=ends)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["lm_head.weight"].zero_()  # every logit equal: greedy writes id 0, </s>
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    run = import_model(str(folder), tmp_path / "run")
+    tok = Tokenizer.load(run)
+    eos, bos = raw.token_to_id("</s>"), raw.token_to_id("<s>")
+    assert (tok.eot_id, tok.bos_id, eos) == (eos, bos, 0)
+    assert tok.encode_prompt("ROMEO:") == raw.encode("ROMEO:").ids == [bos, *tok.encode("ROMEO:")]
+    stats: dict = {}
+    text = "".join(stream_text(load_model(run), tok, "ROMEO:", SampleConfig(temperature=0, max_new_tokens=6),
+                               stats))
+    # It stops at once (before, it wrote </s> six times and went on).
+    assert (text, stats["new_tokens"], stats["prompt_tokens"]) == ("", 0, len(tok.encode("ROMEO:")) + 1)
+    assert render(tok, [{"role": "user", "content": "hi"}])[0][0] == bos  # a conversation starts after <s> too
+    # Text prepared with the run's tokenizer (to pretrain it further) is one document: <s> ... </s>.
+    code, _, err = cli(capsys, "prepare", "--input", str(text_file(tmp_path)), "--tokenizer", str(run), "--out",
+                       str(tmp_path / "data"), "--val-fraction", "0")
+    assert code == 0, err
+    tokens = np.fromfile(next((tmp_path / "data").glob("train_*.bin")), dtype="<u2").tolist()
+    assert tokens[0] == bos and tokens[-1] == eos and tokens.count(bos) == tokens.count(eos) == 1
+    # transformers is told the model's own ids, and its tokenizer puts <s> before text as homellm does.
+    export_run(run, tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (bos, eos)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert auto("ROMEO:").input_ids == tok.encode_prompt("ROMEO:") and auto.eos_token_id == eos
+    again = Tokenizer.load(import_model(str(tmp_path / "back"), tmp_path / "again"))
+    assert (again.eot_id, again.bos_id) == (eos, bos)
+    if importlib.util.find_spec("gguf"):  # and llama.cpp is told to put <s> before text
+        from homellm.gguf_file import export_gguf, read_gguf
+
+        meta, _ = read_gguf(export_gguf(run, tmp_path / "m.gguf"))
+        assert [meta[f"tokenizer.ggml.{k}"] for k in ("bos_token_id", "eos_token_id", "add_bos_token")] == [
+            bos, eos, True]
+
+
 def test_an_imported_model_fine_tunes(tmp_path, capsys):
     """The point of importing (seed 004 fine-tuned GPT-2): sft --init on it trains and writes a chat run."""
     folder, _ = hub_folder(tmp_path, "gpt2")
     import_model(str(folder), tmp_path / "run", context=32)
     assert load_model(tmp_path / "run").embed_positions.weight.shape[0] == 32
+    code, out, _ = cli(capsys, "info", str(tmp_path / "run"))  # where it came from, not training defaults
+    assert code == 0 and f"imported from {folder}" in out and "training:" not in out
+    files = sorted((tmp_path / "run").rglob("*"))
+    code, _, err = cli(capsys, "pretrain", "--resume", "--out", str(tmp_path / "run"), "--data",
+                       str(text_file(tmp_path)))
+    assert code == 2 and "not pretrained here" in err and f"homellm sft --init {tmp_path / 'run'}" in err, err
+    assert sorted((tmp_path / "run").rglob("*")) == files  # refused before any text was prepared
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a} + 1?"},
                                                       {"role": "assistant", "content": str(a + 1)}]}) + "\n"
@@ -218,20 +284,24 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     folder, _ = hub_folder(tmp_path, "llama")
     config = json.loads((folder / "config.json").read_text())
     cases = []
-    for name, change in [("bert", {"model_type": "bert"}),
-                         ("scaled", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
-                         ("gelu", {"hidden_act": "gelu"})]:
+    no_mlp_size = {k: v for k, v in config.items() if k != "intermediate_size"}  # LlamaConfig's 11008 then
+    for name, change in [("bert", {**config, "model_type": "bert"}),
+                         ("scaled", {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+                         ("gelu", config), ("list", [config]), ("text", {**config, "hidden_size": "64"}),
+                         ("default", no_mlp_size), ("index", config)]:
         other = tmp_path / name
         other.mkdir()
         (other / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
         (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-        (other / "config.json").write_text(json.dumps({**config, **change}))
+        (other / "config.json").write_text(json.dumps(change))
         cases.append(other)
     sd = load_file(str(folder / "model.safetensors"))
     sd.pop("model.norm.weight")
     save_file(sd, str(cases[2] / "model.safetensors"), metadata={"format": "pt"})
-    (cases[2] / "config.json").write_text(json.dumps(config))
-    expect = ["model_type 'bert' is not one homellm runs", "RoPE scaling 'llama3'", "lack 'norm.weight'"]
+    (cases[6] / "model.safetensors.index.json").write_text("[]")
+    expect = ["model_type 'bert' is not one homellm runs", "RoPE scaling 'llama3'", "lack 'norm.weight'",
+              "list/config.json: not a JSON object", "text/config.json: hidden_size is '64', not a positive whole",
+              "default: layers.0.mlp.gate_proj.weight has shape (96, 64) but", "index.json: no weight_map object"]
     proc = homellm("import", str(cases[0]), "--out", str(tmp_path / "r"), check=False)  # once as a user runs it
     assert proc.returncode == 2 and expect[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     for source, message in zip(cases[1:], expect[1:]):
@@ -248,6 +318,21 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     with pytest.raises(HomeLLMError, match="trained for 64 positions at most"):
         import_model(str(folder), tmp_path / "r", context=65)
     assert not (tmp_path / "r").exists() and not (tmp_path / ".r.importing").exists()
+
+
+def test_imported_chat_tokens_start_at_the_mean_wherever_they_land_and_a_foreign_tokenizer_is_refused(tmp_path):
+    """A model with more rows than its tokenizer has ids (padded, as Pythia's) got homellm's chat tokens on its
+    padding rows, which it never trained; a tokenizer with more ids than the model has rows was imported."""
+    folder, _ = hub_folder(tmp_path, "llama", vocab=320)
+    model, tok = load_model(import_model(str(folder), tmp_path / "run")), Tokenizer.load(tmp_path / "run")
+    assert model.cfg.vocab_size == 320 and [tok.im_start_id, tok.im_end_id, tok.pad_id] == [300, 301, 302]
+    source = load_file(str(folder / "model.safetensors"))
+    for w, name in ((model.embed_tokens.weight, "model.embed_tokens.weight"), (model.lm_head.weight, "lm_head.weight")):
+        torch.testing.assert_close(w[300:303].detach(), w[:300].detach().mean(0).expand(3, -1))
+        torch.testing.assert_close(w[303:].detach(), source[name][303:])  # the padding rows the tokens skip
+    small, _ = hub_folder(tmp_path, "gpt2", vocab=200)
+    with pytest.raises(HomeLLMError, match=r"its tokenizer has 300 ids but the model 200 \(config.json's vocab_size"):
+        import_model(str(small), tmp_path / "run2")
 
 
 def test_hf_name_downloads_only_the_files_an_import_reads(tmp_path, monkeypatch):

@@ -45,8 +45,9 @@ def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool 
 
     Each piece is encoded on its own: the special tokens split the text anyway, and message content is encoded
     with special strings as plain text, so a user cannot forge a turn by typing "<|im_start|>"."""
-    ids: list[int] = []
-    mask: list[bool] = []
+    # A model trained with a bos before every text (an imported Llama's <s>) reads a conversation after it too.
+    ids: list[int] = [] if tok.bos_id is None else [tok.bos_id]
+    mask: list[bool] = [False] * len(ids)
 
     def add(piece: list[int], trained: bool) -> None:
         ids.extend(piece)

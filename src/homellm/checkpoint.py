@@ -53,18 +53,21 @@ def weights_of(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def load_weights_into(model: GPT, weights: dict[str, torch.Tensor], where: str) -> None:
+def load_weights_into(model: GPT, weights: dict[str, torch.Tensor], where: str, config: str = "the run's config.json",
+                      fix: str = "restore config.json to what the run was trained with") -> None:
+    """Load `weights` (read from `where`) into `model`, or name the first tensor that does not fit the model that
+    `config` describes."""
     expected = set(weights_of(model))
     got = set(weights)
     if got != expected:
         missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise HomeLLMError(f"{where}: weights do not fit the config (missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}): check the run's config.json")
+        raise HomeLLMError(f"{where}: weights do not fit {config} (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}): {fix}")
     own = model.state_dict()
     for name, tensor in weights.items():
         if tensor.shape != own[name].shape:
-            raise HomeLLMError(f"{where}: {name} has shape {tuple(tensor.shape)} but the run's config.json makes "
-                               f"{tuple(own[name].shape)}: restore config.json to what the run was trained with")
+            raise HomeLLMError(f"{where}: {name} has shape {tuple(tensor.shape)} but {config} makes "
+                               f"{tuple(own[name].shape)}: {fix}")
     model.load_state_dict(weights, strict=False)
 
 

@@ -58,9 +58,9 @@ def complete(run: str | Path, model: GPT, tok: Tokenizer, prompts: list[str], cf
     out = []
     for p in progress_bar(prompts, desc=Path(run).name, unit="prompt"):
         # raw prompts honour special tokens, as `homellm generate` does; chat content is always plain text
-        ids = prompt_ids(tok, [{"role": "user", "content": p}]) if chat else tok.encode(p, allow_special=True)
+        ids = prompt_ids(tok, [{"role": "user", "content": p}]) if chat else tok.encode_prompt(p)
         # a continuation cut off by max_new_tokens mid-character ends in U+FFFD: drop it
-        out.append("".join(stream_ids(model, tok, ids or [tok.eot_id], cfg)).rstrip("\ufffd"))
+        out.append("".join(stream_ids(model, tok, ids, cfg)).rstrip("\ufffd"))
     return out
 
 

@@ -769,6 +769,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
     unk_id = tok.unk_id
     unknown_chars: set[str] = set()
     eot = np.array([tok.eot_id], dtype=np.uint32)
+    # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
+    bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
+    fresh = [True]  # whether the next piece starts a document
 
     def flush(batch: list[Piece]) -> None:
         nonlocal docs, val_docs, tokens, unknown
@@ -786,7 +789,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
                 unknown += n
                 if len(unknown_chars) < 10:
                     unknown_chars.update(tok.unknown_chars(piece.text))
+            if bos is not None and fresh[0]:
+                parts[side].append(bos)
             parts[side].append(array)
+            fresh[0] = piece.end
             if piece.end:
                 parts[side].append(eot)
                 docs += 1

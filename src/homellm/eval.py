@@ -37,7 +37,10 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
     KV cache until every row has stopped. A completion ends with its stop token's text."""
     model.eval()
     device = next(model.parameters()).device
-    encoded = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], str) else tok.encode_batch(prompts)
+    if prompts and not isinstance(prompts[0], str):
+        encoded = [list(p) for p in prompts]
+    else:  # after the bos of a model trained with one, as every prompt (Tokenizer.encode_prompt)
+        encoded = [[tok.bos_id, *ids] if tok.bos_id is not None else ids for ids in tok.encode_batch(prompts)]
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)

@@ -264,7 +264,7 @@ def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
     Special tokens in the prompt are honoured (chat markup); generation ends at end of text, <|im_end|> or
     <|im_start|>. With cfg.num_beams > 1 the beam search result comes as one piece. `stats`, if given, is filled at
     the end with prompt_tokens, new_tokens, seconds and tok_per_s."""
-    ids = tok.encode(prompt, allow_special=True) or [tok.eot_id]  # an empty prompt starts a fresh document
+    ids = tok.encode_prompt(prompt)
     yield from stream_ids(model, tok, ids, cfg, stats)
 
 

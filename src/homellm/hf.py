@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def transformers_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict[str, Any]:
     """The config.json transformers reads for this architecture."""
-    ids = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id}
+    ids = {"bos_token_id": _bos(tok), "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id}
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02,
               "torch_dtype": dtype, **ids}
     if cfg.family == "llama":
@@ -45,6 +45,12 @@ def transformers_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32"
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,
             "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
             "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True, **common}
+
+
+def _bos(tok: Tokenizer) -> int:
+    """The bos id transformers is told: an imported model's own (Llama's <s>), else end of text, which homellm's
+    models read as the start of a document (nothing is put before a prompt)."""
+    return tok.eot_id if tok.bos_id is None else tok.bos_id
 
 
 def to_transformers(model: GPT) -> dict[str, torch.Tensor]:
@@ -97,16 +103,37 @@ def _gpt2_names(c: ModelConfig, src: dict[str, torch.Tensor]) -> dict[str, torch
     return sd
 
 
+# What transformers' GPT2Config and LlamaConfig assume for the sizes a config.json leaves out (older uploads and
+# hand-written configs rely on them).
+SIZES = {"gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12},
+         "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "max_position_embeddings": 2048}}
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json with transformers' defaults where it says nothing (a key left out, or null),
+    checked before a size reaches a tensor: one line naming the file and the key, never a KeyError."""
+    path = folder / "config.json"
+    config = load_json(path)
+    if not isinstance(config, dict):
+        raise HomeLLMError(f"{path}: not a JSON object, so not a transformers config: download the model again")
+    kind = config.get("model_type")
+    if kind not in SIZES:
+        raise HomeLLMError(f"{path}: model_type {kind!r} is not one homellm runs: it imports gpt2 and llama models "
+                           "(GPT-2, rinna's Japanese GPT-2, TinyLlama, SmolLM, Llama 2 and 3 without rope scaling)")
+    config = {**SIZES[kind], **{k: v for k, v in config.items() if v is not None}}
+    for key in [*SIZES[kind], "n_inner", "num_key_value_heads", "head_dim"]:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise HomeLLMError(f"{path}: {key} is {value!r}, not a positive whole number: download the model again")
+    return config
+
+
 def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor], where: str
                       ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A transformers GPT-2 or Llama (config.json and state dict) as homellm's config and state dict, in float32."""
-    kind = config.get("model_type")
-    if kind == "gpt2":
-        return _from_gpt2(config, weights, where)
-    if kind == "llama":
-        return _from_llama(config, weights, where)
-    raise HomeLLMError(f"{where}: model_type {kind!r} is not one homellm runs: it imports gpt2 and llama models "
-                       "(GPT-2, rinna's Japanese GPT-2, TinyLlama, SmolLM, Llama 2 and 3 without rope scaling)")
+    """A transformers GPT-2 or Llama (config.json as `read_hf_config` gives it, and a state dict) as homellm's config
+    and state dict, in float32."""
+    return (_from_gpt2 if config["model_type"] == "gpt2" else _from_llama)(config, weights, where)
 
 
 def _need(where: str, ok: bool, what: str) -> None:
@@ -208,7 +235,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype
     tok = Tokenizer.load(run)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_transformers(model).items()}
     chat = is_sft(run)
-    ids = {"bos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
+    ids = {"bos_token_id": _bos(tok), "pad_token_id": tok.pad_id,
            # A chat model ends its turn with <|im_end|>: generate() stops there, as homellm's chat does.
            "eos_token_id": [tok.im_end_id, tok.eot_id] if chat else tok.eot_id}
 
@@ -252,7 +279,7 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     padding tokens where it lacks them; their embeddings start at the mean of the others (as a new word's
     should: near nothing in particular), and fine-tuning teaches them."""
     from homellm.checkpoint import load_weights_into, save_checkpoint
-    from homellm.tokenizer import import_tokenizer
+    from homellm.tokenizer import imported_tokenizer
 
     out = Path(out)
     _check_empty(out)
@@ -260,20 +287,31 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     if not (folder / "config.json").is_file():
         raise HomeLLMError(f"{source}: no config.json there: give a transformers model folder (as save_pretrained "
                            "writes it) or hf:NAME")
-    cfg, sd = from_transformers(load_json(folder / "config.json"), read_weights(folder), str(folder))
+    config = read_hf_config(folder)
+    # The tokenizer before the weights: a model of gigabytes is not read to be refused for a missing file.
     spm = sorted(folder.glob("*.model"))
-    if spm and not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "encoder.json")):
-        # rinna's Japanese GPT-2 ships a SentencePiece model alone: transformers converts it, knowing its family.
-        raise HomeLLMError(f"{source}: its tokenizer is SentencePiece ({spm[0].name}) with no tokenizer.json: write "
-                           "one with transformers (pip install transformers sentencepiece protobuf): python -c "
-                           f"\"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{folder}')"
-                           f".save_pretrained('{folder}')\", then import it again")
-    tok = import_tokenizer(folder)
-    if tok.vocab_size > cfg.vocab_size:
-        grown = -(-tok.vocab_size // 64) * 64  # padded as homellm pads, for fast matmuls
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "encoder.json")):
+        if spm:  # rinna's Japanese GPT-2 ships a SentencePiece model alone: transformers converts it
+            raise HomeLLMError(f"{source}: its tokenizer is SentencePiece ({spm[0].name}) with no tokenizer.json: "
+                               "write one with transformers (pip install transformers sentencepiece protobuf): "
+                               f"python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained("
+                               f"'{folder}').save_pretrained('{folder}')\", then import it again")
+        raise HomeLLMError(f"{source}: no tokenizer there (tokenizer.json, or GPT-2's vocab.json + merges.txt): "
+                           "download the model's tokenizer files too")
+    tok, added = imported_tokenizer(folder)
+    cfg, sd = from_transformers(config, read_weights(folder), str(folder))
+    # Ids the model has rows for, trained or padding; the tokenizer's own ids must all be among them.
+    known = 1 + max((i for i in tok.hf.get_vocab(with_added_tokens=True).values() if i not in added), default=-1)
+    if known > cfg.vocab_size:
+        raise HomeLLMError(f"{source}: its tokenizer has {known:,} ids but the model {cfg.vocab_size:,} (config.json's "
+                           "vocab_size): the tokenizer is not this model's: download the model's own")
+    if added:  # homellm's chat and padding tokens: new rows, or padding rows the model never trained
+        grown = max(cfg.vocab_size, -(-tok.vocab_size // 64) * 64)  # padded as homellm pads, for fast matmuls
         for name in {"embed_tokens.weight", "lm_head.weight"}:
             w = sd[name]
-            sd[name] = torch.cat([w, w.mean(0, keepdim=True).expand(grown - len(w), -1)])
+            w = torch.cat([w, w.new_zeros(grown - len(w), w.shape[1])])
+            w[added] = w[:known].mean(0)
+            sd[name] = w
         cfg.vocab_size = grown
     if context:
         if context > cfg.block_size:
@@ -285,7 +323,8 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight")
     model = GPT(cfg)
-    load_weights_into(model, sd, str(folder))
+    load_weights_into(model, sd, str(folder), f"{folder / 'config.json'}",
+                      "the weights are not the model config.json describes: download the model again")
 
     def write(stage: Path) -> None:
         save_json(stage / "config.json", {"model": to_dict(cfg), "train": to_dict(TrainConfig(out=str(out))),
@@ -304,7 +343,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin"):
         if (folder / name).is_file():
-            mapping = load_json(folder / name).get("weight_map") if name.endswith(".json") else {"": name}
+            index = load_json(folder / name) if name.endswith(".json") else {"weight_map": {"": name}}
+            mapping = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(mapping, dict):
                 raise HomeLLMError(f"{folder / name}: no weight_map object: download the model again")
             files = sorted(set(mapping.values()))

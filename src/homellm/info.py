@@ -76,8 +76,11 @@ def describe(run: str | Path) -> str:
         docs = (f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} (split by {m.get('split', '?')})"
                 if "documents" in m else "")
         out += ["", f"data {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
-    out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} accumulation, "
-            f"schedule {tcfg.schedule}, seed {tcfg.seed}"]
+    if "imported_from" in cfg:  # trained elsewhere: its saved training settings are defaults nothing ran with
+        out += [f"imported from {cfg['imported_from']} (`homellm import`): trained elsewhere"]
+    else:
+        out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} "
+                f"accumulation, schedule {tcfg.schedule}, seed {tcfg.seed}"]
     if "sft" in cfg:  # what a fine-tuned run began from, and on what
         d = cfg.get("sft_data", {})
         out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "

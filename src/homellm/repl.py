@@ -216,7 +216,7 @@ class Continuations(Chat):
         self.transcript.clear()
 
     def reply(self, prompt: str) -> str:
-        ids = self.tok.encode(prompt, allow_special=True)
+        ids = self.tok.encode_prompt(prompt)
         block = self.model.cfg.block_size
         if note := self.tok.unknown_note(prompt, allow_special=True):
             self.say(f"[note: {note}]")

@@ -701,7 +701,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
         def encode() -> list[list[int]]:
             note_unknown(tok, "".join(texts), allow_special=True)
-            return [tok.encode(t, allow_special=True) or [tok.eot_id] for t in texts]
+            return [tok.encode_prompt(t) for t in texts]
 
         return await generate(request, await asyncio.to_thread(encode), params, chat=False)
 

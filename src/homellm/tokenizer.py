@@ -72,7 +72,10 @@ class Tokenizer:
     prepare appends the real end-of-text id after each document.
     """
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, eos: str = EOT, bos: str | None = None):
+        """`eos` ends a document (`eot_id`); an imported model keeps its own (Llama's </s>), which it was trained to
+        write. `bos`, where the model was trained with one before every text (Llama's <s>), starts each prompt and
+        document (`bos_id`); homellm's own models have none."""
         self.hf = hf
         # A second copy with special-token matching off: the Rust flag is per object, and flipping it per call
         # would race with the encoders of another thread.
@@ -84,6 +87,13 @@ class Tokenizer:
             raise HomeLLMError(f"tokenizer lacks the special tokens {', '.join(missing)}: import it with "
                                "`homellm tokenizer train --from-file PATH --out DIR`, which adds them")
         self.eot_id, self.im_start_id, self.im_end_id, self.pad_id = (ids[s] for s in (EOT, IM_START, IM_END, PAD))
+        self.eos, self.bos = eos, bos
+        for name, token in (("eos", eos), ("bos", bos)):
+            if token is not None and hf.token_to_id(token) is None:
+                raise HomeLLMError(f"tokenizer_config.json's {name}_token {token!r} is not in the tokenizer: restore "
+                                   "the tokenizer folder (or import the model again)")
+        self.eot_id = hf.token_to_id(eos)
+        self.bos_id = None if bos is None else hf.token_to_id(bos)
         # One more than the largest id, not the count: imported tokenizers may leave holes, embeddings must not.
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
         self._token_bytes: np.ndarray | None = None
@@ -142,6 +152,14 @@ class Tokenizer:
         start, end = max(0, i1 - 12), i2 + 12
         return (f"it does not give text back as written: {text[start:end]!r} comes back as "
                 f"{back[max(0, j1 - (i1 - start)):j2 + 12]!r}")
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids as the model reads them: special tokens honoured (chat markup), after the bos of a model
+        trained with one; an empty prompt starts a fresh document."""
+        ids = self.encode(text, allow_special=True)
+        if self.bos_id is not None:
+            return [self.bos_id, *ids] if ids[:1] != [self.bos_id] else ids
+        return ids or [self.eot_id]
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""
@@ -222,11 +240,13 @@ class Tokenizer:
         atomic_write(out / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         added = self.hf.get_added_tokens_decoder()
         unk = UNK if self.hf.token_to_id(UNK) is not None else None
-        names = {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD, "unk_token": unk,
+        names = {"bos_token": self.bos or self.eos, "eos_token": self.eos, "pad_token": PAD, "unk_token": unk,
                  "additional_special_tokens": [IM_START, IM_END]}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **names,
+            # Read back by `load`; transformers' fast tokenizers add the bos by it (or by tokenizer.json's template).
+            **({"add_bos_token": True} if self.bos else {}),
             "model_max_length": model_max_length or _HF_MAX_LENGTH,
             "clean_up_tokenization_spaces": False,  # it would alter decoded text; our round trips are exact
             "chat_template": CHAT_TEMPLATE,  # Hugging Face's apply_chat_template renders what homellm.chat does
@@ -245,12 +265,31 @@ class Tokenizer:
         path = Path(path)
         for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
             if candidate.is_file():
-                return cls(_read_hf(candidate, "train or import the tokenizer again"))
+                return cls(_read_hf(candidate, "train or import the tokenizer again"), *_ends(candidate.parent))
         if (path / "config.json").is_file():  # a run: only its own tokenizer gives its ids their meaning
             raise HomeLLMError(f"{path / 'tokenizer'} is missing: copy back the tokenizer/ folder of the data the run "
                                "was trained on (a newly trained tokenizer would give the model's ids other meanings)")
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
                            "train one with `homellm tokenizer train`, or pass a run or data folder that holds one")
+
+
+def _ends(folder: Path) -> tuple[str, str | None]:
+    """The eos and bos (None: the model reads text with nothing before it) that a folder's tokenizer_config.json
+    names, as `save` writes them or as transformers does (a string, or {"content": ...}); <|endoftext|> and no bos
+    where it names none."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_bytes())
+    except (OSError, ValueError):  # none (a bare tokenizer.json), or unreadable: homellm's own conventions
+        return EOT, None
+    if not isinstance(config, dict):
+        return EOT, None
+
+    def name(key: str) -> str | None:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) and value else None
+
+    return name("eos_token") or EOT, name("bos_token") if config.get("add_bos_token") is True else None
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -512,7 +551,15 @@ def _read_hf(file: Path, fix: str) -> HFTokenizer:
 
 def import_tokenizer(path: str | Path) -> Tokenizer:
     """An existing tokenizer.json (file, or a folder holding one), or GPT-2's encoder.json + vocab.bpe, with the
-    special tokens it lacks added after its vocabulary. GPT-2's own `<|endoftext|>` (50256) is kept."""
+    special tokens it lacks added after its vocabulary. GPT-2's own `<|endoftext|>` (50256) is kept, and a model
+    folder's own end and start of text (Llama's </s> and <s>, see `_source_ends`) are what `eot_id` and `bos_id`
+    are."""
+    return imported_tokenizer(path)[0]
+
+
+def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
+    """`import_tokenizer`, and the ids of the special tokens it added: a model imported with it has no trained
+    rows for them."""
     path = Path(path)
     # GPT-2's files as OpenAI released them, or as the hub names them (vocab.json + merges.txt) where a model
     # folder has no tokenizer.json.
@@ -547,12 +594,40 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
             raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
                                "tokenizer.json or with GPT-2's encoder.json + vocab.bpe")
         hf = _read_hf(file, "give a Hugging Face tokenizer.json")
+    eos, bos = _source_ends(path if path.is_dir() else path.parent, hf)
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
     # appended after the largest id.
+    before = hf.get_vocab(with_added_tokens=True)
     hf.add_special_tokens(_special_tokens())
-    tok = Tokenizer(hf)
+    tok = Tokenizer(hf, eos, bos)
+    added = sorted(hf.token_to_id(s) for s in SPECIAL_TOKENS if s not in before)
     if note := tok.unknown_note(ROUND_TRIP_PROBE):
         print(f"note: {path}: {note}", file=sys.stderr)
     if note := tok.round_trip_note(ROUND_TRIP_PROBE):
         print(f"note: {path}: {note}; a model trained with it writes text that way", file=sys.stderr)
-    return tok
+    return tok, added
+
+
+def _source_ends(folder: Path, hf: HFTokenizer) -> tuple[str, str | None]:
+    """An imported tokenizer's own end and start of text, which its model was trained with: eos from
+    tokenizer_config.json (else config.json's eos_token_id), bos where the tokenizer adds one (tokenizer.json's
+    template, as Llama 3's, or add_bos_token, as Llama 2's and TinyLlama's). Where it names none, or names a token
+    it does not have: homellm's <|endoftext|> and no bos, as for a model trained from scratch."""
+    eos, bos = _ends(folder)
+    if eos == EOT:
+        try:
+            eos_id = json.loads((folder / "config.json").read_bytes()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            eos_id = None
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        # A special token only: a config's default id (LlamaConfig's 2) may be a byte of another tokenizer.
+        special = {i: t.content for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        eos = special.get(eos_id, EOT) if isinstance(eos_id, int) else EOT
+    if bos is None:
+        post = json.loads(hf.to_str()).get("post_processor") or {}
+        for proc in post.get("processors", [post]):
+            first = (proc.get("single") or [{}])[0] if proc.get("type") == "TemplateProcessing" else {}
+            if "SpecialToken" in first:
+                bos = first["SpecialToken"]["id"]
+    known = hf.get_vocab(with_added_tokens=True)
+    return (eos if eos in known or eos == EOT else EOT), (bos if bos in known else None)

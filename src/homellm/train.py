@@ -891,7 +891,12 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
         saved_model, _ = read_config(run)
-        if load_json(run / "config.json").get("task") == "arithmetic":
+        saved = load_json(run / "config.json")
+        if "imported_from" in saved:  # its weights came trained: there is no pretraining of it to continue
+            raise HomeLLMError(f"{run} was imported ({saved['imported_from']}), not pretrained here, so there is no "
+                               f"pretraining to resume: fine-tune it with `homellm sft --init {run} --data "
+                               "CHATS.jsonl --out RUN`")
+        if saved.get("task") == "arithmetic":
             raise HomeLLMError(f"{run} was trained by `homellm quickstart` on the arithmetic task's answers only, "
                                "which `pretrain --resume` would not continue the same way: train a new one with "
                                "`homellm quickstart --max-time SECONDS`, or fine-tune this one with `homellm sft`")
