@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import homellm
 from homellm.checkpoint import load_model, save_checkpoint
-from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
+from homellm.config import ModelConfig, TokenizerConfig, TrainConfig, replace, save_json, to_dict
 from homellm.errors import HomeLLMError
 from homellm.hf import export_run, import_model
 from homellm.model import GPT
@@ -215,7 +215,7 @@ def test_an_imported_model_computes_what_transformers_does_and_goes_back_out(tmp
 
 
 @pytest.mark.parametrize("ends", ["llama2", "llama3"])
-def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_path, ends, capsys):
+def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_path, ends, capsys, monkeypatch):
     """A Llama ends text with </s> and reads it after <s>. Imported with homellm's new <|endoftext|> as its end
     (untrained), generate never stopped, prompts lost their <s>, and an export told transformers the new ids."""
     from homellm.chat import render
@@ -237,6 +237,12 @@ def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_
     # It stops at once (before, it wrote </s> six times and went on).
     assert (text, stats["new_tokens"], stats["prompt_tokens"]) == ("", 0, len(tok.encode("ROMEO:")) + 1)
     assert render(tok, [{"role": "user", "content": "hi"}])[0][0] == bos  # a conversation starts after <s> too
+    import homellm.generate
+
+    kept, original = [], homellm.generate.generate_ids
+    monkeypatch.setattr(homellm.generate, "generate_ids", lambda *a: kept.append(a[-1]) or original(*a))
+    list(stream_text(load_model(run), tok, "ROMEO: " * 40, SampleConfig(temperature=0, max_new_tokens=6)))
+    assert kept == [1]  # a prompt longer than the context slides, and <s> stays at the start of every window
     # Text prepared with the run's tokenizer (to pretrain it further) is one document: <s> ... </s>.
     code, _, err = cli(capsys, "prepare", "--input", str(text_file(tmp_path)), "--tokenizer", str(run), "--out",
                        str(tmp_path / "data"), "--val-fraction", "0")
@@ -278,6 +284,40 @@ def test_an_imported_model_fine_tunes(tmp_path, capsys):
     code, _, err = cli(capsys, "sft", "--init", str(tmp_path / "run"), "--data", str(chats), "--out",
                        str(tmp_path / "chat"), "--max-steps", "3", "--batch-size", "4", "--eval-every", "0")
     assert code == 0 and (tmp_path / "chat" / "last").is_dir(), err
+
+
+def test_pretrain_init_goes_on_pretraining_an_imported_model_on_new_text(tmp_path, capsys):
+    """Seed 004's first try: GPT-2 trained further on raw text. `pretrain --init RUN` starts from RUN's weights,
+    architecture and tokenizer (a shorter context allowed), with the preset's training settings."""
+    folder, _ = hub_folder(tmp_path, "gpt2")
+    run, cont = import_model(str(folder), tmp_path / "run"), tmp_path / "cont"
+    text = str(text_file(tmp_path))
+    # A warmup of 1,000 steps: the one step moves AdamW's weights by about lr / 1000 = 3e-6, so they stay the init's.
+    common = ["--preset", "tiny", "--data", text, "--warmup-steps", "1000", "--eval-every", "0"]
+    code, _, err = cli(capsys, "pretrain", "--init", str(run), "--out", str(cont), "--max-steps", "1",
+                       "--block-size", "32", *common)
+    assert code == 0 and f"with {run}'s tokenizer" in err, err
+    before, after = load_model(run), load_model(cont, "last")
+    assert after.cfg == replace(before.cfg, block_size=32) and Tokenizer.load(cont).same_as(Tokenizer.load(run))
+    for name, w in after.state_dict().items():
+        torch.testing.assert_close(w, before.state_dict()[name][:32 if "positions" in name else None], atol=2e-5,
+                                   rtol=0)
+    assert json.loads((cont / "config.json").read_text())["train"]["init"] == str(run)
+    assert f"pretrained further from {run}" in cli(capsys, "info", str(cont))[1]
+    code, _, err = cli(capsys, "pretrain", "--resume", "--out", str(cont), "--max-steps", "2", "--data", text)
+    assert code == 0 and load_model(cont, "last").cfg.block_size == 32, err
+    for flags, message in [(["--n-layer", "3"], "another architecture than --n-layer 3 (it has 2)"),
+                           (["--block-size", "65"], "trained for 64 positions at most"),
+                           (["--out", str(run)], "is the --init run")]:
+        out = ["--out", str(tmp_path / "other")] if "--out" not in flags else []
+        code, _, err = cli(capsys, "pretrain", "--init", str(run), *out, *flags, *common)
+        assert code == 2 and message in err, err
+    prepared = tmp_path / "mine"
+    assert cli(capsys, "prepare", "--input", text, "--tokenizer", str(make_run(tmp_path / "own", "llama")), "--out",
+               str(prepared))[0] == 0
+    code, _, err = cli(capsys, "pretrain", "--init", str(run), "--out", str(tmp_path / "other"), "--data",
+                       str(prepared), *common[:2])
+    assert code == 2 and f"another tokenizer than {run} was trained with" in err, err
 
 
 def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):

@@ -73,6 +73,9 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     if getattr(args, "resume", False) and args.preset is None and out and (Path(out) / "config.json").is_file():
         model_cfg, train_cfg = read_config(out)
         source = f"run {out}"
+    elif getattr(args, "init", ""):  # the architecture is the trained run's; training settings the preset's
+        model_cfg, train_cfg = read_config(args.init)[0], preset(args.preset or DEFAULT_PRESET)[1]
+        source = f"{args.preset or DEFAULT_PRESET} preset"
     else:
         model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
         source = f"{args.preset or DEFAULT_PRESET} preset"
@@ -210,7 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from homellm.sft import resolve_sft, sft
 
-    summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(pick(args, TrainConfig))))
+    train = {k: v for k, v in pick(args, TrainConfig).items() if k != "init"}  # --init is SFTConfig's here
+    summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(train)))
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
     _interrupted(summary)
@@ -302,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
                                    "steps).")
     add_flags(p, SFTConfig)
-    add_flags(p, TrainConfig, skip=("data", "tokenizer_kind", "tokenizer_vocab", "text_field", "encoding", "aozora"),
-              defaults=SFT_TRAIN)
+    add_flags(p, TrainConfig, skip=("data", "init", "tokenizer_kind", "tokenizer_vocab", "text_field", "encoding",
+                                    "aozora"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

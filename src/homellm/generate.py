@@ -277,6 +277,8 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
         raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
                            "from: use fewer beams (4 is common)")
     stream = TextStream(tok, cfg.stop, ids)
+    if tok.bos_id is not None and ids[:1] == [tok.bos_id]:
+        keep = max(keep, 1)  # a model trained after a bos reads every window after it too (llama.cpp keeps it)
     # A reply's end, a document's end, and a new turn: a chat model that skips <|im_end|> and opens the next turn
     # would otherwise go on writing the user's part.
     stop_ids = {tok.eot_id, tok.im_end_id, tok.im_start_id} | stream.stop_ids

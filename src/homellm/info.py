@@ -80,7 +80,8 @@ def describe(run: str | Path) -> str:
         out += [f"imported from {cfg['imported_from']} (`homellm import`): trained elsewhere"]
     else:
         out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} "
-                f"accumulation, schedule {tcfg.schedule}, seed {tcfg.seed}"]
+                f"accumulation, schedule {tcfg.schedule}, seed {tcfg.seed}"
+                f"{f'; pretrained further from {tcfg.init}' if tcfg.init else ''}"]
     if "sft" in cfg:  # what a fine-tuned run began from, and on what
         d = cfg.get("sft_data", {})
         out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "

@@ -857,9 +857,9 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         if cfg.resume and was["bytes"] != settings["bytes"]:
             print(f"note: {' '.join(cfg.data)} changed since {data_dir} was prepared ({was['bytes']:,} bytes then, "
                   f"{settings['bytes']:,} now): preparing it again", file=sys.stderr)
-    if cfg.resume:  # new text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
-        tok_dir = run
-        print(f"tokenizing {' '.join(cfg.data)} with {run}'s tokenizer", file=sys.stderr)
+    if cfg.resume or cfg.init:  # text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
+        tok_dir = run if cfg.resume else Path(cfg.init)
+        print(f"tokenizing {' '.join(cfg.data)} with {tok_dir}'s tokenizer", file=sys.stderr)
     else:
         tok_dir = run / "data_tokenizer"
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
@@ -884,6 +884,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     # Kept absolute in the run's config: a --resume or eval from another folder must find the same text, not a
     # folder of the same name there.
     cfg = replace(cfg, data=absolute_inputs(cfg.data))
+    start = None if cfg.resume else _init_weights(cfg, model_cfg)  # checked before anything is written
     if cfg.resume:
         if not run.exists() or (run.is_dir() and not any(run.iterdir())):  # a relay's first session: nothing yet
             raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
@@ -894,8 +895,9 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         saved = load_json(run / "config.json")
         if "imported_from" in saved:  # its weights came trained: there is no pretraining of it to continue
             raise HomeLLMError(f"{run} was imported ({saved['imported_from']}), not pretrained here, so there is no "
-                               f"pretraining to resume: fine-tune it with `homellm sft --init {run} --data "
-                               "CHATS.jsonl --out RUN`")
+                               f"pretraining to resume: go on pretraining it on your text with `homellm pretrain "
+                               f"--init {run} --data TEXT --out RUN`, or fine-tune it with `homellm sft --init {run} "
+                               "--data CHATS.jsonl --out RUN`")
         if saved.get("task") == "arithmetic":
             raise HomeLLMError(f"{run} was trained by `homellm quickstart` on the arithmetic task's answers only, "
                                "which `pretrain --resume` would not continue the same way: train a new one with "
@@ -925,10 +927,11 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if waiting is not None:
         dist.destroy_process_group(waiting)
     tok = Tokenizer.load(data_dir)
-    if cfg.resume and not tok.same_as(Tokenizer.load(run)):
-        raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {run} was trained with: its "
-                           f"ids would mean other text to the model; prepare the text with `homellm prepare "
-                           f"--tokenizer {run}`, or pass the text files themselves as --data")
+    trained = run if cfg.resume else Path(cfg.init) if cfg.init else None
+    if trained is not None and not tok.same_as(Tokenizer.load(trained)):
+        raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {trained} was trained with: "
+                           f"its ids would mean other text to the model; prepare the text with `homellm prepare "
+                           f"--tokenizer {trained}`, or pass the text files themselves as --data")
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)  # multiples of 64 run faster
     elif model_cfg.vocab_size < tok.vocab_size:
@@ -954,5 +957,40 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.patience and not cfg.eval_every:
         say(f"note: --patience {cfg.patience} counts evaluations, and --eval-every 0 makes none: no early stopping "
             "(and no `best` checkpoint)")
-    return train(model_cfg, cfg, data, tok, extra_config={"data_dir": str(data_dir.resolve()), "data_meta": {
-        k: meta[k] for k in kept}})
+    return train(model_cfg, cfg, data, tok, init=start, extra_config={"data_dir": str(data_dir.resolve()),
+                                                                      "data_meta": {k: meta[k] for k in kept}})
+
+
+# What `pretrain --init` may set otherwise than the trained run: not what its weights are.
+INIT_CHANGES = {"block_size", "dropout"}
+
+
+def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], None] | None:
+    """For `pretrain --init RUN`: checks that model_cfg is RUN's architecture (a shorter context or another dropout
+    aside), and returns what loads RUN's best weights into the new model; None without --init."""
+    if not cfg.init:
+        return None
+    init, run = Path(cfg.init), Path(cfg.out)
+    if init.resolve() == run.resolve():
+        raise HomeLLMError(f"--out {run} is the --init run: write the new run to a new folder (or --resume {run})")
+    saved, _ = read_config(init)
+    if "lora" in load_json(init / "config.json"):
+        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge {init} --out "
+                           "MERGED`), then --init MERGED")
+    ours, theirs = to_dict(model_cfg), to_dict(saved)
+    if diffs := [f"--{k.replace('_', '-')} {ours[k]} (it has {theirs[k]})" for k in ours
+                 if ours[k] != theirs[k] and k not in INIT_CHANGES]:
+        raise HomeLLMError(f"--init {init}: its weights are of another architecture than {'; '.join(diffs)}: drop "
+                           "those flags (the architecture is the trained run's; --block-size may be shorter)")
+    if model_cfg.block_size > saved.block_size:
+        raise HomeLLMError(f"--block-size {model_cfg.block_size}: --init {init} was trained for {saved.block_size} "
+                           f"positions at most: give {saved.block_size} or fewer")
+    folder = find_checkpoint(init, "best")
+
+    def load(model: GPT) -> None:
+        weights = read_weights(folder)
+        if "embed_positions.weight" in weights:  # GPT-2's learned positions: the first block_size of them
+            weights["embed_positions.weight"] = weights["embed_positions.weight"][:model_cfg.block_size]
+        load_weights_into(model, weights, str(folder))
+
+    return load
