@@ -218,7 +218,7 @@ def test_an_imported_model_computes_what_transformers_does_and_goes_back_out(tmp
 def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_path, ends, capsys, monkeypatch):
     """A Llama ends text with </s> and reads it after <s>. Imported with homellm's new <|endoftext|> as its end
     (untrained), generate never stopped, prompts lost their <s>, and an export told transformers the new ids."""
-    from homellm.chat import render
+    from homellm.chat import prompt_ids, render
     from homellm.config import SampleConfig
     from homellm.generate import stream_text
 
@@ -255,6 +255,9 @@ def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_
     assert (config["bos_token_id"], config["eos_token_id"]) == (bos, eos)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert auto("ROMEO:").input_ids == tok.encode_prompt("ROMEO:") and auto.eos_token_id == eos
+    messages = [{"role": "user", "content": "12 + 7?"}]
+    rendered = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(getattr(rendered, "input_ids", rendered)) == prompt_ids(tok, messages)  # <s> first, once
     again = Tokenizer.load(import_model(str(tmp_path / "back"), tmp_path / "again"))
     assert (again.eot_id, again.bos_id) == (eos, bos)
     if importlib.util.find_spec("gguf"):  # and llama.cpp is told to put <s> before text

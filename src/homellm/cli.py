@@ -163,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     block = model.cfg.block_size
     if note := tok.unknown_note(cfg.prompt, allow_special=True):
         print(f"note: {note}", file=sys.stderr)
-    if (n := len(tok.encode(cfg.prompt, allow_special=True))) > block - 1:
+    if (n := len(tok.encode_prompt(cfg.prompt))) > block - 1:
         print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",
               file=sys.stderr)
     stats: dict = {}

@@ -249,7 +249,9 @@ class Tokenizer:
             **({"add_bos_token": True} if self.bos else {}),
             "model_max_length": model_max_length or _HF_MAX_LENGTH,
             "clean_up_tokenization_spaces": False,  # it would alter decoded text; our round trips are exact
-            "chat_template": CHAT_TEMPLATE,  # Hugging Face's apply_chat_template renders what homellm.chat does
+            # Hugging Face's apply_chat_template renders what homellm.chat does, bos included (it adds no special
+            # tokens to a chat). A GGUF keeps the template without: llama.cpp adds the bos itself.
+            "chat_template": "{{ bos_token }}" * bool(self.bos) + CHAT_TEMPLATE,
             "added_tokens_decoder": {
                 str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                          "single_word": t.single_word, "special": t.special}
