@@ -3,6 +3,7 @@ transformers' own from_pretrained, generate and tokenizers (nothing downloaded: 
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,9 @@ def test_a_chat_run_exports_its_turn_end_and_halves_in_bfloat16(tmp_path):
     messages = [{"role": "user", "content": "12 + 7?"}]
     rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     assert list(getattr(rendered, "input_ids", rendered)) == prompt_ids(tok, messages)
-    assert "apply_chat_template" in (out / "README.md").read_text()
+    # The model card's snippet runs as written (transformers 5 returns a BatchEncoding from apply_chat_template).
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    exec(snippet.replace(f'"{out.name}"', f'"{out}"'), {})
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
 
@@ -237,6 +240,10 @@ def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_
     # It stops at once (before, it wrote </s> six times and went on).
     assert (text, stats["new_tokens"], stats["prompt_tokens"]) == ("", 0, len(tok.encode("ROMEO:")) + 1)
     assert render(tok, [{"role": "user", "content": "hi"}])[0][0] == bos  # a conversation starts after <s> too
+    # Your own evaluation reads an answer up to the model's end: here nothing, then </s> (was scored '</s>').
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"prompt": "ROMEO:", "answer": ""}) + "\n")
+    code, out, err = cli(capsys, "eval", str(run), "--task", "exact", "--data", str(tmp_path / "qa.jsonl"))
+    assert code == 0 and json.loads((run / "eval_exact.json").read_text())["correct"] == 1, out + err
     import homellm.generate
 
     kept, original = [], homellm.generate.generate_ids
@@ -307,8 +314,16 @@ def test_pretrain_init_goes_on_pretraining_an_imported_model_on_new_text(tmp_pat
                                    rtol=0)
     assert json.loads((cont / "config.json").read_text())["train"]["init"] == str(run)
     assert f"pretrained further from {run}" in cli(capsys, "info", str(cont))[1]
-    code, _, err = cli(capsys, "pretrain", "--resume", "--out", str(cont), "--max-steps", "2", "--data", text)
+    code, _, err = cli(capsys, "pretrain", "--resume", "--out", str(cont), "--max-steps", "2", "--data", text,
+                       "--init", os.path.relpath(run))  # the same run, typed another way
     assert code == 0 and load_model(cont, "last").cfg.block_size == 32, err
+    # A start from scratch that stopped after preparing its data, then an --init start in the same folder: the
+    # text is read again with the --init run's tokenizer (the data folder was reused, with the wrong one).
+    scratch = tmp_path / "scratch"
+    assert cli(capsys, "pretrain", "--out", str(scratch), *common, "--max-steps", "0", "--max-time", "0")[0] == 2
+    assert (scratch / "data" / "meta.json").is_file()
+    code, _, err = cli(capsys, "pretrain", "--init", str(run), "--out", str(scratch), *common, "--max-steps", "1")
+    assert code == 0 and Tokenizer.load(scratch).same_as(Tokenizer.load(run)), err
     for flags, message in [(["--n-layer", "3"], "another architecture than --n-layer 3 (it has 2)"),
                            (["--block-size", "65"], "trained for 64 positions at most"),
                            (["--out", str(run)], "is the --init run")]:
@@ -321,6 +336,8 @@ def test_pretrain_init_goes_on_pretraining_an_imported_model_on_new_text(tmp_pat
     code, _, err = cli(capsys, "pretrain", "--init", str(run), "--out", str(tmp_path / "other"), "--data",
                        str(prepared), *common[:2])
     assert code == 2 and f"another tokenizer than {run} was trained with" in err, err
+    code, _, err = cli(capsys, "pretrain", "--init", str(folder), "--out", str(tmp_path / "other"), *common)
+    assert code == 2 and "is a Hugging Face model folder, not a homellm run: make it one with `homellm import" in err
 
 
 def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
@@ -331,7 +348,7 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     for name, change in [("bert", {**config, "model_type": "bert"}),
                          ("scaled", {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
                          ("gelu", config), ("list", [config]), ("text", {**config, "hidden_size": "64"}),
-                         ("default", no_mlp_size), ("index", config)]:
+                         ("default", no_mlp_size), ("index", config), ("theta", {**config, "rope_theta": "1e4"})]:
         other = tmp_path / name
         other.mkdir()
         (other / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
@@ -344,7 +361,8 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     (cases[6] / "model.safetensors.index.json").write_text("[]")
     expect = ["model_type 'bert' is not one homellm runs", "RoPE scaling 'llama3'", "lack 'norm.weight'",
               "list/config.json: not a JSON object", "text/config.json: hidden_size is '64', not a positive whole",
-              "default: layers.0.mlp.gate_proj.weight has shape (96, 64) but", "index.json: no weight_map object"]
+              "default: layers.0.mlp.gate_proj.weight has shape (96, 64) but", "index.json: no weight_map object",
+              "theta/config.json: rope_theta is '1e4', not a positive number"]
     proc = homellm("import", str(cases[0]), "--out", str(tmp_path / "r"), check=False)  # once as a user runs it
     assert proc.returncode == 2 and expect[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     for source, message in zip(cases[1:], expect[1:]):

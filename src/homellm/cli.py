@@ -76,6 +76,9 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     elif getattr(args, "init", ""):  # the architecture is the trained run's; training settings the preset's
         model_cfg, train_cfg = read_config(args.init)[0], preset(args.preset or DEFAULT_PRESET)[1]
         source = f"{args.preset or DEFAULT_PRESET} preset"
+        if "lr" not in vars(args) and not getattr(args, "resume", False):
+            say(f"note: --lr {train_cfg.lr:g} is the {source}'s, for training from scratch: a trained model usually "
+                "goes on better at a tenth of that or less (give --lr)")
     else:
         model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
         source = f"{args.preset or DEFAULT_PRESET} preset"

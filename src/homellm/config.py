@@ -79,9 +79,8 @@ class ModelConfig:
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # a prepared data dir, or raw .txt/.jsonl inputs to prepare
     out: str = ""  # the run directory: config, tokenizer, checkpoints, metrics
-    # pretrain: go on pretraining a trained run (yours, or one `homellm import` made) on new text: its architecture,
-    # tokenizer and best weights, with a fresh optimizer and schedule
-    init: str = ""
+    # (A fresh optimizer and schedule: the weights are the run's `best`, the architecture and tokenizer its own.)
+    init: str = ""  # a trained run (yours, or imported) to go on pretraining on new text, instead of from scratch
     tokenizer_kind: str = "bpe"  # when --data is raw text: bpe (byte-level BPE) or char
     tokenizer_vocab: int = 1024  # when --data is raw text: BPE vocabulary size
     text_field: str = "text"  # when --data is raw jsonl: the field holding the text

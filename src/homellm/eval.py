@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from homellm.checkpoint import run_config_path
-from homellm.config import EOT, IM_END, EvalConfig
+from homellm.config import IM_END, EvalConfig
 from homellm.errors import HomeLLMError
 from homellm.info import table
 from homellm.io import atomic_write_text, progress_bar
@@ -198,7 +198,7 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
         prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
         replies = greedy_complete(model, tok, prompts, 40, stop_ids(tok, ""), cfg.batch_size,
                                   desc=f"chat {phrasing}")
-        replies = [r.removesuffix(IM_END).removesuffix(EOT) for r in replies]
+        replies = [r.removesuffix(IM_END).removesuffix(tok.eos) for r in replies]
         scored = arithmetic.score(problems, [arithmetic.reply_completion(p, r) for p, r in zip(problems, replies)])
         result["by_phrasing"][phrasing] = {k: scored[k] for k in ("n", "correct", "accuracy", "by")}
         result["by_phrasing"][phrasing]["failures"] = [
@@ -274,9 +274,9 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
     got = greedy_complete(model, tok, prompts, longest + 8, stop_ids(tok, "" if chat else "\n"), cfg.batch_size,
                           desc=f"eval {run.name}")
     if chat:
-        got = [g.removesuffix(IM_END).removesuffix(EOT) for g in got]
-    else:
-        got = [g.split("\n")[0].removesuffix(EOT) for g in got]
+        got = [g.removesuffix(IM_END).removesuffix(tok.eos) for g in got]
+    else:  # (the model's own end of text: an imported Llama's </s>)
+        got = [g.split("\n")[0].removesuffix(tok.eos) for g in got]
     right = [g.strip() == p["answer"].strip() for g, p in zip(got, pairs)]
     by: dict[str, list[int]] = {}
     for p, ok in zip(pairs, right):

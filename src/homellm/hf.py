@@ -126,6 +126,10 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise HomeLLMError(f"{path}: {key} is {value!r}, not a positive whole number: download the model again")
+    for key in ("rope_theta", "rms_norm_eps", "layer_norm_epsilon"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise HomeLLMError(f"{path}: {key} is {value!r}, not a positive number: download the model again")
     return config
 
 
@@ -255,8 +259,10 @@ def _model_card(run: Path, out: Path, model: GPT, info: dict[str, Any], chat: bo
     c = model.cfg
     val = f", val loss {info['val_loss']:.4f}" if info.get("val_loss") is not None else ""
     use = ('messages = [{"role": "user", "content": "Hello"}]\n'
-           'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")\n'
-           'print(tok.decode(model.generate(ids, max_new_tokens=64)[0][ids.shape[1]:], skip_special_tokens=True))'
+           'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, '
+           'return_tensors="pt")\n'
+           'out = model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:]\n'
+           'print(tok.decode(out, skip_special_tokens=True))'
            if chat else
            'ids = tok("Once upon a time", return_tensors="pt").input_ids\n'
            'print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=True)[0]))')

@@ -846,11 +846,13 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # would not do, as a relay's every session on a fresh machine copies the corpus anew.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
                 "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora, "encoding": cfg.encoding,
-                "bytes": input_bytes(list(cfg.data))}
+                "bytes": input_bytes(list(cfg.data)),
+                # whose tokenizer reads the text: the --init run's, or one trained here ("")
+                "tokenizer": cfg.init}
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
         # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; before
         # --encoding, they read text as auto does; and they did not save the size.
-        was = {"encoding": "auto", "bytes": settings["bytes"], **made,
+        was = {"encoding": "auto", "bytes": settings["bytes"], "tokenizer": "", **made,
                "inputs": absolute_inputs(made.get("inputs", []))}
         if was == settings:
             return data_dir
@@ -883,7 +885,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     run = Path(cfg.out)
     # Kept absolute in the run's config: a --resume or eval from another folder must find the same text, not a
     # folder of the same name there.
-    cfg = replace(cfg, data=absolute_inputs(cfg.data))
+    cfg = replace(cfg, data=absolute_inputs(cfg.data), init=cfg.init and os.path.abspath(cfg.init))
     start = None if cfg.resume else _init_weights(cfg, model_cfg)  # checked before anything is written
     if cfg.resume:
         if not run.exists() or (run.is_dir() and not any(run.iterdir())):  # a relay's first session: nothing yet
@@ -928,10 +930,14 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         dist.destroy_process_group(waiting)
     tok = Tokenizer.load(data_dir)
     trained = run if cfg.resume else Path(cfg.init) if cfg.init else None
-    if trained is not None and not tok.same_as(Tokenizer.load(trained)):
-        raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {trained} was trained with: "
-                           f"its ids would mean other text to the model; prepare the text with `homellm prepare "
-                           f"--tokenizer {trained}`, or pass the text files themselves as --data")
+    if trained is not None:
+        own = Tokenizer.load(trained)
+        # The same ids, and the same ends: documents prepared with other ones end where the model never learned to
+        if not tok.same_as(own) or (tok.eot_id, tok.bos_id) != (own.eot_id, own.bos_id):
+            raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {trained} was trained "
+                               f"with: its ids would mean other text to the model; prepare the text with `homellm "
+                               f"prepare --tokenizer {trained}`, or pass the text files themselves as --data")
+        tok = own
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)  # multiples of 64 run faster
     elif model_cfg.vocab_size < tok.vocab_size:
