@@ -626,4 +626,12 @@ def test_nanogpt_bin_files_are_used_in_place(tmp_path, corpus, capsys):
     (nano / "meta.pkl").write_bytes(b"")
     with pytest.raises(HomeLLMError, match="nanoGPT's character-level data"):
         prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d2")))
+    # Half the pair, or a .bin named instead of its folder (was: no .txt there; a guess at UTF-16).
+    (nano / "meta.pkl").unlink()
+    with pytest.raises(HomeLLMError, match=r"train.bin: nanoGPT's token ids, not text: give the folder"):
+        prepare(PrepareConfig(input=[str(nano / "train.bin")], tokenizer=str(tmp_path / "tok"),
+                              out=str(tmp_path / "d2")))
+    (nano / "val.bin").unlink()
+    with pytest.raises(HomeLLMError, match=r"come in a pair, train.bin and val.bin: put both"):
+        prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d2")))
     assert not (tmp_path / "d2").exists()

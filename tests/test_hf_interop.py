@@ -376,6 +376,10 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
         import_model(str(cases[1]), tmp_path / "r")
     with pytest.raises(HomeLLMError, match="no config.json there"):
         import_model(str(tmp_path), tmp_path / "r")
+    with pytest.raises(HomeLLMError, match="nothere: not found"):
+        import_model(str(tmp_path / "nothere"), tmp_path / "r")
+    with pytest.raises(HomeLLMError, match="is a homellm run already: use it as it is"):
+        import_model(str(make_run(tmp_path / "own", "gpt2")), tmp_path / "r")
     with pytest.raises(HomeLLMError, match="trained for 64 positions at most"):
         import_model(str(folder), tmp_path / "r", context=65)
     assert not (tmp_path / "r").exists() and not (tmp_path / ".r.importing").exists()

@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, CompareConfig, skip=("prompt",))
     p.set_defaults(func=cmd_compare)
 
-    run_verb(sub, "eval", "measure a run: arithmetic accuracy, or val loss and bits per byte", cmd_eval, EvalConfig)
+    run_verb(sub, "eval", "measure a run: arithmetic accuracy (raw or chat), your own prompts and answers (exact), "
+             "or val loss and bits per byte", cmd_eval, EvalConfig)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on the built-in arithmetic task, in minutes on a CPU")
     add_flags(p, QuickstartConfig)

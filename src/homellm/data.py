@@ -124,8 +124,14 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                 if made := _made_by_homellm(path):
                     raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=path)}")
                 files = folder_files(path, _FOLDER_SUFFIXES, quiet)
+                if not files and [p.name for p in path.glob("*.bin")]:  # half of nanoGPT's pair
+                    raise HomeLLMError(f"{path}: nanoGPT's token files come in a pair, train.bin and val.bin: put both "
+                                       "in the folder (nanoGPT's prepare.py writes them) and give the folder")
                 if not files:
                     raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
+            elif path.suffix == ".bin" and path.name in ("train.bin", "val.bin"):  # token ids, not text
+                raise HomeLLMError(f"{path}: nanoGPT's token ids, not text: give the folder that holds train.bin and "
+                                   "val.bin (`homellm prepare --input FOLDER --tokenizer TOKENIZER --out DATA`)")
             else:
                 files = [path]
             # A .json named directly is JSON records too (an array, or lines as the hub's datasets often are).

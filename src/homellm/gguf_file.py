@@ -107,7 +107,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
         raise HomeLLMError(f"--dtype {dtype!r}: a GGUF file is written in float32 or float16 (llama.cpp's own tools "
                            "quantize it further)")
     if out.is_dir() or out.exists():
-        raise HomeLLMError(f"--out {out} exists: choose a new file name (such as {out.name or 'model'}.gguf)")
+        raise HomeLLMError(f"--out {out} exists: choose a new file name (such as {out.stem or 'model'}-2.gguf)")
     model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
     c, tok = model.cfg, Tokenizer.load(run)
     tokens, types, merges = _vocabulary(tok, c.vocab_size, str(run))

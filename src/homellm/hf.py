@@ -117,6 +117,9 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     config = load_json(path)
     if not isinstance(config, dict):
         raise HomeLLMError(f"{path}: not a JSON object, so not a transformers config: download the model again")
+    if "model" in config and "train" in config:  # a homellm run's own config
+        raise HomeLLMError(f"{folder} is a homellm run already: use it as it is (generate, sft --init, pretrain "
+                           "--init, export)")
     kind = config.get("model_type")
     if kind not in SIZES:
         raise HomeLLMError(f"{path}: model_type {kind!r} is not one homellm runs: it imports gpt2 and llama models "
@@ -290,6 +293,9 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     out = Path(out)
     _check_empty(out)
     folder = _download(source) if source.startswith("hf:") else Path(source)
+    if not folder.exists():
+        raise HomeLLMError(f"{source}: not found: give a transformers model folder (as save_pretrained writes it) or "
+                           "hf:NAME")
     if not (folder / "config.json").is_file():
         raise HomeLLMError(f"{source}: no config.json there: give a transformers model folder (as save_pretrained "
                            "writes it) or hf:NAME")
