@@ -156,9 +156,10 @@ def hub_folder(tmp_path: Path, family: str, legacy: bool = False, ends: str = ""
     special = ["</s>", "<s>"] if ends else ["<|endoftext|>"]
     raw.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=special,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if ends:
+    if ends == "llama3":  # (a Llama 2 folder may say add_bos_token alone)
         raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
+    if ends:
         config = ({"add_bos_token": True, "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}
                   if ends == "llama2" else {"bos_token": "<s>"})
         (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
@@ -233,7 +234,7 @@ def test_an_imported_llama_ends_at_its_own_eos_and_reads_text_after_its_bos(tmp_
     tok = Tokenizer.load(run)
     eos, bos = raw.token_to_id("</s>"), raw.token_to_id("<s>")
     assert (tok.eot_id, tok.bos_id, eos) == (eos, bos, 0)
-    assert tok.encode_prompt("ROMEO:") == raw.encode("ROMEO:").ids == [bos, *tok.encode("ROMEO:")]
+    assert tok.encode_prompt("ROMEO:") == [bos, *raw.encode("ROMEO:", add_special_tokens=False).ids]
     stats: dict = {}
     text = "".join(stream_text(load_model(run), tok, "ROMEO:", SampleConfig(temperature=0, max_new_tokens=6),
                                stats))

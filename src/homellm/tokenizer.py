@@ -600,6 +600,11 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
     # appended after the largest id.
     before = hf.get_vocab(with_added_tokens=True)
+    if bos is not None and hf.post_processor is None:
+        # A bos named by tokenizer_config.json's add_bos_token alone (transformers' Llama classes add it by their
+        # kind): written into tokenizer.json, so that the exported folder's tokenizer adds it too, whatever its class.
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, before[bos])])
     hf.add_special_tokens(_special_tokens())
     tok = Tokenizer(hf, eos, bos)
     added = sorted(hf.token_to_id(s) for s in SPECIAL_TOKENS if s not in before)
