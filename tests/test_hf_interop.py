@@ -306,8 +306,8 @@ def test_pretrain_init_goes_on_pretraining_an_imported_model_on_new_text(tmp_pat
     # A warmup of 1,000 steps: the one step moves AdamW's weights by about lr / 1000 = 3e-6, so they stay the init's.
     common = ["--preset", "tiny", "--data", text, "--warmup-steps", "1000", "--eval-every", "0"]
     code, _, err = cli(capsys, "pretrain", "--init", str(run), "--out", str(cont), "--max-steps", "1",
-                       "--block-size", "32", *common)
-    assert code == 0 and f"with {run}'s tokenizer" in err, err
+                       "--block-size", "32", "--tokenizer-vocab", "500", *common)
+    assert code == 0 and f"with {run}'s tokenizer" in err and "--tokenizer-vocab does not apply with --init" in err, err
     before, after = load_model(run), load_model(cont, "last")
     assert after.cfg == replace(before.cfg, block_size=32) and Tokenizer.load(cont).same_as(Tokenizer.load(run))
     for name, w in after.state_dict().items():
@@ -325,7 +325,8 @@ def test_pretrain_init_goes_on_pretraining_an_imported_model_on_new_text(tmp_pat
     assert (scratch / "data" / "meta.json").is_file()
     code, _, err = cli(capsys, "pretrain", "--init", str(run), "--out", str(scratch), *common, "--max-steps", "1")
     assert code == 0 and Tokenizer.load(scratch).same_as(Tokenizer.load(run)), err
-    for flags, message in [(["--n-layer", "3"], "another architecture than --n-layer 3 (it has 2)"),
+    for flags, message in [(["--n-layer", "3"], "another architecture than --n-layer 3 (it has 2): drop"),
+                           (["--family", "llama"], "another architecture than --family llama (it has gpt2): drop"),
                            (["--block-size", "65"], "trained for 64 positions at most"),
                            (["--out", str(run)], "is the --init run")]:
         out = ["--out", str(tmp_path / "other")] if "--out" not in flags else []
