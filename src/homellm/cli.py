@@ -76,12 +76,10 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     elif getattr(args, "init", ""):  # the architecture is the trained run's; training settings the preset's
         model_cfg, train_cfg = read_config(args.init)[0], preset(args.preset or DEFAULT_PRESET)[1]
         source = f"{args.preset or DEFAULT_PRESET} preset"
-        typed_model = pick(args, ModelConfig)
-        # Named as typed: refused later, --family would also name the sizes it re-derives, which nobody typed.
-        if other := [f"--{k.replace('_', '-')} {v} (it has {getattr(model_cfg, k)})" for k, v in typed_model.items()
-                     if k not in ("block_size", "dropout") and v != getattr(model_cfg, k)]:
-            raise HomeLLMError(f"--init {args.init}: its weights are of another architecture than {'; '.join(other)}: "
-                               "drop those flags (the architecture is the trained run's; --block-size may be shorter)")
+        from homellm.train import check_init_architecture
+
+        # The flags as typed: once applied, --family would re-derive sizes nobody typed, and pretrain name those.
+        check_init_architecture(args.init, pick(args, ModelConfig), model_cfg)
         if ignored := [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab") if k in vars(args)]:
             say(f"note: {' '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with --init: the text is "
                 f"read with {args.init}'s own tokenizer")

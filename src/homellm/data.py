@@ -124,7 +124,7 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                 if made := _made_by_homellm(path):
                     raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=path)}")
                 files = folder_files(path, _FOLDER_SUFFIXES, quiet)
-                if not files and [p.name for p in path.glob("*.bin")]:  # half of nanoGPT's pair
+                if not files and any(path.glob("*.bin")):  # half of nanoGPT's pair
                     raise HomeLLMError(f"{path}: nanoGPT's token files come in a pair, train.bin and val.bin: put both "
                                        "in the folder (nanoGPT's prepare.py writes them) and give the folder")
                 if not files:
@@ -777,10 +777,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
     eot = np.array([tok.eot_id], dtype=np.uint32)
     # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
     bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
-    fresh = [True]  # whether the next piece starts a document
+    fresh = True  # whether the next piece starts a document
 
     def flush(batch: list[Piece]) -> None:
-        nonlocal docs, val_docs, tokens, unknown
+        nonlocal docs, val_docs, tokens, unknown, fresh
         if not tokens and (note := tok.round_trip_note(batch[0].text[:_ROUND_TRIP_CHARS])):
             # An imported WordPiece lowercases, an NFKC one turns full-width letters half-width: say so once.
             tqdm.write(f"note: {cfg.tokenizer}: {note} in {' '.join(cfg.input)}; the model will learn and write "
@@ -795,10 +795,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
                 unknown += n
                 if len(unknown_chars) < 10:
                     unknown_chars.update(tok.unknown_chars(piece.text))
-            if bos is not None and fresh[0]:
+            if bos is not None and fresh:
                 parts[side].append(bos)
             parts[side].append(array)
-            fresh[0] = piece.end
+            fresh = piece.end
             if piece.end:
                 parts[side].append(eot)
                 docs += 1

@@ -134,7 +134,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(tok.eot_id if tok.bos_id is None else tok.bos_id)
+        writer.add_bos_token_id(tok.start_id)
         writer.add_eos_token_id(tok.eot_id)
         writer.add_pad_token_id(tok.pad_id)
         # homellm's models start text as it comes, with no token before it; an imported Llama 3 after its bos.

@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def transformers_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict[str, Any]:
     """The config.json transformers reads for this architecture."""
-    ids = {"bos_token_id": _bos(tok), "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id}
+    ids = {"bos_token_id": tok.start_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id}
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02,
               "torch_dtype": dtype, **ids}
     if cfg.family == "llama":
@@ -45,12 +45,6 @@ def transformers_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32"
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,
             "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
             "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True, **common}
-
-
-def _bos(tok: Tokenizer) -> int:
-    """The bos id transformers is told: an imported model's own (Llama's <s>), else end of text, which homellm's
-    models read as the start of a document (nothing is put before a prompt)."""
-    return tok.eot_id if tok.bos_id is None else tok.bos_id
 
 
 def to_transformers(model: GPT) -> dict[str, torch.Tensor]:
@@ -242,7 +236,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype
     tok = Tokenizer.load(run)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_transformers(model).items()}
     chat = is_sft(run)
-    ids = {"bos_token_id": _bos(tok), "pad_token_id": tok.pad_id,
+    ids = {"bos_token_id": tok.start_id, "pad_token_id": tok.pad_id,
            # A chat model ends its turn with <|im_end|>: generate() stops there, as homellm's chat does.
            "eos_token_id": [tok.im_end_id, tok.eot_id] if chat else tok.eot_id}
 
@@ -335,7 +329,7 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight")
     model = GPT(cfg)
-    load_weights_into(model, sd, str(folder), f"{folder / 'config.json'}",
+    load_weights_into(model, sd, str(folder), str(folder / "config.json"),
                       "the weights are not the model config.json describes: download the model again")
 
     def write(stage: Path) -> None:

@@ -86,7 +86,7 @@ class Tokenizer:
         if missing:
             raise HomeLLMError(f"tokenizer lacks the special tokens {', '.join(missing)}: import it with "
                                "`homellm tokenizer train --from-file PATH --out DIR`, which adds them")
-        self.eot_id, self.im_start_id, self.im_end_id, self.pad_id = (ids[s] for s in (EOT, IM_START, IM_END, PAD))
+        self.im_start_id, self.im_end_id, self.pad_id = (ids[s] for s in (IM_START, IM_END, PAD))
         self.eos, self.bos = eos, bos
         for name, token in (("eos", eos), ("bos", bos)):
             if token is not None and hf.token_to_id(token) is None:
@@ -157,9 +157,15 @@ class Tokenizer:
         """A prompt's ids as the model reads them: special tokens honoured (chat markup), after the bos of a model
         trained with one; an empty prompt starts a fresh document."""
         ids = self.encode(text, allow_special=True)
-        if self.bos_id is not None:
-            return [self.bos_id, *ids] if ids[:1] != [self.bos_id] else ids
-        return ids or [self.eot_id]
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
+            return [self.bos_id, *ids]
+        return ids or [self.start_id]
+
+    @property
+    def start_id(self) -> int:
+        """What a text starts after: the bos of a model trained with one, else end of text (homellm's models read
+        what follows it as a new document). Exports name it as the bos."""
+        return self.eot_id if self.bos_id is None else self.bos_id
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Encode many texts at once on all cores (Rust threads); special strings as in `encode`."""

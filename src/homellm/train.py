@@ -971,6 +971,14 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
 INIT_CHANGES = {"block_size", "dropout"}
 
 
+def check_init_architecture(init: str | Path, asked: dict[str, Any], saved: ModelConfig) -> None:
+    """Refuse model fields in `asked` that differ from the --init run's (`saved`), bar INIT_CHANGES."""
+    if diffs := [f"--{k.replace('_', '-')} {v} (it has {getattr(saved, k)})" for k, v in asked.items()
+                 if k not in INIT_CHANGES and v != getattr(saved, k)]:
+        raise HomeLLMError(f"--init {init}: its weights are of another architecture than {'; '.join(diffs)}: drop "
+                           "those flags (the architecture is the trained run's; --block-size may be shorter)")
+
+
 def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], None] | None:
     """For `pretrain --init RUN`: checks that model_cfg is RUN's architecture (a shorter context or another dropout
     aside), and returns what loads RUN's best weights into the new model; None without --init."""
@@ -983,11 +991,7 @@ def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], N
     if "lora" in load_json(init / "config.json"):
         raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge {init} --out "
                            "MERGED`), then --init MERGED")
-    ours, theirs = to_dict(model_cfg), to_dict(saved)
-    if diffs := [f"--{k.replace('_', '-')} {ours[k]} (it has {theirs[k]})" for k in ours
-                 if ours[k] != theirs[k] and k not in INIT_CHANGES]:
-        raise HomeLLMError(f"--init {init}: its weights are of another architecture than {'; '.join(diffs)}: drop "
-                           "those flags (the architecture is the trained run's; --block-size may be shorter)")
+    check_init_architecture(init, to_dict(model_cfg), saved)
     if model_cfg.block_size > saved.block_size:
         raise HomeLLMError(f"--block-size {model_cfg.block_size}: --init {init} was trained for {saved.block_size} "
                            f"positions at most: give {saved.block_size} or fewer")
