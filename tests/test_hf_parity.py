@@ -48,7 +48,7 @@ def to_hf(model: GPT):
     from homellm.hf import to_transformers, transformers_config
 
     # no tokenizer here: the ids are not compared
-    tok = type("Ids", (), {"eot_id": None, "bos_id": None, "pad_id": None})()
+    tok = type("Ids", (), {"eot_id": None, "start_id": None, "pad_id": None})()
     config = transformers.AutoConfig.for_model(**transformers_config(model.cfg, tok), attn_implementation="eager")
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     sd = to_transformers(model)
