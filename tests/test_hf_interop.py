@@ -82,6 +82,9 @@ def test_an_exported_run_loads_in_transformers_and_answers_as_homellm_does(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
                                                     "model.safetensors", "special_tokens_map.json",
                                                     "tokenizer.json", "tokenizer_config.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}  # safetensors alone made 0600
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     ours, tok = load_model(run), Tokenizer.load(run)

@@ -67,6 +67,9 @@ def atomic_folder(out: Path, write: Callable[[Path], None], suffix: str = ".writ
     stage.mkdir(parents=True)
     try:
         write(stage)
+        for f in stage.rglob("*"):  # safetensors writes 0600: an export is meant to be shared and uploaded
+            if f.is_file():
+                os.chmod(f, file_mode())
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
