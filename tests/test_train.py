@@ -688,6 +688,28 @@ def test_ddp_ranks_agree_on_a_time_budget(tmp_path, corpus):
     assert (run / "last" / "model.safetensors").is_file()
 
 
+def _agree_in_a_host_group(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from homellm.train import Env, _one_clock
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    env = Env(rank, 2, rank, torch.device("cpu"), torch.float32)
+    group = dist.new_group(backend="gloo")  # what _clock_group makes where the default group is NCCL's
+    agreed = _one_clock(1.0 + rank, TrainConfig(max_time=60), env, stop=rank == 1, group=group)
+    Path(out, str(rank)).write_text(json.dumps(agreed))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_clock_and_a_stop_in_a_group_of_their_hosts(tmp_path):
+    """On GPUs the per-step agreement runs in a gloo group beside NCCL's (the device is not waited for): the slowest
+    clock and any rank's Ctrl-C reach every rank there too."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_in_a_host_group, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / r).read_text()) for r in "01"] == [[2.0, True], [2.0, True]]
+
+
 def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpus, capsys):
     """`prepare` into the folder a run trained on replaced its shards: --resume went on with the new text, and the
     run's config took the new counts, without a word."""

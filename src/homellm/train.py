@@ -371,16 +371,25 @@ def _trained_tokens(mine: int, env: Env) -> float | torch.Tensor:
     return t.clamp(min=1.0).float()
 
 
-def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False) -> tuple[float, bool]:
+def _clock_group(env: Env) -> Any:
+    """The process group the ranks agree on their clocks in every step: the host's own (gloo) where the default
+    group is NCCL's, which would make each host wait for its GPU to drain every step, leaving it no queue of
+    kernels to launch ahead. None: the default group (gloo already, or one process)."""
+    return dist.new_group(backend="gloo") if env.world > 1 and env.device.type != "cpu" else None
+
+
+def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False, group: Any = None
+               ) -> tuple[float, bool]:
     """Under a time budget every rank takes the slowest one's elapsed time: the learning rate follows it and the
     run stops by it, so the ranks must agree on it (each clock alone left one rank waiting in a collective).
     Likewise a Ctrl-C (`stop`): torchrun passes it to each rank, which may be a step apart when it lands, so the
-    ranks stop after the step where any of them saw it. One collective serves both."""
+    ranks stop after the step where any of them saw it. One collective serves both, in `group` (_clock_group)."""
     if env.world == 1:
         return elapsed, stop
     timed = cfg.max_time > 0 or cfg.session_time > 0
-    t = torch.tensor([elapsed if timed else 0.0, float(stop)], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([elapsed if timed else 0.0, float(stop)], dtype=torch.float64,
+                     device="cpu" if group is not None else env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     agreed, any_stop = t.tolist()
     return (agreed if timed else elapsed), any_stop > 0
 
@@ -471,6 +480,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     run = Path(cfg.out)
     if cfg.max_steps <= 0 and cfg.max_time <= 0:
         raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+    clock = _clock_group(env)
     torch.manual_seed(cfg.seed + env.rank)
     model = GPT(model_cfg)
     if init is not None:
@@ -648,7 +658,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 opt.zero_grad(set_to_none=True)
             step += 1
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
-            elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked)
+            elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked, clock)
             if evaluates and not eval_measured:
                 eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / 3
             done = progress() >= 1.0
@@ -684,7 +694,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
                 # is the last, with its checkpoint, rather than the loop ending without one.
                 before = elapsed
-                elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env)[0]
+                elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env, group=clock)[0]
                 eval_room, eval_measured = elapsed - before, True
                 done = done or progress() >= 1.0
                 if last_val is not None:
