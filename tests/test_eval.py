@@ -90,6 +90,23 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(task_data):
         assert got == alone or (len(ids) < 10 and got[:len(alone)] == alone and len(tok.encode(got)) == len(ids) + 1)
 
 
+def test_greedy_answers_read_prompts_as_generate_does(task_data):
+    """Chat markup in a prompt is the special token there (it was plain characters in eval but not in generate),
+    and an empty prompt starts a document (it got no answer)."""
+    _, tok = task_data
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(family="llama", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64)).eval()
+    with torch.no_grad():  # larger weights: answers that differ with the prompt (at init they are all "=")
+        for w in model.parameters():
+            w.mul_(8 if w.dim() == 2 else 1)
+    prompts = ["<|im_start|>user\n$1 + 2 =", "", "<|endoftext|>$3 - 1 ="]
+    stop = stop_ids(tok, "")
+    for prompt, got in zip(prompts, greedy_complete(model, tok, prompts, 8, stop)):
+        ids = list(generate_ids(model, tok.encode_prompt(prompt), SampleConfig(max_new_tokens=8, temperature=0.0),
+                                stop_ids=set(stop.tolist()), guard=tok.utf8_guard))  # (no padded ids: as eval)
+        assert got == tok.decode(ids) or got[:len(tok.decode(ids))] == tok.decode(ids) and len(ids) < 8, prompt
+
+
 def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir, capsys):
     from homellm.cli import main
 

@@ -39,8 +39,8 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
     device = next(model.parameters()).device
     if prompts and not isinstance(prompts[0], str):
         encoded = [list(p) for p in prompts]
-    else:  # after the bos of a model trained with one, as every prompt (Tokenizer.encode_prompt)
-        encoded = [[tok.bos_id, *ids] if tok.bos_id is not None else ids for ids in tok.encode_batch(prompts)]
+    else:  # as generate reads a prompt: chat markup honoured, after the bos of a model trained with one
+        encoded = tok.encode_prompts(prompts)
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)

@@ -154,12 +154,17 @@ class Tokenizer:
                 f"{back[max(0, j1 - (i1 - start)):j2 + 12]!r}")
 
     def encode_prompt(self, text: str) -> list[int]:
-        """A prompt's ids as the model reads them: special tokens honoured (chat markup), after the bos of a model
-        trained with one; an empty prompt starts a fresh document."""
-        ids = self.encode(text, allow_special=True)
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            return [self.bos_id, *ids]
-        return ids or [self.start_id]
+        return self.encode_prompts([text])[0]
+
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        """Prompts' ids as the model reads them: special tokens honoured (chat markup), after the bos of a model
+        trained with one; an empty prompt starts a fresh document. generate, serve and eval all read prompts so."""
+        out = []
+        for ids in self.encode_batch(texts, allow_special=True):
+            if self.bos_id is not None and ids[:1] != [self.bos_id]:
+                ids = [self.bos_id, *ids]
+            out.append(ids or [self.start_id])
+        return out
 
     @property
     def start_id(self) -> int:
