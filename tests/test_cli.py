@@ -441,6 +441,24 @@ def test_output_is_utf8_where_the_locale_is_not(monkeypatch):
     assert raw.getvalue().decode("utf-8") == "吾輩は猫である\n"
 
 
+def test_an_encoding_asked_for_is_kept_and_what_it_cannot_hold_is_replaced(monkeypatch):
+    """PYTHONIOENCODING=cp932 and a reply in simplified Chinese: a UnicodeEncodeError traceback mid-generation."""
+    from homellm.cli import utf8_output
+
+    def written(asked: str) -> str:
+        monkeypatch.setenv("PYTHONIOENCODING", asked)
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="cp932")  # (Python opens stdout so, errors strict)
+        utf8_output(stream)
+        stream.write("话吾輩")
+        stream.flush()
+        return raw.getvalue().decode("cp932")
+
+    assert written("cp932") == "?吾輩"
+    with pytest.raises(UnicodeEncodeError):  # an error handler named with the encoding is theirs
+        written("cp932:strict")
+
+
 def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monkeypatch, capsys):
     """--prompt - takes the prompt from standard input: a long or multi-line one, without the shell's quoting."""
     import sys

@@ -494,13 +494,16 @@ def utf8_output(*streams: Any) -> None:
     """Text out as UTF-8 whatever the locale says: Windows writes a redirected stdout in cp1252, which cannot hold
     Japanese or Chinese, and every print of such text failed with a traceback. A terminal that is not UTF-8 (rare:
     Windows' console takes Unicode whatever its code page) shows what it cannot draw as "?". An encoding asked for
-    with PYTHONIOENCODING is kept: whoever reads the output said what they decode."""
-    if os.environ.get("PYTHONIOENCODING"):
-        return
+    with PYTHONIOENCODING is kept (whoever reads the output said what they decode), with "?" for what it cannot hold
+    unless it names its own error handler (cp932:strict): a Chinese reply in cp932 ended in a traceback."""
+    asked = os.environ.get("PYTHONIOENCODING", "")
     for stream in streams:
         if not hasattr(stream, "reconfigure") or codecs.lookup(stream.encoding or "ascii").name == "utf-8":
             continue
-        if stream.isatty():
+        if asked:
+            if ":" not in asked:
+                stream.reconfigure(errors="replace")
+        elif stream.isatty():
             stream.reconfigure(errors="replace")
         else:
             stream.reconfigure(encoding="utf-8")
