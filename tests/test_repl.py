@@ -302,10 +302,19 @@ def test_chat_from_the_command_line_reads_stdin(chat_run, tmp_path):
     assert f"note: {run} was pretrained only, not fine-tuned on conversations" in proc.stderr
 
 
-def test_chat_on_a_fine_tuned_run_adds_no_note(tmp_path, capsys):
+def test_chat_on_a_fine_tuned_run_adds_no_note_and_generate_points_to_chat(tmp_path, chat_run, capsys):
+    from homellm.cli import main
+
     _, _, run = build_chat_run(tmp_path, sft=True)
     repl.chat(run, GREEDY, script("/quit"), io.StringIO())
     assert "pretrained only" not in capsys.readouterr().err
+    note = f"note: {run} is fine-tuned on conversations: `homellm chat {run}` talks to it"
+    assert main(["generate", str(run), "--prompt", USER, "--max-new-tokens", "2"]) == 0
+    assert note in capsys.readouterr().err
+    assert main(["generate", str(run), "--prompt", f"<|im_start|>user\n{USER}", "--max-new-tokens", "2"]) == 0
+    assert note not in capsys.readouterr().err  # chat markup typed: they know
+    assert main(["generate", str(chat_run[2]), "--prompt", USER, "--max-new-tokens", "2"]) == 0
+    assert "fine-tuned on conversations" not in capsys.readouterr().err  # a pretrained run continues text
 
 
 def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import homellm
-from homellm.chat import CHAT_TEMPLATE, read_conversations, render
+from homellm.chat import CHAT_TEMPLATE, prompt_ids, read_conversations, render
 from homellm.checkpoint import load_model
 from homellm.config import SFTConfig, TokenizerConfig, TrainConfig, preset, replace
 from homellm.errors import HomeLLMError
+from homellm.eval import greedy_complete, stop_ids
 from homellm.lora import LoraSpec, attach_lora, merge_lora, trainable_parameters
 from homellm.model import GPT
 from homellm.sft import ChatBatches, resolve_sft, sft
@@ -227,7 +229,7 @@ def test_an_all_masked_batch_gives_a_finite_loss():
     loss.backward()  # and trains nothing
 
 
-def test_sft_lowers_held_out_loss(tmp_path, base_run):
+def test_sft_lowers_held_out_loss(tmp_path, base_run, capsys):
     data = qa_file(tmp_path / "qa.jsonl", 200)
     cfg, train_cfg = resolve_sft({"init": str(base_run), "data": [str(data)], "val_fraction": 0.2},
                                  {"out": str(tmp_path / "sft"), "max_steps": 80, "eval_every": 40, "lr": 3e-3})
@@ -242,6 +244,14 @@ def test_sft_lowers_held_out_loss(tmp_path, base_run):
     assert summary["val_loss"] == pytest.approx(after, rel=1e-4)
     saved = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert saved["sft"]["init"] == str(base_run.resolve()) and saved["sft_data"]["val_conversations"] == 40
+    # The sample is a reply to a held-out question, as a chat gives it (it continued an empty prompt as text).
+    question, reply = re.search(r"sample: '(.*)' -> '(.*)'\n", capsys.readouterr().err).groups()
+    val, train = (tok.decode(batches.rows[split][0].flatten().tolist()) for split in ("val", "train"))
+    tag = f" {question.split()[-1]}<|im_end|>"  # each question's own (the char tokenizer has no "?")
+    assert tag in val and tag not in train
+    chat_reply = greedy_complete(load_model(tmp_path / "sft"), tok, [prompt_ids(tok, [{"role": "user",
+                                 "content": question}])], 64, stop_ids(tok, ""))[0]
+    assert reply == chat_reply.removesuffix("<|im_end|>") and reply.startswith(("the ", "a "))
 
 
 def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, capsys):
@@ -250,11 +260,14 @@ def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, cap
 
     data, out = qa_file(tmp_path / "qa.jsonl", 30), tmp_path / "sft"
     cfg, train_cfg = resolve_sft({"init": str(base_run), "data": [str(data)], "pack": False},
-                                 run_length({"out": str(out), "epochs": 1.5, "eval_every": 0, "batch_size": 4}))
+                                 run_length({"out": str(out), "epochs": 1.5, "eval_every": 0, "batch_size": 4,
+                                             "sample_prompt": "what does she see?"}))
     summary = sft(cfg, train_cfg)
     rows = 30 - 2  # one conversation a row (no packing); 5 % of 30 held out rounds to 2
     assert summary["val_conversations"] == 2 and summary["steps"] == math.ceil(1.5 * rows / 4) == 11
-    assert "--epochs 1.5: 11 steps of 4 rows read the 28 training rows 1.5 times over" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--epochs 1.5: 11 steps of 4 rows read the 28 training rows 1.5 times over" in err
+    assert "sample: 'what does she see?' -> '" in err  # --sample-prompt asks the question
     with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length"):
         run_length({"max_steps": 5, "epochs": 2.0})
     cfg, train_cfg = resolve_sft({}, run_length({"out": str(out), "resume": True, "max_steps": 14}))

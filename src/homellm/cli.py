@@ -150,7 +150,7 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from homellm.checkpoint import load_for_generation
+    from homellm.checkpoint import is_sft, load_for_generation
     from homellm.generate import stream_text
     from homellm.tokenizer import Tokenizer
 
@@ -162,6 +162,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cfg = replace(cfg, prompt=sys.stdin.read())
     model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
+    if is_sft(args.run) and "<|im_start|>" not in cfg.prompt:
+        # (chat says the opposite of a pretrained run): a chat model's continuation of bare text is seldom an answer
+        print(f"note: {args.run} is fine-tuned on conversations: `homellm chat {args.run}` talks to it; generate "
+              "continues your text as written", file=sys.stderr)
     if cfg.interactive:
         from homellm.repl import Continuations, chat_loop, line_editing
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from homellm.chat import Message, read_conversations, render
+from homellm.chat import Message, prompt_ids, read_conversations, render
 from homellm.checkpoint import (
     WEIGHTS,
     find_checkpoint,
@@ -31,6 +31,7 @@ from homellm.config import (
     LORA_LR,
     LORA_TARGETS,
     SFT_TRAIN,
+    SampleConfig,
     SFTConfig,
     TrainConfig,
     check_ranges,
@@ -40,7 +41,9 @@ from homellm.config import (
     to_dict,
 )
 from homellm.errors import HomeLLMError
+from homellm.generate import generate_ids
 from homellm.io import atomic_folder, say
+from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, check_unknown
 
 
@@ -61,6 +64,10 @@ class ChatBatches:
             n_val = 0
         self.stats = {"conversations": len(conversations), "val_conversations": n_val, "truncated": 0, "skipped": 0}
         val, train = order[:n_val], order[n_val:]
+        # The training samples' question: a held-out conversation's first, so they show what the model answers
+        # to something it has not trained on.
+        self.question = next((m["content"] for i in [*val, *train] for m in conversations[i] if m["role"] == "user"),
+                             "")
         self.rows = {"train": self._rows([conversations[i] for i in train], tok, block_size, cfg),
                      "val": self._rows([conversations[i] for i in val], tok, block_size, cfg)}
         if not len(self.rows["train"][0]):
@@ -267,7 +274,16 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"sft": to_dict(replace(cfg, init=str(Path(cfg.init).resolve()))), "sft_data": stats}
     if lora:
         extra["lora"] = lora
-    summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra)
+    question = train_cfg.sample_prompt or data.question
+
+    def sample(model: GPT) -> str:
+        """A chat model's sample is a reply to a user's message (the prompt continued as text showed nothing)."""
+        ids = prompt_ids(tok, [{"role": "user", "content": question}])
+        reply = generate_ids(model, ids, SampleConfig(max_new_tokens=64, temperature=0.0),
+                             {tok.eot_id, tok.im_end_id, tok.im_start_id}, guard=tok.utf8_guard)
+        return f"{question!r} -> {tok.decode(reply)!r}"
+
+    summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample)
     return {**summary, **stats}
 
 

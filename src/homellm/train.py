@@ -471,10 +471,15 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
-          init: Callable[[GPT], None] | None = None, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+          init: Callable[[GPT], None] | None = None, extra_config: dict[str, Any] | None = None,
+          sample: Callable[[GPT], str] | None = None) -> dict[str, Any]:
     """Train a model into the run directory cfg.out; return a summary (steps, tokens, val loss, bpb, seconds).
 
-    `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json."""
+    `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json;
+    `sample` shows what the model makes of a prompt (default: a greedy continuation of cfg.sample_prompt)."""
+    if sample is None:
+        def sample(model: GPT) -> str:
+            return repr(sample_text(model, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop))
     check_ranges(cfg)
     env = setup_env(cfg)
     run = Path(cfg.out)
@@ -717,7 +722,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 # would never write the line.
                 checkpoint("best", last_val or {})
             if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
-                bar.write(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}")
+                bar.write(f"sample: {sample(raw)}")
             fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
             periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
             if periodic or done or halted:  # the val loss with it only when measured on these weights
@@ -733,7 +738,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 break
     bar.close()
     if env.main:
-        print(f"sample: {sample_text(raw, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop)!r}", file=sys.stderr)
+        print(f"sample: {sample(raw)}", file=sys.stderr)
     if ddp:  # after rank 0's sample: the ranks leave together (one gone early aborted another at exit, 2 in 35 runs)
         dist.barrier()
     summary = {"run": str(run), "steps": step, "tokens": tokens, "elapsed_s": round(elapsed, 2),
