@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import homellm
+from conftest import SHARED, homellm
 from homellm.chat import CHAT_TEMPLATE, prompt_ids, read_conversations, render
 from homellm.checkpoint import load_model
 from homellm.config import SFTConfig, TokenizerConfig, TrainConfig, preset, replace
@@ -178,6 +178,35 @@ def test_read_conversations_formats_and_errors(tmp_path):
     bad.write_bytes(json.dumps({"messages": CHAT}).encode() + b"\n\xff\xfe\n")
     with pytest.raises(HomeLLMError, match=r"bad.jsonl:2: not UTF-8 \(byte offset"):
         read_conversations([str(bad)])
+
+
+def test_question_and_answer_pairs_are_conversations(tmp_path):
+    """GSM8K's {"question", "answer"} (seed 004 fine-tuned on such a math set), prompt/completion, query/response:
+    each a user message and its reply. They were refused as an unknown layout."""
+    pairs = tmp_path / "pairs.jsonl"
+    trl = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    pairs.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (
+        {"question": "1+1?", "answer": "2"}, {"prompt": "3加4等于多少？", "completion": "7"},
+        {"query": "hi", "response": "hello", "system": "Be brief."}, {"input": "x", "output": "y"}, trl)) + "\n",
+        encoding="utf-8")
+    convs, _ = read_conversations([str(pairs)])
+    assert convs == [[{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+                     [{"role": "user", "content": "3加4等于多少？"}, {"role": "assistant", "content": "7"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}],
+                     [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
+    for record, message in (({"question": "1+1?", "answer": 2}, "'question' and 'answer' must both be strings"),
+                            ({"question": "1+1?", "answer": ""}, "message 1 is an empty assistant reply"),
+                            ({"question": "1+1?"}, "or a question and its answer")):
+        pairs.write_text(json.dumps(record) + "\n")
+        with pytest.raises(HomeLLMError, match=message):
+            read_conversations([str(pairs)])
+    gsm8k = SHARED / "data" / "gsm8k" / "train.jsonl"
+    if not gsm8k.is_file():
+        pytest.skip(f"{gsm8k} is absent (the shared offline corpora are not on this machine)")
+    convs, _ = read_conversations([str(gsm8k)], limit=50)
+    assert len(convs) == 50 and all(c[1]["content"].split("#### ")[-1].strip().isdigit() for c in convs)
 
 
 def test_chat_batches_pack_split_truncate_and_skip(bpe):

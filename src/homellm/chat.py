@@ -84,9 +84,16 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
+# A question and its answer under other names: GSM8K's question/answer, TRL's prompt/completion, query/response.
+PROMPT_FIELDS, REPLY_FIELDS = ("prompt", "question", "query", "input"), ("completion", "response", "answer", "output")
+
+
 def _conversation(record: Any, where: str) -> list[Message]:
-    """One jsonl record, OpenAI-style {"messages": [...]}, ShareGPT-style {"conversations": [{"from", "value"}]}
-    or Alpaca-style {"instruction", "input", "output"}."""
+    """One jsonl record, OpenAI-style {"messages": [...]}, ShareGPT-style {"conversations": [{"from", "value"}]},
+    Alpaca-style {"instruction", "input", "output"}, or a pair such as {"question", "answer"} (PROMPT_FIELDS and
+    REPLY_FIELDS; TRL's conversational {"prompt": [messages], "completion": [messages]} too)."""
+    prompt = next((k for k in PROMPT_FIELDS if k in record), None) if isinstance(record, dict) else None
+    reply = next((k for k in REPLY_FIELDS if k in record), None) if isinstance(record, dict) else None
     if isinstance(record, dict) and "messages" in record:
         messages = check_messages(record["messages"], where)
     elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
@@ -108,9 +115,19 @@ def _conversation(record: Any, where: str) -> list[Message]:
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
             {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    elif prompt and reply:
+        p, r = record[prompt], record[reply]
+        if isinstance(p, list) and isinstance(r, list):
+            messages = check_messages(p + r, where)
+        elif isinstance(p, str) and isinstance(r, str) and isinstance(record.get("system", ""), str):
+            messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
+                {"role": "user", "content": p}, {"role": "assistant", "content": r}]
+        else:
+            raise HomeLLMError(f"{where}: {prompt!r} and {reply!r} must both be strings (or both lists of messages)")
     else:
-        raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}}, ShareGPT's {{\"conversations\": [...]}} or "
-                           "Alpaca's {\"instruction\", \"input\", \"output\"}")
+        raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}}, ShareGPT's {{\"conversations\": [...]}}, "
+                           "Alpaca's {\"instruction\", \"input\", \"output\"} or a question and its answer "
+                           f"({'/'.join(PROMPT_FIELDS)} with {'/'.join(REPLY_FIELDS)})")
     return _check_training(messages, where)
 
 

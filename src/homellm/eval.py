@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from homellm.chat import PROMPT_FIELDS
 from homellm.checkpoint import run_config_path
 from homellm.config import IM_END, EvalConfig
 from homellm.errors import HomeLLMError
@@ -217,7 +218,8 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     return result
 
 
-PROMPT_FIELDS, ANSWER_FIELDS = ("prompt", "question", "input"), ("answer", "expected", "output")
+# The names sft reads a question and its answer by (homellm.chat), and "expected".
+ANSWER_FIELDS = ("answer", "expected", "completion", "response", "output")
 
 
 def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
