@@ -99,6 +99,23 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
         docs([str(bad)], encoding="rot13")
 
 
+def test_a_file_cut_inside_its_last_character_is_read_up_to_it(tmp_path, capsys):
+    """`head -c` of a Chinese corpus ends partway through a character: it was refused as not UTF-8 or Shift_JIS."""
+    cut = tmp_path / "cut.txt"
+    text, ja = "话说天下大势，分久必合，合久必分。\n" * 3, "吾輩は猫である。名前はまだ無い。\n" * 3
+    for encoding, flags in (("utf-8", {}), ("cp932", {"encoding": "cp932"}), ("utf-8", {"encoding": "utf-8"})):
+        data = (ja if encoding == "cp932" else text).encode(encoding)
+        data = data[:-5] if encoding == "utf-8" else data[:-4]  # past "。\n", into the character before it
+        cut.write_bytes(data)
+        whole = data.decode(encoding, errors="ignore")
+        assert len(whole.encode(encoding)) < len(data)
+        assert docs([str(cut)], **flags) == [whole]
+        assert f"note: {cut} ends partway through a character (its last" in capsys.readouterr().err
+    cut.write_bytes(text.encode()[:-4] + b"\xff")  # a bad byte at the end is still an error
+    with pytest.raises(HomeLLMError, match="0xff at byte offset"):
+        docs([str(cut)])
+
+
 @pytest.mark.parametrize("encoding, bom", [("utf-16", b""), ("utf-16-be", codecs.BOM_UTF16_BE),
                                            ("utf-16-le", codecs.BOM_UTF16_LE), ("utf-32", b"")])
 def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypatch, encoding, bom):

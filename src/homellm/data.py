@@ -200,12 +200,18 @@ def _head(path: Path, start: int = 0, size: int = 1 << 16) -> bytes:
         return f.read(size)
 
 
+# What a codec says of a character whose bytes stop at the end of the data: cut by a block's end, or by the file's.
+_CUT_SHORT = ("unexpected end of data", "incomplete multibyte sequence")
+
+
 def _decode(data: bytes, encoding: str, final: bool) -> tuple[str, int]:
-    """Decode `data`, leaving a character cut by the block boundary to the next block: (text, bytes used)."""
+    """Decode `data`, leaving a character cut by the block boundary to the next block: (text, bytes used). At the
+    file's end (`final`) such a character is one cut with the file (`head -c` of a big corpus): left unused."""
     try:
         return data.decode(encoding), len(data)
     except UnicodeDecodeError as e:
-        if final or e.start < len(data) - 3:  # no character is longer than 4 bytes: this is a real error
+        # No character is longer than 4 bytes: an error earlier is a real one, and so is a bad byte at the end.
+        if e.start < len(data) - 3 or final and e.reason not in _CUT_SHORT:
             raise
         return data[: e.start].decode(encoding), e.start
 
@@ -310,6 +316,10 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                 meter[0] += used
             if text:
                 yield text.replace("\r\n", "\n")
+            if final and used < len(data):
+                say(f"note: {path} ends partway through a character (its last {len(data) - used} bytes): they are "
+                    "left out (a file cut by size, as `head -c` cuts, ends so)")
+                return
             data, offset = data[used:] + more, offset + used
 
 
