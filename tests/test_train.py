@@ -748,6 +748,16 @@ def test_resuming_on_raw_text_that_grew_prepares_it_again(tmp_path, corpus, caps
     err = capsys.readouterr().err
     assert f"note: {text} changed since {run / 'data'} was prepared (" in err and "preparing it again" in err
     assert json.loads((run / "data" / "meta.json").read_text())["train_tokens"] > before
+    # The run moved to another machine without its text (a relay): it goes on with its own shards, and says so.
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    text.unlink()
+    shards = (moved / "data" / "meta.json").read_text()
+    assert main(["pretrain", "--out", str(moved), "--resume", "--max-steps", "5"]) == 0
+    assert f"resuming on the shards {moved} prepared from it, in {moved / 'data'}" in capsys.readouterr().err
+    assert (moved / "data" / "meta.json").read_text() == shards and read_config(moved)[1].max_steps == 5
+    assert main(["pretrain", "--data", str(text), "--out", str(tmp_path / "new"), "--preset", "tiny"]) == 2
+    assert "no such file" in capsys.readouterr().err  # a new run has no shards to fall back on
 
 
 def test_a_new_start_never_overwrites_a_trained_run(tmp_path, data_dir, capsys):

@@ -856,12 +856,21 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
                            "GPT2_TOKENIZER --out DATA` (GPT-2's encoder.json + vocab.bpe), then --data DATA")
     run = Path(cfg.out)
     data_dir = run / "data"
+    try:
+        size = input_bytes(list(cfg.data))
+    except HomeLLMError as e:
+        if not (cfg.resume and (data_dir / "meta.json").is_file() and "pretrain_inputs" in read_meta(data_dir)):
+            raise
+        # A relay run goes on where its text is not (another machine, the corpus moved): its shards are here.
+        say(f"note: {e}; resuming on the shards {run} prepared from it, in {data_dir} (give --data where the text "
+            "is now to read it again)")
+        return data_dir
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
     # The inputs' total size tells text added to a corpus since (a relay run whose corpus grows); modification times
     # would not do, as a relay's every session on a fresh machine copies the corpus anew.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
                 "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora, "encoding": cfg.encoding,
-                "bytes": input_bytes(list(cfg.data)),
+                "bytes": size,
                 # whose tokenizer reads the text: the --init run's, or one trained here ("")
                 "tokenizer": cfg.init}
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
