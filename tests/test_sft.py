@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import SHARED, homellm
 from homellm.chat import CHAT_TEMPLATE, prompt_ids, read_conversations, render
-from homellm.checkpoint import load_model
+from homellm.checkpoint import load_model, save_checkpoint
 from homellm.config import SFTConfig, TokenizerConfig, TrainConfig, preset, replace
 from homellm.errors import HomeLLMError
 from homellm.eval import greedy_complete, stop_ids
@@ -387,6 +387,29 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     resumed = homellm("sft", "--out", str(out), "--resume", "--max-conversations", "15", "--max-steps", "23")
     assert "note: resuming on the first 15 conversations, not all the conversations as the run began; the held-out " \
            "conversations are drawn again" in resumed.stderr
+
+
+def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_run, capsys):
+    """The runs folder copied elsewhere, base and adapters together: the adapters named the base's old absolute path
+    and were refused as having lost it."""
+    runs = tmp_path / "runs"
+    shutil.copytree(base_run, runs / "base")
+    homellm("sft", "--init", str(runs / "base"), "--data", str(qa_file(tmp_path / "qa.jsonl", 20)), "--out",
+            str(runs / "lora"), "--lora-rank", "2", "--max-steps", "3", "--eval-every", "0")
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        before = load_model(runs / "lora")(x)[0]
+        shutil.move(runs, tmp_path / "moved")
+        moved = tmp_path / "moved"
+        torch.testing.assert_close(load_model(moved / "lora")(x)[0], before)
+    assert f"note: {moved / 'lora'}'s base run {runs / 'base'} is not there: using {moved / 'base'}" in \
+        capsys.readouterr().err
+    other = load_model(moved / "base")  # another base of that name: its weights tell
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2)
+    save_checkpoint(moved / "base", "best", other, None, {"step": 60})
+    with pytest.raises(HomeLLMError, match="changed since"):
+        load_model(moved / "lora")
 
 
 def test_lora_refuses_a_layer_whose_weight_is_tied():

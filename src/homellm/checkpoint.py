@@ -255,6 +255,12 @@ def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
     from homellm.lora import LoraSpec, attach_lora
 
     base = Path(lora["base"])
+    beside = Path(run).resolve().parent / base.name
+    if not (base / "config.json").is_file() and (beside / "config.json").is_file():
+        # The runs folder copied to another machine or path: the base beside the adapters, as it was. The weights'
+        # checksum below tells whether it is the same base.
+        say(f"note: {run}'s base run {base} is not there: using {beside} beside it")
+        base = beside
     if not (base / "config.json").is_file():
         raise HomeLLMError(f"{run} holds LoRA adapters for the base run {base}, which is gone: restore it, or "
                            "keep merged weights next time with `homellm merge RUN --out NEW`")
