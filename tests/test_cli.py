@@ -312,6 +312,12 @@ def test_a_verb_given_something_other_than_a_run_says_what_it_was_given(tmp_path
             assert capsys.readouterr().err == f"homellm: error: {path}: {what}{made_by}", argv
     assert main(["merge", "data", "--out", "m"]) == 2
     assert capsys.readouterr().err.startswith("homellm: error: data: prepared data, not a run (train on it")
+    (tmp_path / "run" / "last").mkdir(parents=True)  # a checkpoint folder, as seed 002 named its .pt file
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "last" / "checkpoint.json").write_text("{}")
+    assert main(["generate", "run/last", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == ("homellm: error: run/last: a checkpoint of the run run: pass the run folder "
+                                       "(run) with --checkpoint last\n")
     assert main(["tokenizer", "--input", "c.txt", "--out", "t"]) == 2  # argparse named c.txt as the wrong word
     assert capsys.readouterr().err == ("homellm: error: `homellm tokenizer` takes its action first: `homellm "
                                        "tokenizer train --input ... --out DIR`\n")
