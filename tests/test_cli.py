@@ -611,3 +611,19 @@ def test_an_error_every_rank_meets_is_said_by_rank_0_alone(tmp_path, monkeypatch
         monkeypatch.setenv("RANK", rank)
         assert cli.main(["pretrain", "--data", "d", "--out", str(tmp_path / "run")]) == 2
         assert capsys.readouterr().err == said
+
+
+def test_the_readmes_python_examples_run_as_written(tmp_path, corpus, monkeypatch):
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From Python\n")[1].split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(corpus, "input.txt")
+    names: dict = {}
+    for block in blocks:  # one session: the second uses the first's model and tokenizer
+        exec(compile(block, "README.md", "exec"), names)
+    assert (tmp_path / "runs" / "tiny" / "best").is_dir()
+    assert names["tok"].decode(names["ids"]).endswith("<|im_start|>assistant\n")  # the reply's header: its turn
