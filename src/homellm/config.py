@@ -129,7 +129,8 @@ class TokenizerConfig:
     encoding: str = "auto"  # text encoding of .txt inputs: auto detects utf-8 / cp932 (Shift_JIS)
     aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer
     max_chars: int = 0  # train on at most this many characters (0 = all): BPE needs far less than a corpus
-    from_file: str = ""  # instead of training: an existing tokenizer.json, or a dir with encoder.json + vocab.bpe
+    from_file: str = ""  # instead of training: a tokenizer.json, a dir with one or GPT-2's encoder.json + vocab.bpe,
+    # or hf:NAME (a model's tokenizer from the hub)
 
 
 @dataclass

@@ -286,7 +286,7 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
 
     out = Path(out)
     _check_empty(out)
-    folder = _download(source) if source.startswith("hf:") else Path(source)
+    folder = hub_download(source) if source.startswith("hf:") else Path(source)
     if not folder.exists():
         raise HomeLLMError(f"{source}: not found: give a transformers model folder (as save_pretrained writes it) or "
                            "hf:NAME")
@@ -372,8 +372,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _download(spec: str) -> Path:
-    """hf:NAME from the Hugging Face hub, the files an import reads only (safetensors, else the .bin)."""
+def hub_download(spec: str, weights: bool = True) -> Path:
+    """hf:NAME from the Hugging Face hub, the files an import reads only (safetensors, else the .bin); without
+    `weights`, the tokenizer's and config files alone."""
     try:
         from huggingface_hub import snapshot_download  # optional: comes with datasets and transformers
     except ImportError:
@@ -381,8 +382,9 @@ def _download(spec: str) -> Path:
                            "'homellm[hf]'") from None
     name = spec[3:]
     try:
-        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-        if not any(folder.glob("*.safetensors")):
+        small = ["*.json", "*.model", "*.txt"]
+        folder = Path(snapshot_download(name, allow_patterns=small + ["*.safetensors"] * weights))
+        if weights and not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin", "*.model", "*.txt"]))
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

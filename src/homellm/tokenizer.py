@@ -573,6 +573,10 @@ def import_tokenizer(path: str | Path) -> Tokenizer:
 def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
     """`import_tokenizer`, and the ids of the special tokens it added: a model imported with it has no trained
     rows for them."""
+    if str(path).startswith("hf:"):  # a model's tokenizer by its hub name (seed 001: rinna/japanese-gpt2-small)
+        from homellm.hf import hub_download
+
+        path = hub_download(str(path), weights=False)
     path = Path(path)
     # GPT-2's files as OpenAI released them, or as the hub names them (vocab.json + merges.txt) where a model
     # folder has no tokenizer.json.
