@@ -284,7 +284,7 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
     result = json.loads((chat / "eval_exact.json").read_text())
     assert (result["chat"], result["correct"], result["failures"][0]["got"]) == (True, 1, REPLY)
     capsys.readouterr()
-    no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'output')"
+    no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'completion' or 'response' or 'output')"
     for lines, message in [(None, "no such file"), ("{bad\n", "qa.jsonl:1: "), ('{"prompt": "x"}\n', no_answer),
                            ("", "no prompt and answer pairs"), ('["x"]\n', "qa.jsonl[0]: not a JSON object")]:
         qa.unlink(missing_ok=True)
