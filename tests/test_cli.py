@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -627,3 +628,33 @@ def test_the_readmes_python_examples_run_as_written(tmp_path, corpus, monkeypatc
         exec(compile(block, "README.md", "exec"), names)
     assert (tmp_path / "runs" / "tiny" / "best").is_dir()
     assert names["tok"].decode(names["ids"]).endswith("<|im_start|>assistant\n")  # the reply's header: its turn
+
+
+def test_a_run_never_starts_among_files_it_did_not_write_nor_over_a_best_only_run(tmp_path, corpus, capsys):
+    """pretrain, sft and quickstart wrote config.json, metrics.jsonl and tokenizer/ over a folder's own files; sft
+    and quickstart replaced an imported or merged run, which has `best` alone."""
+    from homellm.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": 1}')
+    (mine / "notes.txt").write_text("mine\n")
+    for argv in (["pretrain", "--data", str(corpus), "--preset", "tiny"], ["quickstart", "--max-time", "5"],
+                 ["sft", "--init", str(tmp_path / "any"), "--data", str(corpus)]):
+        assert main([*argv, "--out", str(mine)]) == 2, argv
+        assert capsys.readouterr().err == (f"homellm: error: --out {mine} holds files homellm did not write "
+                                           "(config.json, notes.txt): a run would mix with them or replace them; "
+                                           "choose a new or empty --out\n")
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "2", "--out", str(run)]) == 0
+    shutil.rmtree(run / "last")  # as `import` and `merge` write a run: `best` alone
+    weights = (run / "best" / "model.safetensors").read_bytes()
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "the cat"}]}) + "\n")
+    shutil.copytree(run, tmp_path / "imported")
+    for argv in (["sft", "--init", str(run), "--data", str(chats)], ["quickstart"]):
+        assert main([*argv, "--out", str(tmp_path / "imported")]) == 2, argv
+        assert f"{tmp_path / 'imported'} already holds a trained run" in capsys.readouterr().err
+    assert (tmp_path / "imported" / "best" / "model.safetensors").read_bytes() == weights

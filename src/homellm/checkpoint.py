@@ -202,6 +202,12 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
     raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")
 
 
+def holds_trained(run: str | Path) -> bool:
+    """Whether RUN holds weights a new start would replace: `best` alone too (what import and merge write, or a run
+    whose `last` was deleted), and a checkpoint caught mid-write."""
+    return any((Path(run) / n).exists() for c in ("last", "best") for n in (c, f".{c}.tmp", f".{c}.old"))
+
+
 def is_sft(run: str | Path) -> bool:
     """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""
     path = Path(run) / "config.json"

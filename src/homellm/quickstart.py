@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from homellm.checkpoint import holds_trained
 from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TokenizerConfig, TrainConfig, preset, replace
 from homellm.data import open_split, prepare, read_meta
 from homellm.errors import HomeLLMError
@@ -169,7 +170,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: evaluate at least 1 problem")
     run = Path(cfg.out)
-    if (run / "last").exists():
+    if holds_trained(run):  # an imported or merged run has `best` alone
         raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {run}`, or pass "
                            "a new --out")
     t_start = time.perf_counter()

@@ -22,6 +22,7 @@ from homellm.chat import Message, prompt_ids, read_conversations, render
 from homellm.checkpoint import (
     WEIGHTS,
     find_checkpoint,
+    holds_trained,
     load_weights_into,
     read_config,
     read_weights,
@@ -212,7 +213,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
         check_resume(out, model_cfg, train_cfg)
-    elif (out / "last").exists():
+    elif holds_trained(out):  # an imported or merged run has `best` alone
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
     tok = Tokenizer.load(source)
     conversations, bad = read_conversations(cfg.data, cfg.skip_bad, cfg.max_conversations)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from homellm.checkpoint import (
     fault_point,
     find_checkpoint,
+    holds_trained,
     is_sft,
     load_state,
     load_weights_into,
@@ -931,9 +932,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if model_cfg.vocab_size == 0:
             model_cfg = replace(model_cfg, vocab_size=saved_model.vocab_size)
         check_resume(run, model_cfg, cfg)
-    elif os.environ.get("RANK", "0") == "0" and any((run / n).exists() for c in ("last", "best")
-                                                    for n in (c, f".{c}.tmp", f".{c}.old")):
-        # `best` alone too: a run whose `last` was never written (a full disk) or was deleted is still a run
+    elif os.environ.get("RANK", "0") == "0" and holds_trained(run):
         raise HomeLLMError(f"{run} already holds a trained run: add --resume to continue it, or choose a new --out")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         setup_env(cfg)  # join the group before rank 0 prepares data, so the others can wait for it
