@@ -658,3 +658,26 @@ def test_a_run_never_starts_among_files_it_did_not_write_nor_over_a_best_only_ru
         assert main([*argv, "--out", str(tmp_path / "imported")]) == 2, argv
         assert f"{tmp_path / 'imported'} already holds a trained run" in capsys.readouterr().err
     assert (tmp_path / "imported" / "best" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_run_config_edited_or_damaged_is_named_field_by_field(tmp_path, corpus, capsys):
+    """A config.json field of the wrong type or range was a TypeError or RuntimeError deep in the model."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "2", "--out", str(run)]) == 0
+    good = json.loads((run / "config.json").read_text())
+    for section, key, value, said in [
+            ("model", "n_layer", "two", "model: n_layer is 'two', not a whole number"),
+            ("model", "n_layer", 2.5, "model: n_layer is 2.5, not a whole number"),
+            ("model", "vocab_size", -5, "model: vocab_size -5: must be 0 or more"),
+            ("model", "family", "gpt9", "model: family 'gpt9' is unknown: use gpt2 or llama"),
+            ("train", "lr", "fast", "train: lr is 'fast', not a number"),
+            ("train", "data", "corpus.txt", "train: data is 'corpus.txt', not a list of strings")]:
+        (run / "config.json").write_text(json.dumps({**good, section: {**good[section], key: value}}))
+        for argv in (["info", str(run)], ["generate", str(run), "--prompt", "x", "--max-new-tokens", "1"],
+                     ["pretrain", "--out", str(run), "--resume"]):
+            capsys.readouterr()
+            assert main(argv) == 2, (key, argv)
+            assert capsys.readouterr().err == (f"homellm: error: {run / 'config.json'} {said}: restore the file "
+                                               "homellm wrote\n"), (key, argv)

@@ -64,8 +64,6 @@ class ModelConfig:
                 self.intermediate_size = -(-(8 * self.n_embd // 3) // 32) * 32
 
     def validate(self) -> None:
-        if self.family not in ("gpt2", "llama"):
-            raise HomeLLMError(f"--family {self.family!r} is unknown: use gpt2 or llama")
         check_ranges(self)  # first: --n-head 0 would divide by zero below
         if self.n_embd % self.n_head:
             raise HomeLLMError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: change one")
@@ -274,7 +272,8 @@ _CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
 _TOKENIZER_KIND = (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model
-    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1,
+    "family": (lambda v: v in ("gpt2", "llama"), "is unknown: use gpt2 or llama"),
+    "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1, "n_embd": _AT_LEAST_1, "vocab_size": _NOT_NEGATIVE,
     "n_kv_head": (lambda v: v >= 0, "must be 0 (as many as --n-head) or more"),
     "block_size": _AT_LEAST_1, "seed": _between(0, SEED_LIMIT, hi_open=True),
     "dropout": _between(0, 1, hi_open=True), "rope_theta": _POSITIVE, "norm_eps": _POSITIVE,
@@ -306,16 +305,19 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_ranges(cfg: Any) -> None:
-    """A one-line error naming the flag and its value for the first field of cfg outside RANGES."""
+def check_ranges(cfg: Any, where: str = "") -> None:
+    """A one-line error naming the flag and its value for the first field of cfg outside RANGES; or, with `where`
+    (a saved config's file and section), the field there."""
     for f in dataclasses.fields(cfg):
         rule = RANGES.get(f.name)
         value = getattr(cfg, f.name)
+        name = f"{where}: {f.name}" if where else f"--{f.name.replace('_', '-')}"
+        fix = ": restore the file homellm wrote" if where else ""
         if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison; inf most
-            raise HomeLLMError(f"--{f.name.replace('_', '-')} {value!r}: must be a finite number")
+            raise HomeLLMError(f"{name} {value!r}: must be a finite number{fix}")
         if rule is not None and not rule[0](value):
             sep = " " if rule[1].startswith("is ") else ": "  # --lr -1.0: must be ... / --schedule 'x' is unknown
-            raise HomeLLMError(f"--{f.name.replace('_', '-')} {value!r}{sep}{rule[1]}")
+            raise HomeLLMError(f"{name} {value!r}{sep}{rule[1]}{fix}")
 
 
 # Presets: named instances. `tiny` is for tests; `cpu` is the best recipe we measured for a 2-core CPU in
@@ -432,12 +434,30 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# What a field of each type may hold in a saved config (JSON has no tuples, and writes 3.0 as 3.0 but 3e2 as 300.0).
+_JSON_TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"), bool: (lambda v: isinstance(v, bool), "true or false"),
+    list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+
+
 def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
+    """A config from a saved dict (a run's config.json section), each field checked for its type and range: a file
+    edited by hand, or damaged, gets one line naming the field rather than a traceback deep in the model."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
         raise HomeLLMError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}: remove them")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        fits, kind = _JSON_TYPES.get(hints[key], (lambda v: True, ""))
+        if not fits(value):
+            raise HomeLLMError(f"{where}: {key} is {value!r}, not {kind}: restore the file homellm wrote")
+    cfg = cls(**d)
+    check_ranges(cfg, where)
+    return cfg
 
 
 def save_json(path: Path, obj: Any) -> None:
