@@ -133,6 +133,11 @@ def test_sampling_is_seeded_and_filters_reduce_to_greedy():
     # A tiny temperature (OpenAI's range allows 1e-39) made logits of inf and NaN probabilities: now greedy.
     for temperature in (1e-39, 1e-300):
         assert sample(model, SampleConfig(temperature=temperature, max_new_tokens=30), 0) == greedy
+    # A huge one (1e39 is inf in float32) over a masked id (the UTF-8 guard's, say) made NaN: now uniform.
+    rows, allowed = torch.tensor([[0.0, 5.0, 9.0, 1.0]]).expand(3000, -1), torch.tensor([[True] * 3 + [False]])
+    got = sample_next(rows, torch.zeros(3000, 0, dtype=torch.long), SampleConfig(temperature=1e39),
+                      torch.Generator().manual_seed(0), allowed.expand(3000, -1))
+    assert got.max() == 2 and got.bincount().min() > 900
 
 
 def draws(logits: list[float], n: int = 4000, history: list[int] | None = None, **cfg) -> torch.Tensor:

@@ -52,7 +52,8 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
         return logits.argmax(dim=-1)
     # Shifted so the largest is 0, and the temperature floored: a tiny one (1e-39 passes OpenAI's 0-2) made logits
     # of inf, then NaN probabilities, and the server's step failed every request sharing it. It samples as greedy.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(cfg.temperature, 1e-6)
+    # And capped: one past float32's range (1e39) is inf, and a masked -inf over it NaN. 1e6 samples as uniformly.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(cfg.temperature, 1e-6), 1e6)
     if 0 < cfg.top_k < logits.size(-1):
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
