@@ -97,6 +97,15 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
         docs([str(bad)], encoding="klingon")
     with pytest.raises(HomeLLMError, match="--encoding 'rot13' is not a text encoding"):
         docs([str(bad)], encoding="rot13")
+    # Codecs that fail otherwise than on a byte were tracebacks: UnicodeError, not UnicodeDecodeError.
+    with pytest.raises(HomeLLMError, match="--encoding 'undefined' is not a text encoding"):
+        docs([str(bad)], encoding="undefined")
+    bad.write_text("plain text\n")
+    with pytest.raises(HomeLLMError, match=r"bad.txt: bytes near byte offset 0 are not valid utf-16 \(.*\): pass the "
+                                           "--encoding the file was written in \\(utf-16-le or utf-16-be name"):
+        docs([str(bad)], encoding="utf-16")
+    with pytest.raises(HomeLLMError, match="bad.txt: bytes near byte offset 0 are not valid punycode"):
+        docs([str(bad)], encoding="punycode")
 
 
 def test_a_file_cut_inside_its_last_character_is_read_up_to_it(tmp_path, capsys):

@@ -79,9 +79,9 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
             codecs.lookup(encoding)
         except LookupError:
             raise HomeLLMError(f"--encoding {encoding!r} is unknown: {names}") from None
-        try:
-            "text".encode(encoding)  # rot13, hex, zlib are codecs too, but not of text
-        except LookupError:
+        try:  # rot13, hex, zlib are codecs too, but not of text; "undefined" is one that refuses all
+            "text\n".encode(encoding).decode(encoding)
+        except (LookupError, UnicodeError):
             raise HomeLLMError(f"--encoding {encoding!r} is not a text encoding: {names}") from None
     doc = 0
     for kind, source in _expand(inputs):
@@ -228,9 +228,13 @@ def _wide_blocks(path: Path, encoding: str, meter: list[int] | None = None) -> I
                 meter[0] += len(data)
             try:
                 text = held + decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                raise HomeLLMError(f"{path}: bytes near byte offset {offset + e.start} are not valid {encoding}: "
-                                   "pass the --encoding the file was written in, or fix the file") from None
+            except UnicodeError as e:  # (UTF-16 without a byte-order mark fails as a UnicodeError alone)
+                reason = e.reason if isinstance(e, UnicodeDecodeError) else str(e)
+                order = (f" ({encoding}-le or {encoding}-be name the byte order of a file without a byte-order mark)"
+                         if codecs.lookup(encoding).name in ("utf-16", "utf-32") else "")
+                raise HomeLLMError(f"{path}: bytes near byte offset {offset + getattr(e, 'start', 0)} are not valid "
+                                   f"{encoding} ({reason}): pass the --encoding the file was written in{order}, or "
+                                   "fix the file") from None
             if offset == 0 and text.startswith("\ufeff"):
                 text = text[1:]  # utf-16-le/-be keep a byte-order mark as a character: it is none
             offset += len(data)
@@ -312,6 +316,9 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                                        f"valid {name}: pass the --encoding it was written in (e.g. cp1252, euc-jp, "
                                        "gbk, big5, utf-16) or fix the file") from None
                 raise  # pragma: no cover - the decode above must fail again
+            except UnicodeError as e:  # a codec that fails otherwise than on a byte (punycode)
+                raise HomeLLMError(f"{path}: cannot be read as {chosen} ({e}): pass the --encoding the file was "
+                                   "written in") from None
             if meter is not None:
                 meter[0] += used
             if text:
