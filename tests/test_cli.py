@@ -479,6 +479,14 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     monkeypatch.setattr(sys, "stdin", io.StringIO("the cat sees\nthe moon."))
     assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("the cat sees\nthe moon.")
+    # Bytes that are not UTF-8 came through as surrogates, and the tokenizer's TypeError was the traceback.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8"))
+    assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "3"]) == 2
+    assert capsys.readouterr().err == ("homellm: error: standard input is not utf-8 text (byte 0xe9 at byte offset 3): "
+                                       "convert it first (iconv -f ITS_ENCODING -t utf-8)\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="latin-1"))
+    assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "1"]) == 0  # its own encoding, read so
+    assert capsys.readouterr().out.startswith("café\n")
 
 
 def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, data_dir, capsys):

@@ -149,6 +149,19 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
         raise SystemExit(130)
 
 
+def read_stdin() -> str:
+    """Standard input as text in its encoding (UTF-8 unless the locale or PYTHONIOENCODING says otherwise), or a
+    line saying where it is not: Python's own reading let bytes through as surrogates, which the tokenizer refused
+    with a TypeError."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise HomeLLMError(f"standard input is not {encoding} text (byte 0x{data[e.start]:02x} at byte offset "
+                           f"{e.start}): convert it first (iconv -f ITS_ENCODING -t {encoding})") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.checkpoint import is_sft, load_for_generation
     from homellm.generate import stream_text
@@ -159,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise HomeLLMError("--prompt - reads standard input, which --interactive reads prompts from: give the first "
                            "prompt as text, or type it")
     if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
-        cfg = replace(cfg, prompt=sys.stdin.read())
+        cfg = replace(cfg, prompt=read_stdin())
     model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
     if is_sft(args.run) and "<|im_start|>" not in cfg.prompt:
