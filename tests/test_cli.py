@@ -179,6 +179,10 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["quickstart", "--out", "q", "--chat", "--chat-problems", "0"], "--chat-problems 0: must be 1 or more"),
     (["merge", "RUN", "--out", "m", "--checkpoint", "foo"], "--checkpoint 'foo' is unknown: use best or last"),
     (["compare", "a", "b", "--prompts", "."], ".: a folder, not a file"),
+    (["prepare", "--input", "x.txt", "--tokenizer", "t", "--out", "d", "--shard-tokens", "1"],
+     "--shard-tokens 1: must be 1,000 or more: each shard is a file"),
+    (["pretrain", "--data", "x.txt", "--out", "r", "--epochs", "-1", "--max-steps", "2"],
+     "--max-steps and --epochs both set the length of the run"),
 ])
 def test_out_of_range_values_stop_with_one_line_naming_the_flag(argv, message, tmp_path, monkeypatch, capsys):
     from homellm.cli import main

@@ -118,7 +118,7 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 def run_length(typed: dict[str, Any]) -> dict[str, Any]:
     """The training flags typed, checked for one length of run: --max-steps typed on resuming a run that was set in
     epochs replaces them (the epochs would otherwise recompute the steps over it)."""
-    if typed.get("max_steps", 0) > 0 and typed.get("epochs", 0) > 0:
+    if typed.get("max_steps", 0) > 0 and typed.get("epochs", 0) != 0:  # (-1 too: it was dropped without a word)
         raise HomeLLMError("--max-steps and --epochs both set the length of the run: give one of them")
     return {**typed, "epochs": 0.0} if typed.get("max_steps", 0) > 0 else typed
 

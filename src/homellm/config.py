@@ -288,6 +288,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
     "tokenizer_kind": _TOKENIZER_KIND, "kind": _TOKENIZER_KIND,
+    "shard_tokens": (lambda v: v >= 1000, "must be 1,000 or more: each shard is a file (the default is 100,000,000)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "is unknown: use auto, float32, bfloat16 or "
               "float16"),
     # sampling
