@@ -693,3 +693,24 @@ def test_a_run_config_edited_or_damaged_is_named_field_by_field(tmp_path, corpus
             assert main(argv) == 2, (key, argv)
             assert capsys.readouterr().err == (f"homellm: error: {run / 'config.json'} {said}: restore the file "
                                                "homellm wrote\n"), (key, argv)
+
+
+def test_a_run_with_another_tokenizer_copied_in_is_refused(tmp_path, data_dir, corpus, capsys):
+    """A bigger vocabulary in a run's tokenizer/ was an IndexError mid-generation, and an export wrote it."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "1",
+                 "--eval-every", "0"]) == 0
+    rows = json.loads((run / "config.json").read_text())["model"]["vocab_size"]
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", str(rows + 200), "--out",
+                 str(tmp_path / "big")]) == 0
+    shutil.rmtree(run / "tokenizer")
+    shutil.copytree(tmp_path / "big", run / "tokenizer")
+    for argv in (["generate", str(run), "--prompt", "the"], ["export", str(run), "--out", str(tmp_path / "hf")],
+                 ["eval", str(run), "--task", "loss", "--data", str(data_dir)]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert f"{run / 'tokenizer'} has {Tokenizer.load(tmp_path / 'big').vocab_size:,} ids but the model {rows:,}" \
+            in capsys.readouterr().err, argv
+    assert not (tmp_path / "hf").exists()

@@ -278,12 +278,27 @@ class Tokenizer:
         path = Path(path)
         for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
             if candidate.is_file():
-                return cls(_read_hf(candidate, "train or import the tokenizer again"), *_ends(candidate.parent))
+                tok = cls(_read_hf(candidate, "train or import the tokenizer again"), *_ends(candidate.parent))
+                if candidate.parent != path:
+                    _check_fits(tok, path)
+                return tok
         if (path / "config.json").is_file():  # a run: only its own tokenizer gives its ids their meaning
             raise HomeLLMError(f"{path / 'tokenizer'} is missing: copy back the tokenizer/ folder of the data the run "
                                "was trained on (a newly trained tokenizer would give the model's ids other meanings)")
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
                            "train one with `homellm tokenizer train`, or pass a run or data folder that holds one")
+
+
+def _check_fits(tok: Tokenizer, run: Path) -> None:
+    """A run's tokenizer must have no more ids than its model has rows: another one copied in (a bigger vocabulary)
+    ended in an IndexError mid-generation, or an export of a model that cannot read its own tokenizer."""
+    try:
+        rows = json.loads((run / "config.json").read_bytes())["model"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):  # not a run (data folders hold a tokenizer/ too), or damaged:
+        return  # the config's own reading says what is wrong with it
+    if isinstance(rows, int) and 0 < rows < tok.vocab_size:
+        raise HomeLLMError(f"{run / 'tokenizer'} has {tok.vocab_size:,} ids but the model {rows:,}: it is not the "
+                           "run's own tokenizer; restore the tokenizer/ folder the run was trained with")
 
 
 def _ends(folder: Path) -> tuple[str, str | None]:
