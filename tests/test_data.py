@@ -3,6 +3,8 @@ with end-of-text, splits match nanoGPT's, shards match meta.json, chunked readin
 
 import codecs
 import json
+import re
+import shutil
 import sys
 import types
 from dataclasses import replace
@@ -661,3 +663,21 @@ def test_nanogpt_bin_files_are_used_in_place(tmp_path, corpus, capsys):
     with pytest.raises(HomeLLMError, match=r"come in a pair, train.bin and val.bin: put both"):
         prepare(PrepareConfig(input=[str(nano)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d2")))
     assert not (tmp_path / "d2").exists()
+
+
+def test_a_damaged_meta_json_is_named_before_training(tmp_path, data_dir):
+    """A meta.json edited or damaged: KeyError 'shards', TypeErrors, and a float64 dtype read as other byte counts."""
+    good = json.loads((data_dir / "meta.json").read_text())
+    bad = tmp_path / "data"
+    for change, said in [({"shards": None}, "shards is missing or not"),
+                         ({"shards": {"train": "x", "val": []}}, "shards is missing or not"),
+                         ({"shards": {"train": [5], "val": []}}, "shards.train[0] is 5, not"),
+                         ({"shards": {"train": [{"file": "a.bin", "tokens": "many"}], "val": []}},
+                          "shards.train[0] is {'file': 'a.bin', 'tokens': 'many'}, not"),
+                         ({"dtype": "float64"}, "dtype is 'float64', not uint16 or uint32"),
+                         ({"vocab_size": "300"}, "vocab_size is '300', not a count")]:
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(data_dir, bad)
+        (bad / "meta.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(HomeLLMError, match=re.escape(f"{bad / 'meta.json'}: {said}")):
+            read_meta(bad)

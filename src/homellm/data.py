@@ -919,7 +919,30 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     meta = load_json(path)
     if not isinstance(meta, dict) or meta.get("format") != "homellm-tokens-v1":
         raise HomeLLMError(f"{path}: not written by `homellm prepare`: run `homellm prepare` again")
+    if problem := _meta_problem(meta):  # edited or damaged: a KeyError or TypeError in training otherwise
+        raise HomeLLMError(f"{path}: {problem}: run `homellm prepare` again")
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What in a meta.json is not as `prepare` writes it, or None."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype is {meta.get('dtype')!r}, not uint16 or uint32"
+    for key in ("vocab_size", "eot_id", "train_tokens", "val_tokens"):
+        if not count(meta.get(key)):
+            return f"{key} is {meta.get(key)!r}, not a count"
+    shards = meta.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(shards.get(s), list) for s in ("train", "val")):
+        return "shards is missing or not {\"train\": [...], \"val\": [...]}"
+    for split in ("train", "val"):
+        for i, shard in enumerate(shards[split]):
+            file = shard.get("file") if isinstance(shard, dict) else None
+            if not (isinstance(file, str) and file and count(shard.get("tokens"))):  # (nanoGPT's .bin: a path)
+                return f"shards.{split}[{i}] is {shard!r}, not {{\"file\": NAME, \"tokens\": COUNT}}"
+    return None
 
 
 def staged_note(data_dir: str | Path) -> str:
