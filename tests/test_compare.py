@@ -137,5 +137,6 @@ def test_compare_from_the_command_line(runs, tmp_path):
     data.write_text('{"text": "keep me"}\n')
     proc = subprocess.run([sys.executable, "-m", "homellm", "compare", str(base), str(sft), "--prompts", str(prompts),
                            "--out", str(data)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and f"{data} exists and homellm did not write it: choose another --out" in proc.stderr
+    assert proc.returncode == 2 and f"{data} exists, and homellm did not write it or it was changed since: choose " \
+                                   "another --out" in proc.stderr
     assert data.read_text() == '{"text": "keep me"}\n'

@@ -17,6 +17,7 @@ from homellm import repl
 from homellm.chat import prompt_ids, render, to_markdown
 from homellm.checkpoint import save_checkpoint
 from homellm.config import ChatConfig, GenerateConfig, ModelConfig, TokenizerConfig, TrainConfig, save_json, to_dict
+from homellm.io import stamped
 from homellm.model import GPT
 from homellm.repl import Chat, Continuations, chat_loop
 from homellm.tokenizer import Tokenizer, train_tokenizer
@@ -178,7 +179,7 @@ def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
     cfg = dataclasses.replace(GREEDY, system="日本語で答えて", max_new_tokens=6)
     chat, text = run_chat(chat_run, USER, "/system 短く", "hello there", f"/save {path}", cfg=cfg)
     saved = path.read_text(encoding="utf-8")
-    assert saved == to_markdown(chat.transcript)
+    assert saved == stamped(to_markdown(chat.transcript))
     assert [m["role"] for m in chat.transcript] == ["system", "user", "assistant", "system", "user", "assistant"]
     for m in chat.transcript:
         assert m["content"] in saved
@@ -189,7 +190,14 @@ def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
     notes.write_text('{"text": "keep me"}\n')
     chat, text = run_chat(chat_run, USER, "hi", f"/save {path}", f"/save {notes}", cfg=cfg)
     assert f"messages saved to {path}" in text and notes.read_text() == '{"text": "keep me"}\n'
-    assert f"error: {notes} exists and homellm did not write it: choose another file name" in text
+    assert f"error: {notes} exists, and homellm did not write it or it was changed since: choose another file " \
+           "name" in text
+    # Notes added below a saved chat were lost to the next /save: the file's checksum line tells.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("my notes\n")
+    kept = path.read_text(encoding="utf-8")
+    chat, text = run_chat(chat_run, USER, f"/save {path}", cfg=cfg)
+    assert path.read_text(encoding="utf-8") == kept and "it was changed since: choose another file name" in text
     lookalike, empty = tmp_path / "notes" / "bob.md", tmp_path / "notes" / "empty.md"
     lookalike.write_text("# Conversation notes with Bob\n")
     empty.write_text("")

@@ -20,7 +20,7 @@ from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
-from homellm.io import atomic_write_text, check_overwrite, progress_bar
+from homellm.io import atomic_write_text, check_overwrite, progress_bar, stamped
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -117,7 +117,7 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     prompts = read_prompts(cfg.prompts)
     runs = [Path(run_a), Path(run_b)]
     path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
-    check_overwrite(path, "# homellm compare\n", "choose another --out")  # before the work, not after it
+    check_overwrite(path, "choose another --out")  # before the work, not after it
     modes = [cfg.chat or is_sft(r) for r in runs]
     # Both loaded before any generation: a run that cannot be used fails now, not after the other's prompts.
     loaded = [(load_for_generation(r, cfg), Tokenizer.load(r)) for r in runs]
@@ -138,6 +138,6 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     rest = total - number
     widths = [number, rest // 4, (rest - rest // 4) // 2, rest - rest // 4 - (rest - rest // 4) // 2]
     out.write(screen_table(header, rows, widths) + "\n")
-    atomic_write_text(path, markdown(header, rows, intro))
+    atomic_write_text(path, stamped(markdown(header, rows, intro)))
     out.write(f"written to {path}\n")
     return path

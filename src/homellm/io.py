@@ -5,7 +5,9 @@ in a terminal and in a log."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -78,17 +80,29 @@ def atomic_folder(out: Path, write: Callable[[Path], None], suffix: str = ".writ
     os.replace(stage, out)
 
 
-def check_overwrite(path: Path, starts_with: str, fix: str) -> None:
-    """Refuse to replace a file that does not begin as the files we write there do: a /save or report written
-    over someone's notes or data would lose them. An earlier output of ours (or a folder's absence) is fine."""
+# The last line of a report or saved chat homellm writes: the checksum of what is above it, by which a later write
+# tells its own file, unchanged, from one a person wrote or added notes to (a first line alone did not: notes added
+# below a saved chat were lost to the next /save). An HTML comment: Markdown shows nothing of it.
+_STAMP = re.compile(rb"<!-- written by homellm, sha256 ([0-9a-f]{64}) -->\n\Z")
+
+
+def stamped(text: str) -> str:
+    """Markdown with the stamp check_overwrite reads as its last line."""
+    text += "" if text.endswith("\n") else "\n"
+    return f"{text}<!-- written by homellm, sha256 {hashlib.sha256(text.encode()).hexdigest()} -->\n"
+
+
+def check_overwrite(path: Path, fix: str) -> None:
+    """Refuse to replace a file unless homellm wrote it (`stamped`) and nobody has changed it since: a /save or
+    report written over someone's notes or data would lose them. An empty file, or none, is fine."""
     path = Path(path)
     if path.is_dir():
         raise HomeLLMError(f"{path} is a folder: {fix}")
     if path.exists() and path.stat().st_size:  # an empty file holds nothing to lose
-        with open(path, "rb") as f:
-            head = f.read(len(starts_with.encode()))
-        if head != starts_with.encode():
-            raise HomeLLMError(f"{path} exists and homellm did not write it: {fix}")
+        data = path.read_bytes()
+        stamp = _STAMP.search(data)
+        if stamp is None or hashlib.sha256(data[:stamp.start()]).hexdigest().encode() != stamp[1]:
+            raise HomeLLMError(f"{path} exists, and homellm did not write it or it was changed since: {fix}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -22,7 +22,7 @@ from homellm.chat import Message, prompt_ids, render, to_markdown
 from homellm.config import SEED_LIMIT, ChatConfig, GenerateConfig
 from homellm.errors import HomeLLMError
 from homellm.generate import seeded_generator, stream_ids
-from homellm.io import atomic_write_text, check_overwrite
+from homellm.io import atomic_write_text, check_overwrite, stamped
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -191,8 +191,8 @@ class Chat:
                     raise HomeLLMError("/save needs a file name, e.g. /save chat.md")
                 path = Path(arg).expanduser()  # no shell here to expand ~: it made a folder named "~"
                 try:
-                    check_overwrite(path, "# Conversation\n", "choose another file name")
-                    atomic_write_text(path, to_markdown(self.transcript))
+                    check_overwrite(path, "choose another file name")
+                    atomic_write_text(path, stamped(to_markdown(self.transcript)))
                 except OSError as e:
                     raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None
                 self.say(f"[{len(self.transcript)} messages saved to {arg}]")
