@@ -387,3 +387,16 @@ def test_a_vocabulary_too_small_for_the_texts_characters_is_said(tmp_path, capsy
     assert "note: the text holds 601 different characters, more than half the 512 tokens" in capsys.readouterr().err
     train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "t2"), vocab_size=2000))
     assert "different characters" not in capsys.readouterr().err
+
+
+def test_bpe_training_cuts_long_runs_without_spaces_and_nothing_else():
+    """A 1 MB line of letters kept BPE training busy for hours (the trainer's time grows with the square of a word's
+    length): such runs are cut at 1,000 characters; text with shorter runs, the normal case, trains as it was."""
+    from homellm.tokenizer import bounded_runs
+
+    prose = "the cat sees the moon.\n吾輩は猫である。名前はまだ無い。\n" * 100
+    assert list(bounded_runs(prose)) == [prose] and list(bounded_runs("")) == [""]
+    run = "ab" * 1_250
+    pieces = list(bounded_runs(f"start {run} end"))
+    assert "".join(pieces) == f"start {run} end" and [len(p) for p in pieces] == [1006, 1000, 504]
+    assert [len(p) for p in bounded_runs("x" * 2000)] == [1000, 1000]
