@@ -402,6 +402,12 @@ def test_the_machines_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path
         assert main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", "/proc/homellm"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("homellm: error: /proc/homellm: ") and err.count("\n") == 1, err
+        # A folder that exists but takes no files (read-only): the file asked for, not the hidden temp file.
+        from homellm.io import atomic_write_text
+
+        with pytest.raises(OSError) as e:
+            atomic_write_text(Path("/proc/self/eval_loss.json"), "{}")
+        assert e.value.filename == "/proc/self/eval_loss.json"
 
 
 def test_pretrain_names_its_own_tokenizer_flags(tmp_path, corpus, capsys):
