@@ -124,6 +124,12 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, ca
         code, _, err = cli(capsys, "export", str(run), "--format", "gguf", *args)
         assert code == 2 and message in err, err
     assert (tmp_path / "taken.gguf").read_text() == "keep me"
+    # --out x.gguf without --format made a transformers folder of that name; an existing one is still kept.
+    code, _, err = cli(capsys, "export", str(run), "--out", str(tmp_path / "taken.gguf"))
+    assert code == 2 and "exists: choose a new file name" in err
+    code, stdout, _ = cli(capsys, "export", str(run), "--out", str(tmp_path / "plain.gguf"))
+    assert code == 0 and (tmp_path / "plain.gguf").is_file() and stdout.startswith("GGUF file written to")
+    (tmp_path / "plain.gguf").unlink()
     # A char tokenizer has no llama.cpp counterpart.
     (tmp_path / "t.txt").write_text("abc\n")
     train_tokenizer(TokenizerConfig(input=[str(tmp_path / "t.txt")], out=str(tmp_path / "char"), kind="char"))

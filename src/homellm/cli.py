@@ -260,12 +260,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the transformers model into (with --format "
                            "gguf, the .gguf file)")
+    if "format" not in pick(args, ExportConfig) and _gguf_name(cfg.out):  # a transformers folder named x.gguf
+        cfg = replace(cfg, format="gguf")
     if cfg.format == "gguf":
         from homellm.gguf_file import export_gguf
 
         print(f"GGUF file written to {export_gguf(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
         return
     print(f"transformers model written to {export_run(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
+
+
+def _gguf_name(out: str | Path) -> bool:
+    return str(out).lower().endswith(".gguf")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -397,7 +403,8 @@ def check_out(args: argparse.Namespace) -> None:
             raise HomeLLMError(f"--out {out} is a folder: give the report's file path, such as {out / 'compare.md'}")
         if out.exists() and args.prompts and out.resolve() == Path(args.prompts).resolve():
             raise HomeLLMError(f"--out {out} is the --prompts file: choose another --out")
-    elif out.exists() and not out.is_dir() and getattr(args, "format", "") != "gguf":  # (gguf's --out is a file)
+    elif out.exists() and not out.is_dir() and not (getattr(args, "format", None) == "gguf" or (
+            args.func is cmd_export and getattr(args, "format", None) is None and _gguf_name(out))):  # (a file)
         raise HomeLLMError(f"--out {out} is a file: give a folder path")
     # What each verb must not write into: its files would replace a run's, prepared data's or a tokenizer's own
     # (a run's tokenizer/, say), leaving their token ids meaning other text. Resuming a run, or preparing data again
