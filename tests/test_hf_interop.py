@@ -199,9 +199,10 @@ def hub_folder(tmp_path: Path, family: str, legacy: bool = False, ends: str = ""
                          ids=["gpt2", "gpt2-legacy-bin", "llama"])
 def test_an_imported_model_computes_what_transformers_does_and_goes_back_out(tmp_path, family, legacy, capsys):
     folder, (hf, raw) = hub_folder(tmp_path, family, legacy)
-    code, stdout, _ = cli(capsys, "import", str(folder), "--out", str(tmp_path / "run"))
-    assert code == 0 and "homellm sft --init" in stdout
+    code, stdout, _ = cli(capsys, "import", str(folder), "--out", str(tmp_path / "my run"))
+    assert code == 0 and f"homellm sft --init '{tmp_path / 'my run'}'" in stdout  # quoted: pasted whole
     run = tmp_path / "run"
+    (tmp_path / "my run").rename(run)
     model, tok = load_model(run), Tokenizer.load(run)
     vocab = hf.config.vocab_size
     assert model.cfg.vocab_size == 320 and tok.vocab_size == vocab + 3  # im_start, im_end, pad added; padded to 64

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -281,8 +282,9 @@ def cmd_import(args: argparse.Namespace) -> None:
     if not cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
     out = import_model(args.source, cfg.out, cfg.context)
-    print(f"run written to {out}: try `homellm generate {out} --prompt TEXT`, or fine-tune it with "
-          f"`homellm sft --init {out} --data CHATS.jsonl --out RUN`")
+    run = shlex.quote(str(out))  # commands to paste: a path with spaces stays one argument
+    print(f"run written to {out}: try `homellm generate {run} --prompt TEXT`, or fine-tune it with "
+          f"`homellm sft --init {run} --data CHATS.jsonl --out RUN`")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
