@@ -140,6 +140,9 @@ def test_slash_commands_change_what_generation_uses(chat_run, calls):
     assert cfg == chat.cfg and cfg.system == "Be brief."
     assert ids == prompt_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
     assert stats_lines(text)[0] <= 5
+    # Written as the command line's flags are (they were unknown commands)
+    chat, _ = run_chat(chat_run, "/top-p 0.5", "/max-new-tokens 4", "/repetition-penalty 1.1")
+    assert (chat.cfg.top_p, chat.cfg.max_new_tokens, chat.cfg.repetition_penalty) == (0.5, 4, 1.1)
     for command in ("/temperature", "/top_k", "/top_p", "/max_tokens", "/repetition_penalty", "/seed", "/system",
                     "/reset", "/save", "/quit"):
         assert command in text  # /help lists it

@@ -167,6 +167,8 @@ class Chat:
         """Run a slash command; False when it is /quit. Mistakes print one line and change nothing."""
         name, _, arg = line[1:].partition(" ")
         arg = arg.strip()
+        # As the command line's flags are written, too: /top-p, /max-new-tokens (they were unknown commands).
+        name = {"max_new_tokens": "max_tokens"}.get(name.replace("-", "_"), name.replace("-", "_"))
         try:
             if name in SETTINGS:
                 field, parse = SETTINGS[name]
