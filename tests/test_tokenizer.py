@@ -243,6 +243,8 @@ def test_bad_input_errors(tmp_path):
         train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), kind="wordpiece"))
     with pytest.raises(HomeLLMError, match="not found"):
         train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "nope"), out=str(tmp_path / "t")))
+    with pytest.raises(HomeLLMError, match="takes a finished tokenizer, which no --input trains"):
+        train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "nope"), input=[corpus], out=str(tmp_path / "t")))
     (tmp_path / "rinna").mkdir()
     spm = write(tmp_path / "rinna" / "spiece.model", "protobuf bytes")  # a hub folder with no tokenizer.json
     for given in (spm.parent, spm):

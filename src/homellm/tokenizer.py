@@ -450,6 +450,9 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     if cfg.words and (cfg.kind != "char" or cfg.from_file):
         raise HomeLLMError(f"--words {' '.join(cfg.words)}: only a char tokenizer trained here takes words "
                            "(use --kind char, without --from-file)")
+    if cfg.from_file and cfg.input:  # the --input was ignored without a word: nothing is trained on it
+        raise HomeLLMError(f"--from-file {cfg.from_file} takes a finished tokenizer, which no --input trains: drop "
+                           "--input, or --from-file to train one on the input")
     if cfg.from_file:
         tok = import_tokenizer(cfg.from_file)
     elif cfg.kind == "bpe":
