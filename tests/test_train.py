@@ -846,3 +846,18 @@ def test_checkpoints_are_written_where_folders_cannot_be_opened_as_files(tmp_pat
     model_cfg, cfg = preset("tiny")
     pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=2, eval_every=1))
     assert (tmp_path / "run" / "last").is_dir() and (tmp_path / "run" / "best").is_dir()
+
+
+def test_token_ids_beyond_the_tokenizer_in_a_shard_are_named(tmp_path, data_dir, capsys):
+    """A damaged shard (ids past the vocabulary) was an IndexError deep in the embedding."""
+    from homellm.cli import main
+
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    shard = bad / json.loads((bad / "meta.json").read_text())["shards"]["train"][0]["file"]
+    ids = np.memmap(shard, dtype=np.uint16, mode="r+")
+    ids[:] = 60_000
+    ids.flush()
+    del ids
+    assert main(["pretrain", "--data", str(bad), "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 2
+    assert f"{bad}: its train shards hold token id 60,000, beyond the tokenizer's" in capsys.readouterr().err

@@ -93,6 +93,7 @@ class TokenBatches:
 
     def __init__(self, data_dir: str | Path, block_size: int, seed: int, token_bytes: np.ndarray):
         self.block_size, self.seed, self.token_bytes = block_size, seed, token_bytes
+        self.data_dir = data_dir
         self.splits = {s: open_split(data_dir, s) for s in ("train", "val")}
         # Valid window starts per shard, cumulated, so a uniform draw over all of them maps to (shard, offset).
         # A shard of L tokens has L - block_size windows of block_size + 1 (the last one ends on its last token).
@@ -118,6 +119,10 @@ class TokenBatches:
         shard = np.searchsorted(starts, picks, side="right")
         offset = picks - np.concatenate([[0], starts])[shard]
         rows = np.stack([self.splits[split][s][o:o + self.block_size + 1] for s, o in zip(shard, offset)])
+        if rows.size and (top := int(rows.max())) >= len(self.token_bytes):  # (an IndexError in the embedding)
+            raise HomeLLMError(f"{self.data_dir}: its {split} shards hold token id {top:,}, beyond the tokenizer's "
+                               f"{len(self.token_bytes):,} ids: they are damaged; run `homellm prepare` again",
+                               everywhere=True)
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
