@@ -196,7 +196,12 @@ def test_question_and_answer_pairs_are_conversations(tmp_path):
                       {"role": "assistant", "content": "hello"}],
                      [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
                      [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
-    for record, message in (({"question": "1+1?", "answer": 2}, "'question' and 'answer' must both be strings"),
+    # GPTeacher's instruction, input and response: the instruction was dropped, the input taken as the question.
+    pairs.write_text(json.dumps({"instruction": "Translate to French", "input": "Hello", "response": "Bonjour"}))
+    assert read_conversations([str(pairs)])[0] == [[{"role": "user", "content": "Translate to French\n\nHello"},
+                                                   {"role": "assistant", "content": "Bonjour"}]]
+    for record, message in (({"question": "1+1?", "answer": 2}, "'question' and 'answer' must be strings"),
+                            ({"question": "1+1?", "answer": "2", "system": 5}, "'system' is 5, not a string"),
                             ({"question": "1+1?", "answer": ""}, "message 1 is an empty assistant reply"),
                             ({"question": "1+1?"}, "or a question and its answer")):
         pairs.write_text(json.dumps(record) + "\n")

@@ -108,22 +108,24 @@ def _conversation(record: Any, where: str) -> list[Message]:
             record["system"] else []
         messages = check_messages(system + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]}
                                             for t in turns], where)
-    elif isinstance(record, dict) and "instruction" in record and "output" in record:
-        fields = ("instruction", "input", "output", "system")
-        if not all(isinstance(record.get(k, ""), str) for k in fields):
-            raise HomeLLMError(f"{where}: Alpaca fields instruction, input, output must be strings")
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    elif prompt and reply:
-        p, r = record[prompt], record[reply]
-        if isinstance(p, list) and isinstance(r, list):
-            messages = check_messages(p + r, where)
-        elif isinstance(p, str) and isinstance(r, str) and isinstance(record.get("system", ""), str):
-            messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
-                {"role": "user", "content": p}, {"role": "assistant", "content": r}]
+    elif isinstance(record, dict) and ("instruction" in record or prompt) and reply:
+        # Alpaca's instruction (GPTeacher's with "response"), its input after it; else the question alone.
+        asked = ("instruction", "input") if "instruction" in record else (prompt,)
+        answer = "output" if "output" in record else reply
+        system = record.get("system", "")
+        if not isinstance(system, str):
+            raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
+        p, r = record[asked[0]], record[answer]
+        if len(asked) == 1 and isinstance(p, list) and isinstance(r, list):  # TRL's conversational pairs
+            messages = check_messages(([{"role": "system", "content": system}] if system else []) + p + r, where)
         else:
-            raise HomeLLMError(f"{where}: {prompt!r} and {reply!r} must both be strings (or both lists of messages)")
+            values = [record.get(k, "") for k in asked]
+            if not all(isinstance(v, str) for v in [*values, r]):
+                raise HomeLLMError(f"{where}: {' and '.join(repr(k) for k in (*asked, answer) if k in record)} must "
+                                   "be strings" + ("" if len(asked) > 1 else " (or both lists of messages)"))
+            user = "\n\n".join(v for v in values if v)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user}, {"role": "assistant", "content": r}]
     else:
         raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}}, ShareGPT's {{\"conversations\": [...]}}, "
                            "Alpaca's {\"instruction\", \"input\", \"output\"} or a question and its answer "
