@@ -665,7 +665,7 @@ def test_nanogpt_bin_files_are_used_in_place(tmp_path, corpus, capsys):
     assert not (tmp_path / "d2").exists()
 
 
-def test_a_damaged_meta_json_is_named_before_training(tmp_path, data_dir):
+def test_a_damaged_meta_json_is_named_before_training(tmp_path, data_dir, corpus):
     """A meta.json edited or damaged: KeyError 'shards', TypeErrors, and a float64 dtype read as other byte counts."""
     good = json.loads((data_dir / "meta.json").read_text())
     bad = tmp_path / "data"
@@ -681,3 +681,6 @@ def test_a_damaged_meta_json_is_named_before_training(tmp_path, data_dir):
         (bad / "meta.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(HomeLLMError, match=re.escape(f"{bad / 'meta.json'}: {said}")):
             read_meta(bad)
+    # What the error says to do works: prepare replaces a damaged meta.json of its own (it was refused as not its).
+    prepare(PrepareConfig(input=[str(corpus)], tokenizer=str(data_dir), out=str(bad)))
+    assert read_meta(bad)["train_tokens"] > 0

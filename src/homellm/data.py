@@ -690,12 +690,16 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     made = not final.exists()
     if (final / "meta.json").is_file():
         try:
-            old = read_meta(final)
+            old = load_json(final / "meta.json")
         except HomeLLMError:
+            old = None
+        if not isinstance(old, dict) or old.get("format") != "homellm-tokens-v1":
             raise HomeLLMError(f"--out {final} holds a meta.json that `homellm prepare` did not write: choose another "
-                               "--out") from None
-        print(f"note: {final} holds prepared data ({old.get('train_tokens', 0):,} training tokens): it is replaced "
-              "once the new data is complete (Ctrl-C now keeps it)", file=sys.stderr)
+                               "--out")
+        # Ours, if damaged since (read_meta's errors send here): replaced all the same.
+        count = old.get("train_tokens")
+        print(f"note: {final} holds prepared data{f' ({count:,} training tokens)' if isinstance(count, int) else ''}: "
+              "it is replaced once the new data is complete (Ctrl-C now keeps it)", file=sys.stderr)
     elif not out.is_dir() and (theirs := [p.name + "/" * p.is_dir() for p in (
             final / "tokenizer", *final.glob("train_*.bin"), *final.glob("val_*.bin")) if p.exists()]):
         # Replaced at the end only when prepare's own: a meta.json says so, or the staging folder of a prepare that
