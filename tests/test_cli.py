@@ -656,14 +656,18 @@ def test_a_run_never_starts_among_files_it_did_not_write_nor_over_a_best_only_ru
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"my": 1}')
-    (mine / "notes.txt").write_text("mine\n")
+    (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
     for argv in (["pretrain", "--data", str(corpus), "--preset", "tiny"], ["quickstart", "--max-time", "5"],
                  ["sft", "--init", str(tmp_path / "any"), "--data", str(corpus)]):
         assert main([*argv, "--out", str(mine)]) == 2, argv
-        assert capsys.readouterr().err == (f"homellm: error: --out {mine} holds files homellm did not write "
-                                           "(config.json, notes.txt): a run would mix with them or replace them; "
-                                           "choose a new or empty --out\n")
-    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+        assert capsys.readouterr().err == (f"homellm: error: --out {mine} holds config.json, metrics.jsonl, which "
+                                           "homellm did not write, where a run writes its own: choose a new or "
+                                           "empty --out\n")
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]
+    logged = tmp_path / "logged"  # `... | tee logged/train.log`: the shell makes the log first, which may stay
+    logged.mkdir()
+    (logged / "train.log").write_text("")
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(logged)]) == 0
     run = tmp_path / "run"
     assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "2", "--out", str(run)]) == 0
     shutil.rmtree(run / "last")  # as `import` and `merge` write a run: `best` alone

@@ -423,27 +423,19 @@ def check_out(args: argparse.Namespace) -> None:
         _check_run_folder(out)
 
 
-# What a run folder holds (hidden names are homellm's staging): a new run may start in a folder of these only, which
-# an earlier start left (its text prepared, say), never among other files, which it would mix with or replace.
-RUN_ENTRIES = {"config.json", "metrics.jsonl", "tokenizer", "data", "data_tokenizer", "task", "chat", "best", "last",
-               "quickstart.json", "compare.md"}
-
-
 def _check_run_folder(out: Path) -> None:
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in RUN_ENTRIES
-                     and not re.fullmatch(r"eval_\w+\.json", p.name))
+    """Refuse a new run in a folder where files a run writes (config.json, metrics.jsonl, tokenizer/) are someone
+    else's: the run would replace them. Other files may stay (a log the shell opened there first, say); a folder an
+    earlier start of this run left (its text prepared, its config written) is the run's own."""
     config = out / "config.json"
-    if config.is_file():
-        try:
-            ours = isinstance(saved := json.loads(config.read_bytes()), dict) and "model" in saved
-        except ValueError:
-            ours = False
-        if not ours:
-            foreign.insert(0, "config.json")
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3:,} more" if len(foreign) > 3 else "")
-        raise HomeLLMError(f"--out {out} holds files homellm did not write ({shown}): a run would mix with them or "
-                           "replace them; choose a new or empty --out")
+    try:
+        ours = isinstance(saved := json.loads(config.read_bytes()), dict) and "model" in saved
+    except (OSError, ValueError):
+        ours = False
+    theirs = [n for n in ("config.json", "metrics.jsonl", "tokenizer") if (out / n).exists()] if not ours else []
+    if theirs:
+        raise HomeLLMError(f"--out {out} holds {', '.join(theirs)}, which homellm did not write, where a run writes "
+                           "its own: choose a new or empty --out")
 
 
 def check_utf8(argv: list[str]) -> None:
