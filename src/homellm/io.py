@@ -101,10 +101,19 @@ def check_overwrite(path: Path, fix: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise HomeLLMError(f"{path} is a folder: {fix}")
-    if path.exists() and path.stat().st_size:  # an empty file holds nothing to lose
-        data = path.read_bytes()
-        stamp = _STAMP.search(data)
-        if stamp is None or hashlib.sha256(data[:stamp.start()]).hexdigest().encode() != stamp[1]:
+    if path.exists() and (size := path.stat().st_size):  # an empty file holds nothing to lose
+        with open(path, "rb") as f:  # the stamp from the end, then the body in chunks: --out may be a big corpus
+            f.seek(max(0, size - 128))
+            tail = f.read()
+            stamp = _STAMP.search(tail)
+            if stamp is not None:
+                f.seek(0)
+                digest = hashlib.sha256()
+                left = size - (len(tail) - stamp.start())
+                while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                    digest.update(chunk)
+                    left -= len(chunk)
+        if stamp is None or digest.hexdigest().encode() != stamp[1]:
             raise HomeLLMError(f"{path} exists, and homellm did not write it or it was changed since: {fix}")
 
 
