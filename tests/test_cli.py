@@ -322,7 +322,8 @@ def test_a_verb_given_something_other_than_a_run_says_what_it_was_given(tmp_path
     (tmp_path / "run" / "last" / "checkpoint.json").write_text("{}")
     assert main(["generate", "run/last", "--prompt", "x"]) == 2
     assert capsys.readouterr().err == ("homellm: error: run/last: a checkpoint of the run run: pass the run folder "
-                                       "(run) with --checkpoint last\n")
+                                       "(run); verbs read its `best`, and `last` where they take --checkpoint last "
+                                       "(sft: --init-checkpoint last)\n")
     assert main(["tokenizer", "--input", "c.txt", "--out", "t"]) == 2  # argparse named c.txt as the wrong word
     assert capsys.readouterr().err == ("homellm: error: `homellm tokenizer` takes its action first: `homellm "
                                        "tokenizer train --input ... --out DIR`\n")

@@ -190,7 +190,8 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
     elif (run / INFO).is_file() and (run.parent / "config.json").is_file():
         # (seed 002's inference script took a checkpoint file): every verb takes the run, and --checkpoint picks
         raise HomeLLMError(f"{run}: a checkpoint of the run {run.parent}: pass the run folder ({run.parent})"
-                           + (f" with --checkpoint {run.name}" if run.name in ("best", "last") else ""))
+                           + ("; verbs read its `best`, and `last` where they take --checkpoint last (sft: "
+                              "--init-checkpoint last)" if run.name == "last" else ""))
     elif (run / "data_tokenizer" / "tokenizer.json").is_file() or (run / "data" / ".preparing").is_dir():
         # `pretrain --data TEXT` and `quickstart` build these first, and write config.json only when training starts.
         again = f"`homellm quickstart --out {run}` again" if (run / "task").is_dir() else (
