@@ -409,6 +409,10 @@ def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_
         torch.testing.assert_close(load_model(moved / "lora")(x)[0], before)
     assert f"note: {moved / 'lora'}'s base run {runs / 'base'} is not there: using {moved / 'base'}" in \
         capsys.readouterr().err
+    shutil.copytree(moved / "lora", moved / "lora2" / "base")  # adapters named as their base: not their own base
+    assert (moved / "lora2" / "base" / "config.json").is_file()
+    with pytest.raises(HomeLLMError, match=f"base run {runs / 'base'}, which is gone"):
+        load_model(moved / "lora2" / "base")
     other = load_model(moved / "base")  # another base of that name: its weights tell
     with torch.no_grad():
         other.lm_head.weight.mul_(2)

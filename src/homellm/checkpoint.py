@@ -267,7 +267,8 @@ def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
 
     base = Path(lora["base"])
     beside = Path(run).resolve().parent / base.name
-    if not (base / "config.json").is_file() and (beside / "config.json").is_file():
+    if (not (base / "config.json").is_file() and (beside / "config.json").is_file()
+            and beside != Path(run).resolve()):  # (runs/tiny's adapters in sft/tiny: not their own base)
         # The runs folder copied to another machine or path: the base beside the adapters, as it was. The weights'
         # checksum below tells whether it is the same base.
         say(f"note: {run}'s base run {base} is not there: using {beside} beside it")

@@ -156,8 +156,8 @@ def read_stdin() -> str:
     with a TypeError."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
-    try:
-        return data.decode(encoding)
+    try:  # (the buffer skips the text layer's newline translation: a Windows pipe's CRLF is a line break too)
+        return data.decode(encoding).replace("\r\n", "\n")
     except UnicodeDecodeError as e:
         raise HomeLLMError(f"standard input is not {encoding} text (byte 0x{data[e.start]:02x} at byte offset "
                            f"{e.start}): convert it first (iconv -f ITS_ENCODING -t {encoding})") from None
