@@ -688,26 +688,27 @@ def test_ddp_ranks_agree_on_a_time_budget(tmp_path, corpus):
     assert (run / "last" / "model.safetensors").is_file()
 
 
-def _agree_in_a_host_group(rank: int, store: str, out: str) -> None:
-    import torch.distributed as dist
+def test_on_gpus_the_ranks_agree_on_the_clock_in_a_group_of_their_hosts(monkeypatch):
+    """The per-step agreement on the clock and a Ctrl-C ran in NCCL's group, which made each host wait for its GPU
+    every step: on GPUs it runs in a gloo group with a CPU tensor. (The CPU tests run gloo already: group None.)"""
+    from homellm import train as train_module
+    from homellm.train import Env, _clock_group, _one_clock
 
-    from homellm.train import Env, _one_clock
+    hosts = object()
+    monkeypatch.setattr(train_module.dist, "new_group", lambda backend: hosts if backend == "gloo" else None)
+    seen = []
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    env = Env(rank, 2, rank, torch.device("cpu"), torch.float32)
-    group = dist.new_group(backend="gloo")  # what _clock_group makes where the default group is NCCL's
-    agreed = _one_clock(1.0 + rank, TrainConfig(max_time=60), env, stop=rank == 1, group=group)
-    Path(out, str(rank)).write_text(json.dumps(agreed))
-    dist.destroy_process_group()
+    def all_reduce(t, op, group=None):
+        seen.append((t.device.type, group))
+        t[0] = max(t[0].item(), 5.0)  # another rank's slower clock
+        t[1] = 1.0  # and its Ctrl-C
 
-
-def test_ranks_agree_on_the_clock_and_a_stop_in_a_group_of_their_hosts(tmp_path):
-    """On GPUs the per-step agreement runs in a gloo group beside NCCL's (the device is not waited for): the slowest
-    clock and any rank's Ctrl-C reach every rank there too."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_agree_in_a_host_group, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    assert [json.loads((tmp_path / r).read_text()) for r in "01"] == [[2.0, True], [2.0, True]]
+    monkeypatch.setattr(train_module.dist, "all_reduce", all_reduce)
+    gpus, cpus = (Env(0, 2, 0, torch.device(d), torch.float32) for d in ("cuda", "cpu"))
+    assert _clock_group(gpus) is hosts and _clock_group(cpus) is None
+    assert _clock_group(Env(0, 1, 0, torch.device("cuda"), torch.float32)) is None  # one process: nothing to agree
+    assert _one_clock(2.0, TrainConfig(max_time=60), gpus, False, _clock_group(gpus)) == (5.0, True)
+    assert seen == [("cpu", hosts)]
 
 
 def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpus, capsys):
