@@ -413,6 +413,12 @@ def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_
     assert (moved / "lora2" / "base" / "config.json").is_file()
     with pytest.raises(HomeLLMError, match=f"base run {runs / 'base'}, which is gone"):
         load_model(moved / "lora2" / "base")
+    # Resumed there too: by itself, or with --init naming where the base is now (refused as not the run's init).
+    shutil.copytree(moved / "lora", moved / "lora_b")
+    homellm("sft", "--out", str(moved / "lora"), "--resume", "--max-steps", "4")
+    homellm("sft", "--init", str(moved / "base"), "--out", str(moved / "lora_b"), "--resume", "--max-steps", "4")
+    for lora in ("lora", "lora_b"):
+        assert json.loads((moved / lora / "config.json").read_text())["lora"]["base"] == str(moved / "base")
     other = load_model(moved / "base")  # another base of that name: its weights tell
     with torch.no_grad():
         other.lm_head.weight.mul_(2)

@@ -173,6 +173,12 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
     # and may have moved or gone. LoRA adapters always need their base.
     own = bool(saved) and "lora" not in saved
+    if saved and not own and not (init / "config.json").is_file():
+        beside = out.resolve().parent / init.name  # the runs folder moved whole: the base beside the adapters
+        if (beside / "config.json").is_file() and beside != out.resolve():
+            say(f"note: {out}'s base run {init} is not there: using {beside} beside it (its weights are checked)")
+            init = beside
+            cfg = replace(cfg, init=str(beside))
     source = out if own else init
     model_cfg, _ = read_config(source)
     if not own and "lora" in load_json(init / "config.json"):
@@ -187,9 +193,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
                 say(f"note: a full fine-tune resumes from its own `last`: --init {init} is not read (the run began "
                     f"from {saved_sft['init']})")
             cfg = replace(cfg, init=saved_sft.get("init", cfg.init))  # what the run began from, whatever is there now
-        elif other_init:
+        elif other_init and Path(saved_sft["init"]).exists():
             raise HomeLLMError(f"--resume: --init {init} is not the run's init ({saved_sft['init']}): drop --init to "
                                "continue the run, or choose a new --out")
+        elif other_init:  # the base moved: the adapters go on over it where its weights are the same (checked below)
+            say(f"note: the run began from {saved_sft['init']}, which is gone: its adapters go on over {init}")
         diffs = [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in saved_sft.items()
                  if k not in SFT_RESUMABLE and hasattr(cfg, k) and getattr(cfg, k) != v]
         if diffs:
