@@ -136,8 +136,10 @@ def test_an_interrupted_raw_text_start_rebuilds_its_data_when_the_tokenizer_sett
             "--tokenizer-kind", "char", "--checkpoint-every", "0", env={"HOMELLM_FAULT_KILL_AT_STEP": "2"},
             check=False)
     assert Tokenizer.load(run / "data").kind == "char" and not (run / "last").exists()
-    homellm("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "3",
-            "--tokenizer-kind", "bpe", "--tokenizer-vocab", "300")
+    from homellm.cli import main
+
+    assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "3",
+                 "--tokenizer-kind", "bpe", "--tokenizer-vocab", "300"]) == 0
     assert Tokenizer.load(run).kind == "bpe" and Tokenizer.load(run / "data").same_as(Tokenizer.load(run))
 
 
@@ -374,8 +376,10 @@ def test_raw_aozora_text_goes_straight_to_a_model_without_its_markup(tmp_path):
 
     text = "羅生門\n\n　ある日の暮方《くれがた》の事である。｜下人《げにん》が待っていた。［＃改ページ］\n" * 40
     (tmp_path / "rashomon.txt").write_bytes((text + "\n底本：「芥川龍之介全集」\n").encode("cp932"))
-    homellm("pretrain", "--data", str(tmp_path / "rashomon.txt"), "--aozora", "--out", str(tmp_path / "run"),
-            "--preset", "tiny", "--max-steps", "2", "--tokenizer-kind", "char")
+    from homellm.cli import main
+
+    assert main(["pretrain", "--data", str(tmp_path / "rashomon.txt"), "--aozora", "--out", str(tmp_path / "run"),
+                 "--preset", "tiny", "--max-steps", "2", "--tokenizer-kind", "char"]) == 0
     data = tmp_path / "run" / "data"
     tok = Tokenizer.load(data)
     seen = tok.decode(open_split(data, "train")[0].tolist() + open_split(data, "val")[0].tolist())

@@ -315,8 +315,10 @@ def test_sft_trains_the_same_whatever_the_batch_layout(tmp_path, base_run):
     data = qa_file(tmp_path / "qa.jsonl", 40)
     flags = ["--init", str(base_run), "--data", str(data), "--max-steps", "4", "--eval-every", "2", "--log-every",
              "1", "--lr", "3e-3", "--device", "cpu"]
-    homellm("sft", *flags, "--out", str(tmp_path / "one"), "--batch-size", "4")
-    homellm("sft", *flags, "--out", str(tmp_path / "accum"), "--batch-size", "2", "--grad-accum", "2")
+    from homellm.cli import main  # in-process (torchrun's processes below are the ones that need their own)
+
+    assert main(["sft", *flags, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    assert main(["sft", *flags, "--out", str(tmp_path / "accum"), "--batch-size", "2", "--grad-accum", "2"]) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                 "homellm", "sft", *flags, "--out", str(tmp_path / "ddp"), "--batch-size", "2"]
     proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=120,
@@ -336,11 +338,13 @@ def test_sft_trains_the_same_whatever_the_batch_layout(tmp_path, base_run):
             torch.testing.assert_close(weights[k], reference[k], atol=1e-5, rtol=1e-4)
 
 
-def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base_run):
+def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base_run, capsys):
     data = qa_file(tmp_path / "qa.jsonl", 100)
     out = tmp_path / "lora"
-    homellm("sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "4",
-            "--max-steps", "20", "--eval-every", "10")
+    from homellm.cli import main  # in-process where no process is killed: a fresh one costs seconds of imports
+
+    assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "4",
+                 "--max-steps", "20", "--eval-every", "10"]) == 0
     saved = load_file(str(out / "last" / "model.safetensors"))
     assert saved and all(k.startswith("lora.") for k in saved)
     base = load_model(base_run)
@@ -365,7 +369,7 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     killed = homellm("merge", str(out), "--out", str(tmp_path / "merged"), "--checkpoint", "last",
                      env={"HOMELLM_FAULT_KILL_IN_CHECKPOINT": str(source["step"])}, check=False)
     assert killed.returncode == -9 and not (tmp_path / "merged").exists()
-    homellm("merge", str(out), "--out", str(tmp_path / "merged"), "--checkpoint", "last")
+    assert main(["merge", str(out), "--out", str(tmp_path / "merged"), "--checkpoint", "last"]) == 0
     assert not (tmp_path / ".merged.merging").exists()
     merged_info = json.loads((tmp_path / "merged" / "best" / "checkpoint.json").read_text())
     assert source["step"] > 0 and all(merged_info[k] == source[k] for k in ("step", "tokens"))
@@ -378,20 +382,24 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
            f"over {base_run.resolve()}/" in describe(out)
     assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
     assert f"merged from the LoRA run {out}" in describe(tmp_path / "merged")
-    bad = homellm("merge", str(base_run), "--out", str(tmp_path / "m2"), check=False)
-    assert bad.returncode == 2 and "not a LoRA run" in bad.stderr
-    bad = homellm("sft", "--init", str(out), "--data", str(data), "--out", str(tmp_path / "s2"), check=False)
-    assert bad.returncode == 2 and "is a LoRA run (adapters only): merge it first" in bad.stderr
-    bad = homellm("sft", "--out", str(out), "--resume", "--lora-rank", "2", "--max-steps", "30", check=False)
-    assert bad.returncode == 2 and "lora_rank: run has 4, asked 2" in bad.stderr
+    def err(*argv: str, code: int = 2) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == code, argv
+        return capsys.readouterr().err
+
+    assert "not a LoRA run" in err("merge", str(base_run), "--out", str(tmp_path / "m2"))
+    assert "is a LoRA run (adapters only): merge it first" in err("sft", "--init", str(out), "--data", str(data),
+                                                                   "--out", str(tmp_path / "s2"))
+    assert "lora_rank: run has 4, asked 2" in err("sft", "--out", str(out), "--resume", "--lora-rank", "2",
+                                                  "--max-steps", "30")
     more = qa_file(tmp_path / "more.jsonl", 20, seed=1)
-    resumed = homellm("sft", "--out", str(out), "--resume", "--data", str(more), "--max-steps", "22")
     assert f"note: resuming on {more}, not the conversations the run began with ({data}); the held-out " \
-           "conversations are drawn again" in resumed.stderr
+           "conversations are drawn again" in err("sft", "--out", str(out), "--resume", "--data", str(more),
+                                                  "--max-steps", "22", code=0)
     # As silent before: another --max-conversations changes the held-out conversations just as other data does.
-    resumed = homellm("sft", "--out", str(out), "--resume", "--max-conversations", "15", "--max-steps", "23")
     assert "note: resuming on the first 15 conversations, not all the conversations as the run began; the held-out " \
-           "conversations are drawn again" in resumed.stderr
+           "conversations are drawn again" in err("sft", "--out", str(out), "--resume", "--max-conversations", "15",
+                                                  "--max-steps", "23", code=0)
 
 
 def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_run, capsys):
@@ -399,8 +407,10 @@ def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_
     and were refused as having lost it."""
     runs = tmp_path / "runs"
     shutil.copytree(base_run, runs / "base")
-    homellm("sft", "--init", str(runs / "base"), "--data", str(qa_file(tmp_path / "qa.jsonl", 20)), "--out",
-            str(runs / "lora"), "--lora-rank", "2", "--max-steps", "3", "--eval-every", "0")
+    from homellm.cli import main  # in-process: a fresh process per command costs seconds of imports
+
+    assert main(["sft", "--init", str(runs / "base"), "--data", str(qa_file(tmp_path / "qa.jsonl", 20)), "--out",
+                 str(runs / "lora"), "--lora-rank", "2", "--max-steps", "3", "--eval-every", "0"]) == 0
     x = torch.randint(0, 64, (1, 16))
     with torch.no_grad():
         before = load_model(runs / "lora")(x)[0]
@@ -415,8 +425,9 @@ def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_
         load_model(moved / "lora2" / "base")
     # Resumed there too: by itself, or with --init naming where the base is now (refused as not the run's init).
     shutil.copytree(moved / "lora", moved / "lora_b")
-    homellm("sft", "--out", str(moved / "lora"), "--resume", "--max-steps", "4")
-    homellm("sft", "--init", str(moved / "base"), "--out", str(moved / "lora_b"), "--resume", "--max-steps", "4")
+    assert main(["sft", "--out", str(moved / "lora"), "--resume", "--max-steps", "4"]) == 0
+    assert main(["sft", "--init", str(moved / "base"), "--out", str(moved / "lora_b"), "--resume", "--max-steps",
+                 "4"]) == 0
     for lora in ("lora", "lora_b"):
         assert json.loads((moved / lora / "config.json").read_text())["lora"]["base"] == str(moved / "base")
     other = load_model(moved / "base")  # another base of that name: its weights tell
@@ -530,6 +541,7 @@ def test_sft_refuses_bad_init_and_out(tmp_path, base_run, capsys):
 def test_resuming_lora_with_another_init_names_both(tmp_path, base_run):
     out = tmp_path / "s"
     out.mkdir()
+    (tmp_path / "elsewhere").mkdir()  # still there: another base (one that is gone may have moved to --init)
     (out / "config.json").write_text(json.dumps({"sft": {"init": str(tmp_path / "elsewhere")}, "lora": {}}))
     data = qa_file(tmp_path / "qa.jsonl", 10)
     with pytest.raises(HomeLLMError, match=r"--init .* is not the run's init \(.*elsewhere\): drop --init"):
