@@ -227,7 +227,7 @@ def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stay
     messages = ["村に川", "山の花", "春の村", "川の桜", "村の山", "花の川"]
     cfg = dataclasses.replace(GREEDY, system="Be kind.", max_new_tokens=room)
     chat, text = run_chat(chat_run, *messages, cfg=cfg)
-    assert "[context full: dropped the oldest" in text
+    assert text.count("[context full: dropped the oldest") == 1  # once: every turn's notice drowned the replies
     head = render(tok, system)[0]
     for ids, _ in calls:
         assert len(ids) + room <= block

@@ -80,6 +80,7 @@ class Chat:
         self.transcript: list[Message] = []  # everything said since the start or /reset, system prompts included
         # One generator for the whole chat: replies differ turn to turn, yet a session replays from its seed.
         self.generator = seeded_generator(cfg.seed, next(model.parameters()).device)
+        self.dropped_said = False  # the notice that old turns leave a full context: said once
         self.reset()
 
     def say(self, text: str) -> None:
@@ -116,9 +117,12 @@ class Chat:
             self.turns.pop(0)
             dropped += 1
             ids = prompt_ids(self.tok, self.messages(user))
-        if dropped:
+        if dropped and not self.dropped_said:
+            # Once a chat: on a small context it fills every turn, and the same line each time drowned the replies.
+            self.dropped_said = True
             self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)}; "
-                     f"{len(self.turns)} left in the model's {block}-token context]")
+                     f"{len(self.turns)} left in the model's {block}-token context. From here on the oldest turns "
+                     "leave as the context fills, without a notice; /save keeps them all]")
         keep = self.system_ids()
         what = "this message and the system prompt take" if self.cfg.system else "this message takes"
         if len(ids) >= block:
