@@ -81,6 +81,7 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     # stderr is a pipe here, as a log is: progress as whole lines (the rate, the loss), not carriage-return frames
     frames = [line for line in proc.stderr.decode().split("\n") if line.startswith(f"train {run.name}:")]
     assert b"\r" not in proc.stderr and frames and "20/20" in frames[-1] and "step/s" in frames[-1]
+    assert len(frames) <= 3, frames  # the start, the end, a line each 30 s (a line each log step, before)
     assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
     proc = homellm("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "12", "--seed", "1")
     assert proc.stdout.startswith("the cat") and len(proc.stdout) > len("the cat\n")

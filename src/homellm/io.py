@@ -136,13 +136,14 @@ class _LogLines:
     as a line of its own; nothing for the bar's own clearing and closing."""
 
     def __init__(self, stream: TextIO):
-        self.stream = stream
+        self.stream, self.last = stream, ""
 
     def write(self, text: str) -> int:
         if "\r" in text:
             frame = text.rsplit("\r", 1)[-1].rstrip(" ")
-            if frame:
+            if frame and frame != self.last:  # the bar redrawn as it was, after a line written above it: said already
                 self.stream.write(frame + "\n")
+                self.last = frame
         elif text != "\n":  # the closing line break: the last frame ended its line already
             self.stream.write(text)
         return len(text)

@@ -694,8 +694,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     raise HomeLLMError(f"training diverged at step {step} (loss {loss_value}): lower --lr or raise "
                                        "--warmup-steps, then train again (or --resume from the last checkpoint)",
                                        everywhere=True)  # (the loss is averaged over the ranks)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{record['mfu']:.1%}"}
-                                                                                     if peak else {}))
+                # Shown at the bar's next redraw (a terminal's tenth of a second; a log's 30 s): a redraw forced
+                # here wrote a line to a log every log step.
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", refresh=False,
+                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
             else:
                 record = {}
             new_best = False
