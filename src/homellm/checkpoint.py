@@ -261,18 +261,24 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise HomeLLMError(f"{folder / WEIGHTS}: cannot be read ({e}): train the run again") from None
 
 
+def moved_base(run: str | Path, base: str | Path) -> Path:
+    """Where LoRA adapters' base run is: `base`, or, where it is gone, the folder of its name beside the adapters
+    (the runs folder copied to another machine or path, as it was). The base's weights checksum, checked by the
+    callers, tells whether it is the same base."""
+    base, here = Path(base), Path(run).resolve()
+    beside = here.parent / base.name
+    # (runs/tiny's adapters in sft/tiny are not their own base)
+    if (base / "config.json").is_file() or not (beside / "config.json").is_file() or beside == here:
+        return base
+    say(f"note: {run}'s base run {base} is not there: using {beside} beside it (its weights are checked)")
+    return beside
+
+
 def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
     """The base model a LoRA run was trained on, checked unchanged, with fresh adapters attached."""
     from homellm.lora import LoraSpec, attach_lora
 
-    base = Path(lora["base"])
-    beside = Path(run).resolve().parent / base.name
-    if (not (base / "config.json").is_file() and (beside / "config.json").is_file()
-            and beside != Path(run).resolve()):  # (runs/tiny's adapters in sft/tiny: not their own base)
-        # The runs folder copied to another machine or path: the base beside the adapters, as it was. The weights'
-        # checksum below tells whether it is the same base.
-        say(f"note: {run}'s base run {base} is not there: using {beside} beside it")
-        base = beside
+    base = moved_base(run, lora["base"])
     if not (base / "config.json").is_file():
         raise HomeLLMError(f"{run} holds LoRA adapters for the base run {base}, which is gone: restore it, or "
                            "keep merged weights next time with `homellm merge RUN --out NEW`")

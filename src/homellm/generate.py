@@ -280,9 +280,7 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
     stream = TextStream(tok, cfg.stop, ids)
     if tok.bos_id is not None and ids[:1] == [tok.bos_id]:
         keep = max(keep, 1)  # a model trained after a bos reads every window after it too (llama.cpp keeps it)
-    # A reply's end, a document's end, and a new turn: a chat model that skips <|im_end|> and opens the next turn
-    # would otherwise go on writing the user's part.
-    stop_ids = {tok.eot_id, tok.im_end_id, tok.im_start_id} | stream.stop_ids
+    stop_ids = tok.end_ids | stream.stop_ids
     start, new = time.perf_counter(), 0
     try:
         if cfg.num_beams > 1:

@@ -385,7 +385,7 @@ def hub_download(spec: str, weights: bool = True) -> Path:
         small = ["*.json", "*.model", "*.txt"]
         folder = Path(snapshot_download(name, allow_patterns=small + ["*.safetensors"] * weights))
         if weights and not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin", "*.model", "*.txt"]))
+            folder = Path(snapshot_download(name, allow_patterns=small + ["*.bin"]))
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HomeLLMError(f"{spec}: cannot download ({reason}): check the name and the network (a gated model "

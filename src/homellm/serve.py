@@ -79,7 +79,7 @@ class Scheduler:
         self.model, self.tok = model, tok
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
-        self.stop_ids = {tok.eot_id, tok.im_end_id, tok.im_start_id}  # (a new turn ends a reply too, as in generate)
+        self.stop_ids = tok.end_ids  # (a new turn ends a reply too, as in generate)
         self.active: list[Sequence] = []  # row i of the cache holds active[i]; only the thread changes this list
         self.waiting: deque[Sequence] = deque()
         self.cond = threading.Condition()

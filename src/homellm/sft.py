@@ -24,6 +24,7 @@ from homellm.checkpoint import (
     find_checkpoint,
     holds_trained,
     load_weights_into,
+    moved_base,
     read_config,
     read_weights,
     sha256_file,
@@ -173,12 +174,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
     # and may have moved or gone. LoRA adapters always need their base.
     own = bool(saved) and "lora" not in saved
-    if saved and not own and not (init / "config.json").is_file():
-        beside = out.resolve().parent / init.name  # the runs folder moved whole: the base beside the adapters
-        if (beside / "config.json").is_file() and beside != out.resolve():
-            say(f"note: {out}'s base run {init} is not there: using {beside} beside it (its weights are checked)")
-            init = beside
-            cfg = replace(cfg, init=str(beside))
+    if saved and not own and (found := moved_base(out, init)) != init:
+        init, cfg = found, replace(cfg, init=str(found))
     source = out if own else init
     model_cfg, _ = read_config(source)
     if not own and "lora" in load_json(init / "config.json"):
@@ -289,7 +286,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
         """A chat model's sample is a reply to a user's message (the prompt continued as text showed nothing)."""
         ids = prompt_ids(tok, [{"role": "user", "content": question}])
         reply = generate_ids(model, ids, SampleConfig(max_new_tokens=64, temperature=0.0),
-                             {tok.eot_id, tok.im_end_id, tok.im_start_id}, guard=tok.utf8_guard)
+                             tok.end_ids, guard=tok.utf8_guard)
         return f"{question!r} -> {tok.decode(reply)!r}"
 
     summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample)

@@ -167,6 +167,12 @@ class Tokenizer:
         return out
 
     @property
+    def end_ids(self) -> frozenset[int]:
+        """Where generation ends: end of text, a reply's end, and a new turn (a chat model that skips <|im_end|> and
+        opens the next turn would otherwise go on writing the user's part)."""
+        return frozenset((self.eot_id, self.im_end_id, self.im_start_id))
+
+    @property
     def start_id(self) -> int:
         """What a text starts after: the bos of a model trained with one, else end of text (homellm's models read
         what follows it as a new document). Exports name it as the bos."""
@@ -508,9 +514,10 @@ _LONG_RUN = re.compile(r"\S{1000}")
 
 
 def bounded_runs(text: str) -> Iterator[str]:
-    """`text` in pieces, cut inside any run of 1,000 characters without a space. The BPE trainer's time grows with
-    the square of a word's length: a 1 MB line of letters ran for hours (100 KB: 4.5 s; in pieces, 0.1 s). Text of
-    shorter runs comes whole, so its tokenizer is the same; a cut costs a long run one pair's count."""
+    """`text` in pieces, cut inside any run of 1,000 characters without a space. The BPE trainer's time grows faster
+    than the square of a word's length: 100 KB of letters as one word took 5.1 s, 200 KB 30 s, and a 1 MB line was
+    still training after 10 minutes; in pieces, 1 MB takes under a second (bench/README.md). Text of shorter runs
+    comes whole, so its tokenizer is the same; a cut costs a long run one pair's count."""
     start = 0
     for m in _LONG_RUN.finditer(text):
         yield text[start:m.end()]
