@@ -44,6 +44,23 @@ def test_auto_precision_is_float16_where_bfloat16_would_be_emulated(monkeypatch)
     # Muon's Newton-Schulz iteration likewise: float32 there (and on MPS), bfloat16 as torch's Muon on the CPU.
     assert ns_dtype(torch.device("cuda")) == torch.float32
     assert ns_dtype(torch.device("mps")) == torch.float32 and ns_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
+
+
+def test_training_on_a_cpu_with_amx_is_bfloat16_autocast_and_generation_float32(monkeypatch):
+    """A CPU with AMX multiplies bfloat16 matrices 4-5x as fast as float32's: auto trains in bfloat16 autocast
+    there, in float32 on other CPUs; loading weights to generate stays float32 (not measured in bfloat16)."""
+    from homellm.train import pick_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert setup_env(TrainConfig(device="cpu")).dtype == torch.bfloat16
+    assert pick_dtype("auto", cpu) == torch.float32  # for generation
+    assert setup_env(TrainConfig(device="cpu", dtype="float32")).dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # another torch without the probe: float32
     assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
 
 

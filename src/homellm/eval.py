@@ -144,7 +144,8 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
               "problems included, so it is far above the run's own val loss: `--task arithmetic` measures it",
               file=sys.stderr)
     # On a GPU, scored in the precision it trained in (as metrics.jsonl was), when this GPU has it natively; else,
-    # and on the CPU (where float16 autocast is slower than float32), the device's own choice.
+    # and on the CPU (where float16 autocast is slower than float32), the device's own choice, as training's there
+    # (bfloat16 autocast on a CPU with AMX).
     device = resolve_device(cfg.device)
     as_trained = device.type == "cuda" and (train_cfg.dtype != "bfloat16" or native_bf16(device))
     env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype if as_trained else "auto"))
