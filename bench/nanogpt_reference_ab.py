@@ -8,7 +8,8 @@ this reference does the same maths nanoGPT's CPU example does:
 - AdamW with foreach kernels, weight decay on 2-D weights only, gradient clipping at 1.0.
 
 homellm's step is the one `homellm pretrain` runs at that size: `GPT` and `make_optimizers` (fused AdamW), with
-the tanh GELU of Hugging Face's GPT-2 (what its export must match).
+the tanh GELU of Hugging Face's GPT-2 (what its export must match); on a CPU with AMX also as pretrain's `--dtype
+auto` runs it there, in bfloat16 autocast (nanoGPT's CPU example runs float32).
 
     python bench/nanogpt_reference_ab.py        # prints median ms per step, tokens/s and the ratio
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 from homellm.config import ModelConfig, TrainConfig
 from homellm.model import GPT
-from homellm.train import make_optimizers
+from homellm.train import make_optimizers, pick_dtype
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH, VOCAB = 4, 4, 128, 64, 12, 72
 
@@ -84,8 +85,10 @@ def homellm() -> tuple[nn.Module, list[torch.optim.Optimizer]]:
     return model, make_optimizers(model, train_cfg, torch.device("cpu"))
 
 
-def step(model: nn.Module, opts: list[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor) -> None:
-    out = model(x, y)
+def step(model: nn.Module, opts: list[torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor,
+         bf16: bool = False) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x, y)
     loss = out[1] if isinstance(out, tuple) else out
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,13 +99,15 @@ def step(model: nn.Module, opts: list[torch.optim.Optimizer], x: torch.Tensor, y
 
 def main() -> None:
     x, y = torch.randint(0, VOCAB, (BATCH, BLOCK)), torch.randint(0, VOCAB, (BATCH, BLOCK))
-    runs = {"nanoGPT-style reference": reference(), "homellm": homellm()}
+    runs = {"nanoGPT-style reference": reference(), "homellm float32": homellm()}
+    if pick_dtype("auto", torch.device("cpu"), training=True) == torch.bfloat16:  # what pretrain does on this CPU
+        runs["homellm auto (bfloat16 autocast, AMX)"] = homellm()
     ms: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(45):  # 45 rounds of 10 steps each, alternated; the first 5 are warm-up
         for name, (model, opts) in runs.items():
             t = time.perf_counter()
             for _ in range(10):
-                step(model, opts, x, y)
+                step(model, opts, x, y, bf16="bfloat16" in name)
             ms[name].append((time.perf_counter() - t) / 10 * 1000)
     first = next(iter(runs))
     for name in runs:
