@@ -320,6 +320,9 @@ def test_a_verb_given_something_other_than_a_run_says_what_it_was_given(tmp_path
             assert capsys.readouterr().err == f"homellm: error: {path}: {what}{made_by}", argv
     assert main(["merge", "data", "--out", "m"]) == 2
     assert capsys.readouterr().err.startswith("homellm: error: data: prepared data, not a run (train on it")
+    (tmp_path / "data").rename(tmp_path / "my data")  # a command to paste quotes a path the shell would split
+    assert main(["info", "my data"]) == 2
+    assert "(train on it: `homellm pretrain --data 'my data' --out RUN`)" in capsys.readouterr().err
     (tmp_path / "run" / "last").mkdir(parents=True)  # a checkpoint folder, as seed 002 named its .pt file
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "last" / "checkpoint.json").write_text("{}")

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from homellm.config import ModelConfig, SampleConfig, ServeConfig, TrainConfig, from_dict, load_json, save_json
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.io import file_mode, fsync_dir, say
 from homellm.model import GPT
 
@@ -184,7 +184,7 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
     elif not run.is_dir():
         what = "a file, not a run folder"
     elif (run / "meta.json").is_file():
-        what = f"prepared data, not a run (train on it: `homellm pretrain --data {run} --out RUN`)"
+        what = f"prepared data, not a run (train on it: `homellm pretrain --data {typed(run)} --out RUN`)"
     elif (run / "tokenizer.json").is_file():
         what = "a tokenizer, not a run"
     elif (run / INFO).is_file() and (run.parent / "config.json").is_file():
@@ -194,7 +194,7 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
                               "--init-checkpoint last)" if run.name == "last" else ""))
     elif (run / "data_tokenizer" / "tokenizer.json").is_file() or (run / "data" / ".preparing").is_dir():
         # `pretrain --data TEXT` and `quickstart` build these first, and write config.json only when training starts.
-        again = f"`homellm quickstart --out {run}` again" if (run / "task").is_dir() else (
+        again = f"`homellm quickstart --out {typed(run)}` again" if (run / "task").is_dir() else (
             "its `homellm pretrain --data ...` command again, without --resume")
         raise HomeLLMError(f"{run}: a run whose first start stopped while preparing its text, before training (no "
                            f"config.json yet): run {again} (it picks up what was prepared)")

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from homellm.config import (
     preset,
     replace,
 )
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.io import say
 
 
@@ -178,8 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.run)
     if is_sft(args.run) and "<|im_start|>" not in cfg.prompt:
         # (chat says the opposite of a pretrained run): a chat model's continuation of bare text is seldom an answer
-        print(f"note: {args.run} is fine-tuned on conversations: `homellm chat {args.run}` talks to it; generate "
-              "continues your text as written", file=sys.stderr)
+        print(f"note: {args.run} is fine-tuned on conversations: `homellm chat {typed(args.run)}` talks to it; "
+              "generate continues your text as written", file=sys.stderr)
     if cfg.interactive:
         from homellm.repl import Continuations, chat_loop, line_editing
 
@@ -282,7 +281,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     if not cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
     out = import_model(args.source, cfg.out, cfg.context)
-    run = shlex.quote(str(out))  # commands to paste: a path with spaces stays one argument
+    run = typed(out)  # commands to paste: a path with spaces stays one argument
     print(f"run written to {out}: try `homellm generate {run} --prompt TEXT`, or fine-tune it with "
           f"`homellm sft --init {run} --data CHATS.jsonl --out RUN`")
 

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.io import fsync_dir, progress_bar, say
 from homellm.tokenizer import Tokenizer, check_unknown
 
@@ -122,7 +122,7 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
         for path in paths:
             if path.is_dir():
                 if made := _made_by_homellm(path):
-                    raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=path)}")
+                    raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=typed(path))}")
                 files = folder_files(path, _FOLDER_SUFFIXES, quiet)
                 if not files and any(path.glob("*.bin")):  # half of nanoGPT's pair
                     raise HomeLLMError(f"{path}: nanoGPT's token files come in a pair, train.bin and val.bin: put both "

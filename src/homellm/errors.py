@@ -10,3 +10,11 @@ class HomeLLMError(Exception):
     def __init__(self, message: str, everywhere: bool = False):
         super().__init__(message)
         self.everywhere = everywhere
+
+
+def typed(path: object) -> str:
+    """A path as it must be typed in a command a message suggests: quoted where the shell would split or expand it
+    (`homellm eval 'runs/my run'`), so the command pastes whole."""
+    import shlex
+
+    return shlex.quote(str(path))

@@ -17,7 +17,7 @@ import torch
 from homellm.chat import PROMPT_FIELDS
 from homellm.checkpoint import run_config_path
 from homellm.config import IM_END, EvalConfig
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.info import table
 from homellm.io import atomic_write_text, progress_bar
 from homellm.model import GPT, KVCache
@@ -129,7 +129,8 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         if not found:
             what = (f"no longer finds the prepared data it was trained on ({saved})" if saved else
                     "was not trained on a prepared data folder (fine-tuned or merged runs are not)")
-            raise HomeLLMError(f"{run} {what}: pass --data, a folder made by `homellm prepare --tokenizer {run}`")
+            raise HomeLLMError(f"{run} {what}: pass --data, a folder made by `homellm prepare --tokenizer "
+                               f"{typed(run)}`")
         data_dir = found[0]
     if cfg.batches <= 0:
         raise HomeLLMError(f"--batches {cfg.batches}: evaluate at least 1 batch")
@@ -138,7 +139,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     run_tok = Tokenizer.load(run)
     if not tok.same_as(run_tok):
         raise HomeLLMError(f"--data {data_dir} was tokenized with another tokenizer than {run}: prepare it with "
-                           f"`homellm prepare --tokenizer {run}`")
+                           f"`homellm prepare --tokenizer {typed(run)}`")
     if config.get("task") == "arithmetic":  # its val loss in metrics.jsonl scores the answers alone
         print(f"note: {run} trained on the arithmetic answers alone; this loss scores every token of the text, "
               "problems included, so it is far above the run's own val loss: `--task arithmetic` measures it",
@@ -184,7 +185,7 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     if "sft" not in _run_config(run):
         if (run / "chat" / "config.json").is_file():  # `quickstart --chat` puts its chat model in RUN/chat
             raise HomeLLMError(f"{run} is the quickstart's base model; its chat model is {run / 'chat'}: "
-                               f"`homellm eval {run / 'chat'} --task chat-arithmetic`")
+                               f"`homellm eval {typed(run / 'chat')} --task chat-arithmetic`")
         raise HomeLLMError(f"{run} is not a chat model (its config.json has no sft section): fine-tune one with "
                            "`homellm quickstart --chat` or `homellm sft`, or use --task arithmetic")
     tok = Tokenizer.load(run)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,7 @@ import torch
 from homellm.checkpoint import holds_trained
 from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TokenizerConfig, TrainConfig, preset, replace
 from homellm.data import open_split, prepare, read_meta
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.io import atomic_write_text
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, train_tokenizer
@@ -171,7 +170,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         raise HomeLLMError(f"--n {cfg.n}: evaluate at least 1 problem")
     run = Path(cfg.out)
     if holds_trained(run):  # an imported or merged run has `best` alone
-        raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {run}`, or pass "
+        raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {typed(run)}`, or pass "
                            "a new --out")
     t_start = time.perf_counter()
     stages = 7 if cfg.chat else 5
@@ -225,13 +224,13 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
           f"{summary['steps']:,} steps ({minutes:.1f} min in all). Next:")
     # Quoted for the shell: an --out with a space.
-    where = shlex.quote(str(run))
+    where = typed(run)
     print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
     print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")
     if cfg.chat:
-        print(f"  homellm chat {shlex.quote(str(run / 'chat'))}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
+        print(f"  homellm chat {typed(run / 'chat')}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
     else:
-        print(f"  homellm quickstart --chat --out {shlex.quote(str(run) + '-chat')}     # the same, plus a chat model")
+        print(f"  homellm quickstart --chat --out {typed(str(run) + '-chat')}     # the same, plus a chat model")
     print(f"  homellm info {where}")
     report["minutes"] = round(minutes, 2)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")

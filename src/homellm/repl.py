@@ -20,7 +20,7 @@ from typing import TextIO
 
 from homellm.chat import Message, prompt_ids, render, to_markdown
 from homellm.config import SEED_LIMIT, ChatConfig, GenerateConfig
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.generate import seeded_generator, stream_ids
 from homellm.io import atomic_write_text, check_overwrite, stamped
 from homellm.model import GPT
@@ -294,6 +294,6 @@ def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = inpu
     tok = Tokenizer.load(run)
     if not is_sft(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
         print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): it does not know "
-              f"turns, so replies may not answer; `homellm generate {run} --prompt TEXT` continues text",
+              f"turns, so replies may not answer; `homellm generate {typed(run)} --prompt TEXT` continues text",
               file=sys.stderr)
     return chat_loop(model, tok, cfg, input_fn, out)

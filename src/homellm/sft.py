@@ -42,7 +42,7 @@ from homellm.config import (
     replace,
     to_dict,
 )
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.generate import generate_ids
 from homellm.io import atomic_folder, say
 from homellm.model import GPT
@@ -179,8 +179,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     source = out if own else init
     model_cfg, _ = read_config(source)
     if not own and "lora" in load_json(init / "config.json"):
-        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge {init} --out "
-                           "MERGED`) and fine-tune the merged run")
+        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge "
+                           f"{typed(init)} --out MERGED`) and fine-tune the merged run")
     folder = None if own else find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
         saved_sft = saved.get("sft", {})

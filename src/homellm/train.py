@@ -54,7 +54,7 @@ from homellm.config import (
     to_dict,
 )
 from homellm.data import input_bytes, open_split, read_meta, staged_note
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.io import progress_bar, say
 from homellm.model import GPT
 from homellm.muon import Muon
@@ -876,7 +876,7 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         return Path(cfg.data[0])
     if nanogpt_folder(cfg.data):  # token ids, not text: a tokenizer trained here could not read them
         raise HomeLLMError(f"--data {cfg.data[0]} holds nanoGPT's train.bin and val.bin, ids of the tokenizer they "
-                           f"were made with: adopt them with `homellm prepare --input {cfg.data[0]} --tokenizer "
+                           f"were made with: adopt them with `homellm prepare --input {typed(cfg.data[0])} --tokenizer "
                            "GPT2_TOKENIZER --out DATA` (GPT-2's encoder.json + vocab.bpe), then --data DATA")
     run = Path(cfg.out)
     data_dir = run / "data"
@@ -940,14 +940,14 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
             raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
                                "--resume to continue it)")
         if is_sft(run):
-            raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {run}`")
+            raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {typed(run)}`")
         saved_model, _ = read_config(run)
         saved = load_json(run / "config.json")
         if "imported_from" in saved:  # its weights came trained: there is no pretraining of it to continue
             raise HomeLLMError(f"{run} was imported ({saved['imported_from']}), not pretrained here, so there is no "
                                f"pretraining to resume: go on pretraining it on your text with `homellm pretrain "
-                               f"--init {run} --data TEXT --out RUN`, or fine-tune it with `homellm sft --init {run} "
-                               "--data CHATS.jsonl --out RUN`")
+                               f"--init {typed(run)} --data TEXT --out RUN`, or fine-tune it with `homellm sft --init "
+                               f"{typed(run)} --data CHATS.jsonl --out RUN`")
         if saved.get("task") == "arithmetic":
             raise HomeLLMError(f"{run} was trained by `homellm quickstart` on the arithmetic task's answers only, "
                                "which `pretrain --resume` would not continue the same way: train a new one with "
@@ -1035,8 +1035,8 @@ def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], N
         raise HomeLLMError(f"--out {run} is the --init run: write the new run to a new folder (or --resume {run})")
     saved, _ = read_config(init)
     if "lora" in load_json(init / "config.json"):
-        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge {init} --out "
-                           "MERGED`), then --init MERGED")
+        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge "
+                           f"{typed(init)} --out MERGED`), then --init MERGED")
     check_init_architecture(init, to_dict(model_cfg), saved)
     if model_cfg.block_size > saved.block_size:
         raise HomeLLMError(f"--block-size {model_cfg.block_size}: --init {init} was trained for {saved.block_size} "
