@@ -733,3 +733,31 @@ def test_a_run_with_another_tokenizer_copied_in_is_refused(tmp_path, data_dir, c
         assert f"{run / 'tokenizer'} has {Tokenizer.load(tmp_path / 'big').vocab_size:,} ids but the model {rows:,}" \
             in capsys.readouterr().err, argv
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_from_raw_text_never_prepares_over_data_it_did_not_make(tmp_path, corpus, data_dir, capsys):
+    """`homellm prepare --out RUN/data`, then `pretrain --data TEXT --out RUN` or `quickstart --out RUN`: the run
+    prepared its own text over the user's shards and meta.json. An earlier start's own data is still reused."""
+    from homellm.cli import main
+
+    run = tmp_path / "my run"
+    shutil.copytree(data_dir, run / "data")
+    before = {p.name: p.read_bytes() for p in (run / "data").iterdir() if p.is_file()}
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == (f"homellm: error: --out {run} holds prepared data in {run / 'data'} that this "
+                                       "run did not make, where a run from raw text prepares its own over it: train "
+                                       f"on it with `--data '{run / 'data'}'`, or choose a new --out\n")
+    assert main(["quickstart", "--max-time", "5", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == (f"homellm: error: --out {run} holds prepared data in {run / 'data'} that the "
+                                       "quickstart did not make, where it prepares its own: choose a new --out\n")
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir() if p.is_file()} == before
+    assert not (run / "task").exists() and not (run / "data_tokenizer").exists()
+    # The run's own data, from an earlier start stopped before training (no config.json yet), goes on as before.
+    ours = tmp_path / "ours"
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
+    for p in ours.iterdir():
+        if p.name not in ("data", "data_tokenizer"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    prepared = (ours / "data" / "meta.json").stat().st_mtime_ns
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
+    assert (ours / "data" / "meta.json").stat().st_mtime_ns == prepared and (ours / "last").is_dir()

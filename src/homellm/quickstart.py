@@ -117,6 +117,12 @@ def build_data(run: Path, problems: int, seed: int, stages: int = 5,
                operator_weights: dict[str, float] | None = None, words: Sequence[str] = ()
                ) -> tuple[Path, Tokenizer]:
     """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards."""
+    from homellm.train import foreign_data
+
+    if foreign_data(run / "data", lambda meta: all(Path(str(p)).parts[-2:] == ("task", "train.txt")
+                                                   for p in meta.get("inputs") or [None])):
+        raise HomeLLMError(f"--out {run} holds prepared data in {run / 'data'} that the quickstart did not make, "
+                           "where it prepares its own: choose a new --out")
     task = run / "task"
     task.mkdir(parents=True, exist_ok=True)
     _stage(1, stages, f"generating {problems:,} training problems (held-out problems never among them)")

@@ -859,6 +859,19 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     return cfg
 
 
+def foreign_data(data_dir: Path, own: str | Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether a run's data folder holds prepared data of someone else's (`homellm prepare --out RUN/data`), which
+    the run would prepare its own over: its meta.json reads, and lacks the `own` key a run writes there (or fails
+    the `own` test). A damaged meta.json is left to prepare, which replaces its own."""
+    try:
+        meta = json.loads((data_dir / "meta.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    return not (own(meta) if callable(own) else own in meta)
+
+
 def absolute_inputs(inputs: list[str]) -> list[str]:
     """--data as absolute paths (hf: names as given; a glob made absolute, pattern and all)."""
     return [d if d.startswith("hf:") else os.path.abspath(d) for d in inputs]
@@ -897,6 +910,10 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
                 "bytes": size,
                 # whose tokenizer reads the text: the --init run's, or one trained here ("")
                 "tokenizer": cfg.init}
+    if not cfg.resume and foreign_data(data_dir, "pretrain_inputs"):
+        raise HomeLLMError(f"--out {run} holds prepared data in {data_dir} that this run did not make, where a run "
+                           f"from raw text prepares its own over it: train on it with `--data {typed(data_dir)}`, or "
+                           "choose a new --out")
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
         # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; before
         # --encoding, they read text as auto does; and they did not save the size.
