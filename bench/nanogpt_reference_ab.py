@@ -100,7 +100,7 @@ def step(model: nn.Module, opts: list[torch.optim.Optimizer], x: torch.Tensor, y
 def main() -> None:
     x, y = torch.randint(0, VOCAB, (BATCH, BLOCK)), torch.randint(0, VOCAB, (BATCH, BLOCK))
     runs = {"nanoGPT-style reference": reference(), "homellm float32": homellm()}
-    if pick_dtype("auto", torch.device("cpu"), training=True) == torch.bfloat16:  # what pretrain does on this CPU
+    if pick_dtype("auto", torch.device("cpu"), train_width=N_EMBD) == torch.bfloat16:  # what pretrain does on this CPU
         runs["homellm auto (bfloat16 autocast, AMX)"] = homellm()
     ms: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(45):  # 45 rounds of 10 steps each, alternated; the first 5 are warm-up

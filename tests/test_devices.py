@@ -49,19 +49,33 @@ def test_auto_precision_is_float16_where_bfloat16_would_be_emulated(monkeypatch)
 
 
 def test_training_on_a_cpu_with_amx_is_bfloat16_autocast_and_generation_float32(monkeypatch):
-    """A CPU with AMX multiplies bfloat16 matrices 4-5x as fast as float32's: auto trains in bfloat16 autocast
-    there, in float32 on other CPUs; loading weights to generate stays float32 (not measured in bfloat16)."""
+    """A CPU with AMX multiplies bfloat16 matrices 4-5x as fast as float32's: auto trains models of 128 or more wide
+    in bfloat16 autocast there (narrower ones ran slower in it), in float32 on other CPUs, where oneDNN is capped
+    below AMX (bfloat16 then ran 20x slower) or the process may not use it; loading weights to generate stays
+    float32."""
     from homellm.train import pick_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert setup_env(TrainConfig(device="cpu")).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert setup_env(TrainConfig(device="cpu"), 128).dtype == torch.bfloat16
+    assert setup_env(TrainConfig(device="cpu"), 64).dtype == torch.float32  # the casts cost more than they save
     assert pick_dtype("auto", cpu) == torch.float32  # for generation
-    assert setup_env(TrainConfig(device="cpu", dtype="float32")).dtype == torch.float32
+    assert setup_env(TrainConfig(device="cpu", dtype="float32"), 128).dtype == torch.float32
+    for name, value, bf16 in [("ONEDNN_MAX_CPU_ISA", "AVX2", False), ("DNNL_MAX_CPU_ISA", "avx512_core_bf16", False),
+                              ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True), ("ONEDNN_MAX_CPU_ISA", "ALL", True)]:
+        monkeypatch.setenv(name, value)
+        assert (setup_env(TrainConfig(device="cpu"), 128).dtype == torch.bfloat16) == bf16, (name, value)
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: False)  # the kernel does not let the process use AMX
+    assert setup_env(TrainConfig(device="cpu"), 128).dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
+    assert setup_env(TrainConfig(device="cpu"), 128).dtype == torch.float32
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # another torch without the probe: float32
-    assert setup_env(TrainConfig(device="cpu")).dtype == torch.float32
+    assert setup_env(TrainConfig(device="cpu"), 128).dtype == torch.float32
 
 
 def test_each_gpu_of_a_mixed_machine_is_asked_for_its_own_bfloat16(monkeypatch):
@@ -111,7 +125,8 @@ def test_a_cpu_only_pytorch_on_a_gpu_machine_and_float16_on_the_cpu_are_said(mon
         assert resolve_device("auto").type == "cpu" and "is a CPU-only build" in capsys.readouterr().err, sign
     assert resolve_device("cpu").type == "cpu" and capsys.readouterr().err == ""  # asked for: nothing to say
     assert pick_dtype("float16", torch.device("cpu")) == torch.float16
-    assert "--dtype float16 on the CPU is many times slower than float32" in capsys.readouterr().err
+    assert "--dtype float16 on the CPU is no faster than float32, and on most CPUs many times slower" in \
+        capsys.readouterr().err
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32 and capsys.readouterr().err == ""
 
 
@@ -205,3 +220,38 @@ def test_compile_where_it_cannot_work_trains_without_it_and_says_why(tmp_path, d
     assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "tiny", "--device",
                  "cpu", "--compile", "--max-steps", "1", "--eval-every", "0"]) == 0
     assert "note: training without torch.compile: on the CPU it builds C++, and no compiler" in capsys.readouterr().err
+
+
+def _rank_precision(rank: int, port: int, amx: bool, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.cpu._is_amx_tile_supported = lambda: amx
+    torch.cpu._init_amx = lambda: True
+    env = setup_env(TrainConfig(device="cpu"), 128)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(str(env.dtype))
+    dist.destroy_process_group()
+
+
+def test_processes_of_one_run_train_in_one_precision_where_only_some_machines_have_amx(tmp_path):
+    """torchrun across machines of which only some have AMX: each process chose its own precision."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_precision, args=(rank, port, rank == 0, str(tmp_path / "dtype")))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [(tmp_path / f"dtype.{rank}").read_text() for rank in range(2)] == ["torch.float32"] * 2

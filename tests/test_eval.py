@@ -129,13 +129,20 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
     assert "tokenizer is missing: copy back the tokenizer/ folder" in refused("generate", str(run), "--prompt", "the")
 
 
-def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys):
+def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, monkeypatch):
+    from homellm import train
     from homellm.cli import main
 
     run = tmp_path / "run"
     assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "10"]) == 0
     capsys.readouterr()
+    # On the CPU the loss is scored in float32 even where training runs in bfloat16 (AMX): the same on every CPU.
+    monkeypatch.setattr(train, "AMX_MIN_WIDTH", 1)
+    monkeypatch.setattr(train, "amx_cpu", lambda: True)
+    envs, setup_env = [], train.setup_env
+    monkeypatch.setattr(train, "setup_env", lambda *a, **k: envs.append(setup_env(*a, **k)) or envs[-1])
     assert main(["eval", str(run), "--task", "loss", "--batches", "3"]) == 0
+    assert [e.dtype for e in envs] == [torch.float32]
     out = capsys.readouterr()
     result = json.loads((run / "eval_loss.json").read_text())
     assert "bits per byte" in out.out

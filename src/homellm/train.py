@@ -208,8 +208,9 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def setup_env(cfg: TrainConfig) -> Env:
-    """Join torchrun's process group when launched by it; pick device and precision."""
+def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
+    """Join torchrun's process group when launched by it; pick device and precision (to train a model `width`
+    wide)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(cfg.device)
@@ -225,38 +226,58 @@ def setup_env(cfg: TrainConfig) -> Env:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Env(rank, world, local_rank, dev, pick_dtype(cfg.dtype, dev, training=True))
+    dtype = pick_dtype(cfg.dtype, dev, train_width=width)
+    if world > 1 and dev.type == "cpu" and cfg.dtype == "auto":
+        # The machines of one run may differ (AMX on some only): all train in one precision, bfloat16 only if all can.
+        fast = torch.tensor([int(dtype == torch.bfloat16)])
+        dist.all_reduce(fast, op=dist.ReduceOp.MIN)
+        dtype = torch.bfloat16 if fast.item() else torch.float32
+    return Env(rank, world, local_rank, dev, dtype)
 
 
 def amx_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware with Intel's AMX (Xeons from Sapphire Rapids on):
-    there, measured on a 2-core one, they run 4-5x as fast as float32's (bench/README.md)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent in another torch: say no
+    there, measured on a 2-core one, they run 4-5x as fast as float32's (bench/README.md). Not where oneDNN is
+    capped below AMX (ONEDNN_MAX_CPU_ISA=AVX2, say: bfloat16 then runs emulated, a step 20x slower) or the kernel
+    does not let the process use it."""
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if isa != "ALL" and "AMX" not in isa:
+        return False
+    # torch's probes are private: absent in another torch, the answer is no
+    probe, enable = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_init_amx"))
     try:
-        return bool(probe and probe())
+        return bool(probe and probe() and (enable is None or enable()))
     except RuntimeError:
         return False
 
 
-def pick_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
-    """--dtype on a device. auto: bfloat16 on a GPU that computes in it natively, float16 on an older GPU (training
-    adds the grad scaler), float32 elsewhere: on a CPU both halves are slower than float32, except that training on
-    a CPU with AMX is faster in bfloat16 autocast (1.16-1.33x a step at the cpu and arithmetic presets' sizes and
-    nanoGPT's CPU example, measured; bench/README.md). Generation there stays float32: bfloat16 weights decoded
-    GPT-2 small's shape 1.14x as fast, but the cpu preset's model at 0.59x."""
+# Below this width, bfloat16's casts cost a CPU with AMX more than its products save: a training step of a 32-wide
+# model took 0.66x and of a 64-wide one 1.01x float32's speed, of a 128-wide one 1.16x (bench/README.md).
+AMX_MIN_WIDTH = 128
+
+
+def pick_dtype(name: str, device: torch.device, train_width: int | None = None) -> torch.dtype:
+    """--dtype on a device, to train a model `train_width` wide (None: to load weights for generation). auto:
+    bfloat16 on a GPU that computes in it natively, float16 on an older GPU (training adds the grad scaler), float32
+    elsewhere: on a CPU both halves are slower than float32, except that training a model of AMX_MIN_WIDTH or more
+    on a CPU with AMX is faster in bfloat16 autocast (1.16-1.33x a step at the cpu and arithmetic presets' sizes and
+    nanoGPT's CPU example, measured). Generation there stays float32: bfloat16 weights decoded GPT-2 small's shape
+    1.14x as fast, but the cpu preset's model at 0.59x."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
         if device.type == "cuda":
             dtype = torch.bfloat16 if native_bf16(device) else torch.float16
         else:
-            dtype = torch.bfloat16 if training and device.type == "cpu" and amx_cpu() else torch.float32
+            fast = device.type == "cpu" and (train_width or 0) >= AMX_MIN_WIDTH and amx_cpu()
+            dtype = torch.bfloat16 if fast else torch.float32
     elif name in dtypes:
         dtype = dtypes[name]
     else:
         raise HomeLLMError(f"--dtype {name!r} is unknown: use auto, float32, bfloat16 or float16")
     if dtype == torch.float16 and device.type == "cpu":
-        say("note: --dtype float16 on the CPU is many times slower than float32 (12x for a training step, measured "
-            "on a 2-core CPU), which has the fast kernels there: use float32 (auto) on the CPU")
+        say("note: --dtype float16 on the CPU is no faster than float32, and on most CPUs many times slower (12x "
+            "for a training step, measured on a 2-core AMD CPU): use auto (float32, or bfloat16 where the CPU has "
+            "AMX)")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
@@ -503,7 +524,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         def sample(model: GPT) -> str:
             return repr(sample_text(model, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop))
     check_ranges(cfg)
-    env = setup_env(cfg)
+    env = setup_env(cfg, model_cfg.n_embd)
     run = Path(cfg.out)
     if cfg.max_steps <= 0 and cfg.max_time <= 0:
         raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
