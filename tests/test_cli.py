@@ -744,14 +744,22 @@ def test_a_run_from_raw_text_never_prepares_over_data_it_did_not_make(tmp_path, 
     shutil.copytree(data_dir, run / "data")
     before = {p.name: p.read_bytes() for p in (run / "data").iterdir() if p.is_file()}
     assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(run)]) == 2
-    assert capsys.readouterr().err == (f"homellm: error: --out {run} holds prepared data in {run / 'data'} that this "
-                                       "run did not make, where a run from raw text prepares its own over it: train "
-                                       f"on it with `--data '{run / 'data'}'`, or choose a new --out\n")
+    refused = (f"homellm: error: --out {run} holds prepared data in {run / 'data'} that this run did not make, "
+               f"where a run from raw text prepares its own over it: train on it with `--data '{run / 'data'}'`, or "
+               f"move it out of {run} first\n")
+    assert capsys.readouterr().err == refused
     assert main(["quickstart", "--max-time", "5", "--out", str(run)]) == 2
     assert capsys.readouterr().err == (f"homellm: error: --out {run} holds prepared data in {run / 'data'} that the "
                                        "quickstart did not make, where it prepares its own: choose a new --out\n")
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir() if p.is_file()} == before
     assert not (run / "task").exists() and not (run / "data_tokenizer").exists()
+    # As the message says: trained on it, then resumed (a relay) on text, which was prepared over it.
+    assert main(["pretrain", "--data", str(run / "data"), "--preset", "tiny", "--max-steps", "1", "--out",
+                 str(run)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", "--data", str(corpus), "--max-steps", "2", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == refused
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir() if p.is_file()} == before
     # The run's own data, from an earlier start stopped before training (no config.json yet), goes on as before.
     ours = tmp_path / "ours"
     assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
@@ -761,3 +769,11 @@ def test_a_run_from_raw_text_never_prepares_over_data_it_did_not_make(tmp_path, 
     prepared = (ours / "data" / "meta.json").stat().st_mtime_ns
     assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
     assert (ours / "data" / "meta.json").stat().st_mtime_ns == prepared and (ours / "last").is_dir()
+    for p in ours.iterdir():  # the same stop by a homellm from before 2026-11-30, which wrote no pretrain_inputs:
+        if p.name not in ("data", "data_tokenizer"):  # prepared again, as then
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    meta = json.loads((ours / "data" / "meta.json").read_text())
+    del meta["pretrain_inputs"]
+    (ours / "data" / "meta.json").write_text(json.dumps(meta))
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
+    assert (ours / "last").is_dir()

@@ -139,10 +139,13 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     # On the CPU the loss is scored in float32 even where training runs in bfloat16 (AMX): the same on every CPU.
     monkeypatch.setattr(train, "AMX_MIN_WIDTH", 1)
     monkeypatch.setattr(train, "amx_cpu", lambda: True)
-    envs, setup_env = [], train.setup_env
-    monkeypatch.setattr(train, "setup_env", lambda *a, **k: envs.append(setup_env(*a, **k)) or envs[-1])
+    dtypes, pick_dtype = [], train.pick_dtype
+    monkeypatch.setattr(train, "pick_dtype", lambda *a, **k: dtypes.append(pick_dtype(*a, **k)) or dtypes[-1])
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "amx"),
+                 "--max-steps", "1"]) == 0
+    capsys.readouterr()
     assert main(["eval", str(run), "--task", "loss", "--batches", "3"]) == 0
-    assert [e.dtype for e in envs] == [torch.float32]
+    assert dtypes == [torch.bfloat16, torch.float32]  # the training (with AMX), then the evaluation
     out = capsys.readouterr()
     result = json.loads((run / "eval_loss.json").read_text())
     assert "bits per byte" in out.out

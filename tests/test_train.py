@@ -294,7 +294,7 @@ def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, 
     rows, and the run goes on as it would have, up to the rounding of summing two micro-batches. Its evaluations
     score the same val rows too (they scored half of them: best and --patience compared two val sets)."""
     flags = ["--preset", "tiny", "--max-steps", "10", "--checkpoint-every", "5", "--eval-every", "5", "--log-every",
-             "1", "--dropout", "0", "--batch-size", "4", "--dtype", "float32"]  # (bfloat16 rounds by layout)
+             "1", "--dropout", "0", "--batch-size", "4"]
     from homellm.cli import main  # in-process where no kill is needed, for the suite's time
 
     whole, run = tmp_path / "whole", tmp_path / "run"
@@ -380,8 +380,7 @@ def assert_same_training(a: Path, b: Path) -> None:
 
 
 def test_ddp_two_processes_match_one_at_the_same_global_batch(tmp_path, data_dir):
-    flags = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--log-every", "1", "--device", "cpu",
-             "--dtype", "float32"]  # (bfloat16's rounding, where a CPU with AMX trains in it, differs by layout)
+    flags = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--log-every", "1", "--device", "cpu"]
     single, double = tmp_path / "one", tmp_path / "two"
     homellm("pretrain", "--data", str(data_dir), "--out", str(single), *flags, "--batch-size", "8")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -413,8 +412,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tm
     """torchrun passes Ctrl-C on to each rank, which may be a step apart when it lands: here only rank 1 sees it.
     The ranks used to each stop at a step of their own (or not at all), with no checkpoint, and hang in a collective
     until torchrun killed them. Now all stop after step 5 with `last`, and resuming matches one process."""
-    flags = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--log-every", "1", "--device", "cpu",
-             "--dtype", "float32"]  # (bfloat16's rounding, where a CPU with AMX trains in it, differs by layout)
+    flags = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--log-every", "1", "--device", "cpu"]
     single, double = tmp_path / "one", tmp_path / "two"
     homellm("pretrain", "--data", str(data_dir), "--out", str(single), *flags, "--batch-size", "8")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -220,7 +220,7 @@ def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
     cfg = load_json(path)
     if isinstance(cfg, dict) and "model_type" in cfg:  # a transformers model folder (GPT-2, Llama from the hub)
         raise HomeLLMError(f"{run} is a Hugging Face model folder, not a homellm run: make it one with `homellm import "
-                           f"{run} --out RUN`, then use RUN")
+                           f"{typed(run)} --out RUN`, then use RUN")
     for section in ("model", "train"):
         if not isinstance(cfg, dict) or not isinstance(cfg.get(section), dict):
             raise HomeLLMError(f"{path}: no {section!r} section: restore the file the run wrote, or train again")

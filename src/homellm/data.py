@@ -919,7 +919,7 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         why = " (a prepare into it was interrupted or is running)" if staged.is_dir() else ""
         raise HomeLLMError(f"{data_dir}: not a prepared data folder (no meta.json{why}): run `homellm prepare --input "
-                           f"... --tokenizer ... --out {data_dir}`")
+                           f"... --tokenizer ... --out {typed(data_dir)}`")
     meta = load_json(path)
     if not isinstance(meta, dict) or meta.get("format") != "homellm-tokens-v1":
         raise HomeLLMError(f"{path}: not written by `homellm prepare`: run `homellm prepare` again")

@@ -1,5 +1,7 @@
 """The one error type for user mistakes; the CLI prints its message on one line, without a traceback."""
 
+import shlex
+
 
 class HomeLLMError(Exception):
     """A mistake the user can fix: the message names the file, field or value and says what to do.
@@ -15,6 +17,4 @@ class HomeLLMError(Exception):
 def typed(path: object) -> str:
     """A path as it must be typed in a command a message suggests: quoted where the shell would split or expand it
     (`homellm eval 'runs/my run'`), so the command pastes whole."""
-    import shlex
-
     return shlex.quote(str(path))

@@ -144,13 +144,12 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         print(f"note: {run} trained on the arithmetic answers alone; this loss scores every token of the text, "
               "problems included, so it is far above the run's own val loss: `--task arithmetic` measures it",
               file=sys.stderr)
-    # On a GPU, scored in the precision it trained in (as metrics.jsonl was), when this GPU has it natively, else in
-    # its own choice; on the CPU in float32, whatever the run trained in (auto trains in bfloat16 on a CPU with AMX,
-    # which a run's config does not record), so the loss is the same on every CPU.
+    # On a GPU, scored in the precision it trained in (as metrics.jsonl was), when this GPU has it natively; else,
+    # and on the CPU (where float16 autocast is slower than float32), the device's own choice: float32 on a CPU, as
+    # setup_env is given no model width (training on a CPU with AMX may have run in bfloat16).
     device = resolve_device(cfg.device)
     as_trained = device.type == "cuda" and (train_cfg.dtype != "bfloat16" or native_bf16(device))
-    dtype = train_cfg.dtype if as_trained else "auto" if device.type == "cuda" else "float32"
-    env = setup_env(TrainConfig(device=cfg.device, dtype=dtype))
+    env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype if as_trained else "auto"))
     model = load_model(run, cfg.checkpoint, env.device)
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     # Windows are drawn at random: past about one per block of val tokens they only repeat the same text (50

@@ -229,7 +229,6 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     minutes = (time.perf_counter() - t_start) / 60
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
           f"{summary['steps']:,} steps ({minutes:.1f} min in all). Next:")
-    # Quoted for the shell: an --out with a space.
     where = typed(run)
     print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
     print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")

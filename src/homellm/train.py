@@ -237,7 +237,7 @@ def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
 
 def amx_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware with Intel's AMX (Xeons from Sapphire Rapids on):
-    there, measured on a 2-core one, they run 4-5x as fast as float32's (bench/README.md). Not where oneDNN is
+    there, measured on a 2-core one, they run 2-6x as fast as float32's (bench/README.md). Not where oneDNN is
     capped below AMX (ONEDNN_MAX_CPU_ISA=AVX2, say: bfloat16 then runs emulated, a step 20x slower) or the kernel
     does not let the process use it."""
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
@@ -276,8 +276,8 @@ def pick_dtype(name: str, device: torch.device, train_width: int | None = None) 
         raise HomeLLMError(f"--dtype {name!r} is unknown: use auto, float32, bfloat16 or float16")
     if dtype == torch.float16 and device.type == "cpu":
         say("note: --dtype float16 on the CPU is no faster than float32, and on most CPUs many times slower (12x "
-            "for a training step, measured on a 2-core AMD CPU): use auto (float32, or bfloat16 where the CPU has "
-            "AMX)")
+            "for a training step, measured on a 2-core AMD CPU): use auto (float32, or bfloat16 for models 128 or "
+            "more wide where the CPU has AMX)")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
@@ -893,6 +893,14 @@ def foreign_data(data_dir: Path, own: str | Callable[[dict[str, Any]], bool]) ->
     return not (own(meta) if callable(own) else own in meta)
 
 
+def _made_by_run(meta: dict[str, Any], run: Path) -> bool:
+    """Whether RUN/data's meta.json is a run's own from raw text: it says so (pretrain_inputs) since 2026-11-30;
+    before, its tokenizer was the one the run trained in RUN/data_tokenizer, or the run itself (a resume)."""
+    tokenizer = meta.get("tokenizer")
+    source = Path(str(tokenizer.get("source") or "")) if isinstance(tokenizer, dict) else Path()
+    return "pretrain_inputs" in meta or source.name in ("data_tokenizer", run.resolve().name)
+
+
 def absolute_inputs(inputs: list[str]) -> list[str]:
     """--data as absolute paths (hf: names as given; a glob made absolute, pattern and all)."""
     return [d if d.startswith("hf:") else os.path.abspath(d) for d in inputs]
@@ -931,10 +939,10 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
                 "bytes": size,
                 # whose tokenizer reads the text: the --init run's, or one trained here ("")
                 "tokenizer": cfg.init}
-    if not cfg.resume and foreign_data(data_dir, "pretrain_inputs"):
+    if foreign_data(data_dir, lambda meta: _made_by_run(meta, run)):  # (--resume too: a run trained on it)
         raise HomeLLMError(f"--out {run} holds prepared data in {data_dir} that this run did not make, where a run "
                            f"from raw text prepares its own over it: train on it with `--data {typed(data_dir)}`, or "
-                           "choose a new --out")
+                           f"move it out of {run} first")
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
         # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; before
         # --encoding, they read text as auto does; and they did not save the size.
@@ -1020,7 +1028,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if not tok.same_as(own) or (tok.eot_id, tok.bos_id) != (own.eot_id, own.bos_id):
             raise HomeLLMError(f"--data {data_dir} was prepared with another tokenizer than {trained} was trained "
                                f"with: its ids would mean other text to the model; prepare the text with `homellm "
-                               f"prepare --tokenizer {trained}`, or pass the text files themselves as --data")
+                               f"prepare --tokenizer {typed(trained)}`, or pass the text files themselves as --data")
         tok = own
     if model_cfg.vocab_size == 0:
         model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)  # multiples of 64 run faster
@@ -1070,7 +1078,8 @@ def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], N
         return None
     init, run = Path(cfg.init), Path(cfg.out)
     if init.resolve() == run.resolve():
-        raise HomeLLMError(f"--out {run} is the --init run: write the new run to a new folder (or --resume {run})")
+        raise HomeLLMError(f"--out {run} is the --init run: write the new run to a new folder (or `--resume --out "
+                           f"{typed(run)}`)")
     saved, _ = read_config(init)
     if "lora" in load_json(init / "config.json"):
         raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge "
