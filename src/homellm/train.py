@@ -880,17 +880,17 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     return cfg
 
 
-def foreign_data(data_dir: Path, own: str | Callable[[dict[str, Any]], bool]) -> bool:
+def foreign_data(data_dir: Path, own: Callable[[dict[str, Any]], bool]) -> bool:
     """Whether a run's data folder holds prepared data of someone else's (`homellm prepare --out RUN/data`), which
-    the run would prepare its own over: its meta.json reads, and lacks the `own` key a run writes there (or fails
-    the `own` test). A damaged meta.json is left to prepare, which replaces its own."""
+    the run would prepare its own over: its meta.json reads, and fails the `own` test. A damaged meta.json is left
+    to prepare, which replaces its own."""
     try:
         meta = json.loads((data_dir / "meta.json").read_bytes())
     except (OSError, ValueError):
         return False
     if not isinstance(meta, dict):
         return False
-    return not (own(meta) if callable(own) else own in meta)
+    return not own(meta)
 
 
 def _made_by_run(meta: dict[str, Any], run: Path) -> bool:
