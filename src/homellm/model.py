@@ -45,8 +45,9 @@ class KVCache:
             if end > self.max_len:
                 raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
             rows = torch.arange(B, device=k.device)
-            self.k[layer, rows, :, self.pos] = k[:, :, 0]
-            self.v[layer, rows, :, self.pos] = v[:, :, 0]
+            # Indexed writes do not cast as slice writes do (new keys are bfloat16 under autocast, the cache may not be)
+            self.k[layer, rows, :, self.pos] = k[:, :, 0].to(self.k.dtype)
+            self.v[layer, rows, :, self.pos] = v[:, :, 0].to(self.v.dtype)
             return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
         end = self.pos + k.size(2)
         if end > self.max_len:
