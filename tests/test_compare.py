@@ -11,10 +11,11 @@ import sys
 import pytest
 
 from homellm.cli import main
-from homellm.compare import _width, compare, md_cell, read_prompts, wrap
+from homellm.compare import compare, md_cell, read_prompts, wrap
 from homellm.config import CompareConfig, SampleConfig, load_json, save_json
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_text
+from homellm.io import display_width
 from test_repl import REPLY, USER, build_chat_run
 
 
@@ -82,7 +83,7 @@ def test_cells_escape_pipes_and_line_breaks():
 @pytest.mark.parametrize("text", [REPLY * 3, "The quick brown fox jumps over the lazy dog. " * 4, "x" * 50, ""])
 def test_screen_cells_wrap_within_their_width(text):
     lines = wrap(text, 12)
-    assert all(_width(line) <= 12 for line in lines)
+    assert all(display_width(line) <= 12 for line in lines)
     assert "".join(lines).replace(" ", "") == text.replace("\n", "").replace(" ", "")
 
 

@@ -13,6 +13,8 @@ from homellm.config import ModelConfig, PrepareConfig, SampleConfig, TokenizerCo
 from homellm.data import prepare
 from homellm.eval import greedy_complete, stop_ids
 from homellm.generate import generate_ids
+from homellm.info import table
+from homellm.io import display_width
 from homellm.model import GPT
 from homellm.quickstart import ROW_TOKENS, AnswerBatches, default_problems
 from homellm.tasks import arithmetic
@@ -307,3 +309,11 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
     assert "spans lines, but a pretrained run's answer ends at the line's end" in capsys.readouterr().err
     assert main(["eval", str(run), "--task", "exact"]) == 2
     assert "--task exact needs --data FILE" in capsys.readouterr().err
+
+
+def test_tables_align_categories_named_in_japanese():
+    """A category of kanji takes two terminal columns a character: the counts after it still line up."""
+    lines = table([("足し算", "2", "50.0 %"), ("overall", "12", "75.0 %")], ("category", "n", "accuracy")).splitlines()
+    ends = {display_width(line[:line.index(n) + len(n)]) for line, n in zip(lines[2:], ("2", "12"))}
+    assert len(ends) == 1
+    assert len({display_width(line) for line in lines[2:]}) == 1  # the accuracy column too

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import unicodedata
 from pathlib import Path
 from typing import TextIO
 
@@ -20,7 +19,7 @@ from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.generate import stream_ids
-from homellm.io import atomic_write_text, check_overwrite, progress_bar, stamped
+from homellm.io import atomic_write_text, check_overwrite, display_width, progress_bar, stamped
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -75,11 +74,6 @@ def markdown(header: list[str], rows: list[list[str]], intro: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _width(text: str) -> int:
-    """Terminal columns: East Asian wide characters (kana, kanji) take two, combining marks none."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
 def wrap(text: str, width: int) -> list[str]:
     """Lines of at most `width` columns: break at the last space when there is one (English), anywhere else
     (Japanese has no spaces)."""
@@ -87,7 +81,7 @@ def wrap(text: str, width: int) -> list[str]:
     for para in text.replace("\t", " ").replace("\r", "").split("\n"):
         line = ""
         for c in para:
-            if _width(line + c) > width:
+            if display_width(line + c) > width:
                 cut = line.rfind(" ")
                 head, line = (line[:cut], line[cut + 1:]) if cut > 0 else (line, "")
                 lines.append(head)
@@ -102,7 +96,7 @@ def screen_table(header: list[str], rows: list[list[str]], widths: list[int]) ->
     def fmt(cells: list[str]) -> list[str]:
         wrapped = [wrap(c, w) for c, w in zip(cells, widths)]
         height = max(map(len, wrapped))
-        return [" | ".join(col[i] + " " * (w - _width(col[i])) if i < len(col) else " " * w
+        return [" | ".join(col[i] + " " * (w - display_width(col[i])) if i < len(col) else " " * w
                            for col, w in zip(wrapped, widths)).rstrip() for i in range(height)]
 
     rule = "-+-".join("-" * w for w in widths)

@@ -8,17 +8,20 @@ from pathlib import Path
 from homellm.checkpoint import read_config, verify_checkpoint
 from homellm.config import load_json
 from homellm.errors import HomeLLMError
+from homellm.io import display_width
 from homellm.model import GPT
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     """A plain-text table with aligned columns (numbers right-aligned)."""
     cells = [header, *rows]
-    widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
+    # In terminal columns: a category named in Japanese takes two per character
+    widths = [max(display_width(str(r[i])) for r in cells) for i in range(len(header))]
 
     def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(str(c).rjust(w) if str(c).replace(",", "").replace(".", "").lstrip("-").isdigit()
-                         else str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+        pads = [" " * (w - display_width(str(c))) for c, w in zip(row, widths)]
+        return "  ".join(pad + str(c) if str(c).replace(",", "").replace(".", "").lstrip("-").isdigit()
+                         else str(c) + pad for c, pad in zip(row, pads)).rstrip()
 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -160,3 +161,8 @@ def progress_bar(iterable: Iterable | None = None, **kw: Any) -> Any:
     if sys.stderr.isatty():
         return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
     return tqdm(iterable, file=_LogLines(sys.stderr), mininterval=30.0, ncols=100, **kw)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns: East Asian wide characters (kana, kanji) take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
