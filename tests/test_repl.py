@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,20 @@ def test_chat_from_the_command_line_reads_stdin(chat_run, tmp_path):
     assert REPLY in saved.read_text(encoding="utf-8")
     # This run was never fine-tuned on conversations: chat says so once, up front (it used to answer regardless).
     assert f"note: {run} was pretrained only, not fine-tuned on conversations" in proc.stderr
+
+
+def test_chat_on_the_quickstarts_base_model_names_its_chat_model(tmp_path, chat_run, capsys):
+    """`quickstart --chat` leaves a base model in RUN and its chat model in RUN/chat: chatting with the first says
+    where the second is."""
+    _, _, base = chat_run
+    run = tmp_path / "qs"
+    shutil.copytree(base, run)
+    repl.chat(run, GREEDY, script("/quit"), io.StringIO())
+    assert "its chat model" not in capsys.readouterr().err
+    _, _, sft = build_chat_run(tmp_path, sft=True)
+    shutil.copytree(sft, run / "chat")
+    repl.chat(run, GREEDY, script("/quit"), io.StringIO())
+    assert f"; its chat model is {run / 'chat'}: `homellm chat {run / 'chat'}`" in capsys.readouterr().err
 
 
 def test_chat_on_a_fine_tuned_run_adds_no_note_and_generate_points_to_chat(tmp_path, chat_run, capsys):

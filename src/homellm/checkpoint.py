@@ -215,6 +215,12 @@ def is_sft(run: str | Path) -> bool:
     return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
 
 
+def chat_model_beside(run: str | Path) -> Path | None:
+    """The fine-tuned model `quickstart --chat` puts in RUN/chat, where the base model in RUN was asked to chat."""
+    chat = Path(run) / "chat"
+    return chat if is_sft(chat) else None
+
+
 def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
     path = run_config_path(run)
     cfg = load_json(path)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from homellm.chat import PROMPT_FIELDS
-from homellm.checkpoint import run_config_path
+from homellm.checkpoint import chat_model_beside, run_config_path
 from homellm.config import IM_END, EvalConfig
 from homellm.errors import HomeLLMError, typed
 from homellm.info import table
@@ -183,9 +183,9 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem per phrasing")
     if "sft" not in _run_config(run):
-        if (run / "chat" / "config.json").is_file():  # `quickstart --chat` puts its chat model in RUN/chat
-            raise HomeLLMError(f"{run} is the quickstart's base model; its chat model is {run / 'chat'}: "
-                               f"`homellm eval {typed(run / 'chat')} --task chat-arithmetic`")
+        if beside := chat_model_beside(run):
+            raise HomeLLMError(f"{run} is the quickstart's base model; its chat model is {beside}: "
+                               f"`homellm eval {typed(beside)} --task chat-arithmetic`")
         raise HomeLLMError(f"{run} is not a chat model (its config.json has no sft section): fine-tune one with "
                            "`homellm quickstart --chat` or `homellm sft`, or use --task arithmetic")
     tok = Tokenizer.load(run)

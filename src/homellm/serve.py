@@ -34,7 +34,7 @@ import torch
 
 from homellm.chat import check_messages, prompt_ids, to_markdown
 from homellm.config import SEED_LIMIT, SampleConfig, ServeConfig
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.generate import TextStream, _prefill, sample_next, seeded_generator
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer
@@ -775,7 +775,7 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     _require_server_packages()
     import uvicorn
 
-    from homellm.checkpoint import is_sft
+    from homellm.checkpoint import chat_model_beside, is_sft
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -821,8 +821,11 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
         print("note: every address and no --api-key: anyone on the network can use it; set one with --api-key "
               "(e.g. --api-key \"$(openssl rand -hex 16)\")", file=sys.stderr, flush=True)
     if not is_sft(run):  # as chat says: the chat page and /v1/chat/completions will not get answers
+        beside = chat_model_beside(run)
         print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): chat replies may "
-              "not answer; /v1/completions continues text", file=sys.stderr, flush=True)
+              "not answer; /v1/completions continues text"
+              + (f"; its chat model is {beside}: `homellm serve {typed(beside)}`" if beside else ""),
+              file=sys.stderr, flush=True)
     if ready is not None:
         ready(url, server)
     with sock:
