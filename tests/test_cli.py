@@ -248,6 +248,15 @@ def test_out_that_is_the_wrong_kind_of_path_is_refused_before_any_work(tmp_path,
         assert capsys.readouterr().err == f"homellm: error: --out {folder} {message}\n"
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
     assert not (tmp_path / "run" / "tokenizer.json").exists() and not (tmp_path / "data" / "tokenizer.json").exists()
+    # Nor over the files a tokenizer writes beside it (only tokenizer.json was looked for: these were replaced).
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        notes = tmp_path / f"notes-{name}"
+        notes.mkdir()
+        (notes / name).write_text("my notes")
+        assert main(["tokenizer", "train", "--input", "p.txt", "--kind", "char", "--out", str(notes)]) == 2
+        assert capsys.readouterr().err == (f"homellm: error: --out {notes} holds {name} but no tokenizer.json: a "
+                                           "tokenizer writes its own there; choose a new --out, or delete them first\n")
+        assert [p.name for p in notes.iterdir()] == [name] and (notes / name).read_text() == "my notes"
     # Nor does any other verb write into a folder of another kind.
     for argv, message in [
         (["prepare", "--input", "c.txt", "--tokenizer", "tok", "--out", "run"], "--out run already holds a run"),
@@ -664,15 +673,18 @@ def test_a_run_never_starts_among_files_it_did_not_write_nor_over_a_best_only_ru
 
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "config.json").write_text('{"my": 1}')
     (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
-    for argv in (["pretrain", "--data", str(corpus), "--preset", "tiny"], ["quickstart", "--max-time", "5"],
-                 ["sft", "--init", str(tmp_path / "any"), "--data", str(corpus)]):
-        assert main([*argv, "--out", str(mine)]) == 2, argv
-        assert capsys.readouterr().err == (f"homellm: error: --out {mine} holds config.json, metrics.jsonl, which "
-                                           "homellm did not write, where a run writes its own: choose a new or "
-                                           "empty --out\n")
-    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]
+    # Another tool's config.json may name a model too: a run's has model and train sections
+    for config in ('{"my": 1}', '{"model": "gpt-4o", "temperature": 0.2}', '{"model": {}, "train": "x"}'):
+        (mine / "config.json").write_text(config)
+        for argv in (["pretrain", "--data", str(corpus), "--preset", "tiny"], ["quickstart", "--max-time", "5"],
+                     ["sft", "--init", str(tmp_path / "any"), "--data", str(corpus)]):
+            assert main([*argv, "--out", str(mine)]) == 2, argv
+            assert capsys.readouterr().err == (f"homellm: error: --out {mine} holds config.json, metrics.jsonl, which "
+                                               "homellm did not write, where a run writes its own: choose a new or "
+                                               "empty --out\n")
+        assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]
+        assert (mine / "config.json").read_text() == config
     logged = tmp_path / "logged"  # `... | tee logged/train.log`: the shell makes the log first, which may stay
     logged.mkdir()
     (logged / "train.log").write_text("")

@@ -418,6 +418,10 @@ def check_out(args: argparse.Namespace) -> None:
         if (out / name).is_file():
             raise HomeLLMError(f"--out {out} already holds {kinds[name]} ({name}): choose a new --out"
                                + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
+    if args.func is cmd_tokenizer and (theirs := [n for n in ("tokenizer_config.json", "special_tokens_map.json")
+                                                  if (out / n).exists()]):  # a tokenizer writes these beside its own
+        raise HomeLLMError(f"--out {out} holds {' and '.join(theirs)} but no tokenizer.json: a tokenizer writes its "
+                           "own there; choose a new --out, or delete them first")
     if args.func in (cmd_pretrain, cmd_sft, cmd_quickstart) and not getattr(args, "resume", False) and out.is_dir():
         _check_run_folder(out)
 
@@ -428,7 +432,9 @@ def _check_run_folder(out: Path) -> None:
     earlier start of this run left (its text prepared, its config written) is the run's own."""
     config = out / "config.json"
     try:
-        ours = isinstance(saved := json.loads(config.read_bytes()), dict) and "model" in saved
+        saved = json.loads(config.read_bytes())
+        # A run's has both sections; another tool's config.json may name a "model" too ({"model": "gpt-4o"})
+        ours = isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("model", "train"))
     except (OSError, ValueError):
         ours = False
     theirs = [n for n in ("config.json", "metrics.jsonl", "tokenizer") if (out / n).exists()] if not ours else []

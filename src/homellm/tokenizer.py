@@ -254,7 +254,6 @@ class Tokenizer:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         text = self.hf.to_str(pretty=True)
-        atomic_write(out / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         added = self.hf.get_added_tokens_decoder()
         unk = UNK if self.hf.token_to_id(UNK) is not None else None
         names = {"bos_token": self.bos or self.eos, "eos_token": self.eos, "pad_token": PAD, "unk_token": unk,
@@ -277,6 +276,8 @@ class Tokenizer:
         }
         save_json(out / "tokenizer_config.json", config)
         save_json(out / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
+        # Last: a folder is a tokenizer once it has tokenizer.json, so a write stopped halfway leaves none
+        atomic_write(out / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
