@@ -11,6 +11,7 @@ import torch
 from conftest import homellm
 from homellm.config import ModelConfig, PrepareConfig, SampleConfig, TokenizerConfig
 from homellm.data import prepare
+from homellm.errors import HomeLLMError
 from homellm.eval import greedy_complete, stop_ids
 from homellm.generate import generate_ids
 from homellm.info import table
@@ -221,6 +222,40 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     assert "ja" in again.stdout and "overall" in again.stdout
     again = homellm("eval", str(run), "--task", "chat-arithmetic", "--n", "5", check=False)
     assert again.returncode == 2 and f"is the quickstart's base model; its chat model is {run / 'chat'}" in again.stderr
+
+
+def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_path):
+    """task/train.txt and the rest were written over whatever the --out folder held there; what an earlier start
+    of the same run left (stopped before training) is its own, and is written again."""
+    from homellm.quickstart import build_data, check_own_files
+
+    run = tmp_path / "qs"
+    build_data(run, 1000, 0, words=arithmetic.WORDS)
+    problems = arithmetic.generate(5, 0)
+    records = arithmetic.conversations(problems, 0)
+    (run / "task" / "chat.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    (run / "chat").mkdir()
+    check_own_files(run, chat=True)  # all the quickstart's own: no error
+    for name, theirs in [("task/train.txt", "my notes\n"), ("task/alphabet.txt", "abc"),
+                         ("task/chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n'),
+                         ("data_tokenizer", None), ("chat", "")]:
+        mine = tmp_path / name.replace("/", "-")
+        shutil.copytree(run, mine)
+        target = mine / name
+        if theirs is None:  # another tokenizer in its place
+            train_tokenizer(TokenizerConfig(input=[str(mine / "task" / "train.txt")], out=str(tmp_path / "t"),
+                                            kind="char"))
+            shutil.rmtree(target)
+            shutil.copytree(tmp_path / "t", target)
+            shutil.rmtree(tmp_path / "t")
+        elif target.is_dir():
+            (target / "notes.txt").write_text("mine")
+        else:
+            target.write_text(theirs)
+        with pytest.raises(HomeLLMError, match=f"--out {mine} holds {name}, which the quickstart did not write"):
+            check_own_files(mine, chat=True)
+    for name in ("task/chat.jsonl", "chat"):  # looked at only where the quickstart writes them: with --chat
+        check_own_files(tmp_path / name.replace("/", "-"), chat=False)
 
 
 def test_chat_questions_keep_the_problem_and_score_replies_exactly():

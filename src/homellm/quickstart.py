@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -113,6 +114,56 @@ def _stage(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] {text}", file=sys.stderr, flush=True)
 
 
+_LINE = re.compile(r"\$[^$\n]* = [^$\n]*\$")  # a problem line as the task writes it: `$12 \times 7 = 84$`
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            return f.readline(4096).decode("utf-8").rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _is_quickstarts(path: Path, alphabet: str) -> bool:
+    """Whether a file or folder where the quickstart writes holds what it writes there (an earlier start of the
+    same run, stopped before training); anything else is the user's, which it must not replace."""
+    if path.name == "train.txt":
+        return bool(_LINE.fullmatch(_first_line(path)))
+    if path.name == "alphabet.txt":
+        return path.is_file() and path.read_bytes() == alphabet.encode("utf-8")
+    if path.name == "chat.jsonl":
+        try:
+            record = json.loads(_first_line(path))
+            return bool(_LINE.fullmatch(record["messages"][-1]["content"]))
+        except (ValueError, TypeError, KeyError, IndexError):
+            return False
+    if path.name == "data_tokenizer":
+        try:
+            return Tokenizer.load(path).same_as(char_tokenizer(alphabet))
+        except HomeLLMError:
+            return False
+    return not any(path.iterdir())  # chat/: its base run would hold a trained model before it is made
+
+
+def char_tokenizer(alphabet: str) -> Tokenizer:
+    """The quickstart's tokenizer: one id per character of the task, its LaTeX commands one id each."""
+    from homellm.tokenizer import _train_char
+
+    return _train_char(iter([alphabet]), arithmetic.WORDS)
+
+
+def check_own_files(run: Path, chat: bool) -> None:
+    """Refuse an --out where the quickstart would replace the user's own files (task/train.txt, say)."""
+    alphabet = arithmetic.chars() + arithmetic.chat_chars()
+    places = [run / "task" / "train.txt", run / "task" / "alphabet.txt", run / "data_tokenizer"]
+    places += [run / "task" / "chat.jsonl", run / "chat"] if chat else []
+    theirs = [str(p.relative_to(run)) for p in places if p.exists() and not _is_quickstarts(p, alphabet)]
+    if theirs:
+        raise HomeLLMError(f"--out {run} holds {', '.join(theirs)}, which the quickstart did not write, where it "
+                           "writes its own: choose a new --out")
+
+
 def build_data(run: Path, problems: int, seed: int, stages: int = 5,
                operator_weights: dict[str, float] | None = None, words: Sequence[str] = ()
                ) -> tuple[Path, Tokenizer]:
@@ -178,6 +229,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if holds_trained(run):  # an imported or merged run has `best` alone
         raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {typed(run)}`, or pass "
                            "a new --out")
+    check_own_files(run, cfg.chat)
     t_start = time.perf_counter()
     stages = 7 if cfg.chat else 5
     data_dir, tok = build_data(run, cfg.problems or default_problems(cfg.max_time), cfg.seed, stages,
