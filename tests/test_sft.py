@@ -493,6 +493,36 @@ def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run, ca
     assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 2
 
 
+def test_a_lora_run_with_its_lora_section_or_checkpoint_record_edited_is_named_in_one_line(tmp_path, base_run,
+                                                                                             capsys):
+    """A hand-edited `lora` section was a KeyError, TypeError or AttributeError in generate and info; a checkpoint
+    record's val_loss as text a ValueError in info."""
+    from homellm.cli import main
+
+    out, data = tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
+    assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "2",
+                 "--max-steps", "2", "--eval-every", "0"]) == 0
+    good = json.loads((out / "config.json").read_text())
+    path = out / "config.json"
+    for lora, message in [({k: v for k, v in good["lora"].items() if k != "base_sha256"},
+                           f"{path} lora: base_sha256 is missing, not text"),
+                          ("yes", f"{path}: lora is 'yes', not an object"),
+                          ({**good["lora"], "spec": {**good["lora"]["spec"], "rank": "2"}},
+                           f"{path} lora spec: rank is '2', not")]:
+        path.write_text(json.dumps({**good, "lora": lora}))
+        for verb in (["generate", str(out), "--prompt", "hi", "--max-new-tokens", "2"], ["info", str(out)]):
+            capsys.readouterr()
+            assert main(verb) == 2, verb
+            err = capsys.readouterr().err  # (after a note that `best` is missing: evaluation was off)
+            assert err.splitlines()[-1].startswith(f"homellm: error: {message}"), verb
+    path.write_text(json.dumps(good))
+    record = out / "last" / "checkpoint.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "val_loss": "abc"}))
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"not usable: {record}: val_loss is 'abc', not a number" in capsys.readouterr().out
+
+
 def test_lora_with_muon_trains_every_adapter_with_muon(tmp_path, base_run):
     """LoRA's parameters are all matrices: Muon takes them all, and AdamW, left with none, is not made (it used to
     stop with "optimizer got an empty parameter list"). Resume restores the one optimizer."""

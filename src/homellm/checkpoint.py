@@ -134,6 +134,9 @@ def verify_checkpoint(folder: Path, need_state: bool) -> dict[str, Any]:
     info = load_json(folder / INFO)
     if not isinstance(info, dict) or not isinstance(info.get("step"), int) or not isinstance(info.get("sha256"), dict):
         raise HomeLLMError(f"{folder / INFO}: not a checkpoint record (it needs a whole-number step and checksums)")
+    for key in ("tokens", "val_loss", "val_bpb"):  # shown by info; a hand-edited one must not be a traceback there
+        if not isinstance(info.get(key, 0), int | float | None) or isinstance(info.get(key), bool):
+            raise HomeLLMError(f"{folder / INFO}: {key} is {info[key]!r}, not a number: restore the file homellm wrote")
     files = [WEIGHTS, STATE] if need_state else [WEIGHTS]
     for f in files:
         if not (folder / f).is_file():
@@ -239,7 +242,7 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
     A LoRA run holds adapters only: they are loaded onto its base run's model and merged into the weights."""
     model_cfg, _ = read_config(run)
     folder = find_checkpoint(run, which)
-    lora = load_json(Path(run) / "config.json").get("lora")
+    lora = read_lora(run)
     model = base_for_lora(run, lora) if lora else GPT(model_cfg)
     load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))
     if lora:
@@ -278,6 +281,27 @@ def moved_base(run: str | Path, base: str | Path) -> Path:
         return base
     say(f"note: {run}'s base run {base} is not there: using {beside} beside it (its weights are checked)")
     return beside
+
+
+def read_lora(run: str | Path) -> dict[str, Any] | None:
+    """A LoRA run's `lora` section (its base run, that run's checkpoint and checksum, the adapters' spec), checked;
+    None for a run of full weights."""
+    from homellm.lora import LoraSpec
+
+    path = Path(run) / "config.json"
+    lora = load_json(path).get("lora")
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise HomeLLMError(f"{path}: lora is {lora!r}, not an object: restore the file homellm wrote")
+    fields = {"base": str, "base_checkpoint": str, "base_sha256": str, "spec": dict}
+    for key, kind in fields.items():
+        value = lora.get(key)
+        if not isinstance(value, kind):
+            raise HomeLLMError(f"{path} lora: {key} is {'missing' if value is None else repr(value)}, not "
+                               f"{'an object' if kind is dict else 'text'}: restore the file homellm wrote")
+    from_dict(LoraSpec, lora["spec"], f"{path} lora spec")
+    return lora
 
 
 def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from homellm.checkpoint import read_config, verify_checkpoint
+from homellm.checkpoint import read_config, read_lora, verify_checkpoint
 from homellm.config import load_json
 from homellm.errors import HomeLLMError
 from homellm.io import display_width
@@ -89,7 +89,7 @@ def describe(run: str | Path) -> str:
         d = cfg.get("sft_data", {})
         out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "
                 f"{d.get('conversations', 0):,} conversations ({d.get('val_conversations', 0):,} held out)"]
-    if lora := cfg.get("lora"):  # its files hold the adapters only: every verb merges them into this base
+    if lora := read_lora(run):  # its files hold the adapters only: every verb merges them into this base
         spec = lora.get("spec", {})
         out += [f"LoRA adapters (rank {spec.get('rank')}, alpha {spec.get('alpha')}, on "
                 f"{', '.join(spec.get('targets', []))}) over {lora.get('base')}/{lora.get('base_checkpoint')}: "

@@ -26,6 +26,7 @@ from homellm.checkpoint import (
     load_weights_into,
     moved_base,
     read_config,
+    read_lora,
     read_weights,
     sha256_file,
 )
@@ -213,8 +214,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
 
             say(f"note: resuming on {first(cfg.max_conversations)}, not {first(saved_sft['max_conversations'])} as "
                 f"the run began{redrawn}")
-        if folder is not None and saved.get("lora") and sha256_file(folder / WEIGHTS) != saved["lora"].get(
-                "base_sha256"):
+        if folder is not None and (lora_saved := read_lora(out)) and sha256_file(folder / WEIGHTS) != lora_saved[
+                "base_sha256"]:
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
         check_resume(out, model_cfg, train_cfg)
