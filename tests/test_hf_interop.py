@@ -354,7 +354,9 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     for name, change in [("bert", {**config, "model_type": "bert"}),
                          ("scaled", {**config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
                          ("gelu", config), ("list", [config]), ("text", {**config, "hidden_size": "64"}),
-                         ("default", no_mlp_size), ("index", config), ("theta", {**config, "rope_theta": "1e4"})]:
+                         ("default", no_mlp_size), ("index", config), ("theta", {**config, "rope_theta": "1e4"}),
+                         ("kinds", {**config, "model_type": ["llama"]}),  # a TypeError: unhashable type
+                         ("ropep", {**config, "rope_theta": None, "rope_parameters": {"rope_theta": "abc"}})]:
         other = tmp_path / name
         other.mkdir()
         (other / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
@@ -368,7 +370,9 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
     expect = ["model_type 'bert' is not one homellm runs", "RoPE scaling 'llama3'", "lack 'norm.weight'",
               "list/config.json: not a JSON object", "text/config.json: hidden_size is '64', not a positive whole",
               "default: layers.0.mlp.gate_proj.weight has shape (96, 64) but", "index.json: no weight_map object",
-              "theta/config.json: rope_theta is '1e4', not a positive number"]
+              "theta/config.json: rope_theta is '1e4', not a positive number",
+              "kinds/config.json: model_type ['llama'] is not one homellm runs",
+              "ropep/config.json: rope_parameters.rope_theta is 'abc', not a positive number"]
     proc = homellm("import", str(cases[0]), "--out", str(tmp_path / "r"), check=False)  # once as a user runs it
     assert proc.returncode == 2 and expect[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     for source, message in zip(cases[1:], expect[1:]):

@@ -115,7 +115,7 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         raise HomeLLMError(f"{folder} is a homellm run already: use it as it is (generate, sft --init, pretrain "
                            "--init, export)")
     kind = config.get("model_type")
-    if kind not in SIZES:
+    if not isinstance(kind, str) or kind not in SIZES:
         raise HomeLLMError(f"{path}: model_type {kind!r} is not one homellm runs: it imports gpt2 and llama models "
                            "(GPT-2, rinna's Japanese GPT-2, TinyLlama, SmolLM, Llama 2 and 3 without rope scaling)")
     config = {**SIZES[kind], **{k: v for k, v in config.items() if v is not None}}
@@ -123,8 +123,9 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise HomeLLMError(f"{path}: {key} is {value!r}, not a positive whole number: download the model again")
-    for key in ("rope_theta", "rms_norm_eps", "layer_norm_epsilon"):
-        value = config.get(key)
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    numbers = {k: config.get(k) for k in ("rope_theta", "rms_norm_eps", "layer_norm_epsilon")}
+    for key, value in {**numbers, "rope_parameters.rope_theta": rope.get("rope_theta")}.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise HomeLLMError(f"{path}: {key} is {value!r}, not a positive number: download the model again")
     return config
