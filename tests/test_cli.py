@@ -716,7 +716,9 @@ def test_a_run_config_edited_or_damaged_is_named_field_by_field(tmp_path, corpus
             ("model", "vocab_size", -5, "model: vocab_size -5: must be 0 or more"),
             ("model", "family", "gpt9", "model: family 'gpt9' is unknown: use gpt2 or llama"),
             ("train", "lr", "fast", "train: lr is 'fast', not a number"),
-            ("train", "data", "corpus.txt", "train: data is 'corpus.txt', not a list of strings")]:
+            ("train", "data", "corpus.txt", "train: data is 'corpus.txt', not a list of strings"),
+            # named as config.json's fields, not as flags the user never typed (--n-head)
+            ("model", "n_head", 3, "model: n_embd 32 is not divisible by n_head 3")]:
         (run / "config.json").write_text(json.dumps({**good, section: {**good[section], key: value}}))
         for argv in (["info", str(run)], ["generate", str(run), "--prompt", "x", "--max-new-tokens", "1"],
                      ["pretrain", "--out", str(run), "--resume"]):

@@ -356,7 +356,8 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
                          ("gelu", config), ("list", [config]), ("text", {**config, "hidden_size": "64"}),
                          ("default", no_mlp_size), ("index", config), ("theta", {**config, "rope_theta": "1e4"}),
                          ("kinds", {**config, "model_type": ["llama"]}),  # a TypeError: unhashable type
-                         ("ropep", {**config, "rope_theta": None, "rope_parameters": {"rope_theta": "abc"}})]:
+                         ("ropep", {**config, "rope_theta": None, "rope_parameters": {"rope_theta": "abc"}}),
+                         ("kv", {**config, "num_key_value_heads": 3})]:
         other = tmp_path / name
         other.mkdir()
         (other / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
@@ -372,7 +373,9 @@ def test_import_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys):
               "default: layers.0.mlp.gate_proj.weight has shape (96, 64) but", "index.json: no weight_map object",
               "theta/config.json: rope_theta is '1e4', not a positive number",
               "kinds/config.json: model_type ['llama'] is not one homellm runs",
-              "ropep/config.json: rope_parameters.rope_theta is 'abc', not a positive number"]
+              "ropep/config.json: rope_parameters.rope_theta is 'abc', not a positive number",
+              "kv/config.json (as homellm names its sizes): n_head 4 is not divisible by n_kv_head 3: download the "
+              "model again"]
     proc = homellm("import", str(cases[0]), "--out", str(tmp_path / "r"), check=False)  # once as a user runs it
     assert proc.returncode == 2 and expect[0] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     for source, message in zip(cases[1:], expect[1:]):

@@ -63,14 +63,25 @@ class ModelConfig:
             else:
                 self.intermediate_size = -(-(8 * self.n_embd // 3) // 32) * 32
 
-    def validate(self) -> None:
-        check_ranges(self)  # first: --n-head 0 would divide by zero below
+    def validate(self, where: str = "", fix: str = "restore the file homellm wrote") -> None:
+        """Flags that cannot make a model, named as typed; with `where` (a saved config's file and section), named
+        as the fields there, with `fix`."""
+        check_ranges(self, where)  # first: --n-head 0 would divide by zero below
+
+        def name(field: str) -> str:
+            return field if where else f"--{field.replace('_', '-')}"
+
+        fix = fix if where else "change one"
+        head = f"{where}: " if where else ""
         if self.n_embd % self.n_head:
-            raise HomeLLMError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}: change one")
+            raise HomeLLMError(f"{head}{name('n_embd')} {self.n_embd} is not divisible by {name('n_head')} "
+                               f"{self.n_head}: {fix}")
         if self.n_head % self.n_kv_head:
-            raise HomeLLMError(f"--n-head {self.n_head} is not divisible by --n-kv-head {self.n_kv_head}: change one")
+            raise HomeLLMError(f"{head}{name('n_head')} {self.n_head} is not divisible by {name('n_kv_head')} "
+                               f"{self.n_kv_head}: {fix}")
         if self.family == "llama" and (self.n_embd // self.n_head) % 2:
-            raise HomeLLMError("RoPE needs an even head size (n_embd / n_head): change --n-embd or --n-head")
+            raise HomeLLMError(f"{head}RoPE needs an even head size (n_embd / n_head): "
+                               + (fix if where else "change --n-embd or --n-head"))
 
 
 @dataclass
@@ -458,6 +469,8 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
             raise HomeLLMError(f"{where}: {key} is {value!r}, not {kind}: restore the file homellm wrote")
     cfg = cls(**d)
     check_ranges(cfg, where)
+    if isinstance(cfg, ModelConfig):
+        cfg.validate(where)
     return cfg
 
 
