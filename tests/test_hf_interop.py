@@ -133,6 +133,9 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("keep me")
     for args, message in [(["--out", str(tmp_path / "full")], "is not empty: choose a new folder"),
                           (["--out", str(tmp_path / "h"), "--dtype", "auto"], "--dtype 'auto' is unknown"),
+                          # (it listed auto among the types to use)
+                          (["--out", str(tmp_path / "h"), "--dtype", "int8"],
+                           "--dtype 'int8' is unknown: use float32, bfloat16 or float16\n"),
                           ([], "--out is required")]:
         code, _, err = cli(capsys, "export", str(run), *args)
         assert code == 2 and message in err, err

@@ -172,6 +172,8 @@ def test_save_load_round_trip(bpe, tmp_path):
         assert tok.encode(text) == bpe.encode(text)
         assert tok.encode(text, allow_special=True) == bpe.encode(text, allow_special=True)
         assert (tok.vocab_size, tok.eot_id, tok.kind) == (bpe.vocab_size, 0, "bpe")
+    # `tokenizer train --from-file` takes a run (or prepared data) as prepare's --tokenizer does ("not found")
+    assert import_tokenizer(run).same_as(bpe)
 
 
 def test_load_errors_are_one_line(tmp_path):

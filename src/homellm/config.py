@@ -302,6 +302,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "shard_tokens": (lambda v: v >= 1000, "must be 1,000 or more: each shard is a file (the default is 100,000,000)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "is unknown: use auto, float32, bfloat16 or "
               "float16"),
+    # (a rule for one config's field, before the field's own: an export writes one type, it picks none)
+    "ExportConfig.dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "is unknown: use float32, bfloat16 "
+                           "or float16"),
     # sampling
     "max_new_tokens": _AT_LEAST_1, "temperature": _NOT_NEGATIVE, "top_k": _NOT_NEGATIVE, "top_p": _between(0, 1),
     "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "checkpoint": _CHECKPOINT,
@@ -321,7 +324,7 @@ def check_ranges(cfg: Any, where: str = "") -> None:
     """A one-line error naming the flag and its value for the first field of cfg outside RANGES; or, with `where`
     (a saved config's file and section), the field there."""
     for f in dataclasses.fields(cfg):
-        rule = RANGES.get(f.name)
+        rule = RANGES.get(f"{type(cfg).__name__}.{f.name}", RANGES.get(f.name))
         value = getattr(cfg, f.name)
         name = f"{where}: {f.name}" if where else f"--{f.name.replace('_', '-')}"
         fix = ": restore the file homellm wrote" if where else ""

@@ -619,6 +619,8 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
 
         path = hub_download(str(path), weights=False)
     path = Path(path)
+    if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / "tokenizer" / "tokenizer.json").is_file():
+        path = path / "tokenizer"  # a run or prepared data: its own tokenizer, as prepare's --tokenizer reads it
     # GPT-2's files as OpenAI released them, or as the hub names them (vocab.json + merges.txt) where a model
     # folder has no tokenizer.json.
     pair = next(((path / v, path / m) for v, m in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
@@ -650,7 +652,8 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
                                f"give --from-file {folder}-hf")
         if not file.is_file():
             raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
-                               "tokenizer.json or with GPT-2's encoder.json + vocab.bpe")
+                               "tokenizer.json (a run or prepared data folder too) or with GPT-2's encoder.json + "
+                               "vocab.bpe")
         hf = _read_hf(file, "give a Hugging Face tokenizer.json")
     eos, bos = _source_ends(path if path.is_dir() else path.parent, hf)
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
