@@ -15,7 +15,7 @@ import pytest
 
 from homellm import data
 from homellm.config import EOT, PrepareConfig, TokenizerConfig
-from homellm.data import iter_documents, open_split, prepare, read_meta, staged_note
+from homellm.data import iter_documents, jsonl_records, open_split, prepare, read_meta, staged_note
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer, train_tokenizer
 
@@ -492,6 +492,10 @@ def test_a_zipped_or_gzipped_file_is_named_as_such(tmp_path):
     for name, message in (("rashomon.zip", "a zip archive, not text: unzip it"), ("a.txt.gz", "gzip-compressed")):
         with pytest.raises(HomeLLMError, match=f"{name}: {message}"):
             docs([str(tmp_path / name)])
+    # JSON Lines too (conversations for sft): it said "not UTF-8 ... convert it with iconv"
+    (tmp_path / "chats.jsonl.gz").write_bytes(gzip.compress(b'{"messages": []}\n'))
+    with pytest.raises(HomeLLMError, match="chats.jsonl.gz: gzip-compressed, not text: decompress it with gunzip"):
+        next(jsonl_records(tmp_path / "chats.jsonl.gz"))
 
 
 AOZORA = """羅生門

@@ -456,3 +456,9 @@ def test_weights_are_read_safetensors_first_and_a_git_lfs_pointer_is_named(tmp_p
     (folder / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
     with pytest.raises(HomeLLMError, match=r"pytorch_model.bin: cannot be read .*`git lfs pull`"):
         read_weights(folder)
+    # Damaged bytes: torch's text advised loading them with weights_only=False, that is, running what they hold
+    (folder / "pytorch_model.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(HomeLLMError, match=r"pytorch_model.bin: cannot be read \(not PyTorch weights that load "
+                                           r"without running code\): download the model again") as e:
+        read_weights(folder)
+    assert "False" not in str(e.value)

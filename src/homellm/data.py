@@ -251,15 +251,20 @@ _UTF16_32_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32
                   (codecs.BOM_UTF16_BE, "utf-16")]
 
 
+def refuse_archive(path: Path, head: bytes) -> None:
+    """A zip or gzip file given as text says so: its bytes would read as garbled text, or as not UTF-8."""
+    for magic, kind, fix in ((b"PK\x03\x04", "a zip archive", "unzip it and give the file inside"),
+                             (b"\x1f\x8b", "gzip-compressed", "decompress it with gunzip")):
+        if head.startswith(magic):  # Aozora Bunko's files come zipped
+            raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
+
+
 def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -> Iterator[str]:
     """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
     with open(path, "rb") as f:
         head = f.read(4)
-    for magic, kind, fix in ((b"PK\x03\x04", "a zip archive", "unzip it and give the .txt inside"),
-                             (b"\x1f\x8b", "gzip-compressed", "decompress it with gunzip")):
-        if head.startswith(magic):  # Aozora Bunko's files come zipped: its bytes would read as garbled text
-            raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
+    refuse_archive(path, head)
     if chosen is None:
         chosen = next((name for bom, name in _UTF16_32_BOMS if head.startswith(bom)), None)
     if chosen is not None and "\n".encode(chosen) != b"\n":
@@ -461,7 +466,9 @@ def jsonl_records(path: Path, meter: list[int] | None = None) -> Iterator[tuple[
     A file that is one JSON array instead (Alpaca's alpaca_data.json, many .json exports) gives ("FILE[i]", item)
     for its items: it is read whole, as an array cannot be streamed."""
     with open(path, "rb") as f:
-        start = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
+        start = f.read(4096)
+    refuse_archive(path, start)
+    start = start.lstrip(codecs.BOM_UTF8).lstrip()
     if start.startswith(b"["):
         try:
             items = json.loads(Path(path).read_bytes().decode("utf-8-sig"))

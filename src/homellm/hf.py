@@ -11,6 +11,7 @@ function). tests/test_hf_parity.py checks both maps against transformers' own mo
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -367,9 +368,13 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             if name.endswith(".safetensors"):
                 weights |= load_file(str(path))
             else:  # weights_only: a pickle from the internet must not run code
-                weights |= torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's own warning about the file, before the error below
+                    warnings.simplefilter("ignore")
+                    weights |= torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # safetensors', torch's and pickle's own errors: a truncated file, a Git LFS pointer
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "weights_only" in str(e):  # torch's text advises loading it unsafely, which a damaged file must not get
+                reason = "not PyTorch weights that load without running code"
             raise HomeLLMError(f"{path}: cannot be read ({reason}): download the model again (a clone made without "
                                "git-lfs holds pointers, not weights: `git lfs pull`)") from None
     return weights
