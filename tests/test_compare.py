@@ -91,6 +91,9 @@ def test_prompt_files(tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "two\\nlines"}\n\n{"prompt": "x", "other": 1}\n', encoding="utf-8")
     assert read_prompts(good) == ["two\nlines", "x"]
+    array = tmp_path / "p.json"  # read as lines of text, the JSON's brackets and quotes the prompts
+    array.write_text('[\n  "first",\n  {"prompt": "second"}\n]\n', encoding="utf-8")
+    assert read_prompts(array) == ["first", "second"]
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")
     (tmp_path / "broken.jsonl").write_text("{not json\n", encoding="utf-8")

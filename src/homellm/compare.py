@@ -23,24 +23,28 @@ from homellm.io import atomic_write_text, check_overwrite, display_width, progre
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
-PROMPTS_HELP = 'give a .txt file with one prompt a line, or a .jsonl file with a "prompt" field per line'
+PROMPTS_HELP = ('give a .txt file with one prompt a line, a .jsonl file with a "prompt" field per line, or a .json '
+                'array of prompts')
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a .txt file (one a line, blank lines skipped) or a .jsonl file ({"prompt": ...} a line)."""
+    """The prompts of a .txt file (one a line, blank lines skipped), a .jsonl file ({"prompt": ...} a line) or a
+    .json array (of strings, or of such objects); a .json file was read as lines of text."""
     if not str(path):
         raise HomeLLMError(f"--prompts is missing: {PROMPTS_HELP}")
     path = Path(path)
     if not path.is_file():
         raise HomeLLMError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}: {PROMPTS_HELP}")
     prompts = []
-    if path.suffix == ".jsonl":
+    if path.suffix in (".jsonl", ".json"):
         for where, record in jsonl_records(path):
             if isinstance(record, HomeLLMError):
                 raise record
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                record = record["prompt"]
+            if not isinstance(record, str):
                 raise HomeLLMError(f'{where}: no string "prompt" field: write {{"prompt": "..."}}')
-            prompts.append(record["prompt"])
+            prompts.append(record)
     else:
         try:
             prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

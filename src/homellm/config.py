@@ -187,7 +187,7 @@ class ChatConfig(SampleConfig):
 @dataclass
 class CompareConfig(SampleConfig):
     """`homellm compare`: the same prompts through two runs, side by side."""
-    prompts: str = ""  # a .txt file (one prompt a line) or a .jsonl file with a "prompt" field
+    prompts: str = ""  # a .txt file (one prompt a line), a .jsonl file with a "prompt" field, or a .json array
     out: str = ""  # the Markdown report; default RUN_B/compare.md
     chat: bool = False  # wrap every prompt as a user message (automatic for runs whose config has an sft section)
     max_new_tokens: int = 100  # a table cell's worth
