@@ -489,6 +489,11 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert (summary["val_loss"], summary["val_bpb"]) == (final["val_loss"], final["val_bpb"])  # reported again
     assert f"note: {run} had already finished at step 16 (max_steps): raise --max-steps" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == before
+    # A lower --max-steps than the run's step: not "had already finished" (it may have been stopped midway)
+    assert pretrain(model_cfg, replace(cfg, max_steps=3))["steps"] == 16
+    assert (f"note: {run} is at step 16, past --max-steps 3: nothing to train; give --max-steps above 16"
+            in capsys.readouterr().err)
+    assert (run / "metrics.jsonl").read_text() == before
     timed = replace(cfg, max_steps=0, max_time=0.001)
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
     assert re.search(r"note: .*run has used \d+ s, its whole --max-time 0.001 \(evaluations count too\): raise "

@@ -653,6 +653,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
             bar.write(f"note: {run} has used {elapsed:.0f} s, its whole --max-time {cfg.max_time:g} (evaluations "
                       f"count too): raise --max-time above {elapsed:.0f} to train it further", file=sys.stderr)
+        elif env.main and stop_reason == "max_steps" and step > cfg.max_steps:  # a lower --max-steps given now
+            bar.write(f"note: {run} is at step {step}, past --max-steps {cfg.max_steps}: nothing to train; give "
+                      f"--max-steps above {step} to train it further", file=sys.stderr)
         elif env.main:
             bar.write(f"note: {run} had already finished at step {step} ({stop_reason}): raise --max-steps or "
                       "--max-time (or --patience) to train it further", file=sys.stderr)
