@@ -685,6 +685,14 @@ def test_a_run_never_starts_among_files_it_did_not_write_nor_over_a_best_only_ru
                                                "empty --out\n")
         assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]
         assert (mine / "config.json").read_text() == config
+    (mine / "config.json").unlink()
+    (mine / "metrics.jsonl").unlink()
+    (mine / "best").mkdir()  # the user's own folder of that name: not a run to --resume, as the error said
+    (mine / "best" / "notes.txt").write_text("mine")
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err == (f"homellm: error: --out {mine} holds best but no run's config.json, where a "
+                                       "run writes its checkpoints: choose a new or empty --out\n")
+    assert (mine / "best" / "notes.txt").read_text() == "mine"
     logged = tmp_path / "logged"  # `... | tee logged/train.log`: the shell makes the log first, which may stay
     logged.mkdir()
     (logged / "train.log").write_text("")

@@ -441,6 +441,10 @@ def _check_run_folder(out: Path) -> None:
     if theirs:
         raise HomeLLMError(f"--out {out} holds {', '.join(theirs)}, which homellm did not write, where a run writes "
                            "its own: choose a new or empty --out")
+    # Checkpoint folders without a run's config.json: not a run to --resume (as "already holds a trained run" said)
+    if not ours and (kept := [n for n in ("best", "last") if (out / n).exists()]):
+        raise HomeLLMError(f"--out {out} holds {' and '.join(kept)} but no run's config.json, where a run writes its "
+                           "checkpoints: choose a new or empty --out")
 
 
 def check_utf8(argv: list[str]) -> None:
