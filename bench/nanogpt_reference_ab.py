@@ -11,10 +11,15 @@ homellm's step is the one `homellm pretrain` runs at that size: `GPT` and `make_
 the tanh GELU of Hugging Face's GPT-2 (what its export must match); on a CPU with AMX also as pretrain's `--dtype
 auto` runs it there, in bfloat16 autocast (nanoGPT's CPU example runs float32).
 
-    python bench/nanogpt_reference_ab.py        # prints median ms per step, tokens/s and the ratio
+    python bench/nanogpt_reference_ab.py            # prints median ms per step, tokens/s and the ratio
+    python bench/nanogpt_reference_ab.py --compile  # adds both steps under torch.compile (`pretrain --compile`)
+
+nanoGPT's CPU example turns compile off (`--compile=False`); the compiled reference shows what the same maths gains
+from it, so that homellm compiled is also compared with like.
 """
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -100,8 +105,18 @@ def step(model: nn.Module, opts: list[torch.optim.Optimizer], x: torch.Tensor, y
 def main() -> None:
     x, y = torch.randint(0, VOCAB, (BATCH, BLOCK)), torch.randint(0, VOCAB, (BATCH, BLOCK))
     runs = {"nanoGPT-style reference": reference(), "homellm float32": homellm()}
-    if pick_dtype("auto", torch.device("cpu"), train_width=N_EMBD) == torch.bfloat16:  # what pretrain does on this CPU
+    auto = pick_dtype("auto", torch.device("cpu"), train_width=N_EMBD) == torch.bfloat16  # what pretrain does here
+    if auto:
         runs["homellm auto (bfloat16 autocast, AMX)"] = homellm()
+    if "--compile" in sys.argv[1:]:
+        for name, (model, opts) in [("nanoGPT-style reference, compiled", reference()),
+                                    ("homellm auto (bfloat16 autocast, AMX), compiled" if auto else
+                                     "homellm float32, compiled", homellm())]:
+            runs[name] = (torch.compile(model), opts)
+            t = time.perf_counter()
+            for _ in range(3):  # compiled here, before the timing
+                step(*runs[name], x, y, bf16="bfloat16" in name)
+            print(f"{name}: compiled in {time.perf_counter() - t:.1f} s", flush=True)
     ms: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(45):  # 45 rounds of 10 steps each, alternated; the first 5 are warm-up
         for name, (model, opts) in runs.items():

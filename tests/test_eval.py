@@ -140,8 +140,8 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "10"]) == 0
     capsys.readouterr()
     # On the CPU the loss is scored in float32 even where training runs in bfloat16 (AMX): the same on every CPU.
-    monkeypatch.setattr(train, "AMX_MIN_WIDTH", 1)
-    monkeypatch.setattr(train, "amx_cpu", lambda: True)
+    monkeypatch.setattr(train, "BF16_MIN_WIDTH", 1)
+    monkeypatch.setattr(train, "bf16_cpu", lambda: True)
     dtypes, pick_dtype = [], train.pick_dtype
     monkeypatch.setattr(train, "pick_dtype", lambda *a, **k: dtypes.append(pick_dtype(*a, **k)) or dtypes[-1])
     assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "amx"),

@@ -235,40 +235,43 @@ def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
     return Env(rank, world, local_rank, dev, dtype)
 
 
-def amx_cpu() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware with Intel's AMX (Xeons from Sapphire Rapids on):
-    there, measured on a 2-core one, they run 2-6x as fast as float32's (bench/README.md). Not where oneDNN is
-    capped below AMX (ONEDNN_MAX_CPU_ISA=AVX2, say: bfloat16 then runs emulated, a step 20x slower) or the kernel
-    does not let the process use it."""
+def bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: Intel's AMX (Xeons from Sapphire Rapids on) or
+    AVX512-BF16 (AMD's Zen 4 and later, Intel's Cooper Lake). Measured on 2-core ones, a training step at 128 wide or
+    more runs 1.16-1.42x as fast in bfloat16 autocast as in float32 (bench/README.md). Not where oneDNN is capped
+    below those instructions (ONEDNN_MAX_CPU_ISA=AVX2, say: bfloat16 then runs emulated, a step 20x slower) or the
+    kernel does not let the process use AMX."""
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    if isa != "ALL" and "AMX" not in isa:
-        return False
+    amx_allowed = isa == "ALL" or "AMX" in isa
     # torch's probes are private: absent in another torch, the answer is no
-    probe, enable = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_init_amx"))
+    amx, enable, avx512 = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_init_amx",
+                                                                       "_is_avx512_bf16_supported"))
     try:
-        return bool(probe and probe() and (enable is None or enable()))
+        if amx_allowed and amx and amx() and (enable is None or enable()):
+            return True
+        return bool((amx_allowed or "BF16" in isa) and avx512 and avx512())
     except RuntimeError:
         return False
 
 
-# Below this width, bfloat16's casts cost a CPU with AMX more than its products save: a training step of a 32-wide
-# model took 0.66x and of a 64-wide one 1.01x float32's speed, of a 128-wide one 1.16x (bench/README.md).
-AMX_MIN_WIDTH = 128
+# Below this width, bfloat16's casts cost more than its products save: a training step of a 32-wide model took
+# 0.66-0.70x and of a 64-wide one 1.01-1.06x float32's time, of a 128-wide one 1.16-1.33x (bench/README.md).
+BF16_MIN_WIDTH = 128
 
 
 def pick_dtype(name: str, device: torch.device, train_width: int | None = None) -> torch.dtype:
     """--dtype on a device, to train a model `train_width` wide (None: to load weights for generation). auto:
     bfloat16 on a GPU that computes in it natively, float16 on an older GPU (training adds the grad scaler), float32
-    elsewhere: on a CPU both halves are slower than float32, except that training a model of AMX_MIN_WIDTH or more
-    on a CPU with AMX is faster in bfloat16 autocast (1.16-1.33x a step at the cpu and arithmetic presets' sizes and
-    nanoGPT's CPU example, measured). Generation there stays float32: bfloat16 weights decoded GPT-2 small's shape
-    1.14x as fast, but the cpu preset's model at 0.59x."""
+    elsewhere: on a CPU both halves are slower than float32, except that training a model of BF16_MIN_WIDTH or more
+    on a CPU with bfloat16 matrix instructions (AMX, AVX512-BF16) is faster in bfloat16 autocast (1.16-1.42x a step
+    at the cpu and arithmetic presets' sizes and nanoGPT's CPU example, measured). Generation there stays float32:
+    bfloat16 weights decoded GPT-2 small's shape 1.14x as fast, but the cpu preset's model at 0.59x (with AMX)."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
         if device.type == "cuda":
             dtype = torch.bfloat16 if native_bf16(device) else torch.float16
         else:
-            fast = device.type == "cpu" and (train_width or 0) >= AMX_MIN_WIDTH and amx_cpu()
+            fast = device.type == "cpu" and (train_width or 0) >= BF16_MIN_WIDTH and bf16_cpu()
             dtype = torch.bfloat16 if fast else torch.float32
     elif name in dtypes:
         dtype = dtypes[name]
@@ -277,7 +280,7 @@ def pick_dtype(name: str, device: torch.device, train_width: int | None = None) 
     if dtype == torch.float16 and device.type == "cpu":
         say("note: --dtype float16 on the CPU is no faster than float32, and on most CPUs many times slower (12x "
             "for a training step, measured on a 2-core AMD CPU): use auto (float32, or bfloat16 for models 128 or "
-            "more wide where the CPU has AMX)")
+            "more wide where the CPU has AMX or AVX512-BF16)")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
