@@ -107,10 +107,10 @@ def main() -> None:
     runs = {"nanoGPT-style reference": reference(), "homellm float32": homellm()}
     auto = pick_dtype("auto", torch.device("cpu"), train_width=N_EMBD) == torch.bfloat16  # what pretrain does here
     if auto:
-        runs["homellm auto (bfloat16 autocast, AMX)"] = homellm()
+        runs["homellm auto (bfloat16 autocast)"] = homellm()
     if "--compile" in sys.argv[1:]:
         for name, (model, opts) in [("nanoGPT-style reference, compiled", reference()),
-                                    ("homellm auto (bfloat16 autocast, AMX), compiled" if auto else
+                                    ("homellm auto (bfloat16 autocast), compiled" if auto else
                                      "homellm float32, compiled", homellm())]:
             runs[name] = (torch.compile(model), opts)
             t = time.perf_counter()
