@@ -798,6 +798,39 @@ def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(tmp_path,
     assert main(["pretrain", *flags]) == 0 and (run / "last").is_dir()
 
 
+def test_keep_every_keeps_the_weights_of_those_steps_to_sample_and_start_from(tmp_path, data_dir, capsys):
+    """Seed 003 saved its model every so many steps to compare and go back to; a run kept `last` and `best` only."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    flags = ["--data", str(data_dir), "--preset", "tiny", "--eval-every", "2", "--device", "cpu"]
+    assert main(["pretrain", *flags, "--max-steps", "6", "--keep-every", "2", "--out", str(run)]) == 0
+    kept = sorted(p.name for p in run.glob("step-*"))
+    assert kept == ["step-2", "step-4", "step-6"]
+    assert all(sorted(f.name for f in (run / k).iterdir()) == ["checkpoint.json", "model.safetensors"] for k in kept)
+    record = json.loads((run / "step-4" / "checkpoint.json").read_text())
+    assert record["step"] == 4 and record["val_loss"] > 0  # evaluated at that step: its val loss kept with it
+    # The weights of step 6 are the run's last; step 2's are other, and load by name wherever --checkpoint is taken
+    last, six, two = (load_model(run, n) for n in ("last", "step-6", "step-2"))
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), six.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), two.state_dict().values()))
+    capsys.readouterr()
+    assert main(["generate", str(run), "--checkpoint", "step-4", "--prompt", "the", "--max-new-tokens", "3"]) == 0
+    assert main(["info", str(run)]) == 0
+    assert re.search(r"step-4 +4 .* ok", capsys.readouterr().out)
+    assert main(["generate", str(run), "--checkpoint", "step-5", "--prompt", "the"]) == 2
+    assert capsys.readouterr().err == (f"homellm: error: {run / 'step-5'}: missing: the run's kept steps: step-2, "
+                                       "step-4, step-6\n")
+    assert main(["generate", str(run), "--checkpoint", "step", "--prompt", "the"]) == 2
+    assert "--checkpoint 'step' is unknown: use best, last or a kept step-N" in capsys.readouterr().err
+    # A run started from a kept step's weights (rolled back), and a resumed run keeping at another pace
+    assert main(["pretrain", *flags, "--max-steps", "2", "--init", str(run), "--init-checkpoint", "step-2", "--out",
+                 str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["train"]["init_checkpoint"] == "step-2"
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "9", "--keep-every", "3"]) == 0
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-2", "step-4", "step-6", "step-9"]
+
+
 def test_sessions_of_a_relay_run_add_up_to_one_uninterrupted_run(tmp_path, data_dir, capsys):
     """Relay training (a few sessions a day, as on Colab): --session-time ends a session with `last` written and
     the schedule untouched, where --max-time would reshape the schedule to the session. Resumed session after
@@ -814,7 +847,8 @@ def test_sessions_of_a_relay_run_add_up_to_one_uninterrupted_run(tmp_path, data_
         assert main(["pretrain", "--out", str(relay), "--resume", "--session-time", "1e-9"]) == 0
         sessions += 1
     assert sessions == 4
-    assert "this session ended at step 1 (--session-time); `--resume` continues" in capsys.readouterr().err
+    assert "this session ended at step 1 (--session-time); `--resume` continues" in (err := capsys.readouterr().err)
+    assert "the same --session-time (kept with the run; add --session-time 0 to train to the end)" in err
     assert [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in metrics(relay)] == \
         [{k: v for k, v in r.items() if k not in ("elapsed_s", "tok_per_s")} for r in metrics(tmp_path / "straight")]
     a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("straight", "relay"))

@@ -149,6 +149,13 @@ def verify_checkpoint(folder: Path, need_state: bool) -> dict[str, Any]:
 def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = False, quiet: bool = False) -> Path:
     """The checkpoint folder to use: `prefer` (best or last) when valid, else the newest valid one, saying so."""
     run = Path(run)
+    if prefer.startswith("step-"):  # a kept copy (--keep-every) asked for by name: that one, no other
+        try:
+            verify_checkpoint(run / prefer, need_state)
+        except HomeLLMError as e:
+            kept = ", ".join(kept_steps(run)) or "none (pretrain and sft keep them with --keep-every N)"
+            raise HomeLLMError(f"{e}: the run's kept steps: {kept}") from None
+        return run / prefer
     names = [prefer, "best" if prefer == "last" else "last"]
     # A kill between save_checkpoint's two renames leaves the previous folder as .NAME.old and the new, complete
     # one as .NAME.tmp (complete when its checksums hold: checkpoint.json is written last).
@@ -204,6 +211,12 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
     else:
         what = "not a homellm run (no config.json)"
     raise HomeLLMError(f"{run}: {what}: pass the --out folder of {made_by}")
+
+
+def kept_steps(run: str | Path) -> list[str]:
+    """The step-N folders `--keep-every` kept in a run, in step order."""
+    found = [p.name for p in Path(run).glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda name: int(name[5:]))
 
 
 def holds_trained(run: str | Path) -> bool:

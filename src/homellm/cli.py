@@ -143,7 +143,8 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
     """A run stopped by Ctrl-C (with its checkpoint written) still exits as interrupted, for scripts."""
     if summary and summary.get("stop") == "session_time":
         say(f"homellm: this session ended at step {summary['steps']} (--session-time); `--resume` continues from "
-            "there, on the same schedule")
+            "there, on the same schedule, each session stopping after the same --session-time (kept with the run; "
+            "add --session-time 0 to train to the end)")
     if summary and summary.get("stop") == "interrupted":
         say(f"homellm: interrupted at step {summary['steps']}; `--resume` continues from there")
         raise SystemExit(130)
@@ -240,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from homellm.sft import resolve_sft, sft
 
-    train = {k: v for k, v in pick(args, TrainConfig).items() if k != "init"}  # --init is SFTConfig's here
+    train = {k: v for k, v in pick(args, TrainConfig).items() if k not in ("init", "init_checkpoint")}  # SFTConfig's
     summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(train)))
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
@@ -340,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
                                    "steps).")
     add_flags(p, SFTConfig)
-    add_flags(p, TrainConfig, skip=("data", "init", "tokenizer_kind", "tokenizer_vocab", "text_field", "encoding",
-                                    "aozora"), defaults=SFT_TRAIN)
+    add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "tokenizer_kind", "tokenizer_vocab",
+                                    "text_field", "encoding", "aozora"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

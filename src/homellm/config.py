@@ -90,6 +90,7 @@ class TrainConfig:
     out: str = ""  # the run directory: config, tokenizer, checkpoints, metrics
     # (A fresh optimizer and schedule: the weights are the run's `best`, the architecture and tokenizer its own.)
     init: str = ""  # a trained run (yours, or imported) to go on pretraining on new text, instead of from scratch
+    init_checkpoint: str = "best"  # which weights of --init: best, last, or a kept step-N
     tokenizer_kind: str = "bpe"  # when --data is raw text: bpe (byte-level BPE) or char
     tokenizer_vocab: int = 1024  # when --data is raw text: BPE vocabulary size
     text_field: str = "text"  # when --data is raw jsonl: the field holding the text
@@ -119,6 +120,7 @@ class TrainConfig:
     sample_stop: str = ""  # end each sample at this string (the quickstart's: `$`, where its answers end)
     log_every: int = 10
     checkpoint_every: int = 500  # write `last` every N steps (and at the end; 0 = only then); `best` follows val loss
+    keep_every: int = 0  # also keep the weights every N steps as step-N/, to sample, compare or start from; 0 = off
     patience: int = 0  # early stopping: stop after N evaluations without a better val loss; 0 = never
     dtype: str = "auto"  # float32, bfloat16 (autocast), float16 (autocast + grad scaler); auto picks per device
     compile: bool = False  # torch.compile the model: slower start, faster steps
@@ -167,7 +169,7 @@ class SampleConfig:
     stop: list[str] = field(default_factory=list)  # stop at any of these strings (a line break: bash's $'\n')
     num_beams: int = 1  # >1: beam search (deterministic; ignores temperature, top-k, top-p)
     seed: int = 0
-    checkpoint: str = "best"  # best or last
+    checkpoint: str = "best"  # best, last, or a kept step-N
     device: str = "auto"
     dtype: str = "auto"  # the weights': auto = bfloat16 on a recent CUDA GPU (float16 before Ampere), else float32
 
@@ -204,7 +206,7 @@ class EvalConfig:
     data: str = ""  # loss: a prepared data folder (default: the run's own); exact: a .jsonl of prompt and answer
     batches: int = 50  # loss: val batches to average
     batch_size: int = 256  # sequences evaluated at once (loss: at most 64 windows of a whole context, for memory)
-    checkpoint: str = "best"  # best or last
+    checkpoint: str = "best"  # best, last, or a kept step-N
     device: str = "auto"
 
 
@@ -212,7 +214,7 @@ class EvalConfig:
 class ExportConfig:
     out: str = ""  # hf: the folder to write (AutoModelForCausalLM.from_pretrained reads it); gguf: the .gguf file
     format: str = "hf"  # hf: a transformers model folder; gguf: one file for llama.cpp, Ollama, LM Studio
-    checkpoint: str = "best"  # best or last
+    checkpoint: str = "best"  # best, last, or a kept step-N
     dtype: str = "float32"  # the weights' type: float32, or float16 (and, for hf, bfloat16) for half the size
 
 
@@ -228,7 +230,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class SFTConfig:
     init: str = ""  # the trained run to fine-tune (pretrained, or an earlier SFT)
-    init_checkpoint: str = "best"  # which checkpoint of --init: best or last
+    init_checkpoint: str = "best"  # which checkpoint of --init: best, last, or a kept step-N
     data: list[str] = field(default_factory=list)  # .jsonl/.json files, folders or hf:NAME: OpenAI, ShareGPT, Alpaca
     max_conversations: int = 0  # read at most this many (0 = all): a sample of a large hub dataset
     val_fraction: float = 0.05  # conversations held out for the val loss
@@ -263,7 +265,7 @@ class ServeConfig:
     max_queue: int = 64  # sequences waiting for a free row; beyond that requests get 503 (at capacity)
     threads: int = 0  # CPU threads for the model's math; 0 = all cores but one, which is left to HTTP and streaming
     cors: list[str] = field(default_factory=list)  # web origins whose pages may call the API (https://app.example, *)
-    checkpoint: str = "best"  # best or last
+    checkpoint: str = "best"  # best, last, or a kept step-N
     device: str = "auto"
     dtype: str = "auto"  # the weights': auto = bfloat16 on a recent CUDA GPU (float16 before Ampere), else float32
 
@@ -279,7 +281,12 @@ SEED_LIMIT = 2**63  # seeds reach numpy (no negatives) and torch (64 bits)
 _POSITIVE = (lambda v: v > 0, "must be positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
 _AT_LEAST_1 = (lambda v: v >= 1, "must be 1 or more")
-_CHECKPOINT = (lambda v: v in ("best", "last"), "is unknown: use best or last")
+def checkpoint_name_ok(name: str) -> bool:
+    """best, last, or a step-N folder that `--keep-every` kept."""
+    return name in ("best", "last") or re.fullmatch(r"step-\d+", name) is not None
+
+
+_CHECKPOINT = (checkpoint_name_ok, "is unknown: use best, last or a kept step-N (see `homellm info RUN`)")
 _TOKENIZER_KIND = (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model
@@ -293,7 +300,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _POSITIVE, "muon_lr": _POSITIVE, "beta1": _between(0, 1, hi_open=True), "beta2": _between(0, 1, hi_open=True),
     "min_lr_ratio": _between(0, 1), "warmup_steps": _NOT_NEGATIVE, "decay_fraction": _between(0, 1),
     "weight_decay": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE, "max_time": _NOT_NEGATIVE, "eval_batches": _AT_LEAST_1,
-    "session_time": _NOT_NEGATIVE,
+    "session_time": _NOT_NEGATIVE, "keep_every": _NOT_NEGATIVE,
     "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE, "grad_accum": _AT_LEAST_1, "log_every": _AT_LEAST_1,
     "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE, "epochs": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from homellm.checkpoint import read_config, read_lora, verify_checkpoint
+from homellm.checkpoint import kept_steps, read_config, read_lora, verify_checkpoint
 from homellm.config import load_json
 from homellm.errors import HomeLLMError
 from homellm.io import display_width
@@ -58,7 +58,7 @@ def describe(run: str | Path) -> str:
                ("training FLOPs per token", f"{model.flops_per_token():,}", "")]
     out = [f"run {run}", "", table(arch, ("architecture", "")), "", table(params, ("parameters", "count", "share"))]
     ckpts = []
-    for name in ("last", "best"):
+    for name in ("last", "best", *kept_steps(run)):  # (step-N: kept by --keep-every, weights only)
         if not (run / name).exists():
             continue
         try:  # the weights' checksum too: a checkpoint that would not load must not look fine here

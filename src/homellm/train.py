@@ -61,9 +61,9 @@ from homellm.muon import Muon
 from homellm.tokenizer import Tokenizer
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
-RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "log_every",
-                     "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume", "compile", "data",
-                     "aozora", "encoding", "epochs", "out",
+RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "keep_every",
+                     "log_every", "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume",
+                     "compile", "data", "aozora", "encoding", "epochs", "out",
                      "dtype"}  # (the precision: a run goes on where its first GPU's is not native, or from the CPU)
 
 
@@ -778,6 +778,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
             if periodic or done or halted:  # the val loss with it only when measured on these weights
                 checkpoint("last", last_val if last_val is not None and "val_loss" in record else {})
+            if cfg.keep_every > 0 and step % cfg.keep_every == 0 and env.main:
+                # A copy of these weights to come back to (sample, compare, export, --init from): no optimizer state
+                save_checkpoint(run, f"step-{step}", raw, None, {"step": step, "tokens": tokens, **(
+                    last_val if last_val is not None and "val_loss" in record else {})})
             if "val_loss" in record or periodic:
                 # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
                 t_log, tokens_log = time.perf_counter(), tokens
@@ -1079,7 +1083,8 @@ def check_init_architecture(init: str | Path, asked: dict[str, Any], saved: Mode
 
 def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], None] | None:
     """For `pretrain --init RUN`: checks that model_cfg is RUN's architecture (a shorter context or another dropout
-    aside), and returns what loads RUN's best weights into the new model; None without --init."""
+    aside), and returns what loads RUN's weights (--init-checkpoint: best, last or a kept step-N) into the new
+    model; None without --init."""
     if not cfg.init:
         return None
     init, run = Path(cfg.init), Path(cfg.out)
@@ -1094,7 +1099,7 @@ def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], N
     if model_cfg.block_size > saved.block_size:
         raise HomeLLMError(f"--block-size {model_cfg.block_size}: --init {init} was trained for {saved.block_size} "
                            f"positions at most: give {saved.block_size} or fewer")
-    folder = find_checkpoint(init, "best")
+    folder = find_checkpoint(init, cfg.init_checkpoint)
 
     def load(model: GPT) -> None:
         weights = read_weights(folder)
