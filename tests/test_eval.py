@@ -5,10 +5,12 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import homellm
+from homellm.checkpoint import load_model
 from homellm.config import ModelConfig, PrepareConfig, SampleConfig, TokenizerConfig
 from homellm.data import prepare
 from homellm.errors import HomeLLMError
@@ -163,6 +165,23 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     assert main(["eval", str(run), "--task", "loss"]) == 0
     batches = math.ceil(math.ceil(meta["val_tokens"] / block) / 64)
     assert 1 <= batches < 50 and f"evaluating {batches} batch" in capsys.readouterr().err
+    # --batches 0: the whole val split once, in order: every token but each shard's first scored once, whatever
+    # the batch; exact and repeatable, where random windows estimate (seed 000's users compare runs by it)
+    from homellm.data import open_split
+    from homellm.eval import whole_split_loss
+
+    assert main(["eval", str(run), "--task", "loss", "--batches", "0"]) == 0
+    assert "the whole val split" in capsys.readouterr().err
+    whole = json.loads((run / "eval_loss.json").read_text())
+    shards = open_split(data_dir, "val")
+    assert whole["tokens"] == sum(len(m) - 1 for m in shards)
+    model = load_model(run, "best")
+    env = train.setup_env(train.TrainConfig(device="cpu", dtype="float32"))
+    tok = Tokenizer.load(data_dir)
+    one = whole_split_loss(model, shards, block, 1, tok.token_bytes(), env)  # a window at a time: no padding
+    assert math.isclose(one["val_loss"], whole["val_loss"], rel_tol=1e-5) and one["tokens"] == whole["tokens"]
+    nbytes = sum(int(tok.token_bytes()[np.asarray(m[1:])].sum()) for m in shards)  # the bytes of every target
+    assert math.isclose(whole["val_bpb"], whole["val_loss"] * whole["tokens"] / math.log(2) / nbytes, rel_tol=1e-6)
     # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))

@@ -204,7 +204,7 @@ class EvalConfig:
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
     data: str = ""  # loss: a prepared data folder (default: the run's own); exact: a .jsonl of prompt and answer
-    batches: int = 50  # loss: val batches to average
+    batches: int = 50  # loss: batches of random val windows to average; 0 = the whole val split once, in order
     batch_size: int = 256  # sequences evaluated at once (loss: at most 64 windows of a whole context, for memory)
     checkpoint: str = "best"  # best, last, or a kept step-N
     device: str = "auto"
@@ -318,7 +318,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "init_checkpoint": _CHECKPOINT,
     # fine-tuning, evaluation, serving
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
-    "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _AT_LEAST_1,
+    "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _NOT_NEGATIVE,
     "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
     "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE,
     "format": (lambda v: v in ("hf", "gguf"), "is unknown: use hf or gguf"),

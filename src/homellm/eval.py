@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from homellm.chat import PROMPT_FIELDS
@@ -132,8 +133,6 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
             raise HomeLLMError(f"{run} {what}: pass --data, a folder made by `homellm prepare --tokenizer "
                                f"{typed(run)}`")
         data_dir = found[0]
-    if cfg.batches <= 0:
-        raise HomeLLMError(f"--batches {cfg.batches}: evaluate at least 1 batch")
     model_cfg, train_cfg = read_config(run)
     tok = Tokenizer.load(data_dir)
     run_tok = Tokenizer.load(run)
@@ -156,10 +155,15 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     # batches of 64 on a 4,000-token split read it 100 times over, for minutes).
     batch = min(cfg.batch_size, 64)  # windows of a whole context each: 64 keep the memory of one batch modest
     windows = math.ceil(sum(len(m) for m in data.splits["val"]) / model_cfg.block_size)
-    batches = min(cfg.batches, max(1, math.ceil(windows / batch)))
-    print(f"evaluating {batches} batch{'es' * (batches != 1)} of {batch} windows of {model_cfg.block_size} tokens "
-          f"from {data_dir}'s val split", file=sys.stderr)
-    result = evaluate(model, data, batch, batches, env)
+    batches = min(cfg.batches, max(1, math.ceil(windows / batch))) if cfg.batches else 0
+    if batches:
+        print(f"evaluating {batches} batch{'es' * (batches != 1)} of {batch} windows of {model_cfg.block_size} "
+              f"tokens from {data_dir}'s val split", file=sys.stderr)
+        result = evaluate(model, data, batch, batches, env)
+    else:
+        print(f"evaluating the whole val split of {data_dir} once, in windows of {model_cfg.block_size} tokens",
+              file=sys.stderr)
+        result = whole_split_loss(model, data.splits["val"], model_cfg.block_size, batch, tok.token_bytes(), env)
     if result is None:
         raise HomeLLMError(f"--data {data.no_val}")
     result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, "batches": batches,
@@ -168,6 +172,37 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                  ("val bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
     atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def whole_split_loss(model: GPT, maps: list[np.ndarray], block: int, batch: int, token_bytes: np.ndarray,
+                     env: Any) -> dict[str, float] | None:
+    """Val loss and bits per byte over every token of the split once: each shard cut into consecutive windows of
+    `block` (a window's first token is read, not scored, as the next window's last target), so the figure is exact
+    and repeatable, unlike --batches' random windows. None where the split is empty."""
+    from homellm.train import _autocast
+
+    # (start, length) of each window: a token predicted from the window's start, its targets the next `length`
+    rows = [(m, i, min(block, len(m) - 1 - i)) for m in maps for i in range(0, max(len(m) - 1, 0), block)]
+    nats = nbytes = tokens = 0.0
+    sizes = torch.from_numpy(token_bytes.astype(np.int64))
+    with torch.no_grad(), progress_bar(total=len(rows), desc="val windows", unit="window") as bar:
+        for first in range(0, len(rows), batch):
+            chunk = rows[first:first + batch]
+            x = torch.zeros(len(chunk), block, dtype=torch.long)
+            y = torch.full((len(chunk), block), -100, dtype=torch.long)
+            for r, (m, i, n) in enumerate(chunk):
+                window = torch.from_numpy(np.asarray(m[i:i + n + 1], dtype=np.int64))
+                x[r, :n], y[r, :n] = window[:-1], window[1:]
+            with _autocast(env):
+                _, loss = model(x.to(env.device), y.to(env.device))
+            n = int((y != -100).sum())
+            nats += loss.item() * n
+            tokens += n
+            nbytes += sizes[y.clamp(min=0)][y != -100].sum().item()
+            bar.update(len(chunk))
+    if not tokens:
+        return None
+    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(nbytes, 1), "tokens": int(tokens)}
 
 
 def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
