@@ -677,7 +677,8 @@ def test_a_run_never_starts_among_files_it_did_not_write_nor_over_a_best_only_ru
     mine.mkdir()
     (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
     # Another tool's config.json may name a model too: a run's has model and train sections
-    for config in ('{"my": 1}', '{"model": "gpt-4o", "temperature": 0.2}', '{"model": {}, "train": "x"}'):
+    for config in ('{"my": 1}', '{"model": "gpt-4o", "temperature": 0.2}', '{"model": {}, "train": "x"}',
+                   '{"model": {"name": "llama-3-8b"}, "train": {"epochs": 3}}'):
         (mine / "config.json").write_text(config)
         for argv in (["pretrain", "--data", str(corpus), "--preset", "tiny"], ["quickstart", "--max-time", "5"],
                      ["sft", "--init", str(tmp_path / "any"), "--data", str(corpus)]):
@@ -801,3 +802,19 @@ def test_a_run_from_raw_text_never_prepares_over_data_it_did_not_make(tmp_path, 
     (ours / "data" / "meta.json").write_text(json.dumps(meta))
     assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
     assert (ours / "last").is_dir()
+    # A tokenizer of the user's own in RUN/data_tokenizer (no data yet): it was trained over, now refused; the run's
+    # own, left by a start stopped before preparing, is the same tokenizer and goes on.
+    mine = tmp_path / "mine"
+    assert main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out",
+                 str(mine / "data_tokenizer")]) == 0
+    before = (mine / "data_tokenizer" / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.endswith(f"homellm: error: --out {mine} holds data_tokenizer/ with other files "
+                                            "than the tokenizer this run trains there: choose a new --out\n")
+    assert (mine / "data_tokenizer" / "tokenizer.json").read_bytes() == before
+    assert sorted(p.name for p in mine.iterdir()) == ["data_tokenizer"]
+    for p in ours.iterdir():
+        if p.name != "data_tokenizer":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0

@@ -521,6 +521,9 @@ def test_a_lora_run_with_its_lora_section_or_checkpoint_record_edited_is_named_i
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     assert f"not usable: {record}: val_loss is 'abc', not a number" in capsys.readouterr().out
+    record.write_text(json.dumps({**json.loads(record.read_text()), "val_loss": None, "tokens": None}))
+    assert main(["info", str(out)]) == 0  # no val loss measured is allowed; no token count is not
+    assert f"not usable: {record}: tokens is None, not a number" in capsys.readouterr().out
 
 
 def test_lora_with_muon_trains_every_adapter_with_muon(tmp_path, base_run):

@@ -798,7 +798,8 @@ def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(tmp_path,
     assert main(["pretrain", *flags]) == 0 and (run / "last").is_dir()
 
 
-def test_keep_every_keeps_the_weights_of_those_steps_to_sample_and_start_from(tmp_path, data_dir, capsys):
+def test_keep_every_keeps_the_weights_of_those_steps_to_sample_and_start_from(tmp_path, data_dir, capsys,
+                                                                              monkeypatch):
     """Seed 003 saved its model every so many steps to compare and go back to; a run kept `last` and `best` only."""
     from homellm.cli import main
 
@@ -823,12 +824,28 @@ def test_keep_every_keeps_the_weights_of_those_steps_to_sample_and_start_from(tm
                                        "step-4, step-6\n")
     assert main(["generate", str(run), "--checkpoint", "step", "--prompt", "the"]) == 2
     assert "--checkpoint 'step' is unknown: use best, last or a kept step-N" in capsys.readouterr().err
-    # A run started from a kept step's weights (rolled back), and a resumed run keeping at another pace
+    # A run started from a kept step's weights (rolled back)
+    from homellm import train
+
+    read, loaded = train.read_weights, []
+    monkeypatch.setattr(train, "read_weights", lambda folder: loaded.append(folder.name) or read(folder))
     assert main(["pretrain", *flags, "--max-steps", "2", "--init", str(run), "--init-checkpoint", "step-2", "--out",
                  str(tmp_path / "again")]) == 0
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["train"]["init_checkpoint"] == "step-2"
+    assert loaded == ["step-2"]
+    # Resumed, at another pace: weights kept after the checkpoint it resumes from are of steps it trains again
+    shutil.copytree(run / "step-6", run / "step-8")  # as if kept, then stopped before `last` was written again
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "9", "--keep-every", "3"]) == 0
+    assert "note: removed step-8, kept after last's step 6" in capsys.readouterr().err
     assert sorted(p.name for p in run.glob("step-*")) == ["step-2", "step-4", "step-6", "step-9"]
+    # Kept weights alone (killed before its first `last`): a new start would mix its own with them, or replace them
+    for name in ("last", "best"):
+        shutil.rmtree(run / name)
+    assert main(["pretrain", *flags, "--out", str(run)]) == 2
+    assert f"{run} already holds a trained run" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 2
+    assert (f"{run}: no checkpoint to resume (`last`, `best`), only the weights --keep-every kept (step-2, step-4, "
+            f"step-6, step-9): train on from one with `homellm pretrain --init {run} --init-checkpoint step-9"
+            in capsys.readouterr().err)
 
 
 def test_sessions_of_a_relay_run_add_up_to_one_uninterrupted_run(tmp_path, data_dir, capsys):

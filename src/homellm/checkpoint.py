@@ -134,8 +134,9 @@ def verify_checkpoint(folder: Path, need_state: bool) -> dict[str, Any]:
     info = load_json(folder / INFO)
     if not isinstance(info, dict) or not isinstance(info.get("step"), int) or not isinstance(info.get("sha256"), dict):
         raise HomeLLMError(f"{folder / INFO}: not a checkpoint record (it needs a whole-number step and checksums)")
-    for key in ("tokens", "val_loss", "val_bpb"):  # shown by info; a hand-edited one must not be a traceback there
-        if not isinstance(info.get(key, 0), int | float | None) or isinstance(info.get(key), bool):
+    for key, none in (("tokens", False), ("val_loss", True), ("val_bpb", True)):  # shown by info: never a traceback
+        value = info.get(key, 0)
+        if not isinstance(value, int | float | (type(None) if none else int)) or isinstance(value, bool):
             raise HomeLLMError(f"{folder / INFO}: {key} is {info[key]!r}, not a number: restore the file homellm wrote")
     files = [WEIGHTS, STATE] if need_state else [WEIGHTS]
     for f in files:
@@ -168,6 +169,11 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         except HomeLLMError as e:
             if c.exists() or not c.name.startswith("."):
                 problems.append(str(e))
+    if not any(c.exists() for c in candidates) and (kept := kept_steps(run)):  # weights only: nothing to resume
+        raise HomeLLMError(f"{run}: no checkpoint to {'resume' if need_state else 'load'} (`last`, `best`), only the "
+                           f"weights --keep-every kept ({', '.join(kept)}): train on from one with `homellm pretrain "
+                           f"--init {typed(run)} --init-checkpoint {kept[-1]} --data DATA --out NEW`, or load it with "
+                           f"--checkpoint {kept[-1]}")
     if not any(c.exists() for c in candidates):  # stopped before its first checkpoint: nothing to fall back on
         fix = ("start it again without --resume (the same --out is fine), and a lower --checkpoint-every saves "
                "sooner" if need_state else "it has no weights yet: train it (or resume it) until it writes one")
@@ -222,7 +228,8 @@ def kept_steps(run: str | Path) -> list[str]:
 def holds_trained(run: str | Path) -> bool:
     """Whether RUN holds weights a new start would replace: `best` alone too (what import and merge write, or a run
     whose `last` was deleted), and a checkpoint caught mid-write."""
-    return any((Path(run) / n).exists() for c in ("last", "best") for n in (c, f".{c}.tmp", f".{c}.old"))
+    return any((Path(run) / n).exists() for c in ("last", "best") for n in (c, f".{c}.tmp", f".{c}.old")) or bool(
+        kept_steps(run))  # (--keep-every's step-N: a new start would mix its own with them, or replace them)
 
 
 def is_sft(run: str | Path) -> bool:

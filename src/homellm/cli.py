@@ -431,12 +431,11 @@ def _check_run_folder(out: Path) -> None:
     """Refuse a new run in a folder where files a run writes (config.json, metrics.jsonl, tokenizer/) are someone
     else's: the run would replace them. Other files may stay (a log the shell opened there first, say); a folder an
     earlier start of this run left (its text prepared, its config written) is the run's own."""
-    config = out / "config.json"
-    try:
-        saved = json.loads(config.read_bytes())
-        # A run's has both sections; another tool's config.json may name a "model" too ({"model": "gpt-4o"})
-        ours = isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("model", "train"))
-    except (OSError, ValueError):
+    from homellm.checkpoint import read_config
+
+    try:  # a run's: both sections, every field one of homellm's (another tool's may name a "model" too)
+        ours = (out / "config.json").is_file() and bool(read_config(out))
+    except HomeLLMError:
         ours = False
     theirs = [n for n in ("config.json", "metrics.jsonl", "tokenizer") if (out / n).exists()] if not ours else []
     if theirs:

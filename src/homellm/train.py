@@ -37,6 +37,7 @@ from homellm.checkpoint import (
     find_checkpoint,
     holds_trained,
     is_sft,
+    kept_steps,
     load_state,
     load_weights_into,
     read_config,
@@ -572,6 +573,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         _set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0], env.device)
         if env.main:
             _truncate_metrics(metrics_path, step)
+            # Weights kept after this checkpoint are of steps the resumed run trains again, perhaps otherwise
+            if later := [k for k in kept_steps(run) if int(k[5:]) > step]:
+                for k in later:
+                    shutil.rmtree(run / k)
+                print(f"note: removed {', '.join(later)}, kept after {folder.name}'s step {step}: the resumed run "
+                      "trains those steps again", file=sys.stderr)
             print(f"resuming {run} from {folder.name} at step {step}", file=sys.stderr)
             was = read_config(run)[1]
             if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):
@@ -778,11 +785,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
             if periodic or done or halted:  # the val loss with it only when measured on these weights
                 checkpoint("last", last_val if last_val is not None and "val_loss" in record else {})
-            if cfg.keep_every > 0 and step % cfg.keep_every == 0 and env.main:
+            kept = cfg.keep_every > 0 and step % cfg.keep_every == 0
+            if kept and env.main:
                 # A copy of these weights to come back to (sample, compare, export, --init from): no optimizer state
                 save_checkpoint(run, f"step-{step}", raw, None, {"step": step, "tokens": tokens, **(
                     last_val if last_val is not None and "val_loss" in record else {})})
-            if "val_loss" in record or periodic:
+            if "val_loss" in record or periodic or kept:
                 # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
                 t_log, tokens_log = time.perf_counter(), tokens
             if done or halted:
@@ -968,14 +976,28 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         print(f"tokenizing {' '.join(cfg.data)} with {tok_dir}'s tokenizer", file=sys.stderr)
     else:
         tok_dir = run / "data_tokenizer"
+        # Where the folder is there already, trained aside first: an earlier start of this run left the same
+        # tokenizer (training is deterministic), anything else is the user's, which must not be replaced.
+        there = tok_dir.exists() and any(tok_dir.iterdir())
+        out = run / ".data_tokenizer.tmp" if there else tok_dir
+        shutil.rmtree(out, ignore_errors=True)
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
         try:
-            train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(tok_dir), kind=cfg.tokenizer_kind,
+            train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(out), kind=cfg.tokenizer_kind,
                                             vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field,
                                             encoding=cfg.encoding, aozora=cfg.aozora))
         except HomeLLMError as e:  # `tokenizer train` names its own flags; here they are pretrain's
             raise HomeLLMError(str(e).replace("--vocab-size", "--tokenizer-vocab").replace("--kind",
                                                                                           "--tokenizer-kind")) from None
+        if there:
+            try:
+                same = Tokenizer.load(tok_dir).same_as(Tokenizer.load(out))
+            except HomeLLMError:
+                same = False
+            shutil.rmtree(out)
+            if not same:
+                raise HomeLLMError(f"--out {run} holds {tok_dir.name}/ with other files than the tokenizer this run "
+                                   "trains there: choose a new --out")
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
                           text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora),
             extra_meta={"pretrain_inputs": settings})
