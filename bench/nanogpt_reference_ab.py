@@ -8,8 +8,8 @@ this reference does the same maths nanoGPT's CPU example does:
 - AdamW with foreach kernels, weight decay on 2-D weights only, gradient clipping at 1.0.
 
 homellm's step is the one `homellm pretrain` runs at that size: `GPT` and `make_optimizers` (fused AdamW), with
-the tanh GELU of Hugging Face's GPT-2 (what its export must match); on a CPU with AMX also as pretrain's `--dtype
-auto` runs it there, in bfloat16 autocast (nanoGPT's CPU example runs float32).
+the tanh GELU of Hugging Face's GPT-2 (what its export must match); on a CPU with bfloat16 matrix instructions (AMX,
+AVX512-BF16) also as pretrain's `--dtype auto` runs it there, in bfloat16 autocast (nanoGPT's CPU example runs float32).
 
     python bench/nanogpt_reference_ab.py            # prints median ms per step, tokens/s and the ratio
     python bench/nanogpt_reference_ab.py --compile  # adds both steps under torch.compile (`pretrain --compile`)

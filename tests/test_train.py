@@ -832,6 +832,8 @@ def test_keep_every_keeps_the_weights_of_those_steps_to_sample_and_start_from(tm
     assert main(["pretrain", *flags, "--max-steps", "2", "--init", str(run), "--init-checkpoint", "step-2", "--out",
                  str(tmp_path / "again")]) == 0
     assert loaded == ["step-2"]
+    assert main(["pretrain", *flags, "--init-checkpoint", "step-2", "--out", str(tmp_path / "lost")]) == 2
+    assert "--init-checkpoint step-2 names weights of an --init run: add --init RUN" in capsys.readouterr().err
     # Resumed, at another pace: weights kept after the checkpoint it resumes from are of steps it trains again
     shutil.copytree(run / "step-6", run / "step-8")  # as if kept, then stopped before `last` was written again
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "9", "--keep-every", "3"]) == 0

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")
     p.add_argument("run", help="the LoRA run directory")
     p.add_argument("--out", required=True, help="the new run directory")
-    p.add_argument("--checkpoint", default="best", help="best or last (default: best)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a kept step-N (default: best)")
     p.set_defaults(func=cmd_merge)
 
     run_verb(sub, "generate", "continue a prompt with a trained model (or prompts typed in turn: --interactive)",

@@ -66,7 +66,7 @@ class ModelConfig:
     def validate(self, where: str = "", fix: str = "restore the file homellm wrote") -> None:
         """Flags that cannot make a model, named as typed; with `where` (a saved config's file and section), named
         as the fields there, with `fix`."""
-        check_ranges(self, where)  # first: --n-head 0 would divide by zero below
+        check_ranges(self, where, fix)  # first: --n-head 0 would divide by zero below
 
         def name(field: str) -> str:
             return field if where else f"--{field.replace('_', '-')}"
@@ -88,7 +88,8 @@ class ModelConfig:
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # a prepared data dir, or raw .txt/.jsonl inputs to prepare
     out: str = ""  # the run directory: config, tokenizer, checkpoints, metrics
-    # (A fresh optimizer and schedule: the weights are the run's `best`, the architecture and tokenizer its own.)
+    # (A fresh optimizer and schedule: the weights are the run's --init-checkpoint, the architecture and tokenizer its
+    # own.)
     init: str = ""  # a trained run (yours, or imported) to go on pretraining on new text, instead of from scratch
     init_checkpoint: str = "best"  # which weights of --init: best, last, or a kept step-N
     tokenizer_kind: str = "bpe"  # when --data is raw text: bpe (byte-level BPE) or char
@@ -327,19 +328,19 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_ranges(cfg: Any, where: str = "") -> None:
+def check_ranges(cfg: Any, where: str = "", fix: str = "restore the file homellm wrote") -> None:
     """A one-line error naming the flag and its value for the first field of cfg outside RANGES; or, with `where`
-    (a saved config's file and section), the field there."""
+    (a saved config's file and section), the field there, and `fix`."""
     for f in dataclasses.fields(cfg):
         rule = RANGES.get(f"{type(cfg).__name__}.{f.name}", RANGES.get(f.name))
         value = getattr(cfg, f.name)
         name = f"{where}: {f.name}" if where else f"--{f.name.replace('_', '-')}"
-        fix = ": restore the file homellm wrote" if where else ""
+        then = f": {fix}" if where else ""
         if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison; inf most
-            raise HomeLLMError(f"{name} {value!r}: must be a finite number{fix}")
+            raise HomeLLMError(f"{name} {value!r}: must be a finite number{then}")
         if rule is not None and not rule[0](value):
             sep = " " if rule[1].startswith("is ") else ": "  # --lr -1.0: must be ... / --schedule 'x' is unknown
-            raise HomeLLMError(f"{name} {value!r}{sep}{rule[1]}{fix}")
+            raise HomeLLMError(f"{name} {value!r}{sep}{rule[1]}{then}")
 
 
 # Presets: named instances. `tiny` is for tests; `cpu` is the best recipe we measured for a 2-core CPU in

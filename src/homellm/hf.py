@@ -191,7 +191,7 @@ def _from_llama(config: dict[str, Any], weights: dict[str, torch.Tensor], where:
     for rope in ropes:
         kind = rope.get("rope_type", rope.get("type", "default"))
         _need(where, kind == "default", f"RoPE scaling {kind!r}")
-    theta = config.get("rope_theta") or next((r["rope_theta"] for r in ropes if "rope_theta" in r), 10000.0)
+    theta = config.get("rope_theta") or next((r["rope_theta"] for r in ropes if r.get("rope_theta")), 10000.0)
     d, n_head = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // n_head
     _need(where, head_dim * n_head == d, f"head_dim {head_dim} x {n_head} heads unlike hidden_size {d}")

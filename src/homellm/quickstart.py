@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from homellm.checkpoint import holds_trained
-from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TokenizerConfig, TrainConfig, preset, replace
+from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TrainConfig, preset, replace
 from homellm.data import open_split, prepare, read_meta
 from homellm.errors import HomeLLMError, typed
 from homellm.io import atomic_write_text
 from homellm.tasks import arithmetic
-from homellm.tokenizer import Tokenizer, train_tokenizer
+from homellm.tokenizer import Tokenizer
 
 CHAT_SHARE = 0.2  # --chat: the part of the training time that fine-tunes for chat
 CHAT_LR = 1e-3  # below pretraining's 3e-3: the model already writes the answers, SFT teaches the questions
@@ -143,14 +143,15 @@ def _is_quickstarts(path: Path, alphabet: str) -> bool:
             return Tokenizer.load(path).same_as(char_tokenizer(alphabet))
         except HomeLLMError:
             return False
-    return not any(path.iterdir())  # chat/: its base run would hold a trained model before it is made
+    return path.is_dir() and not any(path.iterdir())  # chat/: its base run would hold a trained model before it is
+    # made
 
 
-def char_tokenizer(alphabet: str) -> Tokenizer:
+def char_tokenizer(alphabet: str, words: Sequence[str] = arithmetic.WORDS) -> Tokenizer:
     """The quickstart's tokenizer: one id per character of the task, its LaTeX commands one id each."""
     from homellm.tokenizer import _train_char
 
-    return _train_char(iter([alphabet]), arithmetic.WORDS)
+    return _train_char(iter([alphabet]), words)
 
 
 def check_own_files(run: Path, chat: bool) -> None:
@@ -188,8 +189,7 @@ def build_data(run: Path, problems: int, seed: int, stages: int = 5,
     # Every character the task can ever produce, not just these, and those of its chat questions (for --chat or
     # a later `homellm sft`).
     atomic_write_text(alphabet, arithmetic.chars() + arithmetic.chat_chars())
-    train_tokenizer(TokenizerConfig(input=[str(alphabet)], out=str(run / "data_tokenizer"), kind="char",
-                                    words=list(words)))
+    char_tokenizer(alphabet.read_text(encoding="utf-8"), words).save(run / "data_tokenizer")
     tok = Tokenizer.load(run / "data_tokenizer")
     print(f"      {tok.vocab_size} ids", file=sys.stderr)
     _stage(3, stages, "preparing token shards")

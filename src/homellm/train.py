@@ -240,8 +240,9 @@ def bf16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware: Intel's AMX (Xeons from Sapphire Rapids on) or
     AVX512-BF16 (AMD's Zen 4 and later, Intel's Cooper Lake). Measured on 2-core ones, a training step at 128 wide or
     more runs 1.16-1.42x as fast in bfloat16 autocast as in float32 (bench/README.md). Not where oneDNN is capped
-    below those instructions (ONEDNN_MAX_CPU_ISA=AVX2, say: bfloat16 then runs emulated, a step 20x slower) or the
-    kernel does not let the process use AMX."""
+    below those instructions (ONEDNN_MAX_CPU_ISA=AVX2, say: bfloat16 then runs emulated, a step 20x slower; caps
+    named otherwise than *BF16* or *AMX*, such as AVX10_1_512, are taken as below them too); where the kernel does
+    not let the process use AMX, AVX512-BF16 alone decides."""
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     amx_allowed = isa == "ALL" or "AMX" in isa
     # torch's probes are private: absent in another torch, the answer is no
@@ -976,9 +977,11 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         print(f"tokenizing {' '.join(cfg.data)} with {tok_dir}'s tokenizer", file=sys.stderr)
     else:
         tok_dir = run / "data_tokenizer"
-        # Where the folder is there already, trained aside first: an earlier start of this run left the same
-        # tokenizer (training is deterministic), anything else is the user's, which must not be replaced.
-        there = tok_dir.exists() and any(tok_dir.iterdir())
+        # Where the folder is there already beside no data of this run's own, trained aside first: an earlier start
+        # of this run (stopped before preparing) left the same tokenizer (training is deterministic), anything else
+        # is the user's, which must not be replaced.
+        ours = (data_dir / "meta.json").is_file() and _made_by_run(read_meta(data_dir), run)
+        there = tok_dir.exists() and any(tok_dir.iterdir()) and not ours
         out = run / ".data_tokenizer.tmp" if there else tok_dir
         shutil.rmtree(out, ignore_errors=True)
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
@@ -1108,6 +1111,9 @@ def _init_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> Callable[[GPT], N
     aside), and returns what loads RUN's weights (--init-checkpoint: best, last or a kept step-N) into the new
     model; None without --init."""
     if not cfg.init:
+        if cfg.init_checkpoint != "best":  # (silently ignored, it trained from scratch)
+            raise HomeLLMError(f"--init-checkpoint {cfg.init_checkpoint} names weights of an --init run: add "
+                               "--init RUN")
         return None
     init, run = Path(cfg.init), Path(cfg.out)
     if init.resolve() == run.resolve():
