@@ -243,7 +243,7 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     assert again.returncode == 2 and f"is the quickstart's base model; its chat model is {run / 'chat'}" in again.stderr
 
 
-def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_path):
+def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_path, capsys):
     """task/train.txt and the rest were written over whatever the --out folder held there; what an earlier start
     of the same run left (stopped before training) is its own, and is written again."""
     from homellm.quickstart import build_data, check_own_files
@@ -275,6 +275,14 @@ def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_pat
             check_own_files(mine, chat=True)
     for name in ("task/chat.jsonl", "chat"):  # looked at only where the quickstart writes them: with --chat
         check_own_files(tmp_path / name.replace("/", "-"), chat=False)
+    # As the command runs it: refused before anything is written
+    from homellm.cli import main
+
+    mine = tmp_path / "task-train.txt"
+    capsys.readouterr()
+    assert main(["quickstart", "--out", str(mine), "--max-time", "5"]) == 2
+    assert "holds task/train.txt, which the quickstart did not write" in capsys.readouterr().err
+    assert (mine / "task" / "train.txt").read_text() == "my notes\n"
 
 
 def test_chat_questions_keep_the_problem_and_score_replies_exactly():

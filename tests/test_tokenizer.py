@@ -241,6 +241,12 @@ def test_bad_input_errors(tmp_path):
     empty = str(write(tmp_path / "empty.txt", " \n\n "))
     with pytest.raises(HomeLLMError, match="no text"):
         train_tokenizer(TokenizerConfig(input=[empty], out=str(tmp_path / "t")))
+    # Called as a library too: a folder's own tokenizer_config.json is never written over
+    (tmp_path / "notes").mkdir()
+    notes = write(tmp_path / "notes" / "tokenizer_config.json", "my notes")
+    with pytest.raises(HomeLLMError, match="holds tokenizer_config.json but no tokenizer.json"):
+        train_tokenizer(TokenizerConfig(input=[corpus], out=str(notes.parent), kind="char"))
+    assert notes.read_text() == "my notes"
     with pytest.raises(HomeLLMError, match="--kind"):
         train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), kind="wordpiece"))
     with pytest.raises(HomeLLMError, match="not found"):

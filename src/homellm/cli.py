@@ -419,10 +419,6 @@ def check_out(args: argparse.Namespace) -> None:
         if (out / name).is_file():
             raise HomeLLMError(f"--out {out} already holds {kinds[name]} ({name}): choose a new --out"
                                + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
-    if args.func is cmd_tokenizer and (theirs := [n for n in ("tokenizer_config.json", "special_tokens_map.json")
-                                                  if (out / n).exists()]):  # a tokenizer writes these beside its own
-        raise HomeLLMError(f"--out {out} holds {' and '.join(theirs)} but no tokenizer.json: a tokenizer writes its "
-                           "own there; choose a new --out, or delete them first")
     if args.func in (cmd_pretrain, cmd_sft, cmd_quickstart) and not getattr(args, "resume", False) and out.is_dir():
         _check_run_folder(out)
 

@@ -454,6 +454,12 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """Train (or import, with cfg.from_file) a tokenizer on cfg.input and save it to cfg.out."""
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the tokenizer to")
+    out = Path(cfg.out)
+    theirs = [n for n in ("tokenizer_config.json", "special_tokens_map.json") if (out / n).exists()]
+    if theirs and not (out / "tokenizer.json").exists():
+        # written beside tokenizer.json (a folder with one the CLI refuses outright): these alone are someone else's
+        raise HomeLLMError(f"--out {cfg.out} holds {' and '.join(theirs)} but no tokenizer.json: a tokenizer writes "
+                           "its own there; choose a new --out, or delete them first")
     if cfg.words and (cfg.kind != "char" or cfg.from_file):
         raise HomeLLMError(f"--words {' '.join(cfg.words)}: only a char tokenizer trained here takes words "
                            "(use --kind char, without --from-file)")
