@@ -144,6 +144,29 @@ def test_an_interrupted_raw_text_start_rebuilds_its_data_when_the_tokenizer_sett
     assert Tokenizer.load(run).kind == "bpe" and Tokenizer.load(run / "data").same_as(Tokenizer.load(run))
 
 
+def test_pretrain_on_raw_text_takes_words_for_its_char_tokenizer(tmp_path, corpus, capsys):
+    """Seed 004's LaTeX answers: `\\times` one token from one command, as `tokenizer train --words` made it."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "1",
+                 "--tokenizer-kind", "char", "--tokenizer-words", "the", "and"]) == 0
+    tok = Tokenizer.load(run)
+    assert len(tok.encode("the")) == 1 and len(tok.encode("and")) == 1 and len(tok.encode("tha")) == 3
+    # Other words: the data is prepared again with them (a start stopped before training, here)
+    for p in run.iterdir():
+        if p.name not in ("data", "data_tokenizer"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "1",
+                 "--tokenizer-kind", "char", "--tokenizer-words", "of"]) == 0
+    assert len(Tokenizer.load(run).encode("of")) == 1 and len(Tokenizer.load(run).encode("the")) == 3
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "bpe"),
+                 "--tokenizer-words", "the"]) == 2
+    assert "--tokenizer-words the: only a char tokenizer trained here takes words (use --tokenizer-kind char" in \
+        capsys.readouterr().err
+
+
 def test_errors_are_one_line_without_traceback(tmp_path):
     proc = homellm("generate", str(tmp_path / "nowhere"), "--prompt", "x", check=False)
     assert proc.returncode == 2

@@ -80,7 +80,8 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 
         # The flags as typed: once applied, --family would re-derive sizes nobody typed, and pretrain name those.
         check_init_architecture(args.init, pick(args, ModelConfig), model_cfg)
-        if ignored := [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab") if k in vars(args)]:
+        if ignored := [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words")
+                       if k in vars(args)]:
             say(f"note: {' '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with --init: the text is "
                 f"read with {args.init}'s own tokenizer")
         if "lr" not in vars(args) and not getattr(args, "resume", False):
@@ -127,8 +128,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from homellm.train import pretrain
 
     model_cfg, train_cfg = resolve_train(args)
-    raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "text_field", "encoding", "aozora")
-           if k in pick(args, TrainConfig)]
+    raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "text_field",
+                                                "encoding", "aozora") if k in pick(args, TrainConfig)]
     data = train_cfg.data
     if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steps).")
     add_flags(p, SFTConfig)
     add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "tokenizer_kind", "tokenizer_vocab",
-                                    "text_field", "encoding", "aozora"), defaults=SFT_TRAIN)
+                                    "tokenizer_words", "text_field", "encoding", "aozora"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

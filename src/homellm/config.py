@@ -94,6 +94,7 @@ class TrainConfig:
     init_checkpoint: str = "best"  # which weights of --init: best, last, or a kept step-N
     tokenizer_kind: str = "bpe"  # when --data is raw text: bpe (byte-level BPE) or char
     tokenizer_vocab: int = 1024  # when --data is raw text: BPE vocabulary size
+    tokenizer_words: list[str] = field(default_factory=list)  # raw text, char tokenizer: strings one token each
     text_field: str = "text"  # when --data is raw jsonl: the field holding the text
     encoding: str = "auto"  # when --data is raw .txt: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, big5, utf-16...
     aozora: bool = False  # when --data is raw text from Aozora Bunko: drop its ruby, notes and footer (as prepare)

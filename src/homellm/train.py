@@ -954,7 +954,8 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # The inputs' total size tells text added to a corpus since (a relay run whose corpus grows); modification times
     # would not do, as a relay's every session on a fresh machine copies the corpus anew.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
-                "tokenizer_vocab": cfg.tokenizer_vocab, "aozora": cfg.aozora, "encoding": cfg.encoding,
+                "tokenizer_vocab": cfg.tokenizer_vocab, "tokenizer_words": list(cfg.tokenizer_words),
+                "aozora": cfg.aozora, "encoding": cfg.encoding,
                 "bytes": size,
                 # whose tokenizer reads the text: the --init run's, or one trained here ("")
                 "tokenizer": cfg.init}
@@ -965,7 +966,7 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     if (data_dir / "meta.json").is_file() and (made := read_meta(data_dir).get("pretrain_inputs")):
         # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; before
         # --encoding, they read text as auto does; and they did not save the size.
-        was = {"encoding": "auto", "bytes": settings["bytes"], "tokenizer": "", **made,
+        was = {"encoding": "auto", "bytes": settings["bytes"], "tokenizer": "", "tokenizer_words": [], **made,
                "inputs": absolute_inputs(made.get("inputs", []))}
         if was == settings:
             return data_dir
@@ -987,11 +988,12 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
         try:
             train_tokenizer(TokenizerConfig(input=list(cfg.data), out=str(out), kind=cfg.tokenizer_kind,
-                                            vocab_size=cfg.tokenizer_vocab, text_field=cfg.text_field,
+                                            vocab_size=cfg.tokenizer_vocab, words=list(cfg.tokenizer_words),
+                                            text_field=cfg.text_field,
                                             encoding=cfg.encoding, aozora=cfg.aozora))
         except HomeLLMError as e:  # `tokenizer train` names its own flags; here they are pretrain's
-            raise HomeLLMError(str(e).replace("--vocab-size", "--tokenizer-vocab").replace("--kind",
-                                                                                          "--tokenizer-kind")) from None
+            raise HomeLLMError(str(e).replace("--vocab-size", "--tokenizer-vocab").replace("--kind", "--tokenizer-kind")
+                               .replace("--words", "--tokenizer-words")) from None
         if there:
             try:
                 same = Tokenizer.load(tok_dir).same_as(Tokenizer.load(out))
