@@ -182,6 +182,17 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     assert math.isclose(one["val_loss"], whole["val_loss"], rel_tol=1e-5) and one["tokens"] == whole["tokens"]
     nbytes = sum(int(tok.token_bytes()[np.asarray(m[1:])].sum()) for m in shards)  # the bytes of every target
     assert math.isclose(whole["val_bpb"], whole["val_loss"] * whole["tokens"] / math.log(2) / nbytes, rel_tol=1e-6)
+    # Raw text, as pretrain --data takes it: every token of it scored once with the run's tokenizer (it said "not a
+    # prepared data folder"); a small text of one document: each id but the first is a target, ASCII one byte each
+    text = "the cat sat on the mat.\n" * 40
+    (tmp_path / "held.txt").write_text(text)
+    assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "held.txt")]) == 0
+    assert f"evaluating all of {tmp_path / 'held.txt'} once" in capsys.readouterr().err
+    raw = json.loads((run / "eval_loss.json").read_text())
+    assert raw["tokens"] == len(tok.encode(text))  # the ids and the end of text after them, less the first
+    assert math.isclose(raw["val_bpb"] * math.log(2) * (len(text) - 1), raw["val_loss"] * raw["tokens"], rel_tol=1e-6)
+    assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "nowhere.txt")]) == 2
+    assert "--data " + str(tmp_path / "nowhere.txt") + ": not found" in capsys.readouterr().err
     # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))

@@ -205,7 +205,7 @@ class EvalConfig:
     n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing; exact: the first N)
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
-    data: str = ""  # loss: a prepared data folder (default: the run's own); exact: a .jsonl of prompt and answer
+    data: str = ""  # loss: prepared data (default: the run's own) or raw text; exact: a .jsonl of prompt and answer
     batches: int = 50  # loss: batches of random val windows to average; 0 = the whole val split once, in order
     batch_size: int = 256  # sequences evaluated at once (loss: at most 64 windows of a whole context, for memory)
     checkpoint: str = "best"  # best, last, or a kept step-N

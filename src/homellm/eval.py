@@ -9,6 +9,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,18 +113,23 @@ def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
 
 
 def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
-    """Val loss and bits per byte of a run on a prepared data folder; written to RUN/eval_loss.json."""
+    """Val loss and bits per byte of a run on a prepared data folder's val split, or on every token of raw text
+    (.txt, .jsonl, a folder of them, hf:NAME: tokenized with the run's tokenizer, aside); in RUN/eval_loss.json."""
     from homellm.checkpoint import load_model, read_config
     from homellm.config import TrainConfig
     from homellm.train import TokenBatches, evaluate, native_bf16, resolve_device, setup_env
 
     run = Path(run)
     config = _run_config(run)
-    if cfg.data:
+    # Raw text (what pretrain --data takes too), scored whole: your own held-out text, across runs and tokenizers
+    raw = bool(cfg.data) and not (Path(cfg.data) / "meta.json").is_file() and (
+        cfg.data.startswith("hf:") or Path(cfg.data).is_file() or Path(cfg.data).is_dir())
+    if raw:
         data_dir = Path(cfg.data)
-        if not (data_dir / "meta.json").is_file():
-            raise HomeLLMError(f"--data {data_dir}: not a prepared data folder (no meta.json): pass one made by "
-                               "`homellm prepare`")
+    elif cfg.data:
+        data_dir = Path(cfg.data)
+        if not data_dir.exists():
+            raise HomeLLMError(f"--data {data_dir}: not found: pass a folder made by `homellm prepare`, or text files")
     else:  # the run's own data: where training found it, else its data/ (a path saved relative to another cwd)
         saved = config.get("data_dir")
         found = [d for d in ([Path(saved)] if saved else []) + [run / "data"] if (d / "meta.json").is_file()]
@@ -134,8 +140,8 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                                f"{typed(run)}`")
         data_dir = found[0]
     model_cfg, train_cfg = read_config(run)
-    tok = Tokenizer.load(data_dir)
     run_tok = Tokenizer.load(run)
+    tok = run_tok if raw else Tokenizer.load(data_dir)
     if not tok.same_as(run_tok):
         raise HomeLLMError(f"--data {data_dir} was tokenized with another tokenizer than {run}: prepare it with "
                            f"`homellm prepare --tokenizer {typed(run)}`")
@@ -150,10 +156,23 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     as_trained = device.type == "cuda" and (train_cfg.dtype != "bfloat16" or native_bf16(device))
     env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype if as_trained else "auto"))
     model = load_model(run, cfg.checkpoint, env.device)
+    batch = min(cfg.batch_size, 64)  # windows of a whole context each: 64 keep the memory of one batch modest
+    if raw:
+        from homellm.config import PrepareConfig
+        from homellm.data import open_split, prepare
+
+        with tempfile.TemporaryDirectory(prefix="homellm-eval-") as tmp:  # every token: all of it in "train"
+            prepare(PrepareConfig(input=[cfg.data], tokenizer=str(run), out=tmp, val_fraction=0.0))
+            print(f"evaluating all of {cfg.data} once, in windows of {model_cfg.block_size} tokens", file=sys.stderr)
+            result = whole_split_loss(model, open_split(Path(tmp), "train"), model_cfg.block_size, batch,
+                                      tok.token_bytes(), env)
+        if result is None:
+            raise HomeLLMError(f"--data {cfg.data}: no text to score")
+        return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
+                                  "batch_size": batch, **result})
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     # Windows are drawn at random: past about one per block of val tokens they only repeat the same text (50
     # batches of 64 on a 4,000-token split read it 100 times over, for minutes).
-    batch = min(cfg.batch_size, 64)  # windows of a whole context each: 64 keep the memory of one batch modest
     windows = math.ceil(sum(len(m) for m in data.splits["val"]) / model_cfg.block_size)
     batches = min(cfg.batches, max(1, math.ceil(windows / batch))) if cfg.batches else 0
     if batches:
@@ -166,8 +185,11 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         result = whole_split_loss(model, data.splits["val"], model_cfg.block_size, batch, tok.token_bytes(), env)
     if result is None:
         raise HomeLLMError(f"--data {data.no_val}")
-    result = {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint, "batches": batches,
-              "batch_size": batch, **result}
+    return _report_loss(run, {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint,
+                              "batches": batches, "batch_size": batch, **result})
+
+
+def _report_loss(run: Path, result: dict[str, Any]) -> dict[str, Any]:
     print(table([("val loss (nats/token)", f"{result['val_loss']:.4f}"),
                  ("val bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
     atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
