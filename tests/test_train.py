@@ -818,7 +818,7 @@ def test_keep_every_keeps_the_weights_of_those_steps_to_sample_and_start_from(tm
     capsys.readouterr()
     assert main(["generate", str(run), "--checkpoint", "step-4", "--prompt", "the", "--max-new-tokens", "3"]) == 0
     assert main(["info", str(run)]) == 0
-    assert re.search(r"step-4 +4 .* ok", capsys.readouterr().out)
+    assert re.search(r"step-4 +4 .* kept \(checked when loaded\)", capsys.readouterr().out)
     assert main(["generate", str(run), "--checkpoint", "step-5", "--prompt", "the"]) == 2
     assert capsys.readouterr().err == (f"homellm: error: {run / 'step-5'}: missing: the run's kept steps: step-2, "
                                        "step-4, step-6\n")
