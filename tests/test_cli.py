@@ -160,11 +160,28 @@ def test_pretrain_on_raw_text_takes_words_for_its_char_tokenizer(tmp_path, corpu
     assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "1",
                  "--tokenizer-kind", "char", "--tokenizer-words", "of"]) == 0
     assert len(Tokenizer.load(run).encode("of")) == 1 and len(Tokenizer.load(run).encode("the")) == 3
+    # Data prepared by a homellm from before --tokenizer-words (no such key) and no words asked: reused as it is
+    for p in run.iterdir():
+        if p.name not in ("data", "data_tokenizer"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "1",
+                 "--tokenizer-kind", "char"]) == 0  # (prepared again: other words than "of")
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    del meta["pretrain_inputs"]["tokenizer_words"]
+    (run / "data" / "meta.json").write_text(json.dumps(meta))
+    for p in run.iterdir():
+        if p.name not in ("data", "data_tokenizer"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(run), "--max-steps", "1",
+                 "--tokenizer-kind", "char"]) == 0
+    assert "training a char tokenizer" not in capsys.readouterr().err
     capsys.readouterr()
     assert main(["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "bpe"),
                  "--tokenizer-words", "the"]) == 2
-    assert "--tokenizer-words the: only a char tokenizer trained here takes words (use --tokenizer-kind char" in \
-        capsys.readouterr().err
+    assert "--tokenizer-words the: only a char tokenizer takes words: add --tokenizer-kind char\n" in \
+        (err := capsys.readouterr().err)
+    assert "training a" not in err
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):

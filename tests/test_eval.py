@@ -193,6 +193,23 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     assert math.isclose(raw["val_bpb"] * math.log(2) * (len(text) - 1), raw["val_loss"] * raw["tokens"], rel_tol=1e-6)
     assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "nowhere.txt")]) == 2
     assert "--data " + str(tmp_path / "nowhere.txt") + ": not found" in capsys.readouterr().err
+    # A .jsonl with another field, through a glob (as pretrain --data takes them): the same text, the same score
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "held.jsonl").write_text(json.dumps({"content": text}) + "\n")
+    assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "texts" / "*.jsonl"), "--text-field",
+                 "content"]) == 0
+    assert json.loads((run / "eval_loss.json").read_text())["val_loss"] == raw["val_loss"]
+    # Token files are not text (nanoGPT's pair was taken over as the text to score, its train.bin only); a run
+    # neither
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    for name in ("train.bin", "val.bin"):
+        np.arange(50, dtype=np.uint16).tofile(nano / name)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--task", "loss", "--data", str(nano)]) == 2
+    assert f"--data {nano}: token files without homellm's meta.json, not text" in capsys.readouterr().err
+    assert main(["eval", str(run), "--task", "loss", "--data", str(run)]) == 2
+    assert f"--data {run} is a run: omit --data to score {run}'s own data" in capsys.readouterr().err
     # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "task": "arithmetic"}))

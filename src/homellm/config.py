@@ -206,7 +206,10 @@ class EvalConfig:
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
     data: str = ""  # loss: prepared data (default: the run's own) or raw text; exact: a .jsonl of prompt and answer
-    batches: int = 50  # loss: batches of random val windows to average; 0 = the whole val split once, in order
+    batches: int = 50  # loss: batches of random val windows to average; 0 = the whole val split once (raw text: 0)
+    text_field: str = "text"  # loss on raw text: the .jsonl field that holds it
+    encoding: str = "auto"  # loss on raw text: of .txt files (auto: UTF-8, or Shift_JIS detected)
+    aozora: bool = False  # loss on raw text: drop Aozora Bunko's ruby, notes, header and footer
     batch_size: int = 256  # sequences evaluated at once (loss: at most 64 windows of a whole context, for memory)
     checkpoint: str = "best"  # best, last, or a kept step-N
     device: str = "auto"

@@ -5,6 +5,7 @@ greedy answers to your own prompts."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import random
@@ -19,6 +20,7 @@ import torch
 from homellm.chat import PROMPT_FIELDS
 from homellm.checkpoint import chat_model_beside, run_config_path
 from homellm.config import IM_END, EvalConfig
+from homellm.data import nanogpt_folder
 from homellm.errors import HomeLLMError, typed
 from homellm.info import table
 from homellm.io import atomic_write_text, progress_bar
@@ -123,9 +125,15 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     config = _run_config(run)
     # Raw text (what pretrain --data takes too), scored whole: your own held-out text, across runs and tokenizers
     raw = bool(cfg.data) and not (Path(cfg.data) / "meta.json").is_file() and (
-        cfg.data.startswith("hf:") or Path(cfg.data).is_file() or Path(cfg.data).is_dir())
+        cfg.data.startswith("hf:") or glob.has_magic(cfg.data) or Path(cfg.data).is_file() or Path(cfg.data).is_dir())
     if raw:
-        data_dir = Path(cfg.data)
+        data_dir = folder = Path(cfg.data)
+        if (folder / "config.json").is_file():
+            raise HomeLLMError(f"--data {folder} is a run: omit --data to score {run}'s own data, or give text")
+        if nanogpt_folder([cfg.data]) or list(folder.glob("train_*.bin")) or (folder / "tokenizer").is_dir():
+            raise HomeLLMError(f"--data {folder}: token files without homellm's meta.json, not text: prepare the text "
+                               f"with `homellm prepare --input TEXT --tokenizer {typed(run)} --out DATA`, then "
+                               "--data DATA")
     elif cfg.data:
         data_dir = Path(cfg.data)
         if not data_dir.exists():
@@ -162,12 +170,12 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         from homellm.data import open_split, prepare
 
         with tempfile.TemporaryDirectory(prefix="homellm-eval-") as tmp:  # every token: all of it in "train"
-            prepare(PrepareConfig(input=[cfg.data], tokenizer=str(run), out=tmp, val_fraction=0.0))
+            prepare(PrepareConfig(input=[cfg.data], tokenizer=str(run), out=tmp, val_fraction=0.0,
+                                  text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora))
             print(f"evaluating all of {cfg.data} once, in windows of {model_cfg.block_size} tokens", file=sys.stderr)
             result = whole_split_loss(model, open_split(Path(tmp), "train"), model_cfg.block_size, batch,
                                       tok.token_bytes(), env)
-        if result is None:
-            raise HomeLLMError(f"--data {cfg.data}: no text to score")
+        assert result is not None  # prepare refuses empty text, and any text has the end of text to predict
         return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
                                   "batch_size": batch, **result})
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())

@@ -978,6 +978,9 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         print(f"tokenizing {' '.join(cfg.data)} with {tok_dir}'s tokenizer", file=sys.stderr)
     else:
         tok_dir = run / "data_tokenizer"
+        if cfg.tokenizer_words and cfg.tokenizer_kind != "char":
+            raise HomeLLMError(f"--tokenizer-words {' '.join(cfg.tokenizer_words)}: only a char tokenizer takes words: "
+                               "add --tokenizer-kind char")
         # Where the folder is there already beside no data of this run's own, trained aside first: an earlier start
         # of this run (stopped before preparing) left the same tokenizer (training is deterministic), anything else
         # is the user's, which must not be replaced.
