@@ -136,9 +136,10 @@ def verify_checkpoint(folder: Path, need_state: bool, checksums: bool = True) ->
     info = load_json(folder / INFO)
     if not isinstance(info, dict) or not isinstance(info.get("step"), int) or not isinstance(info.get("sha256"), dict):
         raise HomeLLMError(f"{folder / INFO}: not a checkpoint record (it needs a whole-number step and checksums)")
-    for key, none in (("tokens", False), ("val_loss", True), ("val_bpb", True)):  # shown by info: never a traceback
+    for key in ("tokens", "val_loss", "val_bpb"):  # shown by info: never a traceback there
         value = info.get(key, 0)
-        if not isinstance(value, int | float | (type(None) if none else int)) or isinstance(value, bool):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number or (value is None and key != "tokens")):  # (no val loss measured: None)
             raise HomeLLMError(f"{folder / INFO}: {key} is {info[key]!r}, not a number: restore the file homellm wrote")
     files = [WEIGHTS, STATE] if need_state else [WEIGHTS]
     for f in files:

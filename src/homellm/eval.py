@@ -127,12 +127,12 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     raw = bool(cfg.data) and not (Path(cfg.data) / "meta.json").is_file() and (
         cfg.data.startswith("hf:") or glob.has_magic(cfg.data) or Path(cfg.data).is_file() or Path(cfg.data).is_dir())
     if raw:
-        data_dir = folder = Path(cfg.data)
-        if (folder / "config.json").is_file():
-            raise HomeLLMError(f"--data {folder} is a run: omit --data to score {run}'s own data, or give text")
-        if nanogpt_folder([cfg.data]) or list(folder.glob("train_*.bin")) or (folder / "tokenizer").is_dir():
-            raise HomeLLMError(f"--data {folder}: token files without homellm's meta.json, not text: prepare the text "
-                               f"with `homellm prepare --input TEXT --tokenizer {typed(run)} --out DATA`, then "
+        data_dir = Path(cfg.data)
+        if (data_dir / "config.json").is_file():
+            raise HomeLLMError(f"--data {data_dir} is a run: omit --data to score {run}'s own data, or give text")
+        if nanogpt_folder([cfg.data]) or list(data_dir.glob("train_*.bin")) or (data_dir / "tokenizer").is_dir():
+            raise HomeLLMError(f"--data {data_dir}: token files without homellm's meta.json, not text: prepare the "
+                               f"text with `homellm prepare --input TEXT --tokenizer {typed(run)} --out DATA`, then "
                                "--data DATA")
     elif cfg.data:
         data_dir = Path(cfg.data)

@@ -125,13 +125,13 @@ def _first_line(path: Path) -> str:
         return ""
 
 
-def _is_quickstarts(path: Path, alphabet: str) -> bool:
+def _is_quickstarts(path: Path) -> bool:
     """Whether a file or folder where the quickstart writes holds what it writes there (an earlier start of the
     same run, stopped before training); anything else is the user's, which it must not replace."""
     if path.name == "train.txt":
         return bool(_LINE.fullmatch(_first_line(path)))
     if path.name == "alphabet.txt":
-        return path.is_file() and path.read_bytes() == alphabet.encode("utf-8")
+        return path.is_file() and path.read_bytes() == task_alphabet().encode("utf-8")
     if path.name == "chat.jsonl":
         try:
             record = json.loads(_first_line(path))
@@ -140,26 +140,31 @@ def _is_quickstarts(path: Path, alphabet: str) -> bool:
             return False
     if path.name == "data_tokenizer":
         try:
-            return Tokenizer.load(path).same_as(char_tokenizer(alphabet))
+            return Tokenizer.load(path).same_as(char_tokenizer())
         except HomeLLMError:
             return False
-    return path.is_dir() and not any(path.iterdir())  # chat/: its base run would hold a trained model before it is
-    # made
+    # chat/: made once its base run is trained, which the quickstart refuses: an earlier start left none
+    return path.is_dir() and not any(path.iterdir())
 
 
-def char_tokenizer(alphabet: str, words: Sequence[str] = arithmetic.WORDS) -> Tokenizer:
+def task_alphabet() -> str:
+    """Every character the task can ever produce, not just the training problems', and those of its chat questions
+    (for --chat or a later `homellm sft`)."""
+    return arithmetic.chars() + arithmetic.chat_chars()
+
+
+def char_tokenizer(words: Sequence[str] = arithmetic.WORDS) -> Tokenizer:
     """The quickstart's tokenizer: one id per character of the task, its LaTeX commands one id each."""
     from homellm.tokenizer import _train_char
 
-    return _train_char(iter([alphabet]), words)
+    return _train_char(iter([task_alphabet()]), words)
 
 
 def check_own_files(run: Path, chat: bool) -> None:
     """Refuse an --out where the quickstart would replace the user's own files (task/train.txt, say)."""
-    alphabet = arithmetic.chars() + arithmetic.chat_chars()
     places = [run / "task" / "train.txt", run / "task" / "alphabet.txt", run / "data_tokenizer"]
     places += [run / "task" / "chat.jsonl", run / "chat"] if chat else []
-    theirs = [str(p.relative_to(run)) for p in places if p.exists() and not _is_quickstarts(p, alphabet)]
+    theirs = [str(p.relative_to(run)) for p in places if p.exists() and not _is_quickstarts(p)]
     if theirs:
         raise HomeLLMError(f"--out {run} holds {', '.join(theirs)}, which the quickstart did not write, where it "
                            "writes its own: choose a new --out")
@@ -185,11 +190,8 @@ def build_data(run: Path, problems: int, seed: int, stages: int = 5,
     print(f"      {len(text) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s; e.g. "
           f"{text.splitlines()[0]}  {text.splitlines()[1]}", file=sys.stderr)
     _stage(2, stages, "building a character tokenizer" + (" (LaTeX commands one token each)" if words else ""))
-    alphabet = task / "alphabet.txt"
-    # Every character the task can ever produce, not just these, and those of its chat questions (for --chat or
-    # a later `homellm sft`).
-    atomic_write_text(alphabet, arithmetic.chars() + arithmetic.chat_chars())
-    char_tokenizer(alphabet.read_text(encoding="utf-8"), words).save(run / "data_tokenizer")
+    atomic_write_text(task / "alphabet.txt", task_alphabet())  # what the tokenizer was made from, to read
+    char_tokenizer(words).save(run / "data_tokenizer")
     tok = Tokenizer.load(run / "data_tokenizer")
     print(f"      {tok.vocab_size} ids", file=sys.stderr)
     _stage(3, stages, "preparing token shards")

@@ -784,13 +784,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 bar.write(f"sample: {sample(raw)}")
             fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
             periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+            measured = last_val if last_val is not None and "val_loss" in record else {}  # on these weights
             if periodic or done or halted:  # the val loss with it only when measured on these weights
-                checkpoint("last", last_val if last_val is not None and "val_loss" in record else {})
+                checkpoint("last", measured)
             kept = cfg.keep_every > 0 and step % cfg.keep_every == 0
             if kept and env.main:
                 # A copy of these weights to come back to (sample, compare, export, --init from): no optimizer state
-                save_checkpoint(run, f"step-{step}", raw, None, {"step": step, "tokens": tokens, **(
-                    last_val if last_val is not None and "val_loss" in record else {})})
+                save_checkpoint(run, f"step-{step}", raw, None, {"step": step, "tokens": tokens, **measured})
             if "val_loss" in record or periodic or kept:
                 # tok_per_s measures training steps: evaluation and checkpoint writes do not count against it.
                 t_log, tokens_log = time.perf_counter(), tokens
