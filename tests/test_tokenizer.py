@@ -247,6 +247,15 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(HomeLLMError, match="holds tokenizer_config.json but no tokenizer.json"):
         train_tokenizer(TokenizerConfig(input=[corpus], out=str(notes.parent), kind="char"))
     assert notes.read_text() == "my notes"
+    # ...but what a save killed before its tokenizer.json left there is its own, and a rerun writes it again
+    killed = tmp_path / "killed"
+    train_tokenizer(TokenizerConfig(input=[corpus], out=str(killed), kind="char"))
+    for gone in (["tokenizer.json"], ["tokenizer.json", "special_tokens_map.json"]):
+        for name in gone:
+            (killed / name).unlink()
+        again = train_tokenizer(TokenizerConfig(input=[corpus], out=str(killed), kind="char"))
+        assert again.decode(again.encode("some text")) == "some text"
+        assert (killed / "tokenizer.json").is_file()
     with pytest.raises(HomeLLMError, match="--kind"):
         train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), kind="wordpiece"))
     with pytest.raises(HomeLLMError, match="not found"):

@@ -456,7 +456,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
         raise HomeLLMError("--out is required: the folder to write the tokenizer to")
     out = Path(cfg.out)
     theirs = [n for n in ("tokenizer_config.json", "special_tokens_map.json") if (out / n).exists()]
-    if theirs and not (out / "tokenizer.json").exists():
+    if theirs and not (out / "tokenizer.json").exists() and not _own_leftovers(out):
         # written beside tokenizer.json (a folder with one the CLI refuses outright): these alone are someone else's
         raise HomeLLMError(f"--out {cfg.out} holds {' and '.join(theirs)} but no tokenizer.json: a tokenizer writes "
                            "its own there; choose a new --out, or delete them first")
@@ -482,6 +482,22 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             shutil.rmtree(cfg.out, ignore_errors=True)
         raise
     return tok
+
+
+def _own_leftovers(out: Path) -> bool:
+    """Whether the files beside a missing tokenizer.json are what `Tokenizer.save` writes before it, in its order (a
+    save killed halfway): those may be written again; anyone else's may not."""
+    def read(name: str) -> Any:
+        try:
+            return json.loads((out / name).read_bytes())
+        except FileNotFoundError:
+            return {"additional_special_tokens": [IM_START, IM_END]}  # the map is written second
+        except (OSError, ValueError):
+            return None
+
+    config, names = read("tokenizer_config.json"), read("special_tokens_map.json")
+    return (isinstance(config, dict) and str(config.get("chat_template")).endswith(CHAT_TEMPLATE)
+            and isinstance(names, dict) and names.get("additional_special_tokens") == [IM_START, IM_END])
 
 
 def _training_text(cfg: TokenizerConfig) -> Iterator[str]:
