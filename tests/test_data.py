@@ -44,8 +44,10 @@ def docs(inputs: list[str], **kw) -> list[str]:
 
 
 def char_tok(tmp_path: Path, *inputs: str, **kw) -> Path:
-    train_tokenizer(TokenizerConfig(input=list(inputs), out=str(tmp_path / "tok"), kind="char", **kw))
-    return tmp_path / "tok"
+    out = tmp_path / "tok"
+    shutil.rmtree(out, ignore_errors=True)  # a tokenizer is never trained over another
+    train_tokenizer(TokenizerConfig(input=list(inputs), out=str(out), kind="char", **kw))
+    return out
 
 
 def tokens(out: Path, split: str) -> np.ndarray:

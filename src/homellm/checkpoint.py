@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from homellm.config import ModelConfig, SampleConfig, ServeConfig, TrainConfig, from_dict, load_json, save_json
 from homellm.errors import HomeLLMError, typed
-from homellm.io import file_mode, fsync_dir, say
+from homellm.io import file_mode, fsync_dir, refuse_kinds, say
 from homellm.model import GPT
 
 WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
@@ -234,6 +234,29 @@ def holds_trained(run: str | Path) -> bool:
     return any((Path(run) / n).exists() for c in ("last", "best") for n in (c, f".{c}.tmp", f".{c}.old")) or bool(
         kept_steps(run))  # (--keep-every's step-N: a new start would mix its own with them, or replace them)
 
+
+
+def check_new_run(out: str | Path) -> None:
+    """Refuse a new run in a folder that is prepared data or a tokenizer, or where files a run writes (config.json,
+    metrics.jsonl, tokenizer/, best/, last/) are someone else's: the run would replace them. Other files may stay (a
+    log the shell opened there first, say); a folder an earlier start of this run left (its text prepared, its config
+    written) is the run's own."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    refuse_kinds(out, ("meta.json", "tokenizer.json"))
+    try:  # a run's: both sections, every field one of homellm's (another tool's may name a "model" too)
+        ours = (out / "config.json").is_file() and bool(read_config(out))
+    except HomeLLMError:
+        ours = False
+    theirs = [n for n in ("config.json", "metrics.jsonl", "tokenizer") if (out / n).exists()] if not ours else []
+    if theirs:
+        raise HomeLLMError(f"--out {out} holds {', '.join(theirs)}, which homellm did not write, where a run writes "
+                           "its own: choose a new or empty --out")
+    # Checkpoint folders without a run's config.json: not a run to --resume (as "already holds a trained run" said)
+    if not ours and (kept := [n for n in ("best", "last") if (out / n).exists()]):
+        raise HomeLLMError(f"--out {out} holds {' and '.join(kept)} but no run's config.json, where a run writes its "
+                           "checkpoints: choose a new or empty --out")
 
 def is_sft(run: str | Path) -> bool:
     """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""

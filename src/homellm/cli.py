@@ -38,7 +38,7 @@ from homellm.config import (
     replace,
 )
 from homellm.errors import HomeLLMError, typed
-from homellm.io import say
+from homellm.io import KINDS, refuse_kinds, say
 
 
 def build(cls: type, args: argparse.Namespace) -> Any:
@@ -409,39 +409,8 @@ def check_out(args: argparse.Namespace) -> None:
     elif out.exists() and not out.is_dir() and not (getattr(args, "format", None) == "gguf" or (
             args.func is cmd_export and getattr(args, "format", None) is None and _gguf_name(out))):  # (a file)
         raise HomeLLMError(f"--out {out} is a file: give a folder path")
-    # What each verb must not write into: its files would replace a run's, prepared data's or a tokenizer's own
-    # (a run's tokenizer/, say), leaving their token ids meaning other text. Resuming a run, or preparing data again
-    # over prepared data, stays allowed.
-    kinds = {"config.json": "a run", "meta.json": "prepared data", "tokenizer.json": "a tokenizer"}
-    not_into = {cmd_tokenizer: kinds, cmd_prepare: ("config.json", "tokenizer.json"), cmd_merge: kinds,
-                cmd_pretrain: ("meta.json", "tokenizer.json"), cmd_sft: ("meta.json", "tokenizer.json"),
-                cmd_quickstart: ("meta.json", "tokenizer.json")}.get(args.func, ())
-    for name in not_into:
-        if (out / name).is_file():
-            raise HomeLLMError(f"--out {out} already holds {kinds[name]} ({name}): choose a new --out"
-                               + (f", or delete {out / name} first" if name == "tokenizer.json" else ""))
-    if args.func in (cmd_pretrain, cmd_sft, cmd_quickstart) and not getattr(args, "resume", False) and out.is_dir():
-        _check_run_folder(out)
-
-
-def _check_run_folder(out: Path) -> None:
-    """Refuse a new run in a folder where files a run writes (config.json, metrics.jsonl, tokenizer/) are someone
-    else's: the run would replace them. Other files may stay (a log the shell opened there first, say); a folder an
-    earlier start of this run left (its text prepared, its config written) is the run's own."""
-    from homellm.checkpoint import read_config
-
-    try:  # a run's: both sections, every field one of homellm's (another tool's may name a "model" too)
-        ours = (out / "config.json").is_file() and bool(read_config(out))
-    except HomeLLMError:
-        ours = False
-    theirs = [n for n in ("config.json", "metrics.jsonl", "tokenizer") if (out / n).exists()] if not ours else []
-    if theirs:
-        raise HomeLLMError(f"--out {out} holds {', '.join(theirs)}, which homellm did not write, where a run writes "
-                           "its own: choose a new or empty --out")
-    # Checkpoint folders without a run's config.json: not a run to --resume (as "already holds a trained run" said)
-    if not ours and (kept := [n for n in ("best", "last") if (out / n).exists()]):
-        raise HomeLLMError(f"--out {out} holds {' and '.join(kept)} but no run's config.json, where a run writes its "
-                           "checkpoints: choose a new or empty --out")
+    if args.func is cmd_merge:  # (the other verbs' library functions refuse where they must not write)
+        refuse_kinds(out, KINDS)
 
 
 def check_utf8(argv: list[str]) -> None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from homellm.config import EOT, PrepareConfig, load_json, save_json
 from homellm.errors import HomeLLMError, typed
-from homellm.io import fsync_dir, progress_bar, say
+from homellm.io import fsync_dir, progress_bar, refuse_kinds, say
 from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
@@ -679,6 +679,7 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     """
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the prepared data to")
+    refuse_kinds(cfg.out, ("config.json", "tokenizer.json"))  # (prepared data again over prepared data: allowed)
     if not cfg.tokenizer:
         raise HomeLLMError("--tokenizer is required: a tokenizer folder (train one with `homellm tokenizer train`)")
     if not 0 <= cfg.val_fraction < 1:

@@ -23,6 +23,18 @@ from homellm.errors import HomeLLMError
 FOLDERS_OPEN = os.name != "nt"
 
 
+# The file that makes a folder one of homellm's kinds. A verb writing into such a folder would replace its files (a
+# run's tokenizer/, prepared data's tokenizer.json), leaving its token ids meaning other text.
+KINDS = {"config.json": "a run", "meta.json": "prepared data", "tokenizer.json": "a tokenizer"}
+
+
+def refuse_kinds(out: str | Path, names: Iterable[str]) -> None:
+    """Refuse to write into `out` where it holds one of the kinds `names` marks (keys of KINDS)."""
+    for name in names:
+        if (Path(out) / name).is_file():
+            raise HomeLLMError(f"--out {out} already holds {KINDS[name]} ({name}): choose a new --out"
+                               + (f", or delete {Path(out) / name} first" if name == "tokenizer.json" else ""))
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (where folders can be opened: FOLDERS_OPEN)."""
     if not FOLDERS_OPEN:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from homellm.checkpoint import holds_trained
+from homellm.checkpoint import check_new_run, holds_trained
 from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TrainConfig, preset, replace
 from homellm.data import open_split, prepare, read_meta
 from homellm.errors import HomeLLMError, typed
@@ -228,6 +228,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: evaluate at least 1 problem")
     run = Path(cfg.out)
+    check_new_run(run)
     if holds_trained(run):  # an imported or merged run has `best` alone
         raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {typed(run)}`, or pass "
                            "a new --out")

@@ -21,6 +21,7 @@ import torch
 from homellm.chat import Message, prompt_ids, read_conversations, render
 from homellm.checkpoint import (
     WEIGHTS,
+    check_new_run,
     find_checkpoint,
     holds_trained,
     load_weights_into,
@@ -172,6 +173,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     init, out = Path(cfg.init), Path(train_cfg.out)
     if init.resolve() == out.resolve():
         raise HomeLLMError(f"--out {out} is the --init run: write the fine-tuned model to a new folder")
+    if not train_cfg.resume:
+        check_new_run(out)
     saved = load_json(out / "config.json") if train_cfg.resume and (out / "config.json").is_file() else {}
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
     # and may have moved or gone. LoRA adapters always need their base.

@@ -35,7 +35,7 @@ from homellm.config import (
     save_json,
 )
 from homellm.errors import HomeLLMError
-from homellm.io import atomic_write, say
+from homellm.io import KINDS, atomic_write, refuse_kinds, say
 
 UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
 _HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
@@ -455,6 +455,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     if not cfg.out:
         raise HomeLLMError("--out is required: the folder to write the tokenizer to")
     out = Path(cfg.out)
+    refuse_kinds(out, KINDS)
     theirs = [n for n in ("tokenizer_config.json", "special_tokens_map.json") if (out / n).exists()]
     if theirs and not (out / "tokenizer.json").exists() and not _own_leftovers(out):
         # written beside tokenizer.json (a folder with one the CLI refuses outright): these alone are someone else's

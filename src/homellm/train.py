@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from homellm.checkpoint import (
+    check_new_run,
     fault_point,
     find_checkpoint,
     holds_trained,
@@ -1017,6 +1018,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
     run = Path(cfg.out)
+    if not cfg.resume and os.environ.get("RANK", "0") == "0":  # (the others would see what rank 0 began writing)
+        check_new_run(run)
     # Kept absolute in the run's config: a --resume or eval from another folder must find the same text, not a
     # folder of the same name there.
     cfg = replace(cfg, data=absolute_inputs(cfg.data), init=cfg.init and os.path.abspath(cfg.init))
