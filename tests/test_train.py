@@ -920,3 +920,37 @@ def test_token_ids_beyond_the_tokenizer_in_a_shard_are_named(tmp_path, data_dir,
     del ids
     assert main(["pretrain", "--data", str(bad), "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 2
     assert f"{bad}: its train shards hold token id 60,000, beyond the tokenizer's" in capsys.readouterr().err
+
+
+def test_library_functions_refuse_the_folders_the_cli_refuses(tmp_path, corpus, data_dir):
+    # Called from a notebook as from the CLI: nothing is written into a run, prepared data or a tokenizer
+    from homellm.config import PrepareConfig, QuickstartConfig, SFTConfig, TokenizerConfig
+    from homellm.data import prepare
+    from homellm.quickstart import quickstart
+    from homellm.sft import sft
+    from homellm.tokenizer import train_tokenizer
+
+    tok = data_dir.parent / "tok"
+    before = {p: p.read_bytes() for d in (data_dir, tok) for p in d.rglob("*") if p.is_file()}
+    for call, message in [
+        (lambda: train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tok), kind="char")),
+         "already holds a tokenizer"),
+        (lambda: train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(data_dir), kind="char")),
+         "already holds prepared data"),
+        (lambda: prepare(PrepareConfig(input=[str(corpus)], tokenizer=str(tok), out=str(tok))),
+         "already holds a tokenizer"),
+        (lambda: pretrain(preset("tiny")[0], replace(preset("tiny")[1], data=[str(corpus)], out=str(data_dir))),
+         "already holds prepared data"),
+        (lambda: sft(SFTConfig(init=str(data_dir), data=[str(corpus)]), replace(preset("tiny")[1], out=str(tok))),
+         "already holds a tokenizer"),
+        (lambda: quickstart(QuickstartConfig(out=str(data_dir), max_time=5)), "already holds prepared data"),
+    ]:
+        with pytest.raises(HomeLLMError, match=message):
+            call()
+    assert {p: p.read_bytes() for d in (data_dir, tok) for p in d.rglob("*") if p.is_file()} == before
+    # another tool's files where a run writes its own
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(HomeLLMError, match="holds metrics.jsonl, which homellm did not write"):
+        pretrain(preset("tiny")[0], replace(preset("tiny")[1], data=[str(corpus)], out=str(tmp_path / "theirs")))
+    assert (tmp_path / "theirs" / "metrics.jsonl").read_text() == "{}\n"
