@@ -96,6 +96,39 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_d
     assert_same_weights(run / "last", reference / "last")
 
 
+def test_a_kill_while_writing_the_first_checkpoint_leaves_a_run_to_start_again(tmp_path, data_dir, reference):
+    """Killed with the first checkpoint (`best` of step 4) half written: nothing to resume, and the same command
+    starts the run again (the half-written .best.tmp counted as a trained run, and no way on was left)."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS]
+    killed = homellm(*args, env={"HOMELLM_FAULT_KILL_MID_CHECKPOINT": "4"}, check=False)
+    assert killed.returncode == -9 and (run / ".best.tmp").is_dir() and not (run / ".best.tmp" / "checkpoint.json"
+                                                                               ).exists()
+    resumed = homellm("pretrain", "--out", str(run), "--resume", check=False)
+    assert resumed.returncode == 2 and resumed.stderr.startswith(
+        f"homellm: error: {run}: no checkpoint yet, the run stopped before its first: start it again without --resume")
+    homellm(*args)
+    assert metrics(run) == metrics(reference)
+    assert_same_weights(run / "last", reference / "last")
+
+
+def test_a_checkpoint_stopped_mid_write_by_ctrl_c_is_removed(tmp_path, monkeypatch):
+    from homellm.checkpoint import save_checkpoint
+    from homellm.model import GPT
+
+    model = GPT(replace(preset("tiny")[0], vocab_size=16))
+    save_checkpoint(tmp_path, "last", model, {"step": 1}, {"step": 1})
+
+    def interrupted(*args, **kwargs):  # a second Ctrl-C while the state is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, "last", model, {"step": 2}, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert find_checkpoint(tmp_path, "last", need_state=True) == tmp_path / "last"
+
+
 def test_a_kill_between_a_checkpoints_two_renames_resumes_from_the_new_one(tmp_path, data_dir, reference):
     """Killed while `best` of step 4 was being swapped in, before any `last`: the complete .best.tmp is used, and the
     step's metrics line, written before the checkpoint, is kept (it used to be written after, and was lost)."""

@@ -80,6 +80,7 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
     files = [WEIGHTS]
     try:
         save_file(weights_of(model), str(tmp / WEIGHTS))
+        fault_point("HOMELLM_FAULT_KILL_MID_CHECKPOINT", info.get("step"))
         if state is not None:
             torch.save(state, tmp / STATE)
             files.append(STATE)
@@ -89,7 +90,7 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
                 os.fsync(fh.fileno())
         save_json(tmp / INFO, {**info, "sha256": {f: sha256_file(tmp / f) for f in files}})
         fsync_dir(tmp)
-    except Exception as e:
+    except BaseException as e:  # (a second Ctrl-C too)
         # Half written: left behind, it kept the disk full and the next --resume failed on it. torch and
         # safetensors say "unexpected pos" or "No space left" in their own words: the free space tells.
         free = shutil.disk_usage(run).free
@@ -172,12 +173,12 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         except HomeLLMError as e:
             if c.exists() or not c.name.startswith("."):
                 problems.append(str(e))
-    if not any(c.exists() for c in candidates) and (kept := kept_steps(run)):  # weights only: nothing to resume
+    if not any(_written(c) for c in candidates) and (kept := kept_steps(run)):  # weights only: nothing to resume
         raise HomeLLMError(f"{run}: no checkpoint to {'resume' if need_state else 'load'} (`last`, `best`), only the "
                            f"weights --keep-every kept ({', '.join(kept)}): train on from one with `homellm pretrain "
                            f"--init {typed(run)} --init-checkpoint {kept[-1]} --data DATA --out NEW`, or load it with "
                            f"--checkpoint {kept[-1]}")
-    if not any(c.exists() for c in candidates):  # stopped before its first checkpoint: nothing to fall back on
+    if not any(_written(c) for c in candidates):  # stopped before its first checkpoint: nothing to fall back on
         fix = ("start it again without --resume (the same --out is fine), and a lower --checkpoint-every saves "
                "sooner" if need_state else "it has no weights yet: train it (or resume it) until it writes one")
         raise HomeLLMError(f"{run}: no checkpoint yet, the run stopped before its first: {fix}")
@@ -228,10 +229,16 @@ def kept_steps(run: str | Path) -> list[str]:
     return sorted(found, key=lambda name: int(name[5:]))
 
 
+def _written(path: Path) -> bool:
+    """Whether a checkpoint folder holds what was written: a .NAME.tmp only once its checkpoint.json is there (written
+    last; a kill before it left part of a checkpoint, which nothing can load and the next save replaces)."""
+    return path.exists() and not (path.name.endswith(".tmp") and not (path / INFO).is_file())
+
+
 def holds_trained(run: str | Path) -> bool:
     """Whether RUN holds weights a new start would replace: `best` alone too (what import and merge write, or a run
-    whose `last` was deleted), and a checkpoint caught mid-write."""
-    return any((Path(run) / n).exists() for c in ("last", "best") for n in (c, f".{c}.tmp", f".{c}.old")) or bool(
+    whose `last` was deleted), and a checkpoint caught mid-swap."""
+    return any(_written(Path(run) / n) for c in ("last", "best") for n in (c, f".{c}.tmp", f".{c}.old")) or bool(
         kept_steps(run))  # (--keep-every's step-N: a new start would mix its own with them, or replace them)
 
 
