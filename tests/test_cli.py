@@ -479,7 +479,7 @@ def test_pretrain_names_its_own_tokenizer_flags(tmp_path, corpus, capsys):
     assert "homellm: error: --tokenizer-vocab 100 is too small" in capsys.readouterr().err
 
 
-def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_again(tmp_path, capsys):
+def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_again(tmp_path, corpus, capsys):
     from homellm.cli import main
 
     (tmp_path / "run" / "data_tokenizer").mkdir(parents=True)  # what a Ctrl-C in `pretrain --data TEXT` leaves
@@ -487,6 +487,17 @@ def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_aga
     assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume"]) == 2
     assert "a run whose first start stopped while preparing its text, before training (no config.json yet): run its " \
            "`homellm pretrain --data ...` command again, without --resume" in capsys.readouterr().err
+    # Killed while its tokenizer was written (the save's first files, no tokenizer.json): the same, and the same
+    # command then trains it again where it was
+    main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "killed" /
+                                                                                      "data_tokenizer")])
+    (tmp_path / "killed" / "data_tokenizer" / "tokenizer.json").unlink()
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(tmp_path / "killed"), "--resume"]) == 2
+    assert "a run whose first start stopped while preparing its text" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "killed"), "--preset", "tiny",
+                 "--tokenizer-kind", "char", "--max-steps", "1", "--eval-every", "0"]) == 0
+    assert (tmp_path / "killed" / "best").is_dir() or (tmp_path / "killed" / "last").is_dir()
     (tmp_path / "quick" / "task").mkdir(parents=True)  # a quickstart stopped the same way
     (tmp_path / "quick" / "data_tokenizer").mkdir()
     (tmp_path / "quick" / "data_tokenizer" / "tokenizer.json").write_text("{}")

@@ -303,6 +303,12 @@ def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_pat
             check_own_files(mine, chat=True)
     for name in ("task/chat.jsonl", "chat"):  # looked at only where the quickstart writes them: with --chat
         check_own_files(tmp_path / name.replace("/", "-"), chat=False)
+    # A start killed while its tokenizer was written left the save's first files, or an empty folder: its own
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    for gone in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        (killed / "data_tokenizer" / gone).unlink()
+        check_own_files(killed, chat=True)
     # As the command runs it: refused before anything is written
     from homellm.cli import main
 

@@ -29,6 +29,7 @@ from homellm.config import ModelConfig, SampleConfig, ServeConfig, TrainConfig, 
 from homellm.errors import HomeLLMError, typed
 from homellm.io import file_mode, fsync_dir, refuse_kinds, say
 from homellm.model import GPT
+from homellm.tokenizer import unfinished_save
 
 WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
 
@@ -212,7 +213,8 @@ def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` o
         raise HomeLLMError(f"{run}: a checkpoint of the run {run.parent}: pass the run folder ({run.parent})"
                            + ("; verbs read its `best`, and `last` where they take --checkpoint last (sft: "
                               "--init-checkpoint last)" if run.name == "last" else ""))
-    elif (run / "data_tokenizer" / "tokenizer.json").is_file() or (run / "data" / ".preparing").is_dir():
+    elif (run / "data_tokenizer" / "tokenizer.json").is_file() or unfinished_save(run / "data_tokenizer") or (
+            run / "data" / ".preparing").is_dir():
         # `pretrain --data TEXT` and `quickstart` build these first, and write config.json only when training starts.
         again = f"`homellm quickstart --out {typed(run)}` again" if (run / "task").is_dir() else (
             "its `homellm pretrain --data ...` command again, without --resume")

@@ -28,7 +28,7 @@ from homellm.data import open_split, prepare, read_meta
 from homellm.errors import HomeLLMError, typed
 from homellm.io import atomic_write_text
 from homellm.tasks import arithmetic
-from homellm.tokenizer import Tokenizer
+from homellm.tokenizer import Tokenizer, unfinished_save
 
 CHAT_SHARE = 0.2  # --chat: the part of the training time that fine-tunes for chat
 CHAT_LR = 1e-3  # below pretraining's 3e-3: the model already writes the answers, SFT teaches the questions
@@ -139,6 +139,8 @@ def _is_quickstarts(path: Path) -> bool:
         except (ValueError, TypeError, KeyError, IndexError):
             return False
     if path.name == "data_tokenizer":
+        if unfinished_save(path):  # stopped while the tokenizer was written
+            return True
         try:
             return Tokenizer.load(path).same_as(char_tokenizer())
         except HomeLLMError:

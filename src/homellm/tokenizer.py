@@ -501,6 +501,13 @@ def _own_leftovers(out: Path) -> bool:
             and isinstance(names, dict) and names.get("additional_special_tokens") == [IM_START, IM_END])
 
 
+def unfinished_save(folder: Path) -> bool:
+    """Whether `folder` holds only what a `Tokenizer.save` stopped before its tokenizer.json left there: nothing yet,
+    or its first files. The save that stopped may be done again there."""
+    return folder.is_dir() and not (folder / "tokenizer.json").exists() and (
+        not any(folder.iterdir()) or _own_leftovers(folder))
+
+
 def _training_text(cfg: TokenizerConfig) -> Iterator[str]:
     # Imported here: data.py imports this module for `prepare`.
     from homellm.data import iter_documents

@@ -60,7 +60,7 @@ from homellm.errors import HomeLLMError, typed
 from homellm.io import progress_bar, say
 from homellm.model import GPT
 from homellm.muon import Muon
-from homellm.tokenizer import Tokenizer
+from homellm.tokenizer import Tokenizer, unfinished_save
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "keep_every",
@@ -986,7 +986,7 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         # of this run (stopped before preparing) left the same tokenizer (training is deterministic), anything else
         # is the user's, which must not be replaced.
         ours = (data_dir / "meta.json").is_file() and _made_by_run(read_meta(data_dir), run)
-        there = tok_dir.exists() and any(tok_dir.iterdir()) and not ours
+        there = tok_dir.exists() and not unfinished_save(tok_dir) and not ours
         out = run / ".data_tokenizer.tmp" if there else tok_dir
         shutil.rmtree(out, ignore_errors=True)
         print(f"training a {cfg.tokenizer_kind} tokenizer on {' '.join(cfg.data)}", file=sys.stderr)
