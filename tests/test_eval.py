@@ -249,10 +249,19 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
 
 def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     run = tmp_path / "qs"
-    proc = homellm("quickstart", "--out", str(run), "--max-time", "8", "--problems", "3000", "--n", "20", "--chat",
-                   "--chat-problems", "400")
+    # Ctrl-C at step 1 of the pretraining and of the fine-tuning: each stops there, and is evaluated as it is (the
+    # budget is long enough for neither to end at step 1 anyway, and the test takes no longer for it)
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "60", "--problems", "3000", "--n", "20", "--chat",
+                   "--chat-problems", "400", env={"HOMELLM_FAULT_SIGINT_AT_STEP": "1"}, check=False)
     for stage in ("[1/7]", "[6/7]", "[7/7]"):
         assert stage in proc.stderr
+    assert proc.returncode == 130 and "--resume" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("stopping after this step, then the evaluation of the") == 2
+    assert "held-out problems after 1 steps" in proc.stdout and "the training and fine-tuning stopped early by " \
+        "Ctrl-C" in proc.stdout
+    assert proc.stderr.endswith("homellm: interrupted: the training and fine-tuning stopped early (Ctrl-C), and the "
+                                "figures above are for the model as it was then; for the whole run, run the quickstart "
+                                "again with a new --out\n")
     assert f"homellm chat {run / 'chat'}" in proc.stdout
     result = json.loads((run / "chat" / "eval_chat_arithmetic.json").read_text())
     assert set(result["by_phrasing"]) == {"en", "ja", "symbols"}
@@ -262,8 +271,8 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     assert config["sft_data"]["conversations"] + config["sft_data"]["duplicates_dropped"] == 400  # a problem may recur
     # Pretraining for chat reads rows of the whole context, since replies come after the question.
     pretrained = json.loads((run / "config.json").read_text())
-    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    assert last["tokens"] == last["step"] * pretrained["train"]["batch_size"] * pretrained["model"]["block_size"]
+    last = json.loads((run / "quickstart.json").read_text())["summary"]
+    assert last["tokens"] == last["steps"] * pretrained["train"]["batch_size"] * pretrained["model"]["block_size"]
     # The chat run is an ordinary run: eval takes it again, and a pretrained-only run is not a chat model.
     again = homellm("eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5")
     assert "ja" in again.stdout and "overall" in again.stdout

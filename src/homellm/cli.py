@@ -291,7 +291,12 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from homellm.quickstart import quickstart
 
-    quickstart(build(QuickstartConfig, args))
+    result = quickstart(build(QuickstartConfig, args))
+    if result["interrupted"]:  # evaluated as it was, but not the whole run: scripts see an interrupted one
+        say(f"homellm: interrupted: the {' and '.join(result['interrupted'])} stopped early (Ctrl-C), and the "
+            f"figures above are for the model as it was then; for the whole run, run the quickstart again with a "
+            f"new --out")
+        raise SystemExit(130)
 
 
 def run_verb(sub: argparse._SubParsersAction, name: str, help_text: str, func: Callable[[argparse.Namespace], None],

@@ -258,7 +258,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     meta = read_meta(data_dir)
     summary = train(model_cfg, train_cfg, batches, tok, extra_config={
         "task": "arithmetic", "data_dir": str(Path(data_dir).resolve()),
-        "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}})
+        "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}},
+        after_ctrl_c="then the evaluation of the model as it is")
     _stage(5, stages, f"evaluating on {cfg.n:,} held-out problems")
     from homellm.checkpoint import load_model
     from homellm.train import resolve_device
@@ -284,8 +285,11 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if cfg.chat:
         report["chat"] = chat_stage(cfg, run, chat_seconds)
     minutes = (time.perf_counter() - t_start) / 60
+    stopped = [name for name, s in [("training", summary), ("fine-tuning", report.get("chat", {}).get("summary"))]
+               if s and s["stop"] == "interrupted"]
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
-          f"{summary['steps']:,} steps ({minutes:.1f} min in all). Next:")
+          f"{summary['steps']:,} steps ({minutes:.1f} min in all"
+          f"{'; the ' + ' and '.join(stopped) + ' stopped early by Ctrl-C' if stopped else ''}). Next:")
     where = typed(run)
     print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
     print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")
@@ -296,7 +300,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     print(f"  homellm info {where}")
     report["minutes"] = round(minutes, 2)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
-    return result
+    return {**result, "interrupted": stopped}
 
 
 def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, Any]:
@@ -313,7 +317,8 @@ def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, An
     # Muon, as in pretraining: at the same 107 s, 28.7 % of held-out questions right instead of AdamW's 10.8 %.
     train_cfg = replace(TrainConfig(**SFT_TRAIN), out=str(run / "chat"), max_steps=0, max_time=seconds,
                         optimizer="muon", lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
-    summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg)
+    summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg,
+                  after_ctrl_c="then the evaluation of the chat model as it is")
     _stage(7, 7, "evaluating the chat model on held-out problems in each phrasing")
     with _one_thread():
         result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1,

@@ -152,8 +152,10 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
     return cfg, replace(TrainConfig(**base), **train_flags)
 
 
-def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters)."""
+def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str = "with a checkpoint to --resume from"
+        ) -> dict[str, Any]:
+    """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters);
+    `after_ctrl_c` as in `train`."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters
     from homellm.train import absolute_inputs, check_resume, steps_for_epochs, train
 
@@ -294,7 +296,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig) -> dict[str, Any]:
                              tok.end_ids, guard=tok.utf8_guard)
         return f"{question!r} -> {tok.decode(reply)!r}"
 
-    summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample)
+    summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample,
+                    after_ctrl_c=after_ctrl_c)
     return {**summary, **stats}
 
 

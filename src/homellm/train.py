@@ -521,11 +521,13 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
           init: Callable[[GPT], None] | None = None, extra_config: dict[str, Any] | None = None,
-          sample: Callable[[GPT], str] | None = None) -> dict[str, Any]:
+          sample: Callable[[GPT], str] | None = None, after_ctrl_c: str = "with a checkpoint to --resume from"
+          ) -> dict[str, Any]:
     """Train a model into the run directory cfg.out; return a summary (steps, tokens, val loss, bpb, seconds).
 
     `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json;
-    `sample` shows what the model makes of a prompt (default: a greedy continuation of cfg.sample_prompt)."""
+    `sample` shows what the model makes of a prompt (default: a greedy continuation of cfg.sample_prompt);
+    `after_ctrl_c` is what the first Ctrl-C is said to lead to, after the current step."""
     if sample is None:
         def sample(model: GPT) -> str:
             return repr(sample_text(model, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop))
@@ -679,7 +681,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     schedule_at = 0.0  # how far along its schedule the learning rate is
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
-    with _Interrupt(bar, announce=env.main) as interrupt:
+    with _Interrupt(bar, announce=env.main, then=after_ctrl_c) as interrupt:
         while not finished():
             t0 = time.perf_counter()
             if warmup_at is None and step >= cfg.warmup_steps:
@@ -817,8 +819,8 @@ class _Interrupt:
     second one raises KeyboardInterrupt as usual. Off (`asked` stays False) outside the main thread, where signal
     handlers cannot be set. `announce` is off on all ranks of torchrun but the first, which speaks for them."""
 
-    def __init__(self, bar: tqdm, announce: bool = True):
-        self.asked, self._bar, self._old, self._announce = False, bar, None, announce
+    def __init__(self, bar: tqdm, announce: bool = True, then: str = "with a checkpoint to --resume from"):
+        self.asked, self._bar, self._old, self._announce, self._then = False, bar, None, announce, then
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
@@ -834,8 +836,7 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.asked = True
         if self._announce:
-            self._bar.write("stopping after this step, with a checkpoint to --resume from (Ctrl-C again stops at "
-                            "once)", file=sys.stderr)
+            self._bar.write(f"stopping after this step, {self._then} (Ctrl-C again stops at once)", file=sys.stderr)
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
