@@ -935,7 +935,9 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
 
     if not cfg.data:
         raise HomeLLMError("--data is required: a folder from `homellm prepare`, or .txt/.jsonl files to train on")
-    if len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file():
+    if len(cfg.data) == 1 and ((Path(cfg.data[0]) / "meta.json").is_file() or (Path(cfg.data[0]) / ".preparing"
+                                                                              ).is_dir()):
+        read_meta(cfg.data[0])  # (a prepare killed while swapping the new data in: it says so)
         return Path(cfg.data[0])
     if nanogpt_folder(cfg.data):  # token ids, not text: a tokenizer trained here could not read them
         raise HomeLLMError(f"--data {cfg.data[0]} holds nanoGPT's train.bin and val.bin, ids of the tokenizer they "
