@@ -994,6 +994,6 @@ def test_data_whose_prepare_was_killed_mid_swap_is_named_so(tmp_path, data_dir):
     shutil.copytree(data_dir, data)
     (data / ".preparing").mkdir()
     (data / "meta.json").rename(data / ".preparing" / "meta.json")  # the old one gone, the new one not yet in
-    with pytest.raises(HomeLLMError, match=r"no meta.json \(a prepare into it was interrupted or is running\): run "
+    with pytest.raises(HomeLLMError, match=r"no meta.json \(a prepare into it was interrupted or is running\)\): run "
                                            r"`homellm prepare"):
         pretrain(preset("tiny")[0], replace(preset("tiny")[1], data=[str(data)], out=str(tmp_path / "run")))
