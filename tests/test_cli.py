@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -468,6 +469,23 @@ def test_the_machines_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path
         with pytest.raises(OSError) as e:
             atomic_write_text(Path("/proc/self/eval_loss.json"), "{}")
         assert e.value.filename == "/proc/self/eval_loss.json"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a process's liveness is looked up on POSIX only")
+def test_temp_files_of_writes_killed_midway_go_at_the_next_write(tmp_path):
+    from homellm.io import atomic_write_text
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE) as live:
+        stale = tmp_path / f".m.gguf.{gone.pid}.x1y2.tmp"  # a GGUF export killed halfway: its process is gone
+        writing = tmp_path / f".m.gguf.{live.pid}.a3b4.tmp"  # another write still running
+        other = tmp_path / f".n.gguf.{gone.pid}.c5d6.tmp"  # another file's
+        for f in (stale, writing, other):
+            f.write_bytes(b"partial")
+        atomic_write_text(tmp_path / "m.gguf", "model")
+        live.stdin.close()
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(["m.gguf", writing.name, other.name])
 
 
 def test_pretrain_names_its_own_tokenizer_flags(tmp_path, corpus, capsys):

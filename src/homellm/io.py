@@ -5,6 +5,7 @@ in a terminal and in a log."""
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import os
 import re
@@ -55,12 +56,34 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # (POSIX only: on Windows signal 0 is CTRL_C_EVENT)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        pass
+    return True
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete the temp files of earlier writes of `path` whose process is gone (killed mid-write: a GGUF export's
+    is the model's whole size, hidden). Their names carry the writer's pid; a live writer's stays."""
+    if os.name == "nt":
+        return
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, fsync the result and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as e:  # a read-only folder: the error named a hidden temp file no one asked for
         raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
