@@ -997,3 +997,20 @@ def test_data_whose_prepare_was_killed_mid_swap_is_named_so(tmp_path, data_dir):
     with pytest.raises(HomeLLMError, match=r"no meta.json \(a prepare into it was interrupted or is running\)\): run "
                                            r"`homellm prepare"):
         pretrain(preset("tiny")[0], replace(preset("tiny")[1], data=[str(data)], out=str(tmp_path / "run")))
+
+
+def test_resuming_a_run_killed_before_its_first_checkpoint_says_start_again(tmp_path, reference, corpus, capsys):
+    """Killed between its config.json and its tokenizer/: --resume said to copy back a tokenizer/ folder."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(reference / "config.json", run / "config.json")
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 2
+    assert "no checkpoint yet, the run stopped before its first: start it again without --resume" in \
+        capsys.readouterr().err
+    (tmp_path / "chat").mkdir()  # sft the same: it said only "chat/config.json: not found"
+    assert main(["sft", "--init", str(reference), "--data", str(corpus), "--out", str(tmp_path / "chat"),
+                 "--resume"]) == 2
+    assert capsys.readouterr().err == (f"homellm: error: --resume: {tmp_path / 'chat'} holds no fine-tuning run to "
+                                       "continue (no config.json): start it again without --resume\n")

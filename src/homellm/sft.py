@@ -177,7 +177,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str = "with a chec
         raise HomeLLMError(f"--out {out} is the --init run: write the fine-tuned model to a new folder")
     if not train_cfg.resume:
         check_new_run(out)
-    saved = load_json(out / "config.json") if train_cfg.resume and (out / "config.json").is_file() else {}
+    elif not (out / "config.json").is_file():  # stopped before it wrote anything to resume from
+        raise HomeLLMError(f"--resume: {out} holds no fine-tuning run to continue (no config.json): start it again "
+                           "without --resume")
+    saved = load_json(out / "config.json") if train_cfg.resume else {}
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
     # and may have moved or gone. LoRA adapters always need their base.
     own = bool(saved) and "lora" not in saved

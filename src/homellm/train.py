@@ -1047,6 +1047,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if model_cfg.vocab_size == 0:
             model_cfg = replace(model_cfg, vocab_size=saved_model.vocab_size)
         check_resume(run, model_cfg, cfg)
+        find_checkpoint(run, "last", need_state=True, quiet=True)  # none yet: said before any text is prepared
     elif os.environ.get("RANK", "0") == "0" and holds_trained(run):
         raise HomeLLMError(f"{run} already holds a trained run: add --resume to continue it, or choose a new --out")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
