@@ -529,8 +529,25 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert (run / "metrics.jsonl").read_text() == before
     timed = replace(cfg, max_steps=0, max_time=0.001)
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
-    assert re.search(r"note: .*run has used \d+ s, its whole --max-time 0.001 \(evaluations count too\): raise "
-                     r"--max-time above \d+ to train it further", capsys.readouterr().err)
+    assert re.search(r"note: .*run has used \d+ s of its --max-time 0.001 \(evaluations count too, and 0 s are kept "
+                     r"for the final one\): raise --max-time above \d+ to train it further", capsys.readouterr().err)
+    # Ended by the room kept for the final evaluation (38 s used, 8 s kept, --max-time 45): "max_steps" was said,
+    # and the --max-time it advised (above 38) did not train
+    timed_run = tmp_path / "timed"
+    shutil.copytree(run, timed_run)
+    from homellm.checkpoint import sha256_file
+
+    last = timed_run / "last"
+    state = torch.load(last / "state.pt", weights_only=False)
+    torch.save({**state, "elapsed": 38.0, "final_eval": [8.0, True]}, last / "state.pt")
+    info = json.loads((last / "checkpoint.json").read_text())
+    info["sha256"]["state.pt"] = sha256_file(last / "state.pt")
+    (last / "checkpoint.json").write_text(json.dumps(info))
+    kept = replace(timed, out=str(timed_run), max_time=45)
+    assert pretrain(model_cfg, kept)["stop"] == "max_time"
+    assert (f"note: {timed_run} has used 38 s of its --max-time 45 (evaluations count too, and 8 s are kept for the "
+            "final one): raise --max-time above 46 to train it further") in capsys.readouterr().err
+    assert pretrain(model_cfg, replace(kept, max_time=46.5, max_steps=20))["steps"] == 20  # (steps bound the test)
     more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
     err = capsys.readouterr().err
     assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in err

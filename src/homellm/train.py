@@ -658,15 +658,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     def finished() -> bool:
         return progress() >= 1.0 or bool(cfg.patience and bad_evals >= cfg.patience)
 
-    if cfg.max_time > 0 and elapsed >= cfg.max_time:
+    if cfg.max_time > 0 and progress((0, elapsed)) >= 1.0:  # (less the room kept for the final evaluation)
         stop_reason = "max_time"
     if finished():  # resumed after its end: nothing to do, and its final val loss to report again
         last_val = resumed_val
         if progress() < 1.0:
             stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
         if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
-            bar.write(f"note: {run} has used {elapsed:.0f} s, its whole --max-time {cfg.max_time:g} (evaluations "
-                      f"count too): raise --max-time above {elapsed:.0f} to train it further", file=sys.stderr)
+            # progress() ends the budget eval_room early (but at half of it at the latest): what trains again
+            above = math.ceil(min(elapsed + eval_room, 2 * elapsed))
+            bar.write(f"note: {run} has used {elapsed:.0f} s of its --max-time {cfg.max_time:g} (evaluations count "
+                      f"too, and {min(eval_room, cfg.max_time / 2):.0f} s are kept for the final one): raise "
+                      f"--max-time above {above} to train it further", file=sys.stderr)
         elif env.main and stop_reason == "max_steps" and step > cfg.max_steps:  # a lower --max-steps given now
             bar.write(f"note: {run} is at step {step}, past --max-steps {cfg.max_steps}: nothing to train; give "
                       f"--max-steps above {step} to train it further", file=sys.stderr)
