@@ -49,6 +49,10 @@ def test_help_shows_kebab_case_flags_from_the_config(capsys):
                  "--batch-size", "--lr", "--max-steps", "--max-time", "--eval-every", "--checkpoint-every",
                  "--resume"):
         assert flag in text
+    # A field's comment that goes on below its line is shown whole
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tokenizer", "train", "--help"])
+    assert "or hf:NAME (a model's tokenizer from the hub) (default: '')" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("verb, shown", [

@@ -407,7 +407,9 @@ def _field_comments(cls: type) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        comments.update({m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.MULTILINE)})
+        # A comment that ends in a comma goes on in the comment lines under it
+        comments.update({m[1]: " ".join(part.strip() for part in re.split(r"\n\s*#", m[2]))
+                         for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*?,(?:\n\s*#.*)+|.*)$", source, re.MULTILINE)})
     return comments
 
 
