@@ -364,6 +364,21 @@ def test_a_lossy_imported_tokenizer_is_named_on_import_and_in_prepare(tmp_path, 
     assert [tb[tok.hf.token_to_id(t)] for t in ("hello", "##llo", "##s", "[UNK]")] == [6, 3, 1, 0]
 
 
+def test_a_tokenizer_that_gives_no_text_back_is_refused_on_import(tmp_path):
+    """A vocabulary lost in a conversion: import took it with a note, and training on it failed later with "too
+    little text (1 tokens)", blaming the text; the note quoted 2,000 characters of it."""
+    hf = HFTokenizer(models.BPE(vocab={}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.save(str(tmp_path / "empty.json"))
+    with pytest.raises(HomeLLMError, match=r"empty.json: its tokenizer gives no text back \('Hello World!'\.\.\. comes "
+                                           r"back as ''\): its tokenizer.json is damaged or empty"):
+        import_tokenizer(tmp_path / "empty.json")
+    hf.add_special_tokens(SPECIAL_TOKENS)
+    note = Tokenizer(hf, EOT, None).round_trip_note("x" * 2000)
+    assert note == "it does not give text back as written: " + repr("x" * 40) + " comes back as ''"
+
+
 @pytest.mark.parametrize("kind", ["bpe", "gpt2", "byte-fallback"])
 def test_lossless_tokenizers_get_no_round_trip_note(kind, bpe, gpt2, tmp_path, capsys):
     tok = {"bpe": bpe, "gpt2": gpt2}.get(kind) or byte_fallback_tokenizer(tmp_path)

@@ -149,9 +149,10 @@ class Tokenizer:
             return ""
         tag, i1, i2, j1, j2 = next(op for op in difflib.SequenceMatcher(None, text, back, autojunk=False).get_opcodes()
                                    if op[0] != "equal")
-        start, end = max(0, i1 - 12), i2 + 12
+        # around the first difference, at most 40 characters of each side (it may be the whole text)
+        start, end = max(0, i1 - 12), min(i2 + 12, i1 + 40)
         return (f"it does not give text back as written: {text[start:end]!r} comes back as "
-                f"{back[max(0, j1 - (i1 - start)):j2 + 12]!r}")
+                f"{back[max(0, j1 - (i1 - start)):min(j2 + 12, j1 + 40)]!r}")
 
     def encode_prompt(self, text: str) -> list[int]:
         return self.encode_prompts([text])[0]
@@ -700,6 +701,10 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
     if note := tok.unknown_note(ROUND_TRIP_PROBE):
         print(f"note: {path}: {note}", file=sys.stderr)
     if note := tok.round_trip_note(ROUND_TRIP_PROBE):
+        if not tok.decode(tok.encode(ROUND_TRIP_PROBE)).strip():  # nothing at all: no model could write with it
+            raise HomeLLMError(f"{path}: its tokenizer gives no text back ({ROUND_TRIP_PROBE[:12]!r}... "
+                               "comes back as ''): its tokenizer.json is damaged or empty (a vocabulary lost in a "
+                               "conversion?): save the tokenizer again from its source")
         print(f"note: {path}: {note}; a model trained with it writes text that way", file=sys.stderr)
     return tok, added
 
