@@ -1031,3 +1031,17 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_says_start_again(tmp_
                  "--resume"]) == 2
     assert capsys.readouterr().err == (f"homellm: error: --resume: {tmp_path / 'chat'} holds no fine-tuning run to "
                                        "continue (no config.json): start it again without --resume\n")
+
+
+def test_steps_of_many_slow_micro_batches_are_said_after_the_first(tmp_path, data_dir, monkeypatch, capsys):
+    """gpt2-124m's 32 micro-batches a step on a CPU: its progress bar stood still for minutes without a word."""
+    model_cfg, cfg = preset("tiny")
+    for reading, said in [(10.0, True), (1.0, False)]:  # each reading of the loop's clock that many seconds on
+        fake_clock(monkeypatch, reading)
+        pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / str(reading)), max_steps=2,
+                                    grad_accum=8, eval_every=0))
+        err = capsys.readouterr().err
+        note = re.findall(r"note: a step is 8 micro-batches of 256 tokens, and the first took 10.0 s: about 1 min a "
+                          r"step here, the progress bar moving once a step \(`--preset cpu` is sized to train in "
+                          r"minutes on a CPU\)", err)
+        assert len(note) == said, err

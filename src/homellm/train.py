@@ -715,6 +715,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     scaler.scale(loss * weight).backward()
                 loss_sum += loss.detach() * trained[micro]
                 tokens += x.numel() * env.world  # rows may be shorter than the context (the quickstart's are)
+                if step == start_step and micro == 0 and cfg.grad_accum > 1 and env.main:
+                    _say_slow_steps(bar, time.perf_counter() - t0, cfg, x.numel() * env.world, env.device)
             if cfg.grad_clip > 0:
                 for opt in optimizers:
                     scaler.unscale_(opt)
@@ -815,6 +817,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                "stop": stop_reason, "best_val_loss": None if best_val == math.inf else best_val,
                **(last_val or {})}
     return summary
+
+
+def _say_slow_steps(bar: tqdm, first: float, cfg: TrainConfig, micro_tokens: int, device: torch.device) -> None:
+    """Where a step of many micro-batches takes minutes (gpt2-124m's 32 on a CPU), say so after the first one, rather
+    than leave a progress bar standing still that long."""
+    each = first * cfg.grad_accum
+    if each < 60:
+        return
+    hint = " (`--preset cpu` is sized to train in minutes on a CPU)" if device.type == "cpu" else ""
+    bar.write(f"note: a step is {cfg.grad_accum} micro-batches of {micro_tokens:,} tokens, and the first took "
+              f"{first:.1f} s: about {each / 60:.0f} min a step here, the progress bar moving once a step{hint}",
+              file=sys.stderr)
 
 
 class _Interrupt:
