@@ -690,3 +690,11 @@ def test_a_damaged_meta_json_is_named_before_training(tmp_path, data_dir, corpus
     # What the error says to do works: prepare replaces a damaged meta.json of its own (it was refused as not its).
     prepare(PrepareConfig(input=[str(corpus)], tokenizer=str(data_dir), out=str(bad)))
     assert read_meta(bad)["train_tokens"] > 0
+
+
+def test_a_tokenizer_folder_given_as_text_is_named(tmp_path):
+    """`pretrain --data TOKENIZER` said "the folder holds no .txt or .jsonl file"."""
+    tok = char_tok(tmp_path, str(write(tmp_path / "a.txt", "some text\n")))
+    with pytest.raises(HomeLLMError, match=r"tok is a tokenizer, not text: give the text \(to prepare it with this "
+                                           r"tokenizer: `homellm prepare --input TEXT --tokenizer .*tok --out DATA`\)"):
+        prepare(PrepareConfig(input=[str(tok)], tokenizer=str(tok), out=str(tmp_path / "d")))

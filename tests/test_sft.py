@@ -24,7 +24,7 @@ from homellm.lora import LoraSpec, attach_lora, merge_lora, trainable_parameters
 from homellm.model import GPT
 from homellm.sft import ChatBatches, resolve_sft, sft
 from homellm.tokenizer import Tokenizer, train_tokenizer
-from homellm.train import evaluate, pretrain, setup_env
+from homellm.train import evaluate, pretrain, setup_env, steps_for_epochs
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what does the cat see?"},
         {"role": "assistant", "content": "the moon."}, {"role": "user", "content": "and the dog?"},
@@ -301,6 +301,8 @@ def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, cap
     assert summary["val_conversations"] == 2 and summary["steps"] == math.ceil(1.5 * rows / 4) == 11
     err = capsys.readouterr().err
     assert "--epochs 1.5: 11 steps of 4 rows read the 28 training rows 1.5 times over" in err
+    steps_for_epochs(replace(train_cfg, epochs=1.0), 28, 1, "rows")
+    assert "--epochs 1: 7 steps of 4 rows read the 28 training rows once\n" in capsys.readouterr().err
     assert "sample: 'what does she see?' -> '" in err  # --sample-prompt asks the question
     with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length"):
         run_length({"max_steps": 5, "epochs": 2.0})

@@ -201,7 +201,7 @@ class CompareConfig(SampleConfig):
 @dataclass
 class EvalConfig:
     # arithmetic: exact match; chat-arithmetic: a chat model per phrasing; loss: on --data; exact: your own prompts
-    task: str = "arithmetic"
+    task: str = "arithmetic"  # arithmetic, chat-arithmetic, loss or exact
     n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing; exact: the first N)
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
@@ -236,7 +236,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class SFTConfig:
     init: str = ""  # the trained run to fine-tune (pretrained, or an earlier SFT)
     init_checkpoint: str = "best"  # which checkpoint of --init: best, last, or a kept step-N
-    data: list[str] = field(default_factory=list)  # .jsonl/.json files, folders or hf:NAME: OpenAI, ShareGPT, Alpaca
+    data: list[str] = field(default_factory=list)  # .jsonl/.json files, folders or hf:NAME: OpenAI, ShareGPT,
+    # Alpaca or prompt/completion records
     max_conversations: int = 0  # read at most this many (0 = all): a sample of a large hub dataset
     val_fraction: float = 0.05  # conversations held out for the val loss
     pack: bool = True  # several whole conversations per row (fast); --no-pack pads one conversation per row

@@ -127,6 +127,10 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                 if not files and any(path.glob("*.bin")):  # half of nanoGPT's pair
                     raise HomeLLMError(f"{path}: nanoGPT's token files come in a pair, train.bin and val.bin: put both "
                                        "in the folder (nanoGPT's prepare.py writes them) and give the folder")
+                if not files and (path / "tokenizer.json").is_file():
+                    raise HomeLLMError(f"{path} is a tokenizer, not text: give the text (to prepare it with this "
+                                       f"tokenizer: `homellm prepare --input TEXT --tokenizer {typed(path)} --out "
+                                       "DATA`)")
                 if not files:
                     raise HomeLLMError(f"{path}: the folder holds no .txt or .jsonl file: point at the files")
             elif path.suffix == ".bin" and path.name in ("train.bin", "val.bin"):  # token ids, not text

@@ -177,7 +177,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                                       tok.token_bytes(), env)
         assert result is not None  # prepare refuses empty text, and any text has the end of text to predict
         return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
-                                  "batch_size": batch, **result})
+                                  "batch_size": batch, **result}, of="")
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     # Windows are drawn at random: past about one per block of val tokens they only repeat the same text (50
     # batches of 64 on a 4,000-token split read it 100 times over, for minutes).
@@ -197,9 +197,10 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                               "batches": batches, "batch_size": batch, **result})
 
 
-def _report_loss(run: Path, result: dict[str, Any]) -> dict[str, Any]:
-    print(table([("val loss (nats/token)", f"{result['val_loss']:.4f}"),
-                 ("val bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
+def _report_loss(run: Path, result: dict[str, Any], of: str = "val ") -> dict[str, Any]:
+    """The table on screen (`of` the val split, or "" for raw text, all of which is scored) and eval_loss.json."""
+    print(table([(f"{of}loss (nats/token)", f"{result['val_loss']:.4f}"),
+                 (f"{of}bits per byte", f"{result['val_bpb']:.4f}")], ("metric", "value")))
     atomic_write_text(run / "eval_loss.json", json.dumps(result, indent=2) + "\n")
     return result
 

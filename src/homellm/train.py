@@ -914,7 +914,7 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * per_row
     cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
     say(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} {unit} read the {total:,} training {unit} "
-        f"{cfg.epochs:g} times over{how}")
+        f"{'once' if cfg.epochs == 1 else f'{cfg.epochs:g} times over'}{how}")
     return cfg
 
 
