@@ -229,6 +229,9 @@ def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stay
     cfg = dataclasses.replace(GREEDY, system="Be kind.", max_new_tokens=room)
     chat, text = run_chat(chat_run, *messages, cfg=cfg)
     assert text.count("[context full: dropped the oldest") == 1  # once: every turn's notice drowned the replies
+    # it says what is left: "0 left" read as nothing at all, though the new message was there
+    assert re.search(r"\[context full: dropped the oldest \d+ turns? \(question and reply\); (only this message|\d+ "
+                     r"earlier turns? still) in the model's \d+-token context", text)
     head = render(tok, system)[0]
     for ids, _ in calls:
         assert len(ids) + room <= block

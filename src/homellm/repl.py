@@ -120,9 +120,11 @@ class Chat:
         if dropped and not self.dropped_said:
             # Once a chat: on a small context it fills every turn, and the same line each time drowned the replies.
             self.dropped_said = True
-            self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)}; "
-                     f"{len(self.turns)} left in the model's {block}-token context. From here on the oldest turns "
-                     "leave as the context fills, without a notice; /save keeps them all]")
+            left = (f"{len(self.turns)} earlier turn{'s' * (len(self.turns) != 1)} still" if self.turns else
+                    "only this message")
+            self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)} (question and reply); "
+                     f"{left} in the model's {block}-token context. From here on the oldest turns leave as the "
+                     "context fills, without a notice; /save keeps them all]")
         keep = self.system_ids()
         what = "this message and the system prompt take" if self.cfg.system else "this message takes"
         if len(ids) >= block:
