@@ -239,9 +239,10 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     stages = 7 if cfg.chat else 5
     data_dir, tok = build_data(run, cfg.problems or default_problems(cfg.max_time), cfg.seed, stages,
                                words=arithmetic.WORDS)
-    # Answering 2000 problems took under 3 s on a 2-core CPU; 3 % of the budget (at least 1 s) covers loading,
-    # evaluation and the samples (twice that with the chat stage).
-    reserve = max(1.0, 0.03 * cfg.max_time) * (2 if cfg.chat else 1)
+    # Answering 2000 problems took under 3 s on a 2-core CPU, and loading and the samples about 1 s: 3 % of the budget
+    # covers them in 10 minutes, and 1 s and 1.5 ms a problem do in short budgets (1.2 s left --max-time 40 about
+    # 2 s short). Twice that with the chat stage.
+    reserve = max(1.0 + 0.0015 * cfg.n, 0.03 * cfg.max_time) * (2 if cfg.chat else 1)
     seconds = cfg.max_time - (time.perf_counter() - t_start) - reserve
     if seconds < 1:
         raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: preparing the data took "
