@@ -5,6 +5,7 @@ import codecs
 import json
 import re
 import shutil
+import socket
 import sys
 import types
 from dataclasses import replace
@@ -314,7 +315,12 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
         return iter([{"text": f"row {i}", "n": i} for i in range(10)])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    hosts = []
+    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (conftest sets them: no test may reach the hub)
+        monkeypatch.delenv(offline)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: hosts.append(host) or [])  # the hub resolves
     assert docs(["hf:someone/stories"], max_docs=3) == ["row 0", "row 1", "row 2"]
+    assert hosts == ["huggingface.co"]
     assert docs(["hf:someone/stories:cfg:validation"])[-1] == "row 9"
     assert calls == [("someone/stories", None, "train", True), ("someone/stories", "cfg", "validation", True)]
     with pytest.raises(HomeLLMError, match="no field 'body'.*--text-field"):
@@ -325,6 +331,20 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
     meta = prepare(PrepareConfig(input=["hf:x:test"], tokenizer=str(char_tok(tmp_path, str(src))),
                                  out=str(tmp_path / "d")))
     assert meta["documents"] == 10 and meta["inputs"] == ["hf:x:test"]
+    # Offline: said at once (the hub's own retries took half a minute), and a mirror's name is the one looked up
+    def unresolved(host, port):
+        hosts.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
+    calls.clear()
+    with pytest.raises(HomeLLMError, match=r"^hf:x: cannot reach hf-mirror.com \(Name or service not known\): connect "
+                                           r"to the network, or set HF_ENDPOINT to a mirror you can reach$"):
+        docs(["hf:x"])
+    assert calls == [] and hosts[-1] == "hf-mirror.com"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub's offline mode (its cache) is not refused
+    assert docs(["hf:x"], max_docs=1) == ["row 0"]
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(HomeLLMError, match=r"pip install 'homellm\[hf\]'"):
         docs(["hf:x"])

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -563,12 +564,31 @@ def hf_dataset(spec: str) -> Iterable[dict[str, Any]]:
     if not parts[0] or len(parts) > 3:
         raise HomeLLMError(f"{spec}: write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
+    _check_hub_reachable(spec, name)
     try:
         # streaming: rows arrive as they download; nothing is cached whole, so the corpus may exceed the disk
         return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:
         raise HomeLLMError(f"{spec}: cannot load the dataset ({_first_line(e)}): check the name, split and "
                            "network") from None
+
+
+def _check_hub_reachable(spec: str, name: str) -> None:
+    """Without a network, loading a hub dataset retried for half a minute, printing a warning each time, before
+    failing: where the hub's name does not resolve, say so at once. (A local folder, or the hub's offline mode,
+    needs no network.)"""
+    from urllib.parse import urlparse
+
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if offline or Path(name).exists():
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror as e:
+        raise HomeLLMError(f"{spec}: cannot reach {host} ({e.strerror or e}): connect to the network, or set "
+                           "HF_ENDPOINT to a mirror you can reach") from None
 
 
 def hf_records(spec: str, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
