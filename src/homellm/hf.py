@@ -139,6 +139,11 @@ def from_transformers(config: dict[str, Any], weights: dict[str, torch.Tensor], 
     return (_from_gpt2 if config["model_type"] == "gpt2" else _from_llama)(config, weights, where)
 
 
+def _check_sizes(cfg: ModelConfig, where: str) -> None:
+    """The sizes of config.json, as read into homellm's config, before any weight is mapped by them."""
+    cfg.validate(f"{where}/config.json (as homellm names its sizes)", "download the model again")
+
+
 def _need(where: str, ok: bool, what: str) -> None:
     if not ok:
         raise HomeLLMError(f"{where}: {what}, which homellm's model does not have: this model cannot be imported")
@@ -155,7 +160,7 @@ def _from_gpt2(config: dict[str, Any], weights: dict[str, torch.Tensor], where: 
                       n_embd=d, intermediate_size=config.get("n_inner") or 4 * d, block_size=config["n_positions"],
                       bias=True, tie_embeddings=config.get("tie_word_embeddings", True),
                       norm_eps=config.get("layer_norm_epsilon", 1e-5))
-    cfg.validate(f"{where}/config.json (as homellm names its sizes)", "download the model again")
+    _check_sizes(cfg, where)
     # The hub's first GPT-2 files name tensors without the `transformer.` prefix, and keep the causal mask.
     src = {k.removeprefix("transformer."): v for k, v in weights.items()
            if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -203,7 +208,7 @@ def _from_llama(config: dict[str, Any], weights: dict[str, torch.Tensor], where:
                       block_size=config.get("max_position_embeddings", 2048), bias=bias,
                       tie_embeddings=config.get("tie_word_embeddings", False), rope_theta=float(theta),
                       norm_eps=config.get("rms_norm_eps", 1e-6))
-    cfg.validate(f"{where}/config.json (as homellm names its sizes)", "download the model again")
+    _check_sizes(cfg, where)
     get = _getter({k.removeprefix("model."): v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")},
                   where)
     with torch.device("meta"):  # the names only: Llama's are homellm's own under `model.`
