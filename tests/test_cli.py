@@ -485,11 +485,12 @@ def test_temp_files_of_writes_killed_midway_go_at_the_next_write(tmp_path):
         stale = tmp_path / f".m.gguf.{gone.pid}.x1y2.tmp"  # a GGUF export killed halfway: its process is gone
         writing = tmp_path / f".m.gguf.{live.pid}.a3b4.tmp"  # another write still running
         other = tmp_path / f".n.gguf.{gone.pid}.c5d6.tmp"  # another file's
-        for f in (stale, writing, other):
+        dotted = tmp_path / f".m.gguf.{gone.pid}.md.{live.pid}.e7f8.tmp"  # a live write of m.gguf.<pid>.md
+        for f in (stale, writing, other, dotted):
             f.write_bytes(b"partial")
         atomic_write_text(tmp_path / "m.gguf", "model")
         live.stdin.close()
-    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(["m.gguf", writing.name, other.name])
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(["m.gguf", writing.name, other.name, dotted.name])
 
 
 def test_pretrain_names_its_own_tokenizer_flags(tmp_path, corpus, capsys):
@@ -514,7 +515,14 @@ def test_resuming_a_run_stopped_while_its_text_was_prepared_says_to_start_it_aga
     main(["tokenizer", "train", "--input", str(corpus), "--kind", "char", "--out", str(tmp_path / "killed" /
                                                                                       "data_tokenizer")])
     (tmp_path / "killed" / "data_tokenizer" / "tokenizer.json").unlink()
+    mine = tmp_path / "mine" / "data_tokenizer"  # the user's own file beside them: refused, and kept
+    shutil.copytree(tmp_path / "killed" / "data_tokenizer", mine)
+    (mine / "NOTES.txt").write_text("mine")
     capsys.readouterr()
+    assert main(["pretrain", "--data", str(corpus), "--out", str(mine.parent), "--preset", "tiny",
+                 "--tokenizer-kind", "char", "--max-steps", "1", "--eval-every", "0"]) == 2
+    assert "holds data_tokenizer/ with other files than the tokenizer this run trains there" in capsys.readouterr().err
+    assert (mine / "NOTES.txt").read_text() == "mine"
     assert main(["pretrain", "--out", str(tmp_path / "killed"), "--resume"]) == 2
     assert "a run whose first start stopped while preparing its text" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "killed"), "--preset", "tiny",

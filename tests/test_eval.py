@@ -320,6 +320,11 @@ def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_pat
     for gone in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
         (killed / "data_tokenizer" / gone).unlink()
         check_own_files(killed, chat=True)
+    (killed / "data_tokenizer" / ".tokenizer_config.json.999999999.ab12_cd.tmp").write_text('{"tok')  # mid-write
+    check_own_files(killed, chat=True)
+    (killed / "data_tokenizer" / "NOTES.txt").write_text("mine")  # but not beside the user's own files
+    with pytest.raises(HomeLLMError, match="holds data_tokenizer, which the quickstart did not write"):
+        check_own_files(killed, chat=True)
     # As the command runs it: refused before anything is written
     from homellm.cli import main
 

@@ -66,14 +66,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# atomic_write's temp files: .NAME.PID.RANDOM.tmp (mkstemp's random part has no dot; NAME may have some)
+_TEMP = re.compile(r"\.(.+)\.(\d+)\.\w+\.tmp")
+
+
+def temp_file_of(name: str) -> str | None:
+    """The file an atomic_write temp file named `name` was writing, or None when it is not one."""
+    return m[1] if (m := _TEMP.fullmatch(name)) else None
+
+
 def _remove_stale_temp_files(path: Path) -> None:
     """Delete the temp files of earlier writes of `path` whose process is gone (killed mid-write: a GGUF export's
     is the model's whole size, hidden). Their names carry the writer's pid; a live writer's stays."""
     if os.name == "nt":
         return
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        m = _TEMP.fullmatch(tmp.name)
+        if m and m[1] == path.name and int(m[2]) != os.getpid() and not _alive(int(m[2])):
             tmp.unlink(missing_ok=True)
 
 

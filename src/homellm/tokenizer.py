@@ -35,7 +35,7 @@ from homellm.config import (
     save_json,
 )
 from homellm.errors import HomeLLMError
-from homellm.io import KINDS, atomic_write, refuse_kinds, say
+from homellm.io import KINDS, atomic_write, refuse_kinds, say, temp_file_of
 
 UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
 _HF_MAX_LENGTH = int(1e30)  # what transformers writes when a tokenizer has no length limit of its own
@@ -504,9 +504,15 @@ def _own_leftovers(out: Path) -> bool:
 
 def unfinished_save(folder: Path) -> bool:
     """Whether `folder` holds only what a `Tokenizer.save` stopped before its tokenizer.json left there: nothing yet,
-    or its first files. The save that stopped may be done again there."""
-    return folder.is_dir() and not (folder / "tokenizer.json").exists() and (
-        not any(folder.iterdir()) or _own_leftovers(folder))
+    its first files, or the temp files of its writes, and nothing else. The save may be done again there (the folder
+    even deleted first)."""
+    saved = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+    if not folder.is_dir() or (folder / "tokenizer.json").exists():
+        return False
+    names = [p.name for p in folder.iterdir()]
+    if not all(n in saved or temp_file_of(n) in saved for n in names):
+        return False
+    return not any(n in saved for n in names) or _own_leftovers(folder)
 
 
 def _training_text(cfg: TokenizerConfig) -> Iterator[str]:
