@@ -214,6 +214,26 @@ def test_grouped_query_attention_shrinks_kv_projections():
     assert full.num_params() > gqa.num_params()
 
 
+def test_repeated_key_value_heads_give_what_grouped_ones_do(monkeypatch):
+    """Where a CUDA kernel cannot take grouped heads (a mask: packed documents, serve's rows), they are repeated;
+    forced here on the CPU, logits and gradients are those of the grouped kernel, with a mask and without."""
+    import homellm.model as module
+
+    model = tiny("llama", n_kv_head=2).train()
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    documents = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+    results = []
+    for takes_groups in (True, False):
+        monkeypatch.setattr(module, "_kernel_takes_groups", lambda q, mask, said=takes_groups: said)
+        model.zero_grad()
+        out = [model(idx)[0], model(idx, documents=documents)[0]]
+        sum(o.square().mean() for o in out).backward()
+        results.append((out, model.layers[0].self_attn.k_proj.weight.grad.clone()))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
 def test_too_long_sequence_is_refused():
     model = tiny("gpt2")
     with pytest.raises(ValueError, match="block_size"):

@@ -135,11 +135,25 @@ class Attention(nn.Module):
         upcast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
+        grouped = self.n_kv_head != self.n_head
+        if grouped and not _kernel_takes_groups(q, mask):
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+            grouped = False
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=self.n_kv_head != self.n_head)
+                                               dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _kernel_takes_groups(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the attention kernel torch picks takes grouped key/value heads as they are. On CUDA only flash
+    attention does, and it takes no mask (packed documents, serve's rows), no float32 and no GPU before Ampere; the
+    memory-efficient kernel takes those but not groups, so grouped heads fell to the math kernel, which keeps every
+    score for the backward pass (T x T per head: out of memory at long contexts). Repeating the key/value heads
+    keeps the memory-efficient kernel. (The CPU's kernels take groups.)"""
+    if q.device.type != "cuda":
+        return True
+    return mask is None and q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
 class MLP(nn.Module):
