@@ -600,7 +600,7 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     assert capsys.readouterr().out.startswith("café\n")  # (and a Windows pipe's CRLF as a line break)
 
 
-def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, data_dir, capsys):
+def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, data_dir, capsys, monkeypatch):
     import torch
 
     from homellm.checkpoint import load_for_generation
@@ -611,8 +611,13 @@ def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, d
     assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "1",
                  "--eval-every", "0"]) == 0
     assert next(load_for_generation(run, SampleConfig()).parameters()).dtype == torch.float32  # auto, on a CPU
+    moves = []  # cast where the weights are, then moved: a GPU held the float32 model whole on the way
+    to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **kw: moves.append(a) or to(self, *a, **kw))
     half = load_for_generation(run, ServeConfig(dtype="bfloat16"))
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert moves == [(torch.bfloat16,), (torch.device("cpu"),)]
+    monkeypatch.undo()
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "5", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr()

@@ -291,8 +291,10 @@ def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
     return from_dict(ModelConfig, cfg["model"], f"{path} model"), from_dict(TrainConfig, cfg["train"], f"{path} train")
 
 
-def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> GPT:
-    """The model of a run directory, from checkpoint `which` (falling back as find_checkpoint does), in eval mode.
+def load_model(run: str | Path, which: str = "best", device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> GPT:
+    """The model of a run directory, from checkpoint `which` (falling back as find_checkpoint does), in eval mode, on
+    `device` in `dtype` (default: as saved, float32).
 
     A LoRA run holds adapters only: they are loaded onto its base run's model and merged into the weights."""
     model_cfg, _ = read_config(run)
@@ -304,7 +306,8 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
         from homellm.lora import merge_lora
 
         merge_lora(model)
-    return model.to(device).eval()
+    # Cast before the move: moved first, a GPU held the float32 model whole (twice bfloat16's bytes) on the way
+    return (model if dtype is None else model.to(dtype)).to(device).eval()
 
 
 def load_for_generation(run: str | Path, cfg: SampleConfig | ServeConfig) -> GPT:
@@ -314,7 +317,7 @@ def load_for_generation(run: str | Path, cfg: SampleConfig | ServeConfig) -> GPT
 
     device = resolve_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    return load_model(run, cfg.checkpoint, device).to(dtype)
+    return load_model(run, cfg.checkpoint, device, dtype)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
