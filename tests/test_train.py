@@ -1041,7 +1041,7 @@ def test_steps_of_many_slow_micro_batches_are_said_after_the_first(tmp_path, dat
         pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / str(reading)), max_steps=2,
                                     grad_accum=8, eval_every=0))
         err = capsys.readouterr().err
-        note = re.findall(r"note: a step is 8 micro-batches of 256 tokens, and the first took 10.0 s: about 1 min a "
+        note = re.findall(r"note: a step is 8 micro-batches of 256 tokens, and one took 10.0 s: about 1 min a "
                           r"step here, the progress bar moving once a step \(`--preset cpu` is sized to train in "
                           r"minutes on a CPU\)", err)
         assert len(note) == said, err

@@ -704,6 +704,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             # masks all but the replies), and the gradient would change with --grad-accum or the process count.
             trained = [int((b[1] != -100).sum()) for b in batches]
             step_trained = _trained_tokens(sum(trained), env) if masked else float(sum(trained) * env.world)
+            ends: list[float] = []  # when micro-batches ended (the first two of a session's first step)
             for micro, (x, y, *documents) in enumerate(batches):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
@@ -715,8 +716,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     scaler.scale(loss * weight).backward()
                 loss_sum += loss.detach() * trained[micro]
                 tokens += x.numel() * env.world  # rows may be shorter than the context (the quickstart's are)
-                if step == start_step and micro == 0 and cfg.grad_accum > 1 and env.main:
-                    _say_slow_steps(bar, time.perf_counter() - t0, cfg, x.numel() * env.world, env.device)
+                # The second micro-batch of a session's first step is timed: the first pays for compiling, if any
+                if step == start_step and micro <= 1 and cfg.grad_accum > 1 and env.main:
+                    ends.append(time.perf_counter())
+                    if micro == 1:
+                        _say_slow_steps(bar, ends[1] - ends[0], cfg, x.numel() * env.world, env.device)
             if cfg.grad_clip > 0:
                 for opt in optimizers:
                     scaler.unscale_(opt)
@@ -819,16 +823,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     return summary
 
 
-def _say_slow_steps(bar: tqdm, first: float, cfg: TrainConfig, micro_tokens: int, device: torch.device) -> None:
-    """Where a step of many micro-batches takes minutes (gpt2-124m's 32 on a CPU), say so after the first one, rather
-    than leave a progress bar standing still that long."""
-    each = first * cfg.grad_accum
+def _say_slow_steps(bar: tqdm, one: float, cfg: TrainConfig, micro_tokens: int, device: torch.device) -> None:
+    """Where a step of many micro-batches takes minutes (gpt2-124m's 32 on a CPU), say so after the second one (`one`
+    its time), rather than leave a progress bar standing still that long."""
+    each = one * cfg.grad_accum
     if each < 60:
         return
     hint = " (`--preset cpu` is sized to train in minutes on a CPU)" if device.type == "cpu" else ""
-    bar.write(f"note: a step is {cfg.grad_accum} micro-batches of {micro_tokens:,} tokens, and the first took "
-              f"{first:.1f} s: about {each / 60:.0f} min a step here, the progress bar moving once a step{hint}",
-              file=sys.stderr)
+    bar.write(f"note: a step is {cfg.grad_accum} micro-batches of {micro_tokens:,} tokens, and one took {one:.1f} s: "
+              f"about {each / 60:.0f} min a step here, the progress bar moving once a step{hint}", file=sys.stderr)
 
 
 class _Interrupt:
