@@ -11,7 +11,7 @@ import torch
 
 from conftest import homellm
 from homellm.checkpoint import load_model
-from homellm.config import ModelConfig, PrepareConfig, SampleConfig, TokenizerConfig
+from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, SampleConfig, TokenizerConfig
 from homellm.data import prepare
 from homellm.errors import HomeLLMError
 from homellm.eval import greedy_complete, stop_ids
@@ -223,6 +223,16 @@ def test_quickstart_generates_problems_in_proportion_to_its_budget():
     assert [default_problems(t) for t in (600, 1800, 20, 0.5)] == [500_000, 500_000, 16_667, 1000]
 
 
+def test_a_quickstart_budget_that_the_evaluation_fills_says_so(tmp_path):
+    """It blamed the data: "preparing the data took 2 s, no time is left to train"."""
+    from homellm.quickstart import quickstart
+
+    with pytest.raises(HomeLLMError, match=r"--max-time 20: preparing the data took \d+ s and 76 s are kept for the "
+                                           r"evaluation \(50,000 problems\), so no time is left to train: raise "
+                                           r"--max-time, or lower --problems or --n"):
+        quickstart(QuickstartConfig(out=str(tmp_path / "q"), max_time=20, n=50_000, problems=1000))
+
+
 def test_short_quickstart_runs_end_to_end(tmp_path):
     run = tmp_path / "qs"
     proc = homellm("quickstart", "--out", str(run), "--max-time", "4", "--problems", "3000", "--n", "40")
@@ -251,19 +261,10 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
 
 def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     run = tmp_path / "qs"
-    # Ctrl-C at step 1 of the pretraining and of the fine-tuning: each stops there, and is evaluated as it is (the
-    # budget is long enough for neither to end at step 1 anyway, and the test takes no longer for it)
-    proc = homellm("quickstart", "--out", str(run), "--max-time", "60", "--problems", "3000", "--n", "20", "--chat",
-                   "--chat-problems", "400", env={"HOMELLM_FAULT_SIGINT_AT_STEP": "1"}, check=False)
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "8", "--problems", "3000", "--n", "20", "--chat",
+                   "--chat-problems", "400")
     for stage in ("[1/7]", "[6/7]", "[7/7]"):
         assert stage in proc.stderr
-    assert proc.returncode == 130 and "--resume" not in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stderr.count("stopping after this step, then the evaluation of the") == 2
-    assert "held-out problems after 1 steps" in proc.stdout and "the training and fine-tuning stopped early by " \
-        "Ctrl-C" in proc.stdout
-    assert proc.stderr.endswith("homellm: interrupted: the training and fine-tuning stopped early (Ctrl-C), and the "
-                                "figures above are for the model as it was then; for the whole run, run the quickstart "
-                                "again with a new --out\n")
     assert f"homellm chat {run / 'chat'}" in proc.stdout
     result = json.loads((run / "chat" / "eval_chat_arithmetic.json").read_text())
     assert set(result["by_phrasing"]) == {"en", "ja", "symbols"}
@@ -280,6 +281,21 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     assert "ja" in again.stdout and "overall" in again.stdout
     again = homellm("eval", str(run), "--task", "chat-arithmetic", "--n", "5", check=False)
     assert again.returncode == 2 and f"is the quickstart's base model; its chat model is {run / 'chat'}" in again.stderr
+
+
+def test_ctrl_c_in_the_quickstarts_training_goes_on_to_evaluate_and_skips_the_chat_stage(tmp_path):
+    """It said "with a checkpoint to --resume from", which no quickstart can, then fine-tuned for minutes."""
+    run = tmp_path / "qs"
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "60", "--problems", "3000", "--n", "20", "--chat",
+                   "--chat-problems", "400", env={"HOMELLM_FAULT_SIGINT_AT_STEP": "1"}, check=False)
+    assert proc.returncode == 130 and "--resume" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "stopping after this step, then the evaluation of the model as it is, without the chat stage" in proc.stderr
+    assert "[5/7]" in proc.stderr and "[6/7]" not in proc.stderr and not (run / "chat").exists()
+    assert "held-out problems after 1 step (" in proc.stdout and "; the training stopped early by Ctrl-C" in proc.stdout
+    assert "homellm chat" not in proc.stdout
+    assert proc.stderr.endswith("homellm: interrupted: the training stopped early (Ctrl-C), and the figures above are "
+                                "for the model as it was then; for the whole run, run the quickstart again with a new "
+                                "--out\n")
 
 
 def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_path, capsys):

@@ -246,8 +246,9 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     seconds = cfg.max_time - (time.perf_counter() - t_start) - reserve
     if seconds < 1:
         raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: preparing the data took "
-                           f"{time.perf_counter() - t_start:.0f} s, no time is left to train: raise --max-time "
-                           "or lower --problems")
+                           f"{time.perf_counter() - t_start:.0f} s and {reserve:.0f} s are kept for the evaluation "
+                           f"({cfg.n:,} problems{', and the chat model' if cfg.chat else ''}), so no time is left to "
+                           "train: raise --max-time, or lower --problems or --n")
     chat_seconds = CHAT_SHARE * seconds if cfg.chat else 0.0
     seconds -= chat_seconds
     model_cfg, train_cfg = recipe(cfg, seconds)
@@ -260,7 +261,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     summary = train(model_cfg, train_cfg, batches, tok, extra_config={
         "task": "arithmetic", "data_dir": str(Path(data_dir).resolve()),
         "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}},
-        after_ctrl_c="then the evaluation of the model as it is")
+        after_ctrl_c="then the evaluation of the model as it is" + (", without the chat stage" if cfg.chat else ""))
+    chatting = cfg.chat and summary["stop"] != "interrupted"
     _stage(5, stages, f"evaluating on {cfg.n:,} held-out problems")
     from homellm.checkpoint import load_model
     from homellm.train import resolve_device
@@ -283,18 +285,18 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         for f in result["failures"][:5]:
             print(f"  {f['prompt']}  expected {f['expected']}, got {f['got']!r}")
     report: dict[str, Any] = {"summary": summary, "accuracy": result["accuracy"]}
-    if cfg.chat:
+    if chatting:
         report["chat"] = chat_stage(cfg, run, chat_seconds)
     minutes = (time.perf_counter() - t_start) / 60
     stopped = [name for name, s in [("training", summary), ("fine-tuning", report.get("chat", {}).get("summary"))]
                if s and s["stop"] == "interrupted"]
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
-          f"{summary['steps']:,} steps ({minutes:.1f} min in all"
+          f"{summary['steps']:,} step{'s' * (summary['steps'] != 1)} ({minutes:.1f} min in all"
           f"{'; the ' + ' and '.join(stopped) + ' stopped early by Ctrl-C' if stopped else ''}). Next:")
     where = typed(run)
     print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
     print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")
-    if cfg.chat:
+    if chatting:
         print(f"  homellm chat {typed(run / 'chat')}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
     else:
         print(f"  homellm quickstart --chat --out {typed(str(run) + '-chat')}     # the same, plus a chat model")
