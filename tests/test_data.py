@@ -318,6 +318,8 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
     hosts = []
     for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # (conftest sets them: no test may reach the hub)
         monkeypatch.delenv(offline)
+    for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: hosts.append(host) or [])  # the hub resolves
     assert docs(["hf:someone/stories"], max_docs=3) == ["row 0", "row 1", "row 2"]
     assert hosts == ["huggingface.co"]
@@ -343,6 +345,9 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
                                            r"to the network, or set HF_ENDPOINT to a mirror you can reach$"):
         docs(["hf:x"])
     assert calls == [] and hosts[-1] == "hf-mirror.com"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy: the proxy resolves names
+    assert docs(["hf:x"], max_docs=1) == ["row 0"]
+    monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub's offline mode (its cache) is not refused
     assert docs(["hf:x"], max_docs=1) == ["row 0"]
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed

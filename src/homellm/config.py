@@ -408,9 +408,9 @@ def _field_comments(cls: type) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        # A comment that ends in a comma goes on in the comment lines under it
-        comments.update({m[1]: " ".join(part.strip() for part in re.split(r"\n\s*#", m[2]))
-                         for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*?,(?:\n\s*#.*)+|.*)$", source, re.MULTILINE)})
+        # A comment line that ends in a comma goes on in the comment line right under it
+        comments.update({m[1]: " ".join(part.strip() for part in re.split(r"\n[ \t]*#", m[2]))
+                         for m in re.finditer(r"^[ \t]+(\w+):[^#\n]*#((?:.*,\n[ \t]*#)*.*)$", source, re.MULTILINE)})
     return comments
 
 

@@ -578,10 +578,12 @@ def _check_hub_reachable(spec: str, name: str) -> None:
     failing: where the hub's name does not resolve, say so at once. (A local folder, or the hub's offline mode,
     needs no network.)"""
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if offline or Path(name).exists():
+    proxied = bool({"https", "all"} & set(getproxies()))  # behind a proxy, only the proxy need resolve here
+    if offline or proxied or Path(name).exists():
         return
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
