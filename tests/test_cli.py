@@ -1,5 +1,6 @@
 """The command line as a user meets it: every verb's --help, and the tiny pipeline end to end."""
 
+import dataclasses
 import io
 import json
 import os
@@ -53,6 +54,24 @@ def test_help_shows_kebab_case_flags_from_the_config(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tokenizer", "train", "--help"])
     assert "or hf:NAME (a model's tokenizer from the hub) (default: '')" in " ".join(capsys.readouterr().out.split())
+
+
+@dataclasses.dataclass
+class _Commented:
+    a: int = 0  # one, two,
+    # or three
+
+    # (about the next field, not a's)
+    b: int = 0  # bee,
+    # and more.
+    # (about c)
+    c: int = 0
+
+
+def test_a_fields_comment_goes_on_only_under_a_line_ending_in_a_comma():
+    from homellm.config import _field_comments
+
+    assert _field_comments(_Commented) == {"a": "one, two, or three", "b": "bee, and more."}
 
 
 @pytest.mark.parametrize("verb, shown", [
