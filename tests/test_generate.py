@@ -3,6 +3,7 @@ sampling filters keep what they promise, beam search finds likelier text than gr
 decoded ids cut at the stop string, with no half characters."""
 
 import codecs
+import dataclasses
 import copy
 
 import pytest
@@ -70,6 +71,27 @@ def test_greedy_with_cache_equals_full_recompute_past_the_context(family):
     assert out == naive_greedy(model, prompt, GREEDY.max_new_tokens)
     long_prompt = torch.randint(0, 64, (45,), generator=torch.Generator().manual_seed(2)).tolist()
     assert list(generate_ids(model, long_prompt, GREEDY)) == naive_greedy(model, long_prompt, 70)
+
+
+def test_a_short_reply_allocates_a_cache_for_itself_not_the_whole_context(monkeypatch):
+    import homellm.generate as module
+
+    sizes = []
+
+    class Recorded(module.KVCache):
+        def __init__(self, cfg, batch_size, max_len, *args):
+            sizes.append((batch_size, max_len))
+            super().__init__(cfg, batch_size, max_len, *args)
+
+    monkeypatch.setattr(module, "KVCache", Recorded)
+    model, prompt = tiny("llama"), [1, 2, 3, 4, 5]
+    short = dataclasses.replace(GREEDY, max_new_tokens=4)
+    assert list(generate_ids(model, prompt, short)) == naive_greedy(model, prompt, 4)
+    assert beam_search(model, prompt, 3, 4) == beam_search(model, prompt, 3, 4)
+    assert sizes == [(1, 9), (1, 9), (1, 9)]  # prompt + reply (the beams share one prefill, then are copied)
+    sizes.clear()
+    assert list(generate_ids(model, prompt, GREEDY)) == naive_greedy(model, prompt, 70)  # past the context: whole
+    assert sizes[0] == (1, model.cfg.block_size)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -69,10 +69,13 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, cfg: SampleConfig,
 
 
 @torch.inference_mode()
-def _prefill(model: GPT, ids: list[int], batch: int = 1) -> tuple[KVCache, torch.Tensor]:
-    """A fresh cache holding `ids`, `batch` copies, and the logits (batch, V) that follow them."""
+def _prefill(model: GPT, ids: list[int], batch: int = 1, room: int | None = None) -> tuple[KVCache, torch.Tensor]:
+    """A fresh cache holding `ids`, `batch` copies, with `room` positions more (default: up to the context), and the
+    logits (batch, V) that follow them. Sized to what is asked: a cache of the whole context, allocated whole for
+    each call, was hundreds of MB for a short reply of a model with a long one."""
     p = next(model.parameters())
-    cache = KVCache(model.cfg, 1, model.cfg.block_size, p.device, p.dtype)
+    size = model.cfg.block_size if room is None else min(model.cfg.block_size, len(ids) + room)
+    cache = KVCache(model.cfg, 1, size, p.device, p.dtype)
     logits, _ = model(torch.tensor([ids], device=p.device), cache=cache)
     if batch > 1:
         cache.reorder(torch.zeros(batch, dtype=torch.long, device=p.device))
@@ -116,7 +119,7 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
     state = 0 if guard is None else guard.state(tokens)
     no_history = torch.empty(1, 0, dtype=torch.long, device=device)
     try:
-        cache, logits = _prefill(model, tokens)
+        cache, logits = _prefill(model, tokens, room=cfg.max_new_tokens)  # (full only where it must slide)
         for i in range(cfg.max_new_tokens):
             if i:  # feed the previous token only now: the last one yielded needs no forward pass
                 if cache.pos == block:
@@ -158,7 +161,7 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
     was_training = model.training
     model.eval()
     try:
-        cache, logits = _prefill(model, prompt, num_beams)
+        cache, logits = _prefill(model, prompt, num_beams, room=steps)
         # Only beam 0 is alive at first, or the first step would pick the same token num_beams times.
         scores = torch.full((num_beams,), float("-inf"), device=device)
         scores[0] = 0.0

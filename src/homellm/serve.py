@@ -181,7 +181,7 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> None:
         """Prefill the prompt in a cache of its own, copy it into the sequence's row, and sample its first token."""
         row, n = self.active.index(seq), len(seq.prompt)
-        cache, logits = _prefill(self.model, seq.prompt)
+        cache, logits = _prefill(self.model, seq.prompt, room=0)  # copied into the batch's cache at once
         self.cache.k[:, row, :, :n] = cache.k[:, 0, :, :n]
         self.cache.v[:, row, :, :n] = cache.v[:, 0, :, :n]
         self.lengths[row] = n
