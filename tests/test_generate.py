@@ -3,8 +3,8 @@ sampling filters keep what they promise, beam search finds likelier text than gr
 decoded ids cut at the stop string, with no half characters."""
 
 import codecs
-import dataclasses
 import copy
+import dataclasses
 
 import pytest
 import torch
