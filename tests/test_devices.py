@@ -168,7 +168,8 @@ def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None),
     ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 4090 Laptop GPU", None), ("Tesla T4", 65e12),
     ("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12), ("NVIDIA GeForce RTX 3090", 71e12),
-    ("NVIDIA GeForce RTX 3090 Ti", 80e12), ("NVIDIA GeForce GTX 1080", None)])
+    ("NVIDIA GeForce RTX 3090 Ti", 80e12), ("NVIDIA GeForce GTX 1080", None), ("NVIDIA H800", 989e12),
+    ("NVIDIA H800 PCIe", 756e12), ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA A800 80GB PCIe", 312e12)])
 def test_mfu_peaks_match_whole_gpu_names(name, flops):
     """Substrings used to match: an L40S took the L4's peak (MFU 3x too high), a 4090 laptop the desktop's."""
     assert peak_flops(name) == flops

@@ -313,8 +313,10 @@ def _autocast(env: Env) -> contextlib.AbstractContextManager:
 
 # Dense (not sparse) bf16/fp16 tensor-core peaks, in FLOP/s, by device name, the more specific names first:
 # "L4" must not match an L40S (3x faster), nor "H100" an H100 PCIe, nor "4090" a laptop's 4090.
-_PEAK_FLOPS = ((r"Laptop|Mobile|Max-Q", None), (r"H[12]00 NVL", 835e12), (r"H100 PCIe", 756e12), (r"H[12]00", 989e12),
-               (r"A100\b", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12), (r"L4\b", 121e12), (r"A10\b", 125e12),
+# The H800 and A800 (China's export versions) compute as the H100 and A100 do.
+_PEAK_FLOPS = ((r"Laptop|Mobile|Max-Q", None), (r"H[12]00 NVL", 835e12), (r"H[18]00 PCIe", 756e12),
+               (r"H[128]00", 989e12), (r"A[18]00\b", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12),
+               (r"L4\b", 121e12), (r"A10\b", 125e12),
                (r"RTX 4090", 165e12), (r"RTX 3090 Ti", 80e12), (r"RTX 3090", 71e12), (r"V100-PCIE", 112e12),
                (r"V100", 125e12), (r"T4\b", 65e12))
 
