@@ -189,7 +189,7 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "held.txt")]) == 0
     out, err = capsys.readouterr()
     assert f"evaluating all of {tmp_path / 'held.txt'} once" in err
-    assert "val" not in out and "loss (nats/token)" in out  # all of it scored: no val split
+    assert "val loss" not in out and "val bits" not in out and "loss (nats/token)" in out  # all of it: no val split
     raw = json.loads((run / "eval_loss.json").read_text())
     assert raw["tokens"] == len(tok.encode(text))  # the ids and the end of text after them, less the first
     assert math.isclose(raw["val_bpb"] * math.log(2) * (len(text) - 1), raw["val_loss"] * raw["tokens"], rel_tol=1e-6)
