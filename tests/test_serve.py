@@ -177,6 +177,32 @@ def test_chat_replies_equal_the_library_alone_and_batched(run, server):
     assert replies == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
 
 
+def test_the_batchs_cache_grows_as_rows_need_and_replies_stay_the_same(run, monkeypatch):
+    """It was allocated for the whole context at the start (gigabytes for a long-context model); here it starts at
+    4 positions a row and doubles while four replies of different lengths are decoded together."""
+    import homellm.serve as module
+
+    monkeypatch.setattr(module, "FIRST_CACHE_POSITIONS", 4)
+    s = Server(run, ServeConfig(port=0, max_batch=4))
+    try:
+        jobs = [(CONVERSATIONS[i % 3][:1], 10 + 15 * i) for i in range(4)]
+        replies: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            replies[i] = s.client.chat.completions.create(model=run.name, messages=jobs[i][0], temperature=0,
+                                                          max_tokens=jobs[i][1]).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert replies == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+        assert 4 < s.scheduler.cache.max_len < 512
+    finally:
+        s.close()
+
+
 def test_bfloat16_weights_serve_the_memorised_replies_alone_and_batched(run):
     """--dtype bfloat16 (a GPU's default for serving): the weights and the batched per-row KV cache in bfloat16
     still give every memorised reply, in a batch of four as alone."""

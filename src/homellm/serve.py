@@ -71,6 +71,12 @@ class ServerBusy(Exception):
     """Every batch row is taken and the queue is full."""
 
 
+# The batch's KV cache starts this long a row and doubles as its longest row needs, up to the context: allocated
+# whole, a model with a long context took gigabytes at the start (8,192 positions x 32 rows), for rows that rarely
+# fill it.
+FIRST_CACHE_POSITIONS = 256
+
+
 class Scheduler:
     """Owns the model. One thread admits waiting sequences into free rows of a batched KV cache (prefilling each
     prompt on its own) and advances all active rows by one token per forward pass."""
@@ -139,7 +145,8 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             p = next(self.model.parameters())
-            self.cache = KVCache(self.model.cfg, self.max_batch, self.model.cfg.block_size, p.device, p.dtype)
+            self.cache = KVCache(self.model.cfg, self.max_batch, min(self.model.cfg.block_size, FIRST_CACHE_POSITIONS),
+                                 p.device, p.dtype)
             self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=p.device)
             self.generator = torch.Generator(p.device).manual_seed(secrets.randbits(63))  # for unseeded requests
             while True:
@@ -182,6 +189,7 @@ class Scheduler:
         """Prefill the prompt in a cache of its own, copy it into the sequence's row, and sample its first token."""
         row, n = self.active.index(seq), len(seq.prompt)
         cache, logits = _prefill(self.model, seq.prompt, room=0)  # copied into the batch's cache at once
+        self._room(n)
         self.cache.k[:, row, :, :n] = cache.k[:, 0, :, :n]
         self.cache.v[:, row, :, :n] = cache.v[:, 0, :, :n]
         self.lengths[row] = n
@@ -198,9 +206,20 @@ class Scheduler:
         if not live:
             return
         ids = torch.tensor([[s.tokens[-1]] for s in live], device=self.device)
+        self._room(int(self.lengths[:len(live)].max()) + 1)
         self.cache.pos = self.lengths[:len(live)]  # a view: forward advances each row's length in place
         logits, _ = self.model(ids, cache=self.cache)
         self._sample(live, logits[:, -1])
+
+    def _room(self, need: int) -> None:
+        """Make the batch's cache hold `need` positions a row: it doubles (up to the context), the rows kept."""
+        have = self.cache.max_len
+        if need <= have:
+            return
+        bigger = KVCache(self.model.cfg, self.max_batch, min(self.model.cfg.block_size, max(need, 2 * have)),
+                         self.cache.k.device, self.cache.k.dtype)
+        bigger.k[:, :, :, :have], bigger.v[:, :, :, :have] = self.cache.k, self.cache.v
+        self.cache = bigger
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """One sample_next call per group of rows sharing their settings; a seeded row samples alone."""
