@@ -162,19 +162,23 @@ def test_chat_replies_equal_the_library_alone_and_batched(run, server):
     assert server.scheduler.peak >= 4
     # Eight clients at once, each its own conversation and length: each gets exactly its solo reply.
     jobs = [(CONVERSATIONS[i % 3][:1], 10 + 7 * i) for i in range(8)]
+    assert ask_at_once(server, run, jobs) == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+
+
+def ask_at_once(server: Server, run: Path, jobs: list[tuple[list[dict], int]]) -> dict[int, str]:
+    """Each (messages, max_tokens) asked greedily by a client of its own, all at once: the replies by job."""
     replies: dict[int, str] = {}
 
     def ask(i: int) -> None:
-        r = server.client.chat.completions.create(model=run.name, messages=jobs[i][0], temperature=0,
-                                                  max_tokens=jobs[i][1])
-        replies[i] = r.choices[0].message.content
+        replies[i] = server.client.chat.completions.create(model=run.name, messages=jobs[i][0], temperature=0,
+                                                           max_tokens=jobs[i][1]).choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert replies == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+    return replies
 
 
 def test_the_batchs_cache_grows_as_rows_need_and_replies_stay_the_same(run, monkeypatch):
@@ -186,18 +190,7 @@ def test_the_batchs_cache_grows_as_rows_need_and_replies_stay_the_same(run, monk
     s = Server(run, ServeConfig(port=0, max_batch=4))
     try:
         jobs = [(CONVERSATIONS[i % 3][:1], 10 + 15 * i) for i in range(4)]
-        replies: dict[int, str] = {}
-
-        def ask(i: int) -> None:
-            replies[i] = s.client.chat.completions.create(model=run.name, messages=jobs[i][0], temperature=0,
-                                                          max_tokens=jobs[i][1]).choices[0].message.content
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert replies == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+        assert ask_at_once(s, run, jobs) == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
         assert 4 < s.scheduler.cache.max_len < 512
     finally:
         s.close()
