@@ -459,7 +459,10 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
     and --patience compared losses of two val sets)."""
     was_training = model.training
     model.eval()
-    nats = tokens = nbytes = 0.0
+    tokens = nbytes = 0.0
+    # The losses add up on the device, read once at the end: a read per batch made a GPU wait for each one. (Float64
+    # as Python's floats were, so the sums stay what they were; MPS has no float64.)
+    nats = torch.zeros((), dtype=torch.float32 if env.device.type == "mps" else torch.float64, device=env.device)
     token_bytes = torch.from_numpy(data.token_bytes)
     parts = grad_accum * env.world
     for i, micro in itertools.product(range(batches), range(grad_accum)):
@@ -469,14 +472,14 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
         x, y, *documents = batch
         with _autocast(env):
             _, loss = model(x.to(env.device), y.to(env.device), documents=_documents(documents, env))
-        n = (y != -100).sum().item()
-        nats += loss.item() * n
+        n = (y != -100).sum().item()  # (y is still on the CPU: no wait)
+        nats += loss.to(nats.dtype) * n
         tokens += n
         nbytes += token_bytes[y.clamp(min=0)][y != -100].sum().item()
     model.train(was_training)
     # Every rank sums, even one left without a batch: with fewer val rows than ranks x batch (SFT's few held-out
     # conversations) a rank that returned early left the others waiting in this collective for ever.
-    nats, tokens, nbytes = _all_sum([nats, tokens, nbytes], env)
+    nats, tokens, nbytes = _all_sum([nats.item(), tokens, nbytes], env)
     if not tokens:
         return None
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(nbytes, 1)}
