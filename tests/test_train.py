@@ -1045,3 +1045,21 @@ def test_steps_of_many_slow_micro_batches_are_said_after_the_first(tmp_path, dat
                           r"step here, the progress bar moving once a step \(`--preset cpu` is sized to train in "
                           r"minutes on a CPU\)", err)
         assert len(note) == said, err
+
+
+def test_a_rank_the_checkpoint_had_not_gets_a_random_stream_of_its_own():
+    """Resumed on more processes than it was saved from, every new rank took rank 0's state: the same dropout."""
+    from homellm.train import Env, _resume_rng, _rng_state
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    saved = [_rng_state(cpu)]
+    draws = []
+    for rank in (0, 1, 2):
+        _resume_rng(saved, Env(rank, 3, rank, cpu, torch.float32), seed=1, step=10)
+        draws.append(torch.rand(4))
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.rand(4))  # rank 0: where it was saved
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    _resume_rng(saved, Env(2, 3, 2, cpu, torch.float32), seed=1, step=10)
+    assert torch.equal(torch.rand(4), draws[2])  # and reproducibly so

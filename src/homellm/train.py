@@ -404,6 +404,18 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
+def _resume_rng(saved: list[dict[str, Any]], env: Env, seed: int, step: int) -> None:
+    """Each rank's random streams (dropout) where the checkpoint left them. A rank the run did not have (resumed on
+    more processes), or a GPU's stream a CPU run did not keep, starts one of its own from (seed, rank, step): rank
+    0's state for all of them gave every rank the same dropout."""
+    if env.rank < len(saved):
+        _set_rng_state(saved[env.rank], env.device)
+    else:
+        torch.manual_seed(seed + env.rank + 7919 * step)
+    if env.device.type == "cuda" and (env.rank >= len(saved) or "cuda" not in saved[env.rank]):
+        torch.cuda.manual_seed(seed + env.rank + 7919 * step)
+
+
 def _all_sum(values: list[float], env: Env) -> list[float]:
     if env.world == 1:
         return values
@@ -579,7 +591,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         # Checkpoints from before it was kept decayed from the run's start, and go on that way.
         warmup_at = tuple(state["warmup_at"]) if state.get("warmup_at") else (0, 0.0) if step > cfg.warmup_steps \
             else None
-        _set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0], env.device)
+        _resume_rng(state["rng"], env, cfg.seed, step)
         if env.main:
             _truncate_metrics(metrics_path, step)
             # Weights kept after this checkpoint are of steps the resumed run trains again, perhaps otherwise
