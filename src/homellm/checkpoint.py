@@ -244,7 +244,6 @@ def holds_trained(run: str | Path) -> bool:
         kept_steps(run))  # (--keep-every's step-N: a new start would mix its own with them, or replace them)
 
 
-
 def check_new_run(out: str | Path) -> None:
     """Refuse a new run in a folder that is prepared data or a tokenizer, or where files a run writes (config.json,
     metrics.jsonl, tokenizer/, best/, last/) are someone else's: the run would replace them. Other files may stay (a
@@ -266,6 +265,7 @@ def check_new_run(out: str | Path) -> None:
     if not ours and (kept := [n for n in ("best", "last") if (out / n).exists()]):
         raise HomeLLMError(f"--out {out} holds {' and '.join(kept)} but no run's config.json, where a run writes its "
                            "checkpoints: choose a new or empty --out")
+
 
 def is_sft(run: str | Path) -> bool:
     """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""

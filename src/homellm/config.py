@@ -287,6 +287,8 @@ SEED_LIMIT = 2**63  # seeds reach numpy (no negatives) and torch (64 bits)
 _POSITIVE = (lambda v: v > 0, "must be positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
 _AT_LEAST_1 = (lambda v: v >= 1, "must be 1 or more")
+
+
 def checkpoint_name_ok(name: str) -> bool:
     """best, last, or a step-N folder that `--keep-every` kept."""
     return name in ("best", "last") or re.fullmatch(r"step-\d+", name) is not None

@@ -36,6 +36,7 @@ def refuse_kinds(out: str | Path, names: Iterable[str]) -> None:
             raise HomeLLMError(f"--out {out} already holds {KINDS[name]} ({name}): choose a new --out"
                                + (f", or delete {Path(out) / name} first" if name == "tokenizer.json" else ""))
 
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (where folders can be opened: FOLDERS_OPEN)."""
     if not FOLDERS_OPEN:
