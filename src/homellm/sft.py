@@ -152,8 +152,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
     return cfg, replace(TrainConfig(**base), **train_flags)
 
 
-def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str = "with a checkpoint to --resume from"
-        ) -> dict[str, Any]:
+def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None) -> dict[str, Any]:
     """`homellm sft`: fine-tune cfg.init on conversations into train_cfg.out (full weights or LoRA adapters);
     `after_ctrl_c` as in `train`."""
     from homellm.lora import LoraSpec, attach_lora, trainable_parameters

@@ -538,13 +538,13 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
           init: Callable[[GPT], None] | None = None, extra_config: dict[str, Any] | None = None,
-          sample: Callable[[GPT], str] | None = None, after_ctrl_c: str = "with a checkpoint to --resume from"
-          ) -> dict[str, Any]:
+          sample: Callable[[GPT], str] | None = None, after_ctrl_c: str | None = None) -> dict[str, Any]:
     """Train a model into the run directory cfg.out; return a summary (steps, tokens, val loss, bpb, seconds).
 
     `init` loads starting weights (fine-tuning) into a fresh model; `extra_config` is saved in config.json;
     `sample` shows what the model makes of a prompt (default: a greedy continuation of cfg.sample_prompt);
-    `after_ctrl_c` is what the first Ctrl-C is said to lead to, after the current step."""
+    `after_ctrl_c` is what the first Ctrl-C is said to lead to, after the current step (default: a checkpoint to
+    --resume from)."""
     if sample is None:
         def sample(model: GPT) -> str:
             return repr(sample_text(model, tokenizer, cfg.sample_prompt, stop=cfg.sample_stop))
@@ -701,7 +701,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     schedule_at = 0.0  # how far along its schedule the learning rate is
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
-    with _Interrupt(bar, announce=env.main, then=after_ctrl_c) as interrupt:
+    then = after_ctrl_c or "with a checkpoint to --resume from"
+    with _Interrupt(bar, then, announce=env.main) as interrupt:
         while not finished():
             t0 = time.perf_counter()
             if warmup_at is None and step >= cfg.warmup_steps:
@@ -854,9 +855,10 @@ def _say_slow_steps(bar: tqdm, one: float, cfg: TrainConfig, micro_tokens: int, 
 class _Interrupt:
     """While entered, the first Ctrl-C (SIGINT) only sets `asked`, which the loop honours after the current step; a
     second one raises KeyboardInterrupt as usual. Off (`asked` stays False) outside the main thread, where signal
-    handlers cannot be set. `announce` is off on all ranks of torchrun but the first, which speaks for them."""
+    handlers cannot be set. `then` says what follows that step; `announce` is off on all ranks of torchrun but the
+    first, which speaks for them."""
 
-    def __init__(self, bar: tqdm, announce: bool = True, then: str = "with a checkpoint to --resume from"):
+    def __init__(self, bar: tqdm, then: str, announce: bool = True):
         self.asked, self._bar, self._old, self._announce, self._then = False, bar, None, announce, then
 
     def __enter__(self) -> _Interrupt:
