@@ -772,21 +772,30 @@ def test_on_gpus_the_ranks_agree_on_the_clock_in_a_group_of_their_hosts(monkeypa
 def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpus, capsys):
     """`prepare` into the folder a run trained on replaced its shards: --resume went on with the new text, and the
     run's config took the new counts, without a word."""
+    from homellm.checkpoint import sha256_file
     from homellm.cli import main
 
     prep, run = tmp_path / "prep", tmp_path / "run"
     shutil.copytree(data_dir, prep)
-    flags = ["--out", str(run), "--eval-every", "0"]
+    flags = ["--out", str(run), "--eval-every", "1", "--eval-batches", "1"]
     assert main(["pretrain", "--data", str(prep), "--preset", "tiny", "--max-steps", "2", *flags]) == 0
     assert main(["pretrain", "--resume", "--max-steps", "3", *flags]) == 0
     assert "changed since" not in capsys.readouterr().err  # the same data: nothing to say
     half = tmp_path / "half.txt"
     half.write_text("".join(corpus.read_text().splitlines(keepends=True)[:1500]))
     assert main(["prepare", "--input", str(half), "--tokenizer", str(prep), "--out", str(prep)]) == 0
+    # A best no val loss can beat: on the old data it stood for good, and --patience stopped the run early
+    last = run / "last"
+    torch.save({**torch.load(last / "state.pt", weights_only=False), "best_val": 0.0}, last / "state.pt")
+    info = json.loads((last / "checkpoint.json").read_text())
+    info["sha256"]["state.pt"] = sha256_file(last / "state.pt")
+    (last / "checkpoint.json").write_text(json.dumps(info))
     capsys.readouterr()
-    assert main(["pretrain", "--resume", "--max-steps", "4", *flags]) == 0
-    assert re.search(rf"note: {prep} changed since {run} last trained on it \([\d,]+ -> [\d,]+ training tokens\)",
-                     capsys.readouterr().err)
+    assert main(["pretrain", "--resume", "--max-steps", "5", "--patience", "1", *flags]) == 0
+    assert re.search(rf"note: {prep} changed since {run} last trained on it \([\d,]+ -> [\d,]+ training tokens\): "
+                     r"training goes on with the new data, whose val loss compares with none before it: `best` and "
+                     r"--patience start again from its first evaluation", capsys.readouterr().err)
+    assert json.loads((run / "best" / "checkpoint.json").read_text())["step"] >= 4
 
 
 def test_resuming_on_raw_text_that_grew_prepares_it_again(tmp_path, corpus, capsys):

@@ -584,6 +584,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
+        was = load_json(run / "config.json").get("data_meta")
+        if was and (extra_config or {}).get("data_meta", was) != was:
+            # Other data (text added to a relay's corpus): its val loss compares with none measured before, so
+            # `best` and --patience start again from its first evaluation (the old best stood for good, and stopped
+            # the run early while the new val loss fell).
+            best_val, bad_evals = math.inf, 0
         info = load_json(folder / "checkpoint.json")
         resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
         # Else a run that stopped short of its budget for the final evaluation would go on past it.
@@ -1128,8 +1134,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     was = load_json(run / "config.json").get("data_meta") if cfg.resume else None
     if was and was != {k: meta[k] for k in kept}:  # prepared again since (same folder, other text): said, not hidden
         say(f"note: {data_dir} changed since {run} last trained on it ({was.get('train_tokens', 0):,} -> "
-            f"{meta['train_tokens']:,} training tokens): training goes on with the new data, and its val loss "
-            "is not comparable with the earlier one")
+            f"{meta['train_tokens']:,} training tokens): training goes on with the new data, whose val loss "
+            "compares with none before it: `best` and --patience start again from its first evaluation")
     if cfg.epochs > 0:
         # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
         # random windows, not one pass over each window.
