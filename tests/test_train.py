@@ -656,7 +656,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, data_dir, capsys):
         (["--data", str(data_dir), "--n-embd", "30", "--n-head", "4"], "--n-embd 30"),
         (["--data", str(data_dir), "--optimizer", "sgd"], "--optimizer"),
         (["--data", str(data_dir), "--log-every", "0"], "--log-every"),
-        (["--data", str(data_dir), "--resume"], "holds no run yet: start it without --resume"),
+        (["--data", str(data_dir), "--resume"], "does not exist: check the path (a relay's first session starts "
+                                                 "without --resume)"),  # a typo, or a drive not mounted
         (["--data", str(data_dir), "--n-head", "0"], "--n-head 0: must be 1 or more"),  # was a ZeroDivisionError
     ]
     for i, (flags, needle) in enumerate(cases):
@@ -664,6 +665,20 @@ def test_bad_inputs_give_one_line_errors(tmp_path, data_dir, capsys):
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
         assert len(err.strip().splitlines()[-1]) > 20
+    # A run trained on prepared data, moved where its data is not: where to give it, not only "check the path"
+    shutil.copytree(data_dir, tmp_path / "data")
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "moved"),
+                 "--max-steps", "1", "--eval-every", "0"]) == 0
+    shutil.rmtree(tmp_path / "data")
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(tmp_path / "moved"), "--resume", "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"homellm: error: {tmp_path / 'data'}: no such file or folder: check the path; to resume {tmp_path / 'moved'}, "
+        f"pass --data where its data is now: the text itself, or a folder made by `homellm prepare --tokenizer "
+        f"{tmp_path / 'moved'}`\n")
+    (tmp_path / "empty").mkdir()  # made for the run, before its first session
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "holds no run yet: start it without --resume" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this PyTorch has no torch.optim.Muon to compare with")

@@ -993,8 +993,12 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     try:
         size = input_bytes(list(cfg.data))
     except HomeLLMError as e:
-        if not (cfg.resume and (data_dir / "meta.json").is_file() and "pretrain_inputs" in read_meta(data_dir)):
+        if not cfg.resume:
             raise
+        if not ((data_dir / "meta.json").is_file() and "pretrain_inputs" in read_meta(data_dir)):
+            # (a run moved to another machine, its data left behind)
+            raise HomeLLMError(f"{e}; to resume {run}, pass --data where its data is now: the text itself, or a "
+                               f"folder made by `homellm prepare --tokenizer {typed(run)}`") from None
         # A relay run goes on where its text is not (another machine, the corpus moved): its shards are here.
         say(f"note: {e}; resuming on the shards {run} prepared from it, in {data_dir} (give --data where the text "
             "is now to read it again)")
@@ -1073,7 +1077,10 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     cfg = replace(cfg, data=absolute_inputs(cfg.data), init=cfg.init and os.path.abspath(cfg.init))
     start = None if cfg.resume else _init_weights(cfg, model_cfg)  # checked before anything is written
     if cfg.resume:
-        if not run.exists() or (run.is_dir() and not any(run.iterdir())):  # a relay's first session: nothing yet
+        if not run.exists():  # a typo, or a drive not mounted (Colab's): not a first session to start anew
+            raise HomeLLMError(f"--resume: {run} does not exist: check the path (a relay's first session starts "
+                               "without --resume)")
+        if run.is_dir() and not any(run.iterdir()):  # a relay's first session: nothing yet
             raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
                                "--resume to continue it)")
         if is_sft(run):
