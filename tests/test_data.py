@@ -439,6 +439,11 @@ def test_characters_a_char_tokenizer_never_saw_are_counted_and_mostly_unknown_te
     with pytest.raises(HomeLLMError, match=r"ja.txt: 11 of 12 tokens \(91.7%\) are characters .* such as '。"):
         prepare(PrepareConfig(input=[str(japanese)], tokenizer=str(tok), out=str(tmp_path / "d2")))
     assert not (tmp_path / "d2" / "meta.json").exists()
+    # The commonest are named first (by code point, Greek letters hid the Chinese that made up most of a text)
+    greek = tmp_path / "greek.txt"
+    greek.write_text("the cat é\n" + "the cat sat on the mat the cat sat on the mat ΩΩ\n" * 30, encoding="utf-8")
+    prepare(PrepareConfig(input=[str(greek)], tokenizer=str(tok), out=str(tmp_path / "d3")))
+    assert "such as 'Ω é'" in capsys.readouterr().err
 
 
 def test_a_file_named_twice_is_read_once(tmp_path):

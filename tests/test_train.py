@@ -1090,3 +1090,17 @@ def test_a_rank_the_checkpoint_had_not_gets_a_random_stream_of_its_own():
     assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
     _resume_rng(saved, Env(2, 3, 2, cpu, torch.float32), seed=1, step=10)
     assert torch.equal(torch.rand(4), draws[2])  # and reproducibly so
+
+
+def test_text_a_trained_runs_tokenizer_cannot_write_is_not_fixed_by_another_tokenizer(tmp_path, reference, capsys):
+    """It advised training a tokenizer on the text, which a run resumed or started from trained weights cannot use."""
+    from homellm.cli import main
+
+    text = tmp_path / "ja.txt"
+    text.write_text("日本語の文章です。\n" * 20, encoding="utf-8")
+    assert main(["pretrain", "--init", str(reference), "--data", str(text), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "are characters the tokenizer" in err and "such as '。 す で の 文 日 本 章 語'" in err  # (as often each)
+    assert err.endswith(f"replace or drop those characters in the text, or train a new run with a tokenizer that "
+                        f"knows them ({reference}'s tokenizer is the one its weights read)\n")

@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -695,8 +696,10 @@ def _is_val(seed: int, doc: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") < val_fraction * 2**64
 
 
-def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes (with `extra_meta` added).
+def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None, unknown_fix: str | None = None
+            ) -> dict[str, Any]:
+    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes (with `extra_meta` added;
+    `unknown_fix`: what to do about text the tokenizer cannot write, where training another is no fix).
 
     Each document ends with the end-of-text id. Documents go to val by a hash of (seed, index) against
     val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
@@ -744,7 +747,7 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     out.mkdir(parents=True)
     nanogpt = nanogpt_folder(cfg.input)
     try:
-        meta = {**(_adopt_nanogpt(nanogpt, out, cfg, tok) if nanogpt else _prepare_into(out, cfg, tok)),
+        meta = {**(_adopt_nanogpt(nanogpt, out, cfg, tok) if nanogpt else _prepare_into(out, cfg, tok, unknown_fix)),
                 **(extra_meta or {})}
         save_json(out / "meta.json", meta)  # here first: a meta.json that cannot be written fails before the swap
     except BaseException:
@@ -822,13 +825,14 @@ def _adopt_nanogpt(folder: Path, out: Path, cfg: PrepareConfig, tok: Tokenizer) 
     }
 
 
-def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
-    """prepare's work: shards and tokenizer/ written into `out`; returns the meta.json to write beside them."""
+def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: str | None = None) -> dict[str, Any]:
+    """prepare's work: shards and tokenizer/ written into `out`; returns the meta.json to write beside them.
+    `unknown_fix` is what to do about text the tokenizer cannot write, where it is not training another."""
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")  # little-endian on any machine
     writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens, tok.token_bytes()) for s in ("train", "val")}
     docs = val_docs = tokens = unknown = 0
     unk_id = tok.unk_id
-    unknown_chars: set[str] = set()
+    unknown_chars: Counter[str] = Counter()  # how often, in the first pieces that have any: the commonest are named
     eot = np.array([tok.eot_id], dtype=np.uint32)
     # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
     bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
@@ -848,8 +852,8 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
             tokens += len(array)
             if unk_id is not None and (n := int((array == unk_id).sum())):
                 unknown += n
-                if len(unknown_chars) < 10:
-                    unknown_chars.update(tok.unknown_chars(piece.text))
+                if sum(unknown_chars.values()) < 10_000:
+                    unknown_chars.update({c: piece.text.count(c) for c in tok.unknown_chars(piece.text)})
             if bos is not None and fresh:
                 parts[side].append(bos)
             parts[side].append(array)
@@ -878,7 +882,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer) -> dict[str, An
             flush(batch)
     for w in writers.values():
         w.close()
-    check_unknown(unknown, tokens, unknown_chars, "tokens", cfg.tokenizer, " ".join(cfg.input))
+    commonest = sorted(unknown_chars, key=lambda c: (-unknown_chars[c], c))
+    check_unknown(unknown, tokens, commonest, "tokens", cfg.tokenizer,
+                  " ".join(cfg.input), **({"fix": unknown_fix} if unknown_fix else {}))
 
     split = "document"
     if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):

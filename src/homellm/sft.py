@@ -248,7 +248,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
         text = "".join(m["content"] for conv in conversations for m in conv)
         # Not "train a tokenizer on this text": the base's weights mean its own tokenizer's ids.
-        check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), tok.unknown_chars(text), "tokens",
+        chars = sorted(tok.unknown_chars(text), key=lambda c: (-text.count(c), c))  # the commonest first
+        check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), chars, "tokens",
                       str(init), " ".join(cfg.data), fix="replace or drop them in the conversations, or pretrain the "
                       "base again with a tokenizer that knows them (a char tokenizer knows only its text's "
                       "characters, and those given with --words; a BPE one writes any text)")

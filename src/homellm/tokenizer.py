@@ -49,11 +49,12 @@ ROUND_TRIP_PROBE = "Hello World!  Two spaces,\ttab.\nCafé naïve 1,234.5 日本
 
 def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, tokenizer: str, where: str,
                   fix: str = "train a tokenizer on this text (`homellm tokenizer train --input ...`)") -> None:
-    """Say that `unknown` of `total` tokens or characters of `where` are unknown to `tokenizer`; refuse past the
-    share above, saying `fix` (prepare and sft use it, so both hold text to the same rule)."""
+    """Say that `unknown` of `total` tokens or characters of `where` are unknown to `tokenizer`, naming the first
+    `examples`; refuse past the share above, saying `fix` (prepare and sft use it, so both hold text to the same
+    rule)."""
     if not unknown:
         return
-    shown = " ".join(sorted(examples)[:10])
+    shown = " ".join(list(examples)[:10])  # (the callers give the commonest first)
     # A WordPiece tokenizer loses whole words whose characters it knows alone: then there is no character to show.
     what = (f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are characters the tokenizer {tokenizer} does "
             f"not know, such as {shown!r}" if shown else
