@@ -51,11 +51,13 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, reference):
     killed = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
                      env={"HOMELLM_FAULT_KILL_AT_STEP": "13"}, check=False)
     assert killed.returncode == -9
-    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 10
-    assert max(r["step"] for r in metrics(run)) == 12  # lines past the checkpoint, to be dropped on resume
+    # `best` of step 12 has a whole training state too: resuming from `last`'s step 10 trained 11 and 12 again
+    assert [json.loads((run / c / "checkpoint.json").read_text())["step"] for c in ("last", "best")] == [10, 12]
+    assert max(r["step"] for r in metrics(run)) == 12
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 13, "tok')  # and a line a crash cut short
     resumed = homellm("pretrain", "--out", str(run), "--resume")
+    assert f"resuming {run} from best at step 12" in resumed.stderr
     assert "metrics.jsonl:" in resumed.stderr and "is an incomplete log line: dropped" in resumed.stderr
     assert metrics(run) == metrics(reference)
     assert_same_weights(run / "last", reference / "last")

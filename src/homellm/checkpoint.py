@@ -194,6 +194,17 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
     return chosen
 
 
+def resume_point(run: str | Path) -> Path:
+    """The checkpoint to resume from: `last` (falling back as find_checkpoint does), or `best` where it is newer (a
+    kill after a `best` and before the next `last`: the steps between were trained again)."""
+    folder = find_checkpoint(run, "last", need_state=True)
+    try:
+        best = verify_checkpoint(Path(run) / "best", need_state=True)["step"]
+    except HomeLLMError:
+        return folder
+    return Path(run) / "best" if best > load_json(folder / INFO)["step"] else folder
+
+
 def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` or `quickstart`") -> Path:
     """RUN/config.json, or a one-line error that says what RUN is instead (missing, a file, data, a tokenizer)."""
     run = Path(run)

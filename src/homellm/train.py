@@ -43,6 +43,7 @@ from homellm.checkpoint import (
     load_weights_into,
     read_config,
     read_weights,
+    resume_point,
     save_checkpoint,
 )
 from homellm.config import (
@@ -570,7 +571,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     resumed_val: dict[str, float] | None = None  # the val loss measured on the weights resumed from, if it was
     eval_room, eval_measured = 0.0, False  # the final evaluation's expected seconds, and whether measured (below)
     if cfg.resume:
-        folder = resumed_from = find_checkpoint(run, "last", need_state=True)
+        folder = resumed_from = resume_point(run)
         load_weights_into(model, read_weights(folder), str(folder))
         state = load_state(folder)
         for opt, sd in zip(optimizers, state["optimizers"]):
