@@ -112,8 +112,13 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     assert "tokens/s" in proc.stderr
     proc = homellm("generate", str(run), "--prompt", "the cat " * 80, "--max-new-tokens", "2")
     assert "note: the prompt is " in proc.stderr and "tokens and the model's context" in proc.stderr
+    # info says what ends the run, and where its data is now: in it, where the folder it was trained on is gone (a
+    # relay moved to another machine with its data inside)
+    shutil.copytree(data, run / "data")
+    shutil.rmtree(data)
     proc = homellm("info", str(run))
-    assert "parameters" in proc.stdout.lower()
+    assert "parameters" in proc.stdout.lower() and "ends at --max-steps 20\n" in proc.stdout
+    assert f"data {run / 'data'}: " in proc.stdout
 
 
 def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):

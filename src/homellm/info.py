@@ -80,13 +80,21 @@ def describe(run: str | Path) -> str:
         # Runs trained on a task's own batches (the quickstart) record tokens only, not documents or the split.
         docs = (f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} (split by {m.get('split', '?')})"
                 if "documents" in m else "")
-        out += ["", f"data {cfg.get('data_dir')}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
+        where = cfg.get("data_dir")
+        if where and not Path(where).is_dir() and (run / "data" / "meta.json").is_file():  # a run moved, its data in it
+            where = run / "data"
+        out += ["", f"data {where}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     if "imported_from" in cfg:  # trained elsewhere: its saved training settings are defaults nothing ran with
         out += [f"imported from {cfg['imported_from']} (`homellm import`): trained elsewhere"]
     else:
         out += [f"training: {tcfg.optimizer}, lr {tcfg.lr:g}, batch {tcfg.batch_size} x {tcfg.grad_accum} "
                 f"accumulation, schedule {tcfg.schedule}, seed {tcfg.seed}"
                 f"{f'; pretrained further from {tcfg.init}' if tcfg.init else ''}"]
+        # Where a relay stands: what ends the run, and each session
+        ends = [f"--max-steps {tcfg.max_steps:,}"] * (tcfg.max_steps > 0) + [f"--max-time {tcfg.max_time:g}"] * (
+            tcfg.max_time > 0)
+        out += [f"ends at {' or '.join(ends) or 'nothing set'}{', whichever comes first' * (len(ends) > 1)}"
+                + (f"; sessions of --session-time {tcfg.session_time:g}" if tcfg.session_time > 0 else "")]
     if "sft" in cfg:  # what a fine-tuned run began from, and on what
         d = cfg.get("sft_data", {})
         out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "
