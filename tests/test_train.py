@@ -326,7 +326,7 @@ def test_the_refusal_to_change_the_global_batch_names_flags_that_work(tmp_path, 
     assert f"resume with {fix}" in str(err.value), str(err.value)
 
 
-def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, data_dir):
+def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, data_dir, capsys):
     """Relay training onto a GPU that fits fewer rows (seed 003): --batch-size 2 --grad-accum 2 was refused for a
     run of --batch-size 4. A step's rows are now drawn for the whole global batch, so any split of it reads the same
     rows, and the run goes on as it would have, up to the rounding of summing two micro-batches. Its evaluations
@@ -340,7 +340,11 @@ def test_a_run_resumes_with_half_the_batch_and_twice_the_accumulation(tmp_path, 
     homellm("pretrain", "--data", str(data_dir), "--out", str(run), *flags, env={"HOMELLM_FAULT_KILL_AT_STEP": "7"},
             check=False)
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 5
+    capsys.readouterr()
     assert main(["pretrain", "--out", str(run), "--resume", "--batch-size", "2", "--grad-accum", "2"]) == 0
+    assert ("note: --resume: the same batches of 4 sequences, split otherwise (2 x 2 micro-batches x 1 process, not "
+            "4 x 1 process): their sums add up in another order, so the run goes on as it would have to rounding, not "
+            "bit for bit") in capsys.readouterr().err
     got, want = metrics(run), metrics(whole)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 11))
     for a, b in zip(got, want):

@@ -511,13 +511,14 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     diffs += [f"{k}: run has {v!r}, asked {getattr(cfg, k)!r}" for k, v in to_dict(saved_train).items()
               if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v and k not in splits]
     was = saved_train.batch_size * saved_train.grad_accum * (saved_world or 1)
+
+    def processes(n: int) -> str:
+        return f"{n} process{'es' * (n != 1)}"
+
+    def layout(batch: int, accum: int, n: int) -> str:
+        return f"{batch} x {accum} micro-batches x {processes(n)}" if accum > 1 else f"{batch} x {processes(n)}"
+
     if saved_world and was != cfg.batch_size * cfg.grad_accum * world:
-        def processes(n: int) -> str:
-            return f"{n} process{'es' * (n != 1)}"
-
-        def layout(batch: int, accum: int, n: int) -> str:
-            return f"{batch} x {accum} micro-batches x {processes(n)}" if accum > 1 else f"{batch} x {processes(n)}"
-
         per_process = was // world
         if was % world:  # the run's own layout is one that works
             fix = (f"--batch-size {saved_train.batch_size} --grad-accum {saved_train.grad_accum} on "
@@ -535,6 +536,12 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     if diffs:
         raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (and "
                            "--preset: a resumed run starts from its own config), or train into a new --out")
+    if saved_world and (saved_train.batch_size, saved_train.grad_accum, saved_world) != (
+            cfg.batch_size, cfg.grad_accum, world):
+        asked = layout(cfg.batch_size, cfg.grad_accum, world)
+        say(f"note: --resume: the same batches of {was} sequences, split otherwise ({asked}, not "
+            f"{layout(saved_train.batch_size, saved_train.grad_accum, saved_world)}): their sums add up in another "
+            "order, so the run goes on as it would have to rounding, not bit for bit")
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
