@@ -90,13 +90,22 @@ def test_help_shows_the_defaults_a_run_gets(verb, shown, capsys):
         assert re.search(rf"--{flag} {flag.upper().replace('-', '_')} (?:(?! --).)*\(default: {value}\)", text), flag
 
 
-def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
+def test_tiny_pipeline_from_the_command_line(tmp_path, corpus, capsys):
+    from homellm.cli import main  # in-process but for pretrain, for the suite's time: each command as typed
+
+    def cli(*args: str) -> tuple[str, str]:
+        capsys.readouterr()
+        assert main(list(args)) == 0, args
+        out = capsys.readouterr()
+        return out.out, out.err
+
     tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
-    homellm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok))
+    cli("tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok))
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in tok.iterdir()}
-    homellm("prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(data))
+    cli("prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(data))
     assert json.loads((data / "meta.json").read_text())["train_tokens"] > 0
-    # Bytes, not text: text mode would turn the carriage returns of a terminal's progress bar into line breaks.
+    # A process of its own, writing to pipes as into a log. Bytes, not text: text mode would turn the carriage
+    # returns of a terminal's progress bar into line breaks.
     proc = subprocess.run([sys.executable, "-m", "homellm", "pretrain", "--preset", "tiny", "--data", str(data),
                            "--out", str(run), "--max-steps", "20", "--eval-every", "10"], capture_output=True,
                           timeout=300, check=True)
@@ -107,18 +116,16 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus):
     assert b"\r" not in proc.stderr and frames and "20/20" in frames[-1] and "step/s" in frames[-1]
     assert len(frames) <= 3, frames  # the start, the end, a line each 30 s (a line each log step, before)
     assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
-    proc = homellm("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "12", "--seed", "1")
-    assert proc.stdout.startswith("the cat") and len(proc.stdout) > len("the cat\n")
-    assert "tokens/s" in proc.stderr
-    proc = homellm("generate", str(run), "--prompt", "the cat " * 80, "--max-new-tokens", "2")
-    assert "note: the prompt is " in proc.stderr and "tokens and the model's context" in proc.stderr
+    out, err = cli("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "12", "--seed", "1")
+    assert out.startswith("the cat") and len(out) > len("the cat\n") and "tokens/s" in err
+    out, err = cli("generate", str(run), "--prompt", "the cat " * 80, "--max-new-tokens", "2")
+    assert "note: the prompt is " in err and "tokens and the model's context" in err
     # info says what ends the run, and where its data is now: in it, where the folder it was trained on is gone (a
     # relay moved to another machine with its data inside)
     shutil.copytree(data, run / "data")
     shutil.rmtree(data)
-    proc = homellm("info", str(run))
-    assert "parameters" in proc.stdout.lower() and "ends at --max-steps 20\n" in proc.stdout
-    assert f"data {run / 'data'}: " in proc.stdout
+    out, _ = cli("info", str(run))
+    assert "parameters" in out.lower() and "ends at --max-steps 20\n" in out and f"data {run / 'data'}: " in out
 
 
 def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):

@@ -233,7 +233,9 @@ def test_a_quickstart_budget_that_the_evaluation_fills_says_so(tmp_path):
         quickstart(QuickstartConfig(out=str(tmp_path / "q"), max_time=20, n=50_000, problems=1000))
 
 
-def test_short_quickstart_runs_end_to_end(tmp_path):
+def test_short_quickstart_runs_end_to_end(tmp_path, capsys):
+    from homellm.cli import main
+
     run = tmp_path / "qs"
     proc = homellm("quickstart", "--out", str(run), "--max-time", "4", "--problems", "3000", "--n", "40")
     assert "accuracy" in proc.stdout and "overall" in proc.stdout and "homellm generate" in proc.stdout
@@ -248,14 +250,16 @@ def test_short_quickstart_runs_end_to_end(tmp_path):
     assert config["model"]["block_size"] > ROW_TOKENS
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["tokens"] == last["step"] * config["train"]["batch_size"] * ROW_TOKENS
-    # The run is an ordinary run directory: every verb takes it.
-    proc = homellm("generate", str(run), "--prompt", "$12 \\times 7 =", "--temperature", "0", "--max-new-tokens", "8")
-    assert proc.stdout.startswith("$12 \\times 7 =")
-    info = homellm("info", str(run)).stdout  # one of the next commands the quickstart prints
+    # The run is an ordinary run directory: every verb takes it (in-process, for the suite's time).
+    assert main(["generate", str(run), "--prompt", "$12 \\times 7 =", "--temperature", "0", "--max-new-tokens",
+                 "8"]) == 0
+    assert capsys.readouterr().out.startswith("$12 \\times 7 =")
+    assert main(["info", str(run)]) == 0  # one of the next commands the quickstart prints
+    info = capsys.readouterr().out
     assert " train / " in info and "val bits/byte" in info and " ok" in info
-    proc = homellm("quickstart", "--out", str(run), "--max-time", "4", check=False)
-    assert proc.returncode == 2 and "already holds" in proc.stderr
-    homellm("eval", str(run), "--n", "20", "--max-digits", "3")
+    assert main(["quickstart", "--out", str(run), "--max-time", "4"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["eval", str(run), "--n", "20", "--max-digits", "3"]) == 0
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3
 
 

@@ -543,14 +543,16 @@ def test_lora_with_muon_trains_every_adapter_with_muon(tmp_path, base_run):
 
 
 def test_sft_resume_after_sigkill_is_identical(tmp_path, base_run):
+    from homellm.cli import main  # but for the killed run, in-process, for the suite's time
+
     data = qa_file(tmp_path / "qa.jsonl", 60)
     flags = ["--init", str(base_run), "--data", str(data), "--max-steps", "12", "--eval-every", "4",
              "--checkpoint-every", "4", "--log-every", "2", "--batch-size", "4"]
-    homellm("sft", *flags, "--out", str(tmp_path / "ref"))
+    assert main(["sft", *flags, "--out", str(tmp_path / "ref")]) == 0
     killed = homellm("sft", *flags, "--out", str(tmp_path / "run"), env={"HOMELLM_FAULT_KILL_AT_STEP": "7"},
                      check=False)
     assert killed.returncode == -9
-    homellm("sft", "--out", str(tmp_path / "run"), "--resume")
+    assert main(["sft", "--out", str(tmp_path / "run"), "--resume"]) == 0
     rows = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("ref", "run")]
     strip = [[{k: v for k, v in json.loads(x).items() if k not in ("elapsed_s", "tok_per_s")} for x in r] for r in rows]
     assert strip[0] == strip[1]

@@ -77,11 +77,13 @@ def test_a_damaged_metrics_line_before_the_end_is_named(tmp_path):
 def test_muon_run_resumes_bit_identically(tmp_path, data_dir):
     flags = ["--preset", "tiny", "--optimizer", "muon", "--max-steps", "6", "--checkpoint-every", "3",
              "--eval-every", "3", "--log-every", "1"]
-    homellm("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "ref"), *flags)
+    from homellm.cli import main  # but for the killed run, in-process, for the suite's time
+
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "ref"), *flags]) == 0
     killed = homellm("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), *flags,
                      env={"HOMELLM_FAULT_KILL_AT_STEP": "4"}, check=False)
     assert killed.returncode == -9
-    homellm("pretrain", "--out", str(tmp_path / "run"), "--resume")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume"]) == 0
     assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
     assert_same_weights(tmp_path / "run" / "last", tmp_path / "ref" / "last")
 
@@ -93,7 +95,9 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data_d
     assert killed.returncode == -9
     assert (run / ".last.tmp").is_dir()  # the half-done swap of step 10
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 5
-    homellm("pretrain", "--out", str(run), "--resume")
+    from homellm.cli import main  # the resume in-process, for the suite's time
+
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 0
     assert metrics(run) == metrics(reference)
     assert_same_weights(run / "last", reference / "last")
 
@@ -134,23 +138,27 @@ def test_a_checkpoint_stopped_mid_write_by_ctrl_c_is_removed(tmp_path, monkeypat
     assert find_checkpoint(tmp_path, "last", need_state=True) == tmp_path / "last"
 
 
-def test_a_kill_between_a_checkpoints_two_renames_resumes_from_the_new_one(tmp_path, data_dir, reference):
+def test_a_kill_between_a_checkpoints_two_renames_resumes_from_the_new_one(tmp_path, data_dir, reference,
+                                                                            capsys):
     """Killed while `best` of step 4 was being swapped in, before any `last`: the complete .best.tmp is used, and the
     step's metrics line, written before the checkpoint, is kept (it used to be written after, and was lost)."""
+    from homellm.cli import main  # the resumes in-process, for the suite's time
+
     run = tmp_path / "run"
     killed = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
                      env={"HOMELLM_FAULT_KILL_IN_CHECKPOINT": "4"}, check=False)
     assert killed.returncode == -9 and not (run / "best").exists() and not (run / "last").exists()
     assert max(r["step"] for r in metrics(run)) == 4
-    resumed = homellm("pretrain", "--out", str(run), "--resume")
-    assert f"using {run / '.best.tmp'} (step 4)" in resumed.stderr
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 0
+    assert f"using {run / '.best.tmp'} (step 4)" in capsys.readouterr().err
     assert metrics(run) == metrics(reference)
     assert_same_weights(run / "last", reference / "last")
     assert_same_weights(run / "best", reference / "best")
     # At the very end, `last` moved aside and the new one not yet in place: resuming puts it back, trains nothing.
     (run / "last").rename(run / ".last.old")
-    again = homellm("pretrain", "--out", str(run), "--resume")
-    assert "had already finished at step 16 (max_steps)" in again.stderr
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 0
+    assert "had already finished at step 16 (max_steps)" in capsys.readouterr().err
     assert_same_weights(run / "last", reference / "last") and metrics(run) == metrics(reference)
 
 
