@@ -823,6 +823,12 @@ def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpu
     info = json.loads((last / "checkpoint.json").read_text())
     info["sha256"]["state.pt"] = sha256_file(last / "state.pt")
     (last / "checkpoint.json").write_text(json.dumps(info))
+    # ...and a session on the new data killed before its first checkpoint has written the new data's counts into
+    # config.json already: the checkpoint's own record tells (config.json's alone made the next session miss it)
+    config = json.loads((run / "config.json").read_text())
+    kept = ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")
+    config["data_meta"] = {k: v for k, v in json.loads((prep / "meta.json").read_text()).items() if k in kept}
+    (run / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     assert main(["pretrain", "--resume", "--max-steps", "5", "--patience", "1", *flags]) == 0
     assert re.search(rf"note: {prep} changed since {run} last trained on it \([\d,]+ -> [\d,]+ training tokens\): "

@@ -592,12 +592,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             scaler.load_state_dict(state["scaler"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         best_val, bad_evals = state["best_val"], state["bad_evals"]
-        was = load_json(run / "config.json").get("data_meta")
-        if was and (extra_config or {}).get("data_meta", was) != was:
+        # The data the checkpoint trained on (its state keeps it: config.json takes the new data's at once, before
+        # a session killed early writes any checkpoint); runs from before it was kept, config.json's.
+        was = state.get("data_meta") or load_json(run / "config.json").get("data_meta")
+        now = (extra_config or {}).get("data_meta")
+        if was and now and now != was:
             # Other data (text added to a relay's corpus): its val loss compares with none measured before, so
             # `best` and --patience start again from its first evaluation (the old best stood for good, and stopped
             # the run early while the new val loss fell).
             best_val, bad_evals = math.inf, 0
+            say(f"note: {(extra_config or {}).get('data_dir')} changed since {run} last trained on it "
+                f"({was.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): training goes "
+                "on with the new data, whose val loss compares with none before it: `best` and --patience start "
+                "again from its first evaluation")
         info = load_json(folder / "checkpoint.json")
         resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
         # Else a run that stopped short of its budget for the final evaluation would go on past it.
@@ -678,7 +685,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                      "step": step, "tokens": tokens, "elapsed": elapsed, "best_val": best_val,
                      "bad_evals": bad_evals, "rng": rng, "data_position": step,
                      "warmup_at": list(warmup_at) if warmup_at else None,
-                     "final_eval": [eval_room, eval_measured]}
+                     "final_eval": [eval_room, eval_measured], "data_meta": (extra_config or {}).get("data_meta")}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
     bar = progress_bar(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time),
@@ -1150,11 +1157,6 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     if note := staged_note(data_dir):
         say(f"note: {note}")
     kept = ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")
-    was = load_json(run / "config.json").get("data_meta") if cfg.resume else None
-    if was and was != {k: meta[k] for k in kept}:  # prepared again since (same folder, other text): said, not hidden
-        say(f"note: {data_dir} changed since {run} last trained on it ({was.get('train_tokens', 0):,} -> "
-            f"{meta['train_tokens']:,} training tokens): training goes on with the new data, whose val loss "
-            "compares with none before it: `best` and --patience start again from its first evaluation")
     if cfg.epochs > 0:
         # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
         # random windows, not one pass over each window.
