@@ -833,6 +833,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     docs = val_docs = tokens = unknown = 0
     unk_id = tok.unk_id
     unknown_chars: Counter[str] = Counter()  # how often, in the first pieces that have any: the commonest are named
+    unknown_char: dict[str, bool] = {}  # each character looked up once (per piece, prepare ran 4x slower)
     eot = np.array([tok.eot_id], dtype=np.uint32)
     # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
     bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
@@ -852,8 +853,12 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
             tokens += len(array)
             if unk_id is not None and (n := int((array == unk_id).sum())):
                 unknown += n
-                if sum(unknown_chars.values()) < 10_000:
-                    unknown_chars.update({c: piece.text.count(c) for c in tok.unknown_chars(piece.text)})
+                if unknown_chars.total() < 10_000:
+                    for c, k in Counter(piece.text).items():
+                        if c not in unknown_char:
+                            unknown_char[c] = bool(tok.unknown_chars(c))
+                        if unknown_char[c]:
+                            unknown_chars[c] += k
             if bos is not None and fresh:
                 parts[side].append(bos)
             parts[side].append(array)

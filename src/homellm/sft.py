@@ -12,6 +12,7 @@ Held-out conversations give the val loss.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
         text = "".join(m["content"] for conv in conversations for m in conv)
         # Not "train a tokenizer on this text": the base's weights mean its own tokenizer's ids.
-        chars = sorted(tok.unknown_chars(text), key=lambda c: (-text.count(c), c))  # the commonest first
+        counts = Counter(text)
+        chars = sorted(tok.unknown_chars(text), key=lambda c: (-counts[c], c))  # the commonest first
         check_unknown(unknown, sum(int((r != tok.pad_id).sum()) for r in rows), chars, "tokens",
                       str(init), " ".join(cfg.data), fix="replace or drop them in the conversations, or pretrain the "
                       "base again with a tokenizer that knows them (a char tokenizer knows only its text's "
