@@ -1128,3 +1128,6 @@ def test_text_a_trained_runs_tokenizer_cannot_write_is_not_fixed_by_another_toke
     assert "are characters the tokenizer" in err and "such as '。 す で の 文 日 本 章 語'" in err  # (as often each)
     assert err.endswith(f"replace or drop those characters in the text, or train a new run with a tokenizer that "
                         f"knows them ({reference}'s tokenizer is the one its weights read)\n")
+    # `prepare --tokenizer RUN`, which the message for a moved run's data advises, says the same
+    assert main(["prepare", "--input", str(text), "--tokenizer", str(reference), "--out", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.endswith("its weights read)\n")

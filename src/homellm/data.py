@@ -696,10 +696,8 @@ def _is_val(seed: int, doc: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") < val_fraction * 2**64
 
 
-def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None, unknown_fix: str | None = None
-            ) -> dict[str, Any]:
-    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes (with `extra_meta` added;
-    `unknown_fix`: what to do about text the tokenizer cannot write, where training another is no fix).
+def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes (with `extra_meta` added).
 
     Each document ends with the end-of-text id. Documents go to val by a hash of (seed, index) against
     val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
@@ -746,6 +744,10 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None, unknow
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     nanogpt = nanogpt_folder(cfg.input)
+    unknown_fix = None  # a run's tokenizer (its weights read these ids): another one is no fix for unknown text
+    if (Path(cfg.tokenizer) / "config.json").is_file():
+        unknown_fix = (f"replace or drop those characters in the text, or train a new run with a tokenizer that "
+                       f"knows them ({cfg.tokenizer}'s tokenizer is the one its weights read)")
     try:
         meta = {**(_adopt_nanogpt(nanogpt, out, cfg, tok) if nanogpt else _prepare_into(out, cfg, tok, unknown_fix)),
                 **(extra_meta or {})}

@@ -216,9 +216,12 @@ class Scheduler:
         have = self.cache.max_len
         if need <= have:
             return
+        old, device = self.cache, self.cache.k.device
+        if device.type == "cuda":  # off the GPU first: the old and the bigger cache together may not fit on it
+            old.k, old.v = old.k.cpu(), old.v.cpu()
         bigger = KVCache(self.model.cfg, self.max_batch, min(self.model.cfg.block_size, max(need, 2 * have)),
-                         self.cache.k.device, self.cache.k.dtype)
-        bigger.k[:, :, :, :have], bigger.v[:, :, :, :have] = self.cache.k, self.cache.v
+                         device, old.k.dtype)
+        bigger.k[:, :, :, :have], bigger.v[:, :, :, :have] = old.k, old.v
         self.cache = bigger
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

@@ -1074,13 +1074,10 @@ def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
             if not same:
                 raise HomeLLMError(f"--out {run} holds {tok_dir.name}/ with other files than the tokenizer this run "
                                    "trains there: choose a new --out")
-    # A trained run's weights mean its own tokenizer's ids: another tokenizer is no fix for text it cannot write
-    fix = None if tok_dir == run / "data_tokenizer" else (
-        f"replace or drop those characters in the text, or train a new run with a tokenizer that knows them "
-        f"({tok_dir}'s tokenizer is the one its weights read)")
+    # (with a trained run's tokenizer, prepare says that another tokenizer is no fix for text it cannot write)
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
                           text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora),
-            extra_meta={"pretrain_inputs": settings}, unknown_fix=fix)
+            extra_meta={"pretrain_inputs": settings})
     return data_dir
 
 
