@@ -206,7 +206,8 @@ class Scheduler:
         if not live:
             return
         ids = torch.tensor([[s.tokens[-1]] for s in live], device=self.device)
-        self._room(int(self.lengths[:len(live)].max()) + 1)
+        # Each row's length after this step, counted here: reading `lengths` back would make a GPU wait every step
+        self._room(max(len(s.prompt) + len(s.tokens) for s in live))
         self.cache.pos = self.lengths[:len(live)]  # a view: forward advances each row's length in place
         logits, _ = self.model(ids, cache=self.cache)
         self._sample(live, logits[:, -1])
