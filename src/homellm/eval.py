@@ -210,11 +210,11 @@ def whole_split_loss(model: GPT, maps: list[np.ndarray], block: int, batch: int,
     """Val loss and bits per byte over every token of the split once: each shard cut into consecutive windows of
     `block` (a window's first token is read, not scored, as the next window's last target), so the figure is exact
     and repeatable, unlike --batches' random windows. None where the split is empty."""
-    from homellm.train import _autocast
+    from homellm.train import add_loss, loss_sums
 
     # (start, length) of each window: a token predicted from the window's start, its targets the next `length`
     rows = [(m, i, min(block, len(m) - 1 - i)) for m in maps for i in range(0, max(len(m) - 1, 0), block)]
-    nats = nbytes = tokens = 0.0
+    sums = loss_sums(env)
     sizes = torch.from_numpy(token_bytes.astype(np.int64))
     with torch.no_grad(), progress_bar(total=len(rows), desc="val windows", unit="window") as bar:
         for first in range(0, len(rows), batch):
@@ -224,13 +224,9 @@ def whole_split_loss(model: GPT, maps: list[np.ndarray], block: int, batch: int,
             for r, (m, i, n) in enumerate(chunk):
                 window = torch.from_numpy(np.asarray(m[i:i + n + 1], dtype=np.int64))
                 x[r, :n], y[r, :n] = window[:-1], window[1:]
-            with _autocast(env):
-                _, loss = model(x.to(env.device), y.to(env.device))
-            n = int((y != -100).sum())
-            nats += loss.item() * n
-            tokens += n
-            nbytes += sizes[y.clamp(min=0)][y != -100].sum().item()
+            sums = add_loss(model, x, y, [], env, sizes, sums)
             bar.update(len(chunk))
+    nats, tokens, nbytes = sums[0].item(), sums[1], sums[2]
     if not tokens:
         return None
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(nbytes, 1), "tokens": int(tokens)}

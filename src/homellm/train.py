@@ -463,6 +463,23 @@ def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
     return rest[0].to(env.device, non_blocking=True) if rest else None
 
 
+def loss_sums(env: Env) -> tuple[torch.Tensor, int, int]:
+    """Empty sums for `add_loss`: nats, scored tokens, their bytes. The nats add up on the device, read once at the
+    end (a read per batch made a GPU wait for each one), in float64 as Python's floats were (MPS has none)."""
+    return torch.zeros((), dtype=torch.float32 if env.device.type == "mps" else torch.float64, device=env.device), 0, 0
+
+
+def add_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, documents: list[torch.Tensor], env: Env,
+             token_bytes: torch.Tensor, sums: tuple[torch.Tensor, int, int]) -> tuple[torch.Tensor, int, int]:
+    """`sums` with one batch's loss added: the nats it scored, its scored targets (not -100) and their bytes."""
+    with _autocast(env):
+        _, loss = model(x.to(env.device), y.to(env.device), documents=_documents(documents, env))
+    nats, tokens, nbytes = sums
+    n = int((y != -100).sum())  # (y is still on the CPU: no wait)
+    return (nats + loss.to(nats.dtype) * n, tokens + n,
+            nbytes + int(token_bytes[y.clamp(min=0)][y != -100].sum()))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: int, env: Env, grad_accum: int = 1
              ) -> dict[str, float] | None:
@@ -472,10 +489,7 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
     and --patience compared losses of two val sets)."""
     was_training = model.training
     model.eval()
-    tokens = nbytes = 0.0
-    # The losses add up on the device, read once at the end: a read per batch made a GPU wait for each one. (Float64
-    # as Python's floats were, so the sums stay what they were; MPS has no float64.)
-    nats = torch.zeros((), dtype=torch.float32 if env.device.type == "mps" else torch.float64, device=env.device)
+    nats, tokens, nbytes = loss_sums(env)
     token_bytes = torch.from_numpy(data.token_bytes)
     parts = grad_accum * env.world
     for i, micro in itertools.product(range(batches), range(grad_accum)):
@@ -483,12 +497,7 @@ def evaluate(model: torch.nn.Module, data: Batches, batch_size: int, batches: in
         if batch is None:  # no val data at all, or (a finite val set, as in SFT) no more of it for this rank
             break
         x, y, *documents = batch
-        with _autocast(env):
-            _, loss = model(x.to(env.device), y.to(env.device), documents=_documents(documents, env))
-        n = (y != -100).sum().item()  # (y is still on the CPU: no wait)
-        nats += loss.to(nats.dtype) * n
-        tokens += n
-        nbytes += token_bytes[y.clamp(min=0)][y != -100].sum().item()
+        nats, tokens, nbytes = add_loss(model, x, y, documents, env, token_bytes, (nats, tokens, nbytes))
     model.train(was_training)
     # Every rank sums, even one left without a batch: with fewer val rows than ranks x batch (SFT's few held-out
     # conversations) a rank that returned early left the others waiting in this collective for ever.
