@@ -174,12 +174,13 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         except HomeLLMError as e:
             if c.exists() or not c.name.startswith("."):
                 problems.append(str(e))
-    if not any(_written(c) for c in candidates) and (kept := kept_steps(run)):  # weights only: nothing to resume
+    written = any(_written(c) for c in candidates)
+    if not written and (kept := kept_steps(run)):  # weights only: nothing to resume
         raise HomeLLMError(f"{run}: no checkpoint to {'resume' if need_state else 'load'} (`last`, `best`), only the "
                            f"weights --keep-every kept ({', '.join(kept)}): train on from one with `homellm pretrain "
                            f"--init {typed(run)} --init-checkpoint {kept[-1]} --data DATA --out NEW`, or load it with "
                            f"--checkpoint {kept[-1]}")
-    if not any(_written(c) for c in candidates):  # stopped before its first checkpoint: nothing to fall back on
+    if not written:  # stopped before its first checkpoint: nothing to fall back on
         fix = ("start it again without --resume (the same --out is fine), and a lower --checkpoint-every saves "
                "sooner" if need_state else "it has no weights yet: train it (or resume it) until it writes one")
         raise HomeLLMError(f"{run}: no checkpoint yet, the run stopped before its first: {fix}")

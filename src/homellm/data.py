@@ -890,8 +890,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     for w in writers.values():
         w.close()
     commonest = sorted(unknown_chars, key=lambda c: (-unknown_chars[c], c))
-    check_unknown(unknown, tokens, commonest, "tokens", cfg.tokenizer,
-                  " ".join(cfg.input), **({"fix": unknown_fix} if unknown_fix else {}))
+    check_unknown(unknown, tokens, commonest, "tokens", cfg.tokenizer, " ".join(cfg.input), fix=unknown_fix)
 
     split = "document"
     if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):

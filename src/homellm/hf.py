@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from homellm.config import ModelConfig, TrainConfig, checkpoint_name_ok, load_json, save_json, to_dict
+from homellm.config import ModelConfig, TrainConfig, check_checkpoint_name, load_json, save_json, to_dict
 from homellm.errors import HomeLLMError
 from homellm.io import atomic_folder
 from homellm.model import GPT
@@ -235,8 +235,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype
     from homellm.checkpoint import INFO, find_checkpoint, is_sft, load_model
 
     run, out = Path(run), Path(out)
-    if not checkpoint_name_ok(checkpoint):
-        raise HomeLLMError(f"--checkpoint {checkpoint!r} is unknown: use best, last or a kept step-N")
+    check_checkpoint_name(checkpoint)
     if dtype not in DTYPES:
         raise HomeLLMError(f"--dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
     _check_empty(out)

@@ -39,8 +39,8 @@ from homellm.config import (
     SampleConfig,
     SFTConfig,
     TrainConfig,
+    check_checkpoint_name,
     check_ranges,
-    checkpoint_name_ok,
     from_dict,
     load_json,
     replace,
@@ -312,8 +312,7 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     from homellm.config import save_json
 
     run, out = Path(run), Path(out)
-    if not checkpoint_name_ok(which):  # find_checkpoint would fall back to the other, with a note, and merge that
-        raise HomeLLMError(f"--checkpoint {which!r} is unknown: use best, last or a kept step-N")
+    check_checkpoint_name(which)  # (find_checkpoint would fall back to the other, with a note, and merge that)
     config = load_json(run_config_path(run, "a LoRA `homellm sft`"))
     if "lora" not in config:
         raise HomeLLMError(f"{run} is not a LoRA run (its config.json has no lora section): nothing to merge")

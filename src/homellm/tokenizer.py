@@ -48,7 +48,7 @@ ROUND_TRIP_PROBE = "Hello World!  Two spaces,\ttab.\nCafé naïve 1,234.5 日本
 
 
 def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, tokenizer: str, where: str,
-                  fix: str = "train a tokenizer on this text (`homellm tokenizer train --input ...`)") -> None:
+                  fix: str | None = None) -> None:
     """Say that `unknown` of `total` tokens or characters of `where` are unknown to `tokenizer`, naming the first
     `examples`; refuse past the share above, saying `fix` (prepare and sft use it, so both hold text to the same
     rule)."""
@@ -60,6 +60,7 @@ def check_unknown(unknown: int, total: int, examples: Iterable[str], unit: str, 
             f"not know, such as {shown!r}" if shown else
             f"{unknown:,} of {total:,} {unit} ({unknown / total:.1%}) are text the tokenizer {tokenizer} cannot write")
     if unknown / total > MAX_UNKNOWN_SHARE:
+        fix = fix or "train a tokenizer on this text (`homellm tokenizer train --input ...`)"
         raise HomeLLMError(f"{where}: {what}; they would all become the unknown token: {fix}")
     say(f"note: {where}: {what}; they become the unknown token")
 

@@ -603,16 +603,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         best_val, bad_evals = state["best_val"], state["bad_evals"]
         # The data the checkpoint trained on (its state keeps it: config.json takes the new data's at once, before
         # a session killed early writes any checkpoint); runs from before it was kept, config.json's.
-        was = state.get("data_meta") or load_json(run / "config.json").get("data_meta")
+        trained_on = state.get("data_meta") or load_json(run / "config.json").get("data_meta")
         now = (extra_config or {}).get("data_meta")
-        if was and now and now != was:
+        if trained_on and now and now != trained_on:
             # Other data (text added to a relay's corpus): its val loss compares with none measured before, so
             # `best` and --patience start again from its first evaluation (the old best stood for good, and stopped
             # the run early while the new val loss fell).
             best_val, bad_evals = math.inf, 0
             say(f"note: {(extra_config or {}).get('data_dir')} changed since {run} last trained on it "
-                f"({was.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): training goes "
-                "on with the new data, whose val loss compares with none before it: `best` and --patience start "
+                f"({trained_on.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): training "
+                "goes on with the new data, whose val loss compares with none before it: `best` and --patience start "
                 "again from its first evaluation")
         info = load_json(folder / "checkpoint.json")
         resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
