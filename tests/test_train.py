@@ -548,6 +548,7 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert (f"note: {run} is at step 16, past --max-steps 3: nothing to train; give --max-steps above 16"
             in capsys.readouterr().err)
     assert (run / "metrics.jsonl").read_text() == before
+    assert read_config(run)[1].max_steps == 16  # the flags of a resume that trained nothing are not recorded
     timed = replace(cfg, max_steps=0, max_time=0.001)
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
     assert re.search(r"note: .*run has used \d+ s of its --max-time 0.001 \(evaluations count too, and 0 s are kept "
@@ -572,7 +573,7 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
     err = capsys.readouterr().err
     assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in err
-    assert "note: the run now ends at --max-steps 18 --max-time 0 (it was 0 and 0.001): the learning rate's" in err
+    assert "note: the run now ends at --max-steps 18 --max-time 0 (it was 16 and 0): the learning rate's" in err
 
 
 def fake_clock(monkeypatch, reading: float, evaluation: float = 0.0) -> None:

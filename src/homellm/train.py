@@ -638,6 +638,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                       "so the rate moves at once from where it was", file=sys.stderr)
     elif env.main:
         metrics_path.unlink(missing_ok=True)
+    # A resume that trains nothing (below) puts this back: the flags it was given never trained
+    config_before = load_json(run / "config.json") if cfg.resume and env.main else None
     if env.main:
         save_json(run / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), "world": env.world,
                                         **(extra_config or {})})
@@ -725,6 +727,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                       "--max-time (or --patience) to train it further", file=sys.stderr)
         if resumed_from is not None and resumed_from != run / "last":  # killed while its final `last` was written
             checkpoint("last", {})
+        if config_before is not None:
+            save_json(run / "config.json", config_before)
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
     masked = getattr(data, "masked", True)  # pretraining's windows train every target: no count to gather
