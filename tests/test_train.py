@@ -749,6 +749,19 @@ def test_last_carries_a_val_loss_only_when_measured_on_its_weights(tmp_path, dat
     assert best["step"] == 4 and best["val_loss"] > 0  # (step 4 evaluated before it stopped)
 
 
+def test_the_summary_names_the_step_its_val_loss_was_measured_at(tmp_path, data_dir, reference, monkeypatch):
+    """A session stopped between evaluations reported the last val loss as if of its final step."""
+    model_cfg, cfg = preset("tiny")
+    monkeypatch.setenv("HOMELLM_FAULT_SIGINT_AT_STEP", "5")  # Ctrl-C in step 5: the run stops after it
+    halted = pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=9,
+                                         eval_every=3))
+    assert (halted["stop"], halted["steps"], halted["val_step"]) == ("interrupted", 5, 3)
+    shutil.copytree(reference, run := tmp_path / "ended")
+    ended_model, ended = read_config(run)
+    summary = pretrain(ended_model, replace(ended, out=str(run), resume=True))
+    assert summary["val_step"] == summary["steps"] == 16  # an ended run's final val loss, reported again
+
+
 def test_vocab_is_padded_to_a_multiple_of_64(tmp_path, data_dir):
     model_cfg, cfg = preset("tiny")
     pretrain(model_cfg, replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=2))

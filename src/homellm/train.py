@@ -703,6 +703,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                        initial=step if cfg.max_time <= 0 else int(elapsed), unit="step" if cfg.max_time <= 0 else "s",
                        disable=not env.main, desc=f"train {run.name}")
     last_val: dict[str, float] | None = None
+    val_step = None  # the step last_val was measured at: a session may end steps after its last evaluation
     stop_reason = "max_steps"
     def finished() -> bool:
         return progress() >= 1.0 or bool(cfg.patience and bad_evals >= cfg.patience)
@@ -710,7 +711,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     if cfg.max_time > 0 and progress((0, elapsed)) >= 1.0:  # (less the room kept for the final evaluation)
         stop_reason = "max_time"
     if finished():  # resumed after its end: nothing to do, and its final val loss to report again
-        last_val = resumed_val
+        last_val, val_step = resumed_val, step  # (measured on the resumed weights)
         if progress() < 1.0:
             stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
         if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
@@ -826,6 +827,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 eval_room, eval_measured = elapsed - before, True
                 done = done or progress() >= 1.0
                 if last_val is not None:
+                    val_step = step
                     record = record or {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
                     record.update(last_val)
                     if env.main:  # tqdm's write prints even where the bar is disabled: once, not per rank
@@ -871,7 +873,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         dist.barrier()
     summary = {"run": str(run), "steps": step, "tokens": tokens, "elapsed_s": round(elapsed, 2),
                "stop": stop_reason, "best_val_loss": None if best_val == math.inf else best_val,
-               **(last_val or {})}
+               **({**last_val, "val_step": val_step} if last_val else {})}
     return summary
 
 
