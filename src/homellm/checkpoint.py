@@ -75,7 +75,7 @@ def load_weights_into(model: GPT, weights: dict[str, torch.Tensor], where: str, 
 def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | None, info: dict[str, Any]) -> None:
     """Write RUN/NAME atomically: files into RUN/.NAME.tmp, fsync, then rename over the old folder."""
     run = Path(run)
-    tmp, final, old = run / f".{name}.tmp", run / name, run / f".{name}.old"
+    tmp, final = run / f".{name}.tmp", run / name
     _remove(tmp)
     tmp.mkdir(parents=True)
     files = [WEIGHTS]
@@ -103,12 +103,20 @@ def save_checkpoint(run: Path, name: str, model: GPT, state: dict[str, Any] | No
         raise HomeLLMError(f"{final}: cannot write the checkpoint (the disk is full; {free / 2**20:,.1f} MiB free): "
                            "make room, then --resume from the previous checkpoint, which is intact") from None
     fault_point("HOMELLM_FAULT_KILL_IN_CHECKPOINT", info.get("step"))
+    finish_swap(tmp)
+
+
+def finish_swap(tmp: Path) -> Path:
+    """Put a complete RUN/.NAME.tmp in place of RUN/NAME (the end of save_checkpoint, or of one a kill cut short);
+    returns RUN/NAME."""
+    final, old = tmp.parent / tmp.name[1:].removesuffix(".tmp"), tmp.parent / f"{tmp.name.removesuffix('.tmp')}.old"
     if final.exists():
         _remove(old)
         os.replace(final, old)
     os.replace(tmp, final)
-    fsync_dir(run)
+    fsync_dir(tmp.parent)
     _remove(old)
+    return final
 
 
 def _remove(path: Path) -> None:
@@ -197,13 +205,17 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
 
 def resume_point(run: str | Path) -> Path:
     """The checkpoint to resume from: `last` (falling back as find_checkpoint does), or `best` where it is newer (a
-    kill after a `best` and before the next `last`: the steps between were trained again)."""
-    folder = find_checkpoint(run, "last", need_state=True)
-    try:
-        best = verify_checkpoint(Path(run) / "best", need_state=True)["step"]
-    except HomeLLMError:
-        return folder
-    return Path(run) / "best" if best > load_json(folder / INFO)["step"] else folder
+    kill after a `best` and before the next `last`: the steps between were trained again); a complete .best.tmp
+    counts as `best` (a kill between its two renames)."""
+    run = Path(run)
+    newest = find_checkpoint(run, "last", need_state=True)
+    for best in (run / "best", run / ".best.tmp"):
+        try:
+            if verify_checkpoint(best, need_state=True)["step"] > load_json(newest / INFO)["step"]:
+                newest = best
+        except HomeLLMError:
+            pass
+    return newest
 
 
 def run_config_path(run: str | Path, made_by: str = "`homellm pretrain`, `sft` or `quickstart`") -> Path:

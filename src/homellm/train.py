@@ -36,6 +36,7 @@ from homellm.checkpoint import (
     check_new_run,
     fault_point,
     find_checkpoint,
+    finish_swap,
     holds_trained,
     is_sft,
     kept_steps,
@@ -622,6 +623,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         warmup_at = tuple(state["warmup_at"]) if state.get("warmup_at") else (0, 0.0) if step > cfg.warmup_steps \
             else None
         _resume_rng(state["rng"], env, cfg.seed, step)
+        if folder.name.endswith(".tmp"):  # complete, its swap into place cut short by a kill: finish it
+            if env.world > 1:
+                dist.barrier()  # (every rank has read it)
+            if env.main:
+                resumed_from = finish_swap(folder)
         if env.main:
             _truncate_metrics(metrics_path, step)
             # Weights kept after this checkpoint are of steps the resumed run trains again, perhaps otherwise
@@ -630,7 +636,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     shutil.rmtree(run / k)
                 print(f"note: removed {', '.join(later)}, kept after {folder.name}'s step {step}: the resumed run "
                       "trains those steps again", file=sys.stderr)
-            print(f"resuming {run} from {folder.name} at step {step}", file=sys.stderr)
+            print(f"resuming {run} from {resumed_from.name} at step {step}", file=sys.stderr)
             was = read_config(run)[1]
             if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):
                 print(f"note: the run now ends at --max-steps {cfg.max_steps} --max-time {cfg.max_time:g} (it was "
