@@ -462,3 +462,39 @@ def test_weights_are_read_safetensors_first_and_a_git_lfs_pointer_is_named(tmp_p
                                            r"without running code\): download the model again") as e:
         read_weights(folder)
     assert "False" not in str(e.value)
+
+
+@pytest.mark.parametrize("scheme", ["llama2", "metaspace-first"])
+def test_a_sentencepiece_tokenizer_renders_chat_as_apply_chat_template_does(tmp_path, scheme):
+    """Llama 2 and Mistral write "▁" before text. Each piece of a conversation encoded on its own got one, so sft
+    trained ids the exported template never renders, and replies streamed with a space in front."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    from homellm.chat import prompt_ids, render
+    from homellm.config import SPECIAL_TOKENS
+
+    raw = HFTokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    if scheme == "llama2":  # a "▁" before the text and for each space (Llama 2's tokenizer.json)
+        raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:  # a "▁" before the first piece of the text only (newer Llama and Mistral files)
+        raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        raw.decoder = decoders.Metaspace(prepend_scheme="first")
+    # (as SentencePiece's, no piece holds a newline: trained on lines, with "\n" a character of its own)
+    raw.train_from_iterator(TEXT.splitlines() * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *SPECIAL_TOKENS], initial_alphabet=["\n"]))
+    tok = Tokenizer(raw, eos="</s>", bos="<s>")
+    tok.save(tmp_path / "tok")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "むかしむかし what light?"},
+            {"role": "assistant", "content": "But soft"}, {"role": "user", "content": "12 + 7 ="}]
+    for messages, gen in ((chat, True), (chat[:3], False)):
+        rendered = auto.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
+        assert render(tok, messages, gen)[0] == list(getattr(rendered, "input_ids", rendered))
+    ids, mask = render(tok, chat[:3])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "But soft<|im_end|>"
+    context = prompt_ids(tok, chat[:2])
+    assert ids[:len(context)] == context  # the reply is trained as it is asked for
+    stream = tok.stream(context=context)
+    assert "".join(stream.push(i) for i in ids[len(context):ids.index(tok.im_end_id, len(context))]) == "But soft"

@@ -594,17 +594,19 @@ def test_prompts_are_tokenized_off_the_event_loop(run, server, monkeypatch):
     import asyncio
 
     on_loop = []
-    encode = Tokenizer.encode
 
-    def spy(self, *args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:  # no loop runs in this thread: a worker's
-            on_loop.append(False)
-        return encode(self, *args, **kwargs)
+    def spy(encode):
+        def spied(self, *args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:  # no loop runs in this thread: a worker's
+                on_loop.append(False)
+            return encode(self, *args, **kwargs)
+        return spied
 
-    monkeypatch.setattr(Tokenizer, "encode", spy)
+    for name in ("encode", "encode_batch", "encode_offsets"):
+        monkeypatch.setattr(Tokenizer, name, spy(getattr(Tokenizer, name)))
     server.client.completions.create(model=run.name, prompt="the cat", max_tokens=2, temperature=0)
     server.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[0][:1], max_tokens=2, temperature=0)
     assert on_loop and not any(on_loop)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from homellm.config import CHAT_TEMPLATE, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
+from homellm.config import CHAT_TEMPLATE, IM_END, IM_START, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
 from homellm.data import folder_files, hf_dataset, hf_records, jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
@@ -43,26 +43,39 @@ def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool 
            ) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and, per id, whether SFT trains on it (assistant content and its end).
 
-    Each piece is encoded on its own: the special tokens split the text anyway, and message content is encoded
-    with special strings as plain text, so a user cannot forge a turn by typing "<|im_start|>"."""
-    # A model trained with a bos before every text (an imported Llama's <s>) reads a conversation after it too.
-    ids: list[int] = [] if tok.bos_id is None else [tok.bos_id]
-    mask: list[bool] = [False] * len(ids)
-
-    def add(piece: list[int], trained: bool) -> None:
-        ids.extend(piece)
-        mask.extend([trained] * len(piece))
-
+    The ids are those of Hugging Face's `apply_chat_template` (the text encoded at once, split at the special
+    tokens): encoding each piece on its own gave a SentencePiece tokenizer (Llama 2, Mistral) a "▁" at the start of
+    every piece, so a reply began with a space and exports rendered other ids. Special strings typed in a message
+    stay plain text, so a user cannot forge a turn by typing "<|im_start|>"."""
+    # (text, a special token's id or None, trained); a model trained with a bos before every text (an imported
+    # Llama's <s>) reads a conversation after it too
+    parts: list[tuple[str, int | None, bool]] = [] if tok.bos is None else [(tok.bos, tok.bos_id, False)]
     for m in messages:
         assistant = m["role"] == "assistant"
-        add([tok.im_start_id], False)
-        add(tok.encode(m["role"] + "\n"), False)
-        add(tok.encode(m["content"]), assistant)
-        add([tok.im_end_id], assistant)
-        add(tok.encode("\n"), False)
+        parts += [(IM_START, tok.im_start_id, False), (m["role"] + "\n", None, False), (m["content"], None, assistant),
+                  (IM_END, tok.im_end_id, assistant), ("\n", None, False)]
     if add_generation_prompt:
-        add([tok.im_start_id], False)
-        add(tok.encode("assistant\n"), False)
+        parts += [(IM_START, tok.im_start_id, False), ("assistant\n", None, False)]
+    if any(s in m["content"] for m in messages for s in tok.special_texts):
+        return _render_pieces(tok, parts)  # a message holds a special string, which must stay text
+    text = "".join(t for t, _, _ in parts)
+    ids, offsets = tok.encode_offsets(text)
+    trained, at = [], 0  # the character spans of what is trained
+    for t, _, train in parts:
+        if train:
+            trained.append((at, at + len(t)))
+        at += len(t)
+    return ids, [any(a <= start < b for a, b in trained) for start, _ in offsets]
+
+
+def _render_pieces(tok: Tokenizer, parts: list[tuple[str, int | None, bool]]) -> tuple[list[int], list[bool]]:
+    """render's parts encoded one by one, the text ones as plain text."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, special, trained in parts:
+        piece = [special] if special is not None else tok.encode(text)
+        ids.extend(piece)
+        mask.extend([trained] * len(piece))
     return ids, mask
 
 

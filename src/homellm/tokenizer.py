@@ -109,6 +109,11 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids with special tokens read, and each one's span of characters in text."""
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
     @functools.cached_property
     def unk_id(self) -> int | None:
         """The id text it cannot write becomes: <|unk|> in a char tokenizer, or an imported model's own unknown
@@ -119,6 +124,11 @@ class Tokenizer:
         if isinstance(model.get("unk_token"), str):  # BPE, WordPiece
             return self.hf.token_to_id(model["unk_token"])
         return model.get("unk_id") if isinstance(model.get("unk_id"), int) else None  # Unigram
+
+    @functools.cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The special tokens as text ("<|im_start|>", "<s>"): what `encode` with allow_special reads as them."""
+        return tuple(t.content for t in self.hf.get_added_tokens_decoder().values() if t.special)
 
     def unknown_chars(self, text: str, allow_special: bool = False) -> set[str]:
         """The characters of text this tokenizer writes as unknown (kept whole, so --words never count); with
