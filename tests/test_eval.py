@@ -112,6 +112,55 @@ def test_greedy_answers_read_prompts_as_generate_does(task_data):
         assert got == tok.decode(ids) or got[:len(tok.decode(ids))] == tok.decode(ids) and len(ids) < 8, prompt
 
 
+def test_greedy_answers_keep_to_whole_characters_and_read_the_end_of_long_prompts(tmp_path, capsys):
+    """A byte-level model's argmax may be half a character: generate never takes it (its UTF-8 guard), eval took it
+    and scored U+FFFD. A prompt longer than the context went unanswered, and counted right against an empty
+    answer; it keeps its last tokens now, as generate's does."""
+    corpus = tmp_path / "ja.txt"
+    corpus.write_text("むかしむかし、ある山のふもとに小さな村がありました。 ROMEO: But soft!\n" * 20, encoding="utf-8")
+    tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "tok"), vocab_size=300))
+    assert tok.utf8_guard.needed
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(family="llama", n_layer=2, n_head=2, n_embd=32, block_size=32,
+                            vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():  # larger weights: peaked, varied answers
+        for w in model.parameters():
+            w.mul_(8 if w.dim() == 2 else 1)
+    prompts = ["むかし", "ROMEO:", "山の", "But", "ある", "、", "村が", "soft"]
+    none = torch.tensor([], dtype=torch.long)
+    got = greedy_complete(model, tok, prompts, 8, none)
+    for prompt, answer in zip(prompts, got):
+        ids = list(generate_ids(model, tok.encode_prompt(prompt), SampleConfig(max_new_tokens=8, temperature=0.0),
+                                guard=tok.utf8_guard))
+        assert answer == tok.decode(ids), prompt
+    assert not any("\ufffd" in a for a in got)
+    capsys.readouterr()
+    long = "むかしむかし、ある山のふもとに" * 10  # over 32 tokens
+    answer = greedy_complete(model, tok, [long, "むかし"], 8, none)[0]
+    assert len(tok.encode(answer)) == 8
+    assert answer == greedy_complete(model, tok, [tok.encode_prompt(long)[-(32 - 8):]], 8, none)[0]
+    assert "note: 1 prompt is longer than the model's 32-token context leaves room for: only the last 24 tokens of " \
+        "each are read" in capsys.readouterr().err
+
+
+def test_exact_reads_alpaca_records_as_sft_does_and_says_what_n_leaves_out(tmp_path, capsys):
+    from homellm.eval import read_qa
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "category": None},
+        {"instruction": "Translate", "input": "cat", "output": "neko", "system": "Be brief."},
+        {"prompt": "1 + 1 =", "answer": 2}]) + "\n")
+    assert read_qa(qa, 5) == [
+        {"prompt": "Add 2 and 3.", "answer": "5", "category": "", "system": ""},
+        {"prompt": "Translate\n\ncat", "answer": "neko", "category": "", "system": "Be brief."},
+        {"prompt": "1 + 1 =", "answer": "2", "category": "", "system": ""}]
+    assert "note" not in capsys.readouterr().err
+    assert len(read_qa(qa, 2)) == 2
+    assert (f"note: --data {qa} holds more than --n 2 records: the first 2 are scored (raise --n for more)"
+            in capsys.readouterr().err)
+
+
 def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir, capsys):
     from homellm.cli import main
 

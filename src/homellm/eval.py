@@ -23,7 +23,7 @@ from homellm.config import IM_END, EvalConfig
 from homellm.data import nanogpt_folder
 from homellm.errors import HomeLLMError, typed
 from homellm.info import table
-from homellm.io import atomic_write_text, progress_bar
+from homellm.io import atomic_write_text, progress_bar, say
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer
 
@@ -40,12 +40,24 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
     """Greedy completions of many prompts (texts, or token ids such as rendered chats), batched: prompts of equal
     token length share a batch, so no padding and no attention mask are needed, and each batch decodes with one
     KV cache until every row has stopped. A completion ends with its stop token's text."""
+    from homellm.generate import window
+
     model.eval()
     device = next(model.parameters()).device
     if prompts and not isinstance(prompts[0], str):
         encoded = [list(p) for p in prompts]
     else:  # as generate reads a prompt: chat markup honoured, after the bos of a model trained with one
         encoded = tok.encode_prompts(prompts)
+    # A prompt too long for the context and the answer keeps its last tokens (after the bos of a model trained with
+    # one), as generate's does: it was left unanswered, and scored wrong (or right, against an empty answer).
+    block = model.cfg.block_size
+    fits = block - min(max_new_tokens, block // 2)
+    if long := sum(len(ids) > fits for ids in encoded):
+        say(f"note: {long:,} prompt{'s are' if long > 1 else ' is'} longer than the model's {block}-token context "
+            f"leaves room for: only the last {fits} tokens of each are read")
+        keep = int(tok.bos_id is not None)
+        encoded = [window(ids, fits, keep * (ids[:1] == [tok.bos_id])) for ids in encoded]
+    guard = tok.utf8_guard if tok.utf8_guard.needed else None  # as generate: no token that breaks a character
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
@@ -53,10 +65,10 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
     stop = stop.to(device)
     with progress_bar(total=len(prompts), desc=desc, unit="prompt") as bar:
         for length, rows in sorted(by_length.items()):
-            if length == 0 or length >= model.cfg.block_size:
+            if length == 0:
                 bar.update(len(rows))
-                continue  # nothing to condition on, or no room to answer: the empty completion counts as wrong
-            steps = min(max_new_tokens, model.cfg.block_size - length)
+                continue  # nothing to condition on: the empty completion counts as wrong
+            steps = min(max_new_tokens, block - length)
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 x = torch.tensor([encoded[i] for i in chunk], device=device)
@@ -64,8 +76,14 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
                 logits, _ = model(x, cache=cache)
                 done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
                 generated = []
+                states = [0 if guard is None else guard.state(encoded[i]) for i in chunk]
                 for t in range(steps):
-                    nxt = logits[:, -1, :tok.vocab_size].argmax(-1)  # the padded ids past it are no token
+                    if guard is None:
+                        nxt = logits[:, -1, :tok.vocab_size].argmax(-1)  # the padded ids past it are no token
+                    else:
+                        allowed = guard.mask(states, device, logits.size(-1))  # (the padded ids never)
+                        nxt = logits[:, -1].masked_fill(~allowed, float("-inf")).argmax(-1)
+                        states = [guard.state([n], st) for n, st in zip(nxt.tolist(), states)]
                     generated.append(torch.where(done, -1, nxt))
                     done |= torch.isin(nxt, stop)
                     if bool(done.all()) or t == steps - 1:
@@ -287,25 +305,36 @@ ANSWER_FIELDS = ("answer", "expected", "completion", "response", "output")
 
 
 def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
-    """Prompt and answer pairs (and an optional category) from a jsonl or JSON-array file, the first `limit`."""
+    """Prompt and answer pairs (an optional category, and a system prompt for chat runs) from a jsonl or JSON-array
+    file, the first `limit`, read by the names sft reads: Alpaca's instruction with its input is the prompt."""
     from homellm.data import jsonl_records
 
     if not path.is_file():
-        raise HomeLLMError(f"--data {path}: no such file: give a .jsonl file of {{\"prompt\": ..., \"answer\": ...}}")
+        what = "a folder" if path.is_dir() else "no such file"
+        raise HomeLLMError(f"--data {path}: {what}: give a .jsonl file of {{\"prompt\": ..., \"answer\": ...}}")
     pairs = []
     for where, record in jsonl_records(path):
         if isinstance(record, HomeLLMError):
             raise record
         if not isinstance(record, dict):
             raise HomeLLMError(f"{where}: not a JSON object: write {{\"prompt\": ..., \"answer\": ...}}")
-        prompt = next((record[k] for k in PROMPT_FIELDS if k in record), None)
+        if len(pairs) == limit:  # one more than asked: say the rest are left out
+            say(f"note: --data {path} holds more than --n {limit} records: the first {limit} are scored (raise --n "
+                "for more)")
+            break
+        if isinstance(record.get("instruction"), str):  # Alpaca's: as sft asks it, the instruction, then the input
+            prompt = "\n\n".join(v for v in (record["instruction"], record.get("input")) if isinstance(v, str) and v)
+        else:
+            prompt = next((record[k] for k in PROMPT_FIELDS if k in record), None)
         answer = next((record[k] for k in ANSWER_FIELDS if k in record), None)
         for name, value, names in (("prompt", prompt, PROMPT_FIELDS), ("answer", answer, ANSWER_FIELDS)):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise HomeLLMError(f"{where}: no {name} (a string in {' or '.join(repr(n) for n in names)}): add it")
-        pairs.append({"prompt": str(prompt), "answer": str(answer), "category": str(record.get("category", ""))})
-        if len(pairs) == limit:
-            break
+        system = record.get("system") or ""
+        if not isinstance(system, str):
+            raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
+        pairs.append({"prompt": str(prompt), "answer": str(answer), "category": str(record.get("category") or ""),
+                      "system": system})
     if not pairs:
         raise HomeLLMError(f"--data {path}: no prompt and answer pairs in it: the file is empty")
     return pairs
@@ -335,7 +364,8 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     longest = max(len(tok.encode(p["answer"])) for p in pairs)
-    prompts = [prompt_ids(tok, [{"role": "user", "content": p["prompt"]}]) for p in pairs] if chat else [
+    prompts = [prompt_ids(tok, [{"role": "system", "content": p["system"]}] * bool(p["system"]) +
+                          [{"role": "user", "content": p["prompt"]}]) for p in pairs] if chat else [
         p["prompt"] for p in pairs]
     got = greedy_complete(model, tok, prompts, longest + 8, stop_ids(tok, "" if chat else "\n"), cfg.batch_size,
                           desc=f"eval {run.name}")
