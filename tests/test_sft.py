@@ -180,6 +180,33 @@ def test_read_conversations_formats_and_errors(tmp_path):
         read_conversations([str(bad)])
 
 
+def test_openai_weights_and_a_system_beside_messages_are_honoured(tmp_path, bpe):
+    """OpenAI's fine-tuning format: "weight": 0 keeps an assistant turn as context only (it was trained on), and a
+    record's "system" beside its messages is its system prompt (it was dropped without a word)."""
+    chats = tmp_path / "chats.jsonl"
+    weighted = [{"role": "user", "content": "what does the cat see?"},
+                {"role": "assistant", "content": "the sun.", "weight": 0},
+                {"role": "user", "content": "and the dog?"},
+                {"role": "assistant", "content": "a red bird.", "weight": 1}]
+    chats.write_text(json.dumps({"messages": weighted}) + "\n" +
+                     json.dumps({"system": "Be brief.", "messages": CHAT[1:3]}) + "\n")
+    (first, second), _ = read_conversations([str(chats)])
+    ids, mask = render(bpe, first)
+    assert bpe.decode([i for i, m in zip(ids, mask) if m]) == "a red bird.<|im_end|>"
+    assert "the sun." in bpe.decode(ids)  # still there, as context
+    assert second == CHAT[:3]
+    for record, message in [
+            ({"messages": weighted[:2]}, "every assistant turn has weight 0: nothing to learn"),
+            ({"messages": [{**weighted[0], "weight": 0}, weighted[3]]}, "message 0 has weight 0: only an assistant"),
+            ({"messages": [weighted[0], {**weighted[3], "weight": 0.5}]}, "message 1 has weight 0.5"),
+            ({"system": "Be brief.", "messages": CHAT}, "a 'system' beside messages that start with one"),
+            ({"system": 5, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+             "'system' is 5, not a string")]:
+        chats.write_text(json.dumps(record) + "\n")
+        with pytest.raises(HomeLLMError, match=re.escape(message)):
+            read_conversations([str(chats)])
+
+
 def test_question_and_answer_pairs_are_conversations(tmp_path):
     """GSM8K's {"question", "answer"} (seed 004 fine-tuned on such a math set), prompt/completion, query/response:
     each a user message and its reply. They were refused as an unknown layout."""

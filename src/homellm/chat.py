@@ -18,7 +18,7 @@ from homellm.data import folder_files, hf_dataset, hf_records, jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content; "weight": 0 on an assistant message not trained on
 
 
 def check_messages(messages: Any, where: str) -> list[Message]:
@@ -36,6 +36,13 @@ def check_messages(messages: Any, where: str) -> list[Message]:
         if role not in ROLES:
             raise HomeLLMError(f"{where}: message {i} has unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
         out.append({"role": role, "content": m["content"]})
+        # OpenAI's fine-tuning format: an assistant message of weight 0 is context, not trained on
+        if "weight" in m:
+            if role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise HomeLLMError(f"{where}: message {i} has weight {m['weight']!r}: only an assistant message takes "
+                                   "one, 0 (not trained on) or 1")
+            if m["weight"] == 0:
+                out[-1]["weight"] = 0
     return out
 
 
@@ -51,7 +58,7 @@ def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool 
     # Llama's <s>) reads a conversation after it too
     parts: list[tuple[str, int | None, bool]] = [] if tok.bos is None else [(tok.bos, tok.bos_id, False)]
     for m in messages:
-        assistant = m["role"] == "assistant"
+        assistant = m["role"] == "assistant" and m.get("weight", 1) != 0
         parts += [(IM_START, tok.im_start_id, False), (m["role"] + "\n", None, False), (m["content"], None, assistant),
                   (IM_END, tok.im_end_id, assistant), ("\n", None, False)]
     if add_generation_prompt:
@@ -107,8 +114,14 @@ def _conversation(record: Any, where: str) -> list[Message]:
     REPLY_FIELDS; TRL's conversational {"prompt": [messages], "completion": [messages]} too)."""
     prompt = next((k for k in PROMPT_FIELDS if k in record), None) if isinstance(record, dict) else None
     reply = next((k for k in REPLY_FIELDS if k in record), None) if isinstance(record, dict) else None
+    system = record.get("system", "") if isinstance(record, dict) else ""
+    if not isinstance(system, str):
+        raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
     if isinstance(record, dict) and "messages" in record:
         messages = check_messages(record["messages"], where)
+        if system and messages[0]["role"] == "system":
+            raise HomeLLMError(f"{where}: a 'system' beside messages that start with one: give the system prompt once")
+        messages = [{"role": "system", "content": system}] * bool(system) + messages
     elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
         turns = record["conversations"]
         if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
@@ -117,17 +130,12 @@ def _conversation(record: Any, where: str) -> list[Message]:
         if unknown:
             raise HomeLLMError(f"{where}: ShareGPT speaker {unknown[0]!r} is unknown: use human or gpt (or "
                                f"{', '.join(k for k in _SHAREGPT_ROLES if k not in ('human', 'gpt'))})")
-        system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) and \
-            record["system"] else []
-        messages = check_messages(system + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]}
-                                            for t in turns], where)
+        messages = check_messages([{"role": "system", "content": system}] * bool(system) + [
+            {"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns], where)
     elif isinstance(record, dict) and ("instruction" in record or prompt) and reply:
         # Alpaca's instruction (GPTeacher's with "response"), its input after it; else the question alone.
         asked = ("instruction", "input") if "instruction" in record else (prompt,)
         answer = "output" if "output" in record else reply
-        system = record.get("system", "")
-        if not isinstance(system, str):
-            raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
         p, r = record[asked[0]], record[answer]
         if len(asked) == 1 and isinstance(p, list) and isinstance(r, list):  # TRL's conversational pairs
             messages = check_messages(([{"role": "system", "content": system}] if system else []) + p + r, where)
@@ -151,6 +159,8 @@ def _check_training(messages: list[Message], where: str) -> list[Message]:
     lost in conversion, roles swapped) that would teach the model something wrong without a word."""
     if not any(m["role"] == "assistant" for m in messages):
         raise HomeLLMError(f"{where}: the conversation has no assistant turn: nothing to learn from it")
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise HomeLLMError(f"{where}: every assistant turn has weight 0: nothing to learn from it")
     for i, m in enumerate(messages):
         try:
             m["content"].encode("utf-8")
