@@ -139,8 +139,8 @@ def test_greedy_answers_keep_to_whole_characters_and_read_the_end_of_long_prompt
     answer = greedy_complete(model, tok, [long, "むかし"], 8, none)[0]
     assert len(tok.encode(answer)) == 8
     assert answer == greedy_complete(model, tok, [tok.encode_prompt(long)[-(32 - 8):]], 8, none)[0]
-    assert "note: 1 prompt is longer than the model's 32-token context leaves room for: only the last 24 tokens of " \
-        "each are read" in capsys.readouterr().err
+    assert "note: 1 prompt fills the model's 32-token context: only the last 24 tokens of each are read, to leave " \
+        "room for the answer" in capsys.readouterr().err
 
 
 def test_exact_reads_alpaca_records_as_sft_does_and_says_what_n_leaves_out(tmp_path, capsys):

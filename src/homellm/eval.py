@@ -48,15 +48,17 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
         encoded = [list(p) for p in prompts]
     else:  # as generate reads a prompt: chat markup honoured, after the bos of a model trained with one
         encoded = tok.encode_prompts(prompts)
-    # A prompt too long for the context and the answer keeps its last tokens (after the bos of a model trained with
-    # one), as generate's does: it was left unanswered, and scored wrong (or right, against an empty answer).
+    # A prompt that fills the context keeps its last tokens (after the bos of a model trained with one), as
+    # generate's does, with room to answer: it was left unanswered, and scored wrong (or right, against an empty
+    # answer).
     block = model.cfg.block_size
     fits = block - min(max_new_tokens, block // 2)
-    if long := sum(len(ids) > fits for ids in encoded):
-        say(f"note: {long:,} prompt{'s are' if long > 1 else ' is'} longer than the model's {block}-token context "
-            f"leaves room for: only the last {fits} tokens of each are read")
+    if long := sum(len(ids) >= block for ids in encoded):
+        say(f"note: {long:,} prompt{'s fill' if long > 1 else ' fills'} the model's {block}-token context: only the "
+            f"last {fits} tokens of each are read, to leave room for the answer")
         keep = int(tok.bos_id is not None)
-        encoded = [window(ids, fits, keep * (ids[:1] == [tok.bos_id])) for ids in encoded]
+        encoded = [window(ids, fits, keep * (ids[:1] == [tok.bos_id])) if len(ids) >= block else ids
+                   for ids in encoded]
     guard = tok.utf8_guard if tok.utf8_guard.needed else None  # as generate: no token that breaks a character
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
