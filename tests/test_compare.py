@@ -1,6 +1,8 @@
 """homellm compare: both runs' outputs land in the screen table and the Markdown report, a run with an sft section
-is prompted in ChatML, cells survive pipes and line breaks, and bad prompt files say what is wrong in one line."""
+is prompted in ChatML, cells survive pipes, line breaks and HTML, .txt prompts skip a byte-order mark and end
+only at \\n, and bad prompt files say what is wrong in one line."""
 
+import html
 import io
 import json
 import os
@@ -78,6 +80,25 @@ def test_chat_flag_wraps_prompts_for_both_and_the_report_defaults_to_run_b(runs,
 def test_cells_escape_pipes_and_line_breaks():
     assert md_cell("a|b\nc\r\nd") == "a\\|b<br>c<br>d"
     assert cells("| " + " | ".join(map(md_cell, ["x|y", "1\n2", ""])) + " |") == ["x\\|y", "1<br>2", ""]
+
+
+@pytest.mark.parametrize("text", ["|pipe| and <b>html</b>", "a &lt; b & c > d", "<br>\n<script>x</script>", REPLY])
+def test_cells_show_html_as_written(text):
+    cell = md_cell(text)
+    assert "<" not in cell.replace("<br>", "") and ">" not in cell.replace("<br>", "")  # no tag but the line breaks
+    assert html.unescape(cell.replace("<br>", "\n").replace("\\|", "|")) == text  # a viewer shows the text itself
+
+
+def test_txt_prompts_skip_a_bom_and_end_only_at_newlines(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfROMEO:\r\nJULIET:\r\n")
+    assert read_prompts(bom) == ["ROMEO:", "JULIET:"]
+    separators = tmp_path / "separators.txt"  # U+2028, U+0085, form feed and a lone \r are inside a prompt
+    separators.write_text("a\u2028b\u0085c\nd\x0ce\rf\n", encoding="utf-8", newline="")
+    assert read_prompts(separators) == ["a\u2028b\u0085c", "d\x0ce\rf"]
+    (tmp_path / "bad.txt").write_bytes(b"\xef\xbb\xbfok\n\xff")
+    with pytest.raises(HomeLLMError, match="byte offset 6"):  # the offset counts the byte-order mark
+        read_prompts(tmp_path / "bad.txt")
 
 
 @pytest.mark.parametrize("text", [REPLY * 3, "The quick brown fox jumps over the lazy dog. " * 4, "x" * 50, ""])

@@ -47,7 +47,12 @@ def read_prompts(path: str | Path) -> list[str]:
             prompts.append(record)
     else:
         try:
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            # A byte-order mark some editors put first is no part of the first prompt (stripped after decoding, not
+            # by utf-8-sig, so that an error's byte offset counts it). Bytes, not read_text: lines end at \n alone,
+            # a \r before it from Windows dropped; read_text would also end one at a lone \r, and splitlines() at
+            # U+2028, U+0085 and \f, which can be inside a prompt.
+            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+            prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         except UnicodeDecodeError as e:
             raise HomeLLMError(f"{path}: not UTF-8 (byte offset {e.start}): convert the file to UTF-8") from None
     if not prompts:
@@ -68,7 +73,9 @@ def complete(run: str | Path, model: GPT, tok: Tokenizer, prompts: list[str], cf
 
 
 def md_cell(text: str) -> str:
-    """Text that stays inside one Markdown table cell: pipes escaped, line breaks as <br>."""
+    """Text that stays inside one Markdown table cell and shows as written: HTML escaped (a prompt's <b> is no bold),
+    pipes escaped, line breaks as <br>."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # & first: the others add one
     return text.replace("|", "\\|").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
 
 
