@@ -4,6 +4,7 @@ tensors alone must give homellm's logits: a wrong head order, pair order or name
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -112,6 +113,40 @@ def test_a_chat_run_in_float16_ends_turns_and_keeps_norms_in_float32(tmp_path):
         torch.testing.assert_close(forward(meta, tensors, ids), model(ids)[0], rtol=2e-2, atol=2e-2)
 
 
+# Llama 3's and Qwen2's pre-tokenizer regexes as their tokenizer.json files hold them (and llama.cpp's llama-vocab.cpp
+# quotes them).
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def split_then_byte_level(run, regex: str, ignore_merges: bool, **byte_level) -> None:
+    """The run's tokenizer.json made to split as an imported Llama 3's does: Split(regex), then ByteLevel without
+    its own (GPT-2's) regex. Its vocabulary and merges stay, so the model still reads every id."""
+    path = run / "tokenizer" / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False, **byte_level}]}
+    spec["model"]["ignore_merges"] = ignore_merges
+    path.write_text(json.dumps(spec), encoding="utf-8")
+
+
+@pytest.mark.parametrize("regex, ignore_merges, pre", [(LLAMA3, True, "llama-bpe"), (QWEN2, False, "qwen2")],
+                         ids=["llama3", "qwen2"])
+def test_the_gguf_names_the_pre_tokenizer_its_tokenizer_splits_with(tmp_path, regex, ignore_merges, pre):
+    run = make_run(tmp_path / "run", "llama")
+    gpt2 = Tokenizer.load(run)
+    split_then_byte_level(run, regex, ignore_merges)
+    tok = Tokenizer.load(run)
+    # The two split text otherwise: Llama 3's and Qwen2's regex keep ':' with the line break after it, GPT-2's
+    # does not, so a file that named GPT-2's had llama.cpp read "ROMEO:\n" in pieces the model never saw.
+    assert [p for p, _ in tok.hf.pre_tokenizer.pre_tokenize_str("ROMEO:\n")] == ["ROMEO", ":Ċ"]
+    assert [p for p, _ in gpt2.hf.pre_tokenizer.pre_tokenize_str("ROMEO:\n")] == ["ROMEO", ":", "Ċ"]
+    meta, _ = read_gguf(export_gguf(run, tmp_path / "m.gguf"))
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", pre)
+
+
 def test_gguf_export_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, capsys):
     from homellm.config import TokenizerConfig
     from homellm.tokenizer import train_tokenizer
@@ -138,3 +173,20 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, ca
     with pytest.raises(HomeLLMError, match=r"not byte-level BPE \(char\), which is the kind llama.cpp reads"):
         export_gguf(run, tmp_path / "c.gguf")
     assert not list(tmp_path.glob("*.gguf*"))[1:]  # only taken.gguf: nothing half-written
+
+
+@pytest.mark.parametrize("regex, ignore_merges, byte_level, message", [
+    (r"\p{N}| ?\p{L}+|\s+", False, {}, r"llama.cpp has no pre-tokenizer that splits text as its tokenizer's does "
+                                        r"\(Split\(\{'Regex': .*\}\) \+ ByteLevel, in its tokenizer.json\)"),
+    (LLAMA3, True, {"add_prefix_space": True}, "llama.cpp has no pre-tokenizer"),
+    (LLAMA3, True, {"use_regex": True}, "llama.cpp has no pre-tokenizer"),  # GPT-2's regex after Llama 3's
+    (LLAMA3, False, {}, r"llama.cpp's llama-bpe pre-tokenizer takes a word .* whole, where .*ignore_merges.: false"),
+    (QWEN2, True, {}, r"llama.cpp's qwen2 pre-tokenizer merges every word"),
+], ids=["unknown-regex", "prefix-space", "two-regexes", "llama3-merging", "qwen2-ignoring-merges"])
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused_in_one_line(tmp_path, capsys, regex, ignore_merges,
+                                                                             byte_level, message):
+    run = make_run(tmp_path / "run", "llama")
+    split_then_byte_level(run, regex, ignore_merges, **byte_level)
+    code, _, err = cli(capsys, "export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
+    assert code == 2 and err.count("\n") == 1 and str(run) in err and re.search(message, err), err
+    assert "Hugging Face folder" in err and not list(tmp_path.glob("*.gguf*"))

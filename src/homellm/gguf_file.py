@@ -5,8 +5,9 @@
 llama.cpp's `llama` architecture is homellm's llama family, with one difference in convention: it rotates RoPE's
 adjacent pairs of each head, where homellm (as Hugging Face) rotates its two halves, so the q and k rows of each
 head are reordered to match (the same function). Its `gpt2` architecture is the gpt2 family, q, k and v fused as in
-`homellm export`'s Hugging Face folder. The tokenizer goes in as llama.cpp's byte-level BPE with GPT-2's
-pre-tokenizer, which is what `homellm tokenizer train` makes; a char-level tokenizer has no llama.cpp counterpart.
+`homellm export`'s Hugging Face folder. The tokenizer goes in as llama.cpp's byte-level BPE under the name llama.cpp
+gives its pre-tokenizer: GPT-2's, which is what `homellm tokenizer train` makes, or an imported Llama 3's or Qwen2's;
+any other, and a char-level tokenizer, has no llama.cpp counterpart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
 NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+
+# llama.cpp's tokenizer.ggml.pre for a tokenizer.json that splits text with a Split regex before ByteLevel, by that
+# regex: the "original regex from tokenizer.json" that llama.cpp's src/llama-vocab.cpp records beside each pattern
+# it rewrites for its own engine. Anything else would be split otherwise than the model's tokenizer split it.
+SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",  # Qwen2: one digit a token, not three
+}
+# The ones llama.cpp gives ignore_merges (a word that is one token in the vocabulary is taken whole, merges or not),
+# which a tokenizer.json's BPE model says as "ignore_merges": true (Llama 3's does).
+IGNORE_MERGES = {"llama-bpe"}
 
 
 def _pairs(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,6 +107,37 @@ def _vocabulary(tok: Tokenizer, size: int, where: str) -> tuple[list[str], list[
     return tokens, types, merges
 
 
+def pre_type(spec: dict, where: str) -> str:
+    """The tokenizer.ggml.pre under which llama.cpp splits text as the byte-level BPE tokenizer.json `spec` does:
+    "gpt-2" for ByteLevel's own regex (homellm's tokenizers, GPT-2's), or one of SPLIT_PRE's for a Split regex
+    before ByteLevel; else a one-line error. (An exporter that wrote "gpt-2" for any of them had llama.cpp split an
+    imported Llama 3's ':\\n', one token there, in two, ids the model never saw.)"""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    name = None
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):  # (older files leave use_regex out: true)
+        name = "gpt-2"
+    elif (kinds == ["Split", "ByteLevel"] and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+          and not steps[1].get("use_regex", True)):
+        name = SPLIT_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
+    # llama.cpp puts no space before text, where ByteLevel's add_prefix_space would
+    if name is None or any(s.get("add_prefix_space") for s in steps):
+        shown = " + ".join(f"Split({s.get('pattern')})" if k == "Split" else str(k) for k, s in zip(kinds, steps))
+        raise HomeLLMError(f"{where}: llama.cpp has no pre-tokenizer that splits text as its tokenizer's does "
+                           f"({shown or 'none'}, in its tokenizer.json), so llama.cpp would split its text otherwise "
+                           "than the model's tokenizer and feed the model ids it never saw: `homellm export` without "
+                           "--format gguf writes a Hugging Face folder, which keeps the tokenizer as it is")
+    if bool((spec.get("model") or {}).get("ignore_merges")) != (name in IGNORE_MERGES):
+        how = ("takes a word that is one token of the vocabulary whole, where its tokenizer.json merges it "
+               '("ignore_merges": false)' if name in IGNORE_MERGES else "merges every word, where its "
+               'tokenizer.json takes a word that is one token of the vocabulary whole ("ignore_merges": true)')
+        raise HomeLLMError(f"{where}: llama.cpp's {name} pre-tokenizer {how}, so some words would get other ids: "
+                           "`homellm export` without --format gguf writes a Hugging Face folder, which keeps the "
+                           "tokenizer as it is")
+    return name
+
+
 def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtype: str = "float32") -> Path:
     """`homellm export --format gguf`: the run's model and tokenizer as one .gguf file, written whole or not at
     all. Matrices in float32 or float16; norms and biases stay float32, as llama.cpp expects."""
@@ -111,6 +156,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
     model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
     c, tok = model.cfg, Tokenizer.load(run)
     tokens, types, merges = _vocabulary(tok, c.vocab_size, str(run))
+    pre = pre_type(json.loads(tok.hf.to_str()), str(run))
     chat = is_sft(run)
 
     def write(tmp: Path) -> None:
@@ -130,7 +176,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
             writer.add_layer_norm_eps(c.norm_eps)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
