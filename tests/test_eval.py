@@ -183,6 +183,31 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
     assert "tokenizer is missing: copy back the tokenizer/ folder" in refused("generate", str(run), "--prompt", "the")
 
 
+def test_a_shard_of_prepared_data_given_as_text_is_named_with_its_folder(tmp_path, data_dir, capsys):
+    """A train_00000.bin read as text looked like UTF-16 (its uint16 ids' NUL bytes at every other byte), and the
+    --encoding utf-16-le it was told to pass had eval report a loss on garbage."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "1"]) == 0
+    apart = tmp_path / "apart"  # a shard copied away from its meta.json: known by its name
+    apart.mkdir()
+    shutil.copy(data_dir / "val_00000.bin", apart / "val_00000.bin")
+    for shard, fix in [(data_dir / "train_00000.bin", f"--data {data_dir},"),
+                       (apart / "val_00000.bin", "--data DIR, the folder `homellm prepare` wrote it in")]:
+        for argv in (["eval", str(run), "--task", "loss", "--data", str(shard)],
+                     ["eval", str(run), "--task", "loss", "--data", str(shard), "--encoding", "utf-16-le"],
+                     ["pretrain", "--preset", "tiny", "--data", str(shard), "--out", str(tmp_path / "new")],
+                     ["prepare", "--input", str(shard), "--tokenizer", str(data_dir), "--out", str(tmp_path / "d")]):
+            capsys.readouterr()
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "utf-16" not in err
+            assert f"{shard}: token ids (a shard of homellm's prepared data), not text: give the prepared folder " \
+                   f"instead, as it is ({fix}" in err, (argv, err)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "d").exists()
+
+
 def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, monkeypatch):
     from homellm import train
     from homellm.cli import main

@@ -138,6 +138,14 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
             elif path.suffix == ".bin" and path.name in ("train.bin", "val.bin"):  # token ids, not text
                 raise HomeLLMError(f"{path}: nanoGPT's token ids, not text: give the folder that holds train.bin and "
                                    "val.bin (`homellm prepare --input FOLDER --tokenizer TOKENIZER --out DATA`)")
+            elif path.suffix == ".bin" and (_SHARD.fullmatch(path.name) or _made_by_homellm(path.parent)
+                                            == "prepared data"):
+                # A shard of prepared data: its uint16 ids, read as text, looked like UTF-16 without a byte-order
+                # mark, and the --encoding utf-16-le suggested then had eval report a loss on garbage.
+                where = (typed(path.parent) if _made_by_homellm(path.parent) == "prepared data" else
+                         "DIR, the folder `homellm prepare` wrote it in, with its meta.json")
+                raise HomeLLMError(f"{path}: token ids (a shard of homellm's prepared data), not text: give the "
+                                   f"prepared folder instead, as it is (--data {where}, to pretrain or eval)")
             else:
                 files = [path]
             # A .json named directly is JSON records too (an array, or lines as the hub's datasets often are).
@@ -150,6 +158,7 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
     return list(unique.values())
 
 
+_SHARD = re.compile(r"(train|val)_\d+\.bin")  # as ShardWriter names them
 _MADE_FIX = {"a homellm run": "name the text files to train on (continue the run itself with `homellm pretrain "
                               "--resume --out {path}`)",
              "prepared data": "train on it with `homellm pretrain --data {path}`, as it is"}
