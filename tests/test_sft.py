@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jinja2
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -251,6 +252,14 @@ def test_chat_batches_pack_split_truncate_and_skip(bpe):
     with pytest.raises(HomeLLMError, match="no training conversation fits the model's 128-token context .* cut "
                                            "before its first reply: use shorter conversations"):
         ChatBatches([question] * 4, bpe, 128, 0, SFTConfig(val_fraction=0.25))
+    # --overlong truncate is advised only where it keeps a reply (followed, it was refused again)
+    with pytest.raises(HomeLLMError, match=r"\(4 skipped as too long; each cut before its first reply"):
+        ChatBatches([question] * 4, bpe, 128, 0, SFTConfig(val_fraction=0.25, overlong="skip"))
+    with pytest.raises(HomeLLMError, match=r"\(4 skipped as too long; use --overlong truncate, which keeps"):
+        ChatBatches([convs[-1]] * 4, bpe, 128, 0, SFTConfig(val_fraction=0.25, overlong="skip"))
+    # Every held-out conversation skipped: the sample's question is not one of them (it would not fit either)
+    held_out = ChatBatches(convs[:3] + [question], bpe, 128, 3, SFTConfig(val_fraction=0.25))
+    assert (held_out.val_skipped, len(held_out.rows["val"][0]), held_out.question) == (1, 0, CHAT[1]["content"])
     padded = ChatBatches(convs, bpe, 128, 0, SFTConfig(val_fraction=0.25, pack=False, overlong="skip"))
     assert padded.stats["skipped"] == 1
     assert len(padded.rows["train"][0]) + len(padded.rows["val"][0]) == 7  # one conversation per row
@@ -702,3 +711,11 @@ def test_flags_that_do_nothing_here_are_said(tmp_path, base_run, capsys):
     assert "note: no evaluation, so no `best` checkpoint: 1 conversation and --val-fraction 0.05 hold none out" in err
     assert "note: --lora-alpha, --lora-dropout and --lora-targets apply to LoRA only" in err
     assert not (tmp_path / "o" / "best").exists()
+    # Held out, but too long: skipped, and no evaluation either (it said "1 held out", then nothing)
+    two = tmp_path / "two.jsonl"
+    two.write_text(one.read_text() + json.dumps({"prompt": "the cat " * 300, "answer": "a sea boat."}) + "\n")
+    seed = next(s for s in range(20) if np.random.default_rng(s).permutation(2)[0] == 1)  # the long one held out
+    sft(SFTConfig(init=str(base_run), data=[str(two)], val_fraction=0.5, overlong="skip"),
+        TrainConfig(out=str(tmp_path / "o2"), max_steps=1, eval_every=1, batch_size=1, seed=seed))
+    assert "note: no evaluation, so no `best` checkpoint: the 1 held-out conversation is longer than the model's" \
+        in capsys.readouterr().err

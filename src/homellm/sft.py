@@ -70,17 +70,21 @@ class ChatBatches:
             n_val = 0
         self.stats = {"conversations": len(conversations), "val_conversations": n_val, "truncated": 0, "skipped": 0}
         val, train = order[:n_val], order[n_val:]
-        # The training samples' question: a held-out conversation's first, so they show what the model answers
-        # to something it has not trained on.
-        self.question = next((m["content"] for i in [*val, *train] for m in conversations[i] if m["role"] == "user"),
-                             "")
+        self._skipped: set[int] = set()  # id() of the conversations skipped as too long
+        self._truncatable = 0  # of them, those --overlong truncate would keep a reply of
         self.rows = {"train": self._rows([conversations[i] for i in train], tok, block_size, cfg),
                      "val": self._rows([conversations[i] for i in val], tok, block_size, cfg)}
+        self.val_skipped = sum(id(conversations[i]) in self._skipped for i in val)
+        # The training samples' question: a held-out conversation's first, so they show what the model answers
+        # to something it has not trained on; not one skipped as too long, which would not fit either.
+        self.question = next((m["content"] for i in [*val, *train] if id(conversations[i]) not in self._skipped
+                              for m in conversations[i] if m["role"] == "user"), "")
         if not len(self.rows["train"][0]):
-            fix = ("use --overlong truncate" if cfg.overlong == "skip" else "cut before its first reply: use shorter "
-                   "conversations, or fine-tune a model with a longer context")
+            # (--overlong truncate is advice only where it keeps a reply: one cut before it was refused again)
+            fix = ("use --overlong truncate, which keeps the start of each" if self._truncatable else "each cut before "
+                   "its first reply: use shorter conversations, or fine-tune a model with a longer context")
             raise HomeLLMError(f"no training conversation fits the model's {block_size}-token context "
-                               f"({self.stats['skipped']} skipped as too long, each {fix})")
+                               f"({self.stats['skipped']} skipped as too long; {fix})")
 
     def _rows(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, cfg: SFTConfig
               ) -> tuple[torch.Tensor, ...]:
@@ -95,6 +99,8 @@ class ChatBatches:
                 c_ids, c_mask = c_ids[:width], c_mask[:width]
                 if cfg.overlong == "skip" or not any(c_mask):  # cut before any reply: nothing left to learn
                     self.stats["skipped"] += 1
+                    self._skipped.add(id(messages))
+                    self._truncatable += any(c_mask)
                     continue
                 self.stats["truncated"] += 1
             if ids and (not cfg.pack or len(ids) + len(c_ids) > width):
@@ -264,6 +270,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     if not stats["val_conversations"] and (train_cfg.eval_every or train_cfg.patience):
         say(f"note: no evaluation, so no `best` checkpoint: {stats['conversations']} conversation"
             f"{'s' * (stats['conversations'] != 1)} and --val-fraction {cfg.val_fraction:g} hold none out")
+    elif not len(data.rows["val"][0]) and (train_cfg.eval_every or train_cfg.patience):
+        say(f"note: no evaluation, so no `best` checkpoint: the {data.val_skipped} held-out conversation"
+            f"{'s are' if data.val_skipped != 1 else ' is'} longer than the model's {model_cfg.block_size}-token "
+            f"context and skipped{' (--overlong skip)' if cfg.overlong == 'skip' else ''}: raise --val-fraction, or "
+            "add shorter conversations")
     lora_flags = (cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
     if not cfg.lora_rank and lora_flags != (SFTConfig.lora_alpha, SFTConfig.lora_dropout, list(LORA_TARGETS)):
         say("note: --lora-alpha, --lora-dropout and --lora-targets apply to LoRA only, with --lora-rank N: this run "
