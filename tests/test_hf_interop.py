@@ -498,3 +498,32 @@ def test_a_sentencepiece_tokenizer_renders_chat_as_apply_chat_template_does(tmp_
     assert ids[:len(context)] == context  # the reply is trained as it is asked for
     stream = tok.stream(context=context)
     assert "".join(stream.push(i) for i in ids[len(context):ids.index(tok.im_end_id, len(context))]) == "But soft"
+
+
+def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not_kept(tmp_path, capsys):
+    """Qwen's and SmolLM's instruct models chat in ChatML with their own <|im_start|> and <|im_end|>: imported, they
+    were taken for pretrained-only models (chat and serve said so, eval asked them as text). A model's other
+    template was replaced by ChatML without a word."""
+    from homellm.checkpoint import speaks_chatml
+
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    inst = "{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+    for name, template, file in (("chatml", chatml, "tokenizer_config.json"), ("inst", inst, "chat_template.jinja")):
+        (tmp_path / name).mkdir()
+        folder, (_, raw) = hub_folder(tmp_path / name, "llama", vocab=320)
+        raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # the model's own: rows it has
+        raw.save(str(folder / "tokenizer.json"))
+        if file == "tokenizer_config.json":
+            (folder / file).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                   "chat_template": template}))
+        else:
+            (folder / file).write_text(template)
+        capsys.readouterr()
+        run = import_model(str(folder), tmp_path / name / "run")
+        err = capsys.readouterr().err
+        if name == "chatml":
+            assert speaks_chatml(run) and "template" not in err
+        else:
+            assert not speaks_chatml(run)
+            assert f"note: {folder}'s own chat template is not kept: homellm chats in ChatML" in err

@@ -292,9 +292,15 @@ def check_new_run(out: str | Path) -> None:
 
 
 def is_sft(run: str | Path) -> bool:
-    """Whether a run was fine-tuned on chats (its config.json has an sft section), so it expects ChatML."""
+    """Whether a run was fine-tuned on chats (its config.json has an sft section)."""
     path = Path(run) / "config.json"
     return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
+
+
+def speaks_chatml(run: str | Path) -> bool:
+    """Whether a run expects ChatML turns: fine-tuned on chats, or imported from a chat model of ChatML."""
+    path = Path(run) / "config.json"
+    return path.is_file() and ("sft" in (config := load_json(path)) or config.get("chat_format") == "chatml")
 
 
 def chat_model_beside(run: str | Path) -> Path | None:

@@ -165,7 +165,7 @@ def read_stdin() -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from homellm.checkpoint import is_sft, load_for_generation
+    from homellm.checkpoint import load_for_generation, speaks_chatml
     from homellm.generate import stream_text
     from homellm.tokenizer import Tokenizer
 
@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cfg = replace(cfg, prompt=read_stdin())
     model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
-    if is_sft(args.run) and "<|im_start|>" not in cfg.prompt:
+    if speaks_chatml(args.run) and "<|im_start|>" not in cfg.prompt:
         # (chat says the opposite of a pretrained run): a chat model's continuation of bare text is seldom an answer
         print(f"note: {args.run} is fine-tuned on conversations: `homellm chat {typed(args.run)}` talks to it; "
               "generate continues your text as written", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from homellm.chat import prompt_ids
-from homellm.checkpoint import is_sft, load_for_generation
+from homellm.checkpoint import load_for_generation, speaks_chatml
 from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
@@ -123,7 +123,7 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     runs = [Path(run_a), Path(run_b)]
     path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
     check_overwrite(path, "choose another --out")  # before the work, not after it
-    modes = [cfg.chat or is_sft(r) for r in runs]
+    modes = [cfg.chat or speaks_chatml(r) for r in runs]
     # Both loaded before any generation: a run that cannot be used fails now, not after the other's prompts.
     loaded = [(load_for_generation(r, cfg), Tokenizer.load(r)) for r in runs]
     outputs = [complete(r, model, tok, prompts, cfg, chat) for r, (model, tok), chat in zip(runs, loaded, modes)]

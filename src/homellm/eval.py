@@ -348,7 +348,7 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
     of its turn; the answer, stripped of surrounding spaces, must equal the expected one. Per category when the
     records name one; written to RUN/eval_exact.json."""
     from homellm.chat import prompt_ids
-    from homellm.checkpoint import is_sft, load_model
+    from homellm.checkpoint import load_model, speaks_chatml
     from homellm.train import resolve_device
 
     run = Path(run)
@@ -358,7 +358,7 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         raise HomeLLMError("--task exact needs --data FILE: a .jsonl of {\"prompt\": ..., \"answer\": ...} lines")
     run_config_path(run)
     pairs = read_qa(Path(cfg.data), cfg.n)
-    chat = is_sft(run)
+    chat = speaks_chatml(run)
     if not chat and (bad := next((p for p in pairs if "\n" in p["answer"].strip()), None)):
         raise HomeLLMError(f"--data {cfg.data}: the answer {bad['answer']!r} spans lines, but a pretrained run's "
                            "answer ends at the line's end: give one-line answers (a chat run answers whole turns)")

@@ -141,7 +141,7 @@ def pre_type(spec: dict, where: str) -> str:
 def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtype: str = "float32") -> Path:
     """`homellm export --format gguf`: the run's model and tokenizer as one .gguf file, written whole or not at
     all. Matrices in float32 or float16; norms and biases stay float32, as llama.cpp expects."""
-    from homellm.checkpoint import is_sft, load_model
+    from homellm.checkpoint import load_model, speaks_chatml
 
     try:
         import gguf  # optional: only this export needs it
@@ -157,7 +157,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
     c, tok = model.cfg, Tokenizer.load(run)
     tokens, types, merges = _vocabulary(tok, c.vocab_size, str(run))
     pre = pre_type(json.loads(tok.hf.to_str()), str(run))
-    chat = is_sft(run)
+    chat = speaks_chatml(run)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), "llama" if c.family == "llama" else "gpt2")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from homellm.config import ModelConfig, TrainConfig, check_checkpoint_name, load_json, save_json, to_dict
 from homellm.errors import HomeLLMError
-from homellm.io import atomic_folder
+from homellm.io import atomic_folder, say
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
 
@@ -232,7 +232,7 @@ def _getter(src: dict[str, torch.Tensor], where: str):
 def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype: str = "float32") -> Path:
     """`homellm export`: the run's model as a transformers folder (config.json, model.safetensors, the tokenizer
     with its chat template, generation_config.json and a model card), written whole or not at all."""
-    from homellm.checkpoint import INFO, find_checkpoint, is_sft, load_model
+    from homellm.checkpoint import INFO, find_checkpoint, load_model, speaks_chatml
 
     run, out = Path(run), Path(out)
     check_checkpoint_name(checkpoint)
@@ -243,7 +243,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype
     info = load_json(find_checkpoint(run, checkpoint, quiet=True) / INFO)
     tok = Tokenizer.load(run)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_transformers(model).items()}
-    chat = is_sft(run)
+    chat = speaks_chatml(run)
     ids = {"bos_token_id": tok.start_id, "pad_token_id": tok.pad_id,
            # A chat model ends its turn with <|im_end|>: generate() stops there, as homellm's chat does.
            "eos_token_id": [tok.im_end_id, tok.eot_id] if chat else tok.eot_id}
@@ -313,6 +313,14 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
         raise HomeLLMError(f"{source}: no tokenizer there (tokenizer.json, or GPT-2's vocab.json + merges.txt): "
                            "download the model's tokenizer files too")
     tok, added = imported_tokenizer(folder)
+    template = source_chat_template(folder)
+    # A chat model of ChatML with its own <|im_start|> and <|im_end|> (Qwen's, SmolLM's instruct models) chats as
+    # homellm's fine-tuned runs do; any other template is not kept, and the model learns ChatML with `sft`.
+    chatml = "<|im_start|>" in template and tok.im_start_id not in added and tok.im_end_id not in added
+    if template and not chatml:
+        say(f"note: {source}'s own chat template is not kept: homellm chats in ChatML (<|im_start|>user ... "
+            "<|im_end|>), which this model has not learned: fine-tune it on conversations with `homellm sft` before "
+            "chatting")
     cfg, sd = from_transformers(config, read_weights(folder), str(folder))
     # Ids the model has rows for, trained or padding; the tokenizer's own ids must all be among them.
     known = 1 + max((i for i in tok.hf.get_vocab(with_added_tokens=True).values() if i not in added), default=-1)
@@ -342,12 +350,30 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
 
     def write(stage: Path) -> None:
         save_json(stage / "config.json", {"model": to_dict(cfg), "train": to_dict(TrainConfig(out=str(out))),
-                                          "imported_from": source})
+                                          "imported_from": source, **({"chat_format": "chatml"} if chatml else {})})
         tok.save(stage / "tokenizer", model_max_length=cfg.block_size)
         save_checkpoint(stage, "best", model, None, {"step": 0, "tokens": 0, "imported_from": source})
 
     atomic_folder(out, write, ".importing")
     return out
+
+
+def source_chat_template(folder: Path) -> str:
+    """A transformers folder's chat template ("" for none): chat_template.jinja, chat_template.json, or
+    tokenizer_config.json's chat_template (a string, or named templates, of which the default)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            template = load_json(folder / name).get("chat_template") if (folder / name).is_file() else None
+        except (HomeLLMError, AttributeError):  # unreadable or not an object: the tokenizer import judges that file
+            continue
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") ==
+                             "default"), None)
+        if isinstance(template, str):
+            return template
+    return ""
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -394,7 +420,7 @@ def hub_download(spec: str, weights: bool = True) -> Path:
                            "'homellm[hf]'") from None
     name = spec[3:]
     try:
-        small = ["*.json", "*.model", "*.txt"]
+        small = ["*.json", "*.model", "*.txt", "*.jinja"]  # (chat_template.jinja: newer uploads keep it apart)
         folder = Path(snapshot_download(name, allow_patterns=small + ["*.safetensors"] * weights))
         if weights and not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(name, allow_patterns=small + ["*.bin"]))

@@ -289,12 +289,12 @@ def line_editing() -> None:
 def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> Chat:
     """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
-    from homellm.checkpoint import chat_model_beside, is_sft, load_for_generation
+    from homellm.checkpoint import chat_model_beside, load_for_generation, speaks_chatml
 
     line_editing()
     model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
-    if not is_sft(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
+    if not speaks_chatml(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
         beside = chat_model_beside(run)
         print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): it does not know "
               f"turns, so replies may not answer; `homellm generate {typed(run)} --prompt TEXT` continues text"

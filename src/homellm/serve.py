@@ -798,7 +798,7 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     _require_server_packages()
     import uvicorn
 
-    from homellm.checkpoint import chat_model_beside, is_sft
+    from homellm.checkpoint import chat_model_beside, speaks_chatml
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -843,7 +843,7 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     if shown != host and not cfg.api_key:  # anyone who can reach this machine may use its model (and its CPU)
         print("note: every address and no --api-key: anyone on the network can use it; set one with --api-key "
               "(e.g. --api-key \"$(openssl rand -hex 16)\")", file=sys.stderr, flush=True)
-    if not is_sft(run):  # as chat says: the chat page and /v1/chat/completions will not get answers
+    if not speaks_chatml(run):  # as chat says: the chat page and /v1/chat/completions will not get answers
         beside = chat_model_beside(run)
         print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): chat replies may "
               "not answer; /v1/completions continues text"
