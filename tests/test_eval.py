@@ -257,7 +257,8 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     nbytes = sum(int(tok.token_bytes()[np.asarray(m[1:])].sum()) for m in shards)  # the bytes of every target
     assert math.isclose(whole["val_bpb"], whole["val_loss"] * whole["tokens"] / math.log(2) / nbytes, rel_tol=1e-6)
     # Raw text, as pretrain --data takes it: every token of it scored once with the run's tokenizer (it said "not a
-    # prepared data folder"); a small text of one document: each id but the first is a target, ASCII one byte each
+    # prepared data folder"); a small text of one document: each id a target (the first read after end of text, as
+    # a document is in training: it was never scored), ASCII one byte each
     text = "the cat sat on the mat.\n" * 40
     (tmp_path / "held.txt").write_text(text)
     assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "held.txt")]) == 0
@@ -265,8 +266,8 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     assert f"evaluating all of {tmp_path / 'held.txt'} once" in err
     assert "val loss" not in out and "val bits" not in out and "loss (nats/token)" in out  # all of it: no val split
     raw = json.loads((run / "eval_loss.json").read_text())
-    assert raw["tokens"] == len(tok.encode(text))  # the ids and the end of text after them, less the first
-    assert math.isclose(raw["val_bpb"] * math.log(2) * (len(text) - 1), raw["val_loss"] * raw["tokens"], rel_tol=1e-6)
+    assert raw["tokens"] == len(tok.encode(text)) + 1  # the ids and the end of text after them
+    assert math.isclose(raw["val_bpb"] * math.log(2) * len(text), raw["val_loss"] * raw["tokens"], rel_tol=1e-6)
     assert main(["eval", str(run), "--task", "loss", "--data", str(tmp_path / "nowhere.txt")]) == 2
     assert "--data " + str(tmp_path / "nowhere.txt") + ": not found" in capsys.readouterr().err
     # A .jsonl with another field, through a glob (as pretrain --data takes them): the same text, the same score

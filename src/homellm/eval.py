@@ -193,8 +193,12 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
             prepare(PrepareConfig(input=[cfg.data], tokenizer=str(run), out=tmp, val_fraction=0.0,
                                   text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora))
             print(f"evaluating all of {cfg.data} once, in windows of {model_cfg.block_size} tokens", file=sys.stderr)
-            result = whole_split_loss(model, open_split(Path(tmp), "train"), model_cfg.block_size, batch,
-                                      tok.token_bytes(), env)
+            maps = list(open_split(Path(tmp), "train"))
+            # The text's first token is scored too, read after what a document starts after (end of text, or a
+            # model's bos), as each later document is read after the end of the one before
+            if maps and maps[0][0] != tok.start_id:
+                maps[0] = np.concatenate([np.asarray([tok.start_id], dtype=maps[0].dtype), maps[0]])
+            result = whole_split_loss(model, maps, model_cfg.block_size, batch, tok.token_bytes(), env)
         assert result is not None  # prepare refuses empty text, and any text has the end of text to predict
         return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
                                   "batch_size": batch, **result}, of="")
