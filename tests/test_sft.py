@@ -161,6 +161,8 @@ def test_read_conversations_formats_and_errors(tmp_path):
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."},
                                  {"role": "assistant", "content": "Hi"}]}): "message 1 is a system message",
         json.dumps({"text": "hi"}): "expected",
+        json.dumps({"prompt": "hi", "completion": None}): "'prompt' without an answer: give the reply as 'completion'",
+        json.dumps({"instruction": "Add", "input": "1 and 2"}): "'instruction' without an answer",
         json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}):
             "ShareGPT speaker 'robot' is unknown: use human or gpt",
         json.dumps({"conversations": [{"from": "human", "value": 5}]}): "ShareGPT turns must be",
@@ -231,7 +233,7 @@ def test_question_and_answer_pairs_are_conversations(tmp_path):
     for record, message in (({"question": "1+1?", "answer": 2}, "'question' and 'answer' must be strings"),
                             ({"question": "1+1?", "answer": "2", "system": 5}, "'system' is 5, not a string"),
                             ({"question": "1+1?", "answer": ""}, "message 1 is an empty assistant reply"),
-                            ({"question": "1+1?"}, "or a question and its answer")):
+                            ({"question": "1+1?"}, "'question' without an answer")):
         pairs.write_text(json.dumps(record) + "\n")
         with pytest.raises(HomeLLMError, match=message):
             read_conversations([str(pairs)])

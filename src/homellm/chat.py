@@ -147,6 +147,10 @@ def _conversation(record: Any, where: str) -> list[Message]:
             user = "\n\n".join(v for v in values if v)
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": user}, {"role": "assistant", "content": r}]
+    elif isinstance(record, dict) and (prompt or "instruction" in record):
+        raise HomeLLMError(f"{where}: {'instruction' if 'instruction' in record else prompt!r} without an answer: "
+                           "give the reply as "
+                           f"{' or '.join(repr(k) for k in REPLY_FIELDS)} (a string; null counts as none)")
     else:
         raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}}, ShareGPT's {{\"conversations\": [...]}}, "
                            "Alpaca's {\"instruction\", \"input\", \"output\"} or a question and its answer "
