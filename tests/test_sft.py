@@ -422,6 +422,7 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
            f"over {base_run.resolve()}/" in describe(out)
     assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
     assert f"merged from the LoRA run {out}" in describe(tmp_path / "merged")
+    assert "ends at" in describe(out) and "ends at" not in describe(tmp_path / "merged")  # nothing resumes it
     def err(*argv: str, code: int = 2) -> str:
         capsys.readouterr()
         assert main(list(argv)) == code, argv
