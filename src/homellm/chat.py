@@ -13,7 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from homellm.config import CHAT_TEMPLATE, IM_END, IM_START, ROLES  # noqa: F401 (CHAT_TEMPLATE is part of this module's API)
+from homellm.config import (
+    CHAT_TEMPLATE,  # noqa: F401 (part of this module's API)
+    IM_END,
+    IM_START,
+    ROLES,
+)
 from homellm.data import folder_files, hf_dataset, hf_records, jsonl_records
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
