@@ -338,7 +338,7 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys):
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3
 
 
-def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
+def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, capsys):
     run = tmp_path / "qs"
     proc = homellm("quickstart", "--out", str(run), "--max-time", "8", "--problems", "3000", "--n", "20", "--chat",
                    "--chat-problems", "400")
@@ -360,6 +360,19 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path):
     assert "ja" in again.stdout and "overall" in again.stdout
     again = homellm("eval", str(run), "--task", "chat-arithmetic", "--n", "5", check=False)
     assert again.returncode == 2 and f"is the quickstart's base model; its chat model is {run / 'chat'}" in again.stderr
+    # Killed in its chat stage, the quickstart cannot start again there: it says how to finish that stage
+    from homellm.cli import main
+
+    def rerun() -> str:
+        assert main(["quickstart", "--chat", "--out", str(run)]) == 2
+        return capsys.readouterr().err
+
+    assert "chat stage" not in rerun()  # (finished)
+    (run / "quickstart.json").unlink()
+    assert f"its chat stage stopped: go on with `homellm sft --resume --out {run / 'chat'}`" in rerun()
+    shutil.rmtree(run / "chat")
+    assert (f"its chat stage stopped before its first checkpoint: fine-tune it with `homellm sft --init {run} --data "
+            f"{run / 'task' / 'chat.jsonl'} --out {run / 'chat'}`") in rerun()
 
 
 def test_ctrl_c_in_the_quickstarts_training_goes_on_to_evaluate_and_skips_the_chat_stage(tmp_path):

@@ -149,6 +149,21 @@ def _is_quickstarts(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _finish_chat_stage(run: Path) -> str:
+    """For a --chat quickstart killed in its chat stage (the base run trained): how to finish that stage by hand, or
+    "" where there is none to finish."""
+    chat, data = run / "chat", run / "task" / "chat.jsonl"
+    if (run / "quickstart.json").is_file():  # written at the end: the quickstart finished
+        return ""
+    if holds_trained(chat):
+        return (f"its chat stage stopped: go on with `homellm sft --resume --out {typed(chat)}` and score it with "
+                f"`homellm eval {typed(chat)} --task chat-arithmetic`; or ")
+    if (run / "config.json").is_file() and data.is_file() and _is_quickstarts(data):
+        return (f"its chat stage stopped before its first checkpoint: fine-tune it with `homellm sft --init "
+                f"{typed(run)} --data {typed(data)} --out {typed(chat)}`; or ")
+    return ""
+
+
 def task_alphabet() -> str:
     """Every character the task can ever produce, not just the training problems', and those of its chat questions
     (for --chat or a later `homellm sft`)."""
@@ -232,8 +247,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     run = Path(cfg.out)
     check_new_run(run)
     if holds_trained(run):  # an imported or merged run has `best` alone
-        raise HomeLLMError(f"{run} already holds a trained run: evaluate it with `homellm eval {typed(run)}`, or pass "
-                           "a new --out")
+        raise HomeLLMError(f"{run} already holds a trained run: {_finish_chat_stage(run) if cfg.chat else ''}"
+                           f"evaluate it with `homellm eval {typed(run)}`, or pass a new --out")
     check_own_files(run, cfg.chat)
     t_start = time.perf_counter()
     stages = 7 if cfg.chat else 5
