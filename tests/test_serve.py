@@ -300,6 +300,7 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         (b"{not json", 400, None, "invalid_json"),
         (b"[1, 2]", 400, None, "invalid_json"),
         (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "invalid_json"),  # a RecursionError: 500
+        (b'{"seed": 1' + b"0" * 5000 + b"}", 400, None, "invalid_json"),  # over Python's 4,300 digits: a 500
         ({**ok, "temperature": "hot"}, 400, "temperature", "invalid_type"),
         ({**ok, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
         ({**ok, "stream": "yes"}, 400, "stream", "invalid_type"),

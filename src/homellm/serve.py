@@ -581,7 +581,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nesting 100,000 deep)
+        # (RecursionError: nesting 100,000 deep; ValueError: JSONDecodeError, or an integer of over 4,300 digits)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object", None,
                            "invalid_json") from None
         if not isinstance(body, dict):

@@ -47,7 +47,7 @@ from homellm.config import (
     to_dict,
 )
 from homellm.errors import HomeLLMError, typed
-from homellm.generate import generate_ids
+from homellm.generate import stream_ids
 from homellm.io import atomic_folder, say
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, check_unknown
@@ -308,9 +308,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     def sample(model: GPT) -> str:
         """A chat model's sample is a reply to a user's message (the prompt continued as text showed nothing)."""
         ids = prompt_ids(tok, [{"role": "user", "content": question}])
-        reply = generate_ids(model, ids, SampleConfig(max_new_tokens=64, temperature=0.0),
-                             tok.end_ids, guard=tok.utf8_guard)
-        return f"{question!r} -> {tok.decode(reply)!r}"
+        # (as generate prints it: no half character where the 64 tokens end)
+        reply = "".join(stream_ids(model, tok, ids, SampleConfig(max_new_tokens=64, temperature=0.0)))
+        return f"{question!r} -> {reply!r}"
 
     summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample,
                     after_ctrl_c=after_ctrl_c)
