@@ -561,6 +561,30 @@ def test_aozora_markup_is_dropped_on_request(tmp_path, monkeypatch):
     assert docs([str(path)]) == [AOZORA]  # and kept as they are without --aozora
 
 
+def test_aozora_text_escaped_as_notes_stays_and_written_out_marks_are_put_back(tmp_path):
+    """A literal 《》 or ｜ is written as a gaiji note (it was turned into 《 》, then dropped as ruby with the title
+    between); older texts write the くの字点 as ／＼ and accents between 〔〕, which stayed in the training text."""
+    path = tmp_path / "kanji.txt"
+    path.write_bytes("彼は※［＃始め二重山括弧、1-1-52］吶喊※［＃終わり二重山括弧、1-1-53］という本《ほん》を読んだ。\n"
+                     "記号※［＃縦線、1-1-35］はそのまま。とう／＼こそ／″＼\n"
+                     "〔Quid aliud est mulier nisi amicitiae& inimica, cafe' Franc,ois〕と〔u&〕\n".encode("cp932"))
+    assert docs([str(path)], aozora=True) == [
+        "彼は《吶喊》という本を読んだ。\n記号｜はそのまま。とう〳〵こそ〴〵\n"
+        "Quid aliud est mulier nisi amicitiæ inimica, café Françoisとů\n"]
+
+
+def test_an_aozora_notation_block_that_never_closes_near_the_top_loses_no_text(tmp_path):
+    """The closing dashed line counted only within the first 60 lines: a longer block, or a dashed line in the
+    text of a file without one, dropped the whole work without a word."""
+    notes = "".join(f"（例）記号{i}《き》\n" for i in range(70))
+    long_block = tmp_path / "long.txt"
+    long_block.write_bytes(f"題\n作者\n{'-' * 20}\n{notes}{'-' * 20}\n本文《ほんぶん》です。\n".encode("cp932"))
+    assert docs([str(long_block)], aozora=True) == ["題\n作者\n本文です。\n"]
+    dashes = tmp_path / "dashes.txt"
+    dashes.write_bytes(f"題\n作者\n\n本文です。\n{'-' * 12}\n続き《つづき》です。\n".encode("cp932"))
+    assert docs([str(dashes)], aozora=True) == ["題\n作者\n\n本文です。\n続きです。\n"]
+
+
 def test_aozora_originals_lose_every_mark(tmp_path):
     text = "".join(docs([str(need("ja_aozora/sjis"))], aozora=True))
     assert not any(mark in text for mark in ("《", "》", "｜", "［＃", "底本：", "【テキスト中に現れる記号について】"))

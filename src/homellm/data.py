@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -350,32 +351,78 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
             data, offset = data[used:] + more, offset + used
 
 
-_AOZORA_MARKUP = re.compile(r"《[^》\n]*》|［＃[^］\n]*］|｜")  # ruby, editor's notes, the ruby start mark
+_AOZORA_MARKUP = r"《[^》\n]*》|［＃[^］\n]*］|｜"  # ruby, editor's notes, the ruby start mark
 _AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
+_AOZORA_NOTES_LINES = 200  # a real notation block is far shorter: past this, the dashed line opened no such block
 # A character Shift_JIS lacks: ※ and a note giving its JIS X 0213 plane-row-cell (第3水準1-86-62) or code point.
-_AOZORA_GAIJI = re.compile(r"※［＃[^］\n]*?(?:U\+([0-9A-Fa-f]{4,6})|(\d)-(\d{1,2})-(\d{1,2}))[^］\n]*］")
+_AOZORA_GAIJI = r"※［＃[^］\n]*?(?:U\+([0-9A-Fa-f]{4,6})|(\d)-(\d{1,2})-(\d{1,2}))[^］\n]*］"
+# One pass, gaiji notes first: a note may name 《, 》 or ｜ themselves (始め二重山括弧、1-1-52), which Aozora writes so
+# that they are text; a second pass took them for ruby and dropped them with the words between.
+_AOZORA_MARKS = re.compile(f"{_AOZORA_GAIJI}|{_AOZORA_MARKUP}")
+# Older texts write the くの字点 (a kana repeat mark two lines tall) as ／＼, and voiced as ／″＼
+_AOZORA_KUNOJITEN = {"／″＼": "〴〵", "／＼": "〳〵"}
+# Accents are written out between 〔〕 (アクセント分解): e' for é, ae& for æ; a literal 〔 is a gaiji note instead.
+_AOZORA_LATIN = re.compile(r"〔([\x20-\x7e]+)〕")
+_ACCENT_MARKS = {"`": "\u0300", "'": "\u0301", "^": "\u0302", "~": "\u0303", ":": "\u0308", "&": "\u030a",
+                 "_": "\u0304", ",": "\u0327"}
+_ACCENT_LETTERS = {"AE&": "Æ", "ae&": "æ", "OE&": "Œ", "oe&": "œ", "s&": "ß", "O/": "Ø", "o/": "ø", "D/": "Đ",
+                   "d/": "đ", "L/": "Ł", "l/": "ł", "!@": "¡", "?@": "¿"}
+# (the ring on A and U alone, the cedilla on C, S and T alone: as Aozora's own table has them)
+_ACCENT = re.compile("|".join(map(re.escape, _ACCENT_LETTERS)) + r"|[A-Za-z][`'^~:_]|[AaUu]&|[CcSsTt],")
 
 
 def _gaiji(m: re.Match) -> str:
-    """The character an Aozora gaiji note names (euc_jis_2004 is JIS X 0213 laid out in bytes); else the note,
-    which the markup pass then drops, leaving the ※ that marks the unknown character."""
+    """The character an Aozora gaiji note names (euc_jis_2004 is JIS X 0213 laid out in bytes); else the ※ that
+    marks the unknown character, the note dropped."""
     if m[1]:
         return chr(int(m[1], 16))
     plane, row, cell = int(m[2]), int(m[3]), int(m[4])
     if plane not in (1, 2) or not (1 <= row <= 94 and 1 <= cell <= 94):  # a malformed note
-        return m[0]
+        return "※"
     raw = bytes([0xA0 + row, 0xA0 + cell]) if plane == 1 else bytes([0x8F, 0xA0 + row, 0xA0 + cell])
     try:
         return raw.decode("euc_jis_2004")
     except UnicodeDecodeError:  # a code JIS X 0213 leaves empty
-        return m[0]
+        return "※"
+
+
+def _accented(m: re.Match) -> str:
+    """〔...〕's Latin text with its accents put on (a letter and its sign, composed where Unicode has the letter)."""
+    def letter(a: re.Match) -> str:
+        if a[0] in _ACCENT_LETTERS:
+            return _ACCENT_LETTERS[a[0]]
+        composed = unicodedata.normalize("NFC", a[0][0] + _ACCENT_MARKS[a[0][1]])
+        return composed if len(composed) == 1 else a[0]  # no such letter: the signs are text
+
+    return _ACCENT.sub(letter, m[1])
+
+
+def _aozora_line(line: str) -> str:
+    line = _AOZORA_MARKS.sub(lambda m: _gaiji(m) if m[0].startswith("※") and (m[1] or m[2]) else "", line)
+    for written, mark in _AOZORA_KUNOJITEN.items():
+        line = line.replace(written, mark)
+    return _AOZORA_LATIN.sub(_accented, line) if "〔" in line else line
 
 
 def _aozora_text(blocks: Iterable[str]) -> Iterator[str]:
-    """Aozora Bunko text as read: ruby 《かな》 and its ｜ mark, ［＃…］ notes, the block explaining those signs
-    (between two dashed lines near the top) and the 底本 (source edition) footer are dropped; lines kept whole."""
+    """Aozora Bunko text as read: ruby 《かな》 and its ｜ mark, ［＃…］ notes (a character's made it), the block
+    explaining those signs (between two dashed lines near the top) and the 底本 (source edition) footer are
+    dropped; the くの字点 and accented Latin letters written out are put back; lines kept whole."""
     line_no, state = 0, "top"  # top -> notes (between the dashed lines) -> body -> footer
     blank: list[str] = []  # blank lines wait for the next line of text: those before the footer go with it
+    notes: list[str] = []  # the notation block's lines, kept until it closes: a dashed line may open none
+
+    def body(lines: list[str]) -> list[str]:
+        out = []
+        for line in lines:
+            line = _aozora_line(line)
+            if line.strip():
+                out += [*blank, line]
+                blank.clear()
+            else:
+                blank.append(line)
+        return out
+
     for block in _lines_whole(blocks):
         out = []
         for line in block.splitlines(keepends=True):
@@ -383,22 +430,23 @@ def _aozora_text(blocks: Iterable[str]) -> Iterator[str]:
             bare = line.strip()
             if state == "footer":
                 continue
-            if re.fullmatch(r"-{10,}", bare) and state in ("top", "notes") and line_no <= _AOZORA_HEADER_LINES:
-                state = "notes" if state == "top" else "body"
+            if re.fullmatch(r"-{10,}", bare) and (state == "notes" or state == "top" and
+                                                  line_no <= _AOZORA_HEADER_LINES):
+                state, notes = "notes" if state == "top" else "body", []
                 continue
             if state == "notes":
+                notes.append(line)
+                if len(notes) > _AOZORA_NOTES_LINES:  # no notation block: text, from the dashed line on
+                    state, out = "body", out + body(notes)
                 continue
             if bare.startswith("底本："):
                 state = "footer"
                 continue
-            line = _AOZORA_MARKUP.sub("", _AOZORA_GAIJI.sub(_gaiji, line))
-            if line.strip():
-                out += [*blank, line]
-                blank = []
-            else:
-                blank.append(line)
+            out += body([line])
         if out:
             yield "".join(out)
+    if state == "notes" and (out := body(notes)):  # a notation block that never closed was text
+        yield "".join(out)
 
 
 def _lines_whole(blocks: Iterable[str]) -> Iterator[str]:
