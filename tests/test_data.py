@@ -66,8 +66,15 @@ def test_shift_jis_aozora_detected_or_named(tmp_path):
     expected = Path(path).read_bytes().decode("cp932").replace("\r\n", "\n")
     assert docs([path]) == [expected] == docs([path], encoding="cp932")
     assert "羅生門" in expected
-    with pytest.raises(HomeLLMError, match=r"byte offset \d+ .*--encoding"):
+    with pytest.raises(HomeLLMError, match=r"byte offset \d+ .*--encoding .*, or none: UTF-8 and Shift_JIS \(cp932\) "
+                                           "are detected"):
         docs([path], encoding="utf-8")
+    # Windows' extra characters (①, 髙) are not Shift_JIS's: cp932 is named, where the list named none like it
+    extra = tmp_path / "extra.txt"
+    extra.write_bytes("①②③ ～ 髙橋\n".encode("cp932"))
+    with pytest.raises(HomeLLMError, match="is not valid shift_jis: pass --encoding cp932, Shift_JIS as Windows"):
+        docs([str(extra)], encoding="shift_jis")
+    assert docs([str(extra)], encoding="cp932") == ["①②③ ～ 髙橋\n"]
     # prepare reads it too, and its tokens decode back to the text
     for encoding in ("auto", "cp932"):
         tok = char_tok(tmp_path, path, encoding=encoding)

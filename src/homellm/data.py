@@ -333,9 +333,14 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                     data[:cut].decode(enc)
                 except UnicodeDecodeError as e:  # report the UTF-8 error under auto: the likelier intent
                     name = "UTF-8 or Shift_JIS (cp932)" if chosen is None else enc
+                    codec = codecs.lookup(enc).name
+                    if codec in ("shift_jis", "shift_jis_2004", "shift_jisx0213"):  # Windows' ①, ～ and 髙 are cp932's
+                        fix = "--encoding cp932, Shift_JIS as Windows writes it, with its extra characters"
+                    else:
+                        fix = ("the --encoding it was written in (e.g. cp1252, euc-jp, gbk, big5, utf-16)" +
+                               ", or none: UTF-8 and Shift_JIS (cp932) are detected" * (chosen is not None))
                     raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
-                                       f"valid {name}: pass the --encoding it was written in (e.g. cp1252, euc-jp, "
-                                       "gbk, big5, utf-16) or fix the file") from None
+                                       f"valid {name}: pass {fix}, or fix the file") from None
                 raise  # pragma: no cover - the decode above must fail again
             except UnicodeError as e:  # a codec that fails otherwise than on a byte (punycode)
                 raise HomeLLMError(f"{path}: cannot be read as {chosen} ({e}): pass the --encoding the file was "
