@@ -580,6 +580,12 @@ def test_aozora_text_escaped_as_notes_stays_and_written_out_marks_are_put_back(t
         "Quid aliud est mulier nisi amicitiæ inimica, café Françoisとů\n"]
 
 
+def test_aozora_on_other_than_txt_files_is_said(tmp_path, capsys):
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "吾輩《わがはい》は猫"}, ensure_ascii=False) + "\n")
+    assert docs([str(tmp_path / "r.jsonl")], aozora=True) == ["吾輩《わがはい》は猫"]
+    assert f"note: --aozora cleans .txt files only: {tmp_path / 'r.jsonl'} is read as it is" in capsys.readouterr().err
+
+
 def test_an_aozora_notation_block_that_never_closes_near_the_top_loses_no_text(tmp_path):
     """The closing dashed line counted only within the first 60 lines: a longer block, or a dashed line in the
     text of a file without one, dropped the whole work without a word."""

@@ -87,7 +87,12 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
         except (LookupError, UnicodeError):
             raise HomeLLMError(f"--encoding {encoding!r} is not a text encoding: {names}") from None
     doc = 0
-    for kind, source in _expand(inputs):
+    sources = list(_expand(inputs))
+    if aozora and (others := [source for kind, source in sources if kind != "txt"]):
+        # (a .jsonl's text is its writer's to clean: its markup was kept, and meta.json said "aozora": true)
+        say(f"note: --aozora cleans .txt files only: {others[0]}"
+            + (f" and {len(others) - 1} more are read as they are" if len(others) > 1 else " is read as it is"))
+    for kind, source in sources:
         if kind == "hf":
             texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter)
         elif kind == "jsonl":
