@@ -356,12 +356,14 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
     last = json.loads((run / "quickstart.json").read_text())["summary"]
     assert last["tokens"] == last["steps"] * pretrained["train"]["batch_size"] * pretrained["model"]["block_size"]
     # The chat run is an ordinary run: eval takes it again, and a pretrained-only run is not a chat model.
-    again = homellm("eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5")
-    assert "ja" in again.stdout and "overall" in again.stdout
-    again = homellm("eval", str(run), "--task", "chat-arithmetic", "--n", "5", check=False)
-    assert again.returncode == 2 and f"is the quickstart's base model; its chat model is {run / 'chat'}" in again.stderr
+    from homellm.cli import main  # (in this process: each start costs seconds of imports)
+
+    assert main(["eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "ja" in out and "overall" in out
+    assert main(["eval", str(run), "--task", "chat-arithmetic", "--n", "5"]) == 2
+    assert f"is the quickstart's base model; its chat model is {run / 'chat'}" in capsys.readouterr().err
     # Killed in its chat stage, the quickstart cannot start again there: it says how to finish that stage
-    from homellm.cli import main
 
     def rerun() -> str:
         assert main(["quickstart", "--chat", "--out", str(run)]) == 2
