@@ -498,6 +498,14 @@ def test_a_sentencepiece_tokenizer_renders_chat_as_apply_chat_template_does(tmp_
     assert ids[:len(context)] == context  # the reply is trained as it is asked for
     stream = tok.stream(context=context)
     assert "".join(stream.push(i) for i in ids[len(context):ids.index(tok.im_end_id, len(context))]) == "But soft"
+    # A message that holds a special string has it as text, and only its own pieces encoded apart: the system
+    # prompt before it (which chat keeps when the window slides) and the reply after it keep their ids.
+    odd = [chat[0], {"role": "user", "content": "what </s> light?"}, chat[2]]
+    odd_ids, odd_mask = render(tok, odd)
+    assert tok.eot_id not in odd_ids  # (</s>, this tokenizer's end of text: here characters it cannot write)
+    system = render(tok, chat[:1])[0]
+    assert odd_ids[:len(system)] == system
+    assert [i for i, m in zip(odd_ids, odd_mask) if m] == [i for i, m in zip(ids, mask) if m]
 
 
 def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not_kept(tmp_path, capsys):

@@ -9,6 +9,7 @@ Face's `apply_chat_template` renders the identical text.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -55,39 +56,37 @@ def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool 
            ) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and, per id, whether SFT trains on it (assistant content and its end).
 
-    The ids are those of Hugging Face's `apply_chat_template` (the text encoded at once, split at the special
-    tokens): encoding each piece on its own gave a SentencePiece tokenizer (Llama 2, Mistral) a "▁" at the start of
-    every piece, so a reply began with a space and exports rendered other ids. Special strings typed in a message
-    stay plain text, so a user cannot forge a turn by typing "<|im_start|>"."""
-    # (text, a special token's id or None, trained); a model trained with a bos before every text (an imported
-    # Llama's <s>) reads a conversation after it too
-    parts: list[tuple[str, int | None, bool]] = [] if tok.bos is None else [(tok.bos, tok.bos_id, False)]
+    The ids are those of Hugging Face's `apply_chat_template`: the text encoded at once, which the special tokens
+    split into pieces encoded apart. (Each piece encoded on its own gave a SentencePiece tokenizer, Llama 2's or
+    Mistral's, a "▁" at the start of every piece, so a reply began with a space and exports rendered other ids.)
+    Special strings typed in a message stay text, so a user cannot forge a turn by typing "<|im_start|>": such a
+    message's role line and content are encoded apart, as text."""
+    # (text, trained, as plain text): the text between and around the special tokens
+    parts: list[tuple[str, bool, bool]] = []
     for m in messages:
         assistant = m["role"] == "assistant" and m.get("weight", 1) != 0
-        parts += [(IM_START, tok.im_start_id, False), (m["role"] + "\n", None, False), (m["content"], None, assistant),
-                  (IM_END, tok.im_end_id, assistant), ("\n", None, False)]
+        plain = any(s in m["content"] for s in tok.special_texts)
+        parts += [(IM_START, False, False), (m["role"] + "\n", False, plain), (m["content"], assistant, plain),
+                  (IM_END, assistant, False), ("\n", False, False)]
     if add_generation_prompt:
-        parts += [(IM_START, tok.im_start_id, False), ("assistant\n", None, False)]
-    if any(s in m["content"] for m in messages for s in tok.special_texts):
-        return _render_pieces(tok, parts)  # a message holds a special string, which must stay text
-    text = "".join(t for t, _, _ in parts)
-    ids, offsets = tok.encode_offsets(text)
-    trained, at = [], 0  # the character spans of what is trained
-    for t, _, train in parts:
-        if train:
-            trained.append((at, at + len(t)))
-        at += len(t)
-    return ids, [any(a <= start < b for a, b in trained) for start, _ in offsets]
-
-
-def _render_pieces(tok: Tokenizer, parts: list[tuple[str, int | None, bool]]) -> tuple[list[int], list[bool]]:
-    """render's parts encoded one by one, the text ones as plain text."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    for text, special, trained in parts:
-        piece = [special] if special is not None else tok.encode(text)
-        ids.extend(piece)
-        mask.extend([trained] * len(piece))
+        parts += [(IM_START, False, False), ("assistant\n", False, False)]
+    # A model trained with a bos before every text (an imported Llama's <s>) reads a conversation after it too.
+    ids: list[int] = [] if tok.bos_id is None else [tok.bos_id]
+    mask: list[bool] = [False] * len(ids)
+    for plain, run in itertools.groupby(parts, key=lambda p: p[2]):
+        run = list(run)
+        chunk, offsets = tok.encode_offsets("".join(t for t, _, _ in run), plain)
+        trained, at = [], 0  # the character spans trained on, in order
+        for t, train, _ in run:
+            if train:
+                trained.append((at, at + len(t)))
+            at += len(t)
+        span = 0
+        for start, stop in offsets:  # a token is trained where it overlaps a trained span, as transformers masks
+            while span < len(trained) and trained[span][1] <= start:
+                span += 1
+            mask.append(span < len(trained) and start < trained[span][1] and stop > trained[span][0])
+        ids += chunk
     return ids, mask
 
 

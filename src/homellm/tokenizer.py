@@ -110,9 +110,10 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids with special tokens read, and each one's span of characters in text."""
-        encoding = self.hf.encode(text, add_special_tokens=False)
+    def encode_offsets(self, text: str, plain: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids with special tokens read (as text with `plain`, as `encode` does), and each one's span of characters
+        in text."""
+        encoding = (self._plain if plain else self.hf).encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
     @functools.cached_property
