@@ -118,7 +118,7 @@ def _conversation(record: Any, where: str) -> list[Message]:
     REPLY_FIELDS; TRL's conversational {"prompt": [messages], "completion": [messages]} too)."""
     prompt = next((k for k in PROMPT_FIELDS if k in record), None) if isinstance(record, dict) else None
     reply = next((k for k in REPLY_FIELDS if k in record), None) if isinstance(record, dict) else None
-    system = record.get("system", "") if isinstance(record, dict) else ""
+    system = (record.get("system") or "") if isinstance(record, dict) else ""  # (null: a dataset's empty column)
     if not isinstance(system, str):
         raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
     if isinstance(record, dict) and "messages" in record:

@@ -587,6 +587,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     resumed_from = None
     resumed_val: dict[str, float] | None = None  # the val loss measured on the weights resumed from, if it was
     eval_room, eval_measured = 0.0, False  # the final evaluation's expected seconds, and whether measured (below)
+    ends_note = ""  # a resume's new end, said when it trains
     if cfg.resume:
         folder = resumed_from = resume_point(run)
         load_weights_into(model, read_weights(folder), str(folder))
@@ -627,21 +628,22 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             if env.world > 1:
                 dist.barrier()  # (every rank has read it)
             if env.main:
-                resumed_from = finish_swap(folder)
+                finish_swap(folder)
+            resumed_from = run / folder.name[1:].removesuffix(".tmp")  # on every rank: they decide alike below
         if env.main:
             _truncate_metrics(metrics_path, step)
             # Weights kept after this checkpoint are of steps the resumed run trains again, perhaps otherwise
             if later := [k for k in kept_steps(run) if int(k[5:]) > step]:
                 for k in later:
                     shutil.rmtree(run / k)
-                print(f"note: removed {', '.join(later)}, kept after {folder.name}'s step {step}: the resumed run "
-                      "trains those steps again", file=sys.stderr)
+                print(f"note: removed {', '.join(later)}, kept after {resumed_from.name}'s step {step}: the resumed "
+                      "run trains those steps again", file=sys.stderr)
             print(f"resuming {run} from {resumed_from.name} at step {step}", file=sys.stderr)
             was = read_config(run)[1]
-            if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):
-                print(f"note: the run now ends at --max-steps {cfg.max_steps} --max-time {cfg.max_time:g} (it was "
-                      f"{was.max_steps} and {was.max_time:g}): the learning rate's decay stretches to the new end, "
-                      "so the rate moves at once from where it was", file=sys.stderr)
+            if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):  # said below, if it trains
+                ends_note = (f"note: the run now ends at --max-steps {cfg.max_steps} --max-time {cfg.max_time:g} (it "
+                             f"was {was.max_steps} and {was.max_time:g}): the learning rate's decay stretches to the "
+                             "new end, so the rate moves at once from where it was")
     elif env.main:
         metrics_path.unlink(missing_ok=True)
     # A resume that trains nothing (below) puts this back: the flags it was given never trained
@@ -736,6 +738,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             checkpoint("last", {})
         if config_before is not None:
             save_json(run / "config.json", config_before)
+    elif ends_note:
+        print(ends_note, file=sys.stderr)
     model.train()
     t_log, tokens_log = time.perf_counter(), tokens
     masked = getattr(data, "masked", True)  # pretraining's windows train every target: no count to gather
