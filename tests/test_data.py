@@ -570,20 +570,22 @@ def test_aozora_markup_is_dropped_on_request(tmp_path, monkeypatch):
 
 def test_aozora_text_escaped_as_notes_stays_and_written_out_marks_are_put_back(tmp_path):
     """A literal 《》 or ｜ is written as a gaiji note (it was turned into 《 》, then dropped as ruby with the title
-    between); older texts write the くの字点 as ／＼ and accents between 〔〕, which stayed in the training text."""
+    between); older texts write the くの字点 as ／＼, and accents between 〔〕 where the notation block says so."""
+    dashes = "-" * 20
+    notation = f"{dashes}\n【テキスト中に現れる記号について】\n〔〕：アクセント分解された欧文をかこむ\n{dashes}\n"
+    body = ("彼は※［＃始め二重山括弧、1-1-52］吶喊※［＃終わり二重山括弧、1-1-53］という本《ほん》を読んだ。\n"
+            "記号※［＃縦線、1-1-35］はそのまま。とう／＼こそ／″＼\n"
+            "※［＃ローマ数字1、1-13-21］［＃「※［＃ローマ数字1、1-13-21］」は縦中横］章\n"
+            "〔Quid aliud est mulier nisi amicitiae& inimica, cafe' Franc,ois〕と〔u&〕\n")
     path = tmp_path / "kanji.txt"
-    path.write_bytes("彼は※［＃始め二重山括弧、1-1-52］吶喊※［＃終わり二重山括弧、1-1-53］という本《ほん》を読んだ。\n"
-                     "記号※［＃縦線、1-1-35］はそのまま。とう／＼こそ／″＼\n"
-                     "〔Quid aliud est mulier nisi amicitiae& inimica, cafe' Franc,ois〕と〔u&〕\n".encode("cp932"))
+    path.write_bytes(("題\n" + notation + body).encode("cp932"))
     assert docs([str(path)], aozora=True) == [
-        "彼は《吶喊》という本を読んだ。\n記号｜はそのまま。とう〳〵こそ〴〵\n"
+        "題\n彼は《吶喊》という本を読んだ。\n記号｜はそのまま。とう〳〵こそ〴〵\nⅠ章\n"
         "Quid aliud est mulier nisi amicitiæ inimica, café Françoisとů\n"]
-
-
-def test_aozora_on_other_than_txt_files_is_said(tmp_path, capsys):
-    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "吾輩《わがはい》は猫"}, ensure_ascii=False) + "\n")
-    assert docs([str(tmp_path / "r.jsonl")], aozora=True) == ["吾輩《わがはい》は猫"]
-    assert f"note: --aozora cleans .txt files only: {tmp_path / 'r.jsonl'} is read as it is" in capsys.readouterr().err
+    # 〔〕 in a work whose notation block does not say so is the author's: kept as written
+    path.write_bytes(("題\n" + body).encode("cp932"))
+    assert docs([str(path)], aozora=True)[0].endswith(
+        "〔Quid aliud est mulier nisi amicitiae& inimica, cafe' Franc,ois〕と〔u&〕\n")
 
 
 def test_an_aozora_notation_block_that_never_closes_near_the_top_loses_no_text(tmp_path):
@@ -594,8 +596,18 @@ def test_an_aozora_notation_block_that_never_closes_near_the_top_loses_no_text(t
     long_block.write_bytes(f"題\n作者\n{'-' * 20}\n{notes}{'-' * 20}\n本文《ほんぶん》です。\n".encode("cp932"))
     assert docs([str(long_block)], aozora=True) == ["題\n作者\n本文です。\n"]
     dashes = tmp_path / "dashes.txt"
-    dashes.write_bytes(f"題\n作者\n\n本文です。\n{'-' * 12}\n続き《つづき》です。\n".encode("cp932"))
-    assert docs([str(dashes)], aozora=True) == ["題\n作者\n\n本文です。\n続きです。\n"]
+    footer = "\n\n底本：「本」\n入力：誰か\n"
+    dashes.write_bytes(f"題\n作者\n\n本文です。\n{'-' * 12}\n続き《つづき》です。{footer}".encode("cp932"))
+    assert docs([str(dashes)], aozora=True) == ["題\n作者\n\n本文です。\n続きです。\n"]  # (its footer dropped too)
+    many = "".join(f"{i}行目\n" for i in range(250))
+    dashes.write_bytes(f"題\n{'-' * 12}\n{many}{footer}".encode("cp932"))
+    assert "".join(docs([str(dashes)], aozora=True)) == f"題\n{many}"
+
+
+def test_aozora_on_other_than_txt_files_is_said(tmp_path, capsys):
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "吾輩《わがはい》は猫"}, ensure_ascii=False) + "\n")
+    assert docs([str(tmp_path / "r.jsonl")], aozora=True) == ["吾輩《わがはい》は猫"]
+    assert f"note: --aozora cleans .txt files only: {tmp_path / 'r.jsonl'} is read as it is" in capsys.readouterr().err
 
 
 def test_aozora_originals_lose_every_mark(tmp_path):

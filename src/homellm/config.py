@@ -140,7 +140,8 @@ class TokenizerConfig:
     vocab_size: int = 1024  # BPE only; special tokens included
     text_field: str = "text"
     encoding: str = "auto"  # text encoding of .txt inputs: auto detects utf-8 / cp932 (Shift_JIS)
-    aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer
+    aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer,
+    # and write gaiji notes, ／＼ and 〔accents〕 as the characters they stand for
     max_chars: int = 0  # train on at most this many characters (0 = all): BPE needs far less than a corpus
     from_file: str = ""  # instead of training: a tokenizer.json, a dir with one or GPT-2's encoder.json + vocab.bpe,
     # or hf:NAME (a model's tokenizer from the hub)
@@ -153,7 +154,8 @@ class PrepareConfig:
     out: str = ""
     text_field: str = "text"
     encoding: str = "auto"  # of .txt inputs: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, utf-16...; .jsonl is UTF-8
-    aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer
+    aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer,
+    # and write gaiji notes, ／＼ and 〔accents〕 as the characters they stand for
     val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
     shard_tokens: int = 100_000_000  # tokens per shard file
     max_docs: int = 0  # stop after this many documents (useful for hub datasets); 0 = all

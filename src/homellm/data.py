@@ -361,7 +361,8 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
             data, offset = data[used:] + more, offset + used
 
 
-_AOZORA_MARKUP = r"《[^》\n]*》|［＃[^］\n]*］|｜"  # ruby, editor's notes, the ruby start mark
+# ruby, editor's notes (which may quote a gaiji note: ［＃「※［＃…］」は縦中横］), the ruby start mark
+_AOZORA_MARKUP = r"《[^》\n]*》|［＃(?:※［＃[^］\n]*］|[^］\n])*］|｜"
 _AOZORA_HEADER_LINES = 60  # the notation block comes right after the title and author, if at all
 _AOZORA_NOTES_LINES = 200  # a real notation block is far shorter: past this, the dashed line opened no such block
 # A character Shift_JIS lacks: ※ and a note giving its JIS X 0213 plane-row-cell (第3水準1-86-62) or code point.
@@ -407,55 +408,61 @@ def _accented(m: re.Match) -> str:
     return _ACCENT.sub(letter, m[1])
 
 
-def _aozora_line(line: str) -> str:
+def _aozora_line(line: str, accents: bool) -> str:
     line = _AOZORA_MARKS.sub(lambda m: _gaiji(m) if m[0].startswith("※") and (m[1] or m[2]) else "", line)
     for written, mark in _AOZORA_KUNOJITEN.items():
         line = line.replace(written, mark)
-    return _AOZORA_LATIN.sub(_accented, line) if "〔" in line else line
+    return _AOZORA_LATIN.sub(_accented, line) if accents and "〔" in line else line
 
 
 def _aozora_text(blocks: Iterable[str]) -> Iterator[str]:
     """Aozora Bunko text as read: ruby 《かな》 and its ｜ mark, ［＃…］ notes (a character's made it), the block
     explaining those signs (between two dashed lines near the top) and the 底本 (source edition) footer are
-    dropped; the くの字点 and accented Latin letters written out are put back; lines kept whole."""
+    dropped; the くの字点 written out, and accented Latin letters where the block says 〔〕 holds them, are put
+    back; lines kept whole."""
     line_no, state = 0, "top"  # top -> notes (between the dashed lines) -> body -> footer
     blank: list[str] = []  # blank lines wait for the next line of text: those before the footer go with it
     notes: list[str] = []  # the notation block's lines, kept until it closes: a dashed line may open none
+    accents = False  # whether the notation block says 〔〕 holds Latin text with its accents written out
 
-    def body(lines: list[str]) -> list[str]:
-        out = []
-        for line in lines:
-            line = _aozora_line(line)
-            if line.strip():
-                out += [*blank, line]
-                blank.clear()
-            else:
-                blank.append(line)
+    def step(line: str) -> list[str]:
+        """The lines a line of the text gives, as the state stands (and moves)."""
+        nonlocal state, notes, accents
+        bare = line.strip()
+        if state == "footer":
+            return []
+        if re.fullmatch(r"-{10,}", bare) and (state == "notes" or state == "top" and line_no <= _AOZORA_HEADER_LINES):
+            accents = state == "notes" and any("〔〕" in n for n in notes)
+            state, notes = "notes" if state == "top" else "body", []
+            return []
+        if state == "notes":
+            notes.append(line)
+            return text_again() if len(notes) > _AOZORA_NOTES_LINES else []  # no notation block after all
+        if bare.startswith("底本："):
+            state = "footer"
+            return []
+        line = _aozora_line(line, accents)
+        if not line.strip():
+            blank.append(line)
+            return []
+        out = [*blank, line]
+        blank.clear()
         return out
+
+    def text_again() -> list[str]:
+        """A notation block that was none (too long, or never closed): its lines are text, read as such."""
+        nonlocal state, notes
+        state, lines, notes = "body", notes, []
+        return [out for line in lines for out in step(line)]
 
     for block in _lines_whole(blocks):
         out = []
         for line in block.splitlines(keepends=True):
             line_no += 1
-            bare = line.strip()
-            if state == "footer":
-                continue
-            if re.fullmatch(r"-{10,}", bare) and (state == "notes" or state == "top" and
-                                                  line_no <= _AOZORA_HEADER_LINES):
-                state, notes = "notes" if state == "top" else "body", []
-                continue
-            if state == "notes":
-                notes.append(line)
-                if len(notes) > _AOZORA_NOTES_LINES:  # no notation block: text, from the dashed line on
-                    state, out = "body", out + body(notes)
-                continue
-            if bare.startswith("底本："):
-                state = "footer"
-                continue
-            out += body([line])
+            out += step(line)
         if out:
             yield "".join(out)
-    if state == "notes" and (out := body(notes)):  # a notation block that never closed was text
+    if state == "notes" and (out := text_again()):
         yield "".join(out)
 
 
