@@ -337,7 +337,7 @@ def test_chat_on_a_fine_tuned_run_adds_no_note_and_generate_points_to_chat(tmp_p
     _, _, run = build_chat_run(tmp_path, sft=True)
     repl.chat(run, GREEDY, script("/quit"), io.StringIO())
     assert "pretrained only" not in capsys.readouterr().err
-    note = f"note: {run} is fine-tuned on conversations: `homellm chat {run}` talks to it"
+    note = f"note: {run} is a chat model: `homellm chat {run}` talks to it"
     assert main(["generate", str(run), "--prompt", USER, "--max-new-tokens", "2"]) == 0
     assert note in capsys.readouterr().err
     assert main(["generate", str(run), "--prompt", f"<|im_start|>user\n{USER}", "--max-new-tokens", "2"]) == 0

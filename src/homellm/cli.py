@@ -179,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.run)
     if speaks_chatml(args.run) and "<|im_start|>" not in cfg.prompt:
         # (chat says the opposite of a pretrained run): a chat model's continuation of bare text is seldom an answer
-        print(f"note: {args.run} is fine-tuned on conversations: `homellm chat {typed(args.run)}` talks to it; "
+        print(f"note: {args.run} is a chat model: `homellm chat {typed(args.run)}` talks to it; "
               "generate continues your text as written", file=sys.stderr)
     if cfg.interactive:
         from homellm.repl import Continuations, chat_loop, line_editing
