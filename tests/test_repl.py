@@ -189,13 +189,22 @@ def test_save_writes_every_turn_as_markdown(chat_run, tmp_path):
         assert m["content"] in saved
     assert os.listdir(path.parent) == ["chat.md"]  # written atomically: no temp file left
     assert f"6 messages saved to {path}" in text
-    # Saving again over its own file is fine; over a file it did not write, refused (it replaced someone's data).
+    # Saving the conversation again over its own file is fine; over a file homellm did not write, refused (it
+    # replaced someone's data); over another conversation's save (another chat's, or this one's before /reset),
+    # refused too (it was replaced without a word). Quotes around a name are taken off: no shell does it here.
     notes = tmp_path / "notes" / "mine.jsonl"
     notes.write_text('{"text": "keep me"}\n')
-    chat, text = run_chat(chat_run, USER, "hi", f"/save {path}", f"/save {notes}", cfg=cfg)
-    assert f"messages saved to {path}" in text and notes.read_text() == '{"text": "keep me"}\n'
+    first = path.read_text(encoding="utf-8")
+    chat, text = run_chat(chat_run, USER, "hi", f"/save {path}", f"/save {notes}", f"/save '{path.parent / 'b.md'}'",
+                          "again", f"/save {path.parent / 'b.md'}", "/reset", "new", f"/save {path.parent / 'b.md'}",
+                          cfg=cfg)
+    assert f"error: {path} holds another conversation, saved before: choose another file name" in text
+    assert path.read_text(encoding="utf-8") == first and notes.read_text() == '{"text": "keep me"}\n'
     assert f"error: {notes} exists, and homellm did not write it or it was changed since: choose another file " \
            "name" in text
+    b = path.parent / "b.md"
+    assert text.count(f"messages saved to {b}") == 2 and "again" in b.read_text(encoding="utf-8")
+    assert text.count(f"error: {b} holds another conversation") == 1
     # Notes added below a saved chat were lost to the next /save: the file's checksum line tells.
     with open(path, "a", encoding="utf-8") as f:
         f.write("my notes\n")
@@ -418,3 +427,43 @@ def test_generate_interactive_from_the_command_line(chat_run, monkeypatch, capsy
     assert main(["generate", str(run), "--interactive", "--prompt", "/help me", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "\n/help me" in out and "/temperature" not in out  # (the help lists it)
+
+
+def test_control_characters_a_model_writes_reach_a_terminal_as_symbols():
+    """An undertrained byte-level model writes ESC, CR and BS, which moved the cursor and rewrote the screen."""
+    from homellm.repl import visible
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    text = "a\x1b[2Jb\rc\x08\x7f\tend\n"
+    assert visible(text, Terminal()) == "a␛[2Jb␍c␈␡\tend\n"
+    assert visible(text, io.StringIO()) == text  # a file or pipe gets the text as written
+
+
+def test_beam_search_chat_says_what_sampling_settings_do_not_do(chat_run, capsys):
+    """With --num-beams, /temperature and /seed were accepted and changed nothing, unsaid; too many beams ended
+    the chat at its first message, after the banner."""
+    cfg = dataclasses.replace(GREEDY, num_beams=2, max_new_tokens=3)
+    _, text = run_chat(chat_run, "/temperature 2", "/max_tokens 4", cfg=cfg)
+    assert "beam search of 2" in text.splitlines()[0]
+    assert "[temperature = 2.0; unused: --num-beams 2 searches, it does not sample]" in text
+    assert "[max_tokens = 4]" in text
+    _, tok, run = chat_run
+    with pytest.raises(repl.HomeLLMError, match=f"--num-beams 400 is more than the {tok.vocab_size} tokens"):
+        repl.chat(run, dataclasses.replace(cfg, num_beams=400), input_fn=lambda prompt: "hello")
+
+
+def test_a_prompt_read_from_standard_input_loses_its_byte_order_mark_and_a_closed_one_is_named(monkeypatch):
+    from homellm.cli import read_stdin
+
+    class Stdin:
+        encoding = "utf-8"
+        buffer = io.BytesIO("\ufeffROMEO:\r\n".encode())
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    assert read_stdin() == "ROMEO:\n"
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(repl.HomeLLMError, match="standard input is closed"):
+        read_stdin()

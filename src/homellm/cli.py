@@ -155,10 +155,13 @@ def read_stdin() -> str:
     """Standard input as text in its encoding (UTF-8 unless the locale or PYTHONIOENCODING says otherwise), or a
     line saying where it is not: Python's own reading let bytes through as surrogates, which the tokenizer refused
     with a TypeError."""
+    if sys.stdin is None:  # closed (`<&-`)
+        raise HomeLLMError("--prompt -: standard input is closed: pipe the prompt in, or give it as --prompt TEXT")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
     try:  # (the buffer skips the text layer's newline translation: a Windows pipe's CRLF is a line break too)
-        return data.decode(encoding).replace("\r\n", "\n")
+        # A byte-order mark (Notepad's UTF-8) is no part of the prompt: it fed the model three tokens of it
+        return data.decode(encoding).removeprefix("\ufeff").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
         raise HomeLLMError(f"standard input is not {encoding} text (byte 0x{data[e.start]:02x} at byte offset "
                            f"{e.start}): convert it first (iconv -f ITS_ENCODING -t {encoding})") from None
@@ -166,7 +169,8 @@ def read_stdin() -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.checkpoint import load_for_generation, speaks_chatml
-    from homellm.generate import stream_text
+    from homellm.generate import check_beams, stream_text
+    from homellm.repl import visible
     from homellm.tokenizer import Tokenizer
 
     cfg = build(GenerateConfig, args)
@@ -177,6 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cfg = replace(cfg, prompt=read_stdin())
     model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
+    check_beams(cfg, tok)
     if speaks_chatml(args.run) and "<|im_start|>" not in cfg.prompt:
         # (chat says the opposite of a pretrained run): a chat model's continuation of bare text is seldom an answer
         print(f"note: {args.run} is a chat model: `homellm chat {typed(args.run)}` talks to it; "
@@ -200,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.flush()
     try:
         for piece in stream_text(model, tok, cfg.prompt, cfg, stats=stats):
-            sys.stdout.write(piece)
+            sys.stdout.write(visible(piece, sys.stdout))
             sys.stdout.flush()
     finally:
         sys.stdout.write("\n")

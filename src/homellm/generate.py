@@ -128,7 +128,8 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
                     logits = _extend(model, torch.tensor([tokens[-1:]], device=device), cache)
             # The ids so far only matter to the repetition penalty: a tensor of them each step cost as much as the
             # step itself on long generations.
-            history = torch.tensor([tokens], device=device) if cfg.repetition_penalty != 1.0 else no_history
+            # (the tokens in the window only, which the model reads: all of them made long generations quadratic)
+            history = torch.tensor([tokens[-block:]], device=device) if cfg.repetition_penalty != 1.0 else no_history
             allowed = None if guard is None else guard.mask([state], device, logits.size(-1))
             token = int(sample_next(logits, history, cfg, generator, allowed))
             if token in stop_ids:
@@ -177,8 +178,9 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             elif step:
                 logits = _extend(model, seqs[:, -1:], cache)
             logits = logits.float()
-            if repetition_penalty != 1.0:  # each beam's own history: the prompt and its tokens so far
+            if repetition_penalty != 1.0:  # each beam's own history in the window: the prompt and its tokens so far
                 history = torch.cat([torch.tensor([prompt], device=device).expand(num_beams, -1), seqs], dim=1)
+                history = history[:, -block:]
                 logits = penalize(logits, history, repetition_penalty)
             total = scores[:, None] + F.log_softmax(logits, dim=-1)  # (num_beams, V)
             if guard is not None:
@@ -272,14 +274,19 @@ def stream_text(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig,
     yield from stream_ids(model, tok, ids, cfg, stats)
 
 
+def check_beams(cfg: SampleConfig, tok: Tokenizer) -> None:
+    """--num-beams no larger than the tokens to choose from (the CLI checks it before it prints anything)."""
+    if cfg.num_beams > tok.vocab_size:
+        raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
+                           "from: use fewer beams (4 is common)")
+
+
 def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, stats: dict[str, float] | None = None,
                generator: torch.Generator | None = None, keep: int = 0) -> Iterator[str]:
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random
     state across calls (a chat's turns); by default a fresh one seeded with cfg.seed. The first `keep` ids stay in
     the context when the window slides (generate_ids)."""
-    if cfg.num_beams > tok.vocab_size:
-        raise HomeLLMError(f"--num-beams {cfg.num_beams} is more than the {tok.vocab_size} tokens the model can choose "
-                           "from: use fewer beams (4 is common)")
+    check_beams(cfg, tok)
     stream = TextStream(tok, cfg.stop, ids)
     if tok.bos_id is not None and ids[:1] == [tok.bos_id]:
         keep = max(keep, 1)  # a model trained after a bos reads every window after it too (llama.cpp keeps it)

@@ -5,7 +5,8 @@ conversation is kept as long as it fits the context, and slash commands change t
 
 In a notebook or a test, drive it with any input function and output stream:
 
-    chat_loop(model, tok, ChatConfig(temperature=0.0), input_fn=iter(["hello", "/quit"]).__next__)
+    lines = iter(["hello", "/quit"])
+    chat_loop(model, tok, ChatConfig(temperature=0.0), input_fn=lambda prompt: next(lines))
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TextIO
 from homellm.chat import Message, prompt_ids, render, to_markdown
 from homellm.config import SEED_LIMIT, ChatConfig, GenerateConfig
 from homellm.errors import HomeLLMError, typed
-from homellm.generate import seeded_generator, stream_ids
+from homellm.generate import check_beams, seeded_generator, stream_ids
 from homellm.io import atomic_write_text, check_overwrite, stamped
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
@@ -81,6 +82,7 @@ class Chat:
         # One generator for the whole chat: replies differ turn to turn, yet a session replays from its seed.
         self.generator = seeded_generator(cfg.seed, next(model.parameters()).device)
         self.dropped_said = False  # the notice that old turns leave a full context: said once
+        self.saved: set[Path] = set()  # files /save wrote this conversation to, which it may write again
         self.reset()
 
     def say(self, text: str) -> None:
@@ -90,6 +92,7 @@ class Chat:
     def reset(self) -> None:
         self.turns.clear()
         self.transcript[:] = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        self.saved = set()  # another conversation: its /save must not replace the last one's file
 
     def messages(self, user: str) -> list[Message]:
         """What the model sees for the next reply: system prompt, the turns in context, the new message."""
@@ -158,7 +161,7 @@ class Chat:
                     text = held + piece
                     held = text[len(text.rstrip("\ufffd")):]
                     pieces.append(text[:len(text) - len(held)])
-                    self.out.write(pieces[-1])
+                    self.out.write(visible(pieces[-1], self.out))
                     self.out.flush()
         except KeyboardInterrupt:
             interrupted = True
@@ -183,7 +186,9 @@ class Chat:
                 self.cfg = dataclasses.replace(self.cfg, **{field: parse(arg)})
                 if name == "seed":  # the chat's one generator starts over: what follows replays from here
                     self.generator = seeded_generator(self.cfg.seed, self.generator.device)
-                self.say(f"[{name} = {getattr(self.cfg, field)}]")
+                unused = self.cfg.num_beams > 1 and name not in ("max_tokens", "repetition_penalty")
+                self.say(f"[{name} = {getattr(self.cfg, field)}"
+                         f"{f'; unused: --num-beams {self.cfg.num_beams} searches, it does not sample' * unused}]")
             elif name == "system":
                 if not arg:
                     self.say(f"[system prompt: {self.cfg.system!r}]")
@@ -197,12 +202,19 @@ class Chat:
             elif name == "save":
                 if not arg:
                     raise HomeLLMError("/save needs a file name, e.g. /save chat.md")
-                path = Path(arg).expanduser()  # no shell here to expand ~: it made a folder named "~"
+                if len(arg) > 1 and arg[0] == arg[-1] and arg[0] in "'\"":  # no shell here to take quotes off
+                    arg = arg[1:-1]
+                path = Path(arg).expanduser()  # nor to expand ~: it made a folder named "~"
                 try:
                     check_overwrite(path, "choose another file name")
+                    # homellm's save of another conversation (before /reset, or another chat's) was replaced
+                    if path.is_file() and path.stat().st_size and path.resolve() not in self.saved:
+                        raise HomeLLMError(f"{arg} holds another conversation, saved before: choose another file name "
+                                           "(or delete it first)")
                     atomic_write_text(path, stamped(to_markdown(self.transcript)))
                 except OSError as e:
                     raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None
+                self.saved.add(path.resolve())
                 self.say(f"[{len(self.transcript)} messages saved to {arg}]")
             elif name == "help":
                 self.say(self.help())
@@ -254,14 +266,17 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
     """Read messages (or, with session=Continuations, prompts) and slash commands from `input_fn` until /quit, end
     of input or Ctrl-C at the prompt."""
     chat = session(model, tok, cfg, out)
-    chat.say(f"[{model.cfg.block_size}-token context, temperature {cfg.temperature}, max_tokens "
-             f"{cfg.max_new_tokens}; /help lists commands, /quit or Ctrl-D leaves]")
+    how = f"beam search of {cfg.num_beams}" if cfg.num_beams > 1 else f"temperature {cfg.temperature}"
+    chat.say(f"[{model.cfg.block_size}-token context, {how}, max_tokens {cfg.max_new_tokens}; /help lists commands, "
+             "/quit or Ctrl-D leaves]")
     while True:
         try:
             line = input_fn("> ")
         except (EOFError, KeyboardInterrupt):
             chat.say("")
             return chat
+        except RuntimeError as e:  # input() with standard input closed (`<&-`): "lost sys.stdin"
+            raise HomeLLMError(f"cannot read your messages ({e}): give the chat a terminal or a pipe") from None
         except UnicodeDecodeError as e:  # a terminal or pipe in another encoding: the message is lost, not the chat
             chat.say(f"error: the message is not UTF-8 ({e.reason} at byte {e.start}): set the terminal to UTF-8")
             continue
@@ -279,6 +294,18 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
         chat.reply(line[1:] if line.startswith("//") else line)
 
 
+def visible(text: str, out: TextIO) -> str:
+    """Text for `out`: on a terminal, control characters a model wrote (escape, carriage return, backspace) shown as
+    their symbols (␛, ␍, ␈), which would otherwise move the cursor or rewrite the screen; elsewhere as written."""
+    if not (getattr(out, "isatty", None) and out.isatty()):
+        return text
+    return text.translate(_CONTROL_SYMBOLS)
+
+
+# C0 controls but newline and tab, and DEL, as Unicode's control pictures
+_CONTROL_SYMBOLS = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
+
+
 def line_editing() -> None:
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history in a terminal)
@@ -294,6 +321,7 @@ def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = inpu
     line_editing()
     model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
+    check_beams(cfg, tok)  # before the chat starts, not at its first message
     if not speaks_chatml(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
         beside = chat_model_beside(run)
         print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): it does not know "
