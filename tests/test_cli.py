@@ -249,6 +249,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["generate", "RUN", "--prompt", "a", "--checkpoint", "middle"],
      "--checkpoint 'middle' is unknown: use best, last or a kept step-N"),
     (["chat", "RUN", "--top-k", "-1"], "--top-k -1: must be 0 or more"),
+    (["generate", "--stop", "。", "RUN", "--prompt", "a"], "required: run (the run folder first: a flag that takes"),
     (["generate", "RUN", "--prompt", "a", "--dtype", "half"], "--dtype 'half' is unknown: use auto, float32, bfloat16"),
     (["serve", "RUN", "--dtype", "fp8"], "--dtype 'fp8' is unknown: use auto, float32, bfloat16 or float16"),
     (["eval", "RUN", "--task", "loss", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),

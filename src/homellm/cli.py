@@ -319,6 +319,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in one line: its usage block, dozens of lines for pretrain, buried the error."""
 
     def error(self, message: str) -> NoReturn:
+        if re.search(r"arguments are required: .*\brun\b", message):  # `--stop 。 RUN`: the run became a stop string
+            message += (" (the run folder first: a flag that takes several values, as --stop and --input do, "
+                        "takes a folder after it as one more of them)")
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
