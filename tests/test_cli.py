@@ -249,7 +249,6 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["generate", "RUN", "--prompt", "a", "--checkpoint", "middle"],
      "--checkpoint 'middle' is unknown: use best, last or a kept step-N"),
     (["chat", "RUN", "--top-k", "-1"], "--top-k -1: must be 0 or more"),
-    (["generate", "--stop", "。", "RUN", "--prompt", "a"], "required: run (the run folder first: a flag that takes"),
     (["generate", "RUN", "--prompt", "a", "--dtype", "half"], "--dtype 'half' is unknown: use auto, float32, bfloat16"),
     (["serve", "RUN", "--dtype", "fp8"], "--dtype 'fp8' is unknown: use auto, float32, bfloat16 or float16"),
     (["eval", "RUN", "--task", "loss", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),
@@ -274,6 +273,15 @@ def test_out_of_range_values_stop_with_one_line_naming_the_flag(argv, message, t
     err = capsys.readouterr().err
     assert err.startswith("homellm: error: " + message) and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_taken_as_one_more_stop_string_is_said(capsys):
+    from homellm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--stop", "。", "RUN", "--prompt", "a"])
+    assert e.value.code == 2 and "required: run (the run folder first: a flag that takes several values, as --stop " \
+        "and --input do, takes a folder after it as one more of them)" in capsys.readouterr().err
 
 
 def test_a_device_this_machine_lacks_is_named(monkeypatch):
