@@ -172,6 +172,13 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, ca
         (run / "tokenizer" / f).write_bytes((tmp_path / "char" / f).read_bytes())
     with pytest.raises(HomeLLMError, match=r"not byte-level BPE \(char\), which is the kind llama.cpp reads"):
         export_gguf(run, tmp_path / "c.gguf")
+    # A tokenizer that changes text before it splits it (lower case here): llama.cpp does not
+    lower = make_run(tmp_path / "lower", "llama")
+    spec = json.loads((lower / "tokenizer" / "tokenizer.json").read_text())
+    (lower / "tokenizer" / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {
+        "type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}}))
+    with pytest.raises(HomeLLMError, match=r"its tokenizer changes text before it splits it \(Lowercase, in its "):
+        export_gguf(lower, tmp_path / "l.gguf")
     assert not list(tmp_path.glob("*.gguf*"))[1:]  # only taken.gguf: nothing half-written
 
 

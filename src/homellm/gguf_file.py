@@ -112,6 +112,16 @@ def pre_type(spec: dict, where: str) -> str:
     "gpt-2" for ByteLevel's own regex (homellm's tokenizers, GPT-2's), or one of SPLIT_PRE's for a Split regex
     before ByteLevel; else a one-line error. (An exporter that wrote "gpt-2" for any of them had llama.cpp split an
     imported Llama 3's ':\\n', one token there, in two, ids the model never saw.)"""
+    norm = spec.get("normalizer") or {}
+    changes = [n.get("type") for n in ((norm.get("normalizers") or []) if norm.get("type") == "Sequence" else [norm])
+               if n]
+    # llama.cpp changes no text before splitting it (NFC, which Qwen2's tokenizer.json names, leaves almost all text
+    # as it is, and llama.cpp's own converter drops it too)
+    if unsaid := [str(k) for k in changes if k != "NFC"]:
+        raise HomeLLMError(f"{where}: its tokenizer changes text before it splits it ({', '.join(unsaid)}, in its "
+                           "tokenizer.json), which llama.cpp does not, so it would feed the model ids it never saw: "
+                           "`homellm export` without --format gguf writes a Hugging Face folder, which keeps the "
+                           "tokenizer as it is")
     pre = spec.get("pre_tokenizer") or {}
     steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [s.get("type") for s in steps]
