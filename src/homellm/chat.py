@@ -65,7 +65,7 @@ def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool 
     parts: list[tuple[str, bool, bool]] = []
     for m in messages:
         assistant = m["role"] == "assistant" and m.get("weight", 1) != 0
-        plain = any(s in m["content"] for s in tok.special_texts)
+        plain = tok.holds_special(m["content"])
         parts += [(IM_START, False, False), (m["role"] + "\n", False, plain), (m["content"], assistant, plain),
                   (IM_END, assistant, False), ("\n", False, False)]
     if add_generation_prompt:
@@ -121,11 +121,12 @@ def _conversation(record: Any, where: str) -> list[Message]:
     system = (record.get("system") or "") if isinstance(record, dict) else ""  # (null: a dataset's empty column)
     if not isinstance(system, str):
         raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
+    head = [{"role": "system", "content": system}] if system else []  # the record's system prompt, as a message
     if isinstance(record, dict) and "messages" in record:
         messages = check_messages(record["messages"], where)
         if system and messages[0]["role"] == "system":
             raise HomeLLMError(f"{where}: a 'system' beside messages that start with one: give the system prompt once")
-        messages = [{"role": "system", "content": system}] * bool(system) + messages
+        messages = head + messages
     elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
         turns = record["conversations"]
         if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
@@ -134,23 +135,22 @@ def _conversation(record: Any, where: str) -> list[Message]:
         if unknown:
             raise HomeLLMError(f"{where}: ShareGPT speaker {unknown[0]!r} is unknown: use human or gpt (or "
                                f"{', '.join(k for k in _SHAREGPT_ROLES if k not in ('human', 'gpt'))})")
-        messages = check_messages([{"role": "system", "content": system}] * bool(system) + [
-            {"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns], where)
+        messages = check_messages(head + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns],
+                                  where)
     elif isinstance(record, dict) and ("instruction" in record or prompt) and reply:
         # Alpaca's instruction (GPTeacher's with "response"), its input after it; else the question alone.
         asked = ("instruction", "input") if "instruction" in record else (prompt,)
         answer = "output" if "output" in record else reply
         p, r = record[asked[0]], record[answer]
         if len(asked) == 1 and isinstance(p, list) and isinstance(r, list):  # TRL's conversational pairs
-            messages = check_messages(([{"role": "system", "content": system}] if system else []) + p + r, where)
+            messages = check_messages(head + p + r, where)
         else:
             values = [record.get(k, "") for k in asked]
             if not all(isinstance(v, str) for v in [*values, r]):
                 raise HomeLLMError(f"{where}: {' and '.join(repr(k) for k in (*asked, answer) if k in record)} must "
                                    "be strings" + ("" if len(asked) > 1 else " (or both lists of messages)"))
             user = "\n\n".join(v for v in values if v)
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": user}, {"role": "assistant", "content": r}]
+            messages = head + [{"role": "user", "content": user}, {"role": "assistant", "content": r}]
     elif isinstance(record, dict) and (prompt or "instruction" in record):
         raise HomeLLMError(f"{where}: {'instruction' if 'instruction' in record else prompt!r} without an answer: "
                            "give the reply as "

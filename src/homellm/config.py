@@ -303,6 +303,8 @@ def check_checkpoint_name(name: str) -> None:
     """--checkpoint's value, for the verbs that take it as a plain argument (merge, export)."""
     if not checkpoint_name_ok(name):
         raise HomeLLMError(f"--checkpoint {name!r} {_CHECKPOINT[1]}")
+
+
 _TOKENIZER_KIND = (lambda v: v in ("bpe", "char"), "is unknown: use bpe or char")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # model

@@ -39,6 +39,7 @@ SPLIT_PRE = {
 # The ones llama.cpp gives ignore_merges (a word that is one token in the vocabulary is taken whole, merges or not),
 # which a tokenizer.json's BPE model says as "ignore_merges": true (Llama 3's does).
 IGNORE_MERGES = {"llama-bpe"}
+_HF_INSTEAD = "`homellm export` without --format gguf writes a Hugging Face folder, which keeps the tokenizer as it is"
 
 
 def _pairs(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -120,8 +121,7 @@ def pre_type(spec: dict, where: str) -> str:
     if unsaid := [str(k) for k in changes if k != "NFC"]:
         raise HomeLLMError(f"{where}: its tokenizer changes text before it splits it ({', '.join(unsaid)}, in its "
                            "tokenizer.json), which llama.cpp does not, so it would feed the model ids it never saw: "
-                           "`homellm export` without --format gguf writes a Hugging Face folder, which keeps the "
-                           "tokenizer as it is")
+                           + _HF_INSTEAD)
     pre = spec.get("pre_tokenizer") or {}
     steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [s.get("type") for s in steps]
@@ -136,22 +136,20 @@ def pre_type(spec: dict, where: str) -> str:
         shown = " + ".join(f"Split({s.get('pattern')})" if k == "Split" else str(k) for k, s in zip(kinds, steps))
         raise HomeLLMError(f"{where}: llama.cpp has no pre-tokenizer that splits text as its tokenizer's does "
                            f"({shown or 'none'}, in its tokenizer.json), so llama.cpp would split its text otherwise "
-                           "than the model's tokenizer and feed the model ids it never saw: `homellm export` without "
-                           "--format gguf writes a Hugging Face folder, which keeps the tokenizer as it is")
+                           "than the model's tokenizer and feed the model ids it never saw: " + _HF_INSTEAD)
     if bool((spec.get("model") or {}).get("ignore_merges")) != (name in IGNORE_MERGES):
         how = ("takes a word that is one token of the vocabulary whole, where its tokenizer.json merges it "
                '("ignore_merges": false)' if name in IGNORE_MERGES else "merges every word, where its "
                'tokenizer.json takes a word that is one token of the vocabulary whole ("ignore_merges": true)')
         raise HomeLLMError(f"{where}: llama.cpp's {name} pre-tokenizer {how}, so some words would get other ids: "
-                           "`homellm export` without --format gguf writes a Hugging Face folder, which keeps the "
-                           "tokenizer as it is")
+                           + _HF_INSTEAD)
     return name
 
 
 def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtype: str = "float32") -> Path:
     """`homellm export --format gguf`: the run's model and tokenizer as one .gguf file, written whole or not at
     all. Matrices in float32 or float16; norms and biases stay float32, as llama.cpp expects."""
-    from homellm.checkpoint import load_model, speaks_chatml
+    from homellm.checkpoint import load_model, read_config, speaks_chatml
 
     try:
         import gguf  # optional: only this export needs it
@@ -163,11 +161,12 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
                            "quantize it further)")
     if out.is_dir() or out.exists():
         raise HomeLLMError(f"--out {out} exists: choose a new file name (such as {out.stem or 'model'}-2.gguf)")
-    model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
-    c, tok = model.cfg, Tokenizer.load(run)
-    tokens, types, merges = _vocabulary(tok, c.vocab_size, str(run))
+    # The tokenizer first: a model of gigabytes is not read to be refused for it
+    tok = Tokenizer.load(run)
+    tokens, types, merges = _vocabulary(tok, read_config(run)[0].vocab_size, str(run))
     pre = pre_type(json.loads(tok.hf.to_str()), str(run))
-    chat = speaks_chatml(run)
+    model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
+    c, chat = model.cfg, speaks_chatml(run)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), "llama" if c.family == "llama" else "gpt2")

@@ -94,9 +94,9 @@ def describe(run: str | Path) -> str:
         # the limits were its LoRA run's)
         ends = [f"--max-steps {tcfg.max_steps:,}"] * (tcfg.max_steps > 0) + [f"--max-time {tcfg.max_time:g}"] * (
             tcfg.max_time > 0)
-        out += [f"ends at {' or '.join(ends) or 'nothing set'}{', whichever comes first' * (len(ends) > 1)}"
-                + (f"; sessions of --session-time {tcfg.session_time:g}" if tcfg.session_time > 0 else "")
-                ] * ("merged_from" not in cfg)
+        if "merged_from" not in cfg:
+            out += [f"ends at {' or '.join(ends) or 'nothing set'}{', whichever comes first' * (len(ends) > 1)}"
+                    + (f"; sessions of --session-time {tcfg.session_time:g}" if tcfg.session_time > 0 else "")]
     if "sft" in cfg:  # what a fine-tuned run began from, and on what
         d = cfg.get("sft_data", {})
         out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "

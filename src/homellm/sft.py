@@ -70,14 +70,14 @@ class ChatBatches:
             n_val = 0
         self.stats = {"conversations": len(conversations), "val_conversations": n_val, "truncated": 0, "skipped": 0}
         val, train = order[:n_val], order[n_val:]
-        self._skipped: set[int] = set()  # id() of the conversations skipped as too long
+        self._skipped: set[int] = set()  # the conversations skipped as too long, by index
         self._truncatable = 0  # of them, those --overlong truncate would keep a reply of
-        self.rows = {"train": self._rows([conversations[i] for i in train], tok, block_size, cfg),
-                     "val": self._rows([conversations[i] for i in val], tok, block_size, cfg)}
-        self.val_skipped = sum(id(conversations[i]) in self._skipped for i in val)
+        self.rows = {"train": self._rows(conversations, train, tok, block_size, cfg),
+                     "val": self._rows(conversations, val, tok, block_size, cfg)}
+        self.val_skipped = len(self._skipped.intersection(val.tolist()))
         # The training samples' question: a held-out conversation's first, so they show what the model answers
         # to something it has not trained on; not one skipped as too long, which would not fit either.
-        self.question = next((m["content"] for i in [*val, *train] if id(conversations[i]) not in self._skipped
+        self.question = next((m["content"] for i in [*val, *train] if i not in self._skipped
                               for m in conversations[i] if m["role"] == "user"), "")
         if not len(self.rows["train"][0]):
             # (--overlong truncate is advice only where it keeps a reply: one cut before it was refused again)
@@ -86,20 +86,21 @@ class ChatBatches:
             raise HomeLLMError(f"no training conversation fits the model's {block_size}-token context "
                                f"({self.stats['skipped']} skipped as too long; {fix})")
 
-    def _rows(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, cfg: SFTConfig
-              ) -> tuple[torch.Tensor, ...]:
+    def _rows(self, conversations: list[list[Message]], which: np.ndarray, tok: Tokenizer, block_size: int,
+              cfg: SFTConfig) -> tuple[torch.Tensor, ...]:
+        """The rows of the conversations `which` indexes."""
         width = block_size + 1  # inputs are the first block_size, targets the last block_size
         rows: list[tuple[list[int], list[bool], list[int]]] = []
         ids: list[int] = []
         mask: list[bool] = []
         doc: list[int] = []  # which conversation of the row each token belongs to
-        for messages in conversations:
-            c_ids, c_mask = render(tok, messages)
+        for i in which.tolist():
+            c_ids, c_mask = render(tok, conversations[i])
             if len(c_ids) > width:
                 c_ids, c_mask = c_ids[:width], c_mask[:width]
                 if cfg.overlong == "skip" or not any(c_mask):  # cut before any reply: nothing left to learn
                     self.stats["skipped"] += 1
-                    self._skipped.add(id(messages))
+                    self._skipped.add(i)
                     self._truncatable += any(c_mask)
                     continue
                 self.stats["truncated"] += 1

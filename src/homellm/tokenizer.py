@@ -128,9 +128,15 @@ class Tokenizer:
         return model.get("unk_id") if isinstance(model.get("unk_id"), int) else None  # Unigram
 
     @functools.cached_property
-    def special_texts(self) -> tuple[str, ...]:
-        """The special tokens as text ("<|im_start|>", "<s>"): what `encode` with allow_special reads as them."""
-        return tuple(t.content for t in self.hf.get_added_tokens_decoder().values() if t.special)
+    def _special_pattern(self) -> re.Pattern | None:
+        """The special tokens as text ("<|im_start|>", "<s>"), what `encode` with allow_special reads as them, as one
+        pattern (an imported Llama 3 has 256: one search, not 256, per message); None where there are none."""
+        special = [t.content for t in self.hf.get_added_tokens_decoder().values() if t.special]
+        return re.compile("|".join(map(re.escape, special))) if special else None
+
+    def holds_special(self, text: str) -> bool:
+        """Whether text holds a special token's text, which `encode` with allow_special would read as it."""
+        return self._special_pattern is not None and self._special_pattern.search(text) is not None
 
     def unknown_chars(self, text: str, allow_special: bool = False) -> set[str]:
         """The characters of text this tokenizer writes as unknown (kept whole, so --words never count); with
@@ -139,9 +145,8 @@ class Tokenizer:
         unk = self.unk_id
         if unk is None:
             return set()
-        if allow_special and (special := [t.content for t in self.hf.get_added_tokens_decoder().values()
-                                          if t.special]):
-            text = re.sub("|".join(map(re.escape, special)), "", text)
+        if allow_special and self._special_pattern is not None:
+            text = self._special_pattern.sub("", text)
         return {c for c in set(text) if unk in self.encode(c)}
 
     def unknown_note(self, text: str, allow_special: bool = False) -> str:
