@@ -488,6 +488,17 @@ def test_raw_aozora_text_goes_straight_to_a_model_without_its_markup(tmp_path):
     assert json.loads((data / "meta.json").read_text())["pretrain_inputs"]["aozora"] is True
 
 
+def test_pretrain_from_raw_text_notes_each_thing_once(tmp_path, capsys):
+    """The text is read twice, by the tokenizer and then by prepare: a note about a file is said once."""
+    lines = [json.dumps({"text": f"吾輩《わがはい》は猫である。{i}"}, ensure_ascii=False) for i in range(60)]
+    (tmp_path / "neko.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from homellm.cli import main
+
+    assert main(["pretrain", "--data", str(tmp_path / "neko.jsonl"), "--aozora", "--out", str(tmp_path / "run"),
+                 "--preset", "tiny", "--max-steps", "1", "--tokenizer-kind", "char"]) == 0
+    assert capsys.readouterr().err.count("note: --aozora cleans .txt files only") == 1
+
+
 def test_the_machines_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, corpus, capsys):
     """A full disk, a path without permission, memory too small for the model: the user's to fix, so one line each
     (they were tracebacks). Any other error is a bug and keeps its traceback."""

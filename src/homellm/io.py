@@ -4,6 +4,7 @@ in a terminal and in a log."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -13,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -171,10 +172,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_said: set[str] | None = None  # within notes_once(): the notes said so far
+
+
 def say(text: str) -> None:
     """A line on stderr, once under torchrun: every rank reaches the same notes, and rank 0 says them."""
+    if _said is not None:
+        if text in _said:
+            return
+        _said.add(text)
     if os.environ.get("RANK", "0") == "0":
         print(text, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def notes_once() -> Iterator[None]:
+    """Within it, a note said once is not said again: pretrain from raw text reads the text twice (a tokenizer
+    trained on it, then its shards), and what it notes about a file holds for both readings."""
+    global _said
+    outer, _said = _said, set() if _said is None else _said
+    try:
+        yield
+    finally:
+        _said = outer
 
 
 class _LogLines:

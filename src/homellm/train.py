@@ -59,7 +59,7 @@ from homellm.config import (
 )
 from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError, typed
-from homellm.io import progress_bar, say
+from homellm.io import notes_once, progress_bar, say
 from homellm.model import GPT
 from homellm.muon import Muon
 from homellm.tokenizer import Tokenizer, unfinished_save
@@ -1014,6 +1014,11 @@ def absolute_inputs(inputs: list[str]) -> list[str]:
 
 def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     """The prepared data folder for cfg.data: itself, or RUN/data built from raw text (tokenizer trained first)."""
+    with notes_once():  # (the tokenizer's reading and the shards' note the same things about the same files)
+        return _prepare_inputs(cfg, block_size)
+
+
+def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     from homellm.config import PrepareConfig
     from homellm.data import nanogpt_folder, prepare
     from homellm.tokenizer import train_tokenizer
