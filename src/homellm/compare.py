@@ -8,6 +8,7 @@ each prompt as a user message (ChatML), a pretrained run a raw continuation; --c
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -74,8 +75,10 @@ def complete(run: str | Path, model: GPT, tok: Tokenizer, prompts: list[str], cf
 
 def md_cell(text: str) -> str:
     """Text that stays inside one Markdown table cell and shows as written: HTML escaped (a prompt's <b> is no bold),
+    Markdown's marks escaped (`2*3*4` is no italics, LaTeX's `\\{` keeps its backslash, `$x$` is no math on GitHub),
     pipes escaped, line breaks as <br>."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # & first: the others add one
+    text = re.sub(r"([\\`*_\[\]~$])", r"\\\1", text)  # (a backslash before any punctuation shows it as written)
     return text.replace("|", "\\|").replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
 
 
