@@ -154,7 +154,14 @@ def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "2")
-    with pytest.raises(HomeLLMError, match=r"local rank 2 has no GPU of its own.*see 2 CUDA GPUs.*--nproc-per-node"):
+    with pytest.raises(HomeLLMError, match=r"started 3 processes on this machine, and they see 2 CUDA GPUs.*"
+                                           r"--nproc-per-node 2\)"):
+        setup_env(TrainConfig(device="auto"))
+    # Local rank 0 (the one whose errors are shown) stops too: it had waited at the rendezvous, saying nothing.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(HomeLLMError, match=r"started 4 processes on this machine, and they see 2 CUDA GPUs"):
         setup_env(TrainConfig(device="auto"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -254,14 +261,22 @@ def _rank_precision(rank: int, port: int, amx: bool, out: str) -> None:
     torch.cpu._is_avx512_bf16_supported = lambda: False
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # (a cap set outside would pass the test either way)
         os.environ.pop(name, None)
-    env = setup_env(TrainConfig(device="cpu"), 128)
+    from homellm import train
+
+    train.shutil.which = lambda name: "/usr/bin/g++" if amx else None  # a C++ compiler on rank 0's machine only
+    env = setup_env(TrainConfig(device="cpu", compile=True), 128)
+    # GPUs of two kinds (an RTX 3090 beside a 2080 Ti): bfloat16 and Muon's bfloat16 iteration on one only
+    mixed = train.agreed(*((torch.bfloat16, torch.bfloat16) if amx else (torch.float16, torch.float32)), True,
+                         torch.device("cpu"))
     with open(f"{out}.{rank}", "w") as f:
-        f.write(str(env.dtype))
+        f.write(json.dumps([str(env.dtype), str(env.ns_dtype), env.cannot_compile, *map(str, mixed)]))
     dist.destroy_process_group()
 
 
 def test_processes_of_one_run_train_in_one_precision_where_only_some_machines_have_amx(tmp_path):
-    """torchrun across machines of which only some have AMX: each process chose its own precision."""
+    """torchrun across machines of which only some have AMX: each process chose its own precision. So did GPUs of
+    two kinds (DDP averaged float16's scaled gradients with bfloat16's: the replicas drifted apart), Muon's
+    iteration, and torch.compile where one machine had no C++ compiler."""
     import socket
 
     import torch.multiprocessing as mp
@@ -282,4 +297,7 @@ def test_processes_of_one_run_train_in_one_precision_where_only_some_machines_ha
             if p.is_alive():
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
-    assert [(tmp_path / f"dtype.{rank}").read_text() for rank in range(2)] == ["torch.float32"] * 2
+    chosen = [json.loads((tmp_path / f"dtype.{rank}").read_text()) for rank in range(2)]
+    assert [c[:2] for c in chosen] == [["torch.float32", "torch.bfloat16"]] * 2  # (Muon's iteration: bfloat16 on CPUs)
+    assert "another process of this run cannot use it" in chosen[0][2] and "no compiler" in chosen[1][2]
+    assert [c[3:] for c in chosen] == [["torch.float16", "torch.float32", "True"]] * 2  # float16 and its scaler

@@ -49,7 +49,8 @@ class Muon(torch.optim.Optimizer):
     """Momentum, orthogonalised: for 2-D hidden matrices only (embeddings, head and gains go to AdamW)."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.02, weight_decay: float = 0.0,
-                 momentum: float = 0.95, ns_steps: int = 5):
+                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+        self.ns_dtype = ns_dtype  # None: its device's choice (a run of several GPUs gives the one they agree on)
         # torch.optim.Muon's group fields too, fixed at the values this class computes, so that it can load our state.
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
                                       nesterov=True, ns_coefficients=NS_COEFFICIENTS, eps=1e-7, adjust_lr_fn=None))
@@ -76,7 +77,7 @@ class Muon(torch.optim.Optimizer):
             by_shape: dict[torch.Size, list[int]] = {}
             for i, p in enumerate(params):
                 by_shape.setdefault(p.shape, []).append(i)
-            dtype = ns_dtype(params[0].device)  # once a step: on CUDA it asks the driver
+            dtype = self.ns_dtype or ns_dtype(params[0].device)  # once a step: on CUDA it asks the driver
             for shape, index in by_shape.items():
                 ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"], dtype=dtype)
                 scale = group["lr"] * math.sqrt(max(1.0, shape[0] / shape[1]))

@@ -61,7 +61,7 @@ from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError, typed
 from homellm.io import notes_once, progress_bar, say
 from homellm.model import GPT
-from homellm.muon import Muon
+from homellm.muon import Muon, ns_dtype
 from homellm.tokenizer import Tokenizer, unfinished_save
 
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
@@ -153,6 +153,8 @@ class Env:
     local_rank: int
     device: torch.device
     dtype: torch.dtype
+    ns_dtype: torch.dtype = torch.bfloat16  # Muon's Newton-Schulz iteration's (muon.ns_dtype, agreed by all ranks)
+    cannot_compile: str | None = None  # why --compile is not applied here (or on another rank), if it is not
 
     @property
     def main(self) -> bool:
@@ -222,21 +224,40 @@ def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
         raise HomeLLMError("torchrun with Apple's MPS: its GPU cannot join a process group; train in one process, or "
                            "with --device cpu")
     if dev.type == "cuda":
-        if world > 1 and local_rank >= torch.cuda.device_count():
-            raise HomeLLMError(f"local rank {local_rank} has no GPU of its own: this machine's processes see "
-                               f"{torch.cuda.device_count()} CUDA GPUs; start at most that many per node "
-                               "(--nproc-per-node)")
+        # Asked of the machine's count, not of this rank: local rank 0, the one that speaks, must stop too (it waited
+        # for the others at the rendezvous, and the user saw only torchrun's exit code).
+        procs, gpus = max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), local_rank + 1), torch.cuda.device_count()
+        if world > 1 and procs > gpus:
+            raise HomeLLMError(f"torchrun started {procs} processes on this machine, and they see {gpus} CUDA "
+                               f"GPU{'s' * (gpus != 1)}: start at most that many per node (--nproc-per-node {gpus})")
         dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    dtype = pick_dtype(cfg.dtype, dev, train_width=width)
-    if world > 1 and dev.type == "cpu" and cfg.dtype == "auto":
-        # The machines of one run may differ (AMX on some only): all train in one precision, bfloat16 only if all can.
-        fast = torch.tensor([int(dtype == torch.bfloat16)])
-        dist.all_reduce(fast, op=dist.ReduceOp.MIN)
-        dtype = torch.bfloat16 if fast.item() else torch.float32
-    return Env(rank, world, local_rank, dev, dtype)
+    dtype, ns, cannot = pick_dtype(cfg.dtype, dev, train_width=width), ns_dtype(dev), None
+    if cfg.compile:
+        cannot = _cannot_compile(dev)
+    if world > 1:
+        dtype, ns, compiles = agreed(dtype, ns, cannot is None, dev)
+        if not compiles and cannot is None:
+            cannot = ("another process of this run cannot use it (its GPU is older than compute capability 7.0, or "
+                      "it lacks Triton or a C++ compiler): all train alike")
+    return Env(rank, world, local_rank, dev, dtype, ns, cannot)
+
+
+_PRECISIONS = (torch.float32, torch.float16, torch.bfloat16)  # the earlier in this order, the more devices run it
+
+
+def agreed(dtype: torch.dtype, ns: torch.dtype, compiles: bool, device: torch.device
+           ) -> tuple[torch.dtype, torch.dtype, bool]:
+    """The precision, Muon's iteration's precision and whether to compile, as every process of a run takes them.
+    Their machines may differ (AMX on some CPUs only; an RTX 2080 Ti beside a 3090), and each chose for its own: DDP
+    then averaged float16's scaled gradients with bfloat16's, and the replicas drifted apart unseen. bfloat16 only
+    where all can (else float16 and its scaler beside float16, float32 beside float32); compile only if all can."""
+    codes = torch.tensor([_PRECISIONS.index(dtype), _PRECISIONS.index(ns), int(compiles)], device=device)
+    dist.all_reduce(codes, op=dist.ReduceOp.MIN)
+    mine, theirs, both = codes.tolist()
+    return _PRECISIONS[mine], _PRECISIONS[theirs], bool(both)
 
 
 def bf16_cpu() -> bool:
@@ -338,8 +359,10 @@ def _peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 # ---- optimizer and schedule ---------------------------------------------------------------------------------
 
-def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW with weight decay on matrices only; or Muon for the hidden matrices and AdamW for the rest."""
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device, ns: torch.dtype | None = None
+                    ) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on matrices only; or Muon (its iteration in `ns`, else its device's choice) for the
+    hidden matrices and AdamW for the rest."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     embeddings = {"embed_tokens.weight", "embed_positions.weight", "lm_head.weight"}
     # The fused kernel is one pass over all parameters on CUDA and on CPU too, where it measured 5 % faster
@@ -360,7 +383,7 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[
         if not cfg.weight_decay:  # one group, in the order runs written before the split resume with
             groups = [{"params": [p for n, p in params if p.dim() != 2 or n in embeddings], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_dtype=ns)
         # LoRA trains matrices only: then every parameter is Muon's and AdamW, which refuses an empty list, is left out.
         return [muon, torch.optim.AdamW(groups, **adam)] if groups else [muon]
     raise HomeLLMError(f"--optimizer {cfg.optimizer!r} is unknown: use adamw or muon")
@@ -577,7 +600,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     if init is not None:
         init(model)
     model.to(env.device)
-    optimizers = make_optimizers(model, cfg, env.device)
+    optimizers = make_optimizers(model, cfg, env.device, env.ns_dtype)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
     step = tokens = 0
     elapsed = 0.0
@@ -669,7 +692,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         say(f"note: --warmup-steps {cfg.warmup_steps} is not shorter than the run ({steps}): the learning rate never "
             f"reaches --lr {cfg.lr:g}; give fewer warmup steps (a tenth of the run is usual)")
     raw = model
-    if cfg.compile and (why := _cannot_compile(env.device)):  # (the gpt2-124m preset compiles)
+    if cfg.compile and (why := env.cannot_compile):  # (the gpt2-124m preset compiles)
         say(f"note: training without torch.compile: {why}")
     elif cfg.compile:
         model = torch.compile(model)
