@@ -1077,6 +1077,14 @@ def test_token_ids_beyond_the_tokenizer_in_a_shard_are_named(tmp_path, data_dir,
     del ids
     assert main(["pretrain", "--data", str(bad), "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 2
     assert f"{bad}: its train shards hold token id 60,000, beyond the tokenizer's" in capsys.readouterr().err
+    # Each rank reads its own rows, so under torchrun it is that rank's error to say: as one said by rank 0 for all
+    # (`everywhere`), it went unsaid where rank 0's rows were whole, and the run stopped without a reason.
+    from homellm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(bad)
+    with pytest.raises(HomeLLMError, match="token id 60,000") as error:
+        TokenBatches(bad, 16, 0, tok.token_bytes()).train_batch(0, 2, part=1, parts=2)
+    assert not error.value.everywhere
 
 
 def test_library_functions_refuse_the_folders_the_cli_refuses(tmp_path, corpus, data_dir):

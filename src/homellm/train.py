@@ -125,8 +125,7 @@ class TokenBatches:
         rows = np.stack([self.splits[split][s][o:o + self.block_size + 1] for s, o in zip(shard, offset)])
         if rows.size and (top := int(rows.max())) >= len(self.token_bytes):  # (an IndexError in the embedding)
             raise HomeLLMError(f"{self.data_dir}: its {split} shards hold token id {top:,}, beyond the tokenizer's "
-                               f"{len(self.token_bytes):,} ids: they are damaged; run `homellm prepare` again",
-                               everywhere=True)
+                               f"{len(self.token_bytes):,} ids: they are damaged; run `homellm prepare` again")
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
