@@ -618,8 +618,9 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert "note: the run now ends at --max-steps 18 --max-time 0 (it was 16 and 0): the learning rate's" in err
 
 
-def fake_clock(monkeypatch, reading: float, evaluation: float = 0.0) -> None:
-    """The training loop's clock, faked: each reading moves it `reading` seconds, each evaluation `evaluation`."""
+def fake_clock(monkeypatch, reading: float, evaluation: float = 0.0, save: float = 0.0) -> None:
+    """The training loop's clock, faked: each reading moves it `reading` seconds, each evaluation `evaluation`, each
+    checkpoint written `save`."""
     from homellm import train as module
 
     clock = [0.0]
@@ -628,14 +629,28 @@ def fake_clock(monkeypatch, reading: float, evaluation: float = 0.0) -> None:
         clock[0] += reading
         return clock[0]
 
-    evaluate = module.evaluate
-
-    def slow_evaluate(*args, **kwargs):
-        clock[0] += evaluation
-        return evaluate(*args, **kwargs)
+    def slowed(work, seconds: float):
+        def slow(*args, **kwargs):
+            clock[0] += seconds
+            return work(*args, **kwargs)
+        return slow
 
     monkeypatch.setattr(module.time, "perf_counter", tick)
-    monkeypatch.setattr(module, "evaluate", slow_evaluate)
+    monkeypatch.setattr(module, "evaluate", slowed(module.evaluate, evaluation))
+    monkeypatch.setattr(module, "save_checkpoint", slowed(module.save_checkpoint, save))
+
+
+def test_a_time_budget_counts_the_checkpoints_written(tmp_path, data_dir, monkeypatch):
+    """--max-time is wall-clock: writing checkpoints counts (to a slow disk, a relay session overran its
+    --session-time by their time). It counted only under torchrun, where the other ranks wait for rank 0's writes in
+    the next step, so the same flags trained other steps in one process and in two."""
+    fake_clock(monkeypatch, reading=1e-4, save=20.0)
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=8, max_time=50.0, eval_every=0,
+                  checkpoint_every=1)
+    summary = pretrain(model_cfg, cfg)
+    assert (summary["steps"], summary["stop"]) == (4, "max_time")  # 20 s written after each of steps 1-3: 60 s
+    assert 60 <= summary["elapsed_s"] < 61
 
 
 def test_an_evaluation_that_spends_the_budget_ends_the_run_with_its_checkpoint(tmp_path, data_dir, monkeypatch):

@@ -770,8 +770,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
     then = after_ctrl_c or "with a checkpoint to --resume from"
     with _Interrupt(bar, then, announce=env.main) as interrupt:
+        # One running mark, read once a step (and after an evaluation): everything between two readings counts,
+        # checkpoint writes and samples too. Timed from each step's start, they went uncounted in one process, but
+        # counted under DDP (the other ranks waited for rank 0 in the next step), so a budget bought other steps.
+        mark = time.perf_counter()
         while not finished():
-            t0 = time.perf_counter()
             if warmup_at is None and step >= cfg.warmup_steps:
                 warmup_at = (step, elapsed)
             # Never backwards: the room kept for the final evaluation shrinks when one runs faster than guessed, and
@@ -817,7 +820,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 opt.zero_grad(set_to_none=True)
             step += 1
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
-            elapsed, asked = _one_clock(elapsed + time.perf_counter() - t0, cfg, env, interrupt.asked, clock)
+            now = time.perf_counter()
+            elapsed, asked = _one_clock(elapsed + now - mark, cfg, env, interrupt.asked, clock)
+            mark = now
             if evaluates and not eval_measured:
                 eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / 3
             done = progress() >= 1.0
@@ -850,12 +855,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 record = {}
             new_best = False
             if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or done):
-                t_eval = time.perf_counter()
                 last_val = evaluate(eval_model, data, cfg.batch_size, cfg.eval_batches, env, cfg.grad_accum)
                 # The budget counts evaluation too (it is wall-clock), and one may spend the rest of it: then this step
                 # is the last, with its checkpoint, rather than the loop ending without one.
-                before = elapsed
-                elapsed = _one_clock(elapsed + time.perf_counter() - t_eval, cfg, env, group=clock)[0]
+                before, now = elapsed, time.perf_counter()
+                elapsed = _one_clock(elapsed + now - mark, cfg, env, group=clock)[0]
+                mark = now
                 eval_room, eval_measured = elapsed - before, True
                 done = done or progress() >= 1.0
                 if last_val is not None:
