@@ -670,6 +670,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         metrics_path.unlink(missing_ok=True)
     # A resume that trains nothing (below) puts this back: the flags it was given never trained
     config_before = load_json(run / "config.json") if cfg.resume and env.main else None
+    if cfg.resume and env.world > 1:
+        dist.barrier()  # every rank has read config.json's data_meta above (older checkpoints') before it changes
     if env.main:
         save_json(run / "config.json", {"model": to_dict(model_cfg), "train": to_dict(cfg), "world": env.world,
                                         **(extra_config or {})})
