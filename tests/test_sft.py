@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jinja2
 import numpy as np
@@ -395,7 +396,7 @@ def test_sft_trains_the_same_whatever_the_batch_layout(tmp_path, base_run):
             torch.testing.assert_close(weights[k], reference[k], atol=1e-5, rtol=1e-4)
 
 
-def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base_run, capsys):
+def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base_run, capsys, monkeypatch):
     data = qa_file(tmp_path / "qa.jsonl", 100)
     out = tmp_path / "lora"
     from homellm.cli import main  # in-process where no process is killed: a fresh one costs seconds of imports
@@ -440,12 +441,24 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
     assert f"merged from the LoRA run {out}" in describe(tmp_path / "merged")
     assert "ends at" in describe(out) and "ends at" not in describe(tmp_path / "merged")  # nothing resumes it
+    # Loading adapters reads their base's weights once: they were hashed three times (a 1B base: seconds each).
+    from homellm import checkpoint
+
+    hashed, sha256_file = [], checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(Path(path)) or sha256_file(path))
+    load_model(out)
+    assert sum(path.is_relative_to(base_run.resolve()) for path in hashed) == 1, hashed
+    monkeypatch.undo()
     def err(*argv: str, code: int = 2) -> str:
         capsys.readouterr()
         assert main(list(argv)) == code, argv
         return capsys.readouterr().err
 
     assert "not a LoRA run" in err("merge", str(base_run), "--out", str(tmp_path / "m2"))
+    # A merged run holds weights only: --resume was an AttributeError (sft) or advice to run that (pretrain).
+    for verb in ("sft", "pretrain"):
+        assert f"{tmp_path / 'merged'} is a merged run (weights only, nothing to resume): fine-tune it further with " \
+               f"`homellm sft --init {tmp_path / 'merged'}" in err(verb, "--out", str(tmp_path / "merged"), "--resume")
     assert "is a LoRA run (adapters only): merge it first" in err("sft", "--init", str(out), "--data", str(data),
                                                                    "--out", str(tmp_path / "s2"))
     assert "lora_rank: run has 4, asked 2" in err("sft", "--out", str(out), "--resume", "--lora-rank", "2",
@@ -693,6 +706,8 @@ def test_bad_conversation_text_and_lora_targets_are_named(tmp_path, base_run):
         attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj", "v_prj"]))
     gpt2 = attach_lora(GPT(replace(cfg, family="gpt2")), LoraSpec(rank=2))  # the default list has llama's gate_proj
     assert {k.rsplit("_", 2)[-2] for k in gpt2.layers} == {"q", "k", "v", "o", "up", "down"}
+    with pytest.raises(HomeLLMError, match="--lora-targets gate_proj names no linear layer"):  # named: it was dropped
+        attach_lora(GPT(replace(cfg, family="gpt2")), LoraSpec(rank=2, targets=["q_proj", "gate_proj"]))
     lora = attach_lora(GPT(cfg), LoraSpec(rank=2, targets=["q_proj,v_proj"]))  # the comma list users type
     assert {k.split("_attn_")[-1] for k in lora.layers} == {"q_proj", "v_proj"}
 

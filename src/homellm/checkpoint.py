@@ -42,6 +42,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(folder: Path) -> str:
+    """The checksum of a checkpoint's weights, as its record says: only for a folder find_checkpoint gave, which
+    hashed the file and found it the same (hashing a 1B model's 4 GB again costs seconds)."""
+    return load_json(folder / INFO)["sha256"][WEIGHTS]
+
+
 def weights_of(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict to save: contiguous CPU tensors, the tied output matrix stored once (as embed_tokens).
     With LoRA adapters attached, only the adapters (`lora.*`): the base weights live in the base run."""
@@ -170,6 +176,11 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
             kept = ", ".join(kept_steps(run)) or "none (pretrain and sft keep them with --keep-every N)"
             raise HomeLLMError(f"{e}: the run's kept steps: {kept}") from None
         return run / prefer
+    try:  # the one asked for, valid: the others need no reading (hashing each is seconds for a 1B model)
+        verify_checkpoint(run / prefer, need_state)
+        return run / prefer
+    except HomeLLMError:
+        pass
     names = [prefer, "best" if prefer == "last" else "last"]
     # A kill between save_checkpoint's two renames leaves the previous folder as .NAME.old and the new, complete
     # one as .NAME.tmp (complete when its checksums hold: checkpoint.json is written last).
@@ -401,10 +412,11 @@ def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
         raise HomeLLMError(f"{run} holds LoRA adapters for the base run {base}, which is gone: restore it, or "
                            "keep merged weights next time with `homellm merge RUN --out NEW`")
     folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
-    if sha256_file(folder / WEIGHTS) != lora["base_sha256"]:
+    if weights_sha256(folder) != lora["base_sha256"]:
         raise HomeLLMError(f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it: the adapters "
                            "only fit the weights they were trained with; train them again")
-    model = load_model(base, folder.name, "cpu").train()
+    model = GPT(read_config(base)[0])  # (not load_model, which would find and hash the same weights again)
+    load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))
     attach_lora(model, LoraSpec(**lora["spec"]), new=False)
     return model
 

@@ -67,8 +67,10 @@ class LoRA(nn.Module):
                 self.B[key] = nn.Parameter(torch.zeros(module.out_features, spec.rank, device=module.weight.device))
                 self.layers[key] = module
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        # A typo (v_prj) was left out unsaid. The default list names both families' layers (gate_proj is llama's).
-        if new and (unknown := [t for t in targets if t not in linear and t not in LORA_TARGETS]):
+        # A typo (v_prj) was left out unsaid. The default list names both families' layers (gate_proj is llama's);
+        # named by the user, a layer the model lacks (gate_proj in a GPT-2) is said, as config.json would list it.
+        defaults = LORA_TARGETS if sorted(targets) == sorted(LORA_TARGETS) else ()
+        if new and (unknown := [t for t in targets if t not in linear and t not in defaults]):
             raise HomeLLMError(f"--lora-targets {unknown[0]} names no linear layer of the model: use some of "
                                f"{', '.join(linear)}")
         if not self.layers:

@@ -30,7 +30,7 @@ from homellm.checkpoint import (
     read_config,
     read_lora,
     read_weights,
-    sha256_file,
+    weights_sha256,
 )
 from homellm.config import (
     LORA_LR,
@@ -188,6 +188,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         raise HomeLLMError(f"--resume: {out} holds no fine-tuning run to continue (no config.json): start it again "
                            "without --resume")
     saved = load_json(out / "config.json") if train_cfg.resume else {}
+    if saved.get("merged_from"):  # written by `merge`: weights alone, no optimizer state or adapters to go on from
+        raise HomeLLMError(f"--resume: {out} is a merged run (weights only, nothing to resume): fine-tune it further "
+                           f"with `homellm sft --init {typed(out)} --data CHATS.jsonl --out NEW`")
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
     # and may have moved or gone. LoRA adapters always need their base.
     own = bool(saved) and "lora" not in saved
@@ -230,8 +233,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
 
             say(f"note: resuming on {first(cfg.max_conversations)}, not {first(saved_sft['max_conversations'])} as "
                 f"the run began{redrawn}")
-        if folder is not None and (lora_saved := read_lora(out)) and sha256_file(folder / WEIGHTS) != lora_saved[
-                "base_sha256"]:
+        if folder is not None and (was := read_lora(out)) and weights_sha256(folder) != was["base_sha256"]:
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
         check_resume(out, model_cfg, train_cfg)
@@ -292,7 +294,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     lora = None
     if cfg.lora_rank > 0:
         lora = {"base": str(init.resolve()), "base_checkpoint": folder.name,
-                "base_sha256": sha256_file(folder / WEIGHTS), "spec": to_dict(spec)}
+                "base_sha256": weights_sha256(folder), "spec": to_dict(spec)}
     def init_model(model: torch.nn.Module) -> None:
         if folder is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
             load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth
@@ -331,7 +333,7 @@ def merge_run(run: str | Path, out: str | Path, which: str = "best") -> Path:
     if out.is_dir() and any(out.iterdir()):
         raise HomeLLMError(f"--out {out} is not empty: choose a new --out")
     model = load_model(run, which)
-    source = find_checkpoint(run, which)  # the one load_model read (it falls back the same way)
+    source = find_checkpoint(run, which, quiet=True)  # the one load_model read (and said, falling back the same way)
     info = {k: v for k, v in load_json(source / INFO).items() if k != "sha256"}  # step, tokens, val loss: kept
     def write(stage: Path) -> None:
         save_json(stage / "config.json", {**{k: v for k, v in config.items() if k != "lora"},

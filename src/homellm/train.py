@@ -1158,6 +1158,9 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if run.is_dir() and not any(run.iterdir()):  # a relay's first session: nothing yet
             raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
                                "--resume to continue it)")
+        if is_sft(run) and load_json(run / "config.json").get("merged_from"):
+            raise HomeLLMError(f"{run} is a merged run (weights only, nothing to resume): fine-tune it further with "
+                               f"`homellm sft --init {typed(run)} --data CHATS.jsonl --out NEW`")
         if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {typed(run)}`")
         saved_model, _ = read_config(run)
