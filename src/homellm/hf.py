@@ -332,7 +332,13 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
         for name in {"embed_tokens.weight", "lm_head.weight"}:
             w = sd[name]
             w = torch.cat([w, w.new_zeros(grown - len(w), w.shape[1])])
-            w[added] = w[:known].mean(0)
+            # Each its own row, drawn around the others' mean with their spread: as one mean row, the new tokens tied
+            # and <|im_end|>'s logit was the mean of the others' for good under LoRA (which trains neither matrix),
+            # so a LoRA-tuned reply never ended. Seeded: the same import gives the same weights (and a tied head the
+            # same rows as its embedding).
+            trained = w[:known].float()
+            noise = torch.randn(len(added), w.shape[1], generator=torch.Generator().manual_seed(0))
+            w[added] = (trained.mean(0) + trained.std(0) * noise).to(w.dtype)
             sd[name] = w
         cfg.vocab_size = grown
     if context:
