@@ -465,10 +465,42 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         (["tokenizer", "train", "--input", "a", "--vocab_size", "300"], "--vocab_size is --vocab-size"),
         (["chat", "r", "--max-tokens", "50"], "--max-tokens is --max-new-tokens"),
         (["generate", "r", "--prompt", "x", "stray"], "unrecognized arguments: stray: see `homellm generate --help`"),
+        # A flag's start was taken as the flag: nanoGPT's --min-lr 6e-5 became --min-lr-ratio, --vocab --vocab-size.
+        (["pretrain", "--data", "d", "--min-lr", "6e-5"], "--min-lr is --min-lr-ratio (a fraction of --lr: nanoGPT's "
+                                                          "min_lr / learning_rate)"),
+        (["pretrain", "--data", "d", "--vocab", "4096"], "unrecognized arguments: --vocab 4096"),
+        (["pretrain", "--data", "d", "--learning_rate", "1e-3"], "--learning_rate is --lr"),
+        (["pretrain", "--data", "d", "--init_from=resume"], "--init_from is --resume (init_from=resume"),
+        # Near misses only: --save-every was taken for --sample-every, and --input (prepare's) for --init.
+        (["pretrain", "--data", "d", "--save-every", "5"], "--save-every is --checkpoint-every"),
+        (["pretrain", "--input", "d"], "--input is --data"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("homellm: error: ") and hint in err and err.count("\n") == 1, err
+
+
+def test_what_the_flags_alone_decide_is_said_before_the_text_is_read(tmp_path, corpus, capsys):
+    """A missing GPU or a run without an end was said after the tokenizer was trained and the text prepared (hours,
+    for a large corpus); --preset with --resume reset what the run was given (--patience, --eval-every) unsaid."""
+    from homellm.cli import main
+
+    for flags, error in [(["--device", "tpu"], "--device 'tpu'"),
+                         (["--max-steps", "0", "--max-time", "0"], "--max-steps or --max-time must be positive")]:
+        assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                     *flags]) == 2
+        assert error in capsys.readouterr().err and not (tmp_path / "run").exists()
+    run = tmp_path / "done"
+    assert main(["pretrain", "--data", str(corpus), "--out", str(run), "--preset", "tiny", "--max-steps", "2",
+                 "--patience", "3"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "--preset", "tiny", "--max-steps", "4"]) == 2
+    assert f"--preset tiny does not apply with --resume: {run} keeps its own config" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train"]["patience"] == 3
+    from homellm.config import preset
+
+    # gpt2-124m's vocabulary is its tokenizer's, padded: fixed at 50,304 it gave a char tokenizer 50,304 rows
+    assert preset("gpt2-124m")[0].vocab_size == 0
 
 
 def test_raw_aozora_text_goes_straight_to_a_model_without_its_markup(tmp_path):

@@ -70,7 +70,11 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     from homellm.checkpoint import read_config
 
     out = getattr(args, "out", "")
-    if getattr(args, "resume", False) and args.preset is None and out and (Path(out) / "config.json").is_file():
+    if getattr(args, "resume", False) and args.preset is not None and out and (Path(out) / "config.json").is_file():
+        # Taken over the run's own config, it reset what the run was given (--patience, --eval-every) unsaid.
+        raise HomeLLMError(f"--preset {args.preset} does not apply with --resume: {out} keeps its own config; give "
+                           "only the flags to change")
+    if getattr(args, "resume", False) and out and (Path(out) / "config.json").is_file():
         model_cfg, train_cfg = read_config(out)
         source = f"run {out}"
     elif getattr(args, "init", ""):  # the architecture is the trained run's; training settings the preset's
@@ -316,7 +320,12 @@ def run_verb(sub: argparse._SubParsersAction, name: str, help_text: str, func: C
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in one line: its usage block, dozens of lines for pretrain, buried the error."""
+    """argparse, with its errors in one line: its usage block, dozens of lines for pretrain, buried the error. And
+    without abbreviations: nanoGPT's --min-lr 6e-5 was taken as --min-lr-ratio, --vocab as --vocab-size, unsaid."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if re.search(r"arguments are required: .*\brun\b", message):  # `--stop 。 RUN`: the run became a stop string
@@ -442,7 +451,14 @@ def check_utf8(argv: list[str]) -> None:
 # Names other tools use for what homellm calls otherwise (nanoGPT's iterations, --num_epochs, --max_tokens).
 _OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",),
                 "--n-epochs": ("--epochs", "--max-steps"), "--num-epochs": ("--epochs", "--max-steps"),
-                "--max-tokens": ("--max-new-tokens",)}
+                "--max-tokens": ("--max-new-tokens",), "--learning-rate": ("--lr",), "--min-lr": ("--min-lr-ratio",),
+                "--gradient-accumulation-steps": ("--grad-accum",), "--eval-interval": ("--eval-every",),
+                "--eval-iters": ("--eval-batches",), "--log-interval": ("--log-every",), "--out-dir": ("--out",),
+                "--save-every": ("--checkpoint-every",), "--init-from": ("--resume", "--init"),
+                "--input": ("--data",)}
+_HOW = {"--max-steps": " (homellm counts optimizer steps, not epochs)",
+        "--min-lr-ratio": " (a fraction of --lr: nanoGPT's min_lr / learning_rate)",
+        "--resume": " (init_from=resume; --init RUN starts from another run's weights)"}
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
@@ -459,10 +475,10 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
         if not arg.startswith("--"):
             continue
         meant = next((m for m in _OTHER_NAMES.get(name, ()) if m in known), None)
-        meant = meant or (name if name in known else next(iter(difflib.get_close_matches(name, known, 1, 0.75)), None))
+        # (a near miss only: at 0.75, --save-every was --sample-every and --input --init)
+        meant = meant or (name if name in known else next(iter(difflib.get_close_matches(name, known, 1, 0.85)), None))
         if meant:
-            steps = " (homellm counts optimizer steps, not epochs)" if meant == "--max-steps" else ""
-            hints.append(f"{arg.split('=')[0]} is {meant}{steps}")
+            hints.append(f"{arg.split('=')[0]} is {meant}{_HOW.get(meant, '')}")
     return (f"{verb.prog}: unrecognized arguments: {' '.join(unknown)}"
             + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))
 

@@ -380,7 +380,9 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              tokenizer_kind="char"),
     ),
     "gpt2-124m": (
-        dict(family="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50304),
+        # (no vocab_size: the tokenizer's, padded to a multiple of 64 as homellm pads every vocabulary: GPT-2's
+        # 50,257 ids make nanoGPT's 50,304; fixed here, a char tokenizer's 70 ids trained 50,304 rows)
+        dict(family="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True),
         dict(batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, max_steps=19_073, eval_every=250,
              eval_batches=5, tokenizer_vocab=50257, compile=True, checkpoint_every=1000),
     ),

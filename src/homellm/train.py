@@ -1144,6 +1144,10 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     """`homellm pretrain`: prepare the data if needed, then train from scratch (or resume) into cfg.out."""
     if not cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
+    # What the flags alone decide, said before any text is read: preparing a corpus may take hours.
+    if cfg.max_steps <= 0 and cfg.max_time <= 0 and cfg.epochs <= 0:
+        raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+    resolve_device(cfg.device)
     run = Path(cfg.out)
     if not cfg.resume and os.environ.get("RANK", "0") == "0":  # (the others would see what rank 0 began writing)
         check_new_run(run)
