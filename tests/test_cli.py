@@ -480,6 +480,28 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         assert err.startswith("homellm: error: ") and hint in err and err.count("\n") == 1, err
 
 
+def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sample(tmp_path, corpus, capsys):
+    """Its notes said "prepare it with a higher --val-fraction", which pretrain refused (and hinted --decay-fraction);
+    and the tokenizer always read the whole corpus, where `tokenizer train --max-chars` need not."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    argv = ["pretrain", "--data", str(corpus), "--out", str(run), "--preset", "tiny", "--max-steps", "1",
+            "--tokenizer-vocab", "400"]
+    assert main([*argv, "--val-fraction", "0.3", "--tokenizer-max-chars", "300"]) == 0
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert 0.25 < meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.35
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--max-chars", "300", "--out",
+                 str(tmp_path / "sampled")]) == 0  # the tokenizer pretrain trained is the one this trains
+    assert Tokenizer.load(run / "data").same_as(Tokenizer.load(tmp_path / "sampled"))
+    assert main([*argv[:4], str(tmp_path / "all"), *argv[5:]]) == 0  # and not the whole corpus's
+    assert not Tokenizer.load(run / "data").same_as(Tokenizer.load(tmp_path / "all" / "data"))
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "2", "--val-fraction", "0.1"]) == 0
+    meta = json.loads((run / "data" / "meta.json").read_text())  # prepared again, by the run's own tokenizer
+    assert meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.15
+
+
 def test_what_the_flags_alone_decide_is_said_before_the_text_is_read(tmp_path, corpus, capsys):
     """A missing GPU or a run without an end was said after the tokenizer was trained and the text prepared (hours,
     for a large corpus); --preset with --resume reset what the run was given (--patience, --eval-every) unsaid."""

@@ -84,8 +84,8 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 
         # The flags as typed: once applied, --family would re-derive sizes nobody typed, and pretrain name those.
         check_init_architecture(args.init, pick(args, ModelConfig), model_cfg)
-        if ignored := [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words")
-                       if k in vars(args)]:
+        if ignored := [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words",
+                                                            "tokenizer_max_chars") if k in vars(args)]:
             say(f"note: {' '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with --init: the text is "
                 f"read with {args.init}'s own tokenizer")
         if "lr" not in vars(args) and not getattr(args, "resume", False):
@@ -133,7 +133,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     model_cfg, train_cfg = resolve_train(args)
     raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "text_field",
-                                                "encoding", "aozora") if k in pick(args, TrainConfig)]
+                                                "encoding", "aozora", "val_fraction", "tokenizer_max_chars")
+           if k in pick(args, TrainConfig)]
     data = train_cfg.data
     if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
@@ -251,7 +252,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from homellm.sft import resolve_sft, sft
 
-    train = {k: v for k, v in pick(args, TrainConfig).items() if k not in ("init", "init_checkpoint")}  # SFTConfig's
+    train = {k: v for k, v in pick(args, TrainConfig).items()
+             if k not in ("init", "init_checkpoint", "val_fraction")}  # SFTConfig's
     summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(train)))
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
@@ -365,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steps).")
     add_flags(p, SFTConfig)
     add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "tokenizer_kind", "tokenizer_vocab",
-                                    "tokenizer_words", "text_field", "encoding", "aozora"), defaults=SFT_TRAIN)
+                                    "tokenizer_words", "text_field", "encoding", "aozora", "val_fraction",
+                                    "tokenizer_max_chars"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

@@ -98,6 +98,8 @@ class TrainConfig:
     text_field: str = "text"  # when --data is raw jsonl: the field holding the text
     encoding: str = "auto"  # when --data is raw .txt: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, big5, utf-16...
     aozora: bool = False  # when --data is raw text from Aozora Bunko: drop its ruby, notes and footer (as prepare)
+    val_fraction: float = 0.1  # when --data is raw text: documents (or one document's tail) held out for validation
+    tokenizer_max_chars: int = 0  # when --data is raw text: train the tokenizer on at most N characters (0 = all)
     batch_size: int = 32  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without more memory
     lr: float = 1e-3  # peak learning rate (AdamW; Muon's matrices use muon_lr)
@@ -338,7 +340,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _NOT_NEGATIVE,
     "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
-    "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE,
+    "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE, "tokenizer_max_chars": _NOT_NEGATIVE,
     "format": (lambda v: v in ("hf", "gguf"), "is unknown: use hf or gguf"),
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
     "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
