@@ -502,6 +502,24 @@ def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sa
     assert meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.15
 
 
+def test_flags_this_setup_never_reads_are_said(capsys):
+    """--muon-lr without Muon, --decay-fraction without wsd, --tokenizer-vocab for a char tokenizer, --rope-theta in a
+    GPT-2: each looked set and changed nothing, unsaid."""
+    from homellm.cli import build_parser, resolve_train
+
+    args = build_parser().parse_args(["pretrain", "--data", "d", "--preset", "tiny", "--muon-lr", "0.05",
+                                      "--decay-fraction", "0.5", "--tokenizer-kind", "char", "--tokenizer-vocab",
+                                      "5000", "--family", "gpt2", "--rope-theta", "5e5"])
+    resolve_train(args)
+    err = capsys.readouterr().err
+    for note in ("--muon-lr applies with --optimizer muon only", "--decay-fraction applies with --schedule wsd only",
+                 "--tokenizer-vocab applies to BPE only", "--rope-theta applies to --family llama only"):
+        assert f"note: {note}" in err
+    resolve_train(build_parser().parse_args(["pretrain", "--data", "d", "--preset", "tiny", "--optimizer", "muon",
+                                             "--muon-lr", "0.05", "--schedule", "wsd", "--decay-fraction", "0.5"]))
+    assert "note:" not in capsys.readouterr().err  # where they apply, nothing is said
+
+
 def test_what_the_flags_alone_decide_is_said_before_the_text_is_read(tmp_path, corpus, capsys):
     """A missing GPU or a run without an end was said after the tokenizer was trained and the text prepared (hours,
     for a large corpus); --preset with --resume reset what the run was given (--patience, --eval-every) unsaid."""

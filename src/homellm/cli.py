@@ -117,7 +117,22 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     train_cfg = replace(train_cfg, **typed)
     model_cfg.validate()
     check_ranges(train_cfg)
+    say_unused(typed, pick(args, ModelConfig), model_cfg, train_cfg)
     return model_cfg, train_cfg
+
+
+def say_unused(train: dict[str, Any], model: dict[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """A note for each flag typed that this setup never reads: it looked set, and trained nothing."""
+    unused = [("muon_lr" in train and train_cfg.optimizer != "muon", "--muon-lr applies with --optimizer muon only"),
+              ("decay_fraction" in train and train_cfg.schedule != "wsd",
+               "--decay-fraction applies with --schedule wsd only"),
+              ("tokenizer_vocab" in train and train_cfg.tokenizer_kind == "char",
+               "--tokenizer-vocab applies to BPE only: a char tokenizer has an id per character"),
+              ("rope_theta" in model and model_cfg.family != "llama",
+               "--rope-theta applies to --family llama only: gpt2 learns its positions")]
+    for given, note in unused:
+        if given:
+            say(f"note: {note}")
 
 
 def run_length(typed: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +269,9 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     train = {k: v for k, v in pick(args, TrainConfig).items()
              if k not in ("init", "init_checkpoint", "val_fraction")}  # SFTConfig's
-    summary = sft(*resolve_sft(pick(args, SFTConfig), run_length(train)))
+    cfg, train_cfg = resolve_sft(pick(args, SFTConfig), run_length(train))
+    say_unused(train, {}, ModelConfig(), train_cfg)
+    summary = sft(cfg, train_cfg)
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(json.dumps(summary, ensure_ascii=False))
     _interrupted(summary)
