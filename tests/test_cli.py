@@ -520,6 +520,14 @@ def test_flags_this_setup_never_reads_are_said(capsys):
     assert "note:" not in capsys.readouterr().err  # where they apply, nothing is said
 
 
+def test_more_key_value_heads_than_query_heads_is_named_as_such():
+    from homellm.config import ModelConfig
+
+    with pytest.raises(HomeLLMError, match=r"--n-head 2 is not divisible by --n-kv-head 8 \(key/value heads are at "
+                                           r"most the query heads: 2 or a divisor of it\): change one"):
+        ModelConfig(n_head=2, n_kv_head=8, n_embd=32).validate()
+
+
 def test_what_the_flags_alone_decide_is_said_before_the_text_is_read(tmp_path, corpus, capsys):
     """A missing GPU or a run without an end was said after the tokenizer was trained and the text prepared (hours,
     for a large corpus); --preset with --resume reset what the run was given (--patience, --eval-every) unsaid."""

@@ -76,9 +76,11 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise HomeLLMError(f"{head}{name('n_embd')} {self.n_embd} is not divisible by {name('n_head')} "
                                f"{self.n_head}: {fix}")
-        if self.n_head % self.n_kv_head:
+        if self.n_head % self.n_kv_head:  # (each key/value head serves a whole group of query heads)
+            more = f" (key/value heads are at most the query heads: {self.n_head} or a divisor of it)" \
+                if self.n_kv_head > self.n_head else ""
             raise HomeLLMError(f"{head}{name('n_head')} {self.n_head} is not divisible by {name('n_kv_head')} "
-                               f"{self.n_kv_head}: {fix}")
+                               f"{self.n_kv_head}{more}: {fix}")
         if self.family == "llama" and (self.n_embd // self.n_head) % 2:
             raise HomeLLMError(f"{head}RoPE needs an even head size (n_embd / n_head): "
                                + (fix if where else "change --n-embd or --n-head"))
@@ -117,7 +119,7 @@ class TrainConfig:
     epochs: float = 0.0  # instead of --max-steps: read the training data this many times (sft: every row); 0 = off
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
     session_time: float = 0.0  # stop this session after N s with `last` written, schedule unchanged: --resume goes on
-    eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end)
+    eval_every: int = 100  # evaluate val loss and bits per byte every N steps (and at the end); 0 = never: no best
     eval_batches: int = 20  # val batches per evaluation, each a global batch (batch_size x grad_accum x processes)
     sample_every: int = 0  # print a generated sample every N steps; 0 = only at the end
     sample_prompt: str = ""
