@@ -328,6 +328,26 @@ def test_an_imported_tokenizers_own_unknown_token_is_counted(tmp_path):
                               out=str(tmp_path / "d")))
 
 
+def test_an_imported_tokenizer_never_cuts_nor_pads_and_keeps_its_unknown_token(bpe, tmp_path):
+    """A hub tokenizer.json may carry truncation (sentence-transformers' 128) or padding: imported with it, every
+    document prepared was cut to its length. And tokenizer_config.json named no unknown token for an import's own
+    [UNK], so transformers read unknown words as None."""
+    hf = HFTokenizer.from_str(bpe.hf.to_str())
+    hf.enable_truncation(4)
+    hf.enable_padding(length=64)
+    hf.save(str(tmp_path / "cut.json"))
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    for tok in (import_tokenizer(tmp_path / "cut.json"), Tokenizer(HFTokenizer.from_file(str(tmp_path / "cut.json")))):
+        assert tok.encode(text) == bpe.encode(text)
+        assert tok.encode_batch(["a b", text]) == bpe.encode_batch(["a b", text])
+    wordpiece = import_tokenizer(wordpiece_tokenizer(tmp_path))
+    wordpiece.save(tmp_path / "wp")
+    assert json.loads((tmp_path / "wp" / "tokenizer_config.json").read_text())["unk_token"] == "[UNK]"
+    with pytest.raises(HomeLLMError, match=r"--vocab-size 5,000,000,000 is beyond any use"):
+        train_tokenizer(TokenizerConfig(input=[str(tmp_path / "wp.json")], out=str(tmp_path / "x"),
+                                        vocab_size=5_000_000_000))
+
+
 def wordpiece_tokenizer(tmp_path) -> Path:
     """A BERT-style WordPiece: it lowercases, strips accents and splits off punctuation, so text does not come
     back as written."""

@@ -79,6 +79,10 @@ class Tokenizer:
         """`eos` ends a document (`eot_id`); an imported model keeps its own (Llama's </s>), which it was trained to
         write. `bos`, where the model was trained with one before every text (Llama's <s>), starts each prompt and
         document (`bos_id`); homellm's own models have none."""
+        # Never cut or padded: a hub tokenizer.json may carry truncation (sentence-transformers' 128 tokens) or
+        # padding, and every prepared document was cut to it.
+        hf.no_truncation()
+        hf.no_padding()
         self.hf = hf
         # A second copy with special-token matching off: the Rust flag is per object, and flipping it per call
         # would race with the encoders of another thread.
@@ -275,7 +279,7 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         text = self.hf.to_str(pretty=True)
         added = self.hf.get_added_tokens_decoder()
-        unk = UNK if self.hf.token_to_id(UNK) is not None else None
+        unk = self.hf.id_to_token(self.unk_id) if self.unk_id is not None else None  # (an import's own: [UNK], <unk>)
         names = {"bos_token": self.bos or self.eos, "eos_token": self.eos, "pad_token": PAD, "unk_token": unk,
                  "additional_special_tokens": [IM_START, IM_END]}
         config = {
@@ -583,8 +587,14 @@ def bounded_runs(text: str) -> Iterator[str]:
         yield text[start:]
 
 
+MAX_VOCAB = 1 << 21  # 2,097,152: past every released tokenizer (the largest, Gemma's, has 262,144)
+
+
 def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size > MAX_VOCAB:  # the trainer reserves memory by it: 5e9 was a Rust crash asking for 283 GB
+        raise HomeLLMError(f"--vocab-size {vocab_size:,} is beyond any use (GPT-2 has 50,257 ids, Llama 3 128,256): "
+                           f"give at most {MAX_VOCAB:,}")
     if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
         raise HomeLLMError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
                            f"{len(alphabet) + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
