@@ -348,6 +348,17 @@ def test_an_imported_tokenizer_never_cuts_nor_pads_and_keeps_its_unknown_token(b
                                         vocab_size=5_000_000_000))
 
 
+def test_an_imported_vocabulary_with_holes_gets_its_special_tokens_past_its_ids(tmp_path):
+    """The library numbers the tokens it adds from the vocabulary's count: with holes in the ids, <|endoftext|> took
+    the 4 of "b" and "a b" decoded as 'a<|im_start|><|endoftext|>'."""
+    hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 4, " ": 5}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Split(" ", "isolated")
+    hf.save(str(tmp_path / "holes.json"))
+    tok = import_tokenizer(tmp_path / "holes.json")
+    assert tok.encode("a b") == [1, 5, 4] and [tok.hf.id_to_token(i) for i in (1, 5, 4)] == ["a", " ", "b"]
+    assert sorted(tok.hf.token_to_id(s) for s in SPECIAL_TOKENS) == [6, 7, 8, 9]
+
+
 def wordpiece_tokenizer(tmp_path) -> Path:
     """A BERT-style WordPiece: it lowercases, strips accents and splits off punctuation, so text does not come
     back as written."""

@@ -734,9 +734,21 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
         # kind): written into tokenizer.json, so that the exported folder's tokenizer adds it too, whatever its class.
         hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                           special_tokens=[(bos, before[bos])])
+    missing = [s for s in SPECIAL_TOKENS if s not in before]
+    spec = json.loads(hf.to_str()) if missing else {"model": {}}
+    if missing and isinstance(spec["model"].get("vocab"), dict) and before and max(before.values()) >= len(before):
+        # The library numbers tokens it adds from the vocabulary's count: where its ids have holes, that is an id
+        # in use (a WordLevel of ids 0, 1, 4, 5 gave <|endoftext|> the 4 of "b"). Written into the vocabulary past
+        # its largest id first, they keep those ids.
+        top = max(before.values())
+        spec["model"]["vocab"].update({token: top + 1 + k for k, token in enumerate(missing)})
+        hf = HFTokenizer.from_str(json.dumps(spec))
     hf.add_special_tokens(_special_tokens())
+    if clash := [s for s in missing if hf.token_to_id(s) in set(before.values())]:
+        raise HomeLLMError(f"{path}: its ids leave no room for {clash[0]} (it would take an id in use): save the "
+                           "tokenizer again from its source with its ids in order")
     tok = Tokenizer(hf, eos, bos)
-    added = sorted(hf.token_to_id(s) for s in SPECIAL_TOKENS if s not in before)
+    added = sorted(hf.token_to_id(s) for s in missing)
     if note := tok.unknown_note(ROUND_TRIP_PROBE):
         print(f"note: {path}: {note}", file=sys.stderr)
     if note := tok.round_trip_note(ROUND_TRIP_PROBE):
