@@ -777,3 +777,41 @@ def test_a_tokenizer_folder_given_as_text_is_named(tmp_path):
     with pytest.raises(HomeLLMError, match=r"tok is a tokenizer, not text: give the text \(to prepare it with this "
                                            r"tokenizer: `homellm prepare --input TEXT --tokenizer .*tok --out DATA`\)"):
         prepare(PrepareConfig(input=[str(tok)], tokenizer=str(tok), out=str(tmp_path / "d")))
+
+
+def test_sentencepiece_style_tokenizers_read_each_document_whole(tmp_path):
+    """prepare cut a .txt file into pieces before line breaks, which byte-level BPE never merges across. A
+    SentencePiece-style tokenizer (Metaspace, or Llama 2's prepended "▁") adds a "▁" at the start of each text and
+    merges across line breaks ("!\\n"): every 256 KB, a token the whole text never has. Such a tokenizer now reads a
+    document whole (up to 16 M characters), and its shards hold what encoding the whole gives."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    from homellm.tokenizer import import_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "of", "night", "day!", "come", "hence", "now,", "ROMEO:", "JULIET:"]
+    text = "\n".join(" ".join(rng.choice(words, 8)) for _ in range(22_000)) + "\n"  # about 800 KB: several blocks
+    (tmp_path / "plays.txt").write_text(text, encoding="utf-8")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"] + [f"<0x{i:02X}>" for i in range(256)])
+    llama2 = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    llama2.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    llama2.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+    metaspace = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    metaspace.decoder = decoders.Metaspace(prepend_scheme="first")
+    for name, hf in (("llama2", llama2), ("metaspace", metaspace)):
+        hf.train_from_iterator([text[:20_000]], trainer)
+        hf.save(str(tmp_path / f"{name}.json"))
+        tok = import_tokenizer(tmp_path / f"{name}.json")
+        assert not tok.cuts_at_lines
+        tok.save(tmp_path / name)
+        prepare(PrepareConfig(input=[str(tmp_path / "plays.txt")], tokenizer=str(tmp_path / name),
+                              out=str(tmp_path / f"d-{name}"), val_fraction=0))
+        assert open_split(tmp_path / f"d-{name}", "train")[0].tolist() == tok.encode(text) + [tok.eot_id], name
+    bpe = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "plays.txt")], out=str(tmp_path / "bpe"),
+                                          vocab_size=300))
+    char = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "plays.txt")], out=str(tmp_path / "char"),
+                                           kind="char"))
+    assert bpe.cuts_at_lines and char.cuts_at_lines  # (they still read in pieces: memory stays flat)

@@ -34,6 +34,7 @@ from homellm.io import fsync_dir, progress_bar, refuse_kinds, say
 from homellm.tokenizer import Tokenizer, check_unknown
 
 _CHUNK_BYTES = 256 * 1024  # .txt files are read in blocks this size: memory stays flat on a file of any size
+_WHOLE_CHARS = 64 * _CHUNK_BYTES  # a document's text held whole for a tokenizer that cannot be given it in pieces
 _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: enough pieces to use every core
 _ROUND_TRIP_CHARS = 2000  # of the first document, decoded back to tell a lossy tokenizer
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
@@ -56,8 +57,8 @@ class Piece(NamedTuple):
 
 # ---- reading documents -------------------------------------------------------------------------------------
 
-def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = "auto",
-                   max_docs: int = 0, aozora: bool = False, meter: list[int] | None = None) -> Iterator[Piece]:
+def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = "auto", max_docs: int = 0,
+                   aozora: bool = False, meter: list[int] | None = None, lines: bool = True) -> Iterator[Piece]:
     """Stream documents as pieces, never holding a corpus whole.
 
     - `.txt`: one document per file, unless the file contains `<|endoftext|>`: then that separates documents
@@ -73,7 +74,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
       of .txt files, whose rows are lines: those are read as a .txt file is.
     With aozora=True, .txt files lose Aozora Bunko's markup (`_aozora_text`). Empty documents are skipped. Pieces
     of a text are cut only before a line break that follows a non-space character, which byte-level BPE never merges
-    across: tokenizing the pieces equals tokenizing the whole. `meter[0]` counts the bytes of the files read so far
+    across: tokenizing the pieces equals tokenizing the whole (without `lines`, for tokenizers that merge across them,
+    a document is one piece up to 16 M characters). `meter[0]` counts the bytes of the files read so far
     (a progress bar's position: JSON's escapes or Shift_JIS make the text's size another), or of the text for hf:.
     """
     if encoding != "auto":
@@ -94,12 +96,12 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
             + (f" and {len(others) - 1} more are read as they are" if len(others) > 1 else " is read as it is"))
     for kind, source in sources:
         if kind == "hf":
-            texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter)
+            texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter, lines)
         elif kind == "jsonl":
             texts = ((t, True) for t in _jsonl_docs(Path(source), text_field, meter))
         else:
             blocks = _decoded_blocks(Path(source), encoding, meter)
-            texts = _split_documents(_stable_pieces(_aozora_text(blocks) if aozora else blocks))
+            texts = _split_documents(_stable_pieces(_aozora_text(blocks) if aozora else blocks, lines))
         for text, end in texts:
             yield Piece(doc, text, end)
             if end:
@@ -493,13 +495,15 @@ def _stable_cut(buf: str) -> int:
     return 0
 
 
-def _stable_pieces(blocks: Iterable[str]) -> Iterator[str]:
-    """Regroup decoded blocks into pieces cut at stable places (see _stable_cut)."""
+def _stable_pieces(blocks: Iterable[str], lines: bool = True) -> Iterator[str]:
+    """Regroup decoded blocks into pieces cut at stable places (see _stable_cut). Without `lines` (a tokenizer whose
+    tokens change at such a cut: SentencePiece's add a "▁" at the start of each text, and merge across line breaks),
+    a document stays whole up to _WHOLE_CHARS, and only one longer than that is cut, at a line break."""
     buf = ""
     for block in blocks:
         buf += block
-        cut = _stable_cut(buf)
-        if not cut and len(buf) > 4 * _CHUNK_BYTES:
+        cut = _stable_cut(buf) if lines or len(buf) > _WHOLE_CHARS else 0
+        if not cut and len(buf) > (4 * _CHUNK_BYTES if lines else _WHOLE_CHARS):
             # No line break in sight (one enormous line): cut anyway, but never inside a separator. The tokens at
             # this seam may differ from an uncut run, a few tokens in megabytes.
             cut = len(buf) - len(EOT)
@@ -682,13 +686,14 @@ def hf_records(spec: str, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[int,
         yield i, row
 
 
-def _hf_docs(spec: str, field: str, meter: list[int] | None = None) -> Iterator[tuple[str, bool]]:
+def _hf_docs(spec: str, field: str, meter: list[int] | None = None, lines: bool = True
+             ) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) from a Hugging Face dataset: a document per row, but for datasets of .txt files."""
     rows = hf_dataset(spec)
     if getattr(getattr(rows, "info", None), "builder_name", None) == "text":
         # datasets reads .txt files a row per line. A document per row put end-of-text between every two lines:
         # the lines are read as homellm reads a .txt file instead (one document, unless <|endoftext|> separates).
-        texts = _split_documents(_stable_pieces(_blocks(_hf_rows(spec, field, rows, lines=True))))
+        texts = _split_documents(_stable_pieces(_blocks(_hf_rows(spec, field, rows, lines=True)), lines))
     else:
         texts = ((text, True) for text in _hf_rows(spec, field, rows))
     for text, end in texts:
@@ -953,7 +958,8 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
                       desc="prepare") as bar:
         batch: list[Piece] = []
         size = 0
-        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora, read):
+        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora, read,
+                                    tok.cuts_at_lines):
             batch.append(piece)
             size += len(piece.text)
             if size >= _BATCH_CHARS:

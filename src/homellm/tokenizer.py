@@ -121,6 +121,15 @@ class Tokenizer:
         return encoding.ids, encoding.offsets
 
     @functools.cached_property
+    def cuts_at_lines(self) -> bool:
+        """Whether text cut before a line break that follows a non-space character encodes as the whole does:
+        byte-level BPE's and char tokenizers do; SentencePiece's add a "▁" at the start of each text they are given
+        and may merge across line breaks ("!\n"). Probed, as a tokenizer.json's parts combine in many ways."""
+        probes = ("Hello, world.\nThe next line", "日本語です。\n次の行", "x\n\n  y z", "end!\nDe")
+        return all(self.encode(text) == self.encode(text[:cut]) + self.encode(text[cut:])
+                   for text in probes for cut in [text.index("\n")])
+
+    @functools.cached_property
     def unk_id(self) -> int | None:
         """The id text it cannot write becomes: <|unk|> in a char tokenizer, or an imported model's own unknown
         token (<unk>, [UNK]); None for byte-level BPE, which can write any text."""
