@@ -159,6 +159,9 @@ def test_exact_reads_alpaca_records_as_sft_does_and_says_what_n_leaves_out(tmp_p
     assert len(read_qa(qa, 2)) == 2
     assert (f"note: --data {qa} holds more than --n 2 records: the first 2 are scored (raise --n for more)"
             in capsys.readouterr().err)
+    qa.write_text('{"prompt": "ok", "answer": "1"}\n{"prompt": "ab\\ud800", "answer": "c"}\n')  # (a TypeError)
+    with pytest.raises(HomeLLMError, match=r"qa.jsonl:2: the prompt holds '\\ud800' at character 2, half of a UTF-16"):
+        read_qa(qa, 5)
 
 
 def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir, capsys):

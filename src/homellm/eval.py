@@ -341,6 +341,12 @@ def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
         system = record.get("system") or ""
         if not isinstance(system, str):
             raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
+        for name, value in (("prompt", prompt), ("answer", answer), ("system", system)):
+            try:  # JSON's "\ud800" reads as half a character: the tokenizer failed on it with a TypeError
+                str(value).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise HomeLLMError(f"{where}: the {name} holds {str(value)[e.start]!r} at character {e.start}, half of "
+                                   "a UTF-16 pair, which is no character: fix the text, or drop the record") from None
         pairs.append({"prompt": str(prompt), "answer": str(answer), "category": str(record.get("category") or ""),
                       "system": system})
     if not pairs:
