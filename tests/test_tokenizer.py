@@ -272,6 +272,22 @@ def test_bad_input_errors(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_flags_an_import_or_a_char_tokenizer_never_reads_are_said(tmp_path, capsys):
+    """`--from-file X --kind char --vocab-size 500` imported X's BPE as it is; --vocab-size with --kind char was
+    dropped: unsaid, as --input and --words were before they were refused."""
+    from homellm.cli import main
+
+    corpus = str(write(tmp_path / "a.txt", "some text"))
+    write(tmp_path / "tok.json", "{}")
+    for flags in (["--kind", "char"], ["--vocab-size", "500"], ["--max-chars", "10"], ["--text-field", "body"]):
+        assert main(["tokenizer", "train", "--from-file", str(tmp_path / "tok.json"), "--out", str(tmp_path / "t"),
+                     *flags]) == 2
+        assert f"{flags[0]} does not apply with --from-file" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", corpus, "--kind", "char", "--vocab-size", "50", "--out",
+                 str(tmp_path / "c")]) == 0
+    assert "note: --vocab-size 50 applies to BPE only" in capsys.readouterr().err
+
+
 def test_max_chars_caps_training_text(tmp_path):
     corpus = write(tmp_path / "a.txt", "bc" * 100 + "xqz")
     tok = train_tokenizer(TokenizerConfig(input=[str(corpus)], out=str(tmp_path / "c"), kind="char", max_chars=50))

@@ -52,6 +52,14 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from homellm.tokenizer import train_tokenizer
 
     cfg = build(TokenizerConfig, args)
+    given = pick(args, TokenizerConfig)
+    if cfg.from_file and (unused := [k for k in ("kind", "vocab_size", "max_chars", "text_field", "encoding", "aozora")
+                                     if k in given]):
+        # (as --input and --words are refused with it: a flag that looked set, and changed nothing)
+        raise HomeLLMError(f"--{unused[0].replace('_', '-')} does not apply with --from-file, which takes a finished "
+                           "tokenizer as it is: drop it")
+    if cfg.kind == "char" and "vocab_size" in given:
+        say(f"note: --vocab-size {cfg.vocab_size} applies to BPE only: a char tokenizer has an id per character")
     tok = train_tokenizer(cfg)
     print(f"tokenizer ({tok.kind}, {tok.vocab_size} ids) written to {cfg.out}")
 
