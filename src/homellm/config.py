@@ -137,7 +137,7 @@ class TrainConfig:
 
 @dataclass
 class TokenizerConfig:
-    input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[:SPLIT]
+    input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[[:CONFIG]:SPLIT]
     out: str = ""
     kind: str = "bpe"  # bpe: byte-level BPE (lossless on any text); char: one token per character
     words: list[str] = field(default_factory=list)  # char only: strings that are one token each, e.g. \times
@@ -153,7 +153,7 @@ class TokenizerConfig:
 
 @dataclass
 class PrepareConfig:
-    input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[:SPLIT]
+    input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[[:CONFIG]:SPLIT]
     tokenizer: str = ""  # a tokenizer dir (or a run dir holding one)
     out: str = ""
     text_field: str = "text"
@@ -199,7 +199,7 @@ class CompareConfig(SampleConfig):
     """`homellm compare`: the same prompts through two runs, side by side."""
     prompts: str = ""  # a .txt file (one prompt a line), a .jsonl file with a "prompt" field, or a .json array
     out: str = ""  # the Markdown report; default RUN_B/compare.md
-    chat: bool = False  # wrap every prompt as a user message (automatic for runs whose config has an sft section)
+    chat: bool = False  # wrap every prompt as a user message (automatic for chat runs: sft's, imported ChatML)
     max_new_tokens: int = 100  # a table cell's worth
     temperature: float = 0.0  # greedy: differences come from the models, not from the dice
 

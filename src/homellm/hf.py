@@ -433,7 +433,7 @@ def hub_download(spec: str, weights: bool = True) -> Path:
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HomeLLMError(f"{spec}: cannot download ({reason}): check the name and the network (a gated model "
-                           "needs `huggingface-cli login`)") from None
+                           "needs `hf auth login`)") from None
     return folder
 
 
