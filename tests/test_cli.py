@@ -574,9 +574,13 @@ def test_pretrain_from_raw_text_notes_each_thing_once(tmp_path, capsys):
     (tmp_path / "neko.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     from homellm.cli import main
 
-    assert main(["pretrain", "--data", str(tmp_path / "neko.jsonl"), "--aozora", "--out", str(tmp_path / "run"),
+    (tmp_path / "old").mkdir()  # a run inside the folder given: skipped, and said so once (review)
+    (tmp_path / "old" / "config.json").write_text("{}")
+    (tmp_path / "old" / "metrics.jsonl").write_text("")
+    assert main(["pretrain", "--data", str(tmp_path), "--aozora", "--out", str(tmp_path / "run"),
                  "--preset", "tiny", "--max-steps", "1", "--tokenizer-kind", "char"]) == 0
-    assert capsys.readouterr().err.count("note: --aozora cleans .txt files only") == 1
+    err = capsys.readouterr().err
+    assert err.count("note: --aozora cleans .txt files only") == 1 and err.count("skipping 1 folder(s)") == 1, err
 
 
 def test_the_machines_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, corpus, capsys):

@@ -790,8 +790,9 @@ def test_sentencepiece_style_tokenizers_read_each_document_whole(tmp_path):
     from homellm.tokenizer import import_tokenizer
 
     rng = np.random.default_rng(0)
-    words = ["the", "king", "queen", "of", "night", "day!", "come", "hence", "now,", "ROMEO:", "JULIET:"]
-    text = "\n".join(" ".join(rng.choice(words, 8)) for _ in range(22_000)) + "\n"  # about 800 KB: several blocks
+    words = ["the", "king", "queen", "of", "night", "day!", "come", "hence", "now,"]
+    lines = (f"{rng.choice(['ROMEO:', 'JULIET:'])}\n{' '.join(rng.choice(words, 8))}" for _ in range(12_000))
+    text = "\n".join(lines) + "\n"  # about 800 KB: several blocks
     (tmp_path / "plays.txt").write_text(text, encoding="utf-8")
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"] + [f"<0x{i:02X}>" for i in range(256)])
     llama2 = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
@@ -801,7 +802,11 @@ def test_sentencepiece_style_tokenizers_read_each_document_whole(tmp_path):
     metaspace = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     metaspace.decoder = decoders.Metaspace(prepend_scheme="first")
-    for name, hf in (("llama2", llama2), ("metaspace", metaspace)):
+    # Gemma's layout (no "▁" prepended): only its vocabulary tells that it merges across line breaks (review)
+    gemma = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    gemma.normalizer = normalizers.Replace(" ", "▁")
+    gemma.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    for name, hf in (("llama2", llama2), ("metaspace", metaspace), ("gemma", gemma)):
         hf.train_from_iterator([text[:20_000]], trainer)
         hf.save(str(tmp_path / f"{name}.json"))
         tok = import_tokenizer(tmp_path / f"{name}.json")
@@ -815,3 +820,14 @@ def test_sentencepiece_style_tokenizers_read_each_document_whole(tmp_path):
     char = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "plays.txt")], out=str(tmp_path / "char"),
                                            kind="char"))
     assert bpe.cuts_at_lines and char.cuts_at_lines  # (they still read in pieces: memory stays flat)
+
+
+def test_documents_read_whole_are_cut_between_documents(tmp_path, monkeypatch):
+    """Past the text held whole, the cut was at the last line break, wherever it fell: a short document across it
+    was cut in two (review). It is now cut before the last <|endoftext|>."""
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 30)
+    monkeypatch.setattr(data, "_WHOLE_CHARS", 100)
+    texts = [f"doc {i} line one\nline two of doc {i}" for i in range(8)]
+    (tmp_path / "stories.txt").write_text(EOT.join(texts), encoding="utf-8")
+    pieces = list(iter_documents([str(tmp_path / "stories.txt")], lines=False))
+    assert [(p.text, p.end) for p in pieces] == [(t, True) for t in texts]

@@ -226,6 +226,7 @@ def test_gpt2_files_give_gpt2_ids(gpt2, tmp_path):
     assert gpt2.eot_id == 50256 and gpt2.encode(EOT, allow_special=True) == [50256]
     assert [gpt2.im_start_id, gpt2.im_end_id, gpt2.pad_id] == [50257, 50258, 50259]
     assert gpt2.vocab_size == 50260
+    assert gpt2.cuts_at_lines  # (its "\n\xa0" joins a line break to whitespace only: prepare reads it in pieces)
     text = ja_text(n_docs=1, chars=300) + random_unicode(300)
     assert gpt2.decode(gpt2.encode(text)) == text
     # the saved tokenizer.json imports again without changes

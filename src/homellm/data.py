@@ -180,8 +180,8 @@ def folder_files(folder: Path, suffixes: tuple[str, ...], quiet: bool = False) -
               and _made_by_homellm(m.parent)}
     skip = sorted(m for m in inside if not inside & set(m.parents))  # a run's data/ goes with the run
     if skip and not quiet:
-        tqdm.write(f"note: {folder}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
-                   f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}", file=sys.stderr)
+        say(f"note: {folder}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
+            f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}")
     return sorted(f for f in folder.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)
                   and not any(s in f.parents for s in skip))
@@ -498,11 +498,16 @@ def _stable_cut(buf: str) -> int:
 def _stable_pieces(blocks: Iterable[str], lines: bool = True) -> Iterator[str]:
     """Regroup decoded blocks into pieces cut at stable places (see _stable_cut). Without `lines` (a tokenizer whose
     tokens change at such a cut: SentencePiece's add a "▁" at the start of each text, and merge across line breaks),
-    a document stays whole up to _WHOLE_CHARS, and only one longer than that is cut, at a line break."""
+    a document stays whole up to _WHOLE_CHARS, and only one longer than that is cut, at a line break: the text held
+    is cut before its last `<|endoftext|>` where it has one, so that no shorter document is cut."""
     buf = ""
     for block in blocks:
         buf += block
-        cut = _stable_cut(buf) if lines or len(buf) > _WHOLE_CHARS else 0
+        cut = 0
+        if lines:
+            cut = _stable_cut(buf)
+        elif len(buf) > _WHOLE_CHARS:
+            cut = max(buf.rfind(EOT), 0) or _stable_cut(buf)
         if not cut and len(buf) > (4 * _CHUNK_BYTES if lines else _WHOLE_CHARS):
             # No line break in sight (one enormous line): cut anyway, but never inside a separator. The tokens at
             # this seam may differ from an uncut run, a few tokens in megabytes.

@@ -182,7 +182,9 @@ def say(text: str) -> None:
             return
         _said.add(text)
     if os.environ.get("RANK", "0") == "0":
-        print(text, file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)  # above a progress bar drawn there, not inside its line
 
 
 @contextlib.contextmanager

@@ -124,8 +124,13 @@ class Tokenizer:
     def cuts_at_lines(self) -> bool:
         """Whether text cut before a line break that follows a non-space character encodes as the whole does:
         byte-level BPE's and char tokenizers do; SentencePiece's add a "▁" at the start of each text they are given
-        and may merge across line breaks ("!\n"). Probed, as a tokenizer.json's parts combine in many ways."""
+        and may merge across line breaks ("!\n"). Probed, as a tokenizer.json's parts combine in many ways, and read
+        off the vocabulary: a token that joins a line break to text (Llama 3's ".\n", Gemma's ":\n") merges across
+        such a cut wherever its text comes (the probes catch only the merges they hold)."""
         probes = ("Hello, world.\nThe next line", "日本語です。\n次の行", "x\n\n  y z", "end!\nDe")
+        if any(piece is not None and b"\n" in piece and piece.decode("utf-8", "replace").strip()  # (GPT-2: "\n\xa0")
+               for piece in self._pieces):
+            return False
         return all(self.encode(text) == self.encode(text[:cut]) + self.encode(text[cut:])
                    for text in probes for cut in [text.index("\n")])
 
