@@ -497,6 +497,9 @@ def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sa
     assert main([*argv[:4], str(tmp_path / "all"), *argv[5:]]) == 0  # and not the whole corpus's
     assert not Tokenizer.load(run / "data").same_as(Tokenizer.load(tmp_path / "all" / "data"))
     capsys.readouterr()
+    # The run's tokenizer reads its text from now on: another sample for it only prepared the corpus again (review)
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "2", "--tokenizer-max-chars", "900"]) == 2
+    assert "tokenizer_max_chars: run has 300, asked 900" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "2", "--val-fraction", "0.1"]) == 0
     meta = json.loads((run / "data" / "meta.json").read_text())  # prepared again, by the run's own tokenizer
     assert meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.15

@@ -154,7 +154,7 @@ def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "2")
-    with pytest.raises(HomeLLMError, match=r"started 3 processes on this machine, and they see 2 CUDA GPUs.*"
+    with pytest.raises(HomeLLMError, match=r"started at least 3 processes on this machine, and they see 2 CUDA GPUs.*"
                                            r"--nproc-per-node 2\)"):
         setup_env(TrainConfig(device="auto"))
     # Local rank 0 (the one whose errors are shown) stops too: it had waited at the rendezvous, saying nothing.

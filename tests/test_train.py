@@ -261,15 +261,21 @@ def test_a_damaged_checkpoint_record_is_named_and_skipped(tmp_path, reference, c
     assert (run / "last").is_dir() and json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 18
 
 
-def test_corrupt_checkpoint_falls_back_to_newest_valid(tmp_path, reference, capsys):
+def test_corrupt_checkpoint_falls_back_to_newest_valid(tmp_path, reference, capsys, monkeypatch):
+    from homellm import checkpoint
+
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     weights = run / "last" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
+    hashed, sha256_file = [], checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
     chosen = find_checkpoint(run, "last", need_state=True)
     assert chosen == run / "best"
+    assert hashed.count(weights) == 1  # each file read once (a 1B model's weights take seconds to hash)
+    monkeypatch.undo()
     assert "corrupt" in capsys.readouterr().err
     load_model(run, "last")  # loads best instead
     from homellm.info import describe

@@ -179,15 +179,14 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
     try:  # the one asked for, valid: the others need no reading (hashing each is seconds for a 1B model)
         verify_checkpoint(run / prefer, need_state)
         return run / prefer
-    except HomeLLMError:
-        pass
+    except HomeLLMError as e:
+        problems = [str(e)]  # (not read again below)
     names = [prefer, "best" if prefer == "last" else "last"]
     # A kill between save_checkpoint's two renames leaves the previous folder as .NAME.old and the new, complete
     # one as .NAME.tmp (complete when its checksums hold: checkpoint.json is written last).
     candidates = [run / n for n in names] + [run / f".{n}.{end}" for n in names for end in ("tmp", "old")]
     valid: list[tuple[int, Path]] = []
-    problems = []
-    for c in candidates:
+    for c in candidates[1:]:
         try:
             valid.append((int(verify_checkpoint(c, need_state)["step"]), c))
         except HomeLLMError as e:

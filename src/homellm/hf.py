@@ -287,8 +287,8 @@ def _model_card(run: Path, out: Path, model: GPT, info: dict[str, Any], chat: bo
 def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     """`homellm import`: a transformers GPT-2 or Llama (a folder as save_pretrained writes it, or hf:NAME from the
     hub) as a homellm run, ready for `sft --init`, generate, chat and serve. The tokenizer gains homellm's chat and
-    padding tokens where it lacks them; their embeddings start at the mean of the others (as a new word's
-    should: near nothing in particular), and fine-tuning teaches them."""
+    padding tokens where it lacks them; their embeddings start as rows drawn around the others' (each its own: see
+    below), and fine-tuning teaches them."""
     from homellm.checkpoint import load_weights_into, save_checkpoint
     from homellm.tokenizer import imported_tokenizer
 
@@ -314,7 +314,7 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
                            "download the model's tokenizer files too")
     tok, added = imported_tokenizer(folder)
     template = source_chat_template(folder)
-    # A chat model of ChatML with its own <|im_start|> and <|im_end|> (Qwen's, SmolLM's instruct models) chats as
+    # A chat model of ChatML with its own <|im_start|> and <|im_end|> (SmolLM's instruct models) chats as
     # homellm's fine-tuned runs do; any other template is not kept, and the model learns ChatML with `sft`.
     chatml = "<|im_start|>" in template and tok.im_start_id not in added and tok.im_end_id not in added
     if template and not chatml:
@@ -433,7 +433,7 @@ def hub_download(spec: str, weights: bool = True) -> Path:
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HomeLLMError(f"{spec}: cannot download ({reason}): check the name and the network (a gated model "
-                           "needs `hf auth login`)") from None
+                           "needs `hf auth login`, or `huggingface-cli login` with an older huggingface_hub)") from None
     return folder
 
 

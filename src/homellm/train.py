@@ -67,7 +67,7 @@ from homellm.tokenizer import Tokenizer, unfinished_save
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "keep_every",
                      "log_every", "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume",
-                     "compile", "data", "aozora", "encoding", "val_fraction", "tokenizer_max_chars", "epochs", "out",
+                     "compile", "data", "aozora", "encoding", "val_fraction", "epochs", "out",
                      "dtype"}  # (the precision: a run goes on where its first GPU's is not native, or from the CPU)
 
 
@@ -227,7 +227,8 @@ def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
         # for the others at the rendezvous, and the user saw only torchrun's exit code).
         procs, gpus = max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), local_rank + 1), torch.cuda.device_count()
         if world > 1 and procs > gpus:
-            raise HomeLLMError(f"torchrun started {procs} processes on this machine, and they see {gpus} CUDA "
+            started = procs if "LOCAL_WORLD_SIZE" in os.environ else f"at least {procs}"  # (another launcher)
+            raise HomeLLMError(f"torchrun started {started} processes on this machine, and they see {gpus} CUDA "
                                f"GPU{'s' * (gpus != 1)}: start at most that many per node (--nproc-per-node {gpus})")
         dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
@@ -566,8 +567,8 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         raise HomeLLMError(f"--resume: {run} trained on batches of {was} sequences ({saved}), and {asked} would draw "
                            f"other data and change the maths: resume with {fix}")
     if diffs:
-        raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (and "
-                           "--preset: a resumed run starts from its own config), or train into a new --out")
+        raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (a resumed "
+                           "run goes on with its own config), or train into a new --out")
     if saved_world and (saved_train.batch_size, saved_train.grad_accum, saved_world) != (
             cfg.batch_size, cfg.grad_accum, world):
         asked = layout(cfg.batch_size, cfg.grad_accum, world)
