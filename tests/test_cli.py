@@ -126,6 +126,25 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus, capsys):
     shutil.rmtree(data)
     out, _ = cli("info", str(run))
     assert "parameters" in out.lower() and "ends at --max-steps 20\n" in out and f"data {run / 'data'}: " in out
+    assert "loss (· train, o val)" in out and "step 5" in out  # the run's loss curve, from metrics.jsonl
+
+
+def test_the_loss_plot_puts_each_point_where_it_belongs():
+    from homellm.info import loss_plot
+
+    records = [{"step": s, "train_loss": 4.0 - s / 100} for s in range(10, 310, 10)]
+    records += [{"step": 300, "val_loss": 0.9}, {"step": 150, "val_loss": "x"}, {"step": 160}]
+    lines = loss_plot(records, width=30, height=6).splitlines()
+    assert lines[0] == "loss (· train, o val)"
+    grid = [line.split("|", 1)[1].ljust(30) for line in lines[1:7]]
+    assert grid[0][0] == "·" and grid[-1][-1] == "o"  # the first and highest train loss; the last val loss, lowest
+    assert lines[1].startswith("3.9 |") and lines[6].startswith("0.9 |")  # the range's ends
+    assert lines[-1].split() == ["step", "10", "300"]
+    assert all(c in " ·o" for cells in grid for c in cells)
+    # falling: each column's mark no higher than the one before
+    tops = [next(r for r in range(6) if grid[r][c] != " ") for c in range(30) if any(g[c] != " " for g in grid)]
+    assert tops == sorted(tops)
+    assert loss_plot(records[:1]) == "" and loss_plot([]) == ""  # nothing to draw a line through
 
 
 def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,6 +36,48 @@ def parameter_groups(model: GPT) -> list[tuple[str, int]]:
         key = f"layers.*.{'.'.join(parts[2:-1])}" if parts[0] == "layers" else ".".join(parts[:-1])
         groups[key] += p.numel()
     return list(groups.items())
+
+
+def loss_plot(records: list[dict], width: int = 64, height: int = 10) -> str:
+    """The run's loss against its steps as text: train loss `·` at each log step, val loss `o` (over it) at each
+    evaluation; "" with fewer than two points. A terminal shows it where the run is, without a plotting library."""
+    train = [(r["step"], r["train_loss"]) for r in records if isinstance(r.get("train_loss"), int | float)]
+    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), int | float)]
+    points = [(s, v) for s, v in train + val if isinstance(s, int) and math.isfinite(v)]
+    if len(points) < 2:
+        return ""
+    first, last = min(s for s, _ in points), max(s for s, _ in points)
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    grid = [[" "] * width for _ in range(height)]
+    for mark, series in (("·", train), ("o", val)):
+        for step, value in series:
+            if isinstance(step, int) and math.isfinite(value):
+                col = round((step - first) / max(last - first, 1) * (width - 1))
+                row = round((hi - value) / (hi - lo) * (height - 1)) if hi > lo else height - 1
+                grid[row][col] = mark
+    labels = [f"{hi:.3g}" if i == 0 else f"{lo:.3g}" if i == height - 1 else "" for i in range(height)]
+    pad = max(map(len, labels))
+    lines = [f"{label:>{pad}} |{''.join(row)}".rstrip() for label, row in zip(labels, grid)]
+    steps = f"step {first:,}"
+    lines += [f"{'':>{pad}} +{'-' * width}", f"{'':>{pad}}  {steps}{f'{last:,}':>{width - len(steps)}}"]
+    return "\n".join(["loss (· train, o val)", *lines])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short (a kill mid-write) or not an object is skipped."""
+    records = []
+    try:
+        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def describe(run: str | Path) -> str:
@@ -74,6 +118,8 @@ def describe(run: str | Path) -> str:
                       f"{info['val_bpb']:.4f}" if info.get("val_bpb") is not None else "-", state))
     headers = ("checkpoint", "step", "tokens", "val loss", "val bits/byte", "state")
     out += ["", table(ckpts, headers) if ckpts else "checkpoints: none yet (train the run to write them)"]
+    if plot := loss_plot(read_metrics(run)):
+        out += ["", plot]
     cfg = load_json(run / "config.json")
     if "data_meta" in cfg:
         m = cfg["data_meta"]
