@@ -82,17 +82,24 @@ def test_train_batches_are_deterministic_and_sliced_per_rank(task_data):
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(task_data):
     _, tok = task_data
     torch.manual_seed(0)
-    model = GPT(ModelConfig(family="llama", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64)).eval()
+    model = GPT(ModelConfig(family="llama", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64,
+                            tie_embeddings=False)).eval()
+    with torch.no_grad():  # answers that differ with the prompt (at init all were "=========="; review)
+        for w in model.parameters():
+            w.mul_(8 if w.dim() == 2 else 1)
     problems = arithmetic.generate(12, seed=5, split="heldout")
     prompts = [arithmetic.prompt(p) for p in problems]
     stop = stop_ids(tok, "$\n")
     batched = greedy_complete(model, tok, prompts, 10, stop, batch_size=4)
+    assert len(set(batched)) > 3  # each answer must be its own prompt's to match below
     for prompt, got in zip(prompts, batched):
+        # (the guard keeps to the tokenizer's ids, as eval does: the model's padding rows are none of them)
         ids = list(generate_ids(model, tok.encode(prompt), SampleConfig(max_new_tokens=10, temperature=0.0),
-                                stop_ids=set(stop.tolist())))
+                                stop_ids=set(stop.tolist()), guard=tok.utf8_guard))
         alone = tok.decode(ids)
         # generate_ids ends before the stop token; the batch keeps it, so an answer shows its closing '$'.
-        assert got == alone or (len(ids) < 10 and got[:len(alone)] == alone and len(tok.encode(got)) == len(ids) + 1)
+        ends = {tok.decode([i]) for i in stop.tolist()}
+        assert got == alone or (len(ids) < 10 and got.startswith(alone) and got[len(alone):] in ends), (got, alone)
 
 
 def test_greedy_answers_read_prompts_as_generate_does(task_data):
@@ -311,7 +318,7 @@ def test_a_quickstart_budget_that_the_evaluation_fills_says_so(tmp_path):
         quickstart(QuickstartConfig(out=str(tmp_path / "q"), max_time=20, n=50_000, problems=1000))
 
 
-def test_short_quickstart_runs_end_to_end(tmp_path, capsys):
+def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     from homellm.cli import main
 
     run = tmp_path / "qs"
@@ -339,6 +346,25 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys):
     assert "already holds" in capsys.readouterr().err
     assert main(["eval", str(run), "--n", "20", "--max-digits", "3"]) == 0
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3
+    # The score is of the model's own answers to the held-out problems: scripted answers, right, wrong and malformed
+    # in turn, score as written (a score of the expected answers passed the checks above).
+    from homellm import eval as module
+    from homellm.config import EvalConfig
+
+    problems = arithmetic.generate(40, 7, split="heldout")
+    asked: list[str] = []
+
+    def scripted(model, tok, prompts, *args, **kwargs) -> list[str]:
+        asked.extend(prompts)
+        return [[arithmetic.completion(p), " 1234567$", " x$"][i % 3] for i, p in enumerate(problems)]
+
+    monkeypatch.setattr(module, "greedy_complete", scripted)
+    result = module.eval_arithmetic(run, EvalConfig(n=40, seed=7), quiet=True)
+    assert asked == [arithmetic.prompt(p) for p in problems]
+    assert (result["correct"], result["malformed"]) == (14, 13)
+    for op, bucket in result["by"]["operator"].items():
+        assert bucket["correct"] == sum(i % 3 == 0 for i, p in enumerate(problems) if p.operator == op), op
+    assert {f["got"] for f in result["failures"]} == {" 1234567$", " x$"}
 
 
 def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, capsys):
