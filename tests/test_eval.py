@@ -264,6 +264,16 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
     tok = Tokenizer.load(data_dir)
     one = whole_split_loss(model, shards, block, 1, tok.token_bytes(), env)  # a window at a time: no padding
     assert math.isclose(one["val_loss"], whole["val_loss"], rel_tol=1e-5) and one["tokens"] == whole["tokens"]
+    nats = count = 0.0  # and the loss itself, computed here: each next token from consecutive windows (review)
+    with torch.no_grad():
+        for m in shards:
+            ids = torch.from_numpy(np.asarray(m, dtype=np.int64))
+            for i in range(0, len(ids) - 1, block):
+                x, y = ids[i:i + block][None], ids[i + 1:i + block + 1]
+                logits = model(x[:, :len(y)])[0][0]
+                nats += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+                count += len(y)
+    assert count == whole["tokens"] and math.isclose(whole["val_loss"], nats / count, rel_tol=1e-5)
     nbytes = sum(int(tok.token_bytes()[np.asarray(m[1:])].sum()) for m in shards)  # the bytes of every target
     assert math.isclose(whole["val_bpb"], whole["val_loss"] * whole["tokens"] / math.log(2) / nbytes, rel_tol=1e-6)
     # Raw text, as pretrain --data takes it: every token of it scored once with the run's tokenizer (it said "not a

@@ -198,7 +198,8 @@ def test_beam_search_one_beam_is_greedy_and_more_beams_are_likelier(family):
     assert beam_search(model, prompt, 1, 12) == greedy
     beams = beam_search(model, prompt, 4, 12)
     assert len(beams) == 12
-    assert logprob(model, prompt, beams) >= logprob(model, prompt, greedy) - 1e-4
+    # likelier than greedy, not the greedy answer again (measured: 0.07 and 0.22 nats more)
+    assert beams != greedy and logprob(model, prompt, beams) > logprob(model, prompt, greedy) + 0.02
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -24,7 +24,7 @@ def test_initial_loss_is_near_uniform(family):
     g = torch.Generator().manual_seed(1)
     idx, targets = torch.randint(0, 96, (2, 4, 32), generator=g)
     _, loss = model(idx, targets)
-    assert abs(loss.item() - math.log(96)) < 0.1
+    assert abs(loss.item() - math.log(96)) < 0.03  # (measured 0.009-0.014; 2.5x the init's std gave 0.04-0.1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -469,8 +469,8 @@ def test_serve_per_row_cache_equals_one_sequence_at_a_time(autocast):
                 got.append(model(steps[:, t:t + 1], cache=cache)[0][:, 0])
         assert lengths[:3].tolist() == [len(p) + 6 for p in prompts]
         for i in range(3):
-            torch.testing.assert_close(torch.stack([g[i] for g in got]), want[i], atol=0.05 if autocast else 1e-5,
-                                       rtol=0.05 if autocast else 1e-4)
+            torch.testing.assert_close(torch.stack([g[i] for g in got]), want[i], atol=5e-3 if autocast else 1e-5,
+                                       rtol=1e-2 if autocast else 1e-4)
 
 
 @pytest.mark.parametrize("host, key", [("127.0.0.1", "k"), ("0.0.0.0", "k"), ("0.0.0.0", "")])
