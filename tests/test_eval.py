@@ -3,6 +3,7 @@ quickstart end to end."""
 
 import json
 import math
+import random
 import shutil
 
 import numpy as np
@@ -377,7 +378,7 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert {f["got"] for f in result["failures"]} == {" 1234567$", " x$"}
 
 
-def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, capsys):
+def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, capsys, monkeypatch):
     run = tmp_path / "qs"
     proc = homellm("quickstart", "--out", str(run), "--max-time", "8", "--problems", "3000", "--n", "20", "--chat",
                    "--chat-problems", "400")
@@ -402,6 +403,27 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
     assert "ja" in out and "overall" in out
     assert main(["eval", str(run), "--task", "chat-arithmetic", "--n", "5"]) == 2
     assert f"is the quickstart's base model; its chat model is {run / 'chat'}" in capsys.readouterr().err
+    # Scored as replied: scripted replies (the problem's line, another answer, and another problem's line, each a
+    # third of every phrasing's), asked as user messages of the held-out problems (review: only n was checked)
+    from homellm import eval as module
+    from homellm.chat import prompt_ids
+    from homellm.config import EvalConfig
+
+    problems = arithmetic.generate(9, 4, split="heldout")
+    tok, asked = Tokenizer.load(run / "chat"), []
+
+    def replies(model, tok_, prompts, *args, **kwargs) -> list[str]:
+        asked.append(prompts)
+        return [[arithmetic.line(p) + "<|im_end|>", arithmetic.prompt(p) + " 1234567$",
+                 arithmetic.line(problems[(i + 1) % len(problems)])][i % 3] for i, p in enumerate(problems)]
+
+    monkeypatch.setattr(module, "greedy_complete", replies)
+    scored = module.eval_chat_arithmetic(run / "chat", EvalConfig(task="chat-arithmetic", n=9, seed=4), quiet=True)
+    assert [(r["n"], r["correct"]) for r in scored["by_phrasing"].values()] == [(9, 3)] * 3
+    assert scored["accuracy"] == 1 / 3
+    first = prompt_ids(tok, [{"role": "user", "content": arithmetic.question(problems[0], "en", random.Random(4))}])
+    assert len(asked) == 3 and asked[0][0] == first  # the first question, as the chat model is asked it
+    monkeypatch.undo()
     # Killed in its chat stage, the quickstart cannot start again there: it says how to finish that stage
 
     def rerun() -> str:
