@@ -550,6 +550,17 @@ def test_more_key_value_heads_than_query_heads_is_named_as_such():
         ModelConfig(n_head=2, n_kv_head=8, n_embd=32).validate()
 
 
+def test_pretrain_help_says_what_each_preset_is_for(capsys):
+    from homellm.cli import main
+    from homellm.config import PRESET_USES, PRESETS
+
+    assert set(PRESET_USES) == set(PRESETS)  # a new preset says what it is for
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name}: {use}" in out for name, use in PRESET_USES.items())
+
+
 def test_what_the_flags_alone_decide_is_said_before_the_text_is_read(tmp_path, corpus, capsys):
     """A missing GPU or a run without an end was said after the tokenizer was trained and the text prepared (hours,
     for a large corpus); --preset with --resume reset what the run was given (--patience, --eval-every) unsaid."""

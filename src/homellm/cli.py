@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from homellm.config import (
     DEFAULT_PRESET,
+    PRESET_USES,
     PRESETS,
     SFT_TRAIN,
     ChatConfig,
@@ -380,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "raw .txt/.jsonl inputs (tokenizer and shards are then built inside --out). "
                                    f"The defaults shown are the {DEFAULT_PRESET} preset's; another --preset sets its "
                                    "own, and --resume keeps the run's.")
-    p.add_argument("--preset", default=None, help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=None, help="; ".join(f"{name}: {PRESET_USES[name]}" for name in PRESETS)
+                   + f" (default: {DEFAULT_PRESET})")
     model_defaults, train_defaults = PRESETS[DEFAULT_PRESET]
     add_flags(p, ModelConfig, defaults=model_defaults)
     add_flags(p, TrainConfig, defaults=train_defaults)

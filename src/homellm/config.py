@@ -88,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=list)  # a prepared data dir, or raw .txt/.jsonl inputs to prepare
+    data: list[str] = field(default_factory=list)  # prepared data, or text: .txt/.jsonl/.json, folders, globs, hf:NAME
     out: str = ""  # the run directory: config, tokenizer, checkpoints, metrics
     # (A fresh optimizer and schedule: the weights are the run's --init-checkpoint, the architecture and tokenizer its
     # own.)
@@ -391,6 +391,10 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
              eval_batches=5, tokenizer_vocab=50257, compile=True, checkpoint_every=1000),
     ),
 }
+
+# What each is, for --help
+PRESET_USES = {"tiny": "tests", "cpu": "a 2-core CPU in minutes", "arithmetic": "the quickstart's task",
+               "gpt2-124m": "GPT-2 small on GPUs"}
 
 DEFAULT_PRESET = "cpu"  # what `pretrain` uses without --preset (a fresh start; --resume keeps the run's own)
 
