@@ -307,6 +307,15 @@ def is_sft(run: str | Path) -> bool:
     return path.is_file() and "sft" in load_json(path)  # no config.json: load_model says what is wrong
 
 
+def check_not_merged(run: str | Path) -> None:
+    """--resume of a merged run (written by `merge`) is refused: it holds weights alone, no optimizer state or
+    adapters to go on from."""
+    path = Path(run) / "config.json"
+    if path.is_file() and load_json(path).get("merged_from"):
+        raise HomeLLMError(f"--resume: {run} is a merged run (weights only, nothing to resume): fine-tune it further "
+                           f"with `homellm sft --init {typed(run)} --data CHATS.jsonl --out NEW`")
+
+
 def speaks_chatml(run: str | Path) -> bool:
     """Whether a run expects ChatML turns: fine-tuned on chats, or imported from a chat model of ChatML."""
     path = Path(run) / "config.json"

@@ -23,6 +23,7 @@ from homellm.chat import Message, prompt_ids, read_conversations, render
 from homellm.checkpoint import (
     WEIGHTS,
     check_new_run,
+    check_not_merged,
     find_checkpoint,
     holds_trained,
     load_weights_into,
@@ -187,10 +188,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     elif not (out / "config.json").is_file():  # stopped before it wrote anything to resume from
         raise HomeLLMError(f"--resume: {out} holds no fine-tuning run to continue (no config.json): start it again "
                            "without --resume")
+    if train_cfg.resume:
+        check_not_merged(out)
     saved = load_json(out / "config.json") if train_cfg.resume else {}
-    if saved.get("merged_from"):  # written by `merge`: weights alone, no optimizer state or adapters to go on from
-        raise HomeLLMError(f"--resume: {out} is a merged run (weights only, nothing to resume): fine-tune it further "
-                           f"with `homellm sft --init {typed(out)} --data CHATS.jsonl --out NEW`")
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
     # and may have moved or gone. LoRA adapters always need their base.
     own = bool(saved) and "lora" not in saved

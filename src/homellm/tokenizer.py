@@ -749,14 +749,14 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
         hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                           special_tokens=[(bos, before[bos])])
     missing = [s for s in SPECIAL_TOKENS if s not in before]
-    spec = json.loads(hf.to_str()) if missing else {"model": {}}
-    if missing and isinstance(spec["model"].get("vocab"), dict) and before and max(before.values()) >= len(before):
+    if missing and before and (top := max(before.values())) >= len(before):
         # The library numbers tokens it adds from the vocabulary's count: where its ids have holes, that is an id
         # in use (a WordLevel of ids 0, 1, 4, 5 gave <|endoftext|> the 4 of "b"). Written into the vocabulary past
         # its largest id first, they keep those ids.
-        top = max(before.values())
-        spec["model"]["vocab"].update({token: top + 1 + k for k, token in enumerate(missing)})
-        hf = HFTokenizer.from_str(json.dumps(spec))
+        spec = json.loads(hf.to_str())
+        if isinstance(spec["model"].get("vocab"), dict):  # (BPE, WordPiece, WordLevel: a Unigram's ids have no holes)
+            spec["model"]["vocab"].update({token: top + 1 + k for k, token in enumerate(missing)})
+            hf = HFTokenizer.from_str(json.dumps(spec))
     hf.add_special_tokens(_special_tokens())
     if clash := [s for s in missing if hf.token_to_id(s) in set(before.values())]:
         raise HomeLLMError(f"{path}: its ids leave no room for {clash[0]} (it would take an id in use): save the "

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from homellm.checkpoint import (
     check_new_run,
+    check_not_merged,
     fault_point,
     find_checkpoint,
     finish_swap,
@@ -256,8 +257,8 @@ def agreed(dtype: torch.dtype, ns: torch.dtype, compiles: bool, device: torch.de
     where all can (else float16 and its scaler beside float16, float32 beside float32); compile only if all can."""
     codes = torch.tensor([_PRECISIONS.index(dtype), _PRECISIONS.index(ns), int(compiles)], device=device)
     dist.all_reduce(codes, op=dist.ReduceOp.MIN)
-    mine, theirs, both = codes.tolist()
-    return _PRECISIONS[mine], _PRECISIONS[theirs], bool(both)
+    precision, iteration, compiles = codes.tolist()
+    return _PRECISIONS[precision], _PRECISIONS[iteration], bool(compiles)
 
 
 def bf16_cpu() -> bool:
@@ -592,8 +593,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     check_ranges(cfg)
     env = setup_env(cfg, model_cfg.n_embd)
     run = Path(cfg.out)
-    if cfg.max_steps <= 0 and cfg.max_time <= 0:
-        raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+    check_end(cfg)
     clock = _clock_group(env)
     torch.manual_seed(cfg.seed + env.rank)
     model = GPT(model_cfg)
@@ -1145,13 +1145,18 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     return data_dir
 
 
+def check_end(cfg: TrainConfig) -> None:
+    """A run needs an end: steps, a time budget, or epochs (which become steps once the data is known)."""
+    if cfg.max_steps <= 0 and cfg.max_time <= 0 and cfg.epochs <= 0:
+        raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+
+
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     """`homellm pretrain`: prepare the data if needed, then train from scratch (or resume) into cfg.out."""
     if not cfg.out:
         raise HomeLLMError("--out is required: the run folder to write")
     # What the flags alone decide, said before any text is read: preparing a corpus may take hours.
-    if cfg.max_steps <= 0 and cfg.max_time <= 0 and cfg.epochs <= 0:
-        raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+    check_end(cfg)
     resolve_device(cfg.device)
     run = Path(cfg.out)
     if not cfg.resume and os.environ.get("RANK", "0") == "0":  # (the others would see what rank 0 began writing)
@@ -1167,9 +1172,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         if run.is_dir() and not any(run.iterdir()):  # a relay's first session: nothing yet
             raise HomeLLMError(f"--resume: {run} holds no run yet: start it without --resume (later sessions add "
                                "--resume to continue it)")
-        if is_sft(run) and load_json(run / "config.json").get("merged_from"):
-            raise HomeLLMError(f"{run} is a merged run (weights only, nothing to resume): fine-tune it further with "
-                               f"`homellm sft --init {typed(run)} --data CHATS.jsonl --out NEW`")
+        check_not_merged(run)
         if is_sft(run):
             raise HomeLLMError(f"{run} is a fine-tuned run: continue it with `homellm sft --resume --out {typed(run)}`")
         saved_model, _ = read_config(run)
