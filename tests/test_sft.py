@@ -412,7 +412,7 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     adapted = load_model(base_run).train(False)
     attach_lora(adapted, LoraSpec(**json.loads((out / "config.json").read_text())["lora"]["spec"]))
     assert trainable_parameters(adapted) == n_adapter
-    adapted.load_state_dict({**{k: v for k, v in base.state_dict().items()}, **saved}, strict=True)
+    adapted.lora.load_state_dict({k.removeprefix("lora."): v for k, v in saved.items()}, strict=True)
     x = torch.randint(0, base.cfg.vocab_size, (2, 32))
     with torch.no_grad():
         lora_logits = adapted(x)[0]
@@ -449,6 +449,32 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     load_model(out)
     assert sum(path.is_relative_to(base_run.resolve()) for path in hashed) == 1, hashed
     monkeypatch.undo()
+    # A run made before the chat tokens' rows trained (no `tokens` in its spec, no rows saved) loads as it was.
+    tok = Tokenizer.load(out)
+    chat_ids = [tok.im_start_id, tok.im_end_id]
+    assert json.loads((out / "config.json").read_text())["lora"]["spec"]["tokens"] == chat_ids
+    assert saved["lora.embed_rows"].abs().sum() > 0  # trained (they start at zero)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["lora"]["spec"]["tokens"]
+    (old / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+
+    for name in ("best", "last"):
+        weights = load_file(str(old / name / "model.safetensors"))
+        save_file({k: v for k, v in weights.items() if "rows" not in k}, str(old / name / "model.safetensors"))
+        info = json.loads((old / name / "checkpoint.json").read_text())
+        info["sha256"]["model.safetensors"] = checkpoint.sha256_file(old / name / "model.safetensors")
+        (old / name / "checkpoint.json").write_text(json.dumps(info))
+    with torch.no_grad():
+        without_rows = load_model(old, "last")(x)[0]
+        assert not torch.allclose(without_rows, lora_logits)
+        # ... and differs by the rows alone: the same where no chat token is read or predicted.
+        x_plain = x.masked_fill(torch.isin(x, torch.tensor(chat_ids)), 0)
+        others = [i for i in range(base.cfg.vocab_size) if i not in chat_ids]
+        torch.testing.assert_close(load_model(old, "last")(x_plain)[0][..., others],
+                                   load_model(out, "last")(x_plain)[0][..., others])
     def err(*argv: str, code: int = 2) -> str:
         capsys.readouterr()
         assert main(list(argv)) == code, argv
@@ -549,6 +575,54 @@ def test_a_lora_adapter_on_the_head_trains_at_a_large_vocabulary():
     assert model(x, y)[0] is None  # without the hook: the chunks
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("vocab", [64, "chunked"])
+def test_lora_trains_the_chat_tokens_rows_and_merges_them(tied, vocab):
+    """LoRA on the layers alone never moves a token's own embedding or head row: an imported model's added
+    <|im_end|> kept its initial row and its logit, and a reply's end stayed where import put it. The rows of
+    LoraSpec.tokens train as deltas, in the embedding and the head (one delta for a tied pair), through the chunked
+    loss of a large vocabulary too; merged, they are the same function, with the tie kept."""
+    from homellm.model import CHUNKED_LOSS_VOCAB
+
+    vocab = CHUNKED_LOSS_VOCAB if vocab == "chunked" else vocab
+    cfg = replace(preset("tiny")[0], vocab_size=vocab, tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = [3, 5]
+    lora = attach_lora(model, LoraSpec(rank=2, tokens=tokens))
+    x, y = torch.randint(0, vocab, (2, 2, 8))
+    x[:, 0], y[:, 1] = 3, 5  # both tokens read, and both predicted
+    logits, loss = model(x, y)
+    assert (logits is None) == (vocab >= CHUNKED_LOSS_VOCAB)  # the chunks stay: no hook on the head's output
+    loss.backward()
+    rows = [lora.embed_rows] + ([] if tied else [lora.head_rows])
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in rows)
+    assert trainable_parameters(model) == sum(p.numel() for p in lora.parameters())
+    assert {k for k in lora.state_dict() if "rows" in k} == {"embed_rows"} | (set() if tied else {"head_rows"})
+    with torch.no_grad():
+        for r in rows:
+            torch.nn.init.normal_(r)
+        probe = torch.randint(0, vocab, (2, 8))
+        probe[:, 2] = 3
+        adapted = model(probe)[0]
+        plain = GPT(cfg)
+        plain.load_state_dict(base)
+        before = plain(probe)[0]
+        # The rows changed the tokens' logits, and what follows a token read, but not the other logits before it.
+        assert not torch.allclose(adapted[:, :, tokens], before[:, :, tokens])
+        assert not torch.allclose(adapted[:, 2:], before[:, 2:])
+        others = [i for i in range(vocab) if i not in tokens]
+        torch.testing.assert_close(adapted[:, :2, others], before[:, :2, others])
+        merge_lora(model)
+        assert set(model.state_dict()) == set(base) and (model.lm_head.weight is model.embed_tokens.weight) == tied
+        torch.testing.assert_close(model(probe)[0], adapted, rtol=1e-4, atol=1e-4)
+        changed = (model.embed_tokens.weight != base["embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
+        assert changed == tokens  # only the tokens' rows, and the head's likewise
+        if not tied:
+            assert (model.lm_head.weight != base["lm_head.weight"]).any(1).nonzero().flatten().tolist() == tokens
+
+
 def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run, capsys):
     from homellm.cli import main  # in-process: the suite's time
 
@@ -598,15 +672,26 @@ def test_a_lora_run_with_its_lora_section_or_checkpoint_record_edited_is_named_i
 
 
 def test_lora_with_muon_trains_every_adapter_with_muon(tmp_path, base_run):
-    """LoRA's parameters are all matrices: Muon takes them all, and AdamW, left with none, is not made (it used to
-    stop with "optimizer got an empty parameter list"). Resume restores the one optimizer."""
+    """LoRA's adapters are all matrices: Muon takes them all, and the chat tokens' rows, embedding rows, go to AdamW.
+    Without those rows (runs made before them) AdamW, left with none, is not made (it used to stop with "optimizer
+    got an empty parameter list"). Resume restores both optimizers."""
     from homellm.cli import main
+    from homellm.muon import Muon
+    from homellm.train import make_optimizers
 
+    cfg = TrainConfig(optimizer="muon")
+    for tokens in ([], [1, 2]):
+        model = GPT(replace(preset("tiny")[0], vocab_size=64))
+        lora = attach_lora(model, LoraSpec(rank=2, tokens=tokens))
+        optimizers = make_optimizers(model, cfg, torch.device("cpu"))
+        held = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in optimizers]
+        assert held[0] == {id(p) for p in [*lora.A.values(), *lora.B.values()]}
+        assert isinstance(optimizers[0], Muon) and held[1:] == ([{id(lora.embed_rows)}] if tokens else [])
     out, data = tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
     assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(out), "--lora-rank", "2",
                  "--optimizer", "muon", "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "1"]) == 0
     state = torch.load(out / "last" / "state.pt", weights_only=True)
-    assert len(state["optimizers"]) == 1 and state["optimizers"][0]["state"]
+    assert len(state["optimizers"]) == 2 and all(o["state"] for o in state["optimizers"])
     assert main(["sft", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
     assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 3
 

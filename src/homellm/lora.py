@@ -7,6 +7,11 @@
 The adapters add their output through forward hooks on the chosen nn.Linear layers, so the model's own code and
 parameter names stay untouched (its checkpoints and exports are unchanged) and the one training loop trains them
 like any other parameters. A LoRA run saves only the adapters: `model.lora.*`, a few percent of the model.
+
+The embedding and head rows of a few tokens (`LoraSpec.tokens`: sft gives the chat tokens) train too, as deltas,
+as PEFT's trainable_token_indices does: a base never saw <|im_start|> or <|im_end|> in pretraining (an import
+adds them as new rows), and low-rank adapters on the layers between cannot move <|im_end|>'s own row, so whether a
+reply ends would rest on a row nothing trains.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from homellm.config import LORA_TARGETS
 from homellm.errors import HomeLLMError
@@ -29,6 +35,7 @@ class LoraSpec:
     alpha: float = 16.0  # the update is scaled by alpha / rank, so changing the rank keeps its size
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    tokens: list[int] = field(default_factory=list)  # ids whose embedding and head rows train too (runs before: none)
 
 
 class LoRA(nn.Module):
@@ -77,6 +84,33 @@ class LoRA(nn.Module):
             raise HomeLLMError(f"--lora-targets {','.join(spec.targets)} match no linear layer of the model: use "
                                "names such as q_proj, v_proj, up_proj, down_proj")
         self._hooks = [m.register_forward_hook(self._hook(k)) for k, m in self.layers.items()]
+        self.tokens = list(spec.tokens)
+        self.tied = model.lm_head.weight is model.embed_tokens.weight
+        self._model = [model]  # not a submodule: the model holds the adapters, not the other way round
+        if self.tokens:
+            self._train_rows(model)
+
+    def _train_rows(self, model: GPT) -> None:
+        vocab, width = model.embed_tokens.weight.shape
+        if bad := [t for t in self.tokens if not 0 <= t < vocab]:
+            raise HomeLLMError(f"LoRA tokens {bad}: the model has ids 0 to {vocab - 1} only: the tokenizer is not "
+                               "the model's")
+        device = model.embed_tokens.weight.device
+        ids = torch.tensor(self.tokens, device=device)
+        slot = torch.zeros(vocab, dtype=torch.long, device=device)  # 0: no delta; k: the (k-1)th row
+        slot[ids] = torch.arange(1, len(ids) + 1, device=device)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("token_slot", slot, persistent=False)
+        self.embed_rows = nn.Parameter(torch.zeros(len(ids), width, device=device))  # zero: the base model at first
+        # A tied head is the embedding: one delta serves both, as merging it into the one weight will.
+        self.head_rows = None if self.tied else nn.Parameter(torch.zeros(len(ids), width, device=device))
+
+        def add_rows(module: nn.Embedding, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            return out + F.pad(self.embed_rows, (0, 0, 1, 0)).to(out.dtype)[self.token_slot[inputs[0]]]
+        self._hooks.append(model.embed_tokens.register_forward_hook(add_rows))
+        # The head's weight itself, not a hook on its output: the loss over a large vocabulary is computed in chunks
+        # from the weight (model.chunked_cross_entropy), never holding (batch, T, vocab) logits, and stays so.
+        parametrize.register_parametrization(model.lm_head, "weight", _AddRows(self))
 
     def _hook(self, key: str):
         def add_update(module: nn.Linear, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
@@ -91,6 +125,21 @@ class LoRA(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self.tokens and parametrize.is_parametrized(head := self._model[0].lm_head, "weight"):
+            parametrize.remove_parametrizations(head, "weight", leave_parametrized=False)  # the tie, if any, kept
+
+
+class _AddRows(nn.Module):
+    """The head's weight with the LoRA's rows added to its tokens' rows."""
+
+    def __init__(self, lora: LoRA):
+        super().__init__()
+        self._lora = [lora]  # not a submodule: the rows are the LoRA's parameters, saved once under its name
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        lora = self._lora[0]
+        rows = lora.embed_rows if lora.head_rows is None else lora.head_rows
+        return weight.index_add(0, lora.token_ids, rows.to(weight.dtype))
 
 
 def attach_lora(model: GPT, spec: LoraSpec, new: bool = True) -> LoRA:
@@ -106,9 +155,13 @@ def attach_lora(model: GPT, spec: LoraSpec, new: bool = True) -> LoRA:
 def merge_lora(model: GPT) -> GPT:
     """Fold the adapters into the weights they adapt and drop them: the same function, no extra cost per token."""
     lora: LoRA = model.lora
+    lora.remove()  # the hooks and the head's added rows first: its weight is a plain parameter again
     for key, module in lora.layers.items():
         module.weight += (lora.B[key] @ lora.A[key]).to(module.weight.dtype) * lora.scale
-    lora.remove()
+    if lora.tokens:
+        for weight, rows in [(model.embed_tokens.weight, lora.embed_rows), (model.lm_head.weight, lora.head_rows)]:
+            if rows is not None:  # (a tied head's rows are the embedding's, added once)
+                weight.index_add_(0, lora.token_ids, rows.to(weight.dtype))
     del model.lora
     for p in model.parameters():
         p.requires_grad_(True)

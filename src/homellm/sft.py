@@ -290,7 +290,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
         train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")
-    spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+    # The chat tokens' rows train with the adapters; a run resumed keeps those it began with (none, made before).
+    tokens = saved["lora"]["spec"].get("tokens", []) if saved.get("lora") else [tok.im_start_id, tok.im_end_id]
+    spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets), tokens)
     lora = None
     if cfg.lora_rank > 0:
         lora = {"base": str(init.resolve()), "base_checkpoint": folder.name,

@@ -365,7 +365,8 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device, ns: torc
     """AdamW with weight decay on matrices only; or Muon (its iteration in `ns`, else its device's choice) for the
     hidden matrices and AdamW for the rest."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    embeddings = {"embed_tokens.weight", "embed_positions.weight", "lm_head.weight"}
+    embeddings = {"embed_tokens.weight", "embed_positions.weight", "lm_head.weight", "lora.embed_rows",
+                  "lora.head_rows"}
     # The fused kernel is one pass over all parameters on CUDA and on CPU too, where it measured 5 % faster
     # per training step than foreach at nanoGPT's shakespeare-char size (bench/README.md).
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
