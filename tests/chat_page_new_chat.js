@@ -1,5 +1,6 @@
 // The chat page's script against a stub DOM and fetch (tests/test_serve.py): a reply streams, "New chat" is
-// clicked halfway, a message is sent at once. Prints the messages of each chat request as JSON.
+// clicked halfway, a message is sent at once. Prints the messages of each chat request as JSON. With "stop":
+// Stop is pressed before the reply's first piece, then another message is sent.
 const fs = require("fs");
 const html = fs.readFileSync(process.argv[2], "utf8");
 const script = html.slice(html.indexOf("<script>") + 8, html.lastIndexOf("</script>"));
@@ -32,6 +33,18 @@ eval(script);
 (async () => {
   const say = async (text) => { elements.input.value = text; handlers["composer:submit"]({preventDefault() {}}); };
   await sleep(20);
+  if (process.argv[3] === "stop") {  // Stop pressed before the first piece of the reply came
+    await say("stopped at once");
+    handlers["composer:submit"]({preventDefault() {}});  // the Send button reads Stop
+    await sleep(30);
+    const back = elements.input.value;
+    await say("next question");
+    await sleep(30);
+    handlers["composer:submit"]({preventDefault() {}});
+    await sleep(30);
+    console.log(JSON.stringify({sent, back}));
+    process.exit(0);
+  }
   await say("first question");
   await sleep(60);  // part of the reply has streamed
   handlers["new:click"]();

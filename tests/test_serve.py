@@ -320,6 +320,7 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
         ({**ok, "modalities": ["audio"]}, 400, "modalities", "unsupported_parameter"),
         ({**ok, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
         ({**ok, "max_tokens": 600}, 400, "max_tokens", "context_length_exceeded"),
+        ({**ok, "max_completion_tokens": 600}, 400, "max_completion_tokens", "context_length_exceeded"),
         ({**ok, "messages": [{"role": "user", "content": "la " * 600}]}, 400, "messages", "context_length_exceeded"),
         ({**ok, "model": "gpt-4"}, 404, "model", "model_not_found"),
         (json.dumps({**ok, "messages": [{"role": "user", "content": "hi\ud800"}]}).encode(), 400, "messages",
@@ -339,6 +340,8 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
     completion = {"model": run.name, "prompt": "hi", "max_tokens": 2}
     assert post(server.url + "/v1/completions", {**completion, "logprobs": 0})[1]["error"]["param"] == "logprobs"
     assert post(server.url + "/v1/completions", {**completion, "logprobs": None, "echo": False})[0] == 200
+    for many, param in ({"prompt": ["a"] * 9}, "prompt"), ({"prompt": ["a", "b"], "n": 5}, "n"):  # over --max-batch 8
+        assert post(server.url + "/v1/completions", {**completion, **many})[1]["error"]["param"] == param
     developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     for fine in ({"response_format": {"type": "text"}, "max_tokens": 2}, {"messages": developer, "max_tokens": 2}):
         assert post(url, {**ok, **fine})[0] == 200, fine
@@ -651,6 +654,13 @@ def test_new_chat_during_a_reply_starts_clean():
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [[{"role": "user", "content": "first question"}],
                                        [{"role": "user", "content": "second question (new chat)"}]]
+    # Stopped before any text: an empty assistant turn stayed, sent with every later message; now the question
+    # leaves the turns and goes back into the box.
+    done = subprocess.run(["node", str(harness), str(page), "stop"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"sent": [[{"role": "user", "content": "stopped at once"}],
+                                                [{"role": "user", "content": "next question"}]],
+                                       "back": "stopped at once"}
 
 
 def test_a_stop_signal_ends_replies_in_progress_with_an_answer(run, monkeypatch):
@@ -694,6 +704,9 @@ def test_a_stop_signal_ends_replies_in_progress_with_an_answer(run, monkeypatch)
     srv.thread.join(60)
     assert not srv.thread.is_alive()
     assert isinstance(results["plain"], openai.APIStatusError) and results["plain"].status_code == 503
+    # The openai clients retry a 503 (into the closed port, then "Connection error") unless told not to.
+    assert results["plain"].response.headers.get("x-should-retry") == "false"
+    assert "retry-after" not in results["plain"].response.headers
     assert "the server is shutting down" in str(results["plain"])
     assert isinstance(results["stream"], openai.APIError) and "the server is shutting down" in str(results["stream"])
 
@@ -707,7 +720,7 @@ def test_cors_lets_named_origins_call_the_api(run):
         def preflight(origin: str) -> tuple[int, str | None]:
             request = urllib.request.Request(srv.url + "/v1/chat/completions", method="OPTIONS", headers={
                 "Origin": origin, "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type"})
+                "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-lang"})
             try:
                 with urllib.request.urlopen(request, timeout=60) as r:
                     return r.status, r.headers.get("access-control-allow-origin")
@@ -719,5 +732,6 @@ def test_cors_lets_named_origins_call_the_api(run):
         request = urllib.request.Request(srv.url + "/v1/models", headers={"Origin": "http://localhost:5173"})
         with urllib.request.urlopen(request, timeout=60) as r:
             assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
+            assert r.headers["access-control-expose-headers"].lower() == "retry-after, x-should-retry"
     finally:
         srv.close()

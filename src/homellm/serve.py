@@ -348,6 +348,7 @@ class Params:
     n: int
     stream: bool
     include_usage: bool
+    limit: str = "max_tokens"  # the field that gave the length limit: errors name it
 
 
 def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Params:
@@ -377,7 +378,7 @@ def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Pa
                           top_k=_number(body, "top_k", int, 0, 0),
                           stop=[s for s in stop if s], seed=seed or 0)
     return Params(sample, seed is not None, _number(body, "n", int, 1, 1, max_n),
-                  _number(body, "stream", bool, False), _number(options, "include_usage", bool, False))
+                  _number(body, "stream", bool, False), _number(options, "include_usage", bool, False), limit)
 
 
 def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prompt_field: str) -> None:
@@ -386,8 +387,8 @@ def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prom
     if longest + max(asked, 1) > block_size:
         what = f"{longest} in the prompt" + (f" and {asked} for the completion" if asked else " and 1 to generate")
         raise ApiError(400, f"this model's context is {block_size} tokens, but the request needs "
-                            f"{longest + max(asked, 1)} ({what}): shorten the prompt or lower max_tokens",
-                       "max_tokens" if asked and longest < block_size else prompt_field, "context_length_exceeded")
+                            f"{longest + max(asked, 1)} ({what}): shorten the prompt or lower {params.limit}",
+                       params.limit if asked and longest < block_size else prompt_field, "context_length_exceeded")
     params.sample.max_new_tokens = asked or block_size - longest
 
 
@@ -533,8 +534,10 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         origins = [o.rstrip("/") for item in cfg.cors for o in item.split(",") if o.strip()]
         if bad := [o for o in origins if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o)]:
             raise HomeLLMError(f"--cors {bad[0]}: give origins as scheme://host[:port] (http://localhost:5173), or *")
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+        # Any request header: the official openai JS client sends its own X-Stainless-* ones with every request,
+        # and a preflight that named one was refused. Retry-After and x-should-retry are read by clients.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+                           expose_headers=["Retry-After", "x-should-retry"], max_age=600)
 
     GET = ["GET", "HEAD"]  # HEAD too, as `curl -I` and uptime checkers send: the headers of GET, no body
 
@@ -544,7 +547,9 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> Response:
         response = json_response(e.body(), e.status)
-        if e.status == 503:  # at capacity: clients that honour it (the openai one does) wait a moment, then retry
+        if e.code == "server_shutting_down":  # the openai clients retry a 503 unless told: into a closed port
+            response.headers["x-should-retry"] = "false"
+        elif e.status == 503:  # at capacity: clients that honour it (the openai one does) wait a moment, then retry
             response.headers["Retry-After"] = "1"
         return response
 
@@ -719,8 +724,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
             raise ApiError(400, "'prompt' must be a string or a list of strings", "prompt", "invalid_type")
         params = parse_params(body, 16, cfg.max_batch)
         if len(texts) * params.n > cfg.max_batch:
-            raise ApiError(400, f"{len(texts)} prompts x n={params.n} exceed --max-batch {cfg.max_batch}", "n",
-                           "invalid_value")
+            raise ApiError(400, f"{len(texts)} prompts x n={params.n} exceed --max-batch {cfg.max_batch}",
+                           "n" if params.n > 1 else "prompt", "invalid_value")
         # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
         # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
         def encode() -> list[list[int]]:
