@@ -97,6 +97,16 @@ def test_a_gguf_file_computes_homellms_logits_in_llama_cpps_conventions(tmp_path
     types = meta["tokenizer.ggml.token_type"]
     assert types[tok.im_end_id] == gguf.TokenType.CONTROL and types[tok.encode("R")[0]] == gguf.TokenType.NORMAL
     assert "tokenizer.ggml.eot_token_id" not in meta  # a pretrained run: it ends text, not turns
+    if family == "llama":  # an added token that is not special: llama.cpp reads it whole only as USER_DEFINED
+        from tokenizers import AddedToken
+
+        assert tok.vocab_size < model.cfg.vocab_size  # room among the padding rows
+        tok.hf.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+        tok.hf.save(str(run / "tokenizer" / "tokenizer.json"))
+        assert cli(capsys, "export", str(run), "--format", "gguf", "--out", str(tmp_path / "t.gguf"))[0] == 0
+        types = read_gguf(tmp_path / "t.gguf")[0]["tokenizer.ggml.token_type"]
+        assert types[tok.vocab_size] == gguf.TokenType.USER_DEFINED  # (the new token's id)
+        assert types[tok.im_end_id] == gguf.TokenType.CONTROL and types[tok.encode("R")[0]] == gguf.TokenType.NORMAL
 
 
 def test_a_chat_run_in_float16_ends_turns_and_keeps_norms_in_float32(tmp_path):
@@ -170,8 +180,17 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, ca
     train_tokenizer(TokenizerConfig(input=[str(tmp_path / "t.txt")], out=str(tmp_path / "char"), kind="char"))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (run / "tokenizer" / f).write_bytes((tmp_path / "char" / f).read_bytes())
-    with pytest.raises(HomeLLMError, match=r"not byte-level BPE \(char\), which is the kind llama.cpp reads"):
+    with pytest.raises(HomeLLMError, match=r"its tokenizer is char, not byte-level BPE: homellm writes GGUF for "
+                                           r"byte-level BPE tokenizers only"):
         export_gguf(run, tmp_path / "c.gguf")
+    # Llama 2's kind was called "not byte-level BPE (bpe)", and "a BPE tokenizer" asked for.
+    spm = make_run(tmp_path / "spm", "llama")
+    spec = json.loads((spm / "tokenizer" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (spm / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(HomeLLMError, match=r"its tokenizer is SentencePiece-style BPE \(Metaspace, byte fallback\), "
+                                           r"as Llama 2's: homellm writes GGUF for byte-level BPE tokenizers only"):
+        export_gguf(spm, tmp_path / "s.gguf")
     # A tokenizer that changes text before it splits it (lower case here): llama.cpp does not
     lower = make_run(tmp_path / "lower", "llama")
     spec = json.loads((lower / "tokenizer" / "tokenizer.json").read_text())

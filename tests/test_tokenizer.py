@@ -374,6 +374,7 @@ def test_an_imported_vocabulary_with_holes_gets_its_special_tokens_past_its_ids(
     tok = import_tokenizer(tmp_path / "holes.json")
     assert tok.encode("a b") == [1, 5, 4] and [tok.hf.id_to_token(i) for i in (1, 5, 4)] == ["a", " ", "b"]
     assert sorted(tok.hf.token_to_id(s) for s in SPECIAL_TOKENS) == [6, 7, 8, 9]
+    assert tok.kind == "wordlevel"  # whole words: it was called "char", homellm's one-character tokenizer
 
 
 def wordpiece_tokenizer(tmp_path) -> Path:

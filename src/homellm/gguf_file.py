@@ -94,16 +94,22 @@ def _vocabulary(tok: Tokenizer, size: int, where: str) -> tuple[list[str], list[
     spec = json.loads(tok.hf.to_str())
     model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
-        raise HomeLLMError(f"{where}: its tokenizer is not byte-level BPE ({tok.kind}), which is the kind llama.cpp "
-                           "reads: GGUF needs a run trained with a BPE tokenizer (`homellm tokenizer train`, the "
-                           "default kind); `homellm export` without --format gguf writes any run for transformers")
-    special = {t.content for t in tok.hf.get_added_tokens_decoder().values() if t.special}
+        kind = ("SentencePiece-style BPE (Metaspace, byte fallback), as Llama 2's" if model.get("type") == "BPE"
+                and ('"Metaspace"' in pre or model.get("byte_fallback")) else f"{tok.kind}, not byte-level BPE")
+        raise HomeLLMError(f"{where}: its tokenizer is {kind}: homellm writes GGUF for byte-level BPE tokenizers "
+                           "only (homellm's own, GPT-2's, Llama 3's); train one with `homellm tokenizer train` for a "
+                           "run of your own, or use `homellm export` without --format gguf (transformers reads any "
+                           "run)")
+    added = {t.content: t.special for t in tok.hf.get_added_tokens_decoder().values()}
     tokens, types = [], []
     for i in range(size):
         text = tok.hf.id_to_token(i)
         tokens.append(text if text is not None else f"[PAD{i}]")
+        # An added token that is not special is USER_DEFINED, as llama.cpp's converter writes it: llama.cpp then
+        # reads it whole in text, as the tokenizer does; as NORMAL it split it into pieces the model never saw.
         types.append(gguf.TokenType.UNUSED if text is None else
-                     gguf.TokenType.CONTROL if text in special else gguf.TokenType.NORMAL)
+                     gguf.TokenType.CONTROL if added.get(text) else
+                     gguf.TokenType.USER_DEFINED if text in added else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return tokens, types, merges
 

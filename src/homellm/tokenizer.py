@@ -107,9 +107,14 @@ class Tokenizer:
 
     @property
     def kind(self) -> str:
-        """bpe, char, or the model type of an imported tokenizer.json."""
-        model = json.loads(self.hf.to_str())["model"]["type"]
-        return {"BPE": "bpe", "WordLevel": "char"}.get(model, model.lower())
+        """bpe, char (homellm's: a word-level model over single characters), or the model type of an imported
+        tokenizer.json in lower case (wordlevel, wordpiece, unigram)."""
+        spec = json.loads(self.hf.to_str())
+        model = spec["model"]["type"]
+        pattern = ((spec.get("pre_tokenizer") or {}).get("pattern") or {}).get("Regex", "")
+        if model == "WordLevel" and pattern.endswith(r"[\s\S]"):  # any one character, after the --words
+            return "char"
+        return {"BPE": "bpe"}.get(model, model.lower())
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return (self.hf if allow_special else self._plain).encode(text, add_special_tokens=False).ids
