@@ -517,6 +517,37 @@ def test_a_sentencepiece_tokenizer_renders_chat_as_apply_chat_template_does(tmp_
     assert [i for i, m in zip(odd_ids, odd_mask) if m] == [i for i, m in zip(ids, mask) if m]
 
 
+@pytest.mark.parametrize("post, bos", [("t5", None), ("bert", "[CLS]"), ("template-both-ends", "<s>")])
+def test_a_saved_tokenizer_adds_to_a_text_only_what_homellm_adds(tmp_path, post, bos):
+    """A T5-style template (`$A </s>`, as rinna's converted tokenizer has) or BERT's [CLS] $A [SEP] stayed in the
+    saved tokenizer.json: transformers then ended every prompt with a document's end, unlike homellm's ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, processors, trainers
+
+    from homellm.tokenizer import import_tokenizer
+
+    raw = HFTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.train_from_iterator(TEXT.splitlines() * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "[CLS]", "[SEP]"]))
+    ids = {t: raw.token_to_id(t) for t in ("<s>", "</s>", "[CLS]", "[SEP]")}
+    raw.post_processor = {
+        "t5": processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", ids["</s>"])]),
+        "bert": processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"])),
+        "template-both-ends": processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[
+            ("<s>", ids["<s>"]), ("</s>", ids["</s>"])])}[post]
+    raw.save(str(tmp_path / "tokenizer.json"))
+    if bos:  # (a template's first token is its bos; BERT's processor names none, so the config does)
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "add_bos_token": True}))
+    tok = import_tokenizer(tmp_path)
+    assert tok.bos == bos
+    tok.save(tmp_path / "saved")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    text = "ROMEO: But soft"
+    assert auto(text)["input_ids"] == ([tok.bos_id] if bos else []) + tok.encode(text)
+    assert Tokenizer.load(tmp_path / "saved").hf.to_str() == tok.hf.to_str()
+
+
 def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not_kept(tmp_path, capsys):
     """Qwen's and SmolLM's instruct models chat in ChatML with their own <|im_start|> and <|im_end|>: imported, they
     were taken for pretrained-only models (chat and serve said so, eval asked them as text). A model's other

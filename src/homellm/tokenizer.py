@@ -83,7 +83,7 @@ class Tokenizer:
         # padding, and every prepared document was cut to it.
         hf.no_truncation()
         hf.no_padding()
-        self.hf = hf
+        self.hf = hf = _own_template(hf, bos)
         # A second copy with special-token matching off: the Rust flag is per object, and flipping it per call
         # would race with the encoders of another thread.
         self._plain = HFTokenizer.from_str(hf.to_str())
@@ -777,6 +777,28 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
                                "conversion?): save the tokenizer again from its source")
         print(f"note: {path}: {note}; a model trained with it writes text that way", file=sys.stderr)
     return tok, added
+
+
+def _own_template(hf: HFTokenizer, bos: str | None) -> HFTokenizer:
+    """hf, adding to a text what homellm adds: its bos in front, or nothing. A T5-style template (`$A </s>`, as
+    rinna's converted tokenizer has) or BERT's `[CLS] $A [SEP]` made the exported tokenizer end every prompt that
+    transformers encoded with a document's end, where homellm's own ids have none."""
+    spec = json.loads(hf.to_str())
+    post = spec.get("post_processor")
+    steps = (post.get("processors") or [] if post.get("type") == "Sequence" else [post]) if post else []
+    want = ([("SpecialToken", bos)] if bos is not None else []) + [("Sequence", "A")]
+    if all(p.get("type") == "ByteLevel" or p.get("type") == "TemplateProcessing" and want == [
+            (kind, value["id"]) for item in p.get("single") or [] for kind, value in item.items()] for p in steps):
+        return hf  # (ByteLevel's steps set offsets only)
+    kept = [p for p in steps if p.get("type") == "ByteLevel"]
+    if bos is not None:
+        template = HFTokenizer(models.BPE())
+        template.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                special_tokens=[(bos, hf.token_to_id(bos))])
+        kept.append(json.loads(template.to_str())["post_processor"])
+    spec["post_processor"] = None if not kept else kept[0] if len(kept) == 1 else {"type": "Sequence",
+                                                                                   "processors": kept}
+    return HFTokenizer.from_str(json.dumps(spec))
 
 
 def _source_ends(folder: Path, hf: HFTokenizer) -> tuple[str, str | None]:
