@@ -597,6 +597,11 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
             in (err := capsys.readouterr().err)) and "the run now ends" not in err  # (nothing trains to it)
     assert (run / "metrics.jsonl").read_text() == before
     assert read_config(run)[1].max_steps == 16  # the flags of a resume that trained nothing are not recorded
+    # A time budget given where the steps end it: "raise --max-steps or --max-time" was advised, and the higher
+    # --max-time did not train either.
+    assert pretrain(model_cfg, replace(cfg, max_time=3600))["steps"] == 16
+    assert (f"note: {run} had already finished at step 16: its --max-steps 16 ends it before its --max-time 3600 "
+            "does: raise --max-steps, or give --max-steps 0 to end it by time alone") in capsys.readouterr().err
     timed = replace(cfg, max_steps=0, max_time=0.001)
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
     assert re.search(r"note: .*run has used \d+ s of its --max-time 0.001 \(evaluations count too, and 0 s are kept "

@@ -757,6 +757,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         elif env.main and stop_reason == "max_steps" and step > cfg.max_steps:  # a lower --max-steps given now
             bar.write(f"note: {run} is at step {step}, past --max-steps {cfg.max_steps}: nothing to train; give "
                       f"--max-steps above {step} to train it further", file=sys.stderr)
+        elif env.main and stop_reason == "max_steps" and cfg.max_time > 0:  # a time budget that is not the end
+            bar.write(f"note: {run} had already finished at step {step}: its --max-steps {cfg.max_steps} ends it "
+                      f"before its --max-time {cfg.max_time:g} does: raise --max-steps, or give --max-steps 0 to "
+                      "end it by time alone", file=sys.stderr)
         elif env.main:
             bar.write(f"note: {run} had already finished at step {step} ({stop_reason}): raise --max-steps or "
                       "--max-time (or --patience) to train it further", file=sys.stderr)
