@@ -176,6 +176,15 @@ def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):
     rc, _, err = cli("pretrain", "--data", str(tmp_path / "d"), "--out", str(run), "--resume", "--max-steps", "9")
     assert rc == 2 and "was prepared with another tokenizer than" in err
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    # A copy of the run reads its own data/, not the original's that config.json's data_dir names.
+    shutil.copytree(run, tmp_path / "copy")
+    assert f"data {tmp_path / 'copy' / 'data'}: " in cli("info", str(tmp_path / "copy"))[1]
+    hidden = [(f, f.with_suffix(".hidden")) for f in (run / "data").glob("val_*.bin")]
+    for f, away in hidden:
+        f.rename(away)
+    assert "bits per byte" in cli("eval", str(tmp_path / "copy"), "--task", "loss", "--batches", "1")[1]
+    for f, away in hidden:
+        away.rename(f)
     # eval --task loss finds the run's data/ even where the saved path no longer leads (another cwd, a moved run).
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "data_dir": "elsewhere/data"}))

@@ -158,9 +158,10 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         data_dir = Path(cfg.data)
         if not data_dir.exists():
             raise HomeLLMError(f"--data {data_dir}: not found: pass a folder made by `homellm prepare`, or text files")
-    else:  # the run's own data: where training found it, else its data/ (a path saved relative to another cwd)
+    else:  # the run's own data: its data/, prepared from text (a copied run's data_dir is the original's), else
+        # where training found it
         saved = config.get("data_dir")
-        found = [d for d in ([Path(saved)] if saved else []) + [run / "data"] if (d / "meta.json").is_file()]
+        found = [d for d in [run / "data"] + ([Path(saved)] if saved else []) if (d / "meta.json").is_file()]
         if not found:
             what = (f"no longer finds the prepared data it was trained on ({saved})" if saved else
                     "was not trained on a prepared data folder (fine-tuned or merged runs are not)")

@@ -127,7 +127,7 @@ def describe(run: str | Path) -> str:
         docs = (f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} (split by {m.get('split', '?')})"
                 if "documents" in m else "")
         where = cfg.get("data_dir")
-        if where and not Path(where).is_dir() and (run / "data" / "meta.json").is_file():  # a run moved, its data in it
+        if (run / "data" / "meta.json").is_file():  # its own, prepared from text: moved or copied, data_dir is old
             where = run / "data"
         out += ["", f"data {where}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     if "imported_from" in cfg:  # trained elsewhere: its saved training settings are defaults nothing ran with
