@@ -497,6 +497,15 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert "note: resuming on the first 15 conversations, not all the conversations as the run began; the held-out " \
            "conversations are drawn again" in err("sft", "--out", str(out), "--resume", "--max-conversations", "15",
                                                   "--max-steps", "23", code=0)
+    # Moved (another machine of a relay): the same conversations draw the same split, and that is not a change.
+    more.rename(tmp_path / "moved.jsonl")
+    assert f"--resume: {more}, the conversations the run trained on, is not there: give --data where they are now" \
+        in err("sft", "--out", str(out), "--resume", "--max-steps", "24")
+    assert "resuming on" not in err("sft", "--out", str(out), "--resume", "--data", str(tmp_path / "moved.jsonl"),
+                                    "--max-steps", "24", code=0)
+    qa_file(tmp_path / "moved.jsonl", 20, seed=2)  # edited where it is: a change, unsaid before
+    assert f"note: resuming on {tmp_path / 'moved.jsonl'}, changed since the run began on it; the held-out " \
+           "conversations are drawn again" in err("sft", "--out", str(out), "--resume", "--max-steps", "25", code=0)
 
 
 def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_run, capsys):

@@ -11,6 +11,7 @@ Held-out conversations give the val loss.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -220,19 +221,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         if diffs:
             raise HomeLLMError(f"--resume: {out}/config.json differs ({'; '.join(diffs)}): drop those flags, or "
                                "fine-tune into a new --out")
-        # Other conversations are allowed, as new text for pretrain --resume (absolute: older runs saved them as typed)
-        # but the held-out ones are drawn again from them, which a val loss read across the resume should know.
-        redrawn = ("; the held-out conversations are drawn again, so val loss is over others than before (perhaps "
-                   "some trained on), and `best` compares it with the old val set's")
-        if saved_sft.get("data") is not None and absolute_inputs(saved_sft["data"]) != cfg.data:
-            say(f"note: resuming on {' '.join(cfg.data)}, not the conversations the run began with "
-                f"({' '.join(saved_sft['data'])}){redrawn}")
-        elif "max_conversations" in saved_sft and saved_sft["max_conversations"] != cfg.max_conversations:
-            def first(n: int) -> str:
-                return f"the first {n:,} conversations" if n else "all the conversations"
-
-            say(f"note: resuming on {first(cfg.max_conversations)}, not {first(saved_sft['max_conversations'])} as "
-                f"the run began{redrawn}")
+        was_data = absolute_inputs(saved_sft["data"]) if saved_sft.get("data") is not None else None
+        if was_data == cfg.data and (gone := [d for d in cfg.data if not d.startswith("hf:") and not Path(d).exists()]):
+            raise HomeLLMError(f"--resume: {gone[0]}, the conversations the run trained on, is not there: give --data "
+                               "where they are now")
         if folder is not None and (was := read_lora(out)) and weights_sha256(folder) != was["base_sha256"]:
             raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
                                "they would go on over other weights; fine-tune into a new --out")
@@ -264,7 +256,29 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
                       str(init), " ".join(cfg.data), fix="replace or drop them in the conversations, or pretrain the "
                       "base again with a tokenizer that knows them (a char tokenizer knows only its text's "
                       "characters, and those given with --words; a BPE one writes any text)")
-    stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates}
+    # What the held-out split is drawn from: the same conversations (a file moved, on another machine of a relay)
+    # give the same split; others (new data, an edited file, another --max-conversations) draw it again.
+    digest = hashlib.sha256(json.dumps(conversations, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates, "sha256": digest}
+    if train_cfg.resume:
+        was_stats, saved_sft = saved.get("sft_data") or {}, saved.get("sft") or {}
+        reasons = []
+        if saved_sft.get("data") is not None and absolute_inputs(saved_sft["data"]) != cfg.data:
+            reasons.append(f"{' '.join(cfg.data)}, not the conversations the run began with "
+                           f"({' '.join(saved_sft['data'])})")
+        if saved_sft.get("max_conversations", cfg.max_conversations) != cfg.max_conversations:
+            def first(n: int) -> str:
+                return f"the first {n:,} conversations" if n else "all the conversations"
+
+            reasons.append(f"{first(cfg.max_conversations)}, not {first(saved_sft['max_conversations'])} as the run "
+                           "began")
+        if "sha256" in was_stats:  # (runs before it: by names and limits alone)
+            reasons = ([] if was_stats["sha256"] == digest else reasons or
+                       [f"{' '.join(cfg.data)}, changed since the run began on it"])
+        if reasons:
+            say(f"note: resuming on {'; and on '.join(reasons)}; the held-out conversations are drawn again, so val "
+                "loss is over others than before (perhaps some trained on), and `best` compares it with the old val "
+                "set's")
     n_rows = len(data.rows["train"][0])
     say(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
         f"({stats['val_conversations']:,} held out), {n_rows:,} training rows of {model_cfg.block_size} tokens"
