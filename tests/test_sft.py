@@ -607,6 +607,12 @@ def test_lora_trains_the_chat_tokens_rows_and_merges_them(tied, vocab):
     loss.backward()
     rows = [lora.embed_rows] + ([] if tied else [lora.head_rows])
     assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in rows)
+    # The chunks compute the head rows' gradient alone (lm_head.grad_rows): as the whole logits' loss gives it.
+    grads = [r.grad.clone() for r in rows]
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).backward()
+    for got, r in zip(grads, rows):
+        torch.testing.assert_close(got, r.grad)
     assert trainable_parameters(model) == sum(p.numel() for p in lora.parameters())
     assert {k for k in lora.state_dict() if "rows" in k} == {"embed_rows"} | (set() if tied else {"head_rows"})
     with torch.no_grad():

@@ -210,7 +210,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     computed twice. The backward pass only scales the saved gradients."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                grad_rows: torch.Tensor | None) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if x.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if weight.requires_grad else None
@@ -228,7 +229,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # Each row adds up to |x| here, so a float16 sum over thousands of rows could pass 65,504 and turn
                 # inf, which the grad scaler, applied only in backward, could never bring down: the rows are
                 # summed divided by their count, bounded by the largest |x|, then multiplied back in float32.
-                grad_w += (grad.t() @ (xs / xs.size(0))).float() * xs.size(0)
+                if grad_rows is None:
+                    grad_w += (grad.t() @ (xs / xs.size(0))).float() * xs.size(0)
+                else:  # only these rows' gradient is wanted: a matmul of their size, not the vocabulary's
+                    grad_w[grad_rows] += (grad[:, grad_rows].t() @ (xs / xs.size(0))).float() * xs.size(0)
         ctx.save_for_backward(grad_x, grad_w)
         return total
 
@@ -236,15 +240,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x, grad_w = ctx.saved_tensors
         return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
-                None if grad_w is None else grad_w * grad_total, None)
+                None if grad_w is None else grad_w * grad_total, None, None)
 
 
-def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          grad_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The summed cross-entropy of the logits x (n, d) @ weight.T (V, d) against targets (n,), -100 skipped, equal
     to F.cross_entropy's up to rounding, holding the logits of at most 64M (n, V) entries at a time however large
-    n * V is: one float32 chunk of 256 MB, and its half-precision copy under autocast."""
+    n * V is: one float32 chunk of 256 MB, and its half-precision copy under autocast. `grad_rows`: the only rows of
+    weight whose gradient is used (the others' is left 0), where weight is a frozen one plus a few trained rows."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(x, weight, targets)
+        return _LinearCrossEntropy.apply(x, weight, targets, grad_rows)
     rows = _chunk_rows(weight.size(0))
     return sum(_chunk_loss(x[s:s + rows], weight, targets[s:s + rows])[0] for s in range(0, x.size(0), rows))
 
@@ -340,8 +346,10 @@ class GPT(nn.Module):
         flat = targets.reshape(-1)
         count = (flat != -100).sum().clamp(min=1)
         # A forward hook on the head (a LoRA adapter there) changes its output, which the chunks never compute.
+        # `lm_head.grad_rows`, where set (LoRA's trained token rows), are the only rows of its weight that train.
         if self.cfg.vocab_size >= CHUNKED_LOSS_VOCAB and not self.lm_head._forward_hooks:
-            return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, flat) / count
+            return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, flat,
+                                               getattr(self.lm_head, "grad_rows", None)) / count
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-100,
                                reduction="sum")
