@@ -149,6 +149,25 @@ def test_slash_commands_change_what_generation_uses(chat_run, calls):
         assert command in text  # /help lists it
 
 
+def test_an_input_methods_full_width_slash_and_space_still_make_commands(chat_run, calls):
+    """`/temperature　0.3` (an ideographic space) was an unknown command, and `／help` went to the model."""
+    chat, text = run_chat(chat_run, "/temperature\u30000.3", "／top_k　7", "／help", "hello")
+    assert (chat.cfg.temperature, chat.cfg.top_k) == (0.3, 7) and "/max_tokens" in text
+    assert [c.temperature for _, c in calls] == [0.3]  # one message, the last: the commands reached no model
+
+
+def test_a_message_of_several_lines_goes_between_triple_quotes(chat_run, calls):
+    """Each pasted line was a message of its own, with a reply each: \"\"\" opens and closes one of several lines."""
+    _, tok, _ = chat_run
+    chat, _ = run_chat(chat_run, '"""一行目です', "二行目です", '三行目"""', '"""one line"""', '"""', "  x", '"""')
+    asked = [m["content"] for m in chat.transcript if m["role"] == "user"]
+    assert asked == ["一行目です\n二行目です\n三行目", "one line", "  x"]
+    assert calls[0][0] == prompt_ids(tok, [{"role": "user", "content": "一行目です\n二行目です\n三行目"}])
+    # Cut short by the end of input: nothing is sent, and the chat says so.
+    chat, text = run_chat(chat_run, '"""half', "a message")
+    assert not chat.transcript and "[message cancelled]" in text
+
+
 def test_seed_restarts_sampling_so_the_replies_after_it_replay(chat_run):
     """Two chats that began from other seeds say the same after /seed 7, and differ before it."""
     texts = []

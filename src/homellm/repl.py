@@ -39,7 +39,8 @@ HELP = """\
 /save FILE       write the whole conversation as Markdown
 /help            this list
 /quit            leave (also Ctrl-D; Ctrl-C stops a reply, or leaves at the prompt)
-Start a message with // to send a text that begins with /."""
+Start a message with // to send a text that begins with /.
+A message of several lines: start it with \"\"\" and end it with \"\"\" (as in ollama), e.g. pasted text."""
 
 
 def _number(kind: type, low: float, high: float | None = None, low_open: bool = False) -> Callable[[str], float]:
@@ -174,8 +175,7 @@ class Chat:
 
     def command(self, line: str) -> bool:
         """Run a slash command; False when it is /quit. Mistakes print one line and change nothing."""
-        name, _, arg = line[1:].partition(" ")
-        arg = arg.strip()
+        name, arg = command_parts(line)
         # As the command line's flags are written, too: /top-p, /max-new-tokens (they were unknown commands).
         name = {"max_new_tokens": "max_tokens"}.get(name.replace("-", "_"), name.replace("-", "_"))
         try:
@@ -255,7 +255,7 @@ class Continuations(Chat):
                          .replace("the replies", "the texts").replace("a message", "a prompt") for line in lines)
 
     def command(self, line: str) -> bool:
-        if line[1:].partition(" ")[0] in ("system", "reset"):
+        if command_parts(line)[0] in ("system", "reset"):
             self.say(f"error: {line.split()[0]} is chat's: generate keeps no conversation (/help lists commands)")
             return True
         return super().command(line)
@@ -287,11 +287,41 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
             continue
         if not line.strip():
             continue
+        if line.lstrip().startswith(FENCE):
+            if (line := _fenced(line, input_fn, chat)) is not None:
+                chat.reply(line)
+            continue
+        if line.startswith("／"):  # a Japanese or Chinese input method's full-width slash
+            line = "/" + line[1:]
         if line.startswith("/") and not line.startswith("//"):
             if not chat.command(line.strip()):
                 return chat
             continue
         chat.reply(line[1:] if line.startswith("//") else line)
+
+
+FENCE = '"""'
+
+
+def _fenced(first: str, input_fn: Callable[[str], str], chat: Chat) -> str | None:
+    """The message of several lines that `first` opens with FENCE, read up to the line that ends with it; None
+    when Ctrl-C or the end of input cancels it (said)."""
+    lines = [first.lstrip()[len(FENCE):]]
+    while not (len(lines) > 1 or lines[0].strip()) or not lines[-1].rstrip().endswith(FENCE):
+        try:
+            lines.append(input_fn("... "))
+        except (EOFError, KeyboardInterrupt):
+            chat.say("\n[message cancelled]")
+            return None
+    lines[-1] = lines[-1].rstrip()[:-len(FENCE)]
+    text = "\n".join(lines).strip("\n")
+    return text if text.strip() else None
+
+
+def command_parts(line: str) -> tuple[str, str]:
+    """A slash command's name and its argument, split at any space: an input method's ideographic one too."""
+    name, *arg = line[1:].split(maxsplit=1)
+    return name, arg[0].strip() if arg else ""
 
 
 def visible(text: str, out: TextIO) -> str:
