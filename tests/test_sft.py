@@ -165,6 +165,20 @@ def test_read_conversations_formats_and_errors(tmp_path):
     assert convs[2] == [{"role": "system", "content": "简洁"}, {"role": "user", "content": "你好"},
                         {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1?"},
                         {"role": "assistant", "content": "2"}]  # ShareGPT's layout (BELLE, Vicuna)
+    # Three more layouts of Chinese and Japanese datasets: Alpaca's `history` of earlier turns (LLaMA-Factory's; it
+    # was dropped unsaid), OpenAI's turns under ShareGPT's key, and Firefly's human/assistant pairs.
+    more = tmp_path / "more" / "more.jsonl"
+    more.parent.mkdir()
+    more.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": "再说一次", "input": "", "output": "2", "history": [["1+1?", "2"]]},
+        {"conversations": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+         "system": "简洁"},
+        {"conversation_id": 7, "conversation": [{"human": "你好", "assistant": "你好！"},
+                                                {"human": "1+1?", "assistant": "2"}]}]) + "\n", encoding="utf-8")
+    history, firefly = read_conversations([str(more)])[0][0], convs[2][1:]
+    assert history == [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+                       {"role": "user", "content": "再说一次"}, {"role": "assistant", "content": "2"}]
+    assert read_conversations([str(more)])[0][1:] == [[convs[2][0], *convs[2][3:]], firefly]
     cases = {
         "{not json": "not valid JSON",
         json.dumps({"messages": [{"role": "robot", "content": "hi"}]}): "unknown role 'robot'",
@@ -184,6 +198,9 @@ def test_read_conversations_formats_and_errors(tmp_path):
         json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}):
             "ShareGPT speaker 'robot' is unknown: use human or gpt",
         json.dumps({"conversations": [{"from": "human", "value": 5}]}): "ShareGPT turns must be",
+        json.dumps({"instruction": "Add", "output": "2", "history": [["only a question"]]}):
+            "'history' must be a list of \\[question, answer\\] pairs of strings",
+        json.dumps({"conversation": [{"human": "hi"}]}): "'conversation' must be a list of",
         json.dumps({"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "hi"}]}):
             "starts with the assistant",
     }

@@ -129,14 +129,28 @@ def _conversation(record: Any, where: str) -> list[Message]:
         messages = head + messages
     elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
         turns = record["conversations"]
+        if turns and all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
+            # OpenAI's messages under ShareGPT's key (many Hugging Face conversions write them so)
+            return _conversation({**{k: v for k, v in record.items() if k != "conversations"}, "messages": turns},
+                                 where)
         if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-            raise HomeLLMError(f"{where}: ShareGPT turns must be {{\"from\": ..., \"value\": \"text\"}} objects")
+            raise HomeLLMError(f"{where}: ShareGPT turns must be {{\"from\": ..., \"value\": \"text\"}} objects "
+                               "(or {\"role\": ..., \"content\": \"text\"})")
         unknown = sorted({str(t.get("from")) for t in turns} - set(_SHAREGPT_ROLES))
         if unknown:
             raise HomeLLMError(f"{where}: ShareGPT speaker {unknown[0]!r} is unknown: use human or gpt (or "
                                f"{', '.join(k for k in _SHAREGPT_ROLES if k not in ('human', 'gpt'))})")
         messages = check_messages(head + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns],
                                   where)
+    elif isinstance(record, dict) and isinstance(record.get("conversation"), list):
+        # Firefly's (and other Chinese datasets') {"conversation": [{"human": ..., "assistant": ...}, ...]}
+        turns = record["conversation"]
+        if not turns or not all(isinstance(t, dict) and isinstance(t.get("human"), str) and
+                                isinstance(t.get("assistant"), str) for t in turns):
+            raise HomeLLMError(f"{where}: 'conversation' must be a list of {{\"human\": \"text\", \"assistant\": "
+                               "\"text\"}} turns")
+        messages = head + [{"role": role, "content": t[speaker]} for t in turns
+                           for role, speaker in (("user", "human"), ("assistant", "assistant"))]
     elif isinstance(record, dict) and ("instruction" in record or prompt) and reply:
         # Alpaca's instruction (GPTeacher's with "response"), its input after it; else the question alone.
         asked = ("instruction", "input") if "instruction" in record else (prompt,)
@@ -150,7 +164,8 @@ def _conversation(record: Any, where: str) -> list[Message]:
                 raise HomeLLMError(f"{where}: {' and '.join(repr(k) for k in (*asked, answer) if k in record)} must "
                                    "be strings" + ("" if len(asked) > 1 else " (or both lists of messages)"))
             user = "\n\n".join(v for v in values if v)
-            messages = head + [{"role": "user", "content": user}, {"role": "assistant", "content": r}]
+            messages = head + _history(record, where) + [{"role": "user", "content": user},
+                                                         {"role": "assistant", "content": r}]
     elif isinstance(record, dict) and (prompt or "instruction" in record):
         raise HomeLLMError(f"{where}: {'instruction' if 'instruction' in record else prompt!r} without an answer: "
                            "give the reply as "
@@ -160,6 +175,17 @@ def _conversation(record: Any, where: str) -> list[Message]:
                            "Alpaca's {\"instruction\", \"input\", \"output\"} or a question and its answer "
                            f"({'/'.join(PROMPT_FIELDS)} with {'/'.join(REPLY_FIELDS)})")
     return _check_training(messages, where)
+
+
+def _history(record: dict[str, Any], where: str) -> list[Message]:
+    """The turns before an Alpaca record's own, as LLaMA-Factory's (and many Chinese datasets') `history` gives
+    them: [[question, answer], ...]. They were dropped unsaid, and the reply trained without what it answers."""
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in history):
+        raise HomeLLMError(f"{where}: 'history' must be a list of [question, answer] pairs of strings")
+    return [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
 
 
 def _check_training(messages: list[Message], where: str) -> list[Message]:
