@@ -387,6 +387,15 @@ def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):
     out = io.StringIO()
     Chat(model, tok, dataclasses.replace(GREEDY, system="see 短"), out).context("hello")
     assert "[note: this model's tokenizer cannot write '短'" in out.getvalue()
+    # An input method's full-width letters, digits and space are read as the ones the tokenizer knows (they were
+    # all unknowns to the quickstart's chat model); what it knows stays, and what has no such form stays unknown.
+    assert tok.fold("ｈｅｌｌｏ　ｗｏｒｌｄ！ 短") == "hello world！ 短" and tok.fold("hello") == "hello"
+    assert "'!'" in tok.unknown_note("!")  # ("！" stays: "!" is not in its text either)
+    out = io.StringIO()
+    chat = Chat(model, tok, dataclasses.replace(GREEDY, max_new_tokens=2), out)
+    chat.reply("ｈｅｌｌｏ　ｗｏｒｌｄ")
+    assert chat.turns[0][0] == "hello world" and "cannot write" not in out.getvalue()
+    assert chat.transcript[0]["content"] == "ｈｅｌｌｏ　ｗｏｒｌｄ"  # (the transcript keeps what was typed)
 
 
 def test_input_that_is_not_utf8_is_refused_in_one_line_and_the_chat_goes_on(chat_run, tmp_path, monkeypatch):

@@ -224,6 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         chat_loop(model, tok, cfg, lambda prompt: next(first, None) or input(prompt), sys.stdout, Continuations)
         return
     block = model.cfg.block_size
+    cfg = replace(cfg, prompt=tok.fold(cfg.prompt))  # full-width digits as the model's own, say
     if note := tok.unknown_note(cfg.prompt, allow_special=True):
         print(f"note: {note}", file=sys.stderr)
     if (n := len(tok.encode_prompt(cfg.prompt))) > block - 1:

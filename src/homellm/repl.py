@@ -144,8 +144,9 @@ class Chat:
 
     def reply(self, user: str) -> str:
         """Stream the model's reply to `user`; Ctrl-C ends the reply early and keeps what was generated."""
-        text = self.stream(self.context(user), self.system_ids())
-        self.turns.append((user, text))
+        asked = self.tok.fold(user)  # as the model can read it (an input method's full-width digits, say)
+        text = self.stream(self.context(asked), self.system_ids())
+        self.turns.append((asked, text))
         self.transcript += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         return text
 
@@ -193,7 +194,7 @@ class Chat:
                 if not arg:
                     self.say(f"[system prompt: {self.cfg.system!r}]")
                     return True
-                self.cfg = dataclasses.replace(self.cfg, system=arg)
+                self.cfg = dataclasses.replace(self.cfg, system=self.tok.fold(arg))
                 self.transcript.append({"role": "system", "content": arg})
                 self.say("[system prompt set]")
             elif name == "reset":
@@ -236,7 +237,7 @@ class Continuations(Chat):
         self.transcript.clear()
 
     def reply(self, prompt: str) -> str:
-        ids = self.tok.encode_prompt(prompt)
+        ids = self.tok.encode_prompt(prompt := self.tok.fold(prompt))
         block = self.model.cfg.block_size
         if note := self.tok.unknown_note(prompt, allow_special=True):
             self.say(f"[note: {note}]")

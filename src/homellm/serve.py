@@ -729,8 +729,9 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
         # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
         def encode() -> list[list[int]]:
-            note_unknown(tok, "".join(texts), allow_special=True)
-            return [tok.encode_prompt(t) for t in texts]
+            folded = [tok.fold(t) for t in texts]  # an input method's full-width digits as the digits, say
+            note_unknown(tok, "".join(folded), allow_special=True)
+            return [tok.encode_prompt(t) for t in folded]
 
         return await generate(request, await asyncio.to_thread(encode), params, chat=False)
 
@@ -746,8 +747,9 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         params = parse_params(body, None, cfg.max_batch)
 
         def encode() -> list[int]:
-            note_unknown(tok, "".join(m["content"] for m in messages))
-            return prompt_ids(tok, messages)
+            folded = [{**m, "content": tok.fold(m["content"])} for m in messages]
+            note_unknown(tok, "".join(m["content"] for m in folded))
+            return prompt_ids(tok, folded)
 
         return await generate(request, [await asyncio.to_thread(encode)], params, chat=True)
 

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -171,6 +172,16 @@ class Tokenizer:
         if allow_special and self._special_pattern is not None:
             text = self._special_pattern.sub("", text)
         return {c for c in set(text) if unk in self.encode(c)}
+
+    def fold(self, text: str) -> str:
+        """What a person typed, each character this tokenizer cannot write replaced by its compatibility form
+        (Unicode's NFKC) where it writes that: an input method's full-width １２×７ as 12×7, which a char model
+        trained on ASCII digits read as unknowns. Text it writes is left as it is."""
+        table = {}
+        for c in self.unknown_chars(text):
+            if (plain := unicodedata.normalize("NFKC", c)) != c and not self.unknown_chars(plain):
+                table[ord(c)] = plain
+        return text.translate(table) if table else text
 
     def unknown_note(self, text: str, allow_special: bool = False) -> str:
         """A note naming the characters of text the model will read as <|unk|>, or "" when there are none."""
