@@ -145,6 +145,8 @@ def test_the_loss_plot_puts_each_point_where_it_belongs():
     tops = [next(r for r in range(6) if grid[r][c] != " ") for c in range(30) if any(g[c] != " " for g in grid)]
     assert tops == sorted(tops)
     assert loss_plot(records[:1]) == "" and loss_plot([]) == ""  # nothing to draw a line through
+    narrow = loss_plot([{"step": 1, "train_loss": 10.8412}, {"step": 2, "train_loss": 10.8137}]).splitlines()
+    assert narrow[1].startswith("10.84 |") and narrow[-3].startswith("10.81 |")  # both read "10.8"
 
 
 def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):
@@ -176,6 +178,15 @@ def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):
     rc, _, err = cli("pretrain", "--data", str(tmp_path / "d"), "--out", str(run), "--resume", "--max-steps", "9")
     assert rc == 2 and "was prepared with another tokenizer than" in err
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+    # --vocab-size is the model's rows: more than the tokenizer's ids (the tiny preset's 300) is said, once.
+    rc, _, err = cli("pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "wide"),
+                     "--max-steps", "1", "--eval-every", "0", "--vocab-size", "8000")
+    ids = Tokenizer.load(tmp_path / "wide").vocab_size
+    assert rc == 0 and err.count(f"note: --vocab-size 8,000 gives the model {8000 - ids:,} embedding rows more than "
+                                 f"the tokenizer's {ids:,} ids, which never train") == 1
+    assert "embedding rows more" not in cli("pretrain", "--preset", "tiny", "--data", str(run / "data"), "--out",
+                                            str(tmp_path / "fits"), "--max-steps", "1", "--eval-every", "0",
+                                            "--vocab-size", str(-(-ids // 64) * 64))[2]
     # A copy of the run reads its own data/, not the original's that config.json's data_dir names.
     shutil.copytree(run, tmp_path / "copy")
     assert f"data {tmp_path / 'copy' / 'data'}: " in cli("info", str(tmp_path / "copy"))[1]
@@ -502,6 +513,8 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         # Near misses only: --save-every was taken for --sample-every, and --input (prepare's) for --init.
         (["pretrain", "--data", "d", "--save-every", "5"], "--save-every is --checkpoint-every"),
         (["pretrain", "--input", "d"], "--input is --data"),
+        (["pretrain", "--data", "d", "--max_lr", "6e-4", "--output_dir", "o", "--eval_freq", "100"],
+         "--max_lr is --lr; --output_dir is --out; --eval_freq is --eval-every"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

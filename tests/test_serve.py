@@ -426,6 +426,8 @@ def test_render_html_turns_latex_into_mathml_and_escapes_the_rest():
     assert out.startswith("&lt;b&gt;x&lt;/b&gt; is <math") and "<mfrac>" in out
     assert "costs $5 and $6" in out and out.count("<math") == 2 and 'display="block"' in out
     assert render_html(r"broken $\frac{$ stays") == r"broken $\frac{$ stays"
+    assert render_html("値段は$5と$10です") == "値段は$5と$10です"  # prices: no space before the second $
+    assert render_html("$5 \\times 2 = 10$, done").startswith("<math")
     # latex2mathml copies \text{...} into <mtext> as it is, where HTML is live: `innerHTML` ran a model's script
     for attack in (r"$\text{<img/src=x/onerror=alert(1)>}$", r"$\text{<img src='x' onerror='alert(1)'/>}$",
                    r"$\href{javascript:alert(1)}{x}$"):

@@ -486,7 +486,10 @@ _OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",),
                 "--gradient-accumulation-steps": ("--grad-accum",), "--eval-interval": ("--eval-every",),
                 "--eval-iters": ("--eval-batches",), "--log-interval": ("--log-every",), "--out-dir": ("--out",),
                 "--save-every": ("--checkpoint-every",), "--init-from": ("--resume", "--init"),
-                "--input": ("--data",)}
+                "--input": ("--data",),
+                # names from the hand-written training scripts homellm replaces (max_lr, output_dir, eval_freq, ...)
+                "--max-lr": ("--lr",), "--output-dir": ("--out",), "--eval-freq": ("--eval-every",),
+                "--print-sample-iter": ("--sample-every",), "--warmup-iters": ("--warmup-steps",)}
 _HOW = {"--max-steps": " (homellm counts optimizer steps, not epochs)",
         "--min-lr-ratio": " (a fraction of --lr: nanoGPT's min_lr / learning_rate)",
         "--resume": " (init_from=resume; --init RUN starts from another run's weights)"}

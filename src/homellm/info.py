@@ -55,7 +55,9 @@ def loss_plot(records: list[dict], width: int = 64, height: int = 10) -> str:
                 col = round((step - first) / max(last - first, 1) * (width - 1))
                 row = round((hi - value) / (hi - lo) * (height - 1)) if hi > lo else height - 1
                 grid[row][col] = mark
-    labels = [f"{hi:.3g}" if i == 0 else f"{lo:.3g}" if i == height - 1 else "" for i in range(height)]
+    # Enough digits that the two ends differ: a narrow range (10.81 to 10.84) read "10.8" at both.
+    digits = next((d for d in range(3, 10) if f"{hi:.{d}g}" != f"{lo:.{d}g}"), 3)
+    labels = [f"{hi:.{digits}g}" if i == 0 else f"{lo:.{digits}g}" if i == height - 1 else "" for i in range(height)]
     pad = max(map(len, labels))
     lines = [f"{label:>{pad}} |{''.join(row)}".rstrip() for label, row in zip(labels, grid)]
     steps = f"step {first:,}"

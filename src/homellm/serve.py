@@ -428,8 +428,10 @@ def _failure(reason: str | None) -> ApiError | None:
 # A span of math is at most 2,000 characters: unbounded, text of many openers that never close took time
 # quadratic in its length (80 KB of "\\(" held the server 14 s).
 _SPAN = "{1,2000}"
+# Pandoc's rule for $...$: no space inside either $, and no digit right after the closing one, so prices
+# ("$5と$10", "$5 and $6") stay text.
 _MATH = re.compile(rf"\$\$(.{_SPAN}?)\$\$|\\\[(.{_SPAN}?)\\\]|\\\((.{_SPAN}?)\\\)|"
-                   rf"(?<![\\$])\$(?!\s)([^$\n]{_SPAN}?)(?<![\s\\])\$", re.DOTALL)
+                   rf"(?<![\\$])\$(?!\s)([^$\n]{_SPAN}?)(?<![\s\\])\$(?!\d)", re.DOTALL)
 _MATHML_NS = "http://www.w3.org/1998/Math/MathML"
 # What the page may receive of latex2mathml's output: presentation MathML, its layout attributes, text. The
 # converter copies \text{...} into <mtext> as it is, and <mtext> takes HTML inside: `\text{<img onerror=...>}`
