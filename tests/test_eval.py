@@ -578,6 +578,21 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
     assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
     result = json.loads((chat / "eval_exact.json").read_text())
     assert (result["chat"], result["correct"], result["failures"][0]["got"]) == (True, 1, REPLY)
+    assert result["compared"] == "whole answers"
+    # GSM8K's answers are worked solutions ending in "#### N": the final answers are compared (the whole solution
+    # compared scored about 0 for any model).
+    qa.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Ann has 3 bags of 4 apples. How many?", "answer": "3 bags of 4 is <<3*4=12>>12.\n#### 12"},
+        {"question": "1000 + 234?", "answer": "1000 + 234 = <<1000+234=1234>>1234\n#### 1,234"},
+        {"question": "9 - 2?", "answer": "9 - 2 = 7\n#### 7"}]) + "\n")
+    monkeypatch.setattr(eval_module, "greedy_complete", lambda *a, **k: [
+        "Each bag has 4, so 3 x 4 = 12.\n#### 12", "It is 1234.\n#### 1234", "9 - 2 = 7, so 7"])
+    capsys.readouterr()
+    assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
+    result = json.loads((chat / "eval_exact.json").read_text())
+    assert (result["compared"], result["correct"], result["n"]) == ("final answers (####)", 2, 3)
+    assert "the final answers are compared, not the worked solutions" in capsys.readouterr().err
+    monkeypatch.undo()
     capsys.readouterr()
     no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'completion' or 'response' or 'output')"
     for lines, message in [(None, "no such file"), ("{bad\n", "qa.jsonl:1: "), ('{"prompt": "x"}\n', no_answer),

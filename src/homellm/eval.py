@@ -355,6 +355,14 @@ def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
     return pairs
 
 
+def final_answer(text: str) -> str | None:
+    """The final answer of a GSM8K-style solution, what follows its last "####" (thousands' commas dropped, as
+    GSM8K writes 1,000 and 1000 alike); None where there is none."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
 def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> dict[str, Any]:
     """Exact match of greedy answers to your own prompts (seed 004 asked its model "1 + 1 ="): a pretrained run
     continues each prompt up to the end of the line, a chat run (sft) answers it as a user message up to the end
@@ -388,7 +396,15 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         got = [g.removesuffix(IM_END).removesuffix(tok.eos) for g in got]
     else:  # (the model's own end of text: an imported Llama's </s>)
         got = [g.split("\n")[0].removesuffix(tok.eos) for g in got]
-    right = [g.strip() == p["answer"].strip() for g, p in zip(got, pairs)]
+    # GSM8K's answers are worked solutions ending in "#### 72": the final answers are compared, as GSM8K is scored
+    # (the whole solution, compared, scored about 0 for any model).
+    final = all(final_answer(p["answer"]) is not None for p in pairs)
+    if final:
+        say("note: every answer ends in GSM8K's '#### ANSWER': the final answers are compared, not the worked "
+            "solutions")
+        right = [final_answer(g) == final_answer(p["answer"]) for g, p in zip(got, pairs)]
+    else:
+        right = [g.strip() == p["answer"].strip() for g, p in zip(got, pairs)]
     by: dict[str, list[int]] = {}
     for p, ok in zip(pairs, right):
         by.setdefault(p["category"], [0, 0])
@@ -396,6 +412,7 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         by[p["category"]][1] += ok
     result: dict[str, Any] = {
         "task": "exact", "data": str(cfg.data), "checkpoint": cfg.checkpoint, "chat": chat, "n": len(pairs),
+        "compared": "final answers (####)" if final else "whole answers",
         "correct": sum(right), "accuracy": sum(right) / len(pairs),
         "by_category": {c: {"n": n, "correct": k, "accuracy": k / n} for c, (n, k) in by.items() if c},
         "failures": [{"prompt": p["prompt"], "expected": p["answer"], "got": g}
