@@ -375,6 +375,10 @@ def test_an_imported_vocabulary_with_holes_gets_its_special_tokens_past_its_ids(
     assert tok.encode("a b") == [1, 5, 4] and [tok.hf.id_to_token(i) for i in (1, 5, 4)] == ["a", " ", "b"]
     assert sorted(tok.hf.token_to_id(s) for s in SPECIAL_TOKENS) == [6, 7, 8, 9]
     assert tok.kind == "wordlevel"  # whole words: it was called "char", homellm's one-character tokenizer
+    # What it cannot write is a word it has no token for, not each letter ("a b ab": "ab" was not named, and
+    # generate named the letters of words it knew).
+    assert tok.unknown_chars("a b ab") == {"ab"} and tok.unknown_chars("a b") == set()
+    assert tok.fold("a ｂ") == "a b"  # an input method's full-width letter, read as the word it knows
 
 
 def wordpiece_tokenizer(tmp_path) -> Path:
@@ -397,7 +401,9 @@ def test_a_lossy_imported_tokenizer_is_named_on_import_and_in_prepare(tmp_path, 
     tok = import_tokenizer(wordpiece_tokenizer(tmp_path))
     err = capsys.readouterr().err
     assert "wp.json: it does not give text back as written: 'Hello World! ' comes back as 'hello world! '" in err
-    assert "cannot write '1', '2', '3', '4', '5'" in err  # its [UNK]s are named apart from the changes
+    # Its [UNK]s are named apart from the changes: the words it has no pieces for, as written ('Two' and 'Café'
+    # too, whose letters it knows: each letter was named, and those words were not).
+    assert "cannot write '1', '234', '5', 'Café', 'Two'" in err
     tok.save(tmp_path / "tok")
     (tmp_path / "a.txt").write_text("Worlds hello\n" * 20, encoding="utf-8")
     prepare(PrepareConfig(input=[str(tmp_path / "a.txt")], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "d")))

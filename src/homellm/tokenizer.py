@@ -106,7 +106,7 @@ class Tokenizer:
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
         self._token_bytes: np.ndarray | None = None
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         """bpe, char (homellm's: a word-level model over single characters), or the model type of an imported
         tokenizer.json in lower case (wordlevel, wordpiece, unigram)."""
@@ -171,17 +171,19 @@ class Tokenizer:
             return set()
         if allow_special and self._special_pattern is not None:
             text = self._special_pattern.sub("", text)
+        if self.kind != "char":  # a word-level or WordPiece vocabulary: the words it has no token for, whole
+            encoding = self._plain.encode(text, add_special_tokens=False)  # (each of whose letters it may know)
+            return {text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == unk}
         return {c for c in set(text) if unk in self.encode(c)}
 
     def fold(self, text: str) -> str:
         """What a person typed, each character this tokenizer cannot write replaced by its compatibility form
         (Unicode's NFKC) where it writes that: an input method's full-width １２×７ as 12×7, which a char model
         trained on ASCII digits read as unknowns. Text it writes is left as it is."""
-        table = {}
-        for c in self.unknown_chars(text):
-            if (plain := unicodedata.normalize("NFKC", c)) != c and not self.unknown_chars(plain):
-                table[ord(c)] = plain
-        return text.translate(table) if table else text
+        for piece in self.unknown_chars(text):  # (characters; a word-level vocabulary's unknown words)
+            if (plain := unicodedata.normalize("NFKC", piece)) != piece and not self.unknown_chars(plain):
+                text = text.replace(piece, plain)
+        return text
 
     def unknown_note(self, text: str, allow_special: bool = False) -> str:
         """A note naming the characters of text the model will read as <|unk|>, or "" when there are none."""
