@@ -663,6 +663,11 @@ def test_new_chat_during_a_reply_starts_clean():
     assert json.loads(done.stdout) == {"sent": [[{"role": "user", "content": "stopped at once"}],
                                                 [{"role": "user", "content": "next question"}]],
                                        "back": "stopped at once"}
+    # The note that older turns left the context went below the reply it explains; it goes before the question.
+    done = subprocess.run(["node", str(harness), str(page), "overflow"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [kind for kind, _ in json.loads(done.stdout)] == ["msg user", "msg assistant streaming", "msg note",
+                                                             "msg user", "msg assistant streaming"]
 
 
 def test_a_stop_signal_ends_replies_in_progress_with_an_answer(run, monkeypatch):
