@@ -60,6 +60,7 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     utf8: int = 0  # where the text stands in a UTF-8 character (Utf8Guard's state), set from the prompt
+    draw: int = 0  # which of its prompt's n choices: a seeded one samples from (seed, draw), wherever the prompt is
 
 
 def _deliver(outbox: list[tuple[asyncio.Queue, Event]]) -> None:
@@ -194,7 +195,8 @@ class Scheduler:
         self.cache.v[:, row, :, :n] = cache.v[:, 0, :, :n]
         self.lengths[row] = n
         if seq.seeded:
-            seq.generator = seeded_generator(seq.cfg.seed, self.device, seq.index)  # choices differ, reproducibly
+            # A prompt's choices differ, reproducibly; a prompt samples alike alone and in a list of prompts.
+            seq.generator = seeded_generator(seq.cfg.seed, self.device, seq.draw)
         seq.utf8 = self.tok.utf8_guard.state(seq.prompt)
         self._sample([seq], logits)
 
@@ -615,7 +617,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         _fit_context(prompts, params, block, "messages" if chat else "prompt")
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         seqs = [Sequence(prompt, params.sample, params.seeded, i * params.n + j, queue,
-                         TextStream(tok, params.sample.stop, prompt))
+                         TextStream(tok, params.sample.stop, prompt), draw=j)
                 for i, prompt in enumerate(prompts) for j in range(params.n)]
         try:
             scheduler.submit(seqs)
