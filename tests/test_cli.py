@@ -196,6 +196,10 @@ def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):
     assert "bits per byte" in cli("eval", str(tmp_path / "copy"), "--task", "loss", "--batches", "1")[1]
     for f, away in hidden:
         away.rename(f)
+    # Resumed on other prepared data, a run reads that, not its own data/ from before.
+    assert cli("prepare", "--input", str(more), "--tokenizer", str(run), "--out", str(tmp_path / "dataB"))[0] == 0
+    assert cli("pretrain", "--out", str(run), "--resume", "--data", str(tmp_path / "dataB"), "--max-steps", "9")[0] == 0
+    assert f"data {tmp_path / 'dataB'}: " in cli("info", str(run))[1]
     # eval --task loss finds the run's data/ even where the saved path no longer leads (another cwd, a moved run).
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "data_dir": "elsewhere/data"}))

@@ -517,7 +517,8 @@ def test_a_sentencepiece_tokenizer_renders_chat_as_apply_chat_template_does(tmp_
     assert [i for i, m in zip(odd_ids, odd_mask) if m] == [i for i, m in zip(ids, mask) if m]
 
 
-@pytest.mark.parametrize("post, bos", [("t5", None), ("bert", "[CLS]"), ("template-both-ends", "<s>")])
+@pytest.mark.parametrize("post, bos", [("t5", None), ("bert", "[CLS]"), ("template-both-ends", "<s>"),
+                                       ("bytelevel-offsets", "<s>")])
 def test_a_saved_tokenizer_adds_to_a_text_only_what_homellm_adds(tmp_path, post, bos):
     """A T5-style template (`$A </s>`, as rinna's converted tokenizer has) or BERT's [CLS] $A [SEP] stayed in the
     saved tokenizer.json: transformers then ended every prompt with a document's end, unlike homellm's ids."""
@@ -535,7 +536,9 @@ def test_a_saved_tokenizer_adds_to_a_text_only_what_homellm_adds(tmp_path, post,
         "t5": processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", ids["</s>"])]),
         "bert": processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"])),
         "template-both-ends": processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[
-            ("<s>", ids["<s>"]), ("</s>", ids["</s>"])])}[post]
+            ("<s>", ids["<s>"]), ("</s>", ids["</s>"])]),
+        # offsets only, with the bos named by add_bos_token: transformers added no bos, homellm did
+        "bytelevel-offsets": processors.ByteLevel(trim_offsets=False)}[post]
     raw.save(str(tmp_path / "tokenizer.json"))
     if bos:  # (a template's first token is its bos; BERT's processor names none, so the config does)
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "add_bos_token": True}))
@@ -546,6 +549,11 @@ def test_a_saved_tokenizer_adds_to_a_text_only_what_homellm_adds(tmp_path, post,
     text = "ROMEO: But soft"
     assert auto(text)["input_ids"] == ([tok.bos_id] if bos else []) + tok.encode(text)
     assert Tokenizer.load(tmp_path / "saved").hf.to_str() == tok.hf.to_str()
+    if bos:  # a bos the tokenizer lacks is named in one line (the template's rewriting raised a TypeError first)
+        config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+        (tmp_path / "saved" / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<nope>"}))
+        with pytest.raises(HomeLLMError, match="tokenizer_config.json's bos_token '<nope>' is not in the tokenizer"):
+            Tokenizer.load(tmp_path / "saved")
 
 
 def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not_kept(tmp_path, capsys):

@@ -163,9 +163,15 @@ def test_a_message_of_several_lines_goes_between_triple_quotes(chat_run, calls):
     asked = [m["content"] for m in chat.transcript if m["role"] == "user"]
     assert asked == ["一行目です\n二行目です\n三行目", "one line", "  x"]
     assert calls[0][0] == prompt_ids(tok, [{"role": "user", "content": "一行目です\n二行目です\n三行目"}])
-    # Cut short by the end of input: nothing is sent, and the chat says so.
+    # Cut short by the end of input, or by a line that is not text: nothing is sent, and the chat says so.
     chat, text = run_chat(chat_run, '"""half', "a message")
     assert not chat.transcript and "[message cancelled]" in text
+    chat, text = run_chat(chat_run, '"""half', "caf\udce9", 'end"""', "hello")
+    assert "not valid UTF-8" in text and "[message cancelled]" in text
+    assert [m["content"] for m in chat.transcript if m["role"] == "user"] == ['end"""', "hello"]
+    # A slash alone is an unknown command, not a traceback that ended the chat.
+    chat, text = run_chat(chat_run, "/", "／", "hello")
+    assert text.count("unknown command") == 2 and len(chat.transcript) == 2
 
 
 def test_seed_restarts_sampling_so_the_replies_after_it_replay(chat_run):
@@ -396,6 +402,10 @@ def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):
     chat.reply("ｈｅｌｌｏ　ｗｏｒｌｄ")
     assert chat.turns[0][0] == "hello world" and "cannot write" not in out.getvalue()
     assert chat.transcript[0]["content"] == "ｈｅｌｌｏ　ｗｏｒｌｄ"  # (the transcript keeps what was typed)
+    # Half-width katakana's voiced mark joins the letter before it: ｶﾞ is ガ (one at a time, it was カ and an unknown).
+    (tmp_path / "k.txt").write_text("ガギ パピ\n", encoding="utf-8")
+    kana = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "k.txt")], out=str(tmp_path / "k"), kind="char"))
+    assert kana.fold("ｶﾞｷﾞ ﾊﾟﾋﾟ") == "ガギ パピ" and kana.fold("ガギ") == "ガギ"
 
 
 def test_input_that_is_not_utf8_is_refused_in_one_line_and_the_chat_goes_on(chat_run, tmp_path, monkeypatch):

@@ -390,6 +390,18 @@ def moved_base(run: str | Path, base: str | Path) -> Path:
     return beside
 
 
+def run_data(run: Path, saved: str | None) -> Path | None:
+    """Where a run's prepared data is: the data_dir it last trained on, unless that is gone, or is another run's own
+    data/ (a copied run's config.json names the original's) while this run has its own; else its own data/."""
+    own = run / "data"
+    if saved and (Path(saved) / "meta.json").is_file():
+        other = Path(saved).name == "data" and (Path(saved).parent / "config.json").is_file() and \
+            Path(saved).parent.resolve() != run.resolve()
+        if not (other and (own / "meta.json").is_file()):
+            return Path(saved)
+    return own if (own / "meta.json").is_file() else None
+
+
 def read_lora(run: str | Path) -> dict[str, Any] | None:
     """A LoRA run's `lora` section (its base run, that run's checkpoint and checksum, the adapters' spec), checked;
     None for a run of full weights."""

@@ -158,16 +158,17 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         data_dir = Path(cfg.data)
         if not data_dir.exists():
             raise HomeLLMError(f"--data {data_dir}: not found: pass a folder made by `homellm prepare`, or text files")
-    else:  # the run's own data: its data/, prepared from text (a copied run's data_dir is the original's), else
-        # where training found it
+    else:  # the data it last trained on, else its own data/ (moved, copied, or saved relative to another cwd)
+        from homellm.checkpoint import run_data
+
         saved = config.get("data_dir")
-        found = [d for d in [run / "data"] + ([Path(saved)] if saved else []) if (d / "meta.json").is_file()]
-        if not found:
+        found = run_data(run, saved)
+        if found is None:
             what = (f"no longer finds the prepared data it was trained on ({saved})" if saved else
                     "was not trained on a prepared data folder (fine-tuned or merged runs are not)")
             raise HomeLLMError(f"{run} {what}: pass --data, a folder made by `homellm prepare --tokenizer "
                                f"{typed(run)}`")
-        data_dir = found[0]
+        data_dir = found
     model_cfg, train_cfg = read_config(run)
     run_tok = Tokenizer.load(run)
     tok = run_tok if raw else Tokenizer.load(data_dir)

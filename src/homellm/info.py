@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from homellm.checkpoint import kept_steps, read_config, read_lora, verify_checkpoint
+from homellm.checkpoint import kept_steps, read_config, read_lora, run_data, verify_checkpoint
 from homellm.config import load_json
 from homellm.errors import HomeLLMError
 from homellm.io import display_width
@@ -128,9 +128,7 @@ def describe(run: str | Path) -> str:
         # Runs trained on a task's own batches (the quickstart) record tokens only, not documents or the split.
         docs = (f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} (split by {m.get('split', '?')})"
                 if "documents" in m else "")
-        where = cfg.get("data_dir")
-        if (run / "data" / "meta.json").is_file():  # its own, prepared from text: moved or copied, data_dir is old
-            where = run / "data"
+        where = run_data(run, cfg.get("data_dir")) or cfg.get("data_dir")
         out += ["", f"data {where}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     if "imported_from" in cfg:  # trained elsewhere: its saved training settings are defaults nothing ran with
         out += [f"imported from {cfg['imported_from']} (`homellm import`): trained elsewhere"]

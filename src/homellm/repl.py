@@ -272,21 +272,11 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
              "/quit or Ctrl-D leaves]")
     while True:
         try:
-            line = input_fn("> ")
+            line = read_line(input_fn, "> ", chat)
         except (EOFError, KeyboardInterrupt):
             chat.say("")
             return chat
-        except RuntimeError as e:  # input() with standard input closed (`<&-`): "lost sys.stdin"
-            raise HomeLLMError(f"cannot read your messages ({e}): give the chat a terminal or a pipe") from None
-        except UnicodeDecodeError as e:  # a terminal or pipe in another encoding: the message is lost, not the chat
-            chat.say(f"error: the message is not UTF-8 ({e.reason} at byte {e.start}): set the terminal to UTF-8")
-            continue
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes that Python's stdin kept as lone surrogates
-            chat.say("error: the message is not valid UTF-8 text: set the terminal to UTF-8 and type it again")
-            continue
-        if not line.strip():
+        if line is None or not line.strip():
             continue
         if line.lstrip().startswith(FENCE):
             if (line := _fenced(line, input_fn, chat)) is not None:
@@ -304,16 +294,36 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
 FENCE = '"""'
 
 
+def read_line(input_fn: Callable[[str], str], prompt: str, chat: Chat) -> str | None:
+    """A line typed, or None where it is not text (said); the end of input and Ctrl-C are raised."""
+    try:
+        line = input_fn(prompt)
+    except RuntimeError as e:  # input() with standard input closed (`<&-`): "lost sys.stdin"
+        raise HomeLLMError(f"cannot read your messages ({e}): give the chat a terminal or a pipe") from None
+    except UnicodeDecodeError as e:  # a terminal or pipe in another encoding: the message is lost, not the chat
+        chat.say(f"error: the message is not UTF-8 ({e.reason} at byte {e.start}): set the terminal to UTF-8")
+        return None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes that Python's stdin kept as lone surrogates
+        chat.say("error: the message is not valid UTF-8 text: set the terminal to UTF-8 and type it again")
+        return None
+    return line
+
+
 def _fenced(first: str, input_fn: Callable[[str], str], chat: Chat) -> str | None:
     """The message of several lines that `first` opens with FENCE, read up to the line that ends with it; None
     when Ctrl-C or the end of input cancels it (said)."""
     lines = [first.lstrip()[len(FENCE):]]
     while not (len(lines) > 1 or lines[0].strip()) or not lines[-1].rstrip().endswith(FENCE):
         try:
-            lines.append(input_fn("... "))
+            line = read_line(input_fn, "... ", chat)
         except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None:  # (a line that is not text: said, and the message with it)
             chat.say("\n[message cancelled]")
             return None
+        lines.append(line)
     lines[-1] = lines[-1].rstrip()[:-len(FENCE)]
     text = "\n".join(lines).strip("\n")
     return text if text.strip() else None
@@ -321,8 +331,8 @@ def _fenced(first: str, input_fn: Callable[[str], str], chat: Chat) -> str | Non
 
 def command_parts(line: str) -> tuple[str, str]:
     """A slash command's name and its argument, split at any space: an input method's ideographic one too."""
-    name, *arg = line[1:].split(maxsplit=1)
-    return name, arg[0].strip() if arg else ""
+    parts = line[1:].split(maxsplit=1)  # ("/" alone: no name, an unknown command)
+    return (parts[0] if parts else ""), (parts[1].strip() if len(parts) > 1 else "")
 
 
 def visible(text: str, out: TextIO) -> str:

@@ -180,10 +180,37 @@ class Tokenizer:
         """What a person typed, each character this tokenizer cannot write replaced by its compatibility form
         (Unicode's NFKC) where it writes that: an input method's full-width １２×７ as 12×7, which a char model
         trained on ASCII digits read as unknowns. Text it writes is left as it is."""
-        for piece in self.unknown_chars(text):  # (characters; a word-level vocabulary's unknown words)
-            if (plain := unicodedata.normalize("NFKC", piece)) != piece and not self.unknown_chars(plain):
-                text = text.replace(piece, plain)
-        return text
+        unknown = self.unknown_chars(text)
+        if not unknown:
+            return text
+
+        def writes(piece: str) -> bool:
+            return not self.unknown_chars(piece)
+
+        if self.kind != "char":  # a word-level vocabulary's unknown words, whole
+            for piece in unknown:
+                if (plain := unicodedata.normalize("NFKC", piece)) != piece and writes(plain):
+                    text = text.replace(piece, plain)
+            return text
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            j = i
+            while j < len(text) and text[j] in unknown:
+                j += 1
+            if j == i:
+                out.append(text[i])
+                i += 1
+                continue
+            run = text[i:j]  # unknown characters in a row, with the one before: a half-width ﾞ voices the ｶ before it
+            if out and writes(plain := unicodedata.normalize("NFKC", out[-1] + run)):
+                out[-1] = plain
+            elif writes(plain := unicodedata.normalize("NFKC", run)):
+                out.append(plain)
+            else:
+                out += [p if writes(p := unicodedata.normalize("NFKC", c)) else c for c in run]
+            i = j
+        return "".join(out)
 
     def unknown_note(self, text: str, allow_special: bool = False) -> str:
         """A note naming the characters of text the model will read as <|unk|>, or "" when there are none."""
@@ -796,12 +823,16 @@ def _own_template(hf: HFTokenizer, bos: str | None) -> HFTokenizer:
     """hf, adding to a text what homellm adds: its bos in front, or nothing. A T5-style template (`$A </s>`, as
     rinna's converted tokenizer has) or BERT's `[CLS] $A [SEP]` made the exported tokenizer end every prompt that
     transformers encoded with a document's end, where homellm's own ids have none."""
+    if bos is not None and hf.token_to_id(bos) is None:
+        return hf  # (Tokenizer names the missing bos in one line)
     spec = json.loads(hf.to_str())
     post = spec.get("post_processor")
     steps = (post.get("processors") or [] if post.get("type") == "Sequence" else [post]) if post else []
     want = ([("SpecialToken", bos)] if bos is not None else []) + [("Sequence", "A")]
-    if all(p.get("type") == "ByteLevel" or p.get("type") == "TemplateProcessing" and want == [
-            (kind, value["id"]) for item in p.get("single") or [] for kind, value in item.items()] for p in steps):
+    templates = [[(kind, value["id"]) for item in p.get("single") or [] for kind, value in item.items()]
+                 for p in steps if p.get("type") == "TemplateProcessing"]
+    if all(p.get("type") in ("ByteLevel", "TemplateProcessing") for p in steps) and all(
+            t == want for t in templates) and (templates or bos is None):
         return hf  # (ByteLevel's steps set offsets only)
     kept = [p for p in steps if p.get("type") == "ByteLevel"]
     if bos is not None:
