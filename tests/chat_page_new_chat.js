@@ -1,7 +1,8 @@
 // The chat page's script against a stub DOM and fetch (tests/test_serve.py): a reply streams, "New chat" is
 // clicked halfway, a message is sent at once. Prints the messages of each chat request as JSON. With "stop":
 // Stop is pressed before the reply's first piece, then another message is sent. With "overflow": the second
-// question finds the context full once, and the page's bubbles are printed in order.
+// question finds the context full once, and the page's bubbles are printed in order. With "empty": the replies end
+// with no text.
 const fs = require("fs");
 const html = fs.readFileSync(process.argv[2], "utf8");
 const script = html.slice(html.indexOf("<script>") + 8, html.lastIndexOf("</script>"));
@@ -30,7 +31,7 @@ global.fetch = async (url, opts = {}) => {
   return {ok: true, body: {getReader: () => ({read: async () => {
     await sleep(5);
     if (opts.signal.aborted) throw Object.assign(new Error("aborted"), {name: "AbortError"});
-    if (n++ >= 50) return {done: true};
+    if (n++ >= (process.argv[3] === "empty" ? 0 : 50)) return {done: true};
     const chunk = {choices: [{delta: {content: "old" + n + " "}}]};
     return {done: false, value: new TextEncoder().encode("data: " + JSON.stringify(chunk) + "\n\n")};
   }})}};
@@ -45,6 +46,14 @@ eval(script);
     await say("second question");
     await sleep(400);
     console.log(JSON.stringify(elements.messages.children.map((c) => [c.className, c.textContent.slice(0, 15)])));
+    process.exit(0);
+  }
+  if (process.argv[3] === "empty") {  // a reply that ends with no text (an undertrained model's first <|im_end|>)
+    await say("first question");
+    await sleep(40);
+    await say("next question");
+    await sleep(40);
+    console.log(JSON.stringify(sent));
     process.exit(0);
   }
   if (process.argv[3] === "stop") {  // Stop pressed before the first piece of the reply came

@@ -586,7 +586,7 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
         {"question": "1000 + 234?", "answer": "1000 + 234 = <<1000+234=1234>>1234\n#### 1,234"},
         {"question": "9 - 2?", "answer": "9 - 2 = 7\n#### 7"}]) + "\n")
     monkeypatch.setattr(eval_module, "greedy_complete", lambda *a, **k: [
-        "Each bag has 4, so 3 x 4 = 12.\n#### 12", "It is 1234.\n#### 1234", "9 - 2 = 7, so 7"])
+        "Each bag has 4, so 3 x 4 = 12.\n#### $12.", "It is 1234.\n#### 1234", "9 - 2 = 7, so 7"])
     capsys.readouterr()
     assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
     result = json.loads((chat / "eval_exact.json").read_text())

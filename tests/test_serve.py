@@ -668,6 +668,12 @@ def test_new_chat_during_a_reply_starts_clean():
     assert json.loads(done.stdout) == {"sent": [[{"role": "user", "content": "stopped at once"}],
                                                 [{"role": "user", "content": "next question"}]],
                                        "back": "stopped at once"}
+    # A reply that ends with no text is the model's answer, kept as one (only a Stop takes the question back).
+    done = subprocess.run(["node", str(harness), str(page), "empty"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[1] == [{"role": "user", "content": "first question"},
+                                          {"role": "assistant", "content": ""},
+                                          {"role": "user", "content": "next question"}]
     # The note that older turns left the context went below the reply it explains; it goes before the question.
     done = subprocess.run(["node", str(harness), str(page), "overflow"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -174,11 +174,13 @@ def test_read_conversations_formats_and_errors(tmp_path):
         {"conversations": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
          "system": "简洁"},
         {"conversation_id": 7, "conversation": [{"human": "你好", "assistant": "你好！"},
-                                                {"human": "1+1?", "assistant": "2"}]}]) + "\n", encoding="utf-8")
+                                                {"human": "1+1?", "assistant": "2"}]},
+        {"conversation": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}  # LMSYS-Chat
+    ]) + "\n", encoding="utf-8")
     history, firefly = read_conversations([str(more)])[0][0], convs[2][1:]
     assert history == [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
                        {"role": "user", "content": "再说一次"}, {"role": "assistant", "content": "2"}]
-    assert read_conversations([str(more)])[0][1:] == [[convs[2][0], *convs[2][3:]], firefly]
+    assert read_conversations([str(more)])[0][1:] == [[convs[2][0], *convs[2][3:]], firefly, convs[2][3:]]
     cases = {
         "{not json": "not valid JSON",
         json.dumps({"messages": [{"role": "robot", "content": "hi"}]}): "unknown role 'robot'",
@@ -621,6 +623,7 @@ def test_lora_trains_the_chat_tokens_rows_and_merges_them(tied, vocab):
     x[:, 0], y[:, 1] = 3, 5  # both tokens read, and both predicted
     logits, loss = model(x, y)
     assert (logits is None) == (vocab >= CHUNKED_LOSS_VOCAB)  # the chunks stay: no hook on the head's output
+    assert dict(model.lm_head.named_buffers())["grad_rows"].tolist() == tokens  # a buffer: it goes where the model goes
     loss.backward()
     rows = [lora.embed_rows] + ([] if tied else [lora.head_rows])
     assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in rows)
@@ -648,6 +651,7 @@ def test_lora_trains_the_chat_tokens_rows_and_merges_them(tied, vocab):
         torch.testing.assert_close(adapted[:, :2, others], before[:, :2, others])
         merge_lora(model)
         assert set(model.state_dict()) == set(base) and (model.lm_head.weight is model.embed_tokens.weight) == tied
+        assert not hasattr(model.lm_head, "grad_rows")
         torch.testing.assert_close(model(probe)[0], adapted, rtol=1e-4, atol=1e-4)
         changed = (model.embed_tokens.weight != base["embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
         assert changed == tokens  # only the tokens' rows, and the head's likewise

@@ -143,8 +143,12 @@ def _conversation(record: Any, where: str) -> list[Message]:
         messages = check_messages(head + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns],
                                   where)
     elif isinstance(record, dict) and isinstance(record.get("conversation"), list):
-        # Firefly's (and other Chinese datasets') {"conversation": [{"human": ..., "assistant": ...}, ...]}
+        # Firefly's (and other Chinese datasets') {"conversation": [{"human": ..., "assistant": ...}, ...]}; LMSYS-Chat
+        # and WildChat write OpenAI's turns under this key
         turns = record["conversation"]
+        if turns and all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
+            return _conversation({**{k: v for k, v in record.items() if k != "conversation"}, "messages": turns},
+                                 where)
         if not turns or not all(isinstance(t, dict) and isinstance(t.get("human"), str) and
                                 isinstance(t.get("assistant"), str) for t in turns):
             raise HomeLLMError(f"{where}: 'conversation' must be a list of {{\"human\": \"text\", \"assistant\": "

@@ -361,7 +361,8 @@ def final_answer(text: str) -> str | None:
     GSM8K writes 1,000 and 1000 alike); None where there is none."""
     if "####" not in text:
         return None
-    return text.rsplit("####", 1)[1].strip().replace(",", "")
+    # (a model's "#### $12." is 12 too)
+    return text.rsplit("####", 1)[1].strip().replace(",", "").removeprefix("$").removesuffix(".").strip()
 
 
 def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> dict[str, Any]:
@@ -388,6 +389,8 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     longest = max(len(tok.encode(p["answer"])) for p in pairs)
+    if all(final_answer(p["answer"]) is not None for p in pairs):
+        longest *= 2  # worked solutions: a model's own may be longer than the longest given, and end in ####
     prompts = [prompt_ids(tok, [{"role": "system", "content": p["system"]}] * bool(p["system"]) +
                           [{"role": "user", "content": p["prompt"]}]) for p in pairs] if chat else [
         p["prompt"] for p in pairs]

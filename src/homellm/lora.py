@@ -113,7 +113,8 @@ class LoRA(nn.Module):
         parametrize.register_parametrization(model.lm_head, "weight", _AddRows(self))
         # The rest of the head is frozen: the chunked loss computes the gradient of these rows alone (a matmul over
         # the whole vocabulary made LoRA steps 1.3-1.5x slower where the head is most of the model, measured).
-        model.lm_head.grad_rows = self.token_ids
+        # (a buffer of the head's own, so that it moves to the GPU with the model)
+        model.lm_head.register_buffer("grad_rows", ids.clone(), persistent=False)
 
     def _hook(self, key: str):
         def add_update(module: nn.Linear, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:

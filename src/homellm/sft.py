@@ -258,7 +258,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
                       "characters, and those given with --words; a BPE one writes any text)")
     # What the held-out split is drawn from: the same conversations (a file moved, on another machine of a relay)
     # give the same split; others (new data, an edited file, another --max-conversations) draw it again.
-    digest = hashlib.sha256(json.dumps(conversations, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for conv in conversations:  # (one at a time: a dump of them all held the dataset twice over)
+        digest.update(json.dumps(conv, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    digest = digest.hexdigest()
     stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates, "sha256": digest}
     if train_cfg.resume:
         was_stats, saved_sft = saved.get("sft_data") or {}, saved.get("sft") or {}
@@ -327,8 +330,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     def sample(model: GPT) -> str:
         """A chat model's sample is a reply to a user's message (the prompt continued as text showed nothing)."""
         ids = prompt_ids(tok, [{"role": "user", "content": question}])
-        # (as generate prints it: no half character where the 64 tokens end)
-        reply = "".join(stream_ids(model, tok, ids, SampleConfig(max_new_tokens=64, temperature=0.0)))
+        # (as generate prints it: no half character where the 64 tokens end; LoRA's head with its trained rows
+        # computed once, not at each token)
+        with torch.nn.utils.parametrize.cached():
+            reply = "".join(stream_ids(model, tok, ids, SampleConfig(max_new_tokens=64, temperature=0.0)))
         return f"{question!r} -> {reply!r}"
 
     summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample,
