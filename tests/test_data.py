@@ -155,6 +155,12 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     no_bom.write_bytes("plain text\n".encode("utf-16-be"))
     with pytest.raises(HomeLLMError, match="pass --encoding utf-16-be"):
         docs([str(no_bom)])
+    # Japanese has NULs in its ASCII characters only: it was "a binary file", with --encoding utf-8 advised.
+    novel = "吾輩は猫である。名前はまだ無い。\nどこで生れたかとんと見当がつかぬ。\n"
+    no_bom.write_bytes(novel.encode("utf-16-le") * 20)
+    with pytest.raises(HomeLLMError, match="pass --encoding utf-16-le"):
+        docs([str(no_bom)])
+    assert docs([str(no_bom)], encoding="utf-16-le")[0].startswith("吾輩は猫である。")
     weights = tmp_path / "model.safetensors"  # given by mistake: it was "UTF-16 without a byte-order mark"
     weights.write_bytes(b"\x08\x01\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\": \"F32\"}}" + bytes(range(256)) * 4)
     with pytest.raises(HomeLLMError, match="model.safetensors: a binary file .*, not text: give the text files"):
@@ -163,6 +169,29 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     with pytest.raises(HomeLLMError, match=r"or pass --encoding utf-8 if it is text that holds NUL characters"):
         docs([str(nul)])
     assert docs([str(nul)], encoding="utf-8") == [nul.read_text()]
+
+
+def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, capsys):
+    """Inputs a prepare met on real corpora: a name with brackets was read as a glob pattern and refused; a corpus
+    linked into a folder was skipped, as were other kinds of file, unsaid; a table was read as text."""
+    (tmp_path / "lib").mkdir()
+    book = write(tmp_path / "lib" / "Book [Vol 1].txt", "one\n")
+    assert docs([str(book)]) == ["one\n"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write(corpus / "b.txt", "two\n")
+    (tmp_path / "lib" / "linked").symlink_to(corpus, target_is_directory=True)
+    (corpus / "loop").symlink_to(tmp_path / "lib", target_is_directory=True)  # a link back up: read once
+    write(tmp_path / "lib" / "notes.md", "# notes")
+    write(tmp_path / "lib" / "c.json", "[]")
+    capsys.readouterr()
+    assert docs([str(tmp_path / "lib")]) == ["one\n", "two\n"]
+    assert f"note: {tmp_path / 'lib'}: reading its .txt/.jsonl files only, not 2 other file(s) (1 .md, 1 .json)" in (
+        capsys.readouterr().err)
+    table = write(tmp_path / "t.csv", "id,text\n1,hello\n")
+    with pytest.raises(HomeLLMError, match=r"t.csv: a csv table: read its text column with Hugging Face datasets, "
+                                           r"`--input hf:./.* --text-field COLUMN`"):
+        docs([str(table)])
 
 
 def test_utf8_bom_and_crlf(tmp_path):

@@ -39,6 +39,7 @@ _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: e
 _ROUND_TRIP_CHARS = 2000  # of the first document, decoded back to tell a lossy tokenizer
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
+_TABLES = (".csv", ".tsv", ".parquet", ".arrow")  # datasets reads them (hf:./FOLDER); as text they are not
 
 
 # Hiragana and katakana. Not half-width katakana: cp932 reads each byte 0xA6-0xDD as one, and in Latin-1 those are
@@ -121,12 +122,12 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
         if spec.startswith("hf:"):
             out.append(("hf", spec))
             continue
-        if glob.has_magic(spec):
+        if Path(spec).exists():  # first: "Book [Vol 1].txt" is a file, though glob would read [...] as a pattern
+            paths = [Path(spec)]
+        elif glob.has_magic(spec):
             paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
             if not paths:
                 raise HomeLLMError(f"{spec}: the pattern matches no file: check the path (quote it for the shell)")
-        elif Path(spec).exists():
-            paths = [Path(spec)]
         else:
             raise HomeLLMError(f"{spec}: no such file or folder: check the path")
         for path in paths:
@@ -154,6 +155,10 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                          "DIR, the folder `homellm prepare` wrote it in, with its meta.json")
                 raise HomeLLMError(f"{path}: token ids (a shard of homellm's prepared data), not text: give the "
                                    f"prepared folder instead, as it is (--data {where}, to pretrain or eval)")
+            elif path.suffix.lower() in _TABLES:  # read as text, a table's header, quoting and ids were trained on
+                raise HomeLLMError(f"{path}: a {path.suffix.lower()[1:]} table: read its text column with Hugging "
+                                   f"Face datasets, `--input hf:./{typed(path.parent)} --text-field COLUMN` (pip "
+                                   "install 'homellm[hf]'), or write the text as .txt or .jsonl")
             else:
                 files = [path]
             # A .json named directly is JSON records too (an array, or lines as the hub's datasets often are).
@@ -182,9 +187,33 @@ def folder_files(folder: Path, suffixes: tuple[str, ...], quiet: bool = False) -
     if skip and not quiet:
         say(f"note: {folder}: skipping {len(skip)} folder(s) homellm made (runs, prepared data): "
             f"{', '.join(map(str, skip[:3]))}{' ...' if len(skip) > 3 else ''}")
-    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in suffixes and f.is_file()
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts)
-                  and not any(s in f.parents for s in skip))
+    found, other = [], Counter()
+    for f in _walk(folder):
+        if any(part.startswith(".") for part in f.relative_to(folder).parts) or any(s in f.parents for s in skip):
+            continue
+        if f.suffix.lower() in suffixes:
+            found.append(f)
+        elif not f.name.endswith("~"):  # (an editor's backup)
+            other[f.suffix.lower() or "no suffix"] += 1
+    if other and found and not quiet:  # (none found: the caller says so)
+        say(f"note: {folder}: reading its {'/'.join(suffixes)} files only, not {sum(other.values())} other file(s) ("
+            f"{', '.join(f'{n} {kind}' for kind, n in other.most_common(4))}{' ...' if len(other) > 4 else ''})")
+    return sorted(found)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """The files under folder, following links to folders (a corpus linked in), each real folder once."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or the same folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in files:
+            if os.path.isfile(os.path.join(root, name)):
+                yield Path(root) / name
 
 
 def _made_by_homellm(folder: Path) -> str | None:
@@ -208,9 +237,20 @@ def _nul_bytes(head: bytes) -> str:
     """What NUL bytes at a file's start say: UTF-16 without a byte-order mark puts them at every other byte (its
     ASCII characters' high halves); anything else with NULs is a binary file (weights, an archive, a program)."""
     nul = [i % 2 for i, b in enumerate(head) if b == 0]
-    if len(nul) >= len(head) // 8 and max(nul.count(0), nul.count(1)) >= 0.95 * len(nul):
+    if max(nul.count(0), nul.count(1)) >= 0.95 * len(nul):  # on one side: UTF-16's, if it reads as text
         order = "utf-16-le" if nul.count(1) > nul.count(0) else "utf-16-be"
-        return f"NUL bytes at every other byte, as UTF-16 without a byte-order mark has: pass --encoding {order}"
+        # Japanese or Chinese text has NULs in its ASCII characters only, too few to count on alone: it is UTF-16
+        # too where it is no UTF-8 (UTF-8 text that holds a few NULs is) and reads as UTF-16 text.
+        try:
+            text = head[:len(head) // 2 * 2].decode(order, errors="strict")
+            head.decode("utf-8", errors="strict")
+            utf8 = True
+        except UnicodeDecodeError as e:
+            utf8 = e.encoding == "utf-8" and e.start >= len(head) - 3  # (a character cut at the head's end: UTF-8)
+            text = text if e.encoding == "utf-8" else ""
+        readable = bool(text) and sum(c.isprintable() or c in "\n\r\t" for c in text) >= 0.95 * len(text)
+        if len(nul) >= len(head) // 8 or (readable and not utf8):
+            return f"NUL bytes at every other byte, as UTF-16 without a byte-order mark has: pass --encoding {order}"
     return ("a binary file (NUL bytes among the first bytes), not text: give the text files (or pass --encoding "
             "utf-8 if it is text that holds NUL characters)")
 
