@@ -3,6 +3,7 @@ with end-of-text, splits match nanoGPT's, shards match meta.json, chunked readin
 
 import codecs
 import json
+import os
 import re
 import shutil
 import socket
@@ -188,6 +189,9 @@ def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, c
     assert docs([str(tmp_path / "lib")]) == ["one\n", "two\n"]
     assert f"note: {tmp_path / 'lib'}: reading its .txt/.jsonl files only, not 2 other file(s) (1 .md, 1 .json)" in (
         capsys.readouterr().err)
+    os.mkfifo(tmp_path / "pipe")  # (as /dev/stdin or <(zcat x.gz)): its first 4 KB were lost unsaid
+    with pytest.raises(HomeLLMError, match=r"pipe: a pipe or device, not a file: .* save the text to a file first"):
+        docs([str(tmp_path / "pipe")])
     table = write(tmp_path / "t.csv", "id,text\n1,hello\n")
     with pytest.raises(HomeLLMError, match=r"t.csv: a csv table: read its text column with Hugging Face datasets, "
                                            r"`--input hf:./.* --text-field COLUMN`"):

@@ -155,6 +155,10 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                          "DIR, the folder `homellm prepare` wrote it in, with its meta.json")
                 raise HomeLLMError(f"{path}: token ids (a shard of homellm's prepared data), not text: give the "
                                    f"prepared folder instead, as it is (--data {where}, to pretrain or eval)")
+            elif not path.is_file():  # /dev/stdin, <(zcat x.gz): its first bytes went to the encoding's sniffing
+                raise HomeLLMError(f"{path}: a pipe or device, not a file: homellm reads its input more than once "
+                                   "(its start for the encoding, then the text; the tokenizer and the shards too): "
+                                   "save the text to a file first (e.g. `zcat corpus.gz > corpus.txt`)")
             elif path.suffix.lower() in _TABLES:  # read as text, a table's header, quoting and ids were trained on
                 raise HomeLLMError(f"{path}: a {path.suffix.lower()[1:]} table: read its text column with Hugging "
                                    f"Face datasets, `--input hf:./{typed(path.parent)} --text-field COLUMN` (pip "
