@@ -213,7 +213,7 @@ def test_jsonl_custom_field_and_errors(tmp_path):
     bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n')
     with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line"):
         docs([str(bad)])
-    with pytest.raises(HomeLLMError, match="is a int, not text"):
+    with pytest.raises(HomeLLMError, match="is an int, not text"):
         docs([str(write(tmp_path / "c.jsonl", '{"text": 5}\n'))])
     # JSON's "\ud800" escape is half of a UTF-16 pair: named, where no tokenizer could take it; a whole pair is text
     lone = write(tmp_path / "d.jsonl", '{"text": "ok \\ud83d\\ude00 pair"}\n{"text": null}\n{"text": "lone \\ud800"}\n')
@@ -367,7 +367,7 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
     assert calls == [("someone/stories", None, "train", True), ("someone/stories", "cfg", "validation", True)]
     with pytest.raises(HomeLLMError, match="no field 'body'.*--text-field"):
         docs(["hf:x"], text_field="body")
-    with pytest.raises(HomeLLMError, match=r"hf:x: row 0: field 'n' is a int, not text"):  # not skipped unsaid
+    with pytest.raises(HomeLLMError, match=r"hf:x: row 0: field 'n' is an int, not text"):  # not skipped unsaid
         docs(["hf:x"], text_field="n")
     src = write(tmp_path / "a.txt", "row 0123456789")
     meta = prepare(PrepareConfig(input=["hf:x:test"], tokenizer=str(char_tok(tmp_path, str(src))),
@@ -673,7 +673,9 @@ def test_a_json_file_is_read_as_records_not_as_text(tmp_path):
     lines.write_text('{"text": "One."}\n{"text": "Two."}\n', encoding="utf-8")
     assert docs([str(array)]) == ["Hello world.", "Second story."] and docs([str(lines)]) == ["One.", "Two."]
     array.write_text('[{"text": "fine"}, {"body": "no text field"}]', encoding="utf-8")
-    with pytest.raises(HomeLLMError, match=r"stories.json\[1\]: no field 'text' \(found: body\)"):
+    # A record without the field after some with it is a bad line: --text-field was advised, which no field fixes
+    with pytest.raises(HomeLLMError, match=r"stories.json\[1\]: no field 'text' \(found: body\): fix or delete the "
+                                           r"line \(1 line\(s\) before it hold 'text'\)"):
         docs([str(array)])
     array.write_text('[{"text": "cut short"', encoding="utf-8")
     with pytest.raises(HomeLLMError, match=r"stories.json:1: a file that starts as a JSON array, but is not valid"):

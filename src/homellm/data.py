@@ -649,15 +649,24 @@ def jsonl_records(path: Path, meter: list[int] | None = None) -> Iterator[tuple[
 
 
 def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Iterator[str]:
+    had = 0  # records before that held the field: then this one is a bad line, not the wrong --text-field
     for where, obj in jsonl_records(path, meter):
         if isinstance(obj, HomeLLMError):
             raise obj
         if not isinstance(obj, dict) or field not in obj:
-            fields = ", ".join(obj) if isinstance(obj, dict) else f"a {type(obj).__name__}, not an object"
-            raise HomeLLMError(f"{where}: no field {field!r} (found: {fields}): "
-                               "pass --text-field with the field that holds the text")
+            fields = ", ".join(obj) if isinstance(obj, dict) else f"{_a(obj)}, not an object"
+            fix = (f"fix or delete the line ({had:,} line(s) before it hold {field!r})" if had else
+                   "pass --text-field with the field that holds the text")
+            raise HomeLLMError(f"{where}: no field {field!r} (found: {fields}): {fix}")
+        had += 1
         if text := _text(obj[field], where, field):
             yield text
+
+
+def _a(value: Any) -> str:
+    """A value's JSON kind with its article: "an int", "a list"."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _text(text: Any, where: str, field: str) -> str:
@@ -666,7 +675,7 @@ def _text(text: Any, where: str, field: str) -> str:
     if text is None:
         return ""
     if not isinstance(text, str):
-        raise HomeLLMError(f"{where}: field {field!r} is a {type(text).__name__}, not text: "
+        raise HomeLLMError(f"{where}: field {field!r} is {_a(text)}, not text: "
                            "pass --text-field with the field that holds the text")
     try:
         text.encode("utf-8")
