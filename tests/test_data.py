@@ -316,6 +316,17 @@ def test_documents_split_by_hash_end_with_eot_and_shards_match_meta(tmp_path):
                                   seed=1))
     assert again["val_documents"] == meta["val_documents"]
     assert np.array_equal(tokens(tmp_path / "e", "val"), tokens(tmp_path / "d", "val"))
+    # A corpus that grows (a relay's next session) keeps each document on its side: by index, a file added before
+    # the others moved every document, and ones trained on became val ones.
+    grown = write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": f"new story {i}"}) for i in range(40)) + "\n")
+    prepare(PrepareConfig(input=[str(grown), str(src)], tokenizer=str(tok), out=str(tmp_path / "g"),
+                          val_fraction=0.2, seed=1))
+    sides = {}
+    for out in ("d", "g"):
+        for split in ("train", "val"):
+            for story in t.decode(tokens(tmp_path / out, split).tolist()).split(EOT)[:-1]:
+                sides.setdefault(story, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values()) and len(sides) == 340
 
 
 def check_shards(out: Path, meta: dict, shard_tokens: int) -> None:

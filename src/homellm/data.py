@@ -827,17 +827,22 @@ class _ShardWriter:
             self._file = None
 
 
-def _is_val(seed: int, doc: int, val_fraction: float) -> bool:
-    # A hash, not a random stream: a document's side depends on (seed, index) only, whatever the batching.
-    h = hashlib.blake2b(f"{seed}:{doc}".encode(), digest_size=8).digest()
+_KEY_CHARS = 1000  # of a document's start, which decides its side of the split
+
+
+def _is_val(seed: int, start: str, val_fraction: float) -> bool:
+    # A hash of (seed, the document's start), not a random stream nor its index: a document keeps its side whatever
+    # the batching, and whatever comes before it. By index, a file added to a relay's growing corpus moved every
+    # later document, and documents trained on became val ones (copies, too, now go to one side together).
+    h = hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") < val_fraction * 2**64
 
 
 def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tokenize cfg.input into shards in cfg.out and return the meta.json it writes (with `extra_meta` added).
 
-    Each document ends with the end-of-text id. Documents go to val by a hash of (seed, index) against
-    val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
+    Each document ends with the end-of-text id. Documents go to val by a hash of (seed, the document's start)
+    against val_fraction. One document (tinyshakespeare), or a split that leaves a side empty, is split by position
     instead: the last val_fraction of the tokens before the final end-of-text is val, as nanoGPT does; with a
     char tokenizer (without --words) the val text is exactly nanoGPT's text[int(n * 0.9):].
     """
@@ -977,6 +982,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
     bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
     fresh = True  # whether the next piece starts a document
+    at = [-1, False]  # the document the pieces are in, and whether it is a val one (decided at its first piece)
 
     def flush(batch: list[Piece]) -> None:
         nonlocal docs, val_docs, tokens, unknown, fresh
@@ -987,7 +993,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
                        file=sys.stderr)  # above the progress bar, not inside its line
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
-            side = "val" if _is_val(cfg.seed, piece.doc, cfg.val_fraction) else "train"
+            if piece.doc != at[0]:
+                at[:] = [piece.doc, _is_val(cfg.seed, piece.text[:_KEY_CHARS], cfg.val_fraction)]
+            side = "val" if at[1] else "train"
             array = np.asarray(ids, dtype=np.uint32)
             tokens += len(array)
             if unk_id is not None and (n := int((array == unk_id).sum())):
