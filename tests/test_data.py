@@ -316,6 +316,15 @@ def test_documents_split_by_hash_end_with_eot_and_shards_match_meta(tmp_path):
                                   seed=1))
     assert again["val_documents"] == meta["val_documents"]
     assert np.array_equal(tokens(tmp_path / "e", "val"), tokens(tmp_path / "d", "val"))
+    # Another prepare into the same --out at once: refused (the two replaced each other's staging folder, and the
+    # first's clean-up deleted the other's finished data); the lock goes with the prepare that held it.
+    held = data._lock(tmp_path / "e")
+    with pytest.raises(HomeLLMError, match=r"--out .*e is being prepared by another process right now"):
+        prepare(PrepareConfig(input=[str(src)], tokenizer=str(tok), out=str(tmp_path / "e"), seed=1))
+    assert again == read_meta(tmp_path / "e")  # (its data untouched)
+    held.close()
+    prepare(PrepareConfig(input=[str(src)], tokenizer=str(tok), out=str(tmp_path / "e"), val_fraction=0.2, seed=1))
+    assert not (tmp_path / "e" / data._LOCK).exists()
     # A corpus that grows (a relay's next session) keeps each document on its side: by index, a file added before
     # the others moved every document, and ones trained on became val ones.
     grown = write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": f"new story {i}"}) for i in range(40)) + "\n")

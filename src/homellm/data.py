@@ -865,6 +865,40 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     # so bad input or a crash halfway never loses data prepared before (at the cost of room for both meanwhile).
     out = final / ".preparing"
     made = not final.exists()
+    final.mkdir(parents=True, exist_ok=True)
+    lock = _lock(final)
+    try:
+        return _prepare_staged(cfg, tok, final, out, made, extra_meta)
+    finally:
+        if lock is not None:
+            (final / _LOCK).unlink(missing_ok=True)
+            lock.close()
+
+
+_LOCK = ".prepare.lock"
+
+
+def _lock(folder: Path) -> Any:
+    """This process's exclusive lock on a prepare's --out, None where the system has none (Windows): two prepares
+    into one --out replaced each other's staging folder, and the first's clean-up deleted the other's finished data.
+    The system drops it when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(folder / _LOCK, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise HomeLLMError(f"--out {folder} is being prepared by another process right now: wait for it to end, or "
+                           "prepare into another --out") from None
+    return f
+
+
+def _prepare_staged(cfg: PrepareConfig, tok: Tokenizer, final: Path, out: Path, made: bool,
+                    extra_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """prepare's work, under its lock: the text into the staging folder `out`, then swapped into `final`."""
     if (final / "meta.json").is_file():
         try:
             old = load_json(final / "meta.json")
