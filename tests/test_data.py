@@ -204,9 +204,14 @@ def test_utf8_bom_and_crlf(tmp_path):
     assert docs([str(path)]) == ["line one\nline two\n"]
 
 
-def test_jsonl_custom_field_and_errors(tmp_path):
+def test_jsonl_custom_field_and_errors(tmp_path, capsys):
     good = write(tmp_path / "a.jsonl", '{"body": "first", "id": 1}\n\n{"body": "second\\r\\nline"}\n{"body": ""}\n')
     assert docs([str(good)], text_field="body") == ["first", "second\nline"]
+    # Flags that only the other kind of input reads were ignored unsaid.
+    assert docs([str(good)], text_field="body", encoding="cp932") == ["first", "second\nline"]
+    assert "note: --encoding cp932 applies to .txt files only" in capsys.readouterr().err
+    assert docs([str(write(tmp_path / "t.txt", "plain\n"))], text_field="body") == ["plain\n"]
+    assert "note: --text-field body applies to .jsonl and hf: inputs only" in capsys.readouterr().err
     with pytest.raises(HomeLLMError) as e:
         docs([str(good)])
     assert f"{good}:1: no field 'text'" in str(e.value) and "body" in str(e.value) and "--text-field" in str(e.value)

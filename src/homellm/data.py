@@ -95,6 +95,12 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
         # (a .jsonl's text is its writer's to clean: its markup was kept, and meta.json said "aozora": true)
         say(f"note: --aozora cleans .txt files only: {others[0]}"
             + (f" and {len(others) - 1} more are read as they are" if len(others) > 1 else " is read as it is"))
+    kinds = {kind for kind, _ in sources}
+    if text_field != "text" and not kinds & {"jsonl", "hf"}:  # given, and read by nothing: say so, as for --aozora
+        say(f"note: --text-field {text_field} applies to .jsonl and hf: inputs only: the .txt files are read whole")
+    if encoding != "auto" and "txt" not in kinds:
+        say(f"note: --encoding {encoding} applies to .txt files only: JSON Lines are UTF-8, and hf: datasets decode "
+            "their own text")
     for kind, source in sources:
         if kind == "hf":
             texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter, lines)
