@@ -116,6 +116,12 @@ def _conversation(record: Any, where: str) -> list[Message]:
     """One jsonl record, OpenAI-style {"messages": [...]}, ShareGPT-style {"conversations": [{"from", "value"}]},
     Alpaca-style {"instruction", "input", "output"}, or a pair such as {"question", "answer"} (PROMPT_FIELDS and
     REPLY_FIELDS; TRL's conversational {"prompt": [messages], "completion": [messages]} too)."""
+    for key in ("conversations", "conversation"):
+        # OpenAI's turns under ShareGPT's key (many Hugging Face conversions), or Firefly's (LMSYS-Chat, WildChat)
+        turns = record.get(key) if isinstance(record, dict) else None
+        if turns and isinstance(turns, list) and all(isinstance(t, dict) and "role" in t and "content" in t
+                                                     for t in turns):
+            return _conversation({**{k: v for k, v in record.items() if k != key}, "messages": turns}, where)
     prompt = next((k for k in PROMPT_FIELDS if k in record), None) if isinstance(record, dict) else None
     reply = next((k for k in REPLY_FIELDS if k in record), None) if isinstance(record, dict) else None
     system = (record.get("system") or "") if isinstance(record, dict) else ""  # (null: a dataset's empty column)
@@ -129,10 +135,6 @@ def _conversation(record: Any, where: str) -> list[Message]:
         messages = head + messages
     elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
         turns = record["conversations"]
-        if turns and all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
-            # OpenAI's messages under ShareGPT's key (many Hugging Face conversions write them so)
-            return _conversation({**{k: v for k, v in record.items() if k != "conversations"}, "messages": turns},
-                                 where)
         if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
             raise HomeLLMError(f"{where}: ShareGPT turns must be {{\"from\": ..., \"value\": \"text\"}} objects "
                                "(or {\"role\": ..., \"content\": \"text\"})")
@@ -143,12 +145,8 @@ def _conversation(record: Any, where: str) -> list[Message]:
         messages = check_messages(head + [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns],
                                   where)
     elif isinstance(record, dict) and isinstance(record.get("conversation"), list):
-        # Firefly's (and other Chinese datasets') {"conversation": [{"human": ..., "assistant": ...}, ...]}; LMSYS-Chat
-        # and WildChat write OpenAI's turns under this key
+        # Firefly's (and other Chinese datasets') {"conversation": [{"human": ..., "assistant": ...}, ...]}
         turns = record["conversation"]
-        if turns and all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
-            return _conversation({**{k: v for k, v in record.items() if k != "conversation"}, "messages": turns},
-                                 where)
         if not turns or not all(isinstance(t, dict) and isinstance(t.get("human"), str) and
                                 isinstance(t.get("assistant"), str) for t in turns):
             raise HomeLLMError(f"{where}: 'conversation' must be a list of {{\"human\": \"text\", \"assistant\": "

@@ -1022,10 +1022,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
     bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
     fresh = True  # whether the next piece starts a document
-    at = [-1, False]  # the document the pieces are in, and whether it is a val one (decided at its first piece)
+    at_doc, at_val = -1, False  # the document the pieces are in, and whether it is a val one (by its first piece)
 
     def flush(batch: list[Piece]) -> None:
-        nonlocal docs, val_docs, tokens, unknown, fresh
+        nonlocal docs, val_docs, tokens, unknown, fresh, at_doc, at_val
         if not tokens and (note := tok.round_trip_note(batch[0].text[:_ROUND_TRIP_CHARS])):
             # An imported WordPiece lowercases, an NFKC one turns full-width letters half-width: say so once.
             tqdm.write(f"note: {cfg.tokenizer}: {note} in {' '.join(cfg.input)}; the model will learn and write "
@@ -1033,9 +1033,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
                        file=sys.stderr)  # above the progress bar, not inside its line
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
-            if piece.doc != at[0]:
-                at[:] = [piece.doc, _is_val(cfg.seed, piece.text[:_KEY_CHARS], cfg.val_fraction)]
-            side = "val" if at[1] else "train"
+            if piece.doc != at_doc:
+                at_doc, at_val = piece.doc, _is_val(cfg.seed, piece.text[:_KEY_CHARS], cfg.val_fraction)
+            side = "val" if at_val else "train"
             array = np.asarray(ids, dtype=np.uint32)
             tokens += len(array)
             if unk_id is not None and (n := int((array == unk_id).sum())):

@@ -388,8 +388,11 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
     tok = Tokenizer.load(run)
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
+    # GSM8K's answers are worked solutions ending in "#### 72": the final answers are compared, as GSM8K is scored
+    # (the whole solution, compared, scored about 0 for any model).
+    final = all(final_answer(p["answer"]) is not None for p in pairs)
     longest = max(len(tok.encode(p["answer"])) for p in pairs)
-    if all(final_answer(p["answer"]) is not None for p in pairs):
+    if final:
         longest *= 2  # worked solutions: a model's own may be longer than the longest given, and end in ####
     prompts = [prompt_ids(tok, [{"role": "system", "content": p["system"]}] * bool(p["system"]) +
                           [{"role": "user", "content": p["prompt"]}]) for p in pairs] if chat else [
@@ -400,9 +403,6 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         got = [g.removesuffix(IM_END).removesuffix(tok.eos) for g in got]
     else:  # (the model's own end of text: an imported Llama's </s>)
         got = [g.split("\n")[0].removesuffix(tok.eos) for g in got]
-    # GSM8K's answers are worked solutions ending in "#### 72": the final answers are compared, as GSM8K is scored
-    # (the whole solution, compared, scored about 0 for any model).
-    final = all(final_answer(p["answer"]) is not None for p in pairs)
     if final:
         say("note: every answer ends in GSM8K's '#### ANSWER': the final answers are compared, not the worked "
             "solutions")

@@ -328,7 +328,7 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
         raise HomeLLMError(f"{source}: its tokenizer has {known:,} ids but the model {cfg.vocab_size:,} (config.json's "
                            "vocab_size): the tokenizer is not this model's: download the model's own")
     if added:  # homellm's chat and padding tokens: new rows, or padding rows the model never trained
-        grown = max(cfg.vocab_size, -(-tok.vocab_size // 64) * 64)  # padded as homellm pads, for fast matmuls
+        grown = max(cfg.vocab_size, tok.padded_size)
         for name in {"embed_tokens.weight", "lm_head.weight"}:
             w = sd[name]
             w = torch.cat([w, w.new_zeros(grown - len(w), w.shape[1])])

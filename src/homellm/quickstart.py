@@ -267,7 +267,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     chat_seconds = CHAT_SHARE * seconds if cfg.chat else 0.0
     seconds -= chat_seconds
     model_cfg, train_cfg = recipe(cfg, seconds)
-    model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
+    model_cfg = replace(model_cfg, vocab_size=tok.padded_size)
     _stage(4, stages, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
               f"{seconds:.0f} s")
     batches = AnswerBatches(data_dir, tok, model_cfg.block_size if cfg.chat else ROW_TOKENS, train_cfg.seed,

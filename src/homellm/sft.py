@@ -264,9 +264,9 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     digest = digest.hexdigest()
     stats = {**data.stats, "bad_lines_skipped": bad, "duplicates_dropped": duplicates, "sha256": digest}
     if train_cfg.resume:
-        was_stats, saved_sft = saved.get("sft_data") or {}, saved.get("sft") or {}
+        was_stats = saved.get("sft_data") or {}
         reasons = []
-        if saved_sft.get("data") is not None and absolute_inputs(saved_sft["data"]) != cfg.data:
+        if was_data is not None and was_data != cfg.data:
             reasons.append(f"{' '.join(cfg.data)}, not the conversations the run began with "
                            f"({' '.join(saved_sft['data'])})")
         if saved_sft.get("max_conversations", cfg.max_conversations) != cfg.max_conversations:

@@ -106,6 +106,11 @@ class Tokenizer:
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
         self._token_bytes: np.ndarray | None = None
 
+    @property
+    def padded_size(self) -> int:
+        """The ids rounded up to a multiple of 64: a model's embedding rows (such matmuls run faster)."""
+        return -(-self.vocab_size // 64) * 64
+
     @functools.cached_property
     def kind(self) -> str:
         """bpe, char (homellm's: a word-level model over single characters), or the model type of an imported
@@ -788,11 +793,7 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
     # appended after the largest id.
     before = hf.get_vocab(with_added_tokens=True)
-    if bos is not None and hf.post_processor is None:
-        # A bos named by tokenizer_config.json's add_bos_token alone (transformers' Llama classes add it by their
-        # kind): written into tokenizer.json, so that the exported folder's tokenizer adds it too, whatever its class.
-        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                          special_tokens=[(bos, before[bos])])
+    # (a bos named by tokenizer_config.json's add_bos_token alone is written into tokenizer.json by Tokenizer)
     missing = [s for s in SPECIAL_TOKENS if s not in before]
     if missing and before and (top := max(before.values())) >= len(before):
         # The library numbers tokens it adds from the vocabulary's count: where its ids have holes, that is an id

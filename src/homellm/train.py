@@ -1225,17 +1225,17 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
                                f"prepare --tokenizer {typed(trained)}`, or pass the text files themselves as --data")
         tok = own
     if model_cfg.vocab_size == 0:
-        model_cfg = replace(model_cfg, vocab_size=-(-tok.vocab_size // 64) * 64)  # multiples of 64 run faster
+        model_cfg = replace(model_cfg, vocab_size=tok.padded_size)
     elif model_cfg.vocab_size < tok.vocab_size:
         raise HomeLLMError(f"--vocab-size {model_cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}: "
                            "drop --vocab-size")
-    elif model_cfg.vocab_size > (padded := -(-tok.vocab_size // 64) * 64) and trained is None:
+    elif model_cfg.vocab_size > tok.padded_size and trained is None:
         # --vocab-size is the model's rows, not the tokenizer's tokens: 8,000 rows over a 300-id tokenizer made a
         # model three times its size, unsaid.
         say(f"note: --vocab-size {model_cfg.vocab_size:,} gives the model {model_cfg.vocab_size - tok.vocab_size:,} "
             f"embedding rows more than the tokenizer's {tok.vocab_size:,} ids, which never train: drop it (the "
-            f"model then takes {padded:,}), or give --tokenizer-vocab {model_cfg.vocab_size} for a tokenizer of that "
-            "many tokens trained from the text")
+            f"model then takes {tok.padded_size:,}), or give --tokenizer-vocab {model_cfg.vocab_size} for a tokenizer "
+            "of that many tokens trained from the text")
     meta = read_meta(data_dir)
     if note := staged_note(data_dir):
         say(f"note: {note}")
