@@ -218,6 +218,31 @@ def test_ctrl_c_finishes_the_step_and_writes_last_to_resume_from(tmp_path, data_
     assert_same_weights(run / "best", reference / "best")
 
 
+def test_ctrl_c_in_a_slow_step_drops_it_at_the_micro_batch_and_resume_does_it_again(tmp_path, data_dir, monkeypatch,
+                                                                                     capsys):
+    """torchrun kills its ranks 30 s after passing on a Ctrl-C, and finishing a step of many micro-batches took longer
+    (a CPU's gpt2-124m): no checkpoint was left. A slow step (a session's first is taken as one) is now dropped at the
+    micro-batch the Ctrl-C lands in, `last` written at the step before with its random state; a fast one finishes."""
+    from homellm.cli import main
+
+    flags = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--log-every", "1", "--dropout", "0.1",
+             "--batch-size", "2", "--grad-accum", "2", "--data", str(data_dir)]
+    assert main(["pretrain", "--out", str(reference := tmp_path / "ref"), *flags]) == 0
+    run = tmp_path / "run"
+    for micro, step in (("2.0", 3), ("3.0", 3)):  # step 2 is fast, and finishes; 3 begins the resumed session
+        monkeypatch.setenv("HOMELLM_FAULT_SIGINT_AT_MICRO", micro)
+        with pytest.raises(SystemExit) as stop:
+            main(["pretrain", "--out", str(run), *(["--resume"] if micro == "3.0" else flags)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 130 and f"interrupted at step {step}; `--resume` continues" in err, err
+        assert ("dropping the unfinished step" in err) == (micro == "3.0")
+        assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 3
+    monkeypatch.delenv("HOMELLM_FAULT_SIGINT_AT_MICRO")
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 0
+    assert metrics(run) == metrics(reference)
+    assert_same_weights(run / "last", reference / "last")
+
+
 def test_a_checkpoint_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, reference, monkeypatch):
     """torch.save on a full disk says "unexpected pos"; the half-written .last.tmp was left filling the disk, and
     the next --resume failed on it. The previous checkpoint stays as it was."""
@@ -253,6 +278,14 @@ def test_a_damaged_checkpoint_record_is_named_and_skipped(tmp_path, reference, c
         record.write_text(json.dumps(bad))
         assert find_checkpoint(run, "last", need_state=True) == run / "best"
         assert "checkpoint.json: not a checkpoint record (it needs a whole-number step" in capsys.readouterr().err
+    # A run with no evaluation yet has no `best`: not damage, and not said as if it were ("best: missing").
+    record.write_text(json.dumps(good))
+    shutil.copytree(run / "best", run / "was_best")
+    shutil.rmtree(run / "best")
+    assert find_checkpoint(run, "best") == run / "last"
+    assert capsys.readouterr().err == (f"note: {run} has no `best` yet (it is written at an evaluation, which this run "
+                                       "has not had); using last (step 16)\n")
+    shutil.move(run / "was_best", run / "best")
     shutil.rmtree(run / "last")
     (run / "last").write_text("not a folder")  # and a file where `last` should be is replaced by the next save
     assert "last: not a folder" in str(find_checkpoint(run, "last", need_state=True)) + capsys.readouterr().err
@@ -511,8 +544,10 @@ def test_a_config_error_under_torchrun_is_said_once_per_machine(monkeypatch, cap
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, data_dir):
     """torchrun passes Ctrl-C on to each rank, which may be a step apart when it lands: here only rank 1 sees it.
     The ranks used to each stop at a step of their own (or not at all), with no checkpoint, and hang in a collective
-    until torchrun killed them. Now all stop after step 5 with `last`, and resuming matches one process."""
-    flags = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--log-every", "1", "--device", "cpu"]
+    until torchrun killed them. Now all stop after step 5 with `last`, and resuming matches one process. Resumed,
+    the session's first step is dropped where the Ctrl-C lands (see the one-process test): again at step 5."""
+    flags = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--log-every", "1", "--device", "cpu",
+             "--grad-accum", "2"]
     from homellm.cli import main  # the one process in this one, for the suite's time
 
     single, double = tmp_path / "one", tmp_path / "two"
@@ -526,6 +561,11 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tm
     assert proc.returncode != 0 and proc.stderr.count("interrupted at step 5; `--resume` continues") == 1, \
         proc.stderr[-3000:]
     assert proc.stdout.count('"stop": "interrupted"') == 1
+    assert json.loads((double / "last" / "checkpoint.json").read_text())["step"] == 5
+    proc = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, timeout=240,
+                          env={**env, "HOMELLM_FAULT_SIGINT_AT_MICRO": "5.0", "HOMELLM_FAULT_RANK": "1"})
+    assert proc.returncode != 0 and proc.stderr.count("interrupted at step 5; `--resume` continues") == 1, \
+        proc.stderr[-3000:]
     assert json.loads((double / "last" / "checkpoint.json").read_text())["step"] == 5
     proc = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -604,8 +644,9 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
             "does: raise --max-steps, or give --max-steps 0 to end it by time alone") in capsys.readouterr().err
     timed = replace(cfg, max_steps=0, max_time=0.001)
     assert pretrain(model_cfg, timed)["stop"] == "max_time"  # the 16 steps took longer than a millisecond
-    assert re.search(r"note: .*run has used \d+ s of its --max-time 0.001 \(evaluations count too, and 0 s are kept "
-                     r"for the final one\): raise --max-time above \d+ to train it further", capsys.readouterr().err)
+    assert re.search(r"note: .*run has used \d+ s of its --max-time 0.001: raise --max-time above \d+ to train it "
+                     r"further \(evaluations count too, and the final one keeps about \d+ s of the budget\)",
+                     capsys.readouterr().err)
     # Ended by the room kept for the final evaluation (38 s used, 8 s kept, --max-time 45): "max_steps" was said,
     # and the --max-time it advised (above 38) did not train
     timed_run = tmp_path / "timed"
@@ -620,8 +661,12 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     (last / "checkpoint.json").write_text(json.dumps(info))
     kept = replace(timed, out=str(timed_run), max_time=45)
     assert pretrain(model_cfg, kept)["stop"] == "max_time"
-    assert (f"note: {timed_run} has used 38 s of its --max-time 45 (evaluations count too, and 8 s are kept for the "
-            "final one): raise --max-time above 46 to train it further") in capsys.readouterr().err
+    assert (f"note: {timed_run} has used 38 s of its --max-time 45: raise --max-time above 46 to train it further "
+            "(evaluations count too, and the final one keeps about 8 s of the budget)") in capsys.readouterr().err
+    # Under a budget of 12 the room kept is capped at half of it, 6 s: that was said, and 38 + 6 is not 46.
+    assert pretrain(model_cfg, replace(kept, max_time=12))["stop"] == "max_time"
+    assert "--max-time 12: raise --max-time above 46 to train it further (evaluations count too, and the final one " \
+           "keeps about 8 s of the budget)" in capsys.readouterr().err
     assert pretrain(model_cfg, replace(kept, max_time=50, max_steps=20))["steps"] == 20  # (4 s for 4 steps)
     more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
     err = capsys.readouterr().err
@@ -865,7 +910,7 @@ def test_on_gpus_the_ranks_agree_on_the_clock_in_a_group_of_their_hosts(monkeypa
     """The per-step agreement on the clock and a Ctrl-C ran in NCCL's group, which made each host wait for its GPU
     every step: on GPUs it runs in a gloo group with a CPU tensor. (The CPU tests run gloo already: group None.)"""
     from homellm import train as train_module
-    from homellm.train import Env, _clock_group, _one_clock
+    from homellm.train import Env, _any_rank, _clock_group, _one_clock
 
     hosts = object()
     monkeypatch.setattr(train_module.dist, "new_group", lambda backend: hosts if backend == "gloo" else None)
@@ -873,15 +918,17 @@ def test_on_gpus_the_ranks_agree_on_the_clock_in_a_group_of_their_hosts(monkeypa
 
     def all_reduce(t, op, group=None):
         seen.append((t.device.type, group))
-        t[0] = max(t[0].item(), 5.0)  # another rank's slower clock
-        t[1] = 1.0  # and its Ctrl-C
+        t[0] = max(t[0].item(), 5.0)  # another rank's slower clock, or its Ctrl-C mid-step
+        if len(t) > 1:
+            t[1:] = torch.tensor([1.0, 7.0])  # and its Ctrl-C, and its slower step
 
     monkeypatch.setattr(train_module.dist, "all_reduce", all_reduce)
     gpus, cpus = (Env(0, 2, 0, torch.device(d), torch.float32) for d in ("cuda", "cpu"))
     assert _clock_group(gpus) is hosts and _clock_group(cpus) is None
     assert _clock_group(Env(0, 1, 0, torch.device("cuda"), torch.float32)) is None  # one process: nothing to agree
-    assert _one_clock(2.0, TrainConfig(max_time=60), gpus, False, _clock_group(gpus)) == (5.0, True)
-    assert seen == [("cpu", hosts)]
+    assert _one_clock(2.0, TrainConfig(max_time=60), gpus, False, _clock_group(gpus), 3.0) == (5.0, True, 7.0)
+    assert _any_rank(False, gpus, _clock_group(gpus))
+    assert seen == [("cpu", hosts)] * 2
 
 
 def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpus, capsys):

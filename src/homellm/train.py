@@ -468,20 +468,22 @@ def _clock_group(env: Env) -> Any:
     return dist.new_group(backend="gloo") if env.world > 1 and env.device.type != "cpu" else None
 
 
-def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False, group: Any = None
-               ) -> tuple[float, bool]:
+def _one_clock(elapsed: float, cfg: TrainConfig, env: Env, stop: bool = False, group: Any = None, took: float = 0.0
+               ) -> tuple[float, bool, float]:
     """Under a time budget every rank takes the slowest one's elapsed time: the learning rate follows it and the
     run stops by it, so the ranks must agree on it (each clock alone left one rank waiting in a collective).
     Likewise a Ctrl-C (`stop`): torchrun passes it to each rank, which may be a step apart when it lands, so the
-    ranks stop after the step where any of them saw it. One collective serves both, in `group` (_clock_group)."""
+    ranks stop after the step where any of them saw it; and the slowest rank's time for the step (`took`), by which
+    they decide alike whether the next may be dropped halfway. One collective serves all three, in `group`
+    (_clock_group)."""
     if env.world == 1:
-        return elapsed, stop
+        return elapsed, stop, took
     timed = cfg.max_time > 0 or cfg.session_time > 0
-    t = torch.tensor([elapsed if timed else 0.0, float(stop)], dtype=torch.float64,
+    t = torch.tensor([elapsed if timed else 0.0, float(stop), took], dtype=torch.float64,
                      device="cpu" if group is not None else env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    agreed, any_stop = t.tolist()
-    return (agreed if timed else elapsed), any_stop > 0
+    agreed, any_stop, slowest = t.tolist()
+    return (agreed if timed else elapsed), any_stop > 0, slowest
 
 
 def _documents(rest: list[torch.Tensor], env: Env) -> torch.Tensor | None:
@@ -577,6 +579,9 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         say(f"note: --resume: the same batches of {was} sequences, split otherwise ({asked}, not "
             f"{layout(saved_train.batch_size, saved_train.grad_accum, saved_world)}): their sums add up in another "
             "order, so the run goes on as it would have to rounding, not bit for bit")
+
+
+SLOW_STEP_S = 5.0  # a step this slow may be dropped halfway by Ctrl-C (see `train`)
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: Tokenizer,
@@ -751,9 +756,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
             # progress() ends the budget eval_room early (but at half of it at the latest): what trains again
             above = math.ceil(min(elapsed + eval_room, 2 * elapsed))
-            bar.write(f"note: {run} has used {elapsed:.0f} s of its --max-time {cfg.max_time:g} (evaluations count "
-                      f"too, and {min(eval_room, cfg.max_time / 2):.0f} s are kept for the final one): raise "
-                      f"--max-time above {above} to train it further", file=sys.stderr)
+            bar.write(f"note: {run} has used {elapsed:.0f} s of its --max-time {cfg.max_time:g}: raise --max-time "
+                      f"above {above} to train it further (evaluations count too, and the final one keeps about "
+                      f"{eval_room:.0f} s of the budget)", file=sys.stderr)
         elif env.main and stop_reason == "max_steps" and step > cfg.max_steps:  # a lower --max-steps given now
             bar.write(f"note: {run} is at step {step}, past --max-steps {cfg.max_steps}: nothing to train; give "
                       f"--max-steps above {step} to train it further", file=sys.stderr)
@@ -776,7 +781,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     schedule_at = 0.0  # how far along its schedule the learning rate is
     # Ctrl-C finishes the step and writes `last`, so relay training loses nothing; a second one stops at once.
     # Under torchrun, which passes the signal on to every rank (and kills them 30 s later), the ranks agree on the step.
+    # A slow step (the previous one took SLOW_STEP_S or more; a session's first, which may compile, is taken as slow)
+    # of several micro-batches is dropped instead at the micro-batch the Ctrl-C lands in, and `last` written at the
+    # step before: finishing it could outlast torchrun's 30 s (gpt2-124m's step of 32 micro-batches on a CPU takes
+    # minutes), leaving no checkpoint at all. Its random state is put back, so --resume does that step again exactly.
     then = after_ctrl_c or "with a checkpoint to --resume from"
+    slowest = math.inf
     with _Interrupt(bar, then, announce=env.main) as interrupt:
         # One running mark, read once a step (and after an evaluation): everything between two readings counts,
         # checkpoint writes and samples too. Timed from each step's start, they went uncounted in one process, but
@@ -801,6 +811,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             trained = [int((b[1] != -100).sum()) for b in batches]
             step_trained = _trained_tokens(sum(trained), env) if masked else float(sum(trained) * env.world)
             ends: list[float] = []  # when micro-batches ended (the first two of a session's first step)
+            interrupt.droppable = cfg.grad_accum > 1 and slowest >= SLOW_STEP_S
+            if interrupt.droppable:
+                rng_before, tokens_before, dropped = _rng_state(env.device), tokens, False
             for micro, (x, y, *documents) in enumerate(batches):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
@@ -816,7 +829,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 if step == start_step and micro <= 1 and cfg.grad_accum > 1 and env.main:
                     ends.append(time.perf_counter())
                     if micro == 1:
-                        _say_slow_steps(bar, ends[1] - ends[0], cfg, x.numel() * env.world, env.device)
+                        _say_slow_steps(bar, ends[1] - ends[0], cfg, x.numel() * env.world, env.device, ddp)
+                fault_point("HOMELLM_FAULT_SIGINT_AT_MICRO", f"{step}.{micro}", "SIGINT")
+                if interrupt.droppable and micro < cfg.grad_accum - 1 and _any_rank(interrupt.asked, env, clock):
+                    dropped = True
+                    break
+            if interrupt.droppable and dropped:
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                _set_rng_state(rng_before, env.device)
+                tokens = tokens_before
+                elapsed = _one_clock(elapsed + time.perf_counter() - mark, cfg, env, group=clock)[0]
+                checkpoint("last", {})
+                stop_reason = "interrupted"
+                break
             if cfg.grad_clip > 0:
                 for opt in optimizers:
                     scaler.unscale_(opt)
@@ -829,7 +855,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             step += 1
             fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
             now = time.perf_counter()
-            elapsed, asked = _one_clock(elapsed + now - mark, cfg, env, interrupt.asked, clock)
+            elapsed, asked, slowest = _one_clock(elapsed + now - mark, cfg, env, interrupt.asked, clock, now - mark)
             mark = now
             if evaluates and not eval_measured:
                 eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / 3
@@ -912,7 +938,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     stop_reason = "max_time"  # (it may stop short of the budget: room kept for the final evaluation)
                 break
     bar.close()
-    if env.main:
+    if env.main and not (ddp and stop_reason == "interrupted"):  # (torchrun's kill may be seconds away)
         print(f"sample: {sample(raw)}", file=sys.stderr)
     if ddp:  # after rank 0's sample: the ranks leave together (one gone early aborted another at exit, 2 in 35 runs)
         dist.barrier()
@@ -922,15 +948,30 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     return summary
 
 
-def _say_slow_steps(bar: tqdm, one: float, cfg: TrainConfig, micro_tokens: int, device: torch.device) -> None:
+def _say_slow_steps(bar: tqdm, one: float, cfg: TrainConfig, micro_tokens: int, device: torch.device,
+                    ddp: bool = False) -> None:
     """Where a step of many micro-batches takes minutes (gpt2-124m's 32 on a CPU), say so after the second one (`one`
-    its time), rather than leave a progress bar standing still that long."""
+    its time), rather than leave a progress bar standing still that long. Under torchrun, a Ctrl-C is honoured after
+    the micro-batch under way, and torchrun kills its ranks 30 s after passing it on (--shutdown-timeout)."""
+    if ddp and one >= 10:
+        bar.write(f"note: a micro-batch took {one:.0f} s, and Ctrl-C waits for the one under way, then writes `last`: "
+                  "torchrun kills its ranks 30 s after a Ctrl-C, so give torchrun --shutdown-timeout "
+                  f"{60 + 30 * math.ceil(2 * one / 30)} (before -m homellm) to keep that checkpoint", file=sys.stderr)
     each = one * cfg.grad_accum
     if each < 60:
         return
     hint = " (`--preset cpu` is sized to train in minutes on a CPU)" if device.type == "cpu" else ""
     bar.write(f"note: a step is {cfg.grad_accum} micro-batches of {micro_tokens:,} tokens, and one took {one:.1f} s: "
               f"about {each / 60:.0f} min a step here, the progress bar moving once a step{hint}", file=sys.stderr)
+
+
+def _any_rank(asked: bool, env: Env, group: Any) -> bool:
+    """Whether any rank has been asked to stop (each rank's own answer in one process)."""
+    if env.world == 1:
+        return asked
+    t = torch.tensor([float(asked)], dtype=torch.float64, device="cpu" if group is not None else env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0
 
 
 class _Interrupt:
@@ -941,6 +982,7 @@ class _Interrupt:
 
     def __init__(self, bar: tqdm, then: str, announce: bool = True):
         self.asked, self._bar, self._old, self._announce, self._then = False, bar, None, announce, then
+        self.droppable = False  # whether the step under way is dropped at the next micro-batch's end instead
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
@@ -956,7 +998,9 @@ class _Interrupt:
             raise KeyboardInterrupt
         self.asked = True
         if self._announce:
-            self._bar.write(f"stopping after this step, {self._then} (Ctrl-C again stops at once)", file=sys.stderr)
+            when = ("after this micro-batch, dropping the unfinished step (--resume does it again)" if self.droppable
+                    else "after this step")
+            self._bar.write(f"stopping {when}, {self._then} (Ctrl-C again stops at once)", file=sys.stderr)
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
