@@ -300,6 +300,38 @@ def test_single_document_splits_like_nanogpt(tmp_path):
     check_shards(out, meta, 300_000)
 
 
+def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tmp_path, capsys):
+    """Each .txt file is one document: a folder of a long book and short stories put the book (90 % of the text) in
+    val without a word, as --val-fraction counts documents. Now said, and --split position holds out the tokens'
+    last tenth, across documents, as nanoGPT does. (A document's side is decided by its first 1,000 characters, not
+    its first piece's: here "book N", cut at the last line break before the text's trailing space.)"""
+    def where(text: str) -> bool:
+        return data._is_val(0, text[:data._KEY_CHARS], 0.1)
+
+    book = next(b for i in range(100) if where(b := f"book {i}\n" + "the long book goes on. " * 3000))
+    stories = [s for i in range(200) if not where(s := f"story {i}: a short one.\n" * 20)][:20]
+    (tmp_path / "books").mkdir()
+    files = [write(tmp_path / "books" / f"{n:02}.txt", text) for n, text in enumerate([book, *stories])]
+    tok = char_tok(tmp_path, *map(str, files))
+    capsys.readouterr()
+    meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "d")))
+    share = meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"])
+    assert meta["split"] == "document" and meta["val_documents"] == 1 and share > 0.85
+    assert (f"note: val holds {share:.0%} of the tokens, where --val-fraction 0.1 asks for about 10%: the split goes "
+            "by document (1 of 21 held out), and they differ in length. `homellm prepare --split position` holds out "
+            "the last 10% of the tokens instead") in capsys.readouterr().err
+    meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "p"),
+                                 split="position"))
+    t = Tokenizer.load(tmp_path / "p")
+    whole = t.decode(tokens(tmp_path / "p", "train").tolist() + tokens(tmp_path / "p", "val").tolist())
+    assert meta["split"] == "position" and whole == EOT.join([book, *stories]) + EOT
+    assert abs(meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"]) - 0.1) < 0.001
+    assert "note: val holds" not in capsys.readouterr().err
+    with pytest.raises(HomeLLMError, match=r"--split 'tokens' is unknown: use document or position"):
+        prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "q"),
+                              split="tokens"))
+
+
 def test_documents_split_by_hash_end_with_eot_and_shards_match_meta(tmp_path):
     lines = [json.dumps({"text": f"story {i} " + "word " * (i % 7)}) for i in range(300)]
     src = write(tmp_path / "s.jsonl", "\n".join(lines) + "\n")

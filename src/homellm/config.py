@@ -161,6 +161,8 @@ class PrepareConfig:
     aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer,
     # and write gaiji notes, ／＼ and 〔accents〕 as the characters they stand for
     val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
+    split: str = "document"  # document: each to val or train by a hash of its start; position: the tokens' last part
+    # (as nanoGPT; for a few documents of uneven length). By document, text added later keeps its side.
     shard_tokens: int = 100_000_000  # tokens per shard file
     max_docs: int = 0  # stop after this many documents (useful for hub datasets); 0 = all
     seed: int = 0  # which documents go to val

@@ -861,6 +861,8 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
         raise HomeLLMError(f"--val-fraction {cfg.val_fraction} must be at least 0 and below 1")
     if cfg.shard_tokens <= 0:
         raise HomeLLMError(f"--shard-tokens {cfg.shard_tokens} must be positive")
+    if cfg.split not in ("document", "position"):
+        raise HomeLLMError(f"--split {cfg.split!r} is unknown: use document or position")
     if cfg.val_fraction > 0.5:  # read as the training share, a common slip, it would train on the smaller part
         held, kept = (f"{round(100 * f, 6):g}%" for f in (cfg.val_fraction, 1 - cfg.val_fraction))
         print(f"note: --val-fraction {cfg.val_fraction} holds out {held} of the text for validation and trains on "
@@ -1022,10 +1024,13 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     # A model trained with a bos before every document (an imported Llama's <s>) goes on learning that way.
     bos = None if tok.bos_id is None else np.array([tok.bos_id], dtype=np.uint32)
     fresh = True  # whether the next piece starts a document
-    at_doc, at_val = -1, False  # the document the pieces are in, and whether it is a val one (by its first piece)
+    # The document the pieces are in, the start of its text (its first _KEY_CHARS characters decide its side), its
+    # side once they do, and its tokens until then. Its first piece may be shorter: where a file's reading was cut
+    # in blocks, which text before it moves (a key of the first piece alone moved documents of a grown file).
+    at_doc, key, at_side, held = -1, "", None, []
 
     def flush(batch: list[Piece]) -> None:
-        nonlocal docs, val_docs, tokens, unknown, fresh, at_doc, at_val
+        nonlocal docs, val_docs, tokens, unknown, fresh, at_doc, key, at_side, held
         if not tokens and (note := tok.round_trip_note(batch[0].text[:_ROUND_TRIP_CHARS])):
             # An imported WordPiece lowercases, an NFKC one turns full-width letters half-width: say so once.
             tqdm.write(f"note: {cfg.tokenizer}: {note} in {' '.join(cfg.input)}; the model will learn and write "
@@ -1034,8 +1039,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
             if piece.doc != at_doc:
-                at_doc, at_val = piece.doc, _is_val(cfg.seed, piece.text[:_KEY_CHARS], cfg.val_fraction)
-            side = "val" if at_val else "train"
+                at_doc, key, at_side, held = piece.doc, "", None, []
             array = np.asarray(ids, dtype=np.uint32)
             tokens += len(array)
             if unk_id is not None and (n := int((array == unk_id).sum())):
@@ -1046,14 +1050,21 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
                             unknown_char[c] = bool(tok.unknown_chars(c))
                         if unknown_char[c]:
                             unknown_chars[c] += k
-            if bos is not None and fresh:
-                parts[side].append(bos)
-            parts[side].append(array)
-            fresh = piece.end
+            chunk = [bos, array] if bos is not None and fresh else [array]
             if piece.end:
-                parts[side].append(eot)
+                chunk.append(eot)
+            fresh = piece.end
+            if at_side is None:
+                key += piece.text[:_KEY_CHARS - len(key)]
+                held += chunk
+                if len(key) < _KEY_CHARS and not piece.end:
+                    continue
+                val = cfg.split == "document" and _is_val(cfg.seed, key, cfg.val_fraction)
+                at_side, chunk, held = "val" if val else "train", held, []
+            parts[at_side] += chunk
+            if piece.end:
                 docs += 1
-                val_docs += side == "val"
+                val_docs += at_side == "val"
         for side, arrays in parts.items():
             if arrays:
                 writers[side].write(np.concatenate(arrays))
@@ -1082,6 +1093,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
         split = "position"
         writers = _split_by_position(out, writers, cfg, dtype, tok.token_bytes())
+    elif cfg.val_fraction > 0:
+        _say_uneven_split(writers["val"].tokens, writers["val"].tokens + writers["train"].tokens, val_docs, docs,
+                          cfg.val_fraction)
     if not writers["train"].tokens:
         raise HomeLLMError(f"{' '.join(cfg.input)}: too little text ({writers['val'].tokens} tokens) to train on: "
                            "add text or lower --val-fraction")
@@ -1109,6 +1123,18 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
         "seed": cfg.seed,
     }
     return meta
+
+
+def _say_uneven_split(val_tokens: int, tokens: int, val_docs: int, docs: int, fraction: float) -> None:
+    """--val-fraction counts documents: where a few long ones fall on one side (a folder of books, each file one
+    document), val may hold most of the text, or next to none of it. Say so, and what splits by tokens."""
+    share = val_tokens / tokens
+    if fraction / 4 < share < max(2 * fraction, fraction + 0.1):
+        return
+    print(f"note: val holds {share:.0%} of the tokens, where --val-fraction {fraction:g} asks for about "
+          f"{fraction:.0%}: the split goes by document ({val_docs:,} of {docs:,} held out), and they differ in "
+          f"length. `homellm prepare --split position` holds out the last {fraction:.0%} of the tokens instead",
+          file=sys.stderr)
 
 
 def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: PrepareConfig, dtype: np.dtype,
