@@ -591,7 +591,11 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
     assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
     result = json.loads((chat / "eval_exact.json").read_text())
     assert (result["compared"], result["correct"], result["n"]) == ("final answers (####)", 2, 3)
-    assert "the final answers are compared, not the worked solutions" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "the final answers are compared, not the worked solutions" in said.err
+    # The failure shown is of what was compared (the whole worked solution was shown as "expected")
+    assert "  '9 - 2?' -> no #### ANSWER (expected 7)\n" in said.out
+    assert (result["failures"][0]["expected_final"], result["failures"][0]["got_final"]) == ("7", None)
     monkeypatch.undo()
     capsys.readouterr()
     no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'completion' or 'response' or 'output')"

@@ -420,13 +420,17 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         "correct": sum(right), "accuracy": sum(right) / len(pairs),
         "by_category": {c: {"n": n, "correct": k, "accuracy": k / n} for c, (n, k) in by.items() if c},
         "failures": [{"prompt": p["prompt"], "expected": p["answer"], "got": g}
+                     | ({"expected_final": final_answer(p["answer"]), "got_final": final_answer(g)} if final else {})
                      for p, g, ok in zip(pairs, got, right) if not ok][:20]}
     named = any(by) and set(by) != {""}  # categories shown when the records name any; the rest as "(none)"
     rows = [(c or "(none)", n, k, f"{100 * k / n:.1f} %") for c, (n, k) in sorted(by.items()) if named]
     print(table(rows + [("overall", len(pairs), sum(right), f"{100 * result['accuracy']:.1f} %")],
                 ("category", "n", "correct", "accuracy")))
-    for f in result["failures"][:5]:
-        print(f"  {f['prompt']!r} -> {f['got'].strip()!r} (expected {f['expected'].strip()!r})")
+    for f in result["failures"][:5]:  # GSM8K's: the final answers compared, not the whole solutions
+        if final:
+            print(f"  {f['prompt']!r} -> {f['got_final'] or 'no #### ANSWER'} (expected {f['expected_final']})")
+        else:
+            print(f"  {f['prompt']!r} -> {f['got'].strip()!r} (expected {f['expected'].strip()!r})")
     atomic_write_text(run / "eval_exact.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {run / 'eval_exact.json'}")
     return result
