@@ -288,7 +288,7 @@ def test_bfloat16_weights_and_cache_generate_the_memorised_text(tok, story):
     assert "\ufffd" not in sampled
 
 
-@pytest.mark.parametrize("stop", [["川"], ["川が流"], ["川で泳", "花が"], ["川で泳"]])
+@pytest.mark.parametrize("stop", [["川"], ["川が流"], ["川で泳", "花が"], ["川で泳"], ["山の"], ["村が", "ふも"]])
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_stop_strings_cut_the_text_and_never_show(tok, story, stop, num_beams):
     model, prompt, rest = story
@@ -297,6 +297,12 @@ def test_stop_strings_cut_the_text_and_never_show(tok, story, stop, num_beams):
     hits = [rest.find(s) for s in stop if s in rest]
     assert out == rest[:min(hits, default=len(rest))]  # "川で泳" never occurs: its held-back "川で" is released
     assert not any(s in out for s in stop)
+    # Beam search ends a hypothesis at a stop string, as sampling does: it searched to the end of the text (or
+    # --max-new-tokens) and only then cut it, text that was never scored as ending there.
+    stats: dict = {}
+    list(stream_text(model, tok, prompt, cfg, stats))
+    whole = len(tok.encode(rest))  # up to the end of text's id, which is not counted
+    assert stats["new_tokens"] < whole if hits else stats["new_tokens"] == whole
 
 
 def test_training_samples_end_after_their_stop_string(tok, story):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import closing
 
 import torch
@@ -145,11 +145,13 @@ def generate_ids(model: GPT, prompt_ids: list[int], cfg: SampleConfig, stop_ids:
 @torch.inference_mode()
 def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
                 stop_ids: Collection[int] = frozenset(), length_penalty: float = 1.0,
-                guard: Utf8Guard | None = None, repetition_penalty: float = 1.0, keep: int = 0) -> list[int]:
+                guard: Utf8Guard | None = None, repetition_penalty: float = 1.0, keep: int = 0,
+                ends: Callable[[list[int]], bool] | None = None) -> list[int]:
     """The new ids (no prompt, no stop id) of the best hypothesis, scored sum(logprob) / length**length_penalty
     (above 1 favours longer ones). Deterministic. The context window slides as in `generate_ids`, so one beam is
     greedy decoding at any length; a guard keeps every beam valid UTF-8, and the repetition penalty applies to each
-    beam's logits, as there. `keep` as there."""
+    beam's logits, as there. `keep` as there. `ends(ids)`: whether new ids hold a stop string; such a hypothesis
+    ends there as one at a stop id does (its ids kept, the text to be cut at the stop)."""
     if not prompt_ids:
         raise HomeLLMError("the prompt is empty: give at least one token (end of text starts a fresh document)")
     block = model.cfg.block_size
@@ -191,7 +193,10 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
             finished += [(s / length, seqs[j // vocab].tolist()) for s, j in zip(best.tolist(), flat.tolist())
                          if j % vocab in stop_ids and s > float("-inf")]
             # The num_beams best candidates that are not stops go on.
-            scores, flat = total.index_fill(1, stops, float("-inf")).flatten().topk(num_beams)
+            going = total.index_fill(1, stops, float("-inf")).flatten()
+            scores, flat = going.topk(num_beams * (1 + (ends is not None)))
+            if ends is not None:  # (a stop string found once the search ended cut text never scored as ending there)
+                scores, flat = _end_at_stop_strings(scores, flat, seqs, vocab, ends, best[-1].item(), length, finished)
             beam = flat // vocab
             seqs = torch.cat([seqs[beam], (flat % vocab)[:, None]], dim=1)  # (num_beams, step + 1)
             if guard is not None:
@@ -210,6 +215,27 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         return max(finished, key=lambda h: h[0], default=(0.0, []))[1]
     finally:
         model.train(was_training)
+
+
+def _end_at_stop_strings(scores: torch.Tensor, flat: torch.Tensor, seqs: torch.Tensor, vocab: int,
+                         ends: Callable[[list[int]], bool], cutoff: float, length: float,
+                         finished: list[tuple[float, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of twice num_beams candidates (best first), the num_beams best whose text holds no stop string; one that
+    holds one is a finished hypothesis where it is among the num_beams best of all (score at least `cutoff`), as a
+    stop id is. Fewer left alive than beams: the rest are dead (-inf)."""
+    beams = seqs.size(0)
+    alive: list[tuple[float, int]] = []
+    for s, j in zip(scores.tolist(), flat.tolist()):
+        if s == float("-inf") or len(alive) == beams:
+            break
+        ids = seqs[j // vocab].tolist() + [j % vocab]
+        if not ends(ids):
+            alive.append((s, j))
+        elif s >= cutoff:
+            finished.append((s / length, ids))
+    alive += [(float("-inf"), 0)] * (beams - len(alive))
+    return (torch.tensor([s for s, _ in alive], device=scores.device),
+            torch.tensor([j for _, j in alive], device=flat.device))
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -245,6 +271,15 @@ class TextStream:
         self.stops = [s for s in stops if s and s not in special]
         self.pending = ""  # decoded, not yet emitted
         self.stopped = False
+        self._tok, self._prompt = tok, [int(i) for i in prompt[-8:]]
+
+    def holds_stop(self, ids: list[int]) -> bool:
+        """Whether the text of these new ids holds a stop string (beam search's test of a hypothesis, extended by one
+        id at a time: only its last ids are decoded, enough for the longest stop even of 4-byte characters)."""
+        n = 4 * max(map(len, self.stops), default=0) + 4
+        before = (self._prompt + ids)[:len(self._prompt) + max(len(ids) - n, 0)]
+        text = self._tok.stream(skip_special=True, context=before).push_all(ids[-n:])
+        return any(stop in text for stop in self.stops)
 
     def push(self, token: int) -> str:
         if token in self.stop_ids:
@@ -295,7 +330,8 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
     try:
         if cfg.num_beams > 1:
             out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard,
-                              repetition_penalty=cfg.repetition_penalty, keep=keep)
+                              repetition_penalty=cfg.repetition_penalty, keep=keep,
+                              ends=stream.holds_stop if stream.stops else None)
             new = len(out)
             text, _ = _cut_at_stop(stream.decoder.push_all(out), stream.stops)
             if stream.guarded:
