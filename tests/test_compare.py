@@ -77,6 +77,30 @@ def test_chat_flag_wraps_prompts_for_both_and_the_report_defaults_to_run_b(runs,
     assert cells(row) == ["1", USER, md_cell(REPLY), md_cell(REPLY)]
 
 
+def test_no_chat_continues_a_chat_runs_prompts_raw_and_the_header_says_what_was_done(runs, tmp_path):
+    """--no-chat did nothing for a chat run (`chat or speaks_chatml`); the header said "best checkpoint" where
+    `last` was loaded, "greedy, ..., 2 beams", and nothing of a repetition penalty or stop strings."""
+    model, tok, base, sft = runs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(USER + "\n", encoding="utf-8")
+    unevaluated = tmp_path / "unevaluated"
+    shutil.copytree(sft, unevaluated)
+    if (unevaluated / "best").exists():
+        shutil.copytree(unevaluated / "best", unevaluated / "last", dirs_exist_ok=True)
+        shutil.rmtree(unevaluated / "best")
+    cfg = CompareConfig(prompts=str(prompts), chat=False, num_beams=2, temperature=0.9, repetition_penalty=1.3,
+                        stop=["。"])
+    text = compare(base, unevaluated, cfg, io.StringIO()).read_text(encoding="utf-8")
+    assert f"- B: `{unevaluated}` (last checkpoint), prompts continued raw" in text
+    assert f"- A: `{base}` (best checkpoint), prompts continued raw" in text
+    assert "1 prompts from" in text and "beam search, 2 beams, repetition penalty 1.3, stopping at '。', at most" in text
+    assert "temperature" not in text
+    raw = "".join(stream_text(model, tok, USER, SampleConfig(**{k: getattr(cfg, k) for k in (
+        "num_beams", "temperature", "repetition_penalty", "stop", "max_new_tokens")})))
+    row = [line for line in text.splitlines() if line.startswith("| 1 ")][0]
+    assert cells(row)[3] == md_cell(raw)
+
+
 def test_cells_escape_pipes_and_line_breaks():
     assert md_cell("a|b\nc\r\nd") == "a\\|b<br>c<br>d"
     assert cells("| " + " | ".join(map(md_cell, ["x|y", "1\n2", ""])) + " |") == ["x\\|y", "1<br>2", ""]

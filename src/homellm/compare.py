@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from homellm.chat import prompt_ids
-from homellm.checkpoint import load_for_generation, speaks_chatml
+from homellm.checkpoint import find_checkpoint, load_for_generation, speaks_chatml
 from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
@@ -126,20 +126,24 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     runs = [Path(run_a), Path(run_b)]
     path = Path(cfg.out) if cfg.out else runs[1] / "compare.md"
     check_overwrite(path, "choose another --out")  # before the work, not after it
-    modes = [cfg.chat or speaks_chatml(r) for r in runs]
+    modes = [speaks_chatml(r) if cfg.chat is None else cfg.chat for r in runs]
     # Both loaded before any generation: a run that cannot be used fails now, not after the other's prompts.
     loaded = [(load_for_generation(r, cfg), Tokenizer.load(r)) for r in runs]
     outputs = [complete(r, model, tok, prompts, cfg, chat) for r, (model, tok), chat in zip(runs, loaded, modes)]
     header = ["#", "prompt", *(f"{ab}: {r.name}" for ab, r in zip("AB", runs))]
     rows = [[str(i), p, a, b] for i, (p, a, b) in enumerate(zip(prompts, *outputs), 1)]
-    sampling = ("greedy" if cfg.temperature == 0 else
+    # The checkpoints loaded (`best` falls back to `last` in a run not yet evaluated), and every setting that
+    # shaped the text: beams ignore the temperature, and a penalty or stop string changes what is written.
+    used = [find_checkpoint(r, cfg.checkpoint, quiet=True).name for r in runs]
+    sampling = (f"beam search, {cfg.num_beams} beams" if cfg.num_beams > 1 else "greedy" if cfg.temperature == 0 else
                 f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}")
+    sampling += f", repetition penalty {cfg.repetition_penalty:g}" * (cfg.repetition_penalty != 1)
+    sampling += f", stopping at {' or '.join(repr(s) for s in cfg.stop)}" * bool(cfg.stop)
     intro = "\n".join([
         "# homellm compare", "",
-        *(f"- {ab}: `{r}` ({cfg.checkpoint} checkpoint), prompts {'as a user message' if chat else 'continued raw'}"
-          for ab, r, chat in zip("AB", runs, modes)),
-        f"- {len(prompts)} prompts from `{cfg.prompts}`, {sampling}, at most {cfg.max_new_tokens} new tokens"
-        + (f", {cfg.num_beams} beams" if cfg.num_beams > 1 else ""),
+        *(f"- {ab}: `{r}` ({name} checkpoint), prompts {'as a user message' if chat else 'continued raw'}"
+          for ab, r, name, chat in zip("AB", runs, used, modes)),
+        f"- {len(prompts)} prompts from `{cfg.prompts}`, {sampling}, at most {cfg.max_new_tokens} new tokens",
     ])
     total = max(shutil.get_terminal_size((120, 24)).columns, 40) - 3 * (len(header) - 1)
     number = len(str(len(rows)))

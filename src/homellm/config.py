@@ -201,7 +201,8 @@ class CompareConfig(SampleConfig):
     """`homellm compare`: the same prompts through two runs, side by side."""
     prompts: str = ""  # a .txt file (one prompt a line), a .jsonl file with a "prompt" field, or a .json array
     out: str = ""  # the Markdown report; default RUN_B/compare.md
-    chat: bool = False  # wrap every prompt as a user message (automatic for chat runs: sft's, imported ChatML)
+    chat: bool | None = None  # wrap every prompt as a user message, or --no-chat: continue it raw; unset: by run
+    # (chat runs, sft's and imported ChatML ones, are asked; pretrained ones continue the text)
     max_new_tokens: int = 100  # a table cell's worth
     temperature: float = 0.0  # greedy: differences come from the models, not from the dice
 
@@ -455,7 +456,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if f.name in positional:
             parser.add_argument(f.name, nargs="+" if typing.get_origin(tp) is list else None,
                                 default=argparse.SUPPRESS)
-        elif tp is bool:
+        elif tp in (bool, bool | None):  # (None: neither flag given, the verb decides)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         elif typing.get_origin(tp) is list:  # "extend": `--input a --input b` is both, as `--input a b` is
