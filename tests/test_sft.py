@@ -458,6 +458,12 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert f"LoRA adapters (rank 4, alpha 16.0, on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) " \
            f"over {base_run.resolve()}/" in describe(out)
     assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
+    # What the data lost is said with it: a run that skipped nearly all its conversations as too long showed only
+    # "300 conversations (15 held out)".
+    config = json.loads((out / "config.json").read_text())
+    config["sft_data"].update(skipped=299, truncated=1)
+    (out / "config.json").write_text(json.dumps(config))
+    assert "100 conversations (5 held out; 1 truncated, 299 skipped as too long)" in describe(out)
     assert f"merged from the LoRA run {out}" in describe(tmp_path / "merged")
     assert "ends at" in describe(out) and "ends at" not in describe(tmp_path / "merged")  # nothing resumes it
     # Loading adapters reads their base's weights once: they were hashed three times (a 1B base: seconds each).

@@ -145,8 +145,14 @@ def describe(run: str | Path) -> str:
                     + (f"; sessions of --session-time {tcfg.session_time:g}" if tcfg.session_time > 0 else "")]
     if "sft" in cfg:  # what a fine-tuned run began from, and on what
         d = cfg.get("sft_data", {})
+        # What the data lost too: a run whose conversations were nearly all too long trained on almost nothing.
+        lost = [f"{d[k]:,} {what}" for k, what in (("truncated", "truncated"), ("skipped", "skipped as too long"),
+                                                   ("bad_lines_skipped", "bad lines skipped"),
+                                                   ("duplicates_dropped", "duplicates dropped"))
+                if isinstance(d.get(k), int) and d[k] > 0]
         out += [f"fine-tuned from {cfg['sft'].get('init')} on {' '.join(cfg['sft'].get('data', []))}: "
-                f"{d.get('conversations', 0):,} conversations ({d.get('val_conversations', 0):,} held out)"]
+                f"{d.get('conversations', 0):,} conversations ({d.get('val_conversations', 0):,} held out"
+                f"{'; ' * bool(lost)}{', '.join(lost)})"]
     if lora := read_lora(run):  # its files hold the adapters only: every verb merges them into this base
         spec = lora.get("spec", {})
         out += [f"LoRA adapters (rank {spec.get('rank')}, alpha {spec.get('alpha')}, on "
