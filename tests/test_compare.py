@@ -93,7 +93,7 @@ def test_no_chat_continues_a_chat_runs_prompts_raw_and_the_header_says_what_was_
     text = compare(base, unevaluated, cfg, io.StringIO()).read_text(encoding="utf-8")
     assert f"- B: `{unevaluated}` (last checkpoint), prompts continued raw" in text
     assert f"- A: `{base}` (best checkpoint), prompts continued raw" in text
-    assert "1 prompts from" in text and "beam search, 2 beams, repetition penalty 1.3, stopping at '。', at most" in text
+    assert "beam search, 2 beams, repetition penalty 1.3, stopping at '。', at most" in text
     assert "temperature" not in text
     raw = "".join(stream_text(model, tok, USER, SampleConfig(**{k: getattr(cfg, k) for k in (
         "num_beams", "temperature", "repetition_penalty", "stop", "max_new_tokens")})))
