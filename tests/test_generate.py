@@ -5,6 +5,7 @@ decoded ids cut at the stop string, with no half characters."""
 import codecs
 import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -230,6 +231,20 @@ def test_beam_search_slides_past_the_context_as_sampling_does_and_stops(family):
     assert beam_search(model, [1, 2], 3, 10, stop_ids=set(range(64))) == []
     out = beam_search(model, [1, 2], 3, 10, stop_ids={7, 8, 9})
     assert not {7, 8, 9} & set(out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_ends_at_a_stop_string_as_at_a_stop_id(family):
+    """A hypothesis whose text holds a stop string ends there, scored as one ending at a stop id (whose id is not
+    returned). Here half or three quarters of the tokens hold one: reading only 2 x num_beams candidates left beams
+    dead, and the search lost the likelier answer."""
+    model = tiny(family)
+    for share, length_penalty, prompt in itertools.product((2, 4), (1.0, 2.0), ([1, 2], [5, 9, 12], [63, 1])):
+        holding = {i for i in range(64) if i % share}  # (2.0 favours long answers, which a dead beam lost)
+        by_id = beam_search(model, prompt, 3, 10, stop_ids=holding, length_penalty=length_penalty)
+        by_text = beam_search(model, prompt, 3, 10, ends=lambda ids, held=holding: ids[-1] in held,
+                              length_penalty=length_penalty)
+        assert by_text[:-1] == by_id and by_text[-1] in holding if len(by_text) > len(by_id) else by_text == by_id
 
 
 # ---- streamed text ---------------------------------------------------------------------------------------------

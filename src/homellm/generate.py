@@ -194,9 +194,10 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
                          if j % vocab in stop_ids and s > float("-inf")]
             # The num_beams best candidates that are not stops go on.
             going = total.index_fill(1, stops, float("-inf")).flatten()
-            scores, flat = going.topk(num_beams * (1 + (ends is not None)))
-            if ends is not None:  # (a stop string found once the search ended cut text never scored as ending there)
-                scores, flat = _end_at_stop_strings(scores, flat, seqs, vocab, ends, best[-1].item(), length, finished)
+            if ends is None:
+                scores, flat = going.topk(num_beams)
+            else:  # (a stop string found once the search ended cut text never scored as ending there)
+                scores, flat = _end_at_stop_strings(going, seqs, vocab, ends, best[-1].item(), length, finished)
             beam = flat // vocab
             seqs = torch.cat([seqs[beam], (flat % vocab)[:, None]], dim=1)  # (num_beams, step + 1)
             if guard is not None:
@@ -217,25 +218,32 @@ def beam_search(model: GPT, prompt_ids: list[int], num_beams: int, max_new_token
         model.train(was_training)
 
 
-def _end_at_stop_strings(scores: torch.Tensor, flat: torch.Tensor, seqs: torch.Tensor, vocab: int,
-                         ends: Callable[[list[int]], bool], cutoff: float, length: float,
-                         finished: list[tuple[float, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of twice num_beams candidates (best first), the num_beams best whose text holds no stop string; one that
-    holds one is a finished hypothesis where it is among the num_beams best of all (score at least `cutoff`), as a
-    stop id is. Fewer left alive than beams: the rest are dead (-inf)."""
+def _end_at_stop_strings(going: torch.Tensor, seqs: torch.Tensor, vocab: int, ends: Callable[[list[int]], bool],
+                         cutoff: float, length: float, finished: list[tuple[float, list[int]]]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the candidates `going` (every beam's scores, flattened), the num_beams best whose text holds no stop
+    string; one that holds one is a finished hypothesis where it is among the num_beams best of all (score at least
+    `cutoff`), as a stop id is. Many tokens may hold a stop ("\n", ".\n", "\n\n"): candidates are read further down
+    until num_beams are alive, or none is left (the rest then dead, -inf)."""
     beams = seqs.size(0)
+    rows = seqs.tolist()  # (read from the device once a step, not once a candidate)
     alive: list[tuple[float, int]] = []
-    for s, j in zip(scores.tolist(), flat.tolist()):
-        if s == float("-inf") or len(alive) == beams:
-            break
-        ids = seqs[j // vocab].tolist() + [j % vocab]
-        if not ends(ids):
-            alive.append((s, j))
-        elif s >= cutoff:
-            finished.append((s / length, ids))
+    seen, k = 0, 2 * beams
+    while len(alive) < beams and seen < going.numel():
+        scores, flat = going.topk(min(k, going.numel()))
+        for s, j in zip(scores.tolist()[seen:], flat.tolist()[seen:]):
+            if s == float("-inf") or len(alive) == beams:
+                seen = going.numel()  # nothing more to read
+                break
+            ids = rows[j // vocab] + [j % vocab]
+            if not ends(ids):
+                alive.append((s, j))
+            elif s >= cutoff:
+                finished.append((s / length, ids))
+        seen, k = max(seen, k), 4 * k
     alive += [(float("-inf"), 0)] * (beams - len(alive))
-    return (torch.tensor([s for s, _ in alive], device=scores.device),
-            torch.tensor([j for _, j in alive], device=flat.device))
+    return (torch.tensor([s for s, _ in alive], device=going.device),
+            torch.tensor([j for _, j in alive], device=going.device))
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -271,14 +279,13 @@ class TextStream:
         self.stops = [s for s in stops if s and s not in special]
         self.pending = ""  # decoded, not yet emitted
         self.stopped = False
-        self._tok, self._prompt = tok, [int(i) for i in prompt[-8:]]
+        self._tok = tok
 
     def holds_stop(self, ids: list[int]) -> bool:
         """Whether the text of these new ids holds a stop string (beam search's test of a hypothesis, extended by one
         id at a time: only its last ids are decoded, enough for the longest stop even of 4-byte characters)."""
-        n = 4 * max(map(len, self.stops), default=0) + 4
-        before = (self._prompt + ids)[:len(self._prompt) + max(len(ids) - n, 0)]
-        text = self._tok.stream(skip_special=True, context=before).push_all(ids[-n:])
+        n = 4 * max(map(len, self.stops), default=0) + 4  # (4 more: a space a decoder drops at a text's start)
+        text = self._tok.decode(ids[-n:], skip_special=True)
         return any(stop in text for stop in self.stops)
 
     def push(self, token: int) -> str:
