@@ -236,7 +236,8 @@ def test_ctrl_c_in_a_slow_step_drops_it_at_the_micro_batch_and_resume_does_it_ag
         err = capsys.readouterr().err
         assert stop.value.code == 130 and f"interrupted at step {step}; `--resume` continues" in err, err
         assert ("dropping the unfinished step" in err) == (micro == "3.0")
-        assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 3
+        record = json.loads((run / "last" / "checkpoint.json").read_text())
+        assert record["step"] == 3 and "val_loss" in record  # (kept when written again: its weights are the same)
     monkeypatch.delenv("HOMELLM_FAULT_SIGINT_AT_MICRO")
     assert main(["pretrain", "--out", str(run), "--resume"]) == 0
     assert metrics(run) == metrics(reference)
@@ -285,6 +286,10 @@ def test_a_damaged_checkpoint_record_is_named_and_skipped(tmp_path, reference, c
     assert find_checkpoint(run, "best") == run / "last"
     assert capsys.readouterr().err == (f"note: {run} has no `best` yet (it is written at an evaluation, which this run "
                                        "has not had); using last (step 16)\n")
+    (run / ".best.old").mkdir()  # but a kill between a save's renames left one: that is said as it is
+    find_checkpoint(run, "best")
+    assert capsys.readouterr().err.startswith(f"note: {run / 'best'} is not usable ({run / 'best'}: missing)")
+    (run / ".best.old").rmdir()
     shutil.move(run / "was_best", run / "best")
     shutil.rmtree(run / "last")
     (run / "last").write_text("not a folder")  # and a file where `last` should be is replaced by the next save

@@ -208,7 +208,8 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train again into a new --out")
     steps = {p: s for s, p in valid}
     chosen = run / prefer if run / prefer in steps else max(valid)[1]
-    if chosen != run / prefer and not quiet and prefer == "best" and not (run / prefer).exists():
+    unevaluated = not any((run / name).exists() for name in (prefer, f".{prefer}.tmp", f".{prefer}.old"))
+    if chosen != run / prefer and not quiet and prefer == "best" and unevaluated:
         # Not damage: `best` is written at an evaluation better than those before, and none has run yet.
         say(f"note: {run} has no `best` yet (it is written at an evaluation, which this run has not had); using "
             f"{chosen.name} (step {steps[chosen]})")
@@ -359,6 +360,7 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
         from homellm.lora import merge_lora
 
         merge_lora(model)
+    model.loaded_from = folder  # (which checkpoint `which` came to, for reports: not looked for and hashed again)
     # Cast before the move: moved first, a GPU held the float32 model whole (twice bfloat16's bytes) on the way
     return (model if dtype is None else model.to(dtype)).to(device).eval()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from homellm.chat import prompt_ids
-from homellm.checkpoint import find_checkpoint, load_for_generation, speaks_chatml
+from homellm.checkpoint import load_for_generation, speaks_chatml
 from homellm.config import CompareConfig
 from homellm.data import jsonl_records
 from homellm.errors import HomeLLMError
@@ -134,7 +134,7 @@ def compare(run_a: str | Path, run_b: str | Path, cfg: CompareConfig, out: TextI
     rows = [[str(i), p, a, b] for i, (p, a, b) in enumerate(zip(prompts, *outputs), 1)]
     # The checkpoints loaded (`best` falls back to `last` in a run not yet evaluated), and every setting that
     # shaped the text: beams ignore the temperature, and a penalty or stop string changes what is written.
-    used = [find_checkpoint(r, cfg.checkpoint, quiet=True).name for r in runs]
+    used = [model.loaded_from.name for model, _ in loaded]
     sampling = (f"beam search, {cfg.num_beams} beams" if cfg.num_beams > 1 else "greedy" if cfg.temperature == 0 else
                 f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}")
     sampling += f", repetition penalty {cfg.repetition_penalty:g}" * (cfg.repetition_penalty != 1)

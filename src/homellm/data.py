@@ -1131,9 +1131,12 @@ def _say_uneven_split(val_tokens: int, tokens: int, val_docs: int, docs: int, fr
     share = val_tokens / tokens
     if fraction / 4 < share < max(2 * fraction, fraction + 0.1):
         return
-    print(f"note: val holds {share:.0%} of the tokens, where --val-fraction {fraction:g} asks for about "
-          f"{fraction:.0%}: the split goes by document ({val_docs:,} of {docs:,} held out), and they differ in "
-          f"length. `homellm prepare --split position` holds out the last {fraction:.0%} of the tokens instead",
+    def percent(x: float) -> str:  # (a --val-fraction of 0.002 is 0.2%, not 0%)
+        return f"{100 * x:.2g}%"
+
+    print(f"note: val holds {percent(share)} of the tokens, where --val-fraction {fraction:g} asks for about "
+          f"{percent(fraction)}: the split goes by document ({val_docs:,} of {docs:,} held out), and they differ in "
+          f"length. `homellm prepare --split position` holds out the last {percent(fraction)} of the tokens instead",
           file=sys.stderr)
 
 

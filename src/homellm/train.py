@@ -811,10 +811,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             trained = [int((b[1] != -100).sum()) for b in batches]
             step_trained = _trained_tokens(sum(trained), env) if masked else float(sum(trained) * env.world)
             ends: list[float] = []  # when micro-batches ended (the first two of a session's first step)
-            interrupt.droppable = cfg.grad_accum > 1 and slowest >= SLOW_STEP_S
-            if interrupt.droppable:
+            droppable = cfg.grad_accum > 1 and slowest >= SLOW_STEP_S
+            if droppable:
                 rng_before, tokens_before, dropped = _rng_state(env.device), tokens, False
             for micro, (x, y, *documents) in enumerate(batches):
+                interrupt.droppable = droppable and micro < cfg.grad_accum - 1  # what a Ctrl-C now does, to say it
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
                 with sync:
@@ -831,16 +832,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     if micro == 1:
                         _say_slow_steps(bar, ends[1] - ends[0], cfg, x.numel() * env.world, env.device, ddp)
                 fault_point("HOMELLM_FAULT_SIGINT_AT_MICRO", f"{step}.{micro}", "SIGINT")
-                if interrupt.droppable and micro < cfg.grad_accum - 1 and _any_rank(interrupt.asked, env, clock):
+                if droppable and micro < cfg.grad_accum - 1 and _any_rank(interrupt.asked, env, clock):
                     dropped = True
                     break
-            if interrupt.droppable and dropped:
+            interrupt.droppable = False
+            if droppable and dropped:
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 _set_rng_state(rng_before, env.device)
                 tokens = tokens_before
                 elapsed = _one_clock(elapsed + time.perf_counter() - mark, cfg, env, group=clock)[0]
-                checkpoint("last", {})
+                # `last` again at this step keeps the val loss measured on these weights, as written before
+                kept = last_val if last_val is not None and val_step == step else resumed_val if (
+                    step == start_step) else None
+                checkpoint("last", kept or {})
                 stop_reason = "interrupted"
                 break
             if cfg.grad_clip > 0:
