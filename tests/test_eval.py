@@ -5,6 +5,7 @@ import json
 import math
 import random
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -323,17 +324,20 @@ def test_a_quickstart_budget_that_the_evaluation_fills_says_so(tmp_path):
     """It blamed the data: "preparing the data took 2 s, no time is left to train"."""
     from homellm.quickstart import quickstart
 
-    with pytest.raises(HomeLLMError, match=r"--max-time 20: preparing the data took \d+ s and 76 s are kept for the "
-                                           r"evaluation \(50,000 problems\), so no time is left to train: raise "
-                                           r"--max-time, or lower --problems or --n"):
+    with pytest.raises(HomeLLMError, match=r"--max-time 20: starting and preparing the data took \d+ s and 76 s are "
+                                           r"kept for the evaluation \(50,000 problems\), so no time is left to train: "
+                                           r"raise --max-time, or lower --problems or --n"):
         quickstart(QuickstartConfig(out=str(tmp_path / "q"), max_time=20, n=50_000, problems=1000))
+    # The budget is the command's, from its start: importing PyTorch took 2 s of a --max-time 30 before it counted.
+    with pytest.raises(HomeLLMError, match=r"--max-time 30: starting and preparing the data took 3[0-9] s and 4 s"):
+        quickstart(QuickstartConfig(out=str(tmp_path / "r"), max_time=30, problems=1000), time.perf_counter() - 30)
 
 
 def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     from homellm.cli import main
 
     run = tmp_path / "qs"
-    proc = homellm("quickstart", "--out", str(run), "--max-time", "4", "--problems", "3000", "--n", "40")
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "6", "--problems", "3000", "--n", "40")
     assert "accuracy" in proc.stdout and "overall" in proc.stdout and "homellm generate" in proc.stdout
     assert f"homellm info {run}" in proc.stdout
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -327,9 +328,10 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
+    started = time.perf_counter()  # --max-time is the command's: importing PyTorch counts too
     from homellm.quickstart import quickstart
 
-    result = quickstart(build(QuickstartConfig, args))
+    result = quickstart(build(QuickstartConfig, args), started)
     if result["interrupted"]:  # evaluated as it was, but not the whole run: scripts see an interrupted one
         say(f"homellm: interrupted: the {' and '.join(result['interrupted'])} stopped early (Ctrl-C), and the "
             f"figures above are for the model as it was then; for the whole run, run the quickstart again with a "
