@@ -149,6 +149,25 @@ def test_the_loss_plot_puts_each_point_where_it_belongs():
     assert narrow[1].startswith("10.84 |") and narrow[-3].startswith("10.81 |")  # both read "10.8"
 
 
+def test_pretrain_from_raw_text_takes_prepares_split(tmp_path, capsys):
+    """prepare's note on an uneven split names --split position; raw --data had no way to give it."""
+    from homellm.cli import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"story {i}: " + "once upon a time. " * (1 + i % 5)}) + "\n"
+                            for i in range(200)))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--data", str(docs), "--out", str(run), "--max-steps", "1",
+                 "--split", "position", "--tokenizer-kind", "char"]) == 0
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["split"] == "position" and meta["pretrain_inputs"]["split"] == "position"
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "tiny", "--data", str(docs), "--out", str(tmp_path / "bad"), "--max-steps",
+                 "1", "--split", "tokens"]) == 2
+    assert "--split 'tokens' is unknown: use document or position" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_raw_text_goes_straight_to_a_model(tmp_path, corpus, capsys):
     from homellm.cli import main  # in-process, for the suite's time: each command as a user types it
 

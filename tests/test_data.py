@@ -318,8 +318,8 @@ def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tm
     share = meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"])
     assert meta["split"] == "document" and meta["val_documents"] == 1 and share > 0.85
     assert (f"note: val holds {100 * share:.2g}% of the tokens, where --val-fraction 0.1 asks for about 10%: the "
-            "split goes by document (1 of 21 held out), and they differ in length. `homellm prepare --split position` "
-            "holds out the last 10% of the tokens instead") in capsys.readouterr().err
+            "split goes by document (1 of 21 held out), and they differ in length. --split position (prepare's, or "
+            "pretrain's for raw text) holds out the last 10% of the tokens instead") in capsys.readouterr().err
     meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "p"),
                                  split="position"))
     t = Tokenizer.load(tmp_path / "p")

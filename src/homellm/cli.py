@@ -158,7 +158,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     model_cfg, train_cfg = resolve_train(args)
     raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "text_field",
-                                                "encoding", "aozora", "val_fraction", "tokenizer_max_chars")
+                                                "encoding", "aozora", "val_fraction", "split", "tokenizer_max_chars")
            if k in pick(args, TrainConfig)]
     data = train_cfg.data
     if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steps).")
     add_flags(p, SFTConfig)
     add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "tokenizer_kind", "tokenizer_vocab",
-                                    "tokenizer_words", "text_field", "encoding", "aozora", "val_fraction",
+                                    "tokenizer_words", "text_field", "encoding", "aozora", "val_fraction", "split",
                                     "tokenizer_max_chars"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 

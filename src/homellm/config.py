@@ -101,6 +101,7 @@ class TrainConfig:
     encoding: str = "auto"  # when --data is raw .txt: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, big5, utf-16...
     aozora: bool = False  # when --data is raw text from Aozora Bunko: drop its ruby, notes and footer (as prepare)
     val_fraction: float = 0.1  # when --data is raw text: documents (or one document's tail) held out for validation
+    split: str = "document"  # when --data is raw text: document, or position (the tokens' last part; see prepare)
     tokenizer_max_chars: int = 0  # when --data is raw text: train the tokenizer on at most N characters (0 = all)
     batch_size: int = 32  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without more memory
@@ -330,6 +331,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE, "epochs": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
     "optimizer": (lambda v: v in ("adamw", "muon"), "is unknown: use adamw or muon"),
+    "split": (lambda v: v in ("document", "position"), "is unknown: use document or position"),
     "tokenizer_kind": _TOKENIZER_KIND, "kind": _TOKENIZER_KIND,
     "shard_tokens": (lambda v: v >= 1000, "must be 1,000 or more: each shard is a file (the default is 100,000,000)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "is unknown: use auto, float32, bfloat16 or "

@@ -1136,7 +1136,8 @@ def _say_uneven_split(val_tokens: int, tokens: int, val_docs: int, docs: int, fr
 
     print(f"note: val holds {percent(share)} of the tokens, where --val-fraction {fraction:g} asks for about "
           f"{percent(fraction)}: the split goes by document ({val_docs:,} of {docs:,} held out), and they differ in "
-          f"length. `homellm prepare --split position` holds out the last {percent(fraction)} of the tokens instead",
+          f"length. --split position (prepare's, or pretrain's for raw text) holds out the last {percent(fraction)} "
+          "of the tokens instead",
           file=sys.stderr)
 
 

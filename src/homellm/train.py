@@ -68,7 +68,7 @@ from homellm.tokenizer import Tokenizer, unfinished_save
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "keep_every",
                      "log_every", "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume",
-                     "compile", "data", "aozora", "encoding", "val_fraction", "epochs", "out",
+                     "compile", "data", "aozora", "encoding", "val_fraction", "split", "epochs", "out",
                      "dtype"}  # (the precision: a run goes on where its first GPU's is not native, or from the CPU)
 
 
@@ -1137,7 +1137,7 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # would not do, as a relay's every session on a fresh machine copies the corpus anew.
     settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
                 "tokenizer_vocab": cfg.tokenizer_vocab, "tokenizer_words": list(cfg.tokenizer_words),
-                "aozora": cfg.aozora, "encoding": cfg.encoding, "val_fraction": cfg.val_fraction,
+                "aozora": cfg.aozora, "encoding": cfg.encoding, "val_fraction": cfg.val_fraction, "split": cfg.split,
                 "tokenizer_max_chars": cfg.tokenizer_max_chars,
                 "bytes": size,
                 # whose tokenizer reads the text: the --init run's, or one trained here ("")
@@ -1150,7 +1150,7 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         # Runs made before inputs were kept absolute saved them as typed: relative to where they ran, as now; before
         # --encoding, they read text as auto does; and they did not save the size.
         was = {"encoding": "auto", "bytes": settings["bytes"], "tokenizer": "", "tokenizer_words": [],
-               "val_fraction": 0.1, "tokenizer_max_chars": 0, **made,
+               "val_fraction": 0.1, "split": "document", "tokenizer_max_chars": 0, **made,
                "inputs": absolute_inputs(made.get("inputs", []))}
         if was == settings:
             return data_dir
@@ -1194,7 +1194,7 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # (with a trained run's tokenizer, prepare says that another tokenizer is no fix for text it cannot write)
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
                           text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora,
-                          val_fraction=cfg.val_fraction),
+                          val_fraction=cfg.val_fraction, split=cfg.split),
             extra_meta={"pretrain_inputs": settings})
     return data_dir
 
