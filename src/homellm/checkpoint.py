@@ -208,13 +208,13 @@ def find_checkpoint(run: str | Path, prefer: str = "last", need_state: bool = Fa
         raise HomeLLMError(f"{run}: no valid {what} ({'; '.join(problems)}): train again into a new --out")
     steps = {p: s for s, p in valid}
     chosen = run / prefer if run / prefer in steps else max(valid)[1]
-    unevaluated = not any((run / name).exists() for name in (prefer, f".{prefer}.tmp", f".{prefer}.old"))
-    if chosen != run / prefer and not quiet and prefer == "best" and unevaluated:
-        # Not damage: `best` is written at an evaluation better than those before, and none has run yet.
-        say(f"note: {run} has no `best` yet (it is written at an evaluation, which this run has not had); using "
-            f"{chosen.name} (step {steps[chosen]})")
-    elif chosen != run / prefer and not quiet:
-        say(f"note: {run / prefer} is not usable ({problems[0]}); using {chosen} (step {steps[chosen]})")
+    if chosen != run / prefer and not quiet:
+        if prefer == "best" and not any((run / n).exists() for n in ("best", ".best.tmp", ".best.old")):
+            # Not damage: `best` is written at an evaluation better than those before, and none has run yet.
+            say(f"note: {run} has no `best` yet (it is written at an evaluation, which this run has not had); using "
+                f"{chosen.name} (step {steps[chosen]})")
+        else:
+            say(f"note: {run / prefer} is not usable ({problems[0]}); using {chosen} (step {steps[chosen]})")
     return chosen
 
 

@@ -1131,14 +1131,10 @@ def _say_uneven_split(val_tokens: int, tokens: int, val_docs: int, docs: int, fr
     share = val_tokens / tokens
     if fraction / 4 < share < max(2 * fraction, fraction + 0.1):
         return
-    def percent(x: float) -> str:  # (a --val-fraction of 0.002 is 0.2%, not 0%)
-        return f"{100 * x:.2g}%"
-
-    print(f"note: val holds {percent(share)} of the tokens, where --val-fraction {fraction:g} asks for about "
-          f"{percent(fraction)}: the split goes by document ({val_docs:,} of {docs:,} held out), and they differ in "
-          f"length. --split position (prepare's, or pretrain's for raw text) holds out the last {percent(fraction)} "
-          "of the tokens instead",
-          file=sys.stderr)
+    held, asked = (f"{100 * x:.2g}%" for x in (share, fraction))  # (a --val-fraction of 0.002 is 0.2%, not 0%)
+    print(f"note: val holds {held} of the tokens, where --val-fraction {fraction:g} asks for about {asked}: the "
+          f"split goes by document ({val_docs:,} of {docs:,} held out), and they differ in length. --split position "
+          f"(prepare's, or pretrain's for raw text) holds out the last {asked} of the tokens instead", file=sys.stderr)
 
 
 def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: PrepareConfig, dtype: np.dtype,

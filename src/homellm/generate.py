@@ -228,22 +228,30 @@ def _end_at_stop_strings(going: torch.Tensor, seqs: torch.Tensor, vocab: int, en
     beams = seqs.size(0)
     rows = seqs.tolist()  # (read from the device once a step, not once a candidate)
     alive: list[tuple[float, int]] = []
-    seen, k = 0, 2 * beams
-    while len(alive) < beams and seen < going.numel():
-        scores, flat = going.topk(min(k, going.numel()))
-        for s, j in zip(scores.tolist()[seen:], flat.tolist()[seen:]):
-            if s == float("-inf") or len(alive) == beams:
-                seen = going.numel()  # nothing more to read
+    for s, j in _best_first(going, 2 * beams):
+        ids = rows[j // vocab] + [j % vocab]
+        if not ends(ids):
+            alive.append((s, j))
+            if len(alive) == beams:
                 break
-            ids = rows[j // vocab] + [j % vocab]
-            if not ends(ids):
-                alive.append((s, j))
-            elif s >= cutoff:
-                finished.append((s / length, ids))
-        seen, k = max(seen, k), 4 * k
+        elif s >= cutoff:
+            finished.append((s / length, ids))
     alive += [(float("-inf"), 0)] * (beams - len(alive))
     return (torch.tensor([s for s, _ in alive], device=going.device),
             torch.tensor([j for _, j in alive], device=going.device))
+
+
+def _best_first(scores: torch.Tensor, first: int) -> Iterator[tuple[float, int]]:
+    """(score, index) of a 1-d tensor's entries, best first, until the first -inf; read by topk in blocks growing
+    from `first`, as a caller usually needs only a few."""
+    done, k = 0, first
+    while done < scores.numel():
+        values, indices = scores.topk(min(k, scores.numel()))
+        for s, j in zip(values.tolist()[done:], indices.tolist()[done:]):
+            if s == float("-inf"):
+                return
+            yield s, j
+        done, k = values.numel(), 4 * k
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
