@@ -131,11 +131,12 @@ def post(url: str, body: bytes | dict, key: str | None = None) -> tuple[int, dic
         return e.code, json.loads(e.read())
 
 
-def greedy(run: Path, messages: list[dict] | None = None, prompt: str = "", n: int = 60, stop=()) -> str:
+def greedy(run: Path, messages: list[dict] | None = None, prompt: str = "", n: int = 60, stop=(),
+           penalty: float = 1.0) -> str:
     """What the library itself generates: the reference every served reply must equal."""
     tok = Tokenizer.load(run)
     text = tok.decode(prompt_ids(tok, messages)) if messages else prompt
-    cfg = SampleConfig(temperature=0, max_new_tokens=n, stop=list(stop))
+    cfg = SampleConfig(temperature=0, max_new_tokens=n, stop=list(stop), repetition_penalty=penalty)
     return "".join(stream_text(load_model(run), tok, text, cfg))
 
 
@@ -165,6 +166,35 @@ def test_chat_replies_equal_the_library_alone_and_batched(run, server):
     assert ask_at_once(server, run, jobs) == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
 
 
+def test_repetition_penalty_as_the_library_applies_it_alone_and_batched(run, server):
+    """An extension, as top_k (generate and chat have it): it was ignored, every reply as without it. A row with a
+    penalty samples alone, with its own ids so far, so replies equal the library's next to rows without one."""
+    sing, math = CONVERSATIONS[2][:1], CONVERSATIONS[1][:1]
+    penalised = greedy(run, sing, n=40, penalty=20.0)
+    assert penalised != greedy(run, sing, n=40)  # (the penalty changes this reply: the check below can fail)
+    out = server.client.chat.completions.create(model=run.name, messages=sing, temperature=0, max_tokens=40,
+                                                extra_body={"repetition_penalty": 20.0})
+    assert out.choices[0].message.content == penalised
+    replies: dict[int, str] = {}
+
+    def ask(i: int, messages: list[dict], penalty: float) -> None:
+        replies[i] = server.client.chat.completions.create(
+            model=run.name, messages=messages, temperature=0, max_tokens=40,
+            extra_body={"repetition_penalty": penalty}).choices[0].message.content
+
+    jobs = [(sing, 20.0), (sing, 1.0), (math, 3.0), (sing, 20.0)]
+    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert replies == {i: greedy(run, m, n=40, penalty=p) for i, (m, p) in enumerate(jobs)}
+    for bad in (0, -1, "1.2"):
+        status, answer = post(server.url + "/v1/chat/completions",
+                              {"model": run.name, "messages": sing, "repetition_penalty": bad})
+        assert (status, answer["error"]["param"]) == (400, "repetition_penalty"), bad
+
+
 def ask_at_once(server: Server, run: Path, jobs: list[tuple[list[dict], int]]) -> dict[int, str]:
     """Each (messages, max_tokens) asked greedily by a client of its own, all at once: the replies by job."""
     replies: dict[int, str] = {}
@@ -181,19 +211,74 @@ def ask_at_once(server: Server, run: Path, jobs: list[tuple[list[dict], int]]) -
     return replies
 
 
-def test_the_batchs_cache_grows_as_rows_need_and_replies_stay_the_same(run, monkeypatch):
-    """It was allocated for the whole context at the start (gigabytes for a long-context model); here it starts at
-    4 positions a row and doubles while four replies of different lengths are decoded together."""
+def test_the_batchs_cache_follows_the_requests_in_flight_and_replies_stay_the_same(run, monkeypatch):
+    """It was allocated for the whole context at the start (gigabytes for a long-context model); later it grew every
+    row to the longest request's length and stayed so: one long request left all --max-batch rows that long. Here it
+    starts at one row of 4 positions: a long reply alone grows its positions only, four replies at once its rows, and
+    each time the server is idle again it is back at its first size."""
     import homellm.serve as module
 
+    made: list[tuple[int, int]] = []  # (rows, positions) of every cache the scheduler makes
+
+    class Recorded(KVCache):
+        def __init__(self, cfg, rows, positions, *args, **kwargs):
+            made.append((rows, positions))
+            super().__init__(cfg, rows, positions, *args, **kwargs)
+
+    monkeypatch.setattr(module, "KVCache", Recorded)
+    monkeypatch.setattr(module, "FIRST_CACHE_POSITIONS", 4)
+    monkeypatch.setattr(module, "FIRST_CACHE_ROWS", 1, raising=False)
+    s = Server(run, ServeConfig(port=0, max_batch=4))
+    try:
+        sing = CONVERSATIONS[2][:1]
+        assert ask_at_once(s, run, [(sing, 200)]) == {0: greedy(run, sing, n=200)}
+        assert s.scheduler.wait_idle(60)
+        assert max(r for r, _ in made) == 1 and 200 < max(n for _, n in made) <= 512
+        assert (s.scheduler.cache.k.size(1), s.scheduler.cache.max_len) == (1, 4)
+        made.clear()
+        jobs = [(CONVERSATIONS[i % 3][:1], 10 + 15 * i) for i in range(4)]
+        assert ask_at_once(s, run, jobs) == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+        assert s.scheduler.wait_idle(60)
+        assert max(r for r, _ in made) == 4 and 4 < max(n for _, n in made) < 512
+        assert (s.scheduler.cache.k.size(1), s.scheduler.cache.max_len) == (1, 4)
+    finally:
+        s.close()
+
+
+def test_memory_running_out_as_the_cache_grows_fails_that_request_and_the_server_goes_on(run, monkeypatch):
+    """The cache is made bigger mid-generation; where that runs out of memory, the request in flight fails (500),
+    and the next one is served from the cache as it was. (On a GPU the old cache waits on the CPU while the bigger
+    one is made: it went back only on success, so after one failure every request failed; untested here, no GPU.)"""
+    import homellm.serve as module
+
+    class Tight(KVCache):
+        def __init__(self, cfg, rows, positions, *args, **kwargs):
+            if positions > 64:
+                raise torch.OutOfMemoryError("out of memory (a test)")
+            super().__init__(cfg, rows, positions, *args, **kwargs)
+
+    monkeypatch.setattr(module, "KVCache", Tight)
     monkeypatch.setattr(module, "FIRST_CACHE_POSITIONS", 4)
     s = Server(run, ServeConfig(port=0, max_batch=4))
     try:
-        jobs = [(CONVERSATIONS[i % 3][:1], 10 + 15 * i) for i in range(4)]
-        assert ask_at_once(s, run, jobs) == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
-        assert 4 < s.scheduler.cache.max_len < 512
+        with pytest.raises(openai.InternalServerError):
+            s.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[2][:1], temperature=0,
+                                             max_tokens=200)
+        messages = CONVERSATIONS[1][:1]
+        assert ask_at_once(s, run, [(messages, 20)] * 2) == {i: greedy(run, messages, n=20) for i in range(2)}
     finally:
         s.close()
+
+
+def test_a_note_at_start_when_max_batch_requests_at_the_full_context_would_fill_memory():
+    from homellm.serve import cache_note
+
+    model = GPT(ModelConfig(n_layer=4, n_head=8, n_kv_head=2, n_embd=256, block_size=4096, vocab_size=128))
+    row = 2 * 4 * 2 * 32 * 4096 * 4  # keys and values, float32: 8 MiB a request at the full context
+    assert cache_note(model, 32, 64 * row) is None  # 32 rows: half of the memory exactly
+    note = cache_note(model, 32, 63 * row)
+    assert "32 requests at the full context (4,096 tokens) would take 0.2 GiB" in note and "--max-batch 31" in note
+    assert cache_note(model, 32, None) is None
 
 
 def test_bfloat16_weights_serve_the_memorised_replies_alone_and_batched(run):
@@ -230,6 +315,7 @@ def test_streaming_japanese_with_usage_never_splits_a_character(run, server):
         {"model": run.name, "messages": messages, "temperature": 0, "stream": True}).encode())
     with urllib.request.urlopen(req) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["X-Accel-Buffering"] == "no"  # nginx in front passes each chunk on at once
         raw = r.read()
     assert all(ch.encode() in raw for ch in JA)  # every character whole, in some chunk
     assert b"\\u" not in raw and raw.rstrip().endswith(b"data: [DONE]")
@@ -348,8 +434,14 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
     for many, param in ({"prompt": ["a"] * 9}, "prompt"), ({"prompt": ["a", "b"], "n": 5}, "n"):  # over --max-batch 8
         assert post(server.url + "/v1/completions", {**completion, **many})[1]["error"]["param"] == param
     developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    for fine in ({"response_format": {"type": "text"}, "max_tokens": 2}, {"messages": developer, "max_tokens": 2}):
+    # Values that ask for nothing, which chat UIs and SDKs send with every request, pass; asking for the feature not.
+    for fine in ({"response_format": {"type": "text"}, "max_tokens": 2}, {"messages": developer, "max_tokens": 2},
+                 {"tool_choice": "none", "tools": [], "top_logprobs": 0, "max_tokens": 2},
+                 {"tool_choice": "auto", "max_tokens": 2}):
         assert post(url, {**ok, **fine})[0] == 200, fine
+    for refused, param in (({"tool_choice": "required"}, "tool_choice"), ({"top_logprobs": 2}, "top_logprobs"),
+                           ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")):
+        assert post(url, {**ok, **refused})[1]["error"]["param"] == param, refused
     assert post(url, {**ok, "messages": "hi"})[1]["error"]["message"] == (
         "request body: 'messages' is str, not a list of {role, content} messages")
     image = [{"type": "image_url", "image_url": {"url": "x"}}]
@@ -371,6 +463,15 @@ def test_bad_requests_get_openai_shaped_errors(run, server):
     assert (e.value.code, e.value.param) == ("context_length_exceeded", "prompt")
     n = len(Tokenizer.load(run).encode("x" * 600))
     assert f"the request needs {n + 10} ({n} in the prompt and 10 for the completion)" in e.value.message
+    assert e.value.message.endswith(": shorten the prompt")  # (a smaller max_tokens would not do)
+    # A prompt that leaves less than completions' default 16: the fix names that default, which the client never sent
+    tok = Tokenizer.load(run)
+    near = next(p for k in range(600) for j in range(4) if 500 <= len(tok.encode(p := "x" * j + "la " * k)) < 512)
+    for extra, fix in ({}, "shorten the prompt, or give max_tokens (its default here is 16)"), (
+            {"max_tokens": 16}, "shorten the prompt or lower max_tokens"):
+        status, answer = post(server.url + "/v1/completions", {"model": run.name, "prompt": near, **extra})
+        assert (status, answer["error"]["param"]) == (400, "max_tokens")
+        assert answer["error"]["message"].endswith(fix), answer
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="nope", prompt="x")
     assert server.scheduler.busy() == 0
@@ -577,6 +678,23 @@ def test_web_page_streams_renders_math_shows_japanese_and_downloads_markdown(run
             assert [line for line in markdown.splitlines() if line] == [
                 f"# Conversation with {run.name}", "**user**:", "7/3?", "**assistant**:", MATH,
                 "**user**:", "昔話をして", "**assistant**:", JA]
+            # A reply stopped by its length says so (it looked finished); an emptied field is left out of the
+            # request, so the server's default applies (it was sent as 0: a cleared Temperature meant greedy).
+            page.click("#new")
+            page.fill("#max_tokens", "20")
+            page.fill("#input", "sing")  # (the memorised reply never ends)
+            page.press("#input", "Enter")
+            expect(page.locator(".msg.assistant").last).to_have_attribute("data-done", "1")
+            expect(page.locator(".msg").last).to_have_text(
+                "Cut off at Max tokens (20): raise it in Settings for longer replies.")
+            page.click("#new")
+            page.fill("#temperature", "")
+            with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as request:
+                page.fill("#input", "sing")
+                page.press("#input", "Enter")
+            sent = json.loads(request.value.post_data)
+            assert "temperature" not in sent and (sent["max_tokens"], sent["top_p"]) == (20, 1)
+            expect(page.locator(".msg.assistant").last).to_have_attribute("data-done", "1")
         finally:
             browser.close()
 
@@ -640,6 +758,17 @@ def test_text_the_tokenizer_cannot_write_is_noted_in_the_log(run, server, monkey
     server.client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": "bad 猫"}],
                                           max_tokens=2, temperature=0)
     assert "cannot write '猫'" in capsys.readouterr().err
+
+
+def test_stream_lines_hold_no_character_that_splitlines_breaks_at():
+    """Streamed JSON keeps characters as they are, but U+2028, U+2029 and U+0085 are line breaks to Python's
+    str.splitlines(), with which requests' iter_lines(decode_unicode=True) cut a `data:` line in two."""
+    from homellm.serve import dumps
+
+    text = "一\u2028二\u2029三\x85四\x0b五\x1c六\n七"
+    line = "data: " + dumps({"choices": [{"delta": {"content": text}}]})
+    assert len(line.splitlines()) == 1 and "一" in line
+    assert json.loads(line.removeprefix("data: "))["choices"][0]["delta"]["content"] == text
 
 
 def test_the_cores_to_serve_with_are_counted_on_macos_and_windows_too(monkeypatch):

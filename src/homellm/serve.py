@@ -72,10 +72,11 @@ class ServerBusy(Exception):
     """Every batch row is taken and the queue is full."""
 
 
-# The batch's KV cache starts this long a row and doubles as its longest row needs, up to the context: allocated
-# whole, a model with a long context took gigabytes at the start (8,192 positions x 32 rows), for rows that rarely
-# fill it.
+# The batch's KV cache starts this small and doubles as the requests in flight need, up to --max-batch rows of the
+# context: allocated whole, a model with a long context took gigabytes at the start (8,192 positions x 32 rows), for
+# rows that rarely fill it. It shrinks again when four times too big (see Scheduler._fit).
 FIRST_CACHE_POSITIONS = 256
+FIRST_CACHE_ROWS = 4
 
 
 class Scheduler:
@@ -146,8 +147,8 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             p = next(self.model.parameters())
-            self.cache = KVCache(self.model.cfg, self.max_batch, min(self.model.cfg.block_size, FIRST_CACHE_POSITIONS),
-                                 p.device, p.dtype)
+            self.cache = KVCache(self.model.cfg, min(self.max_batch, FIRST_CACHE_ROWS),
+                                 min(self.model.cfg.block_size, FIRST_CACHE_POSITIONS), p.device, p.dtype)
             self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=p.device)
             self.generator = torch.Generator(p.device).manual_seed(secrets.randbits(63))  # for unseeded requests
             while True:
@@ -190,7 +191,7 @@ class Scheduler:
         """Prefill the prompt in a cache of its own, copy it into the sequence's row, and sample its first token."""
         row, n = self.active.index(seq), len(seq.prompt)
         cache, logits = _prefill(self.model, seq.prompt, room=0)  # copied into the batch's cache at once
-        self._room(n)
+        self._fit(len(self.active), n, shrink=False)  # (the other rows' lengths are not read here: never smaller)
         self.cache.k[:, row, :, :n] = cache.k[:, 0, :, :n]
         self.cache.v[:, row, :, :n] = cache.v[:, 0, :, :n]
         self.lengths[row] = n
@@ -204,43 +205,71 @@ class Scheduler:
         """Feed every live row its last token at its own position and sample the next one."""
         with self.cond:
             self._reap()
+            if not self.active:  # idle: the cache back to its first size, before anyone waiting for idle wakes
+                self._fit(0, 0)
+                return
         live = self.active
-        if not live:
-            return
-        ids = torch.tensor([[s.tokens[-1]] for s in live], device=self.device)
         # Each row's length after this step, counted here: reading `lengths` back would make a GPU wait every step
-        self._room(max(len(s.prompt) + len(s.tokens) for s in live))
+        self._fit(len(live), max(len(s.prompt) + len(s.tokens) for s in live))
+        ids = torch.tensor([[s.tokens[-1]] for s in live], device=self.device)
         self.cache.pos = self.lengths[:len(live)]  # a view: forward advances each row's length in place
         logits, _ = self.model(ids, cache=self.cache)
         self._sample(live, logits[:, -1])
 
-    def _room(self, need: int) -> None:
-        """Make the batch's cache hold `need` positions a row: it doubles (up to the context), the rows kept."""
-        have = self.cache.max_len
-        if need <= have:
+    def _fit(self, rows: int, positions: int, shrink: bool = True) -> None:
+        """Size the batch's cache for `rows` rows of `positions`, the rows in use kept. Each side doubles when short
+        (up to --max-batch rows and the context) and, with `shrink`, halves down to twice the need when four times
+        too big: memory follows the requests in flight. It stayed at its largest: one long request left every one of
+        the 32 rows the context's length (1.4 GB for a 3M-parameter model with 4,096 positions, 25 GB for a 1.7B)."""
+        def size(have: int, need: int, first: int, most: int) -> int:
+            if need > have:
+                return min(most, max(need, 2 * have))
+            if shrink and have > first and have >= 4 * need:
+                return min(have, max(first, 2 * need))
+            return have
+
+        old = self.cache
+        have_rows, have_len = old.k.size(1), old.max_len
+        new_rows = size(have_rows, rows, min(self.max_batch, FIRST_CACHE_ROWS), self.max_batch)
+        block = self.model.cfg.block_size
+        new_len = size(have_len, positions, min(block, FIRST_CACHE_POSITIONS), block)
+        if (new_rows, new_len) == (have_rows, have_len):
             return
-        old, device = self.cache, self.cache.k.device
-        if device.type == "cuda":  # off the GPU first: the old and the bigger cache together may not fit on it
-            old.k, old.v = old.k.cpu(), old.v.cpu()
-        bigger = KVCache(self.model.cfg, self.max_batch, min(self.model.cfg.block_size, max(need, 2 * have)),
-                         device, old.k.dtype)
-        bigger.k[:, :, :, :have], bigger.v[:, :, :, :have] = old.k, old.v
-        self.cache = bigger
+        k, v, device = old.k, old.v, old.k.device
+        grows = new_rows * new_len > have_rows * have_len
+        offload = grows and device.type == "cuda"
+        if offload:  # off the GPU first: the old and the bigger cache together may not fit on it
+            k, v = old.k, old.v = k.cpu(), v.cpu()  # (the GPU's copy is freed now, not after the bigger one is made)
+        try:
+            new = KVCache(self.model.cfg, new_rows, new_len, device, k.dtype)
+        except BaseException:
+            if offload:  # out of memory: the cache back as it was, on the GPU, so the server goes on serving
+                old.k, old.v = k.to(device), v.to(device)
+            raise
+        r, n = min(have_rows, new_rows), min(have_len, new_len)
+        new.k[:, :r, :, :n], new.v[:, :r, :, :n] = k[:, :r, :, :n], v[:, :r, :, :n]
+        self.cache = new
+        if not grows and device.type == "cuda":
+            torch.cuda.empty_cache()  # the memory back to the GPU, for other programs, not only this process's pool
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """One sample_next call per group of rows sharing their settings; a seeded row samples alone."""
+        """One sample_next call per group of rows sharing their settings; a seeded row samples alone, and so does
+        one with a repetition penalty (its own ids so far)."""
         groups: dict[Any, list[int]] = {}
         for i, s in enumerate(seqs):
-            key = ("seed", i) if s.seeded else (0.0,) if s.cfg.temperature == 0 else (
-                s.cfg.temperature, s.cfg.top_k, s.cfg.top_p)
+            key = ("seed", i) if s.seeded else ("penalty", i) if s.cfg.repetition_penalty != 1.0 else (
+                (0.0,) if s.cfg.temperature == 0 else (s.cfg.temperature, s.cfg.top_k, s.cfg.top_p))
             groups.setdefault(key, []).append(i)
         no_history = torch.empty(0, 0, dtype=torch.long, device=self.device)
         guard = self.tok.utf8_guard
         for rows in groups.values():
             first = seqs[rows[0]]
             allowed = guard.mask([seqs[i].utf8 for i in rows], self.device, logits.size(-1))
+            # A row with a repetition penalty samples alone, with its own ids so far (the prompt's too, as generate)
+            history = no_history if first.cfg.repetition_penalty == 1.0 else torch.tensor(
+                [first.prompt + first.tokens], device=self.device)
             try:
-                ids = sample_next(logits[rows], no_history, first.cfg, first.generator or self.generator, allowed)
+                ids = sample_next(logits[rows], history, first.cfg, first.generator or self.generator, allowed)
             except Exception:  # these rows' settings: they fail, and the rows sampled with others' go on
                 traceback.print_exc()
                 for i in rows:
@@ -310,8 +339,13 @@ class ApiError(Exception):
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON with characters as they are (no \\u escapes): Japanese stays readable in every chunk."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON with characters as they are (no \\u escapes): Japanese stays readable in every chunk. But the
+    characters other than \\n and \\r that Python's str.splitlines() breaks at are escaped: a client reading the
+    stream with it (requests' iter_lines(decode_unicode=True)) cut a `data:` line inside the JSON there."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+
+
+_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}  # (JSON escapes those below 0x20 itself)
 
 
 def _number(body: dict[str, Any], name: str, kind: type, default: Any, lo: float | None = None,
@@ -334,11 +368,13 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any, lo: float
 # No prompt that fits a context comes near this; bigger bodies only cost memory and time to parse.
 MAX_BODY_BYTES = 4 << 20
 
-# Features of OpenAI's API that homellm does not have: refused unless left at their defaults.
-_UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logprobs": False, "top_logprobs": None,
-                "echo": False, "suffix": None, "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0,
-                "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"], "audio": None,
-                "prediction": None}
+# Features of OpenAI's API that homellm does not have: refused unless left at their defaults, or at values that ask
+# for nothing (clients and chat UIs send `tool_choice: "none"`, `tools: []` or `top_logprobs: 0` with every request).
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"), "logprobs": (False,),
+    "top_logprobs": (None, 0), "echo": (False,), "suffix": (None,), "best_of": (1,), "frequency_penalty": (0,),
+    "presence_penalty": (0,), "logit_bias": ({},), "response_format": ({"type": "text"},), "modalities": (["text"],),
+    "audio": (None,), "prediction": (None,)}
 
 
 @dataclass
@@ -351,15 +387,16 @@ class Params:
     stream: bool
     include_usage: bool
     limit: str = "max_tokens"  # the field that gave the length limit: errors name it
+    limit_given: bool = True  # False: the limit is /v1/completions' default (16), which the client never sent
 
 
 def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Params:
     """Sampling fields shared by /v1/completions and /v1/chat/completions. max_tokens: the default limit (None:
     all the context the prompt leaves, which _fit_context fills in)."""
-    for name, default in _UNSUPPORTED.items():
+    for name, fine in _UNSUPPORTED.items():
         value = body.get(name)
         # By type too: 0 == False, and completions' `logprobs: 0` asks for logprobs (of the chosen token).
-        if value is not None and (value != default or isinstance(value, bool) != isinstance(default, bool)):
+        if value is not None and not any(value == f and isinstance(value, bool) == isinstance(f, bool) for f in fine):
             raise ApiError(400, f"'{name}' is not supported by homellm: leave it out", name, "unsupported_parameter")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
@@ -378,9 +415,11 @@ def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Pa
                           temperature=float(_number(body, "temperature", float, 1.0, 0, 2)),
                           top_p=float(_number(body, "top_p", float, 1.0, 0, 1)),
                           top_k=_number(body, "top_k", int, 0, 0),
+                          repetition_penalty=float(_number(body, "repetition_penalty", float, 1.0, 1e-3, 1e3)),
                           stop=[s for s in stop if s], seed=seed or 0)
     return Params(sample, seed is not None, _number(body, "n", int, 1, 1, max_n),
-                  _number(body, "stream", bool, False), _number(options, "include_usage", bool, False), limit)
+                  _number(body, "stream", bool, False), _number(options, "include_usage", bool, False), limit,
+                  body.get(limit) is not None)
 
 
 def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prompt_field: str) -> None:
@@ -388,8 +427,11 @@ def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prom
     longest, asked = max(len(p) for p in prompts), params.sample.max_new_tokens  # asked 0: no limit given
     if longest + max(asked, 1) > block_size:
         what = f"{longest} in the prompt" + (f" and {asked} for the completion" if asked else " and 1 to generate")
+        fix = "shorten the prompt" if not asked or longest >= block_size else (
+            f"shorten the prompt or lower {params.limit}" if params.limit_given else
+            f"shorten the prompt, or give {params.limit} (its default here is {asked})")
         raise ApiError(400, f"this model's context is {block_size} tokens, but the request needs "
-                            f"{longest + max(asked, 1)} ({what}): shorten the prompt or lower {params.limit}",
+                            f"{longest + max(asked, 1)} ({what}): {fix}",
                        params.limit if asked and longest < block_size else prompt_field, "context_length_exceeded")
     params.sample.max_new_tokens = asked or block_size - longest
 
@@ -699,7 +741,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
                 yield f"data: {dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                                 "X-Accel-Buffering": "no"})
 
     @app.api_route("/health", methods=GET)
     async def health() -> Response:
@@ -804,6 +847,29 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device`: the GPU's, or this machine's (None where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (Windows has no sysconf)
+        return None
+
+
+def cache_note(model: GPT, max_batch: int, memory: int | None) -> str | None:
+    """A note when --max-batch requests at the full context would fill more than half of `memory` with KV cache.
+    The cache grows only as requests need, so this is the worst case, which a server of long chats does reach."""
+    cfg, item = model.cfg, next(model.parameters()).element_size()
+    row = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * cfg.block_size * item  # keys and values
+    if not memory or max_batch * row <= memory / 2:
+        return None
+    return (f"note: {max_batch} requests at the full context ({cfg.block_size:,} tokens) would take "
+            f"{max_batch * row / 2**30:,.1f} GiB of KV cache, over half of the {memory / 2**30:,.1f} GiB here; it "
+            f"grows only as requests need it, but --max-batch {max(1, int(memory / 2 // row))} keeps the worst "
+            "case within half")
+
+
 def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM (or until `server.should_exit` is set). `ready(url, server)` is called once the
     port is bound: connections made from then on wait in the listen queue until the app is up."""
@@ -861,6 +927,9 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
               "not answer; /v1/completions continues text"
               + (f"; its chat model is {beside}: `homellm serve {typed(beside)}`" if beside else ""),
               file=sys.stderr, flush=True)
+    model = app.state.scheduler.model
+    if note := cache_note(model, cfg.max_batch, device_memory(next(model.parameters()).device)):
+        print(note, file=sys.stderr, flush=True)
     if ready is not None:
         ready(url, server)
     with sock:
