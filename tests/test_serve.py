@@ -150,6 +150,25 @@ def test_models_health_and_a_completion_equal_to_the_library(run, server):
     assert out.usage.completion_tokens + out.usage.prompt_tokens == out.usage.total_tokens
 
 
+def test_completions_take_token_ids_as_prompts(run, server):
+    """OpenAI's API takes a prompt as token ids, one list or a list of lists (evaluation harnesses send them): they
+    were refused. Ids answer as their text does; an id outside the vocabulary is refused, naming it."""
+    tok = Tokenizer.load(run)
+    ids = tok.encode_prompt("the cat")
+    out = server.client.completions.create(model=run.name, prompt=ids, max_tokens=20, temperature=0)
+    assert out.choices[0].text == greedy(run, prompt="the cat", n=20)
+    assert out.usage.prompt_tokens == len(ids)
+    out = server.client.completions.create(model=run.name, prompt=[ids, tok.encode_prompt("7/3?")], max_tokens=20,
+                                           temperature=0)
+    assert [c.text for c in out.choices] == [greedy(run, prompt=p, n=20) for p in ("the cat", "7/3?")]
+    for bad, code in ([], "invalid_type"), ([1, "a"], "invalid_type"), ([[1], []], "invalid_type"), (
+            [1, True], "invalid_type"), ([1, tok.vocab_size], "invalid_value"), ([[2], [-1]], "invalid_value"):
+        status, answer = post(server.url + "/v1/completions", {"model": run.name, "prompt": bad})
+        assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "prompt", code), bad
+    assert f"holds token id {tok.vocab_size}: this model's ids are 0 to {tok.vocab_size - 1}" in post(
+        server.url + "/v1/completions", {"model": run.name, "prompt": [1, tok.vocab_size]})[1]["error"]["message"]
+
+
 def test_chat_replies_equal_the_library_alone_and_batched(run, server):
     """Four choices in one request are admitted together, so they are decoded as one batch (peak rows >= 4)."""
     for conversation in CONVERSATIONS:

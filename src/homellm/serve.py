@@ -422,6 +422,11 @@ def parse_params(body: dict[str, Any], max_tokens: int | None, max_n: int) -> Pa
                   body.get(limit) is not None)
 
 
+def _is_ids(value: Any) -> bool:
+    """A non-empty list of token ids (JSON integers: true and 1.0 are not)."""
+    return isinstance(value, list) and bool(value) and all(type(i) is int for i in value)
+
+
 def _fit_context(prompts: list[list[int]], params: Params, block_size: int, prompt_field: str) -> None:
     """Refuse what the context cannot hold; a request without a limit gets all the context its prompt leaves."""
     longest, asked = max(len(p) for p in prompts), params.sample.max_new_tokens  # asked 0: no limit given
@@ -766,9 +771,16 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         body = await read_body(request)
         check_model(body)
         prompt = body.get("prompt")
-        texts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise ApiError(400, "'prompt' must be a string or a list of strings", "prompt", "invalid_type")
+        # Token ids too, as OpenAI's API takes them (a list of ids, or a list of such lists): what evaluation
+        # harnesses send, having tokenized with the model's own tokenizer.
+        ids = _is_ids(prompt) or isinstance(prompt, list) and bool(prompt) and all(_is_ids(p) for p in prompt)
+        texts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt
+        if not isinstance(texts, list) or not texts or not (ids or all(isinstance(t, str) for t in texts)):
+            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                                "such lists", "prompt", "invalid_type")
+        if ids and (bad := next((i for t in texts for i in t if not 0 <= i < tok.vocab_size), None)) is not None:
+            raise ApiError(400, f"'prompt' holds token id {bad}: this model's ids are 0 to {tok.vocab_size - 1}",
+                           "prompt", "invalid_value")
         params = parse_params(body, 16, cfg.max_batch)
         if len(texts) * params.n > cfg.max_batch:
             raise ApiError(400, f"{len(texts)} prompts x n={params.n} exceed --max-batch {cfg.max_batch}",
@@ -776,6 +788,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         # Special tokens in a raw prompt are honoured, as in `homellm generate`; "" starts a fresh document.
         # Tokenized off the event loop: a long prompt would hold every other request (the health check too).
         def encode() -> list[list[int]]:
+            if ids:
+                return texts
             folded = [tok.fold(t) for t in texts]  # an input method's full-width digits as the digits, say
             note_unknown(tok, "".join(folded), allow_special=True)
             return [tok.encode_prompt(t) for t in folded]
