@@ -2,6 +2,7 @@
 with end-of-text, splits match nanoGPT's, shards match meta.json, chunked reading changes nothing."""
 
 import codecs
+import importlib.util
 import json
 import os
 import re
@@ -172,7 +173,7 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     assert docs([str(nul)], encoding="utf-8") == [nul.read_text()]
 
 
-def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, capsys):
+def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, capsys, monkeypatch):
     """Inputs a prepare met on real corpora: a name with brackets was read as a glob pattern and refused; a corpus
     linked into a folder was skipped, as were other kinds of file, unsaid; a table was read as text."""
     (tmp_path / "lib").mkdir()
@@ -192,10 +193,20 @@ def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, c
     os.mkfifo(tmp_path / "pipe")  # (as /dev/stdin or <(zcat x.gz)): its first 4 KB were lost unsaid
     with pytest.raises(HomeLLMError, match=r"pipe: a pipe or device, not a file: .* save the text to a file first"):
         docs([str(tmp_path / "pipe")])
-    table = write(tmp_path / "t.csv", "id,text\n1,hello\n")
-    with pytest.raises(HomeLLMError, match=r"t.csv: a csv table: read its text column with Hugging Face datasets, "
-                                           r"`--input hf:./.* --text-field COLUMN`"):
+    # A table: its folder read by datasets, as the message writes it (an absolute folder lost its /: hf:.//tmp/x)
+    (tmp_path / "tables").mkdir()
+    table = write(tmp_path / "tables" / "t.csv", "id,text\n1,hello\n")
+    with pytest.raises(HomeLLMError) as e:
         docs([str(table)])
+    spec = f"hf:{tmp_path / 'tables'}"
+    assert str(e.value) == (f"{table}: a csv table: read it with Hugging Face datasets, `--input {spec} --text-field "
+                            "COLUMN` (the tables in its folder; pip install 'homellm[hf]'), or write it as .txt or "
+                            ".jsonl")
+    if importlib.util.find_spec("datasets"):
+        assert docs([spec]) == ["hello"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HomeLLMError, match=r"`--input hf:./tables --text-field COLUMN`"):
+        docs(["tables/t.csv"])
 
 
 def test_utf8_bom_and_crlf(tmp_path):

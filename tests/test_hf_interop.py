@@ -113,7 +113,9 @@ def test_a_chat_run_exports_its_turn_end_and_halves_in_bfloat16(tmp_path):
     run = make_run(tmp_path / "run", "llama", sft=True)
     out = export_run(run, tmp_path / "hf", dtype="bfloat16")
     tok = Tokenizer.load(run)
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [tok.im_end_id, tok.eot_id]
+    # (and at a new turn, where homellm stops too: a reply that skipped its <|im_end|> went on into the next turn)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [
+        tok.im_end_id, tok.eot_id, tok.im_start_id]
     assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
     assert (out / "model.safetensors").stat().st_size < 0.6 * (run / "best" / "model.safetensors").stat().st_size
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -570,9 +572,9 @@ def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not
         folder, (_, raw) = hub_folder(tmp_path / name, "llama", vocab=320)
         raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # the model's own: rows it has
         raw.save(str(folder / "tokenizer.json"))
-        if file == "tokenizer_config.json":
+        if file == "tokenizer_config.json":  # (an instruct model's text ends at <|im_end|>, as SmolLM2's)
             (folder / file).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                   "chat_template": template}))
+                                                   "chat_template": template, "eos_token": "<|im_end|>"}))
         else:
             (folder / file).write_text(template)
         capsys.readouterr()
@@ -583,3 +585,16 @@ def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not
         else:
             assert not speaks_chatml(run)
             assert f"note: {folder}'s own chat template is not kept: homellm chats in ChatML" in err
+
+
+def test_exports_come_back_by_import_as_what_they_were_chat_or_not(tmp_path):
+    """Every export's tokenizer carries the ChatML template, and its vocabulary <|im_start|> and <|im_end|>: a
+    pretrained run exported and imported came back a chat model (compare and eval then asked it as a chat). A chat
+    model ends its text at <|im_end|> (the chat export's eos list, SmolLM's and Qwen's instruct models); a model
+    whose ends do not include it is not one, ChatML template or not (Qwen's base models)."""
+    from homellm.checkpoint import speaks_chatml
+
+    for sft in (False, True):
+        run = make_run(tmp_path / f"run{sft}", "llama", sft=sft)
+        back = import_model(str(export_run(run, tmp_path / f"hf{sft}")), tmp_path / f"again{sft}")
+        assert speaks_chatml(back) == speaks_chatml(run) == sft

@@ -20,7 +20,7 @@ from homellm.config import (
     IM_START,
     ROLES,
 )
-from homellm.data import folder_files, hf_dataset, hf_records, jsonl_records
+from homellm.data import TABLES, folder_files, hf_dataset, hf_records, jsonl_records, table_error
 from homellm.errors import HomeLLMError
 from homellm.tokenizer import Tokenizer
 
@@ -231,6 +231,8 @@ def read_conversations(paths: list[str], skip_bad: bool = False, limit: int = 0)
             if not found:
                 raise HomeLLMError(f"{path}: a folder with no .jsonl or .json file: give the conversation files")
         elif path.is_file():
+            if path.suffix.lower() in TABLES:  # read as jsonl, its bytes were "not UTF-8 ... iconv -f cp932"
+                raise table_error(path, "--data", formats=".jsonl")
             found = [path]
         else:
             raise HomeLLMError(f"{path}: no such file: give a .jsonl file of conversations, or hf:NAME")

@@ -39,7 +39,7 @@ _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: e
 _ROUND_TRIP_CHARS = 2000  # of the first document, decoded back to tell a lossy tokenizer
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
-_TABLES = (".csv", ".tsv", ".parquet", ".arrow")  # datasets reads them (hf:./FOLDER); as text they are not
+TABLES = (".csv", ".tsv", ".parquet", ".arrow")  # datasets reads them (hf:./FOLDER); as text they are not
 
 
 # Hiragana and katakana. Not half-width katakana: cp932 reads each byte 0xA6-0xDD as one, and in Latin-1 those are
@@ -165,10 +165,8 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                 raise HomeLLMError(f"{path}: a pipe or device, not a file: homellm reads its input more than once "
                                    "(its start for the encoding, then the text; the tokenizer and the shards too): "
                                    "save the text to a file first (e.g. `zcat corpus.gz > corpus.txt`)")
-            elif path.suffix.lower() in _TABLES:  # read as text, a table's header, quoting and ids were trained on
-                raise HomeLLMError(f"{path}: a {path.suffix.lower()[1:]} table: read its text column with Hugging "
-                                   f"Face datasets, `--input hf:./{typed(path.parent)} --text-field COLUMN` (pip "
-                                   "install 'homellm[hf]'), or write the text as .txt or .jsonl")
+            elif path.suffix.lower() in TABLES:  # read as text, a table's header, quoting and ids were trained on
+                raise table_error(path, "--input", " --text-field COLUMN")
             else:
                 files = [path]
             # A .json named directly is JSON records too (an array, or lines as the hub's datasets often are).
@@ -185,6 +183,17 @@ _SHARD = re.compile(r"(train|val)_\d+\.bin")  # as ShardWriter names them
 _MADE_FIX = {"a homellm run": "name the text files to train on (continue the run itself with `homellm pretrain "
                               "--resume --out {path}`)",
              "prepared data": "train on it with `homellm pretrain --data {path}`, as it is"}
+
+
+def table_error(path: Path, flag: str, more: str = "", formats: str = ".txt or .jsonl") -> HomeLLMError:
+    """A .csv/.parquet/... table given where text or jsonl is read: Hugging Face datasets reads its folder."""
+    folder = path.parent
+    # A relative folder needs its ./ (datasets reads `data` as a hub name); an absolute one as it is (`.//tmp/x` was
+    # read relative to the current folder).
+    spec = typed(f"hf:{folder}" if folder.is_absolute() else f"hf:./{folder}")
+    return HomeLLMError(f"{path}: a {path.suffix.lower()[1:]} table: read it with Hugging Face datasets, `{flag} "
+                        f"{spec}{more}` (the tables in its folder; pip install 'homellm[hf]'), or write it as "
+                        f"{formats}")
 
 
 def folder_files(folder: Path, suffixes: tuple[str, ...], quiet: bool = False) -> list[Path]:

@@ -11,6 +11,7 @@ function). tests/test_hf_parity.py checks both maps against transformers' own mo
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -227,12 +228,25 @@ def _getter(src: dict[str, torch.Tensor], where: str):
     return get
 
 
+def _source_end_ids(folder: Path, tok: Tokenizer) -> set[int]:
+    """The ids a transformers model ends its text at: generation_config.json's and config.json's eos_token_id (an id
+    or a list of them), and the tokenizer's own end of text (tokenizer_config.json's eos_token)."""
+    ends = {tok.eot_id}
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((folder / name).read_bytes()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        ends.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+    return ends
+
+
 # ---- export ------------------------------------------------------------------------------------------------------
 
 def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype: str = "float32") -> Path:
     """`homellm export`: the run's model as a transformers folder (config.json, model.safetensors, the tokenizer
     with its chat template, generation_config.json and a model card), written whole or not at all."""
-    from homellm.checkpoint import INFO, find_checkpoint, load_model, speaks_chatml
+    from homellm.checkpoint import INFO, load_model, speaks_chatml
 
     run, out = Path(run), Path(out)
     check_checkpoint_name(checkpoint)
@@ -240,13 +254,15 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best", dtype
         raise HomeLLMError(f"--dtype {dtype!r} is unknown: use {', '.join(DTYPES)}")
     _check_empty(out)
     model = load_model(run, checkpoint)  # a LoRA run's adapters come merged into their base's weights
-    info = load_json(find_checkpoint(run, checkpoint, quiet=True) / INFO)
+    info = load_json(model.loaded_from / INFO)  # (the card describes the weights exported, not a newer `last`)
     tok = Tokenizer.load(run)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_transformers(model).items()}
     chat = speaks_chatml(run)
     ids = {"bos_token_id": tok.start_id, "pad_token_id": tok.pad_id,
-           # A chat model ends its turn with <|im_end|>: generate() stops there, as homellm's chat does.
-           "eos_token_id": [tok.im_end_id, tok.eot_id] if chat else tok.eot_id}
+           # A chat model ends its turn with <|im_end|>: generate() stops there, as homellm's chat does, and at a
+           # new turn's <|im_start|> (a reply that skips its <|im_end|>) too.
+           # (once each: an imported instruct model's end of text may be its <|im_end|>)
+           "eos_token_id": list(dict.fromkeys([tok.im_end_id, tok.eot_id, tok.im_start_id])) if chat else tok.eot_id}
 
     def write(stage: Path) -> None:
         # transformers refuses safetensors without {"format": "pt"}: it tells save_pretrained's files by it.
@@ -314,10 +330,13 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
                            "download the model's tokenizer files too")
     tok, added = imported_tokenizer(folder)
     template = source_chat_template(folder)
-    # A chat model of ChatML with its own <|im_start|> and <|im_end|> (SmolLM's instruct models) chats as
-    # homellm's fine-tuned runs do; any other template is not kept, and the model learns ChatML with `sft`.
-    chatml = "<|im_start|>" in template and tok.im_start_id not in added and tok.im_end_id not in added
-    if template and not chatml:
+    # A chat model of ChatML with its own <|im_start|> and <|im_end|> (SmolLM's and Qwen's instruct models) chats as
+    # homellm's fine-tuned runs do; any other template is not kept, and the model learns ChatML with `sft`. A chat
+    # model ends its text at <|im_end|>: a base model with a ChatML template (Qwen's base models, and every homellm
+    # export, whose tokenizer carries the template) ends at its end of text, and came back as a chat model.
+    chatml = ("<|im_start|>" in template and tok.im_start_id not in added and tok.im_end_id not in added
+              and tok.im_end_id in _source_end_ids(folder, tok))
+    if template and "<|im_start|>" not in template:
         say(f"note: {source}'s own chat template is not kept: homellm chats in ChatML (<|im_start|>user ... "
             "<|im_end|>), which this model has not learned: fine-tune it on conversations with `homellm sft` before "
             "chatting")
