@@ -193,20 +193,18 @@ def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, c
     os.mkfifo(tmp_path / "pipe")  # (as /dev/stdin or <(zcat x.gz)): its first 4 KB were lost unsaid
     with pytest.raises(HomeLLMError, match=r"pipe: a pipe or device, not a file: .* save the text to a file first"):
         docs([str(tmp_path / "pipe")])
-    # A table: its folder read by datasets, as the message writes it (an absolute folder lost its /: hf:.//tmp/x)
+    # A table: read by datasets as the message writes it (it named the folder, and an absolute one as hf:.//tmp/x)
     (tmp_path / "tables").mkdir()
     table = write(tmp_path / "tables" / "t.csv", "id,text\n1,hello\n")
     with pytest.raises(HomeLLMError) as e:
         docs([str(table)])
-    spec = f"hf:{tmp_path / 'tables'}"
-    assert str(e.value) == (f"{table}: a csv table: read it with Hugging Face datasets, `--input {spec} --text-field "
-                            "COLUMN` (the tables in its folder; pip install 'homellm[hf]'), or write it as .txt or "
-                            ".jsonl")
-    if importlib.util.find_spec("datasets"):
-        assert docs([spec]) == ["hello"]
+    assert str(e.value) == (f"{table}: a csv table: read it with Hugging Face datasets, `--input hf:{table} "
+                            "--text-field COLUMN` (pip install 'homellm[hf]'), or write it as .txt or .jsonl")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(HomeLLMError, match=r"`--input hf:./tables --text-field COLUMN`"):
+    with pytest.raises(HomeLLMError, match=r"`--input hf:tables/t.csv --text-field COLUMN`"):
         docs(["tables/t.csv"])
+    if importlib.util.find_spec("datasets"):
+        assert docs([f"hf:{table}"]) == docs(["hf:tables/t.csv"]) == ["hello"]
 
 
 def test_utf8_bom_and_crlf(tmp_path):
@@ -484,6 +482,29 @@ def test_hf_inputs_stream_through_the_real_datasets_package(tmp_path):
     story = "First line.\n\n  Second paragraph, indented.\nLast line.\n"
     (texts / "train.txt").write_text(story + f"{EOT}\n" + story, encoding="utf-8")
     assert docs([f"hf:{texts}"]) == docs([str(texts / "train.txt")]) == [story.rstrip(), story]
+
+
+def test_hf_inputs_read_one_local_table_file_and_saved_datasets(tmp_path):
+    """hf:FILE for one .parquet/.csv/.tsv/.jsonl file (datasets found no data in a file, only in its folder), and a
+    folder that Dataset.save_to_disk wrote (datasets told a homellm user to call load_from_disk)."""
+    datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
+    rows = {"id": [1, 2, 3], "text": ["一つ目", "second row", "third"]}
+    table = datasets.Dataset.from_dict(rows)
+    table.to_parquet(str(tmp_path / "t.parquet"))
+    table.to_csv(str(tmp_path / "t.tsv"), sep="\t", index=False)
+    table.to_json(str(tmp_path / "t.jsonl"), force_ascii=False)
+    for name in ("t.parquet", "t.tsv", "t.jsonl"):
+        assert docs([f"hf:{tmp_path / name}"]) == rows["text"], name
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": table, "test": table.select([2])}).save_to_disk(str(tmp_path / "splits"))
+    assert docs([f"hf:{tmp_path / 'saved'}"]) == docs([f"hf:{tmp_path / 'splits'}"]) == rows["text"]
+    assert docs([f"hf:{tmp_path / 'splits'}:test"]) == ["third"]
+    for spec, error in ((f"hf:{tmp_path / 'splits'}:dev", "no split 'dev': it has train, test"),
+                        (f"hf:{tmp_path / 'saved'}:test", "a saved dataset of one split: write hf:"),
+                        (f"hf:{tmp_path / 't.parquet'}:test", "a file is one split: write hf:"),
+                        (f"hf:{write(tmp_path / 'a.txt', 'x')}", "a .txt file: hf: reads .parquet, .csv")):
+        with pytest.raises(HomeLLMError, match=re.escape(error)):
+            docs([spec])
 
 
 def test_failed_prepare_keeps_earlier_data_and_readers_explain(tmp_path):

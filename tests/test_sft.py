@@ -165,7 +165,8 @@ def test_read_conversations_formats_and_errors(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "chats.parquet").write_bytes(b"PAR1\x15\x04\x15\x80\x01\xff\xfe" + b"\x00" * 64 + b"PAR1")
     with pytest.raises(HomeLLMError, match=rf"chats.parquet: a parquet table: read it with Hugging Face datasets, "
-                                           rf"`--data hf:{re.escape(str(tmp_path))}/tables` .* or write it as .jsonl$"):
+                                           rf"`--data hf:{re.escape(str(tmp_path))}/tables/chats.parquet` .* or "
+                                           r"write it as .jsonl$"):
         read_conversations([str(tmp_path / "tables" / "chats.parquet")])
     assert convs[1] == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     assert convs[2] == [{"role": "system", "content": "简洁"}, {"role": "user", "content": "你好"},

@@ -186,14 +186,9 @@ _MADE_FIX = {"a homellm run": "name the text files to train on (continue the run
 
 
 def table_error(path: Path, flag: str, more: str = "", formats: str = ".txt or .jsonl") -> HomeLLMError:
-    """A .csv/.parquet/... table given where text or jsonl is read: Hugging Face datasets reads its folder."""
-    folder = path.parent
-    # A relative folder needs its ./ (datasets reads `data` as a hub name); an absolute one as it is (`.//tmp/x` was
-    # read relative to the current folder).
-    spec = typed(f"hf:{folder}" if folder.is_absolute() else f"hf:./{folder}")
+    """A .csv/.parquet/... table given where text or jsonl is read: Hugging Face datasets reads it, as hf:FILE."""
     return HomeLLMError(f"{path}: a {path.suffix.lower()[1:]} table: read it with Hugging Face datasets, `{flag} "
-                        f"{spec}{more}` (the tables in its folder; pip install 'homellm[hf]'), or write it as "
-                        f"{formats}")
+                        f"{typed(f'hf:{path}')}{more}` (pip install 'homellm[hf]'), or write it as {formats}")
 
 
 def folder_files(folder: Path, suffixes: tuple[str, ...], quiet: bool = False) -> list[Path]:
@@ -717,12 +712,38 @@ def hf_dataset(spec: str) -> Iterable[dict[str, Any]]:
         raise HomeLLMError(f"{spec}: write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
     _check_hub_reachable(spec, name)
+    local = Path(name)
     try:
+        if local.is_file():  # one table or jsonl file: datasets takes a folder or a name, and found no data in a file
+            suffix = local.suffix.lower()
+            if suffix not in _BUILDERS:
+                raise HomeLLMError(f"{spec}: a {suffix or 'suffix-less'} file: hf: reads {', '.join(_BUILDERS)} "
+                                   "files, folders of them, and hub datasets; give .txt files as --input FILE")
+            if len(parts) > 1:
+                raise HomeLLMError(f"{spec}: a file is one split: write hf:{name}")
+            return datasets.load_dataset(_BUILDERS[suffix], data_files=str(local), split="train", streaming=True,
+                                         **({"delimiter": "\t"} if suffix == ".tsv" else {}))
+        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+            # A folder Dataset.save_to_disk wrote: arrow files memory-mapped, read as they are needed
+            saved = datasets.load_from_disk(str(local))
+            if isinstance(saved, datasets.DatasetDict):
+                if split not in saved:
+                    raise HomeLLMError(f"{spec}: no split {split!r}: it has {', '.join(saved)}")
+                saved = saved[split]
+            elif len(parts) > 1:
+                raise HomeLLMError(f"{spec}: a saved dataset of one split: write hf:{name}")
+            return saved
         # streaming: rows arrive as they download; nothing is cached whole, so the corpus may exceed the disk
         return datasets.load_dataset(name, config, split=split, streaming=True)
+    except HomeLLMError:
+        raise
     except Exception as e:
         raise HomeLLMError(f"{spec}: cannot load the dataset ({_first_line(e)}): check the name, split and "
                            "network") from None
+
+
+# datasets' builder for a file named in hf:FILE, by suffix
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
 
 
 def _check_hub_reachable(spec: str, name: str) -> None:
