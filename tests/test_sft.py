@@ -168,6 +168,10 @@ def test_read_conversations_formats_and_errors(tmp_path):
                                            rf"`--data hf:{re.escape(str(tmp_path))}/tables/chats.parquet` .* or "
                                            r"write it as .jsonl$"):
         read_conversations([str(tmp_path / "tables" / "chats.parquet")])
+    with pytest.raises(HomeLLMError, match=rf"tables: a folder with no .jsonl or .json file: give the conversation "
+                                           rf"files \(its tables are read as --data "
+                                           rf"hf:{re.escape(str(tmp_path))}/tables\)"):
+        read_conversations([str(tmp_path / "tables")])
     assert convs[1] == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     assert convs[2] == [{"role": "system", "content": "简洁"}, {"role": "user", "content": "你好"},
                         {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1?"},

@@ -21,7 +21,7 @@ from homellm.config import (
     ROLES,
 )
 from homellm.data import TABLES, folder_files, hf_dataset, hf_records, jsonl_records, table_error
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.tokenizer import Tokenizer
 
 Message = dict[str, Any]  # role and content; "weight": 0 on an assistant message not trained on
@@ -229,7 +229,10 @@ def read_conversations(paths: list[str], skip_bad: bool = False, limit: int = 0)
         if path.is_dir():
             found = folder_files(path, (".jsonl", ".json"))
             if not found:
-                raise HomeLLMError(f"{path}: a folder with no .jsonl or .json file: give the conversation files")
+                tables = " (its tables are read as --data " + typed(f"hf:{path}") + ")" if any(
+                    f.suffix.lower() in TABLES for f in path.iterdir()) else ""
+                raise HomeLLMError(f"{path}: a folder with no .jsonl or .json file: give the conversation files"
+                                   + tables)
         elif path.is_file():
             if path.suffix.lower() in TABLES:  # read as jsonl, its bytes were "not UTF-8 ... iconv -f cp932"
                 raise table_error(path, "--data", formats=".jsonl")
