@@ -502,3 +502,12 @@ def test_bpe_training_cuts_long_runs_without_spaces_and_nothing_else():
     pieces = list(bounded_runs(f"start {run} end"))
     assert "".join(pieces) == f"start {run} end" and [len(p) for p in pieces] == [1006, 1000, 504]
     assert [len(p) for p in bounded_runs("x" * 2000)] == [1000, 1000]
+    # Every piece ends at 1,000 characters of a run, counted from the run's start, or at the text's end; runs of
+    # any length, between every kind of space (the ideographic one too), checked against that rule cut by cut.
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join("あ" * rng.choice([1, 999, 1000, 1001, 2000, 2500]) + rng.choice([" ", "\n", "\u3000", "\t\t"])
+                       for _ in range(rng.randint(0, 4)))[:rng.randint(0, 6000)]
+        pieces = list(bounded_runs(text))
+        assert "".join(pieces) == text and not any(re.search(r"\S{1001}", p) for p in pieces)
+        assert all(len(re.search(r"\S*$", p).group()) == 1000 for p in pieces[:-1])  # cut only there
