@@ -50,3 +50,24 @@ def homellm(*args: str, env: dict | None = None, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"homellm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture
+def windows_deletes(monkeypatch):
+    """Deleting a file that is memory-mapped fails on Windows (WinError 32) and succeeds on Linux: here it fails as
+    it would there, judged by this process's /proc/self/maps (Linux only; skipped elsewhere)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps to tell mapped files by")
+    real = os.unlink
+
+    def unlink(path, *, dir_fd=None):
+        full = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else "", os.fsdecode(path))
+        full = os.path.abspath(full)
+        if any(line.split(maxsplit=5)[5:] == [full] for line in maps.read_text().splitlines()):
+            raise PermissionError(32, "The process cannot access the file because it is being used by another "
+                                      "process (as Windows says of a mapped file)", full)
+        return real(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+

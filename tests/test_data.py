@@ -309,6 +309,17 @@ def test_single_document_splits_like_nanogpt(tmp_path):
     check_shards(out, meta, 300_000)
 
 
+def test_a_split_by_position_deletes_no_file_it_still_maps(tmp_path, windows_deletes):
+    """One document is split by position: its shards are rewritten and the old ones deleted, the last one while a
+    view of its last block still mapped it (Windows refuses that: every prepare of one document failed there).
+    eval's test of raw text runs under the same rule (its temporary folder held mapped shards)."""
+    text = write(tmp_path / "one.txt", "the same long document. " * 3000)
+    meta = prepare(PrepareConfig(input=[str(text)], tokenizer=str(char_tok(tmp_path, str(text))),
+                                 out=str(tmp_path / "d"), shard_tokens=20_000))
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text.read_text()) + 1 and meta["val_tokens"] > 0
+    assert not list((tmp_path / "d").glob(".old_*"))
+
+
 def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tmp_path, capsys):
     """Each .txt file is one document: a folder of a long book and short stories put the book (90 % of the text) in
     val without a word, as --val-fraction counts documents. Now said, and --split position holds out the tokens'

@@ -220,7 +220,7 @@ def test_a_shard_of_prepared_data_given_as_text_is_named_with_its_folder(tmp_pat
     assert not (tmp_path / "new").exists() and not (tmp_path / "d").exists()
 
 
-def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, monkeypatch):
+def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, monkeypatch, windows_deletes):
     from homellm import train
     from homellm.cli import main
 

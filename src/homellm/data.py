@@ -1185,7 +1185,8 @@ def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: Prepare
     for path in old:
         tokens = np.memmap(path, dtype=dtype, mode="r")
         for start in range(0, len(tokens), _COPY_TOKENS):
-            block = np.asarray(tokens[start:start + _COPY_TOKENS])
+            # A copy: a view kept the file mapped past `del tokens`, and Windows refuses to delete a mapped file
+            block = np.array(tokens[start:start + _COPY_TOKENS])
             k = max(0, min(len(block), n_train - seen))
             new["train"].write(block[:k])
             new["val"].write(block[k:])

@@ -203,6 +203,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                 maps[:1] = [np.concatenate([np.asarray([tok.start_id], dtype=maps[0].dtype), maps[0][:k]]),
                             maps[0][k - 1:]]
             result = whole_split_loss(model, maps, model_cfg.block_size, batch, tok.token_bytes(), env)
+            del maps  # before the folder goes: Windows refuses to delete a file still mapped
         assert result is not None  # prepare refuses empty text, and any text has the end of text to predict
         return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
                                   "batch_size": batch, **result}, of="")
