@@ -5,6 +5,7 @@ import codecs
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -163,6 +164,19 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     with pytest.raises(HomeLLMError, match="pass --encoding utf-16-le"):
         docs([str(no_bom)])
     assert docs([str(no_bom)], encoding="utf-16-le")[0].startswith("吾輩は猫である。")
+    # With the ideographic space that starts a Japanese paragraph, and 一, NULs fall on both sides (they have a NUL
+    # low byte): it was "a binary file" again. Chinese likewise.
+    for order in ("utf-16-le", "utf-16-be"):
+        for text in ("\u3000一、吾輩は猫である。名前はまだ無い。\n\u3000どこで生れたかとんと見当がつかぬ。\n",
+                     "\u3000\u3000第一回　宴桃園豪傑三結義　斬黃巾英雄首立功\n話說天下大勢，分久必合，合久必分。\n"):
+            no_bom.write_bytes(text.encode(order) * 30)
+            with pytest.raises(HomeLLMError, match=f"pass --encoding {order}$"):
+                docs([str(no_bom)])
+    noise = tmp_path / "noise.bin.txt"  # bytes that are no text, with NULs: still a binary file
+    rng = random.Random(0)
+    noise.write_bytes(bytes(rng.choice([0] * 64 + [*range(256)]) for _ in range(8192)))
+    with pytest.raises(HomeLLMError, match="noise.bin.txt: a binary file"):
+        docs([str(noise)])
     weights = tmp_path / "model.safetensors"  # given by mistake: it was "UTF-16 without a byte-order mark"
     weights.write_bytes(b"\x08\x01\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\": \"F32\"}}" + bytes(range(256)) * 4)
     with pytest.raises(HomeLLMError, match="model.safetensors: a binary file .*, not text: give the text files"):
