@@ -105,7 +105,7 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
         if kind == "hf":
             texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter, lines)
         elif kind == "jsonl":
-            texts = ((t, True) for t in _jsonl_docs(Path(source), text_field, meter))
+            texts = (piece for t in _jsonl_docs(Path(source), text_field, meter) for piece in _record_pieces(t, lines))
         else:
             blocks = _decoded_blocks(Path(source), encoding, meter)
             texts = _split_documents(_stable_pieces(_aozora_text(blocks) if aozora else blocks, lines))
@@ -686,6 +686,20 @@ def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Itera
         had += 1
         if text := _text(obj[field], where, field):
             yield text
+
+
+def _record_pieces(text: str, lines: bool) -> Iterator[tuple[str, bool]]:
+    """One record's text as (piece, ends_document), cut where a .txt file's would be when it is long: tokenized
+    whole, a record of 16.8 M characters took 4.3 GB, against 0.9 GB as a .txt file."""
+    if len(text) <= _CHUNK_BYTES:
+        yield text, True
+        return
+    pieces = _stable_pieces((text[i:i + _CHUNK_BYTES] for i in range(0, len(text), _CHUNK_BYTES)), lines)
+    last = next(pieces)
+    for piece in pieces:
+        yield last, False
+        last = piece
+    yield last, True
 
 
 def _a(value: Any) -> str:
