@@ -511,3 +511,52 @@ def test_bpe_training_cuts_long_runs_without_spaces_and_nothing_else():
         pieces = list(bounded_runs(text))
         assert "".join(pieces) == text and not any(re.search(r"\S{1001}", p) for p in pieces)
         assert all(len(re.search(r"\S*$", p).group()) == 1000 for p in pieces[:-1])  # cut only there
+
+
+def test_bpe_training_says_it_is_at_work_and_stops_at_ctrl_c_without_waiting(tmp_path, monkeypatch):
+    """The trainer runs in Rust, which sees no Ctrl-C until it returns: a Ctrl-C waited out the whole training (20 s
+    on 24 MB of Japanese, 19 minutes on 300 MB). It trains in a thread of its own now, and the main thread, waiting,
+    takes the Ctrl-C while the trainer is still merging. Away from a terminal (the trainer's progress bars show on
+    one only), a line every HEARTBEAT_S says how far it is."""
+    import signal
+    import threading
+
+    import homellm.tokenizer as module
+
+    heard, lines = threading.Event(), []
+    monkeypatch.setattr(module, "say", lambda line: lines.append(line) or heard.set())
+    monkeypatch.setattr(module, "HEARTBEAT_S", 0.01)
+    real, main = module._training_text, threading.main_thread().ident
+
+    def text_then_ctrl_c(cfg):
+        yield from real(cfg)
+        assert heard.wait(60)  # a line said it was reading, while it read
+        threading.Thread(target=signal.pthread_kill, args=(main, signal.SIGINT)).start()  # as merging starts
+
+    monkeypatch.setattr(module, "_training_text", text_then_ctrl_c)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(60_000)]
+    (tmp_path / "words.txt").write_text(" ".join(words), encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(TokenizerConfig(input=[str(tmp_path / "words.txt")], out=str(tmp_path / "tok"),
+                                        vocab_size=4000))
+    assert any(t.name == "homellm-bpe" and t.is_alive() for t in threading.enumerate())  # still merging
+    assert re.fullmatch(r"training the tokenizer: [\d,]+ characters read, 0 min so far", lines[0])
+    assert not (tmp_path / "tok").exists()
+
+
+def test_a_large_text_for_bpe_gets_a_note_on_memory_and_sampling(tmp_path, monkeypatch, capsys):
+    """300 MB of Japanese took 7 GB and 19 minutes to train BPE on, without a word: past LARGE_TEXT_CHARS a note says
+    so and how to sample, once; a text already sampled (--max-chars) gets none."""
+    import homellm.tokenizer as module
+
+    monkeypatch.setattr(module, "LARGE_TEXT_CHARS", 1000)
+    path = tmp_path / "t.txt"
+    path.write_text("吾輩は猫である。名前はまだ無い。\n" * 300, encoding="utf-8")
+    for max_chars, notes in ((0, 1), (5000, 0)):
+        capsys.readouterr()
+        train_tokenizer(TokenizerConfig(input=[str(path)], out=str(tmp_path / f"tok{max_chars}"), vocab_size=300,
+                                        max_chars=max_chars))
+        err = capsys.readouterr().err
+        assert err.count("note: over 0 M characters to train the tokenizer on") == notes, err
+        assert notes == 0 or "--max-chars 50000000 (pretrain: --tokenizer-max-chars)" in err

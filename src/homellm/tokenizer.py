@@ -15,9 +15,11 @@ import json
 import re
 import shutil
 import sys
+import threading
+import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -558,7 +560,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     if cfg.from_file:
         tok = import_tokenizer(cfg.from_file)
     elif cfg.kind == "bpe":
-        tok = _train_bpe(_training_text(cfg), cfg.vocab_size)
+        tok = _train_bpe(_training_text(cfg), cfg.vocab_size, sampled=cfg.max_chars > 0)
     elif cfg.kind == "char":
         tok = _train_char(_training_text(cfg), cfg.words)
     else:
@@ -659,7 +661,36 @@ def bounded_runs(text: str) -> Iterator[str]:
 MAX_VOCAB = 1 << 21  # 2,097,152: past every released tokenizer (the largest, Gemma's, has 262,144)
 
 
-def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+# Away from a terminal, where the trainer shows no progress, a line this often says it is at work
+HEARTBEAT_S = 60.0
+LARGE_TEXT_CHARS = 100_000_000
+
+
+def _train_watched(train: Callable[[], None], read: list) -> None:
+    """Run `train` in a thread of its own and wait for it here. The trainer runs in Rust, which sees no Ctrl-C until
+    it returns: a Ctrl-C waited out the whole training (19 minutes on 300 MB of Japanese). Waiting here, the main
+    thread takes it at once, and the trainer's thread ends with the process. `read`: [characters read, all read]."""
+    done, failed = threading.Event(), []
+
+    def work() -> None:
+        try:
+            train()
+        except BaseException as e:  # (bad input met while reading, raised by the text's iterator)
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="homellm-bpe", daemon=True).start()
+    start = time.monotonic()
+    while not done.wait(HEARTBEAT_S):
+        if not sys.stdout.isatty():  # (on a terminal the trainer draws its own progress bars)
+            say(f"training the tokenizer: {read[0]:,} characters read"
+                + (", merging" if read[1] else "") + f", {(time.monotonic() - start) / 60:.0f} min so far")
+    if failed:
+        raise failed[0]
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int, sampled: bool = False) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size > MAX_VOCAB:  # the trainer reserves memory by it: 5e9 was a Rust crash asking for 283 GB
         raise HomeLLMError(f"--vocab-size {vocab_size:,} is beyond any use (GPT-2 has 50,257 ids, Llama 3 128,256): "
@@ -673,13 +704,21 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_special_tokens(), initial_alphabet=alphabet,
                                   show_progress=sys.stdout.isatty())
     chars: Counter[str] = Counter()
+    read = [0, False]  # characters read, and whether all are (the heartbeat's, from another thread)
 
     def counted(texts: Iterator[str]) -> Iterator[str]:
         for text in texts:
             chars.update(text)
+            if read[0] < LARGE_TEXT_CHARS <= read[0] + len(text) and not sampled:
+                say(f"note: over {LARGE_TEXT_CHARS // 10**6} M characters to train the tokenizer on, and more to come: "
+                    "BPE training holds every different word in memory, and Japanese or Chinese, written without "
+                    "spaces, has many (300 MB of it took 7 GB and 19 minutes): a sample trains as well, --max-chars "
+                    "50000000 (pretrain: --tokenizer-max-chars)")
+            read[0] += len(text)
             yield from bounded_runs(text)
+        read[1] = True
 
-    tok.train_from_iterator(counted(texts), trainer)
+    _train_watched(lambda: tok.train_from_iterator(counted(texts), trainer), read)
     if (got := tok.get_vocab_size()) < vocab_size:  # merging stops when no pair of tokens repeats
         print(f"note: the text gives {got:,} tokens, not the {vocab_size:,} asked: every pair that repeats is merged "
               "already; more text would give more", file=sys.stderr)
