@@ -172,6 +172,10 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
             no_bom.write_bytes(text.encode(order) * 30)
             with pytest.raises(HomeLLMError, match=f"pass --encoding {order}$"):
                 docs([str(no_bom)])
+    # ISO-2022-JP ("JIS"), 7-bit: it read as ASCII, escape bytes and all. Its escapes to kanji name it.
+    jis = tmp_path / "jis.txt"
+    jis.write_bytes(("吾輩は猫である。\nＡＢＣ and ascii\n" * 40).encode("iso2022_jp"))
+    assert docs([str(jis)]) == [("吾輩は猫である。\nＡＢＣ and ascii\n" * 40)]
     noise = tmp_path / "noise.bin.txt"  # bytes that are no text, with NULs: still a binary file
     rng = random.Random(0)
     noise.write_bytes(bytes(rng.choice([0] * 64 + [*range(256)]) for _ in range(8192)))
@@ -210,6 +214,11 @@ def test_a_folder_reads_linked_folders_and_names_the_files_it_leaves(tmp_path, c
     # A table: read by datasets as the message writes it (it named the folder, and an absolute one as hf:.//tmp/x)
     (tmp_path / "tables").mkdir()
     table = write(tmp_path / "tables" / "t.csv", "id,text\n1,hello\n")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "moved.txt")  # a link whose file is gone: "a pipe or device"
+    for spec in (str(tmp_path / "gone.txt"), str(tmp_path / "g*.txt")):
+        with pytest.raises(HomeLLMError, match=f"gone.txt: a link to {tmp_path / 'moved.txt'}, which is not there"):
+            docs([spec])
+    (tmp_path / "gone.txt").unlink()
     with pytest.raises(HomeLLMError) as e:
         docs([str(table)])
     assert str(e.value) == (f"{table}: a csv table: read it with Hugging Face datasets, `--input hf:{table} "

@@ -502,6 +502,13 @@ def test_a_prompt_read_from_standard_input_loses_its_byte_order_mark_and_a_close
 
     monkeypatch.setattr(sys, "stdin", Stdin())
     assert read_stdin() == "ROMEO:\n"
+    # A UTF-8 file piped in where the locale's encoding is another (Windows: cp932 or cp1252) is UTF-8, as the same
+    # file given by its path is; text that is not UTF-8 is read in the locale's encoding.
+    for encoding in ("cp932", "cp1252"):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("吾輩は猫である。".encode()), encoding=encoding))
+        assert read_stdin() == "吾輩は猫である。"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("吾輩は猫".encode("cp932")), encoding="cp932"))
+    assert read_stdin() == "吾輩は猫"
     monkeypatch.setattr(sys, "stdin", None)
     with pytest.raises(repl.HomeLLMError, match="standard input is closed"):
         read_stdin()

@@ -182,19 +182,25 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
 
 
 def read_stdin() -> str:
-    """Standard input as text in its encoding (UTF-8 unless the locale or PYTHONIOENCODING says otherwise), or a
-    line saying where it is not: Python's own reading let bytes through as surrogates, which the tokenizer refused
-    with a TypeError."""
+    """Standard input as text: UTF-8, as files are read, else in its own encoding (the locale's, or
+    PYTHONIOENCODING's), or a line saying where it is neither. Python's own reading let bytes through as surrogates,
+    which the tokenizer refused with a TypeError; and its encoding alone read a UTF-8 file piped in on Windows as
+    cp1252 or cp932, where the same file given as a path was UTF-8."""
     if sys.stdin is None:  # closed (`<&-`)
         raise HomeLLMError("--prompt -: standard input is closed: pipe the prompt in, or give it as --prompt TEXT")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
     try:  # (the buffer skips the text layer's newline translation: a Windows pipe's CRLF is a line break too)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode(encoding)
         # A byte-order mark (Notepad's UTF-8) is no part of the prompt: it fed the model three tokens of it
-        return data.decode(encoding).removeprefix("\ufeff").replace("\r\n", "\n")
+        return text.removeprefix("\ufeff").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
-        raise HomeLLMError(f"standard input is not {encoding} text (byte 0x{data[e.start]:02x} at byte offset "
-                           f"{e.start}): convert it first (iconv -f ITS_ENCODING -t {encoding})") from None
+        name = "utf-8" if codecs.lookup(encoding).name == "utf-8" else f"utf-8 or {encoding}"
+        raise HomeLLMError(f"standard input is not {name} text (byte 0x{data[e.start]:02x} at byte offset "
+                           f"{e.start}): convert it first (iconv -f ITS_ENCODING -t utf-8)") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

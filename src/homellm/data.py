@@ -134,9 +134,15 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
             paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
             if not paths:
                 raise HomeLLMError(f"{spec}: the pattern matches no file: check the path (quote it for the shell)")
+        elif Path(spec).is_symlink():
+            raise HomeLLMError(f"{spec}: a link to {os.readlink(spec)}, which is not there: fix the link or give the "
+                               "file itself")
         else:
             raise HomeLLMError(f"{spec}: no such file or folder: check the path")
         for path in paths:
+            if path.is_symlink() and not path.exists():  # (a pattern matches links whose file is gone)
+                raise HomeLLMError(f"{path}: a link to {os.readlink(path)}, which is not there: fix the link, or "
+                                   "delete it")
             if path.is_dir():
                 if made := _made_by_homellm(path):
                     raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=typed(path))}")
@@ -351,6 +357,9 @@ def refuse_archive(path: Path, head: bytes) -> None:
             raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
 
 
+_JIS_ESCAPE = re.compile(rb"\x1b(?:\$[@B]|\$\(D|\(J)")
+
+
 def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -> Iterator[str]:
     """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
@@ -372,6 +381,10 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
             meter[0] += offset
         if chosen is None and b"\x00" in data[:4096]:
             raise HomeLLMError(f"{path}: {_nul_bytes(data[:4096])}")
+        if chosen is None and _JIS_ESCAPE.search(data[:4096]):
+            # ISO-2022-JP ("JIS"; old Japanese mail and text) is 7-bit: it read as ASCII, escapes and all, and the
+            # model trained on '\x1b$B8cGZ$OG-...'. Its escapes to kanji are unmistakable.
+            chosen = "iso2022_jp_2"
         while data:
             more = f.read(_CHUNK_BYTES)
             final = not more
