@@ -248,8 +248,15 @@ def test_jsonl_custom_field_and_errors(tmp_path, capsys):
         docs([str(good)])
     assert f"{good}:1: no field 'text'" in str(e.value) and "body" in str(e.value) and "--text-field" in str(e.value)
     bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n')
-    with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line"):
+    with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line .*: fix or delete the line$"):
         docs([str(bad)])
+    # The same last line without its line break: a file cut short (a copy stopped partway), said so
+    for end in ('{"text": "brok', '{"text": "broken"', '{"text": "broken",'):
+        cut = write(tmp_path / "cut.jsonl", '{"text": "ok"}\n' + end)
+        with pytest.raises(HomeLLMError, match=rf"{cut}:2: not a JSON line .*: the file ends partway through "
+                                               "this line, as a file cut short does: delete the line, or get the "
+                                               "whole file"):
+            docs([str(cut)])
     with pytest.raises(HomeLLMError, match="is an int, not text"):
         docs([str(write(tmp_path / "c.jsonl", '{"text": 5}\n'))])
     # JSON's "\ud800" escape is half of a UTF-16 pair: named, where no tokenizer could take it; a whole pair is text

@@ -682,8 +682,13 @@ def jsonl_records(path: Path, meter: list[int] | None = None) -> Iterator[tuple[
                     yield where, HomeLLMError(f"{path}: a JSON object written over several lines: write one record a "
                                               "line (JSON Lines), or a JSON array of records")
                     return
-                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {msg} at column {e.colno}): "
-                                          "fix or delete the line")
+                # The last line, without its line break, and failing at its end: a file cut short (a download or a
+                # copy stopped partway, `head -c`), not a malformed record
+                cut = not raw.endswith(b"\n") and (e.msg.startswith("Unterminated") or e.pos >= len(line.rstrip()) - 1)
+                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {msg} at column {e.colno})"
+                                          + (": the file ends partway through this line, as a file cut short does: "
+                                             "delete the line, or get the whole file" if cut else
+                                             ": fix or delete the line"))
 
 
 def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Iterator[str]:
