@@ -127,6 +127,10 @@ def test_tiny_pipeline_from_the_command_line(tmp_path, corpus, capsys):
     out, _ = cli("info", str(run))
     assert "parameters" in out.lower() and "ends at --max-steps 20\n" in out and f"data {run / 'data'}: " in out
     assert "loss (· train, o val)" in out and "step 5" in out  # the run's loss curve, from metrics.jsonl
+    # The tokenizer's kind and ids beside the model's rows: "vocabulary 320" alone read as a BPE of 320
+    ids = Tokenizer.load(run).vocab_size
+    rows = json.loads((run / "config.json").read_text())["model"]["vocab_size"]
+    assert rows > ids and f"tokenizer                  bpe, {ids} ids (+{rows - ids} rows of padding)\n" in out
 
 
 def test_the_loss_plot_puts_each_point_where_it_belongs():

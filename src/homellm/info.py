@@ -82,6 +82,19 @@ def read_metrics(run: Path) -> list[dict]:
     return records
 
 
+def _tokenizer(run: Path, rows: int) -> str:
+    """The tokenizer's kind and ids, and what of the model's rows are padding (to a multiple of 64): "vocabulary 320"
+    alone read as the tokenizer's size for a BPE of 300."""
+    from homellm.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.load(run)
+    except HomeLLMError as e:  # (the rest of the report stands without it)
+        return f"unreadable ({e})"
+    padding = rows - tok.vocab_size
+    return f"{tok.kind}, {tok.vocab_size:,} ids" + (f" (+{padding} rows of padding)" if padding > 0 else "")
+
+
 def describe(run: str | Path) -> str:
     run = Path(run)
     mcfg, tcfg = read_config(run)
@@ -91,8 +104,8 @@ def describe(run: str | Path) -> str:
                                                                   f"{mcfg.n_head} / {mcfg.n_kv_head}"),
         ("width", str(mcfg.n_embd)), ("head size", str(mcfg.n_embd // mcfg.n_head)),
         ("MLP width", str(mcfg.intermediate_size)), ("context (block size)", str(mcfg.block_size)),
-        ("vocabulary", str(mcfg.vocab_size)), ("positions", "learned" if mcfg.family == "gpt2" else
-                                               f"RoPE (theta {mcfg.rope_theta:g})"),
+        ("vocabulary", str(mcfg.vocab_size)), ("tokenizer", _tokenizer(run, mcfg.vocab_size)),
+        ("positions", "learned" if mcfg.family == "gpt2" else f"RoPE (theta {mcfg.rope_theta:g})"),
         ("norm", "LayerNorm" if mcfg.family == "gpt2" else "RMSNorm"),
         ("MLP", "GELU" if mcfg.family == "gpt2" else "SwiGLU"), ("tied embeddings", str(mcfg.tie_embeddings)),
         ("dropout", str(mcfg.dropout)),
