@@ -255,8 +255,9 @@ def test_the_batchs_cache_follows_the_requests_in_flight_and_replies_stay_the_sa
         assert max(r for r, _ in made) == 1 and 200 < max(n for _, n in made) <= 512
         assert (s.scheduler.cache.k.size(1), s.scheduler.cache.max_len) == (1, 4)
         made.clear()
-        jobs = [(CONVERSATIONS[i % 3][:1], 10 + 15 * i) for i in range(4)]
-        assert ask_at_once(s, run, jobs) == {i: greedy(run, m, n=n) for i, (m, n) in enumerate(jobs)}
+        out = s.client.chat.completions.create(model=run.name, messages=CONVERSATIONS[0][:1], temperature=0, n=4,
+                                               max_tokens=60)  # four choices, admitted together
+        assert [c.message.content for c in out.choices] == [greedy(run, CONVERSATIONS[0][:1])] * 4
         assert s.scheduler.wait_idle(60)
         assert max(r for r, _ in made) == 4 and 4 < max(n for _, n in made) < 512
         assert (s.scheduler.cache.k.size(1), s.scheduler.cache.max_len) == (1, 4)
@@ -285,6 +286,33 @@ def test_memory_running_out_as_the_cache_grows_fails_that_request_and_the_server
                                              max_tokens=200)
         messages = CONVERSATIONS[1][:1]
         assert ask_at_once(s, run, [(messages, 20)] * 2) == {i: greedy(run, messages, n=20) for i in range(2)}
+    finally:
+        s.close()
+
+
+def test_failed_admissions_fail_alone_and_the_server_goes_on(run, monkeypatch):
+    """Two choices (n=2) whose prompt fails to prefill, next to a reply in flight: they never got rows of the cache,
+    and freeing them copied from past its rows: the scheduler's thread died, every request in flight failed, and every
+    later one waited for ever. Now those two fail (500), and the others are answered as the library answers them."""
+    import homellm.serve as module
+
+    bad = Tokenizer.load(run).encode_prompt("the cat")
+    prefill = module._prefill
+    monkeypatch.setattr(module, "_prefill", lambda model, ids, *a, **k: (_ for _ in ()).throw(
+        RuntimeError("a failing prefill (a test)")) if ids == bad else prefill(model, ids, *a, **k))
+    monkeypatch.setattr(module, "FIRST_CACHE_ROWS", 1)
+    s = Server(run, ServeConfig(port=0, max_batch=4))
+    try:
+        sing = CONVERSATIONS[2][:1]
+        stream = s.client.chat.completions.create(model=run.name, messages=sing, temperature=0, max_tokens=120,
+                                                  stream=True)
+        first = next(c for c in stream if c.choices and c.choices[0].delta.content)  # in flight now
+        with pytest.raises(openai.InternalServerError):
+            s.client.completions.create(model=run.name, prompt="the cat", n=2, max_tokens=5, temperature=0)
+        rest = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert first.choices[0].delta.content + rest == greedy(run, sing, n=120)
+        math = CONVERSATIONS[1][:1]
+        assert ask_at_once(s, run, [(math, 20)] * 2) == {i: greedy(run, math, n=20) for i in range(2)}
     finally:
         s.close()
 

@@ -205,10 +205,9 @@ class Scheduler:
         """Feed every live row its last token at its own position and sample the next one."""
         with self.cond:
             self._reap()
-            if not self.active:  # idle: the cache back to its first size, before anyone waiting for idle wakes
-                self._fit(0, 0)
-                return
         live = self.active
+        if not live:
+            return
         # Each row's length after this step, counted here: reading `lengths` back would make a GPU wait every step
         self._fit(len(live), max(len(s.prompt) + len(s.tokens) for s in live))
         ids = torch.tensor([[s.tokens[-1]] for s in live], device=self.device)
@@ -315,12 +314,17 @@ class Scheduler:
             self.finished[reason] = self.finished.get(reason, 0) + 1
             last = len(self.active) - 1
             if i != last:
-                n = int(self.lengths[last])
-                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
-                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
-                self.lengths[i] = n
+                # A row the cache has: a sequence whose admission failed (its prefill, or the cache's growth for
+                # it) never got one, and copying from past the cache's rows killed the scheduler's thread
+                if last < self.cache.k.size(1):
+                    n = int(self.lengths[last])
+                    self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
+                    self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
+                    self.lengths[i] = n
                 self.active[i] = self.active[last]
             self.active.pop()
+        if not self.active:  # idle: the cache back to its first size, before anyone waiting for idle wakes
+            self._fit(0, 0)
         self.cond.notify_all()
 
 
