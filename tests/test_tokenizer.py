@@ -516,8 +516,9 @@ def test_bpe_training_cuts_long_runs_without_spaces_and_nothing_else():
 def test_bpe_training_says_it_is_at_work_and_stops_at_ctrl_c_without_waiting(tmp_path, monkeypatch):
     """The trainer runs in Rust, which sees no Ctrl-C until it returns: a Ctrl-C waited out the whole training (20 s
     on 24 MB of Japanese, 19 minutes on 300 MB). It trains in a thread of its own now, and the main thread, waiting,
-    takes the Ctrl-C while the trainer is still merging. Away from a terminal (the trainer's progress bars show on
-    one only), a line every HEARTBEAT_S says how far it is."""
+    takes the Ctrl-C while the trainer is still merging; one that comes while the text is read ends the text
+    first (a process that ended with the thread in the trainer's reading aborted). Away from a terminal (the
+    trainer's progress bars show on one only), a line every HEARTBEAT_S says how far it is."""
     import signal
     import threading
 
@@ -526,22 +527,40 @@ def test_bpe_training_says_it_is_at_work_and_stops_at_ctrl_c_without_waiting(tmp
     heard, lines = threading.Event(), []
     monkeypatch.setattr(module, "say", lambda line: lines.append(line) or heard.set())
     monkeypatch.setattr(module, "HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(module, "_progress_shown", lambda: False)  # (under `pytest -s` on a terminal too)
     real, main = module._training_text, threading.main_thread().ident
+
+    def ctrl_c() -> None:
+        threading.Thread(target=signal.pthread_kill, args=(main, signal.SIGINT)).start()
 
     def text_then_ctrl_c(cfg):
         yield from real(cfg)
         assert heard.wait(60)  # a line said it was reading, while it read
-        threading.Thread(target=signal.pthread_kill, args=(main, signal.SIGINT)).start()  # as merging starts
+        ctrl_c()  # as merging starts
 
-    monkeypatch.setattr(module, "_training_text", text_then_ctrl_c)
+    def ctrl_c_while_reading(cfg):
+        yield from real(cfg)
+        ctrl_c()
+        while True:  # text for ever: only the Ctrl-C ends the reading
+            yield "more words to read "
+
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(60_000)]
     (tmp_path / "words.txt").write_text(" ".join(words), encoding="utf-8")
+    cfg = TokenizerConfig(input=[str(tmp_path / "words.txt")], out=str(tmp_path / "tok"), vocab_size=4000)
+    monkeypatch.setattr(module, "_training_text", text_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(TokenizerConfig(input=[str(tmp_path / "words.txt")], out=str(tmp_path / "tok"),
-                                        vocab_size=4000))
-    assert any(t.name == "homellm-bpe" and t.is_alive() for t in threading.enumerate())  # still merging
+        train_tokenizer(cfg)
+    merging = [t for t in threading.enumerate() if t.name == "homellm-bpe"]
+    assert merging and merging[0].is_alive()  # still merging: the Ctrl-C did not wait for it
     assert re.fullmatch(r"training the tokenizer: [\d,]+ characters read, 0 min so far", lines[0])
+    assert not (tmp_path / "tok").exists()
+    monkeypatch.setattr(module, "_training_text", ctrl_c_while_reading)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(cfg)
+    reading = [t for t in threading.enumerate() if t.name == "homellm-bpe" and t is not merging[0]]
+    reading[0].join(60)
+    assert not reading[0].is_alive()  # its text ended at the Ctrl-C: it read no more, and merged what it had
     assert not (tmp_path / "tok").exists()
 
 

@@ -666,10 +666,12 @@ HEARTBEAT_S = 60.0
 LARGE_TEXT_CHARS = 100_000_000
 
 
-def _train_watched(train: Callable[[], None], read: list) -> None:
+def _train_watched(train: Callable[[], None], read: list, stop: threading.Event) -> None:
     """Run `train` in a thread of its own and wait for it here. The trainer runs in Rust, which sees no Ctrl-C until
     it returns: a Ctrl-C waited out the whole training (19 minutes on 300 MB of Japanese). Waiting here, the main
-    thread takes it at once, and the trainer's thread ends with the process. `read`: [characters read, all read]."""
+    thread takes it at once, and ends the text (the iterator reads `stop`) before it ends the process: one ending with
+    that thread reading, in Python called from the trainer, aborted ("FATAL: exception not rethrown"). Merging is the
+    trainer's own, and the thread ends with the process there. `read`: [characters read, all read]."""
     done, failed = threading.Event(), []
 
     def work() -> None:
@@ -681,13 +683,27 @@ def _train_watched(train: Callable[[], None], read: list) -> None:
             done.set()
 
     threading.Thread(target=work, name="homellm-bpe", daemon=True).start()
-    start = time.monotonic()
-    while not done.wait(HEARTBEAT_S):
-        if not sys.stdout.isatty():  # (on a terminal the trainer draws its own progress bars)
-            say(f"training the tokenizer: {read[0]:,} characters read"
-                + (", merging" if read[1] else "") + f", {(time.monotonic() - start) / 60:.0f} min so far")
+    start = said = time.monotonic()
+    try:
+        # Short waits: on Windows a Ctrl-C is seen only when a wait ends (before Python 3.14)
+        while not done.wait(0.25):
+            if time.monotonic() - said >= HEARTBEAT_S and not _progress_shown():
+                said = time.monotonic()
+                say(f"training the tokenizer: {read[0]:,} characters read" + (", merging" if read[1] else "")
+                    + f", {(said - start) / 60:.0f} min so far")
+    except KeyboardInterrupt:
+        stop.set()
+        end = time.monotonic() + 30
+        while not read[1] and not done.wait(0.05) and time.monotonic() < end:
+            pass  # the text ends at its next piece
+        raise
     if failed:
         raise failed[0]
+
+
+def _progress_shown() -> bool:
+    """Whether the trainer draws its own progress bars (on a terminal only)."""
+    return sys.stdout.isatty()
 
 
 def _train_bpe(texts: Iterator[str], vocab_size: int, sampled: bool = False) -> Tokenizer:
@@ -705,9 +721,12 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, sampled: bool = False) -> 
                                   show_progress=sys.stdout.isatty())
     chars: Counter[str] = Counter()
     read = [0, False]  # characters read, and whether all are (the heartbeat's, from another thread)
+    stop = threading.Event()
 
     def counted(texts: Iterator[str]) -> Iterator[str]:
         for text in texts:
+            if stop.is_set():  # Ctrl-C: the text ends here (an error raised here came out after the merging only)
+                break
             chars.update(text)
             if read[0] < LARGE_TEXT_CHARS <= read[0] + len(text) and not sampled:
                 say(f"note: over {LARGE_TEXT_CHARS // 10**6} M characters to train the tokenizer on, and more to come: "
@@ -718,7 +737,7 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, sampled: bool = False) -> 
             yield from bounded_runs(text)
         read[1] = True
 
-    _train_watched(lambda: tok.train_from_iterator(counted(texts), trainer), read)
+    _train_watched(lambda: tok.train_from_iterator(counted(texts), trainer), read, stop)
     if (got := tok.get_vocab_size()) < vocab_size:  # merging stops when no pair of tokens repeats
         print(f"note: the text gives {got:,} tokens, not the {vocab_size:,} asked: every pair that repeats is merged "
               "already; more text would give more", file=sys.stderr)
