@@ -181,6 +181,18 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
     noise.write_bytes(bytes(rng.choice([0] * 64 + [*range(256)]) for _ in range(8192)))
     with pytest.raises(HomeLLMError, match="noise.bin.txt: a binary file"):
         docs([str(noise)])
+    # A compiled Python module is mostly ASCII with some UTF-8: its pairs of bytes read as Chinese in UTF-16, and it
+    # was named UTF-16 (72 .pyc files of a Python install were); its NUL characters (lengths, offsets) say binary.
+    import html.entities
+    import inspect
+    import marshal
+
+    code = compile(inspect.getsource(html.entities), "entities.py", "exec")
+    pyc = write(tmp_path / "entities.txt", "")
+    pyc.write_bytes(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 1 << 16)
+    with pytest.raises(HomeLLMError, match="entities.txt: a binary file"):
+        docs([str(pyc)])
     weights = tmp_path / "model.safetensors"  # given by mistake: it was "UTF-16 without a byte-order mark"
     weights.write_bytes(b"\x08\x01\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\": \"F32\"}}" + bytes(range(256)) * 4)
     with pytest.raises(HomeLLMError, match="model.safetensors: a binary file .*, not text: give the text files"):

@@ -258,7 +258,8 @@ def _nul_bytes(head: bytes) -> str:
     ASCII characters' high halves); anything else with NULs is a binary file (weights, an archive, a program)."""
     nul = [i % 2 for i, b in enumerate(head) if b == 0]
     order = "utf-16-le" if nul.count(1) > nul.count(0) else "utf-16-be"
-    if max(nul.count(0), nul.count(1)) >= 0.95 * len(nul) and len(nul) >= len(head) // 8:
+    if (max(nul.count(0), nul.count(1)) >= 0.95 * len(nul) and len(nul) >= len(head) // 8
+            and "\x00" not in _as_utf16(head, order)):  # (text has no NUL characters; binaries' tables of numbers do)
         return f"NUL bytes at every other byte, as UTF-16 without a byte-order mark has: pass --encoding {order}"
     # Japanese or Chinese text has too few NULs to count on, and on both sides (the ideographic space U+3000 and
     # 一 U+4E00 have a NUL low byte): it is UTF-16 where it is no UTF-8 (UTF-8 text that holds a few NULs is) and
@@ -275,19 +276,28 @@ def _nul_bytes(head: bytes) -> str:
 
 
 def _utf16_order(head: bytes) -> str | None:
-    """The byte order in which `head` reads as UTF-16 text, or None: 95 % of its characters spaces or printable
-    ones of the blocks text is written in (Latin, Greek, Cyrillic, punctuation, kana, CJK, Hangul, full-width
-    forms). Bytes that are not text spread over all 65,536 code units: about half land there."""
+    """The byte order in which `head` reads as UTF-16 text of CJK characters, or None: 95 % of its characters
+    spaces or printable ones of the blocks text is written in (Latin, punctuation, kana, CJK, Hangul, full-width
+    forms), and a tenth of its bytes at least 0x80 (kanji and half the kana have one; Hangul all). Random bytes
+    spread over all 65,536 code units, about half of which land in those blocks; but pairs of ASCII bytes land in
+    CJK too, and mostly-ASCII binaries (.pyc files) read as Chinese: they have few bytes of 0x80 and up."""
+    if sum(b >= 0x80 for b in head) < len(head) // 10:
+        return None
     def texty(c: str) -> bool:
         o = ord(c)
         return (c.isspace() or c.isprintable()) and (o < 0x0530 or 0x2000 <= o < 0x3100 or 0x3400 <= o < 0xA000
                                                      or 0xAC00 <= o < 0xD7A4 or 0xFF00 <= o < 0xFFF0)
     shares = {}
     for order in ("utf-16-le", "utf-16-be"):
-        text = head[:len(head) // 2 * 2].decode(order, errors="replace")
-        shares[order] = sum(map(texty, text)) / max(len(text), 1)
+        text = _as_utf16(head, order)
+        # No NUL character at all: text has none, and a binary's lengths and offsets (a .pyc's) give some
+        shares[order] = 0 if "\x00" in text else sum(map(texty, text)) / max(len(text), 1)
     best = max(shares, key=shares.get)
     return best if shares[best] >= 0.95 else None
+
+
+def _as_utf16(head: bytes, order: str) -> str:
+    return head[:len(head) // 2 * 2].decode(order, errors="replace")
 
 
 def _head(path: Path, start: int = 0, size: int = 1 << 16) -> bytes:
