@@ -553,7 +553,7 @@ def test_hf_inputs_stream_through_the_real_datasets_package(tmp_path):
     assert docs([f"hf:{texts}"]) == docs([str(texts / "train.txt")]) == [story.rstrip(), story]
 
 
-def test_hf_inputs_read_one_local_table_file_and_saved_datasets(tmp_path):
+def test_hf_inputs_read_one_local_table_file_and_saved_datasets(tmp_path, monkeypatch):
     """hf:FILE for one .parquet/.csv/.tsv/.jsonl file (datasets found no data in a file, only in its folder), and a
     folder that Dataset.save_to_disk wrote (datasets told a homellm user to call load_from_disk)."""
     datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
@@ -568,6 +568,16 @@ def test_hf_inputs_read_one_local_table_file_and_saved_datasets(tmp_path):
     datasets.DatasetDict({"train": table, "test": table.select([2])}).save_to_disk(str(tmp_path / "splits"))
     assert docs([f"hf:{tmp_path / 'saved'}"]) == docs([f"hf:{tmp_path / 'splits'}"]) == rows["text"]
     assert docs([f"hf:{tmp_path / 'splits'}:test"]) == ["third"]
+    # A path with colons (Windows' C:\\..., a folder run:2) was cut at them, and read as a hub name
+    (tmp_path / "run:2").mkdir()
+    table.to_parquet(str(tmp_path / "run:2" / "train.parquet"))
+    colons = tmp_path / "run:2"
+    assert docs([f"hf:{colons / 'train.parquet'}"]) == docs([f"hf:{colons}:train"]) == rows["text"]
+    monkeypatch.chdir(tmp_path)  # a relative one, kept in a run's config, is made absolute: a resume elsewhere reads it
+    from homellm.train import absolute_inputs
+
+    assert absolute_inputs(["hf:run:2:train", "hf:someone/data:train", "t.jsonl"]) == [
+        f"hf:{tmp_path / 'run:2'}:train", "hf:someone/data:train", str(tmp_path / "t.jsonl")]
     for spec, error in ((f"hf:{tmp_path / 'splits'}:dev", "no split 'dev': it has train, test"),
                         (f"hf:{tmp_path / 'saved'}:test", "a saved dataset of one split: write hf:"),
                         (f"hf:{tmp_path / 't.parquet'}:test", "a file is one split: write hf:"),

@@ -764,7 +764,7 @@ def hf_dataset(spec: str) -> Iterable[dict[str, Any]]:
     except ImportError:
         raise HomeLLMError(f"{spec}: reading Hugging Face datasets needs the datasets package: "
                            "pip install 'homellm[hf]'") from None
-    parts = spec[3:].split(":")
+    parts = hf_spec_parts(spec)
     if not parts[0] or len(parts) > 3:
         raise HomeLLMError(f"{spec}: write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
@@ -801,6 +801,16 @@ def hf_dataset(spec: str) -> Iterable[dict[str, Any]]:
 
 # datasets' builder for a file named in hf:FILE, by suffix
 _BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
+
+
+def hf_spec_parts(spec: str) -> list[str]:
+    """hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT as [NAME, ...]. A local NAME may hold colons (Windows' C:\\data,
+    a folder run:2): the longest start of it that is on disk is NAME; split at every colon, it was a hub name."""
+    parts = spec[3:].split(":")
+    for k in range(len(parts), 1, -1):
+        if Path(":".join(parts[:k])).exists():
+            return [":".join(parts[:k]), *parts[k:]]
+    return parts
 
 
 def _check_hub_reachable(spec: str, name: str) -> None:

@@ -1092,8 +1092,17 @@ def _made_by_run(meta: dict[str, Any], run: Path) -> bool:
 
 
 def absolute_inputs(inputs: list[str]) -> list[str]:
-    """--data as absolute paths (hf: names as given; a glob made absolute, pattern and all)."""
-    return [d if d.startswith("hf:") else os.path.abspath(d) for d in inputs]
+    """--data as absolute paths (a glob made absolute, pattern and all; hf: names as given, a local folder or file
+    named so made absolute: kept relative, a resumed run read it from wherever it was started)."""
+    from homellm.data import hf_spec_parts
+
+    def absolute(d: str) -> str:
+        if not d.startswith("hf:"):
+            return os.path.abspath(d)
+        name, *rest = hf_spec_parts(d)
+        return ":".join([f"hf:{os.path.abspath(name)}", *rest]) if Path(name).exists() else d
+
+    return [absolute(d) for d in inputs]
 
 
 def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
