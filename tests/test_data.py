@@ -262,7 +262,13 @@ def test_jsonl_custom_field_and_errors(tmp_path, capsys):
     bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n')
     with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line .*: fix or delete the line$"):
         docs([str(bad)])
-    # The same last line without its line break: a file cut short (a copy stopped partway), said so
+    # The same last line without its line break: a file cut short (a copy stopped partway), said so; inside a
+    # character too (it was "not UTF-8 ... iconv -f cp932")
+    for cut in (1, 2):
+        short = tmp_path / "short.jsonl"
+        short.write_bytes(('{"text": "ok"}\n{"text": "吾輩は猫である"}').encode()[:-2 - cut])
+        with pytest.raises(HomeLLMError, match=rf"{short}:2: the file ends partway through a character of this line"):
+            docs([str(short)])
     for end in ('{"text": "brok', '{"text": "broken"', '{"text": "broken",'):
         cut = write(tmp_path / "cut.jsonl", '{"text": "ok"}\n' + end)
         with pytest.raises(HomeLLMError, match=rf"{cut}:2: not a JSON line .*: the file ends partway through "

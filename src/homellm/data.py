@@ -673,6 +673,12 @@ def jsonl_records(path: Path, meter: list[int] | None = None) -> Iterator[tuple[
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM some editors put first is no record
             except UnicodeDecodeError as e:
+                if not raw.endswith(b"\n") and e.start >= len(raw) - 3 and e.reason == "unexpected end of data":
+                    # The last line, ending partway through a character: a file cut short (Japanese text, whose
+                    # characters are 3 bytes, is most often cut so), not one in another encoding
+                    yield where, HomeLLMError(f"{where}: the file ends partway through a character of this line, as "
+                                              "a file cut short does: delete the line, or get the whole file")
+                    continue
                 # JSON Lines is UTF-8 by definition; --encoding is for .txt. Windows tools write UTF-16 with a BOM.
                 found = next((name for bom, name in _UTF16_32_BOMS if raw.startswith(bom)), None) if n == 1 else None
                 what = f"{found}, by its byte-order mark" if found else f"byte offset {start + e.start}"
