@@ -326,6 +326,8 @@ def test_a_note_at_start_when_max_batch_requests_at_the_full_context_would_fill_
     note = cache_note(model, 32, 63 * row)
     assert "32 requests at the full context (4,096 tokens) would take 0.2 GiB" in note and "--max-batch 31" in note
     assert cache_note(model, 32, None) is None
+    assert cache_note(model, 32, row).endswith("even one request at the full context takes 0.0 GiB: long "
+                                                "conversations will run out of memory")
 
 
 def test_bfloat16_weights_serve_the_memorised_replies_alone_and_batched(run):

@@ -196,14 +196,16 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
                                   text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora))
             print(f"evaluating all of {cfg.data} once, in windows of {model_cfg.block_size} tokens", file=sys.stderr)
             maps = list(open_split(Path(tmp), "train"))
-            # The text's first token is scored too, read after what a document starts after (end of text, or a
-            # model's bos), as each later document is read after the end of the one before
-            if maps and maps[0][0] != tok.start_id:  # (a short copy of the start: the rest stays on disk)
-                k = min(len(maps[0]), model_cfg.block_size)
-                maps[:1] = [np.concatenate([np.asarray([tok.start_id], dtype=maps[0].dtype), maps[0][:k]]),
-                            maps[0][k - 1:]]
-            result = whole_split_loss(model, maps, model_cfg.block_size, batch, tok.token_bytes(), env)
-            del maps  # before the folder goes: Windows refuses to delete a file still mapped
+            try:
+                # The text's first token is scored too, read after what a document starts after (end of text, or a
+                # model's bos), as each later document is read after the end of the one before
+                if maps and maps[0][0] != tok.start_id:  # (a short copy of the start: the rest stays on disk)
+                    k = min(len(maps[0]), model_cfg.block_size)
+                    maps[:1] = [np.concatenate([np.asarray([tok.start_id], dtype=maps[0].dtype), maps[0][:k]]),
+                                maps[0][k - 1:]]
+                result = whole_split_loss(model, maps, model_cfg.block_size, batch, tok.token_bytes(), env)
+            finally:
+                maps.clear()  # before the folder goes, on an error too: Windows refuses to delete a mapped file
         assert result is not None  # prepare refuses empty text, and any text has the end of text to predict
         return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
                                   "batch_size": batch, **result}, of="")

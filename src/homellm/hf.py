@@ -336,7 +336,9 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
     # export, whose tokenizer carries the template) ends at its end of text, and came back as a chat model.
     chatml = ("<|im_start|>" in template and tok.im_start_id not in added and tok.im_end_id not in added
               and tok.im_end_id in _source_end_ids(folder, tok))
-    if template and "<|im_start|>" not in template:
+    # (A ChatML template is homellm's own, kept whether the model learned it or not; one whose tokens had to be
+    # added was never the model's.)
+    if template and ("<|im_start|>" not in template or tok.im_start_id in added or tok.im_end_id in added):
         say(f"note: {source}'s own chat template is not kept: homellm chats in ChatML (<|im_start|>user ... "
             "<|im_end|>), which this model has not learned: fine-tune it on conversations with `homellm sft` before "
             "chatting")

@@ -882,10 +882,12 @@ def cache_note(model: GPT, max_batch: int, memory: int | None) -> str | None:
     row = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * cfg.block_size * item  # keys and values
     if not memory or max_batch * row <= memory / 2:
         return None
+    fits = int(memory / 2 // row)
+    fix = (f"--max-batch {fits} keeps the worst case within half" if fits else "even one request at the full context "
+           f"takes {row / 2**30:,.1f} GiB: long conversations will run out of memory")
     return (f"note: {max_batch} requests at the full context ({cfg.block_size:,} tokens) would take "
             f"{max_batch * row / 2**30:,.1f} GiB of KV cache, over half of the {memory / 2**30:,.1f} GiB here; it "
-            f"grows only as requests need it, but --max-batch {max(1, int(memory / 2 // row))} keeps the worst "
-            "case within half")
+            f"grows only as requests need it, but {fix}")
 
 
 def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] | None = None) -> None:
