@@ -567,10 +567,12 @@ def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not
     chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     inst = "{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
-    for name, template, file in (("chatml", chatml, "tokenizer_config.json"), ("inst", inst, "chat_template.jinja")):
+    for name, template, file in (("chatml", chatml, "tokenizer_config.json"), ("inst", inst, "chat_template.jinja"),
+                                 ("added", chatml, "chat_template.jinja")):
         (tmp_path / name).mkdir()
         folder, (_, raw) = hub_folder(tmp_path / name, "llama", vocab=320)
-        raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # the model's own: rows it has
+        if name != "added":  # (a ChatML template without its tokens in the vocabulary: never the model's own)
+            raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # the model's own: rows it has
         raw.save(str(folder / "tokenizer.json"))
         if file == "tokenizer_config.json":  # (an instruct model's text ends at <|im_end|>, as SmolLM2's)
             (folder / file).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
