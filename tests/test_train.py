@@ -965,9 +965,10 @@ def test_resuming_on_data_prepared_again_since_says_so(tmp_path, data_dir, corpu
     (run / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     assert main(["pretrain", "--resume", "--max-steps", "5", "--patience", "1", *flags]) == 0
-    assert re.search(rf"note: {prep} changed since {run} last trained on it \([\d,]+ -> [\d,]+ training tokens\): "
-                     r"training goes on with the new data, whose val loss compares with none before it: `best` and "
-                     r"--patience start again from its first evaluation", capsys.readouterr().err)
+    assert re.search(rf"note: the data in {prep} is not what {run} last trained on \([\d,]+ -> [\d,]+ training "
+                     r"tokens\): training goes on with it, and its val loss compares with none before it: `best` and "
+                     r"--patience start again from its first evaluation; the split is by position, so val may now "
+                     r"hold text trained on before\n", capsys.readouterr().err)  # (one document each time)
     assert json.loads((run / "best" / "checkpoint.json").read_text())["step"] >= 4
 
 
@@ -989,6 +990,12 @@ def test_resuming_on_raw_text_that_grew_prepares_it_again(tmp_path, corpus, caps
     err = capsys.readouterr().err
     assert f"note: {text} changed since {run / 'data'} was prepared (" in err and "preparing it again" in err
     assert json.loads((run / "data" / "meta.json").read_text())["train_tokens"] > before
+    # One document, split by position: the text added moved the cut, and val may hold text trained on (the README
+    # said each document keeps its side, which holds for a split by document only): said when it is prepared and
+    # when training goes on with it
+    assert "note: one document: split by position instead, the last 10% of the tokens held out; text added later " \
+        "moves that cut (several documents keep their sides)" in err
+    assert "; the split is by position, so val may now hold text trained on before\n" in err
     # The run moved to another machine without its text (a relay): it goes on with its own shards, and says so.
     moved = tmp_path / "moved"
     shutil.move(run, moved)

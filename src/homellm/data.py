@@ -1195,6 +1195,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     split = "document"
     if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
         split = "position"
+        if cfg.split == "document":  # (it was said nowhere but in `info`)
+            why = "one document" if docs == 1 else f"all {docs} documents fell on one side"
+            say(f"note: {why}: split by position instead, the last {cfg.val_fraction:.0%} of the tokens held out; "
+                "text added later moves that cut (several documents keep their sides)")
         writers = _split_by_position(out, writers, cfg, dtype, tok.token_bytes())
     elif cfg.val_fraction > 0:
         _say_uneven_split(writers["val"].tokens, writers["val"].tokens + writers["train"].tokens, val_docs, docs,

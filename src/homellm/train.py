@@ -641,10 +641,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             # `best` and --patience start again from its first evaluation (the old best stood for good, and stopped
             # the run early while the new val loss fell).
             best_val, bad_evals = math.inf, 0
-            say(f"note: {(extra_config or {}).get('data_dir')} changed since {run} last trained on it "
+            # (a folder that changed, or another folder given with --resume: the message fits both)
+            say(f"note: the data in {(extra_config or {}).get('data_dir')} is not what {run} last trained on "
                 f"({trained_on.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): training "
-                "goes on with the new data, whose val loss compares with none before it: `best` and --patience start "
-                "again from its first evaluation")
+                "goes on with it, and its val loss compares with none before it: `best` and --patience start "
+                "again from its first evaluation"
+                + ("; the split is by position, so val may now hold text trained on before"
+                   if now.get("split") == "position" and trained_on.get("split") == "position" else ""))
         info = load_json(folder / "checkpoint.json")
         resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
         # Else a run that stopped short of its budget for the final evaluation would go on past it.
