@@ -79,7 +79,9 @@ def forward(meta: dict, t: dict, ids: torch.Tensor) -> torch.Tensor:
 def test_a_gguf_file_computes_homellms_logits_in_llama_cpps_conventions(tmp_path, family, kw, capsys):
     run = make_run(tmp_path / "run", family, **kw)
     code, stdout, err = cli(capsys, "export", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
-    assert code == 0 and stdout.strip().endswith("m.gguf"), err
+    step = json.loads((run / "best" / "checkpoint.json").read_text())["step"]
+    assert code == 0, err
+    assert stdout == f"GGUF file written to {tmp_path / 'm.gguf'} (from checkpoint best, step {step})\n"
     meta, tensors = read_gguf(tmp_path / "m.gguf")
     model, tok = load_model(run), Tokenizer.load(run)
     ids = torch.tensor([tok.encode("ROMEO: But soft, むかしむかし 12 + 7 = 19")[:40]])

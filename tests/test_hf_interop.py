@@ -77,7 +77,9 @@ ARCHITECTURES = pytest.mark.parametrize(
 def test_an_exported_run_loads_in_transformers_and_answers_as_homellm_does(tmp_path, family, kw, capsys):
     run = make_run(tmp_path / "run", family, **kw)
     code, stdout, _ = cli(capsys, "export", str(run), "--out", str(tmp_path / "hf"))
-    out = Path(stdout.split()[-1])
+    step = json.loads((run / "best" / "checkpoint.json").read_text())["step"]
+    assert stdout == f"transformers model written to {tmp_path / 'hf'} (from checkpoint best, step {step})\n"
+    out = tmp_path / "hf"
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
                                                     "model.safetensors", "special_tokens_map.json",

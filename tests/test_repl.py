@@ -4,6 +4,7 @@ system prompt), and Ctrl-C stops a reply without ending the chat."""
 
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -347,6 +348,9 @@ def test_chat_from_the_command_line_reads_stdin(chat_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert REPLY in proc.stdout and "tokens/s]" in proc.stdout
     assert REPLY in saved.read_text(encoding="utf-8")
+    # Which checkpoint answers, up front: a fine-tuned run's `best` may stand far behind its `last`
+    step = json.loads((run / "best" / "checkpoint.json").read_text())["step"]
+    assert f"[checkpoint best (step {step}); " in proc.stdout
     # This run was never fine-tuned on conversations: chat says so once, up front (it used to answer regardless).
     assert f"note: {run} was pretrained only, not fine-tuned on conversations" in proc.stderr
 

@@ -365,6 +365,19 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
     return (model if dtype is None else model.to(dtype)).to(device).eval()
 
 
+def loaded_checkpoint(model: GPT) -> str:
+    """Which checkpoint a model from load_model is, for a header: "best (step 50)". A fine-tuned run's `best` can
+    stand far behind its `last` (a few held-out conversations), and replies differed with no word of which it was."""
+    folder = getattr(model, "loaded_from", None)
+    if folder is None:
+        return ""
+    try:
+        step = load_json(folder / INFO).get("step")
+    except (HomeLLMError, AttributeError):
+        step = None
+    return folder.name.removesuffix(".tmp") + (f" (step {step:,})" if isinstance(step, int) else "")
+
+
 def load_for_generation(run: str | Path, cfg: SampleConfig | ServeConfig) -> GPT:
     """The model to generate with, on cfg.device in cfg.dtype: a GPU reads half the bytes per token in bfloat16 or
     float16, and decoding is bound by those reads. Sampling upcasts the logits."""

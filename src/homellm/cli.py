@@ -312,9 +312,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     if cfg.format == "gguf":
         from homellm.gguf_file import export_gguf
 
-        print(f"GGUF file written to {export_gguf(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
+        out = export_gguf(args.run, cfg.out, cfg.checkpoint, cfg.dtype)
+        print(f"GGUF file written to {out} (from {_exported_step(args.run, cfg.checkpoint)})")
         return
-    print(f"transformers model written to {export_run(args.run, cfg.out, cfg.checkpoint, cfg.dtype)}")
+    out = export_run(args.run, cfg.out, cfg.checkpoint, cfg.dtype)
+    print(f"transformers model written to {out} (from {_exported_step(args.run, cfg.checkpoint)})")
+
+
+def _exported_step(run: str, which: str) -> str:
+    """The checkpoint export took, as its line says: a fine-tuned run's `best` may stand far behind its `last`."""
+    from homellm.checkpoint import INFO, find_checkpoint
+    from homellm.config import load_json
+
+    folder = find_checkpoint(run, which, quiet=True)
+    step = load_json(folder / INFO).get("step")
+    return f"checkpoint {folder.name}" + (f", step {step:,}" if isinstance(step, int) else "")
 
 
 def _gguf_name(out: str | Path) -> bool:

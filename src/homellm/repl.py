@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from homellm.chat import Message, prompt_ids, render, to_markdown
+from homellm.checkpoint import loaded_checkpoint
 from homellm.config import SEED_LIMIT, ChatConfig, GenerateConfig
 from homellm.errors import HomeLLMError, typed
 from homellm.generate import check_beams, seeded_generator, stream_ids
@@ -268,8 +269,9 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
     of input or Ctrl-C at the prompt."""
     chat = session(model, tok, cfg, out)
     how = f"beam search of {cfg.num_beams}" if cfg.num_beams > 1 else f"temperature {cfg.temperature}"
-    chat.say(f"[{model.cfg.block_size}-token context, {how}, max_tokens {cfg.max_new_tokens}; /help lists commands, "
-             "/quit or Ctrl-D leaves]")
+    which = loaded_checkpoint(model)
+    chat.say(f"[{'checkpoint ' + which + '; ' if which else ''}{model.cfg.block_size}-token context, {how}, max_tokens "
+             f"{cfg.max_new_tokens}; /help lists commands, /quit or Ctrl-D leaves]")
     while True:
         try:
             line = read_line(input_fn, "> ", chat)
