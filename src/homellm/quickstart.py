@@ -212,8 +212,9 @@ def build_data(run: Path, problems: int, seed: int, stages: int = 5,
     tok = Tokenizer.load(run / "data_tokenizer")
     print(f"      {tok.vocab_size} ids", file=sys.stderr)
     _stage(3, stages, "preparing token shards")
+    # One document of problems, the last 1 % of its tokens held out: split by position, as asked (not as a fallback)
     meta = prepare(PrepareConfig(input=[str(task / "train.txt")], tokenizer=str(run / "data_tokenizer"),
-                                 out=str(run / "data"), val_fraction=0.01))
+                                 out=str(run / "data"), val_fraction=0.01, split="position"))
     print(f"      {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens", file=sys.stderr)
     return run / "data", tok
 
