@@ -365,17 +365,23 @@ def load_model(run: str | Path, which: str = "best", device: str | torch.device 
     return (model if dtype is None else model.to(dtype)).to(device).eval()
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder holds, by its checkpoint.json; None where that does not say."""
+    try:
+        step = load_json(folder / INFO).get("step")
+    except (HomeLLMError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def loaded_checkpoint(model: GPT) -> str:
     """Which checkpoint a model from load_model is, for a header: "best (step 50)". A fine-tuned run's `best` can
     stand far behind its `last` (a few held-out conversations), and replies differed with no word of which it was."""
     folder = getattr(model, "loaded_from", None)
     if folder is None:
         return ""
-    try:
-        step = load_json(folder / INFO).get("step")
-    except (HomeLLMError, AttributeError):
-        step = None
-    return folder.name.removesuffix(".tmp") + (f" (step {step:,})" if isinstance(step, int) else "")
+    step = checkpoint_step(folder)
+    return folder.name.removesuffix(".tmp") + (f" (step {step:,})" if step is not None else "")
 
 
 def load_for_generation(run: str | Path, cfg: SampleConfig | ServeConfig) -> GPT:

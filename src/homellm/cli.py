@@ -321,12 +321,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _exported_step(run: str, which: str) -> str:
     """The checkpoint export took, as its line says: a fine-tuned run's `best` may stand far behind its `last`."""
-    from homellm.checkpoint import INFO, find_checkpoint
-    from homellm.config import load_json
+    from homellm.checkpoint import checkpoint_step, find_checkpoint
 
     folder = find_checkpoint(run, which, quiet=True)
-    step = load_json(folder / INFO).get("step")
-    return f"checkpoint {folder.name}" + (f", step {step:,}" if isinstance(step, int) else "")
+    step = checkpoint_step(folder)
+    return f"checkpoint {folder.name}" + (f", step {step:,}" if step is not None else "")
 
 
 def _gguf_name(out: str | Path) -> bool:

@@ -39,7 +39,7 @@ _BATCH_CHARS = 4 * 1024 * 1024  # text handed to the parallel encoder at once: e
 _ROUND_TRIP_CHARS = 2000  # of the first document, decoded back to tell a lossy tokenizer
 _COPY_TOKENS = 16 * 1024 * 1024  # block size when moving tokens between shards for the positional split
 _FOLDER_SUFFIXES = (".txt", ".jsonl")  # what a folder input contributes; a file named directly may be anything
-TABLES = (".csv", ".tsv", ".parquet", ".arrow")  # datasets reads them (hf:./FOLDER); as text they are not
+TABLES = (".csv", ".tsv", ".parquet", ".arrow")  # datasets reads them (hf:FILE, hf:FOLDER); as text they are not
 
 
 # Hiragana and katakana. Not half-width katakana: cp932 reads each byte 0xA6-0xDD as one, and in Latin-1 those are

@@ -11,7 +11,6 @@ function). tests/test_hf_parity.py checks both maps against transformers' own mo
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from homellm.config import ModelConfig, TrainConfig, check_checkpoint_name, load
 from homellm.errors import HomeLLMError
 from homellm.io import atomic_folder, say
 from homellm.model import GPT
-from homellm.tokenizer import Tokenizer
+from homellm.tokenizer import Tokenizer, config_eos_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -231,14 +230,7 @@ def _getter(src: dict[str, torch.Tensor], where: str):
 def _source_end_ids(folder: Path, tok: Tokenizer) -> set[int]:
     """The ids a transformers model ends its text at: generation_config.json's and config.json's eos_token_id (an id
     or a list of them), and the tokenizer's own end of text (tokenizer_config.json's eos_token)."""
-    ends = {tok.eot_id}
-    for name in ("generation_config.json", "config.json"):
-        try:
-            value = json.loads((folder / name).read_bytes()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            continue
-        ends.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
-    return ends
+    return {tok.eot_id, *config_eos_ids(folder / "generation_config.json"), *config_eos_ids(folder / "config.json")}
 
 
 # ---- export ------------------------------------------------------------------------------------------------------

@@ -777,8 +777,8 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         prompt = body.get("prompt")
         # Token ids too, as OpenAI's API takes them (a list of ids, or a list of such lists): what evaluation
         # harnesses send, having tokenized with the model's own tokenizer.
-        ids = _is_ids(prompt) or isinstance(prompt, list) and bool(prompt) and all(_is_ids(p) for p in prompt)
         texts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt
+        ids = isinstance(texts, list) and bool(texts) and all(_is_ids(t) for t in texts)
         if not isinstance(texts, list) or not texts or not (ids or all(isinstance(t, str) for t in texts)):
             raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
                                 "such lists", "prompt", "invalid_type")

@@ -718,7 +718,7 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, sampled: bool = False) -> 
     # The full 256-byte alphabet, seen in training or not: any text, in any script, round-trips losslessly.
     # The trainer's progress goes to stdout, and away from a terminal it is only blank lines in the output.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_special_tokens(), initial_alphabet=alphabet,
-                                  show_progress=sys.stdout.isatty())
+                                  show_progress=_progress_shown())
     chars: Counter[str] = Counter()
     read = [0, False]  # characters read, and whether all are (the heartbeat's, from another thread)
     stop = threading.Event()
@@ -909,6 +909,16 @@ def _own_template(hf: HFTokenizer, bos: str | None) -> HFTokenizer:
     return HFTokenizer.from_str(json.dumps(spec))
 
 
+def config_eos_ids(path: Path) -> list[int]:
+    """A transformers config's eos_token_id (config.json's, generation_config.json's): one id or a list of them; []
+    where the file or the field is missing."""
+    try:
+        value = json.loads(path.read_bytes()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+
+
 def _source_ends(folder: Path, hf: HFTokenizer) -> tuple[str, str | None]:
     """An imported tokenizer's own end and start of text, which its model was trained with: eos from
     tokenizer_config.json (else config.json's eos_token_id), bos where the tokenizer adds one (tokenizer.json's
@@ -916,14 +926,10 @@ def _source_ends(folder: Path, hf: HFTokenizer) -> tuple[str, str | None]:
     it does not have: homellm's <|endoftext|> and no bos, as for a model trained from scratch."""
     eos, bos = _ends(folder)
     if eos == EOT:
-        try:
-            eos_id = json.loads((folder / "config.json").read_bytes()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            eos_id = None
-        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        ids = config_eos_ids(folder / "config.json")
         # A special token only: a config's default id (LlamaConfig's 2) may be a byte of another tokenizer.
         special = {i: t.content for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        eos = special.get(eos_id, EOT) if isinstance(eos_id, int) else EOT
+        eos = special.get(ids[0], EOT) if ids else EOT
     if bos is None:
         post = json.loads(hf.to_str()).get("post_processor") or {}
         for proc in post.get("processors", [post]):
