@@ -374,7 +374,11 @@ def test_resume_with_a_different_config_is_refused(tmp_path, reference):
     proc = homellm("pretrain", "--out", str(run), "--resume", "--n-layer", "3", check=False)
     assert proc.returncode == 2
     assert "n_layer: run has 2, asked 3" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "--init" not in proc.stderr  # its weights would not fit
+    # Another rate for the weights trained so far is a new run from them: the refusal says how
+    proc = homellm("pretrain", "--out", str(run), "--resume", "--lr", "0.5", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        f"or train into a new --out from its weights with --init {run} --init-checkpoint last")
     proc = homellm("pretrain", "--data", "x", "--out", str(run), "--preset", "tiny", check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
@@ -589,6 +593,20 @@ def test_training_lowers_val_loss_and_bpb_is_loss_over_ln2_for_ascii_chars(tmp_p
     assert math.isclose(summary["val_bpb"], summary["val_loss"] / math.log(2), rel_tol=1e-6)
     assert {"step", "tokens", "elapsed_s", "tok_per_s", "lr", "train_loss"} <= rows[0].keys()
     assert all(r["tokens"] == r["step"] * cfg.batch_size * cfg.grad_accum * model_cfg.block_size for r in rows)
+
+
+def test_a_sample_on_the_last_step_is_shown_once(tmp_path, data_dir, capsys):
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=4, eval_every=0, sample_every=2)
+    pretrain(model_cfg, cfg)
+
+    def shown() -> int:
+        out, err = capsys.readouterr()
+        return (out + err).count("sample: ")
+
+    assert shown() == 2  # steps 2 and 4: the end's sample is step 4's
+    pretrain(model_cfg, replace(cfg, out=str(tmp_path / "odd"), max_steps=3))
+    assert shown() == 2  # step 2's, and the end's
 
 
 def test_muon_trains(tmp_path, data_dir):

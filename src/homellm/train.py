@@ -571,8 +571,12 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         raise HomeLLMError(f"--resume: {run} trained on batches of {was} sequences ({saved}), and {asked} would draw "
                            f"other data and change the maths: resume with {fix}")
     if diffs:
+        # A new rate or schedule on the weights trained so far is a new run started from them (--init), not a resume;
+        # another shape is a new run from scratch
+        same_model = to_dict(saved_model) == to_dict(model_cfg)
         raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (a resumed "
-                           "run goes on with its own config), or train into a new --out")
+                           "run goes on with its own config), or train into a new --out"
+                           + f" from its weights with --init {typed(run)} --init-checkpoint last" * same_model)
     if saved_world and (saved_train.batch_size, saved_train.grad_accum, saved_world) != (
             cfg.batch_size, cfg.grad_accum, world):
         asked = layout(cfg.batch_size, cfg.grad_accum, world)
@@ -611,6 +615,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     step = tokens = 0
     elapsed = 0.0
     best_val, bad_evals = math.inf, 0
+    sampled = -1  # the step whose sample was last shown
     warmup_at: tuple[int, float] | None = None  # (step, elapsed) where warmup ended: where the decay starts
     metrics_path = run / "metrics.jsonl"
     resumed_from = None
@@ -927,6 +932,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 checkpoint("best", last_val or {})
             if cfg.sample_every > 0 and step % cfg.sample_every == 0 and env.main:
                 bar.write(f"sample: {sample(raw)}")
+                sampled = step
             fault_point("HOMELLM_FAULT_KILL_AT_STEP", step)
             periodic = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
             measured = last_val if last_val is not None and "val_loss" in record else {}  # on these weights
@@ -946,7 +952,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     stop_reason = "max_time"  # (it may stop short of the budget: room kept for the final evaluation)
                 break
     bar.close()
-    if env.main and not (ddp and stop_reason == "interrupted"):  # (torchrun's kill may be seconds away)
+    # (torchrun's kill may be seconds away; and the last step's sample, when it had one, was just shown)
+    if env.main and not (ddp and stop_reason == "interrupted") and sampled != step:
         print(f"sample: {sample(raw)}", file=sys.stderr)
     if ddp:  # after rank 0's sample: the ranks leave together (one gone early aborted another at exit, 2 in 35 runs)
         dist.barrier()
