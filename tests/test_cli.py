@@ -812,9 +812,9 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "3"]) == 2
     assert capsys.readouterr().err == ("homellm: error: standard input is not utf-8 text (byte 0xe9 at byte offset 3): "
                                        "convert it first (iconv -f ITS_ENCODING -t utf-8)\n")
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\r\n"), encoding="latin-1"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\r\nthe\r\n"), encoding="latin-1"))
     assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "1"]) == 0  # its own encoding, read so
-    assert capsys.readouterr().out.startswith("café\n")  # (and a Windows pipe's CRLF as a line break)
+    assert capsys.readouterr().out.startswith("café\nthe")  # (and a Windows pipe's CRLF as a line break)
 
 
 def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, data_dir, capsys, monkeypatch):

@@ -497,7 +497,7 @@ def test_beam_search_chat_says_what_sampling_settings_do_not_do(chat_run, capsys
         repl.chat(run, dataclasses.replace(cfg, num_beams=400), input_fn=lambda prompt: "hello")
 
 
-def test_a_prompt_read_from_standard_input_loses_its_byte_order_mark_and_a_closed_one_is_named(monkeypatch):
+def test_a_prompt_from_standard_input_loses_its_byte_order_mark_and_last_line_break_and_closed_is_named(monkeypatch):
     from homellm.cli import read_stdin
 
     class Stdin:
@@ -505,7 +505,9 @@ def test_a_prompt_read_from_standard_input_loses_its_byte_order_mark_and_a_close
         buffer = io.BytesIO("\ufeffROMEO:\r\n".encode())
 
     monkeypatch.setattr(sys, "stdin", Stdin())
-    assert read_stdin() == "ROMEO:\n"
+    assert read_stdin() == "ROMEO:"  # nor the line break that ends the file (`echo` writes one): one break only
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"$12 \\times 7 =\n\n")))
+    assert read_stdin() == "$12 \\times 7 =\n"
     # A UTF-8 file piped in where the locale's encoding is another (Windows: cp932 or cp1252) is UTF-8, as the same
     # file given by its path is; text that is not UTF-8 is read in the locale's encoding.
     for encoding in ("cp932", "cp1252"):

@@ -195,8 +195,10 @@ def read_stdin() -> str:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             text = data.decode(encoding)
-        # A byte-order mark (Notepad's UTF-8) is no part of the prompt: it fed the model three tokens of it
-        return text.removeprefix("\ufeff").replace("\r\n", "\n")
+        # A byte-order mark (Notepad's UTF-8) is no part of the prompt: it fed the model three tokens of it. Nor is the
+        # line break that ends a file or `echo`'s line (as `$(cat FILE)` drops it): `$12 \times 7 =` then went on
+        # from a new line, where the task's answer never stands. Only one: more are the writer's own.
+        return text.removeprefix("\ufeff").replace("\r\n", "\n").removesuffix("\n")
     except UnicodeDecodeError as e:
         name = "utf-8" if codecs.lookup(encoding).name == "utf-8" else f"utf-8 or {encoding}"
         raise HomeLLMError(f"standard input is not {name} text (byte 0x{data[e.start]:02x} at byte offset "

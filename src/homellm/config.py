@@ -171,7 +171,7 @@ class PrepareConfig:
 
 @dataclass
 class SampleConfig:
-    prompt: str = ""  # - reads it from standard input (a file: --prompt - < prompt.txt)
+    prompt: str = ""  # - reads it from standard input, less one final line break (--prompt - < prompt.txt)
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 0  # 0 = off
