@@ -337,7 +337,8 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     from homellm.cli import main
 
     run = tmp_path / "qs"
-    proc = homellm("quickstart", "--out", str(run), "--max-time", "6", "--problems", "3000", "--n", "40")
+    # (10 s: a loaded machine took 5 s to start and prepare, and 6 s left no time to train)
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "10", "--problems", "3000", "--n", "40")
     assert "accuracy" in proc.stdout and "overall" in proc.stdout and "homellm generate" in proc.stdout
     assert f"homellm info {run}" in proc.stdout
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
@@ -384,7 +385,7 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, capsys, monkeypatch):
     run = tmp_path / "qs"
-    proc = homellm("quickstart", "--out", str(run), "--max-time", "8", "--problems", "3000", "--n", "20", "--chat",
+    proc = homellm("quickstart", "--out", str(run), "--max-time", "10", "--problems", "3000", "--n", "20", "--chat",
                    "--chat-problems", "400")
     for stage in ("[1/7]", "[6/7]", "[7/7]"):
         assert stage in proc.stderr
