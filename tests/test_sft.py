@@ -1,5 +1,6 @@
 """Chat format, SFT data, fine-tuning with the one training loop, LoRA and merging."""
 
+import errno
 import json
 import math
 import os
@@ -467,7 +468,7 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     from homellm.info import describe  # says what each run is: adapters over which base, or merged from which
 
     assert f"LoRA adapters (rank 4, alpha 16.0, on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) " \
-           f"over {base_run.resolve()}/" in describe(out)
+           f"over {base_run.resolve()}/best (its weights linked in the run: base.safetensors): " in describe(out)
     assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
     # What the data lost is said with it: a run that skipped nearly all its conversations as too long showed only
     # "300 conversations (15 held out)".
@@ -563,6 +564,7 @@ def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_
         capsys.readouterr().err
     shutil.copytree(moved / "lora", moved / "lora2" / "base")  # adapters named as their base: not their own base
     assert (moved / "lora2" / "base" / "config.json").is_file()
+    (moved / "lora2" / "base" / "base.safetensors").unlink()  # (the copy of its base's weights it kept)
     with pytest.raises(HomeLLMError, match=f"base run {runs / 'base'}, which is gone"):
         load_model(moved / "lora2" / "base")
     # Resumed there too: by itself, or with --init naming where the base is now (refused as not the run's init).
@@ -576,8 +578,54 @@ def test_lora_adapters_moved_with_their_base_find_it_beside_them(tmp_path, base_
     with torch.no_grad():
         other.lm_head.weight.mul_(2)
     save_checkpoint(moved / "base", "best", other, None, {"step": 60})
+    (moved / "lora" / "base.safetensors").unlink()
     with pytest.raises(HomeLLMError, match="changed since"):
         load_model(moved / "lora")
+
+
+def test_lora_adapters_keep_their_base_weights_when_the_base_trains_on_or_is_gone(tmp_path, base_run, capsys,
+                                                                                    monkeypatch):
+    """Seed 003's relay: the base pretrains on in a later session after adapters were trained on it. Its `best` and
+    `last` were written anew, and the adapters were refused ("train them again") wherever they were used. The run
+    now holds a hard link to the base weights it was trained on: one file while the base stays, its own after."""
+    from homellm.cli import main
+
+    base, out, data = tmp_path / "base", tmp_path / "lora", qa_file(tmp_path / "qa.jsonl", 20)
+    shutil.copytree(base_run, base)
+    assert main(["sft", "--init", str(base), "--init-checkpoint", "last", "--data", str(data), "--out", str(out),
+                 "--lora-rank", "2", "--max-steps", "2", "--eval-every", "0"]) == 0
+    kept = out / "base.safetensors"
+    assert os.path.samefile(kept, base / "last" / "model.safetensors")  # a second name of one file: no copy
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        before = load_model(out, "last")(x)[0]
+    assert main(["pretrain", "--out", str(base), "--resume", "--max-steps", "62"]) == 0  # its `last` moves on
+    assert not os.path.samefile(kept, base / "last" / "model.safetensors")
+    capsys.readouterr()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out, "last")(x)[0], before)
+    assert (f"note: {base / 'last' / 'model.safetensors'} changed since {out}'s adapters were trained on it: the "
+            f"adapters go over the base weights the run kept ({kept})") in capsys.readouterr().err
+    # Resumed: the adapters train on over the weights they began with
+    assert main(["sft", "--out", str(out), "--resume", "--max-steps", "4"]) == 0
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["step"] == 4
+    shutil.rmtree(base)
+    with torch.no_grad():
+        assert torch.isfinite(load_model(out, "last")(x)[0]).all()
+    assert f"{out} holds LoRA adapters for the base run {base}, which is gone: the adapters go over" in \
+        capsys.readouterr().err
+    # Where no hard link can be made (another drive), it says so, and the adapters need the base as it is
+    def cross_device(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    shutil.copytree(base_run, base)
+    assert main(["sft", "--init", str(base), "--data", str(data), "--out", str(tmp_path / "far"), "--lora-rank", "2",
+                 "--max-steps", "1", "--eval-every", "0"]) == 0
+    assert (f"note: no hard link of {base / 'best' / 'model.safetensors'} in {tmp_path / 'far'} (Invalid "
+            "cross-device link): the adapters need those weights unchanged; merge them (`homellm merge`) before "
+            "that base trains on") in capsys.readouterr().err
+    assert not (tmp_path / "far" / "base.safetensors").exists()
 
 
 def test_lora_refuses_a_layer_whose_weight_is_tied():
@@ -684,6 +732,7 @@ def test_lora_resume_refuses_a_base_whose_weights_changed(tmp_path, base_run, ca
     assert main(["sft", "--init", str(base), "--init-checkpoint", "last", "--data", str(data), "--out", str(out),
                  "--lora-rank", "2", "--max-steps", "2", "--eval-every", "0"]) == 0
     assert main(["pretrain", "--out", str(base), "--resume", "--max-steps", "62"]) == 0  # its `last` moves on
+    (out / "base.safetensors").unlink()  # a run made where no link could be (or before it was kept)
     capsys.readouterr()
     assert main(["sft", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
     err = capsys.readouterr().err

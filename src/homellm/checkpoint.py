@@ -7,6 +7,7 @@ A run directory describes itself:
     RUN/last/, RUN/best/   model.safetensors (the unwrapped model), state.pt (optimizer, scaler, step, RNG,
                            data position), checkpoint.json (step, val loss, sha256 of both files)
     RUN/metrics.jsonl      one JSON object per log step
+    RUN/base.safetensors   a LoRA run's hard link to its base's weights (see keep_base)
 
 A checkpoint folder is written beside its final place and swapped in with renames, so a crash or a full disk
 at any moment leaves the previous checkpoint whole: either RUN/NAME or, mid-swap, RUN/.NAME.old.
@@ -32,6 +33,7 @@ from homellm.model import GPT
 from homellm.tokenizer import unfinished_save
 
 WEIGHTS, STATE, INFO = "model.safetensors", "state.pt", "checkpoint.json"
+BASE_WEIGHTS = "base.safetensors"
 
 
 def sha256_file(path: Path) -> str:
@@ -394,12 +396,12 @@ def load_for_generation(run: str | Path, cfg: SampleConfig | ServeConfig) -> GPT
     return load_model(run, cfg.checkpoint, device, dtype)
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint folder's weights file, or a one-line error."""
     try:
-        return load_file(str(folder / WEIGHTS))
+        return load_file(str(folder / name))
     except (SafetensorError, OSError) as e:
-        raise HomeLLMError(f"{folder / WEIGHTS}: cannot be read ({e}): train the run again") from None
+        raise HomeLLMError(f"{folder / name}: cannot be read ({e}): train the run again") from None
 
 
 def moved_base(run: str | Path, base: str | Path) -> Path:
@@ -448,20 +450,50 @@ def read_lora(run: str | Path) -> dict[str, Any] | None:
     return lora
 
 
+def keep_base(run: Path, weights: Path) -> None:
+    """Hard-link the base checkpoint's weights into a LoRA run. While the base stays as it was, the two names share
+    one file, at no cost; when the base trains on (a relay's next session replaces its `best` and `last`, each
+    written anew) or is deleted, the run still holds the weights its adapters fit. Where the file system makes no
+    hard link (another drive), the adapters need the base unchanged, as before."""
+    tmp = run / f".{BASE_WEIGHTS}.tmp"
+    try:  # (a link of an earlier start of this run, over another base, is replaced in one rename)
+        tmp.unlink(missing_ok=True)
+        os.link(weights, tmp)
+        os.replace(tmp, run / BASE_WEIGHTS)
+    except OSError as e:
+        say(f"note: no hard link of {weights} in {run} ({e.strerror}): the adapters need those weights "
+            "unchanged; merge them (`homellm merge`) before that base trains on")
+
+
+def lora_base(run: str | Path, lora: dict[str, Any]) -> tuple[Path, ModelConfig]:
+    """The weights file a LoRA run's adapters go over, and its model config: the base run's checkpoint where it is
+    still the one they were trained on, else the run's own link to it (keep_base)."""
+    run = Path(run)
+    base = moved_base(run, lora["base"])
+    if not (base / "config.json").is_file():
+        why = f"{run} holds LoRA adapters for the base run {base}, which is gone"
+        fix = "restore it, or keep merged weights with `homellm merge RUN --out NEW`"
+    else:
+        folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
+        if weights_sha256(folder) == lora["base_sha256"]:
+            return folder / WEIGHTS, read_config(base)[0]
+        why = f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it"
+        fix = "the adapters only fit the weights they were trained with; train them again"
+    kept = run / BASE_WEIGHTS
+    if kept.is_file() and sha256_file(kept) == lora["base_sha256"]:
+        # (the run's config.json holds the base's model config: the adapters were trained on that model)
+        say(f"note: {why}: the adapters go over the base weights the run kept ({kept})")
+        return kept, read_config(run)[0]
+    raise HomeLLMError(f"{why}: {fix}")
+
+
 def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:
     """The base model a LoRA run was trained on, checked unchanged, with fresh adapters attached."""
     from homellm.lora import LoraSpec, attach_lora
 
-    base = moved_base(run, lora["base"])
-    if not (base / "config.json").is_file():
-        raise HomeLLMError(f"{run} holds LoRA adapters for the base run {base}, which is gone: restore it, or "
-                           "keep merged weights next time with `homellm merge RUN --out NEW`")
-    folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
-    if weights_sha256(folder) != lora["base_sha256"]:
-        raise HomeLLMError(f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it: the adapters "
-                           "only fit the weights they were trained with; train them again")
-    model = GPT(read_config(base)[0])  # (not load_model, which would find and hash the same weights again)
-    load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))
+    weights, model_cfg = lora_base(run, lora)
+    model = GPT(model_cfg)  # (not load_model, which would find and hash the same weights again)
+    load_weights_into(model, read_weights(weights.parent, weights.name), str(weights))
     attach_lora(model, LoraSpec(**lora["spec"]), new=False)
     return model
 

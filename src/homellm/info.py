@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from homellm.checkpoint import kept_steps, read_config, read_lora, run_data, verify_checkpoint
+from homellm.checkpoint import BASE_WEIGHTS, kept_steps, read_config, read_lora, run_data, verify_checkpoint
 from homellm.config import load_json
 from homellm.errors import HomeLLMError
 from homellm.io import display_width
@@ -169,7 +169,8 @@ def describe(run: str | Path) -> str:
     if lora := read_lora(run):  # its files hold the adapters only: every verb merges them into this base
         spec = lora.get("spec", {})
         out += [f"LoRA adapters (rank {spec.get('rank')}, alpha {spec.get('alpha')}, on "
-                f"{', '.join(spec.get('targets', []))}) over {lora.get('base')}/{lora.get('base_checkpoint')}: "
+                f"{', '.join(spec.get('targets', []))}) over {lora.get('base')}/{lora.get('base_checkpoint')}"
+                f"{' (its weights linked in the run: base.safetensors)' * (run / BASE_WEIGHTS).is_file()}: "
                 "the parameter counts above are the merged model's"]
     if "merged_from" in cfg:
         out += [f"merged from the LoRA run {cfg['merged_from']}"]

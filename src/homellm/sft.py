@@ -22,12 +22,15 @@ import torch
 
 from homellm.chat import Message, prompt_ids, read_conversations, render
 from homellm.checkpoint import (
+    BASE_WEIGHTS,
     WEIGHTS,
     check_new_run,
     check_not_merged,
     find_checkpoint,
     holds_trained,
+    keep_base,
     load_weights_into,
+    lora_base,
     moved_base,
     read_config,
     read_lora,
@@ -193,16 +196,10 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         check_not_merged(out)
     saved = load_json(out / "config.json") if train_cfg.resume else {}
     # Resuming a full fine-tune reads its own `last`, model and tokenizer: the --init run is not needed any more,
-    # and may have moved or gone. LoRA adapters always need their base.
+    # and may have moved or gone. LoRA adapters need their base's weights: the base's own, or the run's link to them.
     own = bool(saved) and "lora" not in saved
     if saved and not own and (found := moved_base(out, init)) != init:
         init, cfg = found, replace(cfg, init=str(found))
-    source = out if own else init
-    model_cfg, _ = read_config(source)
-    if not own and "lora" in load_json(init / "config.json"):
-        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge "
-                           f"{typed(init)} --out MERGED`) and fine-tune the merged run")
-    folder = None if own else find_checkpoint(init, cfg.init_checkpoint)
     if train_cfg.resume:
         saved_sft = saved.get("sft", {})
         other_init = saved_sft.get("init") and Path(saved_sft["init"]).resolve() != init.resolve()
@@ -225,9 +222,17 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         if was_data == cfg.data and (gone := [d for d in cfg.data if not d.startswith("hf:") and not Path(d).exists()]):
             raise HomeLLMError(f"--resume: {gone[0]}, the conversations the run trained on, is not there: give --data "
                                "where they are now")
-        if folder is not None and (was := read_lora(out)) and weights_sha256(folder) != was["base_sha256"]:
-            raise HomeLLMError(f"--resume: {folder / WEIGHTS} changed since {out}'s adapters were trained on it: "
-                               "they would go on over other weights; fine-tune into a new --out")
+    source = out if saved else init  # resumed: the run's own config and tokenizer (a LoRA run's are its base's)
+    model_cfg, _ = read_config(source)
+    if not saved and "lora" in load_json(init / "config.json"):
+        raise HomeLLMError(f"--init {init} is a LoRA run (adapters only): merge it first (`homellm merge "
+                           f"{typed(init)} --out MERGED`) and fine-tune the merged run")
+    was_lora = read_lora(out) if saved and not own else None
+    # The weights to start from: none for a full fine-tune resumed (its own `last`); a LoRA run's base as it was
+    # trained on (the base may have trained on since, or be gone: then the run's own link to its weights)
+    weights = (None if own else lora_base(out, {**was_lora, "base": str(init)})[0] if was_lora
+               else find_checkpoint(init, cfg.init_checkpoint) / WEIGHTS)
+    if train_cfg.resume:
         check_resume(out, model_cfg, train_cfg)
     elif holds_trained(out):  # an imported or merged run has `best` alone
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
@@ -311,12 +316,17 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     tokens = saved["lora"]["spec"].get("tokens", []) if saved.get("lora") else [tok.im_start_id, tok.im_end_id]
     spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets), tokens)
     lora = None
-    if cfg.lora_rank > 0:
-        lora = {"base": str(init.resolve()), "base_checkpoint": folder.name,
-                "base_sha256": weights_sha256(folder), "spec": to_dict(spec)}
+    if cfg.lora_rank > 0:  # (resumed: the base's checkpoint it began over, whichever file holds it now)
+        lora = {"base": str(init.resolve()), "spec": to_dict(spec),
+                **({k: was_lora[k] for k in ("base_checkpoint", "base_sha256")} if was_lora else
+                   {"base_checkpoint": weights.parent.name, "base_sha256": weights_sha256(weights.parent)})}
+        if not (was_lora and (out / BASE_WEIGHTS).is_file()):  # (runs from before the link get it now)
+            out.mkdir(parents=True, exist_ok=True)
+            keep_base(out, weights)
+
     def init_model(model: torch.nn.Module) -> None:
-        if folder is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
-            load_weights_into(model, read_weights(folder), str(folder / WEIGHTS))  # not kept: a model's worth
+        if weights is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
+            load_weights_into(model, read_weights(weights.parent, weights.name), str(weights))  # not kept: a model's
         if lora:
             attach_lora(model, spec, new=not train_cfg.resume)  # resumed: adapters as they were allowed then
             say(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
