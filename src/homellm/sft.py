@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,7 @@ class ChatBatches:
 
 
 # SFT fields that may change when resuming, like RESUMABLE_CHANGES: more or other conversations, not the method.
+MANY_EPOCHS = 10  # more passes over the conversations than this, by --max-steps, are noted
 SFT_RESUMABLE = {"init", "data", "skip_bad", "max_conversations"}
 
 
@@ -309,9 +312,15 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         say(f"note: {cut:,} of {stats['conversations']:,} conversations ({cut / stats['conversations']:.0%}) are "
             f"longer than the model's {model_cfg.block_size}-token context and were cut or skipped: fine-tune a base "
             f"pretrained with a longer --block-size (e.g. {2 * model_cfg.block_size}) to keep them whole")
+    per_step = train_cfg.batch_size * train_cfg.grad_accum * int(os.environ.get("WORLD_SIZE") or 1)
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
         train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")
+    elif not train_cfg.resume and n_rows and (times := train_cfg.max_steps * per_step / n_rows) > MANY_EPOCHS:
+        # The default 500 steps read 100 conversations 80 times: said, as a choice the user may not know they made
+        say(f"note: --max-steps {train_cfg.max_steps:,} reads the {n_rows:,} training rows {times:.0f} times over: a "
+            "set this small is learnt by heart (`best` keeps the weights of the lowest val loss); --epochs 3 reads "
+            f"it 3 times ({math.ceil(3 * n_rows / per_step):,} steps)")
     # The chat tokens' rows train with the adapters; a run resumed keeps those it began with (none, made before).
     tokens = saved["lora"]["spec"].get("tokens", []) if saved.get("lora") else [tok.im_start_id, tok.im_end_id]
     spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets), tokens)
