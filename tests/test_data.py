@@ -172,6 +172,17 @@ def test_utf16_and_utf32_files_read_whole_in_their_byte_order(tmp_path, monkeypa
             no_bom.write_bytes(text.encode(order) * 30)
             with pytest.raises(HomeLLMError, match=f"pass --encoding {order}$"):
                 docs([str(no_bom)])
+    # An alphabet's letters have no NUL and no byte of 0x80 and up (Cyrillic is U+04xx): only its spaces and
+    # punctuation hold NULs, and Russian or Greek was "a binary file". A single-byte code page's letters are not.
+    for order in ("utf-16-le", "utf-16-be"):
+        for text in ("Все счастливые семьи похожи друг на друга, каждая несчастливая семья несчастлива по-своему.\n",
+                     "Άνδρα μοι έννεπε, Μούσα, πολύτροπον, ος μάλα πολλά πλάγχθη.\n"):
+            no_bom.write_bytes(text.encode(order) * 30)
+            with pytest.raises(HomeLLMError, match=f"pass --encoding {order}$"):
+                docs([str(no_bom)])
+    no_bom.write_bytes("Все счастливые семьи похожи друг на друга.\0\n".encode("cp1251") * 30)
+    with pytest.raises(HomeLLMError, match="a binary file"):
+        docs([str(no_bom)])
     # ISO-2022-JP ("JIS"), 7-bit: it read as ASCII, escape bytes and all. Its escapes to kanji name it.
     jis = tmp_path / "jis.txt"
     jis.write_bytes(("吾輩は猫である。\nＡＢＣ and ascii\n" * 40).encode("iso2022_jp"))

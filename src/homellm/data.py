@@ -263,37 +263,54 @@ def _nul_bytes(head: bytes) -> str:
         return f"NUL bytes at every other byte, as UTF-16 without a byte-order mark has: pass --encoding {order}"
     # Japanese or Chinese text has too few NULs to count on, and on both sides (the ideographic space U+3000 and
     # 一 U+4E00 have a NUL low byte): it is UTF-16 where it is no UTF-8 (UTF-8 text that holds a few NULs is) and
-    # reads as text in one byte order.
+    # reads as text in one byte order. An alphabet's has NULs only in its spaces and punctuation.
     try:
         head.decode("utf-8", errors="strict")
         utf8 = True
     except UnicodeDecodeError as e:
         utf8 = e.start >= len(head) - 3  # (a character cut at the head's end: UTF-8)
-    if not utf8 and (order := _utf16_order(head)):
+    if order := _utf16_order(head, cjk=not utf8):
         return f"NUL bytes among its characters, as UTF-16 without a byte-order mark has: pass --encoding {order}"
     return ("a binary file (NUL bytes among the first bytes), not text: give the text files (or pass --encoding "
             "utf-8 if it is text that holds NUL characters)")
 
 
-def _utf16_order(head: bytes) -> str | None:
-    """The byte order in which `head` reads as UTF-16 text of CJK characters, or None: 95 % of its characters
-    spaces or printable ones of the blocks text is written in (Latin, punctuation, kana, CJK, Hangul, full-width
-    forms), and a tenth of its bytes at least 0x80 (kanji and half the kana have one; Hangul all). Random bytes
-    spread over all 65,536 code units, about half of which land in those blocks; but pairs of ASCII bytes land in
-    CJK too, and mostly-ASCII binaries (.pyc files) read as Chinese: they have few bytes of 0x80 and up."""
-    if sum(b >= 0x80 for b in head) < len(head) // 10:
-        return None
+def _utf16_order(head: bytes, cjk: bool) -> str | None:
+    """The byte order in which `head` reads as UTF-16 text with few ASCII characters, or None. Either CJK: 95 % of
+    its characters spaces or printable ones of the blocks text is written in (Latin, punctuation, kana, CJK, Hangul,
+    full-width forms), and a tenth of its bytes at least 0x80 (kanji and half the kana have one; Hangul all). Random
+    bytes spread over all 65,536 code units, about half of which land in those blocks; but pairs of ASCII bytes land
+    in CJK too, and mostly-ASCII binaries (.pyc files) read as Chinese: they have few bytes of 0x80 and up. Or an
+    alphabet (Cyrillic, Greek, Arabic, Hebrew, Thai...), whose letters are all of one block of 256 code points:
+    95 % of the characters, printable, in that block and the ASCII one (spaces, digits, punctuation). Pairs of
+    ASCII bytes or of a single-byte code page's letters spread over dozens of blocks. (An alphabet's UTF-16 can be
+    valid UTF-8, all its bytes under 0x80: `cjk` is whether CJK is asked about, where it is no UTF-8.)"""
+    cjk = cjk and sum(b >= 0x80 for b in head) >= len(head) // 10
+
     def texty(c: str) -> bool:
         o = ord(c)
         return (c.isspace() or c.isprintable()) and (o < 0x0530 or 0x2000 <= o < 0x3100 or 0x3400 <= o < 0xA000
                                                      or 0xAC00 <= o < 0xD7A4 or 0xFF00 <= o < 0xFFF0)
-    shares = {}
-    for order in ("utf-16-le", "utf-16-be"):
-        text = _as_utf16(head, order)
-        # No NUL character at all: text has none, and a binary's lengths and offsets (a .pyc's) give some
-        shares[order] = 0 if "\x00" in text else sum(map(texty, text)) / max(len(text), 1)
-    best = max(shares, key=shares.get)
-    return best if shares[best] >= 0.95 else None
+
+    def cjk_text(text: str) -> float:
+        return sum(map(texty, text)) / len(text)
+
+    def alphabet(text: str) -> float:
+        blocks = Counter(ord(c) >> 8 for c in text if c.isspace() or c.isprintable())
+        letters = max((n for block, n in blocks.items() if block), default=0)
+        return (blocks[0] + letters) / len(text) if letters >= len(text) // 2 else 0.0
+
+    # The alphabet's test first, the stricter: Greek read in the wrong byte order lands in Hangul, which is text too
+    for share in [alphabet, cjk_text] if cjk else [alphabet]:
+        shares = {}
+        for order in ("utf-16-le", "utf-16-be"):
+            text = _as_utf16(head, order)
+            # Text has no NUL character; a binary's lengths and offsets (a .pyc's) give some
+            shares[order] = 0.0 if "\x00" in text or not text else share(text)
+        best = max(shares, key=shares.get)
+        if shares[best] >= 0.95:
+            return best
+    return None
 
 
 def _as_utf16(head: bytes, order: str) -> str:
