@@ -508,6 +508,9 @@ def test_a_prompt_from_standard_input_loses_its_byte_order_mark_and_last_line_br
     assert read_stdin() == "ROMEO:"  # nor the line break that ends the file (`echo` writes one): one break only
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"$12 \\times 7 =\n\n")))
     assert read_stdin() == "$12 \\times 7 =\n"
+    chatml = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # a turn's header ends in its own break
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(chatml.encode())))
+    assert read_stdin() == chatml
     # A UTF-8 file piped in where the locale's encoding is another (Windows: cp932 or cp1252) is UTF-8, as the same
     # file given by its path is; text that is not UTF-8 is read in the locale's encoding.
     for encoding in ("cp932", "cp1252"):

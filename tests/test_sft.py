@@ -468,7 +468,7 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     from homellm.info import describe  # says what each run is: adapters over which base, or merged from which
 
     assert f"LoRA adapters (rank 4, alpha 16.0, on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) " \
-           f"over {base_run.resolve()}/best (its weights linked in the run: base.safetensors): " in describe(out)
+           f"over {base_run.resolve()}/best (the run keeps its weights too: base.safetensors): " in describe(out)
     assert f"fine-tuned from {base_run.resolve()} on {data}: 100 conversations" in describe(out)
     # What the data lost is said with it: a run that skipped nearly all its conversations as too long showed only
     # "300 conversations (15 held out)".
@@ -614,12 +614,42 @@ def test_lora_adapters_keep_their_base_weights_when_the_base_trains_on_or_is_gon
         assert torch.isfinite(load_model(out, "last")(x)[0]).all()
     assert f"{out} holds LoRA adapters for the base run {base}, which is gone: the adapters go over" in \
         capsys.readouterr().err
+    kept.write_bytes(kept.read_bytes()[:5000])  # damaged (the base gone: its own name now): named as such
+    with pytest.raises(HomeLLMError, match=re.escape(
+            f"{out} holds LoRA adapters for the base run {base}, which is gone; and {kept}, the run's own copy of "
+            "them, is damaged or replaced (its checksum differs): restore it (merged weights, kept with `homellm "
+            "merge RUN --out NEW`, need no base)")):
+        load_model(out, "last")
+    # Over a kept step: that step deleted later, the run's link still holds it. A damaged link, or a copy, is linked
+    # anew on resume while the base holds the weights.
+    shutil.copytree(base_run, base)
+    step = tmp_path / "step"
+    assert main(["pretrain", "--out", str(base), "--resume", "--max-steps", "62", "--keep-every", "62"]) == 0
+    assert main(["sft", "--init", str(base), "--init-checkpoint", "step-62", "--data", str(data), "--out", str(step),
+                 "--lora-rank", "2", "--max-steps", "1", "--eval-every", "0"]) == 0
+    (step / "base.safetensors").unlink()  # (written in place, it would be the base's file too)
+    (step / "base.safetensors").write_bytes(b"x")
+    assert main(["sft", "--out", str(step), "--resume", "--max-steps", "2"]) == 0
+    assert os.path.samefile(step / "base.safetensors", base / "step-62" / "model.safetensors")
+    shutil.rmtree(base / "step-62")
+    capsys.readouterr()
+    assert torch.isfinite(load_model(step, "last")(x)[0]).all()
+    assert f"note: {base / 'step-62'} is missing or damaged: the adapters go over the base weights the run kept" in \
+        capsys.readouterr().err
+    # A run that fails its checks before training (here: no such device) leaves no link behind
+    assert main(["sft", "--init", str(base), "--data", str(data), "--out", str(tmp_path / "no"), "--lora-rank", "2",
+                 "--max-steps", "1", "--device", "cuda:7"]) == 2
+    assert not (tmp_path / "no" / "base.safetensors").exists()
+    # A changed rate for adapters is a new run over their merged weights: --init of the adapters alone is refused
+    assert main(["sft", "--out", str(step), "--resume", "--max-steps", "3", "--lr", "0.5"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"or train into a new --out from its weights: merge them (`homellm merge {step} --out MERGED --checkpoint "
+        "last`) and fine-tune with --init MERGED")
     # Where no hard link can be made (another drive), it says so, and the adapters need the base as it is
     def cross_device(*args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
-    shutil.copytree(base_run, base)
     assert main(["sft", "--init", str(base), "--data", str(data), "--out", str(tmp_path / "far"), "--lora-rank", "2",
                  "--max-steps", "1", "--eval-every", "0"]) == 0
     assert (f"note: no hard link of {base / 'best' / 'model.safetensors'} in {tmp_path / 'far'} (Invalid "

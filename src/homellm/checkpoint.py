@@ -470,21 +470,28 @@ def lora_base(run: str | Path, lora: dict[str, Any]) -> tuple[Path, ModelConfig]
     still the one they were trained on, else the run's own link to it (keep_base)."""
     run = Path(run)
     base = moved_base(run, lora["base"])
+    fix = ""
     if not (base / "config.json").is_file():
-        why = f"{run} holds LoRA adapters for the base run {base}, which is gone"
-        fix = "restore it, or keep merged weights with `homellm merge RUN --out NEW`"
+        why = note = f"{run} holds LoRA adapters for the base run {base}, which is gone"
+        fix = "restore it (merged weights, kept with `homellm merge RUN --out NEW`, need no base)"
     else:
-        folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
-        if weights_sha256(folder) == lora["base_sha256"]:
-            return folder / WEIGHTS, read_config(base)[0]
-        why = f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it"
-        fix = "the adapters only fit the weights they were trained with; train them again"
+        try:
+            folder = find_checkpoint(base, lora["base_checkpoint"], quiet=True)
+        except HomeLLMError as e:  # its kept step deleted, its checkpoints gone: the run's own link may hold them
+            why, note = str(e), f"{base / lora['base_checkpoint']} is missing or damaged"
+        else:
+            if weights_sha256(folder) == lora["base_sha256"]:
+                return folder / WEIGHTS, read_config(base)[0]
+            why = note = f"{folder / WEIGHTS} changed since {run}'s adapters were trained on it"
+            fix = "the adapters only fit the weights they were trained with; train them again"
     kept = run / BASE_WEIGHTS
-    if kept.is_file() and sha256_file(kept) == lora["base_sha256"]:
-        # (the run's config.json holds the base's model config: the adapters were trained on that model)
-        say(f"note: {why}: the adapters go over the base weights the run kept ({kept})")
-        return kept, read_config(run)[0]
-    raise HomeLLMError(f"{why}: {fix}")
+    if kept.is_file():
+        if sha256_file(kept) == lora["base_sha256"]:
+            # (the run's config.json holds the base's model config: the adapters were trained on that model)
+            say(f"note: {note}: the adapters go over the base weights the run kept ({kept})")
+            return kept, read_config(run)[0]
+        why += f"; and {kept}, the run's own copy of them, is damaged or replaced (its checksum differs)"
+    raise HomeLLMError(f"{why}: {fix}" if fix else why)
 
 
 def base_for_lora(run: str | Path, lora: dict[str, Any]) -> GPT:

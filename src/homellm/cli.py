@@ -181,6 +181,9 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
         raise SystemExit(130)
 
 
+_CHATML_HEADER = re.compile(r"<\|im_start\|>[^\n<]*\n\Z")
+
+
 def read_stdin() -> str:
     """Standard input as text: UTF-8, as files are read, else in its own encoding (the locale's, or
     PYTHONIOENCODING's), or a line saying where it is neither. Python's own reading let bytes through as surrogates,
@@ -196,9 +199,11 @@ def read_stdin() -> str:
         except UnicodeDecodeError:
             text = data.decode(encoding)
         # A byte-order mark (Notepad's UTF-8) is no part of the prompt: it fed the model three tokens of it. Nor is the
-        # line break that ends a file or `echo`'s line (as `$(cat FILE)` drops it): `$12 \times 7 =` then went on
-        # from a new line, where the task's answer never stands. Only one: more are the writer's own.
-        return text.removeprefix("\ufeff").replace("\r\n", "\n").removesuffix("\n")
+        # line break that ends a file or `echo`'s line (as `$(cat FILE)` and llama.cpp's --file drop it): `$12 \times
+        # 7 =` then went on from a new line, where the task's answer never stands. Only one: more are the writer's
+        # own; and a ChatML turn's header (`<|im_start|>assistant\n`) ends in its own.
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+        return text if _CHATML_HEADER.search(text) else text.removesuffix("\n")
     except UnicodeDecodeError as e:
         name = "utf-8" if codecs.lookup(encoding).name == "utf-8" else f"utf-8 or {encoding}"
         raise HomeLLMError(f"standard input is not {name} text (byte 0x{data[e.start]:02x} at byte offset "

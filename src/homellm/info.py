@@ -170,7 +170,7 @@ def describe(run: str | Path) -> str:
         spec = lora.get("spec", {})
         out += [f"LoRA adapters (rank {spec.get('rank')}, alpha {spec.get('alpha')}, on "
                 f"{', '.join(spec.get('targets', []))}) over {lora.get('base')}/{lora.get('base_checkpoint')}"
-                f"{' (its weights linked in the run: base.safetensors)' * (run / BASE_WEIGHTS).is_file()}: "
+                f"{' (the run keeps its weights too: base.safetensors)' * (run / BASE_WEIGHTS).is_file()}: "
                 "the parameter counts above are the merged model's"]
     if "merged_from" in cfg:
         out += [f"merged from the LoRA run {cfg['merged_from']}"]

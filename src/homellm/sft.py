@@ -329,11 +329,15 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         lora = {"base": str(init.resolve()), "spec": to_dict(spec),
                 **({k: was_lora[k] for k in ("base_checkpoint", "base_sha256")} if was_lora else
                    {"base_checkpoint": weights.parent.name, "base_sha256": weights_sha256(weights.parent)})}
-        if not (was_lora and (out / BASE_WEIGHTS).is_file()):  # (runs from before the link get it now)
-            out.mkdir(parents=True, exist_ok=True)
-            keep_base(out, weights)
+    kept = out / BASE_WEIGHTS
+    # Linked once training starts (not in a run that failed its checks), from the base where the adapters go over its
+    # own file: anew where the run's is missing (runs from before it), damaged, or a copy (`cp -r`).
+    link = lora is not None and weights != kept and not (kept.is_file() and os.path.samefile(kept, weights))
 
     def init_model(model: torch.nn.Module) -> None:
+        if link and int(os.environ.get("RANK") or 0) == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            keep_base(out, weights)
         if weights is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
             load_weights_into(model, read_weights(weights.parent, weights.name), str(weights))  # not kept: a model's
         if lora:

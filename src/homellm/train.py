@@ -541,7 +541,8 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     a GPU that fits fewer rows, --batch-size and --grad-accum may change so that it stays the same."""
     saved_model, saved_train = read_config(run)
     world = int(os.environ.get("WORLD_SIZE") or 1)
-    saved_world = load_json(run / "config.json").get("world")  # None: written before it was kept
+    saved = load_json(run / "config.json")
+    saved_world = saved.get("world")  # None: written before it was kept
     splits = ("batch_size", "grad_accum") if saved_world else ()  # checked below, as one product
     diffs = [f"{k}: run has {v!r}, asked {getattr(model_cfg, k)!r}" for k, v in to_dict(saved_model).items()
              if getattr(model_cfg, k) != v]
@@ -572,11 +573,13 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
                            f"other data and change the maths: resume with {fix}")
     if diffs:
         # A new rate or schedule on the weights trained so far is a new run started from them (--init), not a resume;
-        # another shape is a new run from scratch
-        same_model = to_dict(saved_model) == to_dict(model_cfg)
+        # another shape is a new run from scratch. LoRA adapters are no weights to --init from: merged, they are.
+        start = (f" from its weights: merge them (`homellm merge {typed(run)} --out MERGED --checkpoint last`) and "
+                 "fine-tune with --init MERGED" if "lora" in saved else
+                 f" from its weights with --init {typed(run)} --init-checkpoint last")
         raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (a resumed "
                            "run goes on with its own config), or train into a new --out"
-                           + f" from its weights with --init {typed(run)} --init-checkpoint last" * same_model)
+                           + start * (to_dict(saved_model) == to_dict(model_cfg)))
     if saved_world and (saved_train.batch_size, saved_train.grad_accum, saved_world) != (
             cfg.batch_size, cfg.grad_accum, world):
         asked = layout(cfg.batch_size, cfg.grad_accum, world)
