@@ -591,6 +591,50 @@ def test_an_imported_chat_model_of_chatml_chats_and_another_template_is_said_not
             assert f"note: {folder}'s own chat template is not kept: homellm chats in ChatML" in err
 
 
+# SmolLM2-Instruct's template as it ships (its default system turn in a literal with line breaks as themselves),
+# and Qwen2.5-Instruct's way of writing one (\n escapes, after a tools branch that opens a system turn too)
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                 "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+QWEN_SYSTEM = (r"{%- if tools %}{{- '<|im_start|>system\n' }}{%- if messages[0]['role'] == 'system' %}{{- "
+               r"messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful "
+               r"assistant.' }}{%- endif %}{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>"
+               r"system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are "
+               r"Qwen, created by Alibaba Cloud. It\'s a \\ test.<|im_end|>\n' }}{%- endif %}{%- endif %}")
+
+
+def test_an_imported_chat_models_default_system_prompt_is_kept_and_exported(tmp_path, capsys):
+    """SmolLM2's and Qwen2.5's templates start a conversation that has no system message with their own, as the
+    models were fine-tuned; homellm rendered none, so chat and serve asked another prompt than transformers does."""
+    from homellm.chat import prompt_ids
+    from homellm.hf import template_system
+
+    transformers = pytest.importorskip("transformers")
+    assert template_system(QWEN_SYSTEM) == "You are Qwen, created by Alibaba Cloud. It's a \\ test."
+    assert template_system(SMOL_TEMPLATE) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    folder, (_, raw) = hub_folder(tmp_path, "llama", vocab=320)
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    raw.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": SMOL_TEMPLATE, "eos_token": "<|im_end|>"}))
+    run = import_model(str(folder), tmp_path / "run")
+    assert "note: " + str(folder) + "'s chat template gives a conversation without a system message its own: 'You " \
+           "are a helpful AI assistant named SmolLM" in capsys.readouterr().err
+    tok = Tokenizer.load(run)
+    source = transformers.AutoTokenizer.from_pretrained(folder)
+    exported = transformers.AutoTokenizer.from_pretrained(export_run(run, tmp_path / "hf"))
+    for messages in ([{"role": "user", "content": "hi there"}],
+                     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]):
+        ids = prompt_ids(tok, messages)
+        for hf_tok in (source, exported):  # the model's own template, and the export's
+            assert ids == list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"])
+    assert tok.decode(prompt_ids(tok, [{"role": "user", "content": "hi"}])).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
 def test_exports_come_back_by_import_as_what_they_were_chat_or_not(tmp_path):
     """Every export's tokenizer carries the ChatML template, and its vocabulary <|im_start|> and <|im_end|>: a
     pretrained run exported and imported came back a chat model (compare and eval then asked it as a chat). A chat

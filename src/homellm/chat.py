@@ -61,6 +61,8 @@ def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool 
     Mistral's, a "▁" at the start of every piece, so a reply began with a space and exports rendered other ids.)
     Special strings typed in a message stay text, so a user cannot forge a turn by typing "<|im_start|>": such a
     message's role line and content are encoded apart, as text."""
+    if tok.system and (not messages or messages[0]["role"] != "system"):  # as an imported chat model's template did
+        messages = [{"role": "system", "content": tok.system}, *messages]
     # (text, trained, as plain text): the text between and around the special tokens
     parts: list[tuple[str, bool, bool]] = []
     for m in messages:

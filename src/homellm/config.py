@@ -38,6 +38,17 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_template(system: str = "") -> str:
+    """CHAT_TEMPLATE, after a default system prompt where there is one (an imported SmolLM's or Qwen's: their own
+    templates start a conversation that has no system message with it)."""
+    if not system:
+        return CHAT_TEMPLATE
+    # (a Jinja string literal: backslashes, quotes and line breaks escaped)
+    text = system.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return ("{% if not messages or messages[0]['role'] != 'system' %}"
+            "{{ '" + IM_START + "system\\n" + text + IM_END + "\\n' }}{% endif %}" + CHAT_TEMPLATE)
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"  # gpt2: LayerNorm, learned positions, GELU MLP; llama: RMSNorm, RoPE, SwiGLU

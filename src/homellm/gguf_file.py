@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from homellm.config import CHAT_TEMPLATE
+from homellm.config import chat_template
 from homellm.errors import HomeLLMError
 from homellm.io import atomic_write
 from homellm.model import GPT
@@ -200,7 +200,7 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
         writer.add_pad_token_id(tok.pad_id)
         # homellm's models start text as it comes, with no token before it; an imported Llama 3 after its bos.
         writer.add_add_bos_token(tok.bos_id is not None)
-        writer.add_chat_template(CHAT_TEMPLATE)
+        writer.add_chat_template(chat_template(tok.system))
         if chat:
             writer.add_eot_token_id(tok.im_end_id)  # a chat model's turn ends here: llama.cpp stops generating
         for name, tensor in gguf_tensors(model).items():

@@ -11,6 +11,7 @@ function). tests/test_hf_parity.py checks both maps against transformers' own mo
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,10 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
               and tok.im_end_id in _source_end_ids(folder, tok))
     # (A ChatML template is homellm's own, kept whether the model learned it or not; one whose tokens had to be
     # added was never the model's.)
+    if chatml and (system := template_system(template)):
+        tok.system = system  # chat and serve start a conversation without a system message with it, as transformers
+        say(f"note: {source}'s chat template gives a conversation without a system message its own: {system!r}; kept "
+            "(chat, serve, sft and export use it; a system message replaces it)")
     if template and ("<|im_start|>" not in template or tok.im_start_id in added or tok.im_end_id in added):
         say(f"note: {source}'s own chat template is not kept: homellm chats in ChatML (<|im_start|>user ... "
             "<|im_end|>), which this model has not learned: fine-tune it on conversations with `homellm sft` before "
@@ -375,6 +380,21 @@ def import_model(source: str, out: str | Path, context: int = 0) -> Path:
 
     atomic_folder(out, write, ".importing")
     return out
+
+
+# A system turn written as a literal in a ChatML template: its text without quotes, braces or a backslash other than
+# an escape (a line break is written \n in Qwen's, as itself in SmolLM's)
+_LITERAL_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)((?:\\.|[^'\\{}])*?)<\|im_end\|>")
+
+
+def template_system(template: str) -> str:
+    """The system prompt a ChatML template writes where the conversation has none, "" for none: SmolLM2's "You are a
+    helpful AI assistant named SmolLM, trained by Hugging Face", Qwen2.5's "You are Qwen, created by Alibaba Cloud.
+    You are a helpful assistant.". The model was fine-tuned with it: without it, its replies are another model's."""
+    for m in _LITERAL_SYSTEM.finditer(template):
+        if m[1].strip():
+            return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e[1], e[1]), m[1])
+    return ""
 
 
 def source_chat_template(folder: Path) -> str:

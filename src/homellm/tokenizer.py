@@ -36,6 +36,7 @@ from homellm.config import (
     ROLES,
     SPECIAL_TOKENS,
     TokenizerConfig,
+    chat_template,
     save_json,
 )
 from homellm.errors import HomeLLMError
@@ -78,10 +79,11 @@ class Tokenizer:
     prepare appends the real end-of-text id after each document.
     """
 
-    def __init__(self, hf: HFTokenizer, eos: str = EOT, bos: str | None = None):
+    def __init__(self, hf: HFTokenizer, eos: str = EOT, bos: str | None = None, system: str = ""):
         """`eos` ends a document (`eot_id`); an imported model keeps its own (Llama's </s>), which it was trained to
         write. `bos`, where the model was trained with one before every text (Llama's <s>), starts each prompt and
-        document (`bos_id`); homellm's own models have none."""
+        document (`bos_id`); homellm's own models have none. `system`: the system prompt a conversation without one
+        starts with (an imported chat model's own default, as its template had it); "" for none."""
         # Never cut or padded: a hub tokenizer.json may carry truncation (sentence-transformers' 128 tokens) or
         # padding, and every prepared document was cut to it.
         hf.no_truncation()
@@ -97,7 +99,7 @@ class Tokenizer:
             raise HomeLLMError(f"tokenizer lacks the special tokens {', '.join(missing)}: import it with "
                                "`homellm tokenizer train --from-file PATH --out DIR`, which adds them")
         self.im_start_id, self.im_end_id, self.pad_id = (ids[s] for s in (IM_START, IM_END, PAD))
-        self.eos, self.bos = eos, bos
+        self.eos, self.bos, self.system = eos, bos, system
         for name, token in (("eos", eos), ("bos", bos)):
             if token is not None and hf.token_to_id(token) is None:
                 raise HomeLLMError(f"tokenizer_config.json's {name}_token {token!r} is not in the tokenizer: restore "
@@ -357,7 +359,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # it would alter decoded text; our round trips are exact
             # Hugging Face's apply_chat_template renders what homellm.chat does, bos included (it adds no special
             # tokens to a chat). A GGUF keeps the template without: llama.cpp adds the bos itself.
-            "chat_template": "{{ bos_token }}" * bool(self.bos) + CHAT_TEMPLATE,
+            "chat_template": "{{ bos_token }}" * bool(self.bos) + chat_template(self.system),
+            **({"default_system_prompt": self.system} if self.system else {}),  # read back by `load`
             "added_tokens_decoder": {
                 str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                          "single_word": t.single_word, "special": t.special}
@@ -398,23 +401,25 @@ def _check_fits(tok: Tokenizer, run: Path) -> None:
                            "run's own tokenizer; restore the tokenizer/ folder the run was trained with")
 
 
-def _ends(folder: Path) -> tuple[str, str | None]:
+def _ends(folder: Path) -> tuple[str, str | None, str]:
     """The eos and bos (None: the model reads text with nothing before it) that a folder's tokenizer_config.json
     names, as `save` writes them or as transformers does (a string, or {"content": ...}); <|endoftext|> and no bos
-    where it names none."""
+    where it names none. And the default system prompt `save` wrote there ("" for none)."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_bytes())
     except (OSError, ValueError):  # none (a bare tokenizer.json), or unreadable: homellm's own conventions
-        return EOT, None
+        return EOT, None, ""
     if not isinstance(config, dict):
-        return EOT, None
+        return EOT, None, ""
 
     def name(key: str) -> str | None:
         value = config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         return value if isinstance(value, str) and value else None
 
-    return name("eos_token") or EOT, name("bos_token") if config.get("add_bos_token") is True else None
+    system = config.get("default_system_prompt")
+    return (name("eos_token") or EOT, name("bos_token") if config.get("add_bos_token") is True else None,
+            system if isinstance(system, str) else "")
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -924,7 +929,7 @@ def _source_ends(folder: Path, hf: HFTokenizer) -> tuple[str, str | None]:
     tokenizer_config.json (else config.json's eos_token_id), bos where the tokenizer adds one (tokenizer.json's
     template, as Llama 3's, or add_bos_token, as Llama 2's and TinyLlama's). Where it names none, or names a token
     it does not have: homellm's <|endoftext|> and no bos, as for a model trained from scratch."""
-    eos, bos = _ends(folder)
+    eos, bos, _ = _ends(folder)
     if eos == EOT:
         ids = config_eos_ids(folder / "config.json")
         # A special token only: a config's default id (LlamaConfig's 2) may be a byte of another tokenizer.
