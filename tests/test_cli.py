@@ -286,6 +286,18 @@ def test_pretrain_on_raw_text_takes_words_for_its_char_tokenizer(tmp_path, corpu
     assert "training a" not in err
 
 
+def test_a_stop_string_of_a_backslash_and_n_is_said_not_to_be_a_line_break(tmp_path, capsys):
+    """`--stop '\\n'` reaches homellm as a backslash and an n (llama.cpp and the seeds' scripts read a line break)."""
+    from homellm.cli import main
+
+    for verb in ("generate", "chat"):
+        assert main([verb, str(tmp_path / "none"), "--stop", "\\n", "--stop", "。"]) == 2
+        assert capsys.readouterr().err.startswith("note: --stop '\\n' is a backslash and an n, as the shell passed it, "
+                                                  "not a line break: write --stop $'\\n' for one (bash, zsh)\n")
+    assert main(["generate", str(tmp_path / "none"), "--stop", "\n"]) == 2
+    assert "note" not in capsys.readouterr().err
+
+
 def test_errors_are_one_line_without_traceback(tmp_path):
     proc = homellm("generate", str(tmp_path / "nowhere"), "--prompt", "x", check=False)
     assert proc.returncode == 2

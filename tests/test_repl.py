@@ -152,8 +152,8 @@ def test_slash_commands_change_what_generation_uses(chat_run, calls):
 
 def test_an_input_methods_full_width_slash_and_space_still_make_commands(chat_run, calls):
     """`/temperature　0.3` (an ideographic space) was an unknown command, and `／help` went to the model."""
-    chat, text = run_chat(chat_run, "/temperature\u30000.3", "／top_k　7", "／help", "hello")
-    assert (chat.cfg.temperature, chat.cfg.top_k) == (0.3, 7) and "/max_tokens" in text
+    chat, text = run_chat(chat_run, "/temperature\u30000.3", "／top_k　7", "／help", "／ｔｏｐ＿ｐ　０．５", "hello")
+    assert (chat.cfg.temperature, chat.cfg.top_k, chat.cfg.top_p) == (0.3, 7, 0.5) and "/max_tokens" in text
     assert [c.temperature for _, c in calls] == [0.3]  # one message, the last: the commands reached no model
 
 
@@ -451,6 +451,7 @@ def test_generate_interactive_continues_each_prompt_and_takes_chats_settings(cha
     assert "/system" not in text.split("/help")[-1] and "longest continuation in tokens" in text
     saved = (tmp_path / "texts.md").read_text(encoding="utf-8")
     assert saved.count("**prompt**:") == 2 and REPLY in saved
+    assert f"[2 prompts and their continuations saved to {tmp_path / 'texts.md'}]" in text  # not "4 messages"
 
 
 def test_generate_interactive_from_the_command_line(chat_run, monkeypatch, capsys):

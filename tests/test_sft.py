@@ -659,15 +659,19 @@ def test_lora_adapters_keep_their_base_weights_when_the_base_trains_on_or_is_gon
 
 
 def test_the_default_steps_over_a_few_conversations_are_said_as_passes_over_them(tmp_path, base_run, capsys):
-    """500 steps of 16 rows read 20 conversations hundreds of times over: a choice the user never typed."""
+    """500 steps of 16 rows read 20 conversations hundreds of times over: a choice the user never typed. (Not said
+    where a time budget may end the run first.)"""
     from homellm.cli import main
 
     data = qa_file(tmp_path / "qa.jsonl", 20)
-    assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(tmp_path / "s"), "--max-time", "1",
+    assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(tmp_path / "t"), "--max-time", "1",
                  "--eval-every", "0"]) == 0
+    assert "times over" not in capsys.readouterr().err
+    assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(tmp_path / "s"), "--max-steps",
+                 "20", "--eval-every", "0"]) == 0
     err = capsys.readouterr().err
     rows = int(re.search(r"([\d,]+) training rows of", err)[1])
-    assert f"note: --max-steps 500 reads the {rows} training rows {500 * 16 / rows:.0f} times over: a set this " \
+    assert f"note: --max-steps 20 reads the {rows} training rows {20 * 16 / rows:.0f} times over: a set this " \
            f"small is learnt by heart (`best` keeps the weights of the lowest val loss); --epochs 3 reads it 3 " \
            f"times ({math.ceil(3 * rows / 16)} steps)" in err
     assert main(["sft", "--init", str(base_run), "--data", str(data), "--out", str(tmp_path / "e"), "--epochs", "3",

@@ -47,6 +47,10 @@ def build(cls: type, args: argparse.Namespace) -> Any:
     """The config the flags describe, its values checked: a bad one stops here with a one-line error."""
     cfg = cls(**pick(args, cls))
     check_ranges(cfg)
+    if literal := [s for s in getattr(cfg, "stop", []) if "\\n" in s and "\n" not in s]:
+        # The shell passes '\n' as a backslash and an n; llama.cpp and Python scripts read it as a line break
+        say(f"note: --stop '{literal[0]}' is a backslash and an n, as the shell passed it, not a line break: write "
+            "--stop $'\\n' for one (bash, zsh)")
     return cfg
 
 

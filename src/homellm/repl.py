@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import unicodedata
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -175,6 +176,11 @@ class Chat:
     def help(self) -> str:
         return HELP.format(**dataclasses.asdict(self.cfg))
 
+    def saved_count(self) -> str:
+        """What /save wrote, counted: the transcript's messages."""
+        n = len(self.transcript)
+        return f"{n} message{'s' * (n != 1)}"
+
     def command(self, line: str) -> bool:
         """Run a slash command; False when it is /quit. Mistakes print one line and change nothing."""
         name, arg = command_parts(line)
@@ -185,7 +191,8 @@ class Chat:
                 field, parse = SETTINGS[name]
                 if not arg:
                     raise HomeLLMError(f"/{name} needs a value (now {getattr(self.cfg, field)})")
-                self.cfg = dataclasses.replace(self.cfg, **{field: parse(arg)})
+                # (a number typed full-width: ０．５)
+                self.cfg = dataclasses.replace(self.cfg, **{field: parse(unicodedata.normalize("NFKC", arg))})
                 if name == "seed":  # the chat's one generator starts over: what follows replays from here
                     self.generator = seeded_generator(self.cfg.seed, self.generator.device)
                 unused = self.cfg.num_beams > 1 and name not in ("max_tokens", "repetition_penalty")
@@ -217,7 +224,7 @@ class Chat:
                 except OSError as e:
                     raise HomeLLMError(f"{arg}: cannot write ({e.strerror}): choose another file") from None
                 self.saved.add(path.resolve())
-                self.say(f"[{len(self.transcript)} messages saved to {arg}]")
+                self.say(f"[{self.saved_count()} saved to {arg}]")
             elif name == "help":
                 self.say(self.help())
             elif name in ("quit", "exit"):
@@ -236,6 +243,10 @@ class Continuations(Chat):
 
     def reset(self) -> None:
         self.transcript.clear()
+
+    def saved_count(self) -> str:
+        n = len(self.transcript) // 2
+        return f"{n} prompt{'s' * (n != 1)} and {'their' if n != 1 else 'its'} continuation{'s' * (n != 1)}"
 
     def reply(self, prompt: str) -> str:
         ids = self.tok.encode_prompt(prompt := self.tok.fold(prompt))
@@ -332,9 +343,10 @@ def _fenced(first: str, input_fn: Callable[[str], str], chat: Chat) -> str | Non
 
 
 def command_parts(line: str) -> tuple[str, str]:
-    """A slash command's name and its argument, split at any space: an input method's ideographic one too."""
+    """A slash command's name and its argument, split at any space: an input method's ideographic one too. The name
+    as NFKC folds it: a Japanese input method left on types the whole command full-width (／ｔｏｐ＿ｋ)."""
     parts = line[1:].split(maxsplit=1)  # ("/" alone: no name, an unknown command)
-    return (parts[0] if parts else ""), (parts[1].strip() if len(parts) > 1 else "")
+    return (unicodedata.normalize("NFKC", parts[0]) if parts else ""), (parts[1].strip() if len(parts) > 1 else "")
 
 
 def visible(text: str, out: TextIO) -> str:

@@ -316,7 +316,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
         train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")
-    elif not train_cfg.resume and n_rows and (times := train_cfg.max_steps * per_step / n_rows) > MANY_EPOCHS:
+    elif (not train_cfg.resume and train_cfg.max_time <= 0 and n_rows  # (a time budget may end it long before)
+          and (times := train_cfg.max_steps * per_step / n_rows) > MANY_EPOCHS):
         # The default 500 steps read 100 conversations 80 times: said, as a choice the user may not know they made
         say(f"note: --max-steps {train_cfg.max_steps:,} reads the {n_rows:,} training rows {times:.0f} times over: a "
             "set this small is learnt by heart (`best` keeps the weights of the lowest val loss); --epochs 3 reads "
