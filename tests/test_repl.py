@@ -498,7 +498,7 @@ def test_beam_search_chat_says_what_sampling_settings_do_not_do(chat_run, capsys
         repl.chat(run, dataclasses.replace(cfg, num_beams=400), input_fn=lambda prompt: "hello")
 
 
-def test_a_prompt_from_standard_input_loses_its_byte_order_mark_and_last_line_break_and_closed_is_named(monkeypatch):
+def test_a_prompt_from_standard_input_loses_its_bom_and_last_line_break_and_closed_is_named(monkeypatch, capsys):
     from homellm.cli import read_stdin
 
     class Stdin:
@@ -519,6 +519,11 @@ def test_a_prompt_from_standard_input_loses_its_byte_order_mark_and_last_line_br
         assert read_stdin() == "吾輩は猫である。"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("吾輩は猫".encode("cp932")), encoding="cp932"))
     assert read_stdin() == "吾輩は猫"
+    # Shift_JIS where the locale is UTF-8 (an Aozora file piped in) is read as prepare reads such files
+    sjis = io.BytesIO("吾輩は猫である。".encode("cp932"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(sjis, encoding="utf-8"))
+    assert read_stdin() == "吾輩は猫である。"
+    assert "note: standard input read as Shift_JIS (cp932)" in capsys.readouterr().err
     monkeypatch.setattr(sys, "stdin", None)
     with pytest.raises(repl.HomeLLMError, match="standard input is closed"):
         read_stdin()

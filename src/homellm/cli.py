@@ -201,7 +201,14 @@ def read_stdin() -> str:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            text = data.decode(encoding)
+            try:
+                text = data.decode(encoding)
+            except UnicodeDecodeError:
+                from homellm.data import shift_jis_text
+
+                if (text := shift_jis_text(data)) is None:
+                    raise
+                say("note: standard input read as Shift_JIS (cp932), as prepare reads such files")
         # A byte-order mark (Notepad's UTF-8) is no part of the prompt: it fed the model three tokens of it. Nor is the
         # line break that ends a file or `echo`'s line (as `$(cat FILE)` and llama.cpp's --file drop it): `$12 \times
         # 7 =` then went on from a new line, where the task's answer never stands. Only one: more are the writer's

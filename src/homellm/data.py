@@ -48,6 +48,16 @@ _KANA = re.compile("[\u3041-\u30ff]")
 _PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
 
 
+def shift_jis_text(data: bytes) -> str | None:
+    """Bytes that are not UTF-8 read as Shift_JIS (cp932), as a file is (_decoded_blocks); None where they are not
+    Japanese text: no kana, or bytes cp932 has no character for."""
+    try:
+        text = data.decode("cp932")
+    except UnicodeDecodeError:
+        return None
+    return text if _KANA.search(text) and not _PRIVATE_USE.search(text) else None
+
+
 class Piece(NamedTuple):
     """Part of a document. Long documents (a 1 GB .txt file) arrive in several pieces, in order."""
 
