@@ -824,6 +824,21 @@ def test_aozora_on_other_than_txt_files_is_said(tmp_path, capsys):
     assert f"note: --aozora cleans .txt files only: {tmp_path / 'r.jsonl'} is read as it is" in capsys.readouterr().err
 
 
+def test_aozora_markup_read_without_aozora_is_said_once(tmp_path, capsys):
+    """An Aozora Bunko original read without --aozora trained (and eval scored) its ruby and notes as text."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("吾輩《わがはい》は猫である。［＃「猫」に傍点］\n｜名前《なまえ》はまだ無い。\n",
+                                     encoding="utf-8")
+    zh = write(tmp_path / "zh.txt", "《三國演義》第一回。［注］話說天下大勢，分久必合。\n" * 5)  # titles, no kana
+    assert len(docs([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(zh)])) == 3
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'a.txt'} is marked up as Aozora Bunko's files are (ruby "
+                                       "《》, ［＃］ notes): --aozora drops the markup, its header and its footer, "
+                                       "which are otherwise read as text\n")
+    docs([str(tmp_path / "a.txt")], aozora=True)
+    docs([str(zh)])
+    assert capsys.readouterr().err == ""
+
+
 def test_aozora_originals_lose_every_mark(tmp_path):
     text = "".join(docs([str(need("ja_aozora/sjis"))], aozora=True))
     assert not any(mark in text for mark in ("《", "》", "｜", "［＃", "底本：", "【テキスト中に現れる記号について】"))

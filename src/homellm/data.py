@@ -111,6 +111,7 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
     if encoding != "auto" and "txt" not in kinds:
         say(f"note: --encoding {encoding} applies to .txt files only: JSON Lines are UTF-8, and hf: datasets decode "
             "their own text")
+    hinted: list[Path] = []  # the Aozora Bunko file --aozora was suggested for: one is enough
     for kind, source in sources:
         if kind == "hf":
             texts: Iterator[tuple[str, bool]] = _hf_docs(source, text_field, meter, lines)
@@ -118,6 +119,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
             texts = (piece for t in _jsonl_docs(Path(source), text_field, meter) for piece in _record_pieces(t, lines))
         else:
             blocks = _decoded_blocks(Path(source), encoding, meter)
+            if not aozora and not hinted:
+                blocks = _aozora_hint(Path(source), blocks, hinted)
             texts = _split_documents(_stable_pieces(_aozora_text(blocks) if aozora else blocks, lines))
         for text, end in texts:
             yield Piece(doc, text, end)
@@ -527,6 +530,22 @@ def _accented(m: re.Match) -> str:
         return composed if len(composed) == 1 else a[0]  # no such letter: the signs are text
 
     return _ACCENT.sub(letter, m[1])
+
+
+# Aozora Bunko's own markup: its block explaining the signs, a note ［＃…］, ruby after ｜ or kanji 《かな》
+_AOZORA_SIGNS = re.compile("【テキスト中に現れる記号について】|［＃[^］\n]*］|[｜\u4e00-\u9fff]《[\u3041-\u30ff]+》")
+
+
+def _aozora_hint(path: Path, blocks: Iterator[str], hinted: list[Path]) -> Iterator[str]:
+    """The blocks of a .txt file, with a note where its first shows Aozora Bunko's markup in three places or more:
+    read without --aozora, the model learns ruby and editors' notes as text (the eval of a folder of Aozora files
+    scored them too, without a word)."""
+    for i, block in enumerate(blocks):
+        if i == 0 and len(_AOZORA_SIGNS.findall(block, 0, 1 << 16)) >= 3:
+            hinted.append(path)
+            say(f"note: {path} is marked up as Aozora Bunko's files are (ruby 《》, ［＃］ notes): --aozora drops the "
+                "markup, its header and its footer, which are otherwise read as text")
+        yield block
 
 
 def _aozora_line(line: str, accents: bool) -> str:
