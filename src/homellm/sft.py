@@ -340,7 +340,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
             out.mkdir(parents=True, exist_ok=True)
             keep_base(out, weights)
         if weights is not None:  # (a full fine-tune resumed gets its weights from its own `last`)
-            load_weights_into(model, read_weights(weights.parent, weights.name), str(weights))  # not kept: a model's
+            # (read here, not held from before: a model's worth of memory)
+            load_weights_into(model, read_weights(weights.parent, weights.name), str(weights))
         if lora:
             attach_lora(model, spec, new=not train_cfg.resume)  # resumed: adapters as they were allowed then
             say(f"LoRA rank {spec.rank}: {trainable_parameters(model):,} trainable parameters of "
