@@ -308,6 +308,9 @@ def pick_dtype(name: str, device: torch.device, train_width: int | None = None) 
         say("note: --dtype float16 on the CPU is no faster than float32, and on most CPUs many times slower (12x "
             "for a training step, measured on a 2-core AMD CPU): use auto (float32, or bfloat16 for models 128 or "
             "more wide where the CPU has AMX or AVX512-BF16)")
+    if dtype == torch.bfloat16 and device.type == "cpu" and not bf16_cpu():
+        say("note: --dtype bfloat16 on a CPU without bfloat16 matrix instructions (AMX, AVX512-BF16) is emulated: a "
+            "training step took 9x as long as float32 (measured on a 2-core AMD CPU): use auto (float32 here)")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise HomeLLMError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} (compute capability "
