@@ -609,6 +609,21 @@ def test_a_sample_on_the_last_step_is_shown_once(tmp_path, data_dir, capsys):
     assert shown() == 2  # step 2's, and the end's
 
 
+def test_a_time_budget_too_short_for_the_warmup_is_said(tmp_path, data_dir, capsys):
+    """A GPT-2 vocabulary on a CPU fitted 17 steps in --max-time 60, of the preset's 50 warmup steps: the rate never
+    reached --lr, nor decayed, and nothing said so (a --max-steps run gets a note at its start)."""
+    model_cfg, cfg = preset("tiny")
+    cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=0, max_time=1.5, eval_every=0,
+                  warmup_steps=100_000)
+    pretrain(model_cfg, cfg)
+    note = re.search(r"note: at \S+ s a step, --max-time 1.5 fits about (\d+) steps, not more than --warmup-steps "
+                     r"100000: the learning rate never reaches --lr \S+, nor decays; give fewer warmup steps \(a "
+                     r"tenth of the run is usual: --warmup-steps (\d+)\)", capsys.readouterr().err)
+    assert note and int(note[2]) == max(1, int(note[1]) // 10)
+    pretrain(model_cfg, replace(cfg, out=str(tmp_path / "short"), warmup_steps=5))
+    assert "fits about" not in capsys.readouterr().err
+
+
 def test_muon_trains(tmp_path, data_dir):
     model_cfg, cfg = preset("tiny")
     cfg = replace(cfg, data=[str(data_dir)], out=str(tmp_path / "run"), max_steps=30, eval_every=15,

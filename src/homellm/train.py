@@ -591,6 +591,7 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
             "order, so the run goes on as it would have to rounding, not bit for bit")
 
 
+WARMUP_TIMED = 3  # steps timed, after the first, to tell whether a time budget's run gets past its warmup
 SLOW_STEP_S = 5.0  # a step this slow may be dropped halfway by Ctrl-C (see `train`)
 
 
@@ -734,6 +735,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     # the latest evaluation took, or before the first one a guess from the steps' pace (an evaluation batch is a
     # forward pass, about a third of a training micro-batch's work). Both come from the clock the ranks agree on.
     start_step, start_elapsed = step, elapsed  # where this session began
+    after_first = 0.0  # the clock after this session's first step
     evaluates = cfg.eval_every > 0 and cfg.max_time > 0 and not getattr(data, "no_val", None)
 
     def progress(at: tuple[int, float] | None = None) -> float:
@@ -879,6 +881,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             if evaluates and not eval_measured:
                 eval_room = cfg.eval_batches * (elapsed - start_elapsed) / (step - start_step) / 3
             done = progress() >= 1.0
+            if cfg.max_time > 0 and step - start_step in (1, 1 + WARMUP_TIMED) and step < cfg.warmup_steps:
+                after_first = after_first or elapsed  # (the first step's time is compile's and warm-up's too)
+                if step - start_step > 1 and env.main:
+                    # A time budget's steps are known only now: a GPT-2 vocabulary on a CPU fitted 17 of 50
+                    each = (elapsed - after_first) / WARMUP_TIMED
+                    fits = step + (cfg.max_time - elapsed) / max(each, 1e-9)
+                    fits = min(fits, cfg.max_steps) if cfg.max_steps > 0 else fits
+                    if fits <= cfg.warmup_steps:
+                        bar.write(f"note: at {each:.2g} s a step, --max-time {cfg.max_time:g} fits about {fits:.0f} "
+                                  f"steps, not more than --warmup-steps {cfg.warmup_steps}: the learning rate never "
+                                  f"reaches --lr {cfg.lr:g}, nor decays; give fewer warmup steps (a tenth of the run "
+                                  f"is usual: --warmup-steps {max(1, round(fits) // 10)})", file=sys.stderr)
             # Stopped by Ctrl-C: `last` is written, but no log line or evaluation a run without the stop lacks.
             # A session's end (--session-time) stops as Ctrl-C does: `last` written, the schedule left as it is.
             session_over = cfg.session_time > 0 and elapsed - start_elapsed >= cfg.session_time
