@@ -554,6 +554,14 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         (["pretrain", "--input", "d"], "--input is --data"),
         (["pretrain", "--data", "d", "--max_lr", "6e-4", "--output_dir", "o", "--eval_freq", "100"],
          "--max_lr is --lr; --output_dir is --out; --eval_freq is --eval-every"),
+        # transformers' and llama.cpp's names; and a tokenizer of one's own, which is prepare's
+        (["pretrain", "--data", "d", "--hidden_size", "64", "--num-hidden-layers", "2", "--n_positions", "128"],
+         "--hidden_size is --n-embd; --num-hidden-layers is --n-layer; --n_positions is --block-size"),
+        (["generate", "r", "--temp", "0.5", "--repeat-penalty", "1.1"],
+         "--temp is --temperature; --repeat-penalty is --repetition-penalty"),
+        (["pretrain", "--data", "t.txt", "--tokenizer", "tok"], "--tokenizer is prepare's: `homellm prepare --input "
+                                                               "TEXT --tokenizer DIR --out DATA`, then `homellm "
+                                                               "pretrain --data DATA`"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

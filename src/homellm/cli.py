@@ -526,7 +526,19 @@ _OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",),
                 "--input": ("--data",),
                 # names from the hand-written training scripts homellm replaces (max_lr, output_dir, eval_freq, ...)
                 "--max-lr": ("--lr",), "--output-dir": ("--out",), "--eval-freq": ("--eval-every",),
-                "--print-sample-iter": ("--sample-every",), "--warmup-iters": ("--warmup-steps",)}
+                "--print-sample-iter": ("--sample-every",), "--warmup-iters": ("--warmup-steps",),
+                # transformers' and llama.cpp's names for the same things
+                **dict.fromkeys(("--n-positions", "--context-length", "--max-seq-len", "--seq-len",
+                                 "--max-position-embeddings", "--ctx-size"), ("--block-size",)),
+                **dict.fromkeys(("--hidden-size", "--d-model", "--embedding-size", "--n-embed", "--dim"),
+                                ("--n-embd",)),
+                **dict.fromkeys(("--num-attention-heads", "--n-heads"), ("--n-head",)),
+                **dict.fromkeys(("--num-hidden-layers", "--n-layers", "--depth"), ("--n-layer",)),
+                **dict.fromkeys(("--num-key-value-heads", "--n-kv-heads"), ("--n-kv-head",)),
+                "--temp": ("--temperature",), "--repeat-penalty": ("--repetition-penalty",), "--start": ("--prompt",)}
+# Flags of another verb: pretrain trains its own tokenizer on raw text, and takes prepared data for any other
+_ELSEWHERE = {("pretrain", "--tokenizer"): "prepare's: `homellm prepare --input TEXT --tokenizer DIR --out DATA`, "
+                                           "then `homellm pretrain --data DATA`"}
 _HOW = {"--max-steps": " (homellm counts optimizer steps, not epochs)",
         "--min-lr-ratio": " (a fraction of --lr: nanoGPT's min_lr / learning_rate)",
         "--resume": " (init_from=resume; --init RUN starts from another run's weights)"}
@@ -544,6 +556,9 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
     for arg in unknown:
         name = arg.split("=")[0].replace("_", "-").lower()
         if not arg.startswith("--"):
+            continue
+        if (args.command, name) in _ELSEWHERE:
+            hints.append(f"{arg.split('=')[0]} is {_ELSEWHERE[args.command, name]}")
             continue
         meant = next((m for m in _OTHER_NAMES.get(name, ()) if m in known), None)
         # (a near miss only: at 0.75, --save-every was --sample-every and --input --init)
