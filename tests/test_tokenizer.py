@@ -234,6 +234,11 @@ def test_gpt2_files_give_gpt2_ids(gpt2, tmp_path):
     again = train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "saved" / "tokenizer.json"),
                                             out=str(tmp_path / "again")))
     assert again.encode(text) == gpt2.encode(text) and again.vocab_size == 50260
+    # encoder.json given alone: its folder reads it with its merges (it was "give a Hugging Face tokenizer.json")
+    encoder = need("gpt2_tokenizer") / "encoder.json"
+    with pytest.raises(HomeLLMError, match=f"give its folder, {need('gpt2_tokenizer')}, where it is read with its "
+                                           "merges$"):
+        train_tokenizer(TokenizerConfig(from_file=str(encoder), out=str(tmp_path / "alone")))
 
 
 def test_bad_input_errors(tmp_path):

@@ -472,4 +472,4 @@ def hub_download(spec: str, weights: bool = True) -> Path:
 
 def _check_empty(out: Path) -> None:
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise HomeLLMError(f"--out {out} is not empty: choose a new folder")
+        raise HomeLLMError(f"--out {out} is not empty: choose a new folder (or delete that one first)")

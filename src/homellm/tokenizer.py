@@ -856,7 +856,11 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
             raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
                                "tokenizer.json (a run or prepared data folder too) or with GPT-2's encoder.json + "
                                "vocab.bpe")
-        hf = _read_hf(file, "give a Hugging Face tokenizer.json")
+        # GPT-2's own files are a pair, read together from their folder (its encoder.json alone is a vocabulary)
+        pair = file.name in ("encoder.json", "vocab.json") and any(
+            (file.parent / n).is_file() for n in ("vocab.bpe", "merges.txt"))
+        hf = _read_hf(file, f"give its folder, {file.parent}, where it is read with its merges" if pair else
+                      "give a Hugging Face tokenizer.json")
     eos, bos = _source_ends(path if path.is_dir() else path.parent, hf)
     # A token already in the vocabulary keeps its id (GPT-2's <|endoftext|>) and becomes special; the others are
     # appended after the largest id.
