@@ -306,7 +306,9 @@ def test_eval_loss_reports_loss_and_bits_per_byte(tmp_path, data_dir, capsys, mo
         np.arange(50, dtype=np.uint16).tofile(nano / name)
     capsys.readouterr()
     assert main(["eval", str(run), "--task", "loss", "--data", str(nano)]) == 2
-    assert f"--data {nano}: token files without homellm's meta.json, not text" in capsys.readouterr().err
+    assert f"--data {nano}: nanoGPT's token files, without homellm's meta.json: `homellm prepare --input {nano} " \
+           f"--tokenizer {run} --out DATA` takes them as they are (no copy), then --data DATA" in \
+           capsys.readouterr().err  # (prepare takes a nanoGPT pair over: it was told to prepare "the text")
     assert main(["eval", str(run), "--task", "loss", "--data", str(run)]) == 2
     assert f"--data {run} is a run: omit --data to score {run}'s own data" in capsys.readouterr().err
     # A quickstart run trained on answers alone: its every-token loss is said not to be its val loss.

@@ -150,7 +150,11 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         data_dir = Path(cfg.data)
         if (data_dir / "config.json").is_file():
             raise HomeLLMError(f"--data {data_dir} is a run: omit --data to score {run}'s own data, or give text")
-        if nanogpt_folder([cfg.data]) or list(data_dir.glob("train_*.bin")) or (data_dir / "tokenizer").is_dir():
+        if nanogpt_folder([cfg.data]):  # prepare takes such a pair as it is, checked against the tokenizer
+            raise HomeLLMError(f"--data {data_dir}: nanoGPT's token files, without homellm's meta.json: `homellm "
+                               f"prepare --input {typed(data_dir)} --tokenizer {typed(run)} --out DATA` takes them as "
+                               "they are (no copy), then --data DATA")
+        if list(data_dir.glob("train_*.bin")) or (data_dir / "tokenizer").is_dir():
             raise HomeLLMError(f"--data {data_dir}: token files without homellm's meta.json, not text: prepare the "
                                f"text with `homellm prepare --input TEXT --tokenizer {typed(run)} --out DATA`, then "
                                "--data DATA")
