@@ -957,6 +957,12 @@ def test_nanogpt_bin_files_are_used_in_place(tmp_path, corpus, capsys):
     assert data_.train_batch(0, 4, 0, 1)[0].shape == (4, 16)
     assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                  "--max-steps", "2", "--block-size", "16"]) == 0
+    nano.rename(tmp_path / "moved")  # the files it reads where they were: moved, said so
+    with pytest.raises(HomeLLMError, match=re.escape(f"as meta.json says ({tmp_path / 'data'} reads nanoGPT's files "
+                                                     "where they were prepared from: put them back there, or prepare "
+                                                     "their new place)")):
+        open_split(tmp_path / "data", "train")
+    (tmp_path / "moved").rename(nano)
     # What is not nanoGPT's BPE data, or not these ids, is refused in one line; pretrain points to prepare.
     capsys.readouterr()
     assert main(["pretrain", "--data", str(nano), "--out", str(tmp_path / "r2"), "--max-steps", "1"]) == 2

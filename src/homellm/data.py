@@ -1382,7 +1382,10 @@ def open_split(data_dir: str | Path, split: str) -> list[np.ndarray]:
         path = Path(data_dir) / shard["file"]
         expected = shard["tokens"] * dtype.itemsize
         if not path.is_file() or path.stat().st_size != expected:
-            raise HomeLLMError(f"{path}: missing or not {expected} bytes as meta.json says: run `homellm prepare` "
-                               "again")
+            # nanoGPT's files are used where they were (_adopt_nanogpt): moved, they are missing from there
+            where = (f" ({data_dir} reads nanoGPT's files where they were prepared from: put them back there, or "
+                     "prepare their new place)" if meta.get("split") == "nanogpt" else "")
+            raise HomeLLMError(f"{path}: missing or not {expected} bytes as meta.json says{where}: run `homellm "
+                               "prepare` again")
         maps.append(np.memmap(path, dtype=dtype, mode="r"))
     return maps
