@@ -75,7 +75,7 @@ def test_a_fields_comment_goes_on_only_under_a_line_ending_in_a_comma():
 
 
 @pytest.mark.parametrize("verb, shown", [
-    ("pretrain", {"n-embd": 192, "max-time": 120.0, "max-steps": 100000, "batch-size": 16}),  # the cpu preset
+    ("pretrain", {"n-embd": 192, "max-time": 120.0, "max-steps": 0, "batch-size": 16}),  # the cpu preset
     ("sft", {"lr": 0.0003, "max-steps": 500, "batch-size": 16}),  # fine-tuning's own defaults
 ])
 def test_help_shows_the_defaults_a_run_gets(verb, shown, capsys):
@@ -521,7 +521,9 @@ def test_max_steps_alone_turns_off_the_presets_time_budget(capsys):
     assert ("note: --max-steps 500 alone ends the run by steps: the cpu preset's --max-time 120 is off"
             in capsys.readouterr().err)
     assert resolved("--max-steps", "500", "--max-time", "60") == (500, 60.0)
-    assert resolved() == (100_000, 120.0) and resolved("--preset", "tiny", "--max-steps", "5") == (5, 0.0)
+    # (the cpu preset's run ends by its clock alone: a placeholder 100,000 steps showed as "it ends at step 100,000 or
+    # after 60 s" in a time-budgeted run's start line and its info)
+    assert resolved() == (0, 120.0) and resolved("--preset", "tiny", "--max-steps", "5") == (5, 0.0)
     assert "--max-time" not in capsys.readouterr().err
     assert resolved("--epochs", "2")[1] == 0.0 and "--epochs 2.0 alone ends the run by steps" in capsys.readouterr().err
     with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length of the run"):

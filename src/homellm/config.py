@@ -127,7 +127,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm; 0 disables
     optimizer: str = "adamw"  # adamw, or muon: Muon for hidden matrices and AdamW for the rest
     muon_lr: float = 0.02
-    max_steps: int = 1000
+    max_steps: int = 1000  # 0 = none: the run ends by --max-time (the cpu preset's) or --epochs
     epochs: float = 0.0  # instead of --max-steps: read the training data this many times (sft: every row); 0 = off
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
     session_time: float = 0.0  # stop this session after N s with `last` written, schedule unchanged: --resume goes on
@@ -390,7 +390,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "cpu": (
         dict(family="llama", n_layer=4, n_head=4, n_embd=192, block_size=128),
-        dict(batch_size=16, lr=2e-3, warmup_steps=50, max_steps=100_000, max_time=120.0, eval_every=250,
+        dict(batch_size=16, lr=2e-3, warmup_steps=50, max_steps=0, max_time=120.0, eval_every=250,
              eval_batches=20, tokenizer_vocab=1024, weight_decay=0.1, checkpoint_every=250),
     ),
     "arithmetic": (  # the quickstart's recipe for the built-in task (bench/README.md has its measurements)
