@@ -127,7 +127,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm; 0 disables
     optimizer: str = "adamw"  # adamw, or muon: Muon for hidden matrices and AdamW for the rest
     muon_lr: float = 0.02
-    max_steps: int = 1000  # 0 = none: the run ends by --max-time (the cpu preset's) or --epochs
+    max_steps: int = 1000  # 0 = none: the run ends by its time budget (the cpu preset's) or its epochs
     epochs: float = 0.0  # instead of --max-steps: read the training data this many times (sft: every row); 0 = off
     max_time: float = 0.0  # wall-clock budget in seconds for training; 0 = none. The schedule follows it
     session_time: float = 0.0  # stop this session after N s with `last` written, schedule unchanged: --resume goes on
