@@ -333,7 +333,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     kept = out / BASE_WEIGHTS
     # Linked once training starts (not in a run that failed its checks), from the base where the adapters go over its
     # own file: anew where the run's is missing (runs from before it), damaged, or a copy (`cp -r`).
-    link = lora is not None and weights != kept and not (kept.is_file() and os.path.samefile(kept, weights))
+    link = lora is not None and not (kept.is_file() and os.path.samefile(kept, weights))
 
     def init_model(model: torch.nn.Module) -> None:
         if link and int(os.environ.get("RANK") or 0) == 0:

@@ -378,7 +378,8 @@ class Tokenizer:
         path = Path(path)
         for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
             if candidate.is_file():
-                tok = cls(_read_hf(candidate, "train or import the tokenizer again"), *_ends(candidate.parent))
+                hf = _read_hf(candidate, "train or import the tokenizer again")
+                tok = cls(hf, *_saved_settings(candidate.parent))
                 if candidate.parent != path:
                     _check_fits(tok, path)
                 return tok
@@ -401,7 +402,7 @@ def _check_fits(tok: Tokenizer, run: Path) -> None:
                            "run's own tokenizer; restore the tokenizer/ folder the run was trained with")
 
 
-def _ends(folder: Path) -> tuple[str, str | None, str]:
+def _saved_settings(folder: Path) -> tuple[str, str | None, str]:
     """The eos and bos (None: the model reads text with nothing before it) that a folder's tokenizer_config.json
     names, as `save` writes them or as transformers does (a string, or {"content": ...}); <|endoftext|> and no bos
     where it names none. And the default system prompt `save` wrote there ("" for none)."""
@@ -933,7 +934,7 @@ def _source_ends(folder: Path, hf: HFTokenizer) -> tuple[str, str | None]:
     tokenizer_config.json (else config.json's eos_token_id), bos where the tokenizer adds one (tokenizer.json's
     template, as Llama 3's, or add_bos_token, as Llama 2's and TinyLlama's). Where it names none, or names a token
     it does not have: homellm's <|endoftext|> and no bos, as for a model trained from scratch."""
-    eos, bos, _ = _ends(folder)
+    eos, bos, _ = _saved_settings(folder)
     if eos == EOT:
         ids = config_eos_ids(folder / "config.json")
         # A special token only: a config's default id (LlamaConfig's 2) may be a byte of another tokenizer.
