@@ -839,6 +839,33 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     assert capsys.readouterr().out.startswith("café\nthe")  # (and a Windows pipe's CRLF as a line break)
 
 
+def test_generate_writes_several_samples_of_one_prompt(tmp_path, data_dir, capsys):
+    """--num-samples N: N continuations, parted by a line; the first is plain generate's with the seed, and each draws
+    anew (as serve's n replies of a request do)."""
+    from homellm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--max-steps", "2",
+                 "--eval-every", "0"]) == 0
+    sample = ["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "24", "--temperature", "2",
+              "--seed", "3"]
+    capsys.readouterr()
+    assert main(sample) == 0
+    one = capsys.readouterr().out
+    assert main([*sample, "--num-samples", "3"]) == 0
+    out, err = capsys.readouterr()
+    texts = out.split("-" * 40 + "\n")
+    assert len(texts) == 3 and texts[0] == one and len(set(texts)) == 3
+    assert all(text.startswith("the cat") for text in texts) and "[3 samples, " in err
+    for extra, message in ((["--temperature", "0"], "--num-samples 2 with --temperature 0 (greedy) writes one text 2 "
+                                                    "times"),
+                           (["--num-beams", "2"], "with --num-beams 2 writes one text 2 times"),
+                           (["--interactive"], "--num-samples is for one --prompt: --interactive continues"),
+                           (["--num-samples", "0"], "--num-samples 0: must be 1 or more")):
+        assert main([*sample, "--num-samples", "2", *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_generation_loads_float32_on_the_cpu_and_the_dtype_asked_for(tmp_path, data_dir, capsys, monkeypatch):
     import torch
 

@@ -223,7 +223,7 @@ def read_stdin() -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.checkpoint import load_for_generation, speaks_chatml
-    from homellm.generate import check_beams, stream_text
+    from homellm.generate import check_beams, seeded_generator, stream_ids
     from homellm.repl import visible
     from homellm.tokenizer import Tokenizer
 
@@ -231,6 +231,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if cfg.interactive and cfg.prompt == "-":
         raise HomeLLMError("--prompt - reads standard input, which --interactive reads prompts from: give the first "
                            "prompt as text, or type it")
+    if cfg.num_samples > 1 and cfg.interactive:
+        raise HomeLLMError("--num-samples is for one --prompt: --interactive continues each prompt once (type it "
+                           "again for another text)")
+    if cfg.num_samples > 1 and (cfg.temperature <= 0 or cfg.num_beams > 1):
+        how = "--temperature 0 (greedy)" if cfg.temperature <= 0 else f"--num-beams {cfg.num_beams}"
+        raise HomeLLMError(f"--num-samples {cfg.num_samples} with {how} writes one text {cfg.num_samples} times: "
+                           "sample with a --temperature above 0 and one beam")
     if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
         cfg = replace(cfg, prompt=read_stdin())
     model = load_for_generation(args.run, cfg)
@@ -255,18 +262,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (n := len(tok.encode_prompt(cfg.prompt))) > block - 1:
         print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",
               file=sys.stderr)
-    stats: dict = {}
-    sys.stdout.write(cfg.prompt)
-    sys.stdout.flush()
-    try:
-        for piece in stream_text(model, tok, cfg.prompt, cfg, stats=stats):
-            sys.stdout.write(visible(piece, sys.stdout))
-            sys.stdout.flush()
-    finally:
-        sys.stdout.write("\n")
-    if stats:
-        print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s, {stats['tok_per_s']:.1f} tokens/s]",
-              file=sys.stderr)
+    ids, device = tok.encode_prompt(cfg.prompt), next(model.parameters()).device
+    new_tokens, seconds = 0, 0.0
+    for sample in range(cfg.num_samples):
+        if sample:
+            print("-" * 40)  # (nanoGPT's sample.py parts its samples so too)
+        stats: dict = {}
+        sys.stdout.write(cfg.prompt)
+        sys.stdout.flush()
+        try:  # sample i draws as serve's reply i of a request with this seed: --num-samples 1 is plain generate
+            for piece in stream_ids(model, tok, ids, cfg, stats, generator=seeded_generator(cfg.seed, device, sample)):
+                sys.stdout.write(visible(piece, sys.stdout))
+                sys.stdout.flush()
+        finally:
+            sys.stdout.write("\n")
+        new_tokens, seconds = new_tokens + stats["new_tokens"], seconds + stats["seconds"]
+    samples = f"{cfg.num_samples} samples, " if cfg.num_samples > 1 else ""
+    print(f"[{samples}{new_tokens} tokens in {seconds:.2f} s, {new_tokens / max(seconds, 1e-9):.1f} tokens/s]",
+          file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -200,6 +200,7 @@ class SampleConfig:
 class GenerateConfig(SampleConfig):
     """`homellm generate`: one prompt, or prompts typed one after another."""
     interactive: bool = False  # a prompt loop: each line typed is continued; /temperature and the rest change settings
+    num_samples: int = 1  # continuations of the one prompt, each with its own draw of the seed (as serve's n)
 
 
 @dataclass
@@ -352,7 +353,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                            "or float16"),
     # sampling
     "max_new_tokens": _AT_LEAST_1, "temperature": _NOT_NEGATIVE, "top_k": _NOT_NEGATIVE, "top_p": _between(0, 1),
-    "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "checkpoint": _CHECKPOINT,
+    "repetition_penalty": _POSITIVE, "num_beams": _AT_LEAST_1, "num_samples": _AT_LEAST_1, "checkpoint": _CHECKPOINT,
     "init_checkpoint": _CHECKPOINT,
     # fine-tuning, evaluation, serving
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
