@@ -183,7 +183,12 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
     run = tmp_path / "run"
     assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "4"]) == 0
     assert "not trained on the arithmetic task" in refused("eval", str(run), "--task", "arithmetic")
-    assert "--n 0" in refused("eval", str(run), "--n", "0")
+    assert "--n 0: must be 1 or more" in refused("eval", str(run), "--n", "0")
+    # Without --task, such a run is scored by its val loss, and a line says so (it was the refusal above).
+    assert main(["eval", str(run), "--batches", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "eval: --task loss (the run's val loss; --task arithmetic, chat-arithmetic, loss or exact chooses)" in err
+    assert json.loads((run / "eval_loss.json").read_text())["task"] == "loss"
     assert "--max-digits 0 is out of range: use 1 to 9" in refused("eval", str(run), "--max-digits", "0")
     assert "nonsense" in refused("eval", str(run), "--task", "nonsense")
     # As a fine-tuned run (an sft section, no data folder of its own), each refusal says what applies instead.
@@ -363,6 +368,7 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["quickstart", "--out", str(run), "--max-time", "4"]) == 2
     assert "already holds" in capsys.readouterr().err
     assert main(["eval", str(run), "--n", "20", "--max-digits", "3"]) == 0
+    assert "eval: --task arithmetic (the run was trained on the arithmetic task;" in capsys.readouterr().err
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3
     # The score is of the model's own answers to the held-out problems: scripted answers, right, wrong and malformed
     # in turn, score as written (a score of the expected answers passed the checks above).
@@ -405,9 +411,9 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
     # The chat run is an ordinary run: eval takes it again, and a pretrained-only run is not a chat model.
     from homellm.cli import main  # (in this process: each start costs seconds of imports)
 
-    assert main(["eval", str(run / "chat"), "--task", "chat-arithmetic", "--n", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "ja" in out and "overall" in out
+    assert main(["eval", str(run / "chat"), "--n", "5"]) == 0  # the task it was fine-tuned on, unasked
+    out, err = capsys.readouterr()
+    assert "ja" in out and "overall" in out and "eval: --task chat-arithmetic (the run is the quickstart's chat" in err
     assert main(["eval", str(run), "--task", "chat-arithmetic", "--n", "5"]) == 2
     assert f"is the quickstart's base model; its chat model is {run / 'chat'}" in capsys.readouterr().err
     # Scored as replied: scripted replies (the problem's line, another answer, and another problem's line, each a

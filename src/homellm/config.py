@@ -223,7 +223,7 @@ class CompareConfig(SampleConfig):
 @dataclass
 class EvalConfig:
     # arithmetic: exact match; chat-arithmetic: a chat model per phrasing; loss: on --data; exact: your own prompts
-    task: str = "arithmetic"  # arithmetic, chat-arithmetic, loss or exact
+    task: str = "auto"  # auto (the quickstart's: its task, other runs: loss), arithmetic, chat-arithmetic, loss, exact
     n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing; exact: the first N)
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
@@ -362,6 +362,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE, "tokenizer_max_chars": _NOT_NEGATIVE,
     "format": (lambda v: v in ("hf", "gguf"), "is unknown: use hf or gguf"),
     "chat_problems": _AT_LEAST_1, "problems": _NOT_NEGATIVE,
+    "EvalConfig.n": (lambda v: v >= 1, "must be 1 or more (problems, or lines, to score)"),
     "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
 }
 

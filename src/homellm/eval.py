@@ -11,6 +11,7 @@ import math
 import random
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from homellm.chat import PROMPT_FIELDS
 from homellm.checkpoint import chat_model_beside, run_config_path
-from homellm.config import IM_END, EvalConfig
+from homellm.config import IM_END, EvalConfig, load_json
 from homellm.data import nanogpt_folder
 from homellm.errors import HomeLLMError, typed
 from homellm.info import table
@@ -99,7 +100,10 @@ def greedy_complete(model: GPT, tok: Tokenizer, prompts: list[str] | list[list[i
 
 
 def _run_config(run: Path) -> dict[str, Any]:
-    return json.loads(run_config_path(run).read_text(encoding="utf-8"))
+    config = load_json(path := run_config_path(run))
+    if not isinstance(config, dict):
+        raise HomeLLMError(f"{path}: not a run's config (a JSON object): restore it, or train the run again")
+    return config
 
 
 def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
@@ -443,7 +447,24 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
     return result
 
 
+def auto_task(run: str | Path) -> str:
+    """--task auto's pick: the arithmetic task for a model trained on it (the quickstart's), chat-arithmetic for the
+    chat model fine-tuned on its conversations (`quickstart --chat`), loss for every other run. Before, eval of any
+    other run without --task said it was not trained on the arithmetic task."""
+    config = _run_config(Path(run))
+    if config.get("task") == "arithmetic":
+        return "arithmetic"
+    sft_data = config.get("sft", {}).get("data", [])
+    if sft_data and all(Path(str(p)).parts[-2:] == ("task", "chat.jsonl") for p in sft_data):
+        return "chat-arithmetic"
+    return "loss"
+
+
 def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.task == "auto":
+        cfg = replace(cfg, task=auto_task(run))
+        say(f"eval: --task {cfg.task} ({_AUTO_WHY[cfg.task]}; --task arithmetic, chat-arithmetic, loss or exact "
+            "chooses)")
     if cfg.task == "arithmetic":
         return eval_arithmetic(run, cfg)
     if cfg.task == "chat-arithmetic":
@@ -452,4 +473,8 @@ def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
         return eval_loss(run, cfg)
     if cfg.task == "exact":
         return eval_exact(run, cfg)
-    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use arithmetic, chat-arithmetic, loss or exact")
+    raise HomeLLMError(f"--task {cfg.task!r} is unknown: use auto, arithmetic, chat-arithmetic, loss or exact")
+
+
+_AUTO_WHY = {"arithmetic": "the run was trained on the arithmetic task",
+             "chat-arithmetic": "the run is the quickstart's chat model", "loss": "the run's val loss"}
