@@ -963,6 +963,13 @@ def test_nanogpt_bin_files_are_used_in_place(tmp_path, corpus, capsys):
                                                      "their new place)")):
         open_split(tmp_path / "data", "train")
     (tmp_path / "moved").rename(nano)
+    (tmp_path / "moved").mkdir()
+    # nanoGPT's shakespeare (GPT-2 BPE) is one text in each file, with no end-of-text: a document each, not none
+    for split in ("train", "val"):
+        np.array(tok.encode(" ".join(lines[:5])), dtype=np.uint16).tofile(tmp_path / "moved" / f"{split}.bin")
+    meta = prepare(PrepareConfig(input=[str(tmp_path / "moved")], tokenizer=str(tmp_path / "tok"),
+                                 out=str(tmp_path / "d1")))
+    assert (meta["documents"], meta["val_documents"]) == (2, 1)
     # What is not nanoGPT's BPE data, or not these ids, is refused in one line; pretrain points to prepare.
     capsys.readouterr()
     assert main(["pretrain", "--data", str(nano), "--out", str(tmp_path / "r2"), "--max-steps", "1"]) == 2

@@ -1140,6 +1140,9 @@ def _adopt_nanogpt(folder: Path, out: Path, cfg: PrepareConfig, tok: Tokenizer) 
                                    "these ids come from another tokenizer; give the one they were made with")
             n_bytes += int(token_bytes[chunk].sum())
             docs += int((chunk == tok.eot_id).sum())
+        # A text after the last <|endoftext|> is a document too: nanoGPT's shakespeare (GPT-2 BPE) has none at
+        # all, and was counted as 0 documents.
+        docs += bool(len(ids)) and int(ids[-1]) != tok.eot_id
         meta_shards[split] = [{"file": str(path), "tokens": len(ids)}] if len(ids) else []
         counts[split] = (len(ids), n_bytes, docs)
     if not counts["train"][0]:
