@@ -69,7 +69,7 @@ def ids_of(text: str, tok: Tokenizer) -> torch.Tensor:
 ARCHITECTURES = pytest.mark.parametrize(
     "family, kw", [("llama", dict(n_kv_head=2, rope_theta=500.0, norm_eps=1e-4)),
                    ("llama", dict(tie_embeddings=False, bias=True)), ("gpt2", dict(n_kv_head=2, bias=True)),
-                   ("gpt2", dict(tie_embeddings=False))],
+                   ("gpt2", dict(tie_embeddings=False, dropout=0.1))],
     ids=["llama-gqa", "llama-untied-bias", "gpt2-gqa-bias", "gpt2-untied-nobias"])
 
 
@@ -90,6 +90,8 @@ def test_an_exported_run_loads_in_transformers_and_answers_as_homellm_does(tmp_p
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     ours, tok = load_model(run), Tokenizer.load(run)
+    if family == "gpt2":  # trained with dropout, it trains on with it in transformers (it was written as 0)
+        assert hf.config.resid_pdrop == hf.config.embd_pdrop == hf.config.attn_pdrop == ours.cfg.dropout
     ids = ids_of(TEXT[:120], tok)[:, :48]
     assert hf_tok(TEXT[:120], add_special_tokens=False, return_tensors="pt").input_ids[:, :48].equal(ids)
     with torch.no_grad():

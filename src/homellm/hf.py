@@ -45,8 +45,10 @@ def transformers_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32"
                 **common}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": cfg.block_size,
             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True, **common}
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True,
+            # the run's dropout where GPT-2's falls too (embeddings, attention, residuals), for training on there;
+            # transformers' Llama has attention dropout alone, so no value there would train as homellm did
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, **common}
 
 
 def to_transformers(model: GPT) -> dict[str, torch.Tensor]:
