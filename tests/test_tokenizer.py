@@ -584,3 +584,41 @@ def test_a_large_text_for_bpe_gets_a_note_on_memory_and_sampling(tmp_path, monke
         err = capsys.readouterr().err
         assert err.count("note: over 0 M characters to train the tokenizer on") == notes, err
         assert notes == 0 or "--max-chars 50000000 (pretrain: --tokenizer-max-chars)" in err
+
+
+def test_encode_shows_each_token_and_the_characters_a_token_holds(tmp_path, data_dir, capsys, monkeypatch):
+    """`tokenizer encode` lists a text's tokens, part of a character as its bytes, and characters per token, for a
+    tokenizer folder or a run's or data folder's."""
+    import io
+    import sys
+
+    from homellm.cli import main
+
+    folder = tmp_path / "tok"
+    train_tokenizer(TokenizerConfig(input=[str(write(tmp_path / "en.txt", "the cat sat on the mat. " * 50))],
+                                    out=str(folder), vocab_size=300))
+    text = "the cat 猫\n<|im_start|>"
+    assert main(["tokenizer", "encode", str(folder), "--text", text]) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split(None, 2) for line in out.splitlines()[2:-1]]
+    tok = Tokenizer.load(folder)
+    assert [int(r[1]) for r in rows] == tok.encode(text, allow_special=True)
+    # each row is its token: text quoted, a special token as written, bytes of a character cut apart in hex
+    shown = [r[2] for r in rows]
+    assert shown[-1] == "<|im_start|>" and shown[-2] == "'\\n'" and "'the'" in shown
+    cat = "".join(s[1:-1] for s in shown if s.startswith("<") and s != "<|im_start|>").replace(" ", "")
+    assert bytes.fromhex(cat) == "猫".encode()
+    assert out.splitlines()[-1] == (f"{len(rows)} tokens for {len(text)} characters ({len(text.encode())} UTF-8 "
+                                    f"bytes): {len(text) / len(rows):.2f} characters and "
+                                    f"{len(text.encode()) / len(rows):.2f} bytes a token")
+    assert main(["tokenizer", "encode", str(data_dir), "--text", "the"]) == 0  # a data (or run) folder's own
+    assert " tokens for 3 characters (3 UTF-8 bytes)" in capsys.readouterr().out.splitlines()[-1]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\n"))
+    assert main(["tokenizer", "encode", str(folder), "--text", "-"]) == 0
+    assert "for 7 characters" in capsys.readouterr().out  # (less echo's final line break, as generate reads it)
+    assert main(["tokenizer", "encode", str(folder), "--text", ""]) == 2
+    assert "--text is empty: give the text to split" in capsys.readouterr().err
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "encoder.json").write_text("{}")
+    assert main(["tokenizer", "encode", str(tmp_path / "gpt2"), "--text", "x"]) == 2
+    assert "make one from them with `homellm tokenizer train --from-file" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from homellm.config import (
     SFT_TRAIN,
     ChatConfig,
     CompareConfig,
+    EncodeConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -68,6 +69,26 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         say(f"note: --vocab-size {cfg.vocab_size} applies to BPE only: a char tokenizer has an id per character")
     tok = train_tokenizer(cfg)
     print(f"tokenizer ({tok.kind}, {tok.vocab_size} ids) written to {cfg.out}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    """The tokens of a text, one a line, and how many characters and bytes a token holds on average: how well a
+    tokenizer fits a language (Japanese in a BPE trained on English takes a token per byte or two)."""
+    from homellm.info import table
+    from homellm.tokenizer import Tokenizer
+
+    cfg = build(EncodeConfig, args)
+    text = read_stdin() if cfg.text == "-" else cfg.text
+    if not text:
+        raise HomeLLMError("--text is empty: give the text to split, or --text - to read it from standard input")
+    tok = Tokenizer.load(args.tokenizer)
+    if note := tok.unknown_note(text, allow_special=True):
+        say(f"note: {note}")
+    ids = tok.encode(text, allow_special=True)  # as generate reads a prompt: <|im_start|> typed is the token
+    print(table([(str(i), str(t), tok.show(t)) for i, t in enumerate(ids)], ("#", "id", "token")))
+    chars, size = len(text), len(text.encode("utf-8"))
+    print(f"{len(ids):,} token{'s' * (len(ids) != 1)} for {chars:,} characters ({size:,} UTF-8 bytes): "
+          f"{chars / max(len(ids), 1):.2f} characters and {size / max(len(ids), 1):.2f} bytes a token")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -422,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("train", help="train a byte-level BPE or char tokenizer, or import one (--from-file)")
     add_flags(p, TokenizerConfig)
     p.set_defaults(func=cmd_tokenizer)
+    p = tsub.add_parser("encode", help="the tokens a text is written as, and characters per token")
+    p.add_argument("tokenizer", help="a tokenizer folder or tokenizer.json, or a run or data folder (its tokenizer)")
+    add_flags(p, EncodeConfig)
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("prepare", help="tokenize text into token shards for training")
     add_flags(p, PrepareConfig)

@@ -164,6 +164,12 @@ class TokenizerConfig:
 
 
 @dataclass
+class EncodeConfig:
+    """`homellm tokenizer encode`: the tokens a tokenizer (or a run's) writes a text as."""
+    text: str = ""  # the text to split into tokens; - reads it from standard input
+
+
+@dataclass
 class PrepareConfig:
     input: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files, folders, globs, hf:NAME[[:CONFIG]:SPLIT]
     tokenizer: str = ""  # a tokenizer dir (or a run dir holding one)

@@ -39,7 +39,7 @@ from homellm.config import (
     chat_template,
     save_json,
 )
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, typed
 from homellm.io import KINDS, atomic_write, refuse_kinds, say, temp_file_of
 
 UNK = "<|unk|>"  # char tokenizers only: stands for characters absent from the training text
@@ -325,6 +325,17 @@ class Tokenizer:
                 pieces[i] = token.encode()
         return pieces
 
+    def show(self, token_id: int) -> str:
+        """One token as a person reads it: its text quoted (a space or line break in it visible), a special token
+        as written, and a byte-level token holding part of a character as its bytes in hex, <e7 95>."""
+        piece = self._pieces[token_id] if 0 <= token_id < len(self._pieces) else None
+        if piece is None:
+            return self.hf.id_to_token(token_id) or f"<id {token_id}>"
+        try:
+            return repr(piece.decode("utf-8"))
+        except UnicodeDecodeError:
+            return f"<{piece.hex(' ')}>"
+
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         """Ids of the special tokens (the four of the chat format, <|unk|> of a char tokenizer, an import's own)."""
@@ -386,6 +397,10 @@ class Tokenizer:
         if (path / "config.json").is_file():  # a run: only its own tokenizer gives its ids their meaning
             raise HomeLLMError(f"{path / 'tokenizer'} is missing: copy back the tokenizer/ folder of the data the run "
                                "was trained on (a newly trained tokenizer would give the model's ids other meanings)")
+        if (path / "encoder.json").is_file() or path.name == "encoder.json":  # GPT-2's own files
+            folder = path if path.is_dir() else path.parent
+            raise HomeLLMError(f"{path}: GPT-2's encoder.json and vocab.bpe, not a tokenizer.json: make one from them "
+                               f"with `homellm tokenizer train --from-file {typed(folder)} --out TOKENIZER`")
         raise HomeLLMError(f"{path}: no tokenizer.json there (nor in {path / 'tokenizer'}): "
                            "train one with `homellm tokenizer train`, or pass a run or data folder that holds one")
 
