@@ -543,6 +543,53 @@ def test_hf_inputs_through_an_injected_datasets_module(tmp_path, monkeypatch):
         docs(["hf:x"])
 
 
+def test_val_input_is_the_val_split_whole_and_input_all_train(tmp_path, monkeypatch, capsys):
+    """--val-input: val is that text, every document of it, and train all of --input (a hub dataset's own
+    validation split, whose published losses are measured on it; or the user's own val.txt)."""
+    from homellm.cli import main
+
+    train = write(tmp_path / "train.jsonl", "".join(f'{{"text": "train story {i}"}}\n' for i in range(30)))
+    val = write(tmp_path / "val.jsonl", "".join(f'{{"text": "val tale {i}"}}\n' for i in range(4)))
+    tok = char_tok(tmp_path, str(train), str(val))
+    meta = prepare(PrepareConfig(input=[str(train)], val_input=[str(val)], tokenizer=str(tok), out=str(tmp_path / "d")))
+    assert (meta["split"], meta["documents"], meta["val_documents"]) == ("inputs", 34, 4)
+    assert meta["val_inputs"] == [str(val)]
+    tokenizer = Tokenizer.load(tok)
+    for split, texts in (("train", [f"train story {i}" for i in range(30)]),
+                         ("val", [f"val tale {i}" for i in range(4)])):
+        (shard,) = open_split(tmp_path / "d", split)
+        assert tokenizer.decode(shard.tolist()) == "".join(t + EOT for t in texts)
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--block-size", "8", "--eval-every", "0"]) == 0
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert f"from 34 documents (val: {val})" in capsys.readouterr().out
+    # A hub dataset's two splits, streamed one after the other
+    calls = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append(split)
+        return iter([{"text": f"{split} row {i}"} for i in range(3 if split == "validation" else 12)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [])
+    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(offline)
+    tok = char_tok(tmp_path, str(write(tmp_path / "abc.txt", "abcdefghijklmnopqrstuvwxyz 0123456789")))
+    meta = prepare(PrepareConfig(input=["hf:a/b"], val_input=["hf:a/b:validation"], tokenizer=str(tok),
+                                 out=str(tmp_path / "h")))
+    assert calls == ["train", "validation"] and (meta["documents"], meta["val_documents"]) == (15, 3)
+    # What contradicts it, or leaves val empty, is one line
+    for argv, message in ((["--split", "position"], "--split position and --val-input both say what val is"),
+                          (["--val-fraction", "0.2"], "--val-fraction 0.2 and --val-input both say what val is")):
+        assert main(["prepare", "--input", str(train), "--val-input", str(val), "--tokenizer", str(tok), "--out",
+                     str(tmp_path / "e"), *argv]) == 2
+        assert message in capsys.readouterr().err
+    write(tmp_path / "empty.jsonl", "\n")
+    with pytest.raises(HomeLLMError, match="empty.jsonl"):
+        prepare(PrepareConfig(input=[str(train)], val_input=[str(tmp_path / "empty.jsonl")], tokenizer=str(tok),
+                              out=str(tmp_path / "e")))
+
+
 def test_hf_inputs_stream_through_the_real_datasets_package(tmp_path):
     """The hub's loading code itself, offline: a local folder in the hub's layout streams as a dataset would."""
     pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")

@@ -95,6 +95,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from homellm.data import prepare
 
     cfg = build(PrepareConfig, args)
+    if cfg.val_input and "val_fraction" in pick(args, PrepareConfig):
+        raise HomeLLMError(f"--val-fraction {cfg.val_fraction} and --val-input both say what val is: give one "
+                           "(--val-input holds out its own text whole)")
     meta = prepare(cfg)
     print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) from "
           f"{meta['documents']:,} document{'s' * (meta['documents'] != 1)} written to {cfg.out}")

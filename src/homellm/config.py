@@ -179,6 +179,8 @@ class PrepareConfig:
     aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer,
     # and write gaiji notes, ／＼ and 〔accents〕 as the characters they stand for
     val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
+    val_input: list[str] = field(default_factory=list)  # instead: val is these inputs, whole, and train all of
+    # --input: your own val.txt, or a hub dataset's validation split (hf:roneneldan/TinyStories:validation)
     split: str = "document"  # document: each to val or train by a hash of its start; position: the tokens' last part
     # (as nanoGPT; for a few documents of uneven length). By document, text added later keeps its side.
     shard_tokens: int = 100_000_000  # tokens per shard file

@@ -1012,7 +1012,13 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
         raise HomeLLMError(f"--shard-tokens {cfg.shard_tokens} must be positive")
     if cfg.split not in ("document", "position"):
         raise HomeLLMError(f"--split {cfg.split!r} is unknown: use document or position")
-    if cfg.val_fraction > 0.5:  # read as the training share, a common slip, it would train on the smaller part
+    if cfg.val_input and cfg.split == "position":
+        raise HomeLLMError("--split position and --val-input both say what val is: give one (--val-input holds out "
+                           "its own text whole)")
+    if cfg.val_input and nanogpt_folder(cfg.input):
+        raise HomeLLMError(f"--val-input with nanoGPT's {cfg.input[0]}: its val.bin is the val text, used as it is; "
+                           "drop --val-input")
+    if cfg.val_fraction > 0.5 and not cfg.val_input:  # read as the training share, a slip: it trains on the less
         held, kept = (f"{round(100 * f, 6):g}%" for f in (cfg.val_fraction, 1 - cfg.val_fraction))
         print(f"note: --val-fraction {cfg.val_fraction} holds out {held} of the text for validation and trains on "
               f"{kept}; it is the validation share (the default is 0.1)", file=sys.stderr)
@@ -1181,7 +1187,9 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     # in blocks, which text before it moves (a key of the first piece alone moved documents of a grown file).
     at_doc, key, at_side, held = -1, "", None, []
 
-    def flush(batch: list[Piece]) -> None:
+    def flush(batch: list[Piece], side: str | None) -> None:
+        """Tokenize and write a batch; `side` puts every document on one side (--val-input), else each one's start
+        decides."""
         nonlocal docs, val_docs, tokens, unknown, fresh, at_doc, key, at_side, held
         if not tokens and (note := tok.round_trip_note(batch[0].text[:_ROUND_TRIP_CHARS])):
             # An imported WordPiece lowercases, an NFKC one turns full-width letters half-width: say so once.
@@ -1191,7 +1199,7 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
         parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch])):
             if piece.doc != at_doc:
-                at_doc, key, at_side, held = piece.doc, "", None, []
+                at_doc, key, at_side, held = piece.doc, "", side, []
             array = np.asarray(ids, dtype=np.uint32)
             tokens += len(array)
             if unk_id is not None and (n := int((array == unk_id).sum())):
@@ -1223,26 +1231,37 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
         bar.update(read[0] - bar.n)  # the bytes of the files read, as the bar's total counts them
 
     read = [0]
-    with progress_bar(total=input_bytes(cfg.input), unit="B", unit_scale=True, unit_divisor=1024,
+    # With --val-input, --input is all train and the val inputs all val: read one after the other.
+    sources = [(cfg.input, "train"), (cfg.val_input, "val")] if cfg.val_input else [(cfg.input, None)]
+    sizes = [input_bytes(inputs) for inputs, _ in sources]
+    with progress_bar(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True, unit_divisor=1024,
                       desc="prepare") as bar:
-        batch: list[Piece] = []
-        size = 0
-        for piece in iter_documents(cfg.input, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora, read,
-                                    tok.cuts_at_lines):
-            batch.append(piece)
-            size += len(piece.text)
-            if size >= _BATCH_CHARS:
-                flush(batch)
-                batch, size = [], 0
-        if batch:
-            flush(batch)
+        for inputs, side in sources:
+            batch: list[Piece] = []
+            size = 0
+            at_doc = -1  # (each source counts its documents from 0)
+            for piece in iter_documents(inputs, cfg.text_field, cfg.encoding, cfg.max_docs, cfg.aozora, read,
+                                        tok.cuts_at_lines):
+                batch.append(piece)
+                size += len(piece.text)
+                if size >= _BATCH_CHARS:
+                    flush(batch, side)
+                    batch, size = [], 0
+            if batch:
+                flush(batch, side)
     for w in writers.values():
         w.close()
     commonest = sorted(unknown_chars, key=lambda c: (-unknown_chars[c], c))
-    check_unknown(unknown, tokens, commonest, "tokens", cfg.tokenizer, " ".join(cfg.input), fix=unknown_fix)
+    check_unknown(unknown, tokens, commonest, "tokens", cfg.tokenizer, " ".join([*cfg.input, *cfg.val_input]),
+                  fix=unknown_fix)
 
     split = "document"
-    if cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
+    if cfg.val_input:
+        split = "inputs"
+        if not writers["val"].tokens:
+            raise HomeLLMError(f"--val-input {' '.join(cfg.val_input)}: no text in it to hold out: give the files "
+                               "(or hub split) of your validation text")
+    elif cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
         split = "position"
         if cfg.split == "document":  # (it was said nowhere but in `info`)
             why = "one document" if docs == 1 else f"all {docs} documents fell on one side"
@@ -1269,9 +1288,10 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
         "val_bytes": writers["val"].bytes,
         "documents": docs,
         "unknown_tokens": unknown,  # characters a char tokenizer never saw, written as <|unk|>
-        "val_documents": val_docs if split == "document" else None,
-        "split": split,
+        "val_documents": val_docs if split != "position" else None,
+        "split": split,  # document, position, or inputs (val is --val-input)
         "inputs": list(cfg.input),
+        **({"val_inputs": list(cfg.val_input)} if cfg.val_input else {}),
         "text_field": cfg.text_field,
         "encoding": cfg.encoding,
         "aozora": cfg.aozora,

@@ -139,8 +139,9 @@ def describe(run: str | Path) -> str:
     if "data_meta" in cfg:
         m = cfg["data_meta"]
         # Runs trained on a task's own batches (the quickstart) record tokens only, not documents or the split.
-        docs = (f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} (split by {m.get('split', '?')})"
-                if "documents" in m else "")
+        split = (f"val: {' '.join(m.get('val_inputs', []))}" if m.get("split") == "inputs"
+                 else f"split by {m.get('split', '?')}")
+        docs = f" from {m['documents']:,} document{'s' * (m['documents'] != 1)} ({split})" if "documents" in m else ""
         where = run_data(run, cfg.get("data_dir")) or cfg.get("data_dir")
         out += ["", f"data {where}: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens{docs}"]
     if "imported_from" in cfg:  # trained elsewhere: its saved training settings are defaults nothing ran with

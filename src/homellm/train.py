@@ -1327,7 +1327,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     meta = read_meta(data_dir)
     if note := staged_note(data_dir):
         say(f"note: {note}")
-    kept = ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split")
+    kept = ("train_tokens", "val_tokens", "train_bytes", "val_bytes", "documents", "split", "val_inputs")
     if cfg.epochs > 0:
         # Windows are drawn at random (nanoGPT's sampling): an epoch is as many tokens as the split holds, read in
         # random windows, not one pass over each window.
@@ -1340,7 +1340,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         say(f"note: --patience {cfg.patience} counts evaluations, and --eval-every 0 makes none: no early stopping "
             "(and no `best` checkpoint)")
     return train(model_cfg, cfg, data, tok, init=start, extra_config={"data_dir": str(data_dir.resolve()),
-                                                                      "data_meta": {k: meta[k] for k in kept}})
+                                                                      "data_meta": {k: meta[k] for k in kept
+                                                                                    if k in meta or k != "val_inputs"}})
 
 
 # What `pretrain --init` may set otherwise than the trained run: not what its weights are.
