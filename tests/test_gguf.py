@@ -99,6 +99,7 @@ def test_a_gguf_file_computes_homellms_logits_in_llama_cpps_conventions(tmp_path
     types = meta["tokenizer.ggml.token_type"]
     assert types[tok.im_end_id] == gguf.TokenType.CONTROL and types[tok.encode("R")[0]] == gguf.TokenType.NORMAL
     assert "tokenizer.ggml.eot_token_id" not in meta  # a pretrained run: it ends text, not turns
+    assert "tokenizer.chat_template" not in meta  # nor are prompts wrapped in turns for it (Ollama, llama-cli)
     if family == "llama":  # an added token that is not special: llama.cpp reads it whole only as USER_DEFINED
         from tokenizers import AddedToken
 

@@ -200,9 +200,11 @@ def export_gguf(run: str | Path, out: str | Path, checkpoint: str = "best", dtyp
         writer.add_pad_token_id(tok.pad_id)
         # homellm's models start text as it comes, with no token before it; an imported Llama 3 after its bos.
         writer.add_add_bos_token(tok.bos_id is not None)
-        writer.add_chat_template(chat_template(tok.system))
         if chat:
+            writer.add_chat_template(chat_template(tok.system))
             writer.add_eot_token_id(tok.im_end_id)  # a chat model's turn ends here: llama.cpp stops generating
+        # A pretrained run's file has no template: Ollama then sends the prompt as written, and llama-cli continues
+        # it, where with one they wrapped it in ChatML turns the model never saw (and it wrote on past them).
         for name, tensor in gguf_tensors(model).items():
             array = tensor.detach().float().numpy()
             writer.add_tensor(name, array.astype(NUMPY_TYPES[dtype]) if array.ndim == 2 else array)
