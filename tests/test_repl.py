@@ -152,8 +152,10 @@ def test_slash_commands_change_what_generation_uses(chat_run, calls):
 
 def test_an_input_methods_full_width_slash_and_space_still_make_commands(chat_run, calls):
     """`/temperature　0.3` (an ideographic space) was an unknown command, and `／help` went to the model."""
-    chat, text = run_chat(chat_run, "/temperature\u30000.3", "／top_k　7", "／help", "／ｔｏｐ＿ｐ　０．５", "hello")
-    assert (chat.cfg.temperature, chat.cfg.top_k, chat.cfg.top_p) == (0.3, 7, 0.5) and "/max_tokens" in text
+    chat, text = run_chat(chat_run, "/temperature\u30000.3", "／top_k　7", "\u3000／help", "　／ｔｏｐ＿ｐ　０．５",
+                          " /seed 3", "hello")
+    assert (chat.cfg.temperature, chat.cfg.top_k, chat.cfg.top_p, chat.cfg.seed) == (0.3, 7, 0.5, 3)
+    assert "/max_tokens" in text
     assert [c.temperature for _, c in calls] == [0.3]  # one message, the last: the commands reached no model
 
 

@@ -295,13 +295,16 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
             if (line := _fenced(line, input_fn, chat)) is not None:
                 chat.reply(line)
             continue
-        if line.startswith("／"):  # a Japanese or Chinese input method's full-width slash
-            line = "/" + line[1:]
-        if line.startswith("/") and not line.startswith("//"):
-            if not chat.command(line.strip()):
+        # A command may follow spaces (an input method's ideographic one: ` /help` went to the model) and start
+        # with a Japanese or Chinese input method's full-width slash.
+        head = line.lstrip()
+        if head.startswith("／"):
+            head = "/" + head[1:]
+        if head.startswith("/") and not head.startswith("//"):
+            if not chat.command(head.strip()):
                 return chat
             continue
-        chat.reply(line[1:] if line.startswith("//") else line)
+        chat.reply(head[1:] if head.startswith("//") else line)
 
 
 FENCE = '"""'
