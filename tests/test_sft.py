@@ -527,9 +527,14 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
     assert "lora_rank: run has 4, asked 2" in err("sft", "--out", str(out), "--resume", "--lora-rank", "2",
                                                   "--max-steps", "30")
     more = qa_file(tmp_path / "more.jsonl", 20, seed=1)
+    before = json.loads((out / "last" / "checkpoint.json").read_text())["step"]
+    said = err("sft", "--out", str(out), "--resume", "--data", str(more), "--max-steps", "22", "--eval-every", "1",
+               code=0)
     assert f"note: resuming on {more}, not the conversations the run began with ({data}); the held-out " \
-           "conversations are drawn again" in err("sft", "--out", str(out), "--resume", "--data", str(more),
-                                                  "--max-steps", "22", code=0)
+           "conversations are drawn again" in said
+    # Its val loss compares with none before: `best` starts again (chat, eval and export read weights from before)
+    assert "`best` and --patience start again from its first evaluation" in said
+    assert json.loads((out / "best" / "checkpoint.json").read_text())["step"] > before
     # As silent before: another --max-conversations changes the held-out conversations just as other data does.
     assert "note: resuming on the first 15 conversations, not all the conversations as the run began; the held-out " \
            "conversations are drawn again" in err("sft", "--out", str(out), "--resume", "--max-conversations", "15",

@@ -288,8 +288,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
                        [f"{' '.join(cfg.data)}, changed since the run began on it"])
         if reasons:
             say(f"note: resuming on {'; and on '.join(reasons)}; the held-out conversations are drawn again, so val "
-                "loss is over others than before (perhaps some trained on), and `best` compares it with the old val "
-                "set's")
+                "loss is over others than before (perhaps some trained on)")
     n_rows = len(data.rows["train"][0])
     say(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
         f"({stats['val_conversations']:,} held out), {n_rows:,} training rows of {model_cfg.block_size} tokens"

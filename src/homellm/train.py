@@ -646,20 +646,23 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         best_val, bad_evals = state["best_val"], state["bad_evals"]
         # The data the checkpoint trained on (its state keeps it: config.json takes the new data's at once, before
         # a session killed early writes any checkpoint); runs from before it was kept, config.json's.
-        trained_on = state.get("data_meta") or load_json(run / "config.json").get("data_meta")
-        now = (extra_config or {}).get("data_meta")
+        trained_on = state.get("data_meta") or _data_identity(load_json(run / "config.json"))
+        now = _data_identity(extra_config or {})
         if trained_on and now and now != trained_on:
-            # Other data (text added to a relay's corpus): its val loss compares with none measured before, so
-            # `best` and --patience start again from its first evaluation (the old best stood for good, and stopped
-            # the run early while the new val loss fell).
+            # Other data (text added to a relay's corpus, other conversations for sft): its val loss compares with
+            # none measured before, so `best` and --patience start again from its first evaluation (the old best
+            # stood for good, and stopped the run early while the new val loss fell; sft's chat, eval and export
+            # then read weights from before the new training).
             best_val, bad_evals = math.inf, 0
-            # (a folder that changed, or another folder given with --resume: the message fits both)
-            say(f"note: the data in {(extra_config or {}).get('data_dir')} is not what {run} last trained on "
-                f"({trained_on.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): training "
-                "goes on with it, and its val loss compares with none before it: `best` and --patience start "
-                "again from its first evaluation"
-                + ("; the split is by position, so val may now hold text trained on before"
-                   if now.get("split") == "position" and trained_on.get("split") == "position" else ""))
+            again = "`best` and --patience start again from its first evaluation"
+            if "sft_data" in (extra_config or {}):  # (sft has said what changed)
+                say(f"note: its val loss compares with none before it: {again}")
+            else:  # (a folder that changed, or another folder given with --resume: the message fits both)
+                say(f"note: the data in {(extra_config or {}).get('data_dir')} is not what {run} last trained on "
+                    f"({trained_on.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): "
+                    f"training goes on with it, and its val loss compares with none before it: {again}"
+                    + ("; the split is by position, so val may now hold text trained on before"
+                       if now.get("split") == "position" and trained_on.get("split") == "position" else ""))
         info = load_json(folder / "checkpoint.json")
         resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
         # Else a run that stopped short of its budget for the final evaluation would go on past it.
@@ -751,7 +754,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                      "step": step, "tokens": tokens, "elapsed": elapsed, "best_val": best_val,
                      "bad_evals": bad_evals, "rng": rng, "data_position": step,
                      "warmup_at": list(warmup_at) if warmup_at else None,
-                     "final_eval": [eval_room, eval_measured], "data_meta": (extra_config or {}).get("data_meta")}
+                     "final_eval": [eval_room, eval_measured], "data_meta": _data_identity(extra_config or {})}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
     bar = progress_bar(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time),
@@ -1236,6 +1239,12 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
                           val_fraction=cfg.val_fraction, split=cfg.split),
             extra_meta={"pretrain_inputs": settings})
     return data_dir
+
+
+def _data_identity(config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run trains on, to tell other data on resume: pretraining's data_meta (tokens, documents, split), or
+    sft's conversation counts and checksum."""
+    return config.get("data_meta") or config.get("sft_data")
 
 
 def check_end(cfg: TrainConfig) -> None:
