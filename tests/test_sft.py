@@ -390,6 +390,10 @@ def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, cap
     assert "--epochs 1.5: 11 steps of 4 rows read the 28 training rows 1.5 times over" in err
     steps_for_epochs(replace(train_cfg, epochs=1.0), 28, 1, "rows")
     assert "--epochs 1: 7 steps of 4 rows read the 28 training rows once\n" in capsys.readouterr().err
+    # A set smaller than a step: one step of 16 reads 3 rows 5.3 times, not the 2 asked ("1 steps ... 2 times")
+    steps_for_epochs(replace(train_cfg, epochs=2.0, batch_size=16), 3, 1, "rows")
+    assert "--epochs 2: 1 step of 16 rows read the 3 training rows 5.3 times over, not 2: one step holds more than " \
+           "they ask (a smaller --batch-size reads fewer: now 16 rows a step)" in capsys.readouterr().err
     assert "sample: 'what does she see?' -> '" in err  # --sample-prompt asks the question
     with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length"):
         run_length({"max_steps": 5, "epochs": 2.0})

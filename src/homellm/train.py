@@ -1098,8 +1098,16 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     grad_accum rows of `per_row` units a step on every process; said once, under torchrun too."""
     per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * per_row
     cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
-    say(f"--epochs {cfg.epochs:g}: {cfg.max_steps:,} steps of {per_step:,} {unit} read the {total:,} training {unit} "
-        f"{'once' if cfg.epochs == 1 else f'{cfg.epochs:g} times over'}{how}")
+    steps = f"{cfg.max_steps:,} step{'s' * (cfg.max_steps != 1)} of {per_step:,} {unit}"
+    read = cfg.max_steps * per_step / max(total, 1)
+    if read > 1.25 * cfg.epochs:  # a step holds more than the epochs ask (3 rows, 16 a step): say what is read
+        rows = cfg.batch_size * cfg.grad_accum
+        say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} {read:.1f} times over{how}, not "
+            f"{cfg.epochs:g}: one step holds more than they ask (a smaller --batch-size reads fewer: now {rows} rows "
+            "a step)")
+    else:
+        say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} "
+            f"{'once' if cfg.epochs == 1 else f'{cfg.epochs:g} times over'}{how}")
     return cfg
 
 
