@@ -709,7 +709,10 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     more = pretrain(model_cfg, replace(timed, max_steps=18, max_time=0))
     err = capsys.readouterr().err
     assert (more["steps"], more["stop"]) == (18, "max_steps") and "already finished" not in err
-    assert "note: the run now ends at --max-steps 18 --max-time 0 (it was 16 and 0): the learning rate's" in err
+    # (limits never set are not named: "--max-time 0 (it was 16 and 0)" read as a budget of 0 s)
+    assert "note: the run now ends at --max-steps 18 (it was --max-steps 16): the learning rate's" in err
+    pretrain(model_cfg, replace(timed, max_time=55, max_steps=21))
+    assert "now ends at --max-steps 21 or --max-time 55 (it was --max-steps 18)" in capsys.readouterr().err
 
 
 def fake_clock(monkeypatch, reading: float, evaluation: float = 0.0, save: float = 0.0) -> None:

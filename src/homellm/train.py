@@ -688,9 +688,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             print(f"resuming {run} from {resumed_from.name} at step {step}", file=sys.stderr)
             was = read_config(run)[1]
             if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):  # said below, if it trains
-                ends_note = (f"note: the run now ends at --max-steps {cfg.max_steps} --max-time {cfg.max_time:g} (it "
-                             f"was {was.max_steps} and {was.max_time:g}): the learning rate's decay stretches to the "
-                             "new end, so the rate moves at once from where it was")
+                def end(c: TrainConfig) -> str:  # (a limit of 0, never set, read as one: "--max-steps 0")
+                    limits = [f"--max-steps {c.max_steps}"] * (c.max_steps > 0) + [f"--max-time {c.max_time:g}"] * (
+                        c.max_time > 0)
+                    return " or ".join(limits) or "no limit"
+
+                ends_note = (f"note: the run now ends at {end(cfg)} (it was {end(was)}): the learning rate's decay "
+                             "stretches to the new end, so the rate moves at once from where it was")
     elif env.main:
         metrics_path.unlink(missing_ok=True)
     # A resume that trains nothing (below) puts this back: the flags it was given never trained
