@@ -617,8 +617,14 @@ def test_more_key_value_heads_than_query_heads_is_named_as_such():
     from homellm.config import ModelConfig
 
     with pytest.raises(HomeLLMError, match=r"--n-head 2 is not divisible by --n-kv-head 8 \(key/value heads are at "
-                                           r"most the query heads: 2 or a divisor of it\): change one"):
+                                           r"most the query heads\): use --n-kv-head 1 or 2, or another --n-head"):
         ModelConfig(n_head=2, n_kv_head=8, n_embd=32).validate()
+    with pytest.raises(HomeLLMError, match=r"--n-kv-head 3: use --n-kv-head 1, 2 or 4, or another --n-head$"):
+        ModelConfig(n_head=4, n_kv_head=3, n_embd=32).validate()
+    # (RoPE's odd head size: the size, and the nearest widths that make it even)
+    with pytest.raises(HomeLLMError, match=r"RoPE needs an even head size, and --n-embd 100 / --n-head 4 is 25: "
+                                           r"change one \(e.g. --n-embd 96 or --n-embd 104\)$"):
+        ModelConfig(family="llama", n_head=4, n_kv_head=4, n_embd=100).validate()
 
 
 def test_pretrain_help_says_what_each_preset_is_for(capsys):

@@ -522,6 +522,8 @@ def test_lora_trains_adapters_only_and_merging_keeps_the_function(tmp_path, base
         return capsys.readouterr().err
 
     assert "not a LoRA run" in err("merge", str(base_run), "--out", str(tmp_path / "m2"))
+    assert f"resume it with `homellm pretrain --out {base_run} --resume`" in err("sft", "--out", str(base_run),
+                                                                                  "--resume")
     # A merged run holds weights only: --resume was an AttributeError (sft) or advice to run that (pretrain).
     for verb in ("sft", "pretrain"):
         assert f"{tmp_path / 'merged'} is a merged run (weights only, nothing to resume): fine-tune it further with " \

@@ -88,13 +88,18 @@ class ModelConfig:
             raise HomeLLMError(f"{head}{name('n_embd')} {self.n_embd} is not divisible by {name('n_head')} "
                                f"{self.n_head}: {fix}")
         if self.n_head % self.n_kv_head:  # (each key/value head serves a whole group of query heads)
-            more = f" (key/value heads are at most the query heads: {self.n_head} or a divisor of it)" \
-                if self.n_kv_head > self.n_head else ""
+            *rest, last = [str(d) for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            divisors = f"{', '.join(rest)} or {last}" if rest else last
+            more = " (key/value heads are at most the query heads)" if self.n_kv_head > self.n_head else ""
             raise HomeLLMError(f"{head}{name('n_head')} {self.n_head} is not divisible by {name('n_kv_head')} "
-                               f"{self.n_kv_head}{more}: {fix}")
-        if self.family == "llama" and (self.n_embd // self.n_head) % 2:
-            raise HomeLLMError(f"{head}RoPE needs an even head size (n_embd / n_head): "
-                               + (fix if where else "change --n-embd or --n-head"))
+                               f"{self.n_kv_head}{more}: " + (fix if where else f"use {name('n_kv_head')} "
+                                                                                f"{divisors}, or another --n-head"))
+        if self.family == "llama" and (size := self.n_embd // self.n_head) % 2:
+            # (the next even head sizes, as n_embd for the same heads)
+            near = " or ".join(f"{name('n_embd')} {self.n_head * s}" for s in (size - 1, size + 1) if s > 0)
+            raise HomeLLMError(f"{head}RoPE needs an even head size, and {name('n_embd')} {self.n_embd} / "
+                               f"{name('n_head')} {self.n_head} is {size}: "
+                               + (fix if where else f"change one (e.g. {near})"))
 
 
 @dataclass

@@ -160,7 +160,7 @@ def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple
         saved = load_json(out / "config.json")
         if "sft" not in saved:
             raise HomeLLMError(f"{out} is not an SFT run (no sft section in config.json): resume it with "
-                               "`homellm pretrain --resume`")
+                               f"`homellm pretrain --out {typed(out)} --resume`")
         cfg = replace(from_dict(SFTConfig, saved["sft"], f"{out}/config.json sft"), **sft_flags)
         return cfg, replace(read_config(out)[1], **train_flags)
     cfg = SFTConfig(**sft_flags)
