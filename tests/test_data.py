@@ -266,6 +266,13 @@ def test_jsonl_custom_field_and_errors(tmp_path, capsys):
     with pytest.raises(HomeLLMError) as e:
         docs([str(good)])
     assert f"{good}:1: no field 'text'" in str(e.value) and "body" in str(e.value) and "--text-field" in str(e.value)
+    # Conversations read as text: no --text-field reads them (messages is a list; Alpaca's text is three fields)
+    chats = write(tmp_path / "chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    alpaca = write(tmp_path / "al.jsonl", '{"instruction": "add", "input": "1 2", "output": "3"}\n')
+    for path, kind in ((chats, "messages"), (alpaca, "Alpaca instructions")):
+        with pytest.raises(HomeLLMError, match=re.escape(f"these are {kind}, which `homellm sft --init RUN --data "
+                                                         f"{path}` fine-tunes a trained run on")):
+            docs([str(path)])
     bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n')
     with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line .*: fix or delete the line$"):
         docs([str(bad)])

@@ -761,11 +761,25 @@ def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Itera
         if not isinstance(obj, dict) or field not in obj:
             fields = ", ".join(obj) if isinstance(obj, dict) else f"{_a(obj)}, not an object"
             fix = (f"fix or delete the line ({had:,} line(s) before it hold {field!r})" if had else
-                   "pass --text-field with the field that holds the text")
+                   _conversations_fix(obj, path) or "pass --text-field with the field that holds the text")
             raise HomeLLMError(f"{where}: no field {field!r} (found: {fields}): {fix}")
         had += 1
         if text := _text(obj[field], where, field):
             yield text
+
+
+def _conversations_fix(record: Any, source: str | Path) -> str:
+    """For a record of conversations (OpenAI's messages, ShareGPT, Alpaca, prompt/completion) read as text: what
+    reads them. No --text-field does: `messages` is a list, and Alpaca's text is three fields."""
+    if not isinstance(record, dict):
+        return ""
+    kinds = (("messages", "messages"), ("conversations", "ShareGPT conversations"), ("conversation", "conversations"),
+             ("instruction", "Alpaca instructions"), ("completion", "prompt/completion pairs"))
+    for key, kind in kinds:
+        if key in record:
+            return (f"these are {kind}, which `homellm sft --init RUN --data {typed(str(source))}` fine-tunes a "
+                    "trained run on; pretraining and tokenizers read plain text (a .txt, or a field of text)")
+    return ""
 
 
 def _record_pieces(text: str, lines: bool) -> Iterator[tuple[str, bool]]:
@@ -920,7 +934,8 @@ def _hf_rows(spec: str, field: str, rows: Iterable[dict[str, Any]], lines: bool 
     for i, row in hf_records(spec, rows):
         if field not in row:
             raise HomeLLMError(f"{spec}: row {i} has no field {field!r} (found: {', '.join(row)}): "
-                               "pass --text-field with the field that holds the text")
+                               + (_conversations_fix(row, spec) or "pass --text-field with the field that holds "
+                                  "the text"))
         if lines:
             yield row[field] + "\n"
         elif text := _text(row[field], f"{spec}: row {i}", field):
