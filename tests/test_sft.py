@@ -1004,3 +1004,30 @@ def test_flags_that_do_nothing_here_are_said(tmp_path, base_run, capsys):
         TrainConfig(out=str(tmp_path / "o2"), max_steps=1, eval_every=1, batch_size=1, seed=seed))
     assert "note: no evaluation, so no `best` checkpoint: the 1 held-out conversation is longer than the model's" \
         in capsys.readouterr().err
+
+
+def test_eval_loss_scores_the_replies_of_a_file_of_conversations(tmp_path, base_run, capsys):
+    """`eval --task loss --data chat.jsonl`: the replies scored as sft trains them (the conversation's other tokens
+    read, not scored), every conversation once; it was refused ("no field 'text'", then "'messages' is a list")."""
+    import torch.nn.functional as F
+
+    from homellm.cli import main
+
+    data = qa_file(tmp_path / "qa.jsonl", 9)
+    assert main(["eval", str(base_run), "--task", "loss", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert "evaluating the replies of 9 conversations" in captured.err and "reply loss (nats/token)" in captured.out
+    scored = json.loads((base_run / "eval_loss.json").read_text())
+    model, tok = load_model(base_run), Tokenizer.load(base_run)
+    nats = tokens = nbytes = 0.0
+    for conversation in read_conversations([str(data)])[0]:  # one at a time, unpacked: the same figure
+        ids, mask = render(tok, conversation)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]]))[0][0]
+        targets = torch.tensor(ids[1:])
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")[torch.tensor(mask[1:])]
+        nats, tokens = nats + losses.sum().item(), tokens + len(losses)
+        nbytes += sum(int(tok.token_bytes()[t]) for t, m in zip(ids[1:], mask[1:]) if m)
+    assert scored["scored"] == "replies" and scored["conversations"] == 9
+    assert scored["val_loss"] == pytest.approx(nats / tokens, rel=1e-4)
+    assert scored["val_bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-4)

@@ -22,6 +22,7 @@ import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -768,17 +769,28 @@ def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Itera
             yield text
 
 
-def _conversations_fix(record: Any, source: str | Path) -> str:
-    """For a record of conversations (OpenAI's messages, ShareGPT, Alpaca, prompt/completion) read as text: what
-    reads them. No --text-field does: `messages` is a list, and Alpaca's text is three fields."""
-    if not isinstance(record, dict):
-        return ""
+def conversation_kind(record: Any) -> str:
+    """What kind of conversation a record is (OpenAI's messages, ShareGPT, Alpaca, prompt/completion), "" for
+    none: sft reads them, and no --text-field reads them as text (`messages` is a list, Alpaca's text three fields)."""
     kinds = (("messages", "messages"), ("conversations", "ShareGPT conversations"), ("conversation", "conversations"),
              ("instruction", "Alpaca instructions"), ("completion", "prompt/completion pairs"))
-    for key, kind in kinds:
-        if key in record:
-            return (f"these are {kind}, which `homellm sft --init RUN --data {typed(str(source))}` fine-tunes a "
-                    "trained run on; pretraining and tokenizers read plain text (a .txt, or a field of text)")
+    return next((kind for key, kind in kinds if key in record), "") if isinstance(record, dict) else ""
+
+
+def first_record(path: Path) -> Any:
+    """A .jsonl or .json file's first record, None where it has none or is not one."""
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+        return None
+    with closing(jsonl_records(path)) as records:
+        return next((record for _, record in records), None)
+
+
+def _conversations_fix(record: Any, source: str | Path) -> str:
+    """For a record of conversations read as text: what reads them."""
+    if kind := conversation_kind(record):
+        return (f"these are {kind}, which `homellm sft --init RUN --data {typed(str(source))}` fine-tunes a trained "
+                "run on, and `homellm eval RUN --task loss --data FILE` scores; pretraining and tokenizers read plain "
+                "text (a .txt, or a field of text)")
     return ""
 
 

@@ -21,7 +21,7 @@ import torch
 from homellm.chat import PROMPT_FIELDS
 from homellm.checkpoint import chat_model_beside, run_config_path
 from homellm.config import IM_END, EvalConfig, load_json
-from homellm.data import nanogpt_folder
+from homellm.data import conversation_kind, first_record, nanogpt_folder
 from homellm.errors import HomeLLMError, typed
 from homellm.info import table
 from homellm.io import atomic_write_text, progress_bar, say
@@ -174,9 +174,12 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         if found is None:
             what = (f"no longer finds the prepared data it was trained on ({saved})" if saved else
                     "was not trained on a prepared data folder (fine-tuned or merged runs are not)")
+            chat = ", or a .jsonl of conversations to score its replies" if "sft" in config else ""
             raise HomeLLMError(f"{run} {what}: pass --data, a folder made by `homellm prepare --tokenizer "
-                               f"{typed(run)}`")
+                               f"{typed(run)}`{chat}")
         data_dir = found
+    # A file of conversations (OpenAI's messages, ShareGPT, Alpaca): its replies scored, as sft's val loss is
+    chats = raw and bool(conversation_kind(first_record(Path(cfg.data))))
     model_cfg, train_cfg = read_config(run)
     run_tok = Tokenizer.load(run)
     tok = run_tok if raw else Tokenizer.load(data_dir)
@@ -195,6 +198,8 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
     env = setup_env(TrainConfig(device=cfg.device, dtype=train_cfg.dtype if as_trained else "auto"))
     model = load_model(run, cfg.checkpoint, env.device)
     batch = min(cfg.batch_size, 64)  # windows of a whole context each: 64 keep the memory of one batch modest
+    if chats:
+        return _conversations_loss(run, cfg, model, tok, model_cfg.block_size, batch, env)
     if raw:
         from homellm.config import PrepareConfig
         from homellm.data import open_split, prepare
@@ -234,6 +239,28 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         raise HomeLLMError(f"--data {data.no_val}")
     return _report_loss(run, {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint,
                               "batches": batches, "batch_size": batch, **result})
+
+
+def _conversations_loss(run: Path, cfg: EvalConfig, model: GPT, tok: Tokenizer, block: int, batch: int,
+                        env: Any) -> dict[str, Any]:
+    """Loss and bits per byte of the replies in a file of conversations, rendered and masked as sft trains them:
+    a chat model's figure on conversations of your own, comparable with its sft val loss."""
+    from homellm.chat import read_conversations
+    from homellm.config import SFTConfig
+    from homellm.sft import ChatBatches
+    from homellm.train import evaluate
+
+    conversations, _ = read_conversations([cfg.data])
+    data = ChatBatches(conversations, tok, block, 0, SFTConfig(), all_val=True)
+    rows = len(data.rows["val"][0])
+    cut = f"; {data.stats['truncated']} cut at the model's {block}-token context" if data.stats["truncated"] else ""
+    print(f"evaluating the replies of {len(conversations):,} conversation{'s' * (len(conversations) != 1)} in "
+          f"{cfg.data}, as sft's val loss scores them{cut}", file=sys.stderr)
+    result = evaluate(model, data, batch, math.ceil(rows / batch), env)
+    if result is None:
+        raise HomeLLMError(f"--data {cfg.data}: no reply fits the model's {block}-token context to score")
+    return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "scored": "replies",
+                              "conversations": len(conversations), **result}, of="reply ")
 
 
 def _report_loss(run: Path, result: dict[str, Any], of: str = "val ") -> dict[str, Any]:

@@ -64,14 +64,17 @@ class ChatBatches:
     """Rows of rendered conversations with targets only on trained tokens; epochs in a seeded order."""
 
     def __init__(self, conversations: list[list[Message]], tok: Tokenizer, block_size: int, seed: int,
-                 cfg: SFTConfig):
+                 cfg: SFTConfig, all_val: bool = False):
+        """all_val: every conversation is val, none trains (eval scores a file of them)."""
         self.seed, self.token_bytes = seed, tok.token_bytes()
         self._orders: dict[int, np.ndarray] = {}
         if cfg.overlong not in ("truncate", "skip"):
             raise HomeLLMError(f"--overlong {cfg.overlong!r} is unknown: use truncate or skip")
         order = np.random.default_rng(seed).permutation(len(conversations))
         n_val = int(round(cfg.val_fraction * len(conversations)))
-        if cfg.val_fraction > 0 and len(conversations) >= 2:
+        if all_val:
+            n_val = len(conversations)
+        elif cfg.val_fraction > 0 and len(conversations) >= 2:
             n_val = min(max(n_val, 1), len(conversations) - 1)  # at least one on each side
         else:
             n_val = 0
@@ -86,7 +89,7 @@ class ChatBatches:
         # to something it has not trained on; not one skipped as too long, which would not fit either.
         self.question = next((m["content"] for i in [*val, *train] if i not in self._skipped
                               for m in conversations[i] if m["role"] == "user"), "")
-        if not len(self.rows["train"][0]):
+        if not len(self.rows["train"][0]) and not all_val:
             # (--overlong truncate is advice only where it keeps a reply: one cut before it was refused again)
             fix = ("use --overlong truncate, which keeps the start of each" if self._truncatable else "each cut before "
                    "its first reply: use shorter conversations, or fine-tune a model with a longer context")
