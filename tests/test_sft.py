@@ -1031,3 +1031,31 @@ def test_eval_loss_scores_the_replies_of_a_file_of_conversations(tmp_path, base_
     assert scored["scored"] == "replies" and scored["conversations"] == 9
     assert scored["val_loss"] == pytest.approx(nats / tokens, rel=1e-4)
     assert scored["val_bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-4)
+
+
+def test_one_system_prompt_in_every_conversation_becomes_the_runs_default(tmp_path, base_run, capsys):
+    """Trained after one system prompt, the model is asked after it too: chat began with none (another prompt than
+    every conversation it trained on), unless the user typed it again with --system."""
+    system = "be brief."  # (the base reads the letters of its corpus alone, in 64 tokens)
+    path = tmp_path / "sys.jsonl"
+    rows = [json.loads(line) for line in qa_file(tmp_path / "qa.jsonl", 12).read_text().splitlines()]
+    path.write_text("".join(json.dumps({"messages": [{"role": "system", "content": system}, *r["messages"]]},
+                                       ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for extra in ({}, {"lora_rank": 2}):
+        out = tmp_path / f"run{len(extra)}"
+        cfg, train_cfg = resolve_sft({"init": str(base_run), "data": [str(path)], **extra},
+                                     {"out": str(out), "max_steps": 2, "eval_every": 0})
+        sft(cfg, train_cfg)
+        assert f"note: every conversation starts with the system prompt {system!r}" in capsys.readouterr().err
+        tok = Tokenizer.load(out)
+        assert tok.system == system
+        asked = prompt_ids(tok, [{"role": "user", "content": "what does she see?"}])
+        assert tok.decode(asked).startswith(f"<|im_start|>system\n{system}<|im_end|>")
+    # Conversations with other prompts, or none, keep none
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(path.read_text(encoding="utf-8") + (tmp_path / "qa.jsonl").read_text(), encoding="utf-8")
+    cfg, train_cfg = resolve_sft({"init": str(base_run), "data": [str(mixed)]},
+                                 {"out": str(tmp_path / "mixed"), "max_steps": 1, "eval_every": 0})
+    sft(cfg, train_cfg)
+    assert Tokenizer.load(tmp_path / "mixed").system == ""
+    assert "every conversation starts" not in capsys.readouterr().err

@@ -257,6 +257,15 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
                                "tokenizer made before they were always included; train the tokenizer again (`homellm "
                                "tokenizer train --kind char`), then prepare and pretrain with it, or use a BPE one")
     data = ChatBatches(conversations, tok, model_cfg.block_size, train_cfg.seed, cfg)
+    # Trained with one system prompt in every conversation, the model answers best after it: kept as the run's
+    # default (the tokenizer's, as an imported chat model's own), so that chat, serve and eval start with it where
+    # a conversation gives none, as the conversations trained did (chat began with none: another prompt).
+    systems = {conv[0]["content"] if conv[0]["role"] == "system" else None for conv in conversations}
+    if len(systems) == 1 and (system := systems.pop()) and system != tok.system:
+        tok.system = system
+        shown = system if len(system) <= 60 else system[:57] + "..."
+        say(f"note: every conversation starts with the system prompt {shown!r}: the run keeps it as its default, "
+            "which chat, serve and eval start with where a conversation gives none (--system replaces it)")
     rows = [data.rows[split][0] for split in ("train", "val")]
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
         text = "".join(m["content"] for conv in conversations for m in conv)
