@@ -201,7 +201,10 @@ def test_read_conversations_formats_and_errors(tmp_path):
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}): "no assistant turn",
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}):
             "message 1 is an empty assistant reply",
-        json.dumps({"instruction": "Add", "output": ""}): "message 1 is an empty assistant reply",
+        json.dumps({"instruction": "Add", "output": ""}): "'output' is empty: training on it teaches the model",
+        json.dumps({"messages": [{"role": "user", "text": "hi"}]}): r"message 0 needs a 'role' and a string "
+                                                                   r"'content' \(found: role, text\)",
+        json.dumps({"messages": [{"role": "user", "content": None}]}): r"'content' \(it is null\)",
         json.dumps({"messages": [{"role": "system", "content": "Be terse."}, {"role": "assistant", "content": "Hi"},
                                  {"role": "user", "content": "hi"}]}): "starts with the assistant",
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."},
@@ -281,7 +284,7 @@ def test_question_and_answer_pairs_are_conversations(tmp_path):
                                                    {"role": "assistant", "content": "Bonjour"}]]
     for record, message in (({"question": "1+1?", "answer": 2}, "'question' and 'answer' must be strings"),
                             ({"question": "1+1?", "answer": "2", "system": 5}, "'system' is 5, not a string"),
-                            ({"question": "1+1?", "answer": ""}, "message 1 is an empty assistant reply"),
+                            ({"question": "1+1?", "answer": ""}, "'answer' is empty"),
                             ({"question": "1+1?"}, "'question' without an answer")):
         pairs.write_text(json.dumps(record) + "\n")
         with pytest.raises(HomeLLMError, match=message):

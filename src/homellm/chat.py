@@ -37,7 +37,9 @@ def check_messages(messages: Any, where: str) -> list[Message]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise HomeLLMError(f"{where}: message {i} needs a 'role' and a string 'content'")
+            found = (f" (found: {', '.join(map(str, m)) or 'nothing'})" if isinstance(m, dict) and "content" not in m
+                     else f" (it is {_json_kind(m['content'])})" if isinstance(m, dict) and "role" in m else "")
+            raise HomeLLMError(f"{where}: message {i} needs a 'role' and a string 'content'{found}")
         role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system prompt
         if role not in ROLES:
             raise HomeLLMError(f"{where}: message {i} has unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
@@ -50,6 +52,12 @@ def check_messages(messages: Any, where: str) -> list[Message]:
             if m["weight"] == 0:
                 out[-1]["weight"] = 0
     return out
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value's kind as the file writes it: null, a number, a list..."""
+    return {type(None): "null", bool: "true or false", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def render(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool = False
@@ -167,6 +175,9 @@ def _conversation(record: Any, where: str) -> list[Message]:
             if not all(isinstance(v, str) for v in [*values, r]):
                 raise HomeLLMError(f"{where}: {' and '.join(repr(k) for k in (*asked, answer) if k in record)} must "
                                    "be strings" + ("" if len(asked) > 1 else " (or both lists of messages)"))
+            if not r.strip():  # (named as the record names it: it has no messages to count)
+                raise HomeLLMError(f"{where}: {answer!r} is empty: training on it teaches the model to say nothing; "
+                                   "fill it in or drop the line")
             user = "\n\n".join(v for v in values if v)
             messages = head + _history(record, where) + [{"role": "user", "content": user},
                                                          {"role": "assistant", "content": r}]
