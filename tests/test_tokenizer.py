@@ -622,3 +622,10 @@ def test_encode_shows_each_token_and_the_characters_a_token_holds(tmp_path, data
     (tmp_path / "gpt2" / "encoder.json").write_text("{}")
     assert main(["tokenizer", "encode", str(tmp_path / "gpt2"), "--text", "x"]) == 2
     assert "make one from them with `homellm tokenizer train --from-file" in capsys.readouterr().err
+
+
+def test_bpe_writes_the_chat_role_names_as_one_token_each(bpe):
+    """A BPE of Japanese and Chinese text split `assistant` into 9 tokens and `user` into 4: some 20 tokens of every
+    exchange's context went to the turn headers."""
+    assert [len(bpe.encode(word)) for word in ("user", "assistant", "system")] == [1, 1, 1]
+    assert len(bpe.encode("<|im_start|>assistant\n", allow_special=True)) == 3
