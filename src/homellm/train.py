@@ -60,7 +60,7 @@ from homellm.config import (
 )
 from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError, typed
-from homellm.io import notes_once, progress_bar, say
+from homellm.io import BusyCores, notes_once, progress_bar, say
 from homellm.model import GPT
 from homellm.muon import Muon, ns_dtype
 from homellm.tokenizer import Tokenizer, unfinished_save
@@ -761,9 +761,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                      "final_eval": [eval_room, eval_measured], "data_meta": _data_identity(extra_config or {})}
             save_checkpoint(run, name, raw, state, {"step": step, "tokens": tokens, **info})
 
+    # A time budget's bar counts its seconds, without a rate ("1.07s/s"); the steps and their rate are beside it.
+    timed_bar = {} if cfg.max_time <= 0 else {
+        "bar_format": "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"}
     bar = progress_bar(total=cfg.max_steps if cfg.max_time <= 0 else int(cfg.max_time),
                        initial=step if cfg.max_time <= 0 else int(elapsed), unit="step" if cfg.max_time <= 0 else "s",
-                       disable=not env.main, desc=f"train {run.name}")
+                       disable=not env.main, desc=f"train {run.name}", **timed_bar)
+    # (one process on a CPU: processes of a run under torchrun are each other's other work)
+    busy = BusyCores() if env.main and env.device.type == "cpu" and env.world == 1 else None
     last_val: dict[str, float] | None = None
     val_step = None  # the step last_val was measured at: a session may end steps after its last evaluation
     stop_reason = "max_steps"
@@ -905,6 +910,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             session_over = cfg.session_time > 0 and elapsed - start_elapsed >= cfg.session_time
             halted = (asked or session_over) and not done
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
+            if busy is not None and (note := busy.note(torch.get_num_threads())):
+                bar.write(note, file=sys.stderr)
 
             if step % cfg.log_every == 0 or done:
                 loss_value = _all_sum([loss_sum.item()], env)[0] / max(float(step_trained), 1.0)
@@ -923,8 +930,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                                        everywhere=True)  # (the loss is averaged over the ranks)
                 # Shown at the bar's next redraw (a terminal's tenth of a second; a log's 30 s): a redraw forced
                 # here wrote a line to a log every log step.
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", refresh=False,
-                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
+                shown = {"step": step} if cfg.max_time > 0 else {}  # (a time budget's bar counts seconds)
+                shown.update(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
+                bar.set_postfix(shown, refresh=False, **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
             else:
                 record = {}
             new_best = False
@@ -977,6 +985,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     stop_reason = "interrupted" if asked else "session_time"
                 elif cfg.max_time > 0 and not 0 < cfg.max_steps <= step and stop_reason == "max_steps":
                     stop_reason = "max_time"  # (it may stop short of the budget: room kept for the final evaluation)
+                    bar.update(bar.total - bar.n)  # the budget is spent (what is left is the evaluation's): 100 %
                 break
     bar.close()
     # (torchrun's kill may be seconds away; and the last step's sample, when it had one, was just shown)
