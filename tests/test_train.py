@@ -861,7 +861,9 @@ def test_batched_muon_equals_torch_muon_bit_for_bit():
     ours = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
-    a, b = Muon(ours, lr=0.02, weight_decay=0.1), torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
+    # (torch's iterates in bfloat16 on every device; ours too where it multiplies bfloat16 natively: ns_dtype)
+    a = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
     for step in range(4):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn(p.shape)
@@ -1334,7 +1336,7 @@ def test_other_work_on_the_cores_is_said_once_with_one_thread_as_the_way_out(tmp
     for threads, env, sample in ((1, {}, (9.0, 1.0, 5.0)), (2, {"OMP_NUM_THREADS": "2"}, (9.0, 1.0, 5.0)),
                                  (2, {}, (2.0, 1.0, 5.0))):  # one thread; threads chosen; a spare core (0.2 busy)
         samples = iter([(0.0, 0.0, 0.0), sample])
-        monkeypatch.setattr(io, "_cpu_sample", lambda: next(samples))
+        monkeypatch.setattr(io, "_cpu_sample", lambda samples=samples: next(samples))
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         assert io.BusyCores().note(threads) == "", (threads, env, sample)
