@@ -209,7 +209,7 @@ def test_read_conversations_formats_and_errors(tmp_path):
                                  {"role": "user", "content": "hi"}]}): "starts with the assistant",
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."},
                                  {"role": "assistant", "content": "Hi"}]}): "message 1 is a system message",
-        json.dumps({"text": "hi"}): "expected",
+        json.dumps({"text": "hi"}): r"expected .*\(this is plain text, which `homellm pretrain --data FILE` trains on",
         json.dumps({"prompt": "hi", "completion": None}): "'prompt' without an answer: give the reply as 'completion'",
         json.dumps({"instruction": "Add", "input": "1 and 2"}): "'instruction' without an answer",
         json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}):

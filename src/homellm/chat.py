@@ -186,9 +186,11 @@ def _conversation(record: Any, where: str) -> list[Message]:
                            "give the reply as "
                            f"{' or '.join(repr(k) for k in REPLY_FIELDS)} (a string; null counts as none)")
     else:
+        text = (" (this is plain text, which `homellm pretrain --data FILE` trains on: sft needs conversations)"
+                if isinstance(record, dict) and isinstance(record.get("text"), str) else "")
         raise HomeLLMError(f"{where}: expected {{\"messages\": [...]}}, ShareGPT's {{\"conversations\": [...]}}, "
                            "Alpaca's {\"instruction\", \"input\", \"output\"} or a question and its answer "
-                           f"({'/'.join(PROMPT_FIELDS)} with {'/'.join(REPLY_FIELDS)})")
+                           f"({'/'.join(PROMPT_FIELDS)} with {'/'.join(REPLY_FIELDS)}){text}")
     return _check_training(messages, where)
 
 
