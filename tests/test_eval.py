@@ -182,7 +182,8 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
 
     run = tmp_path / "run"
     assert main(["pretrain", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "4"]) == 0
-    assert "not trained on the arithmetic task" in refused("eval", str(run), "--task", "arithmetic")
+    assert "not trained by the quickstart on the arithmetic task" in refused("eval", str(run), "--task", "arithmetic")
+    assert "are scored by `--task exact --data QA.jsonl`" in refused("eval", str(run), "--task", "arithmetic")
     assert "--n 0: must be 1 or more" in refused("eval", str(run), "--n", "0")
     # Without --task, such a run is scored by its val loss, and a line says so (it was the refusal above).
     assert main(["eval", str(run), "--batches", "1"]) == 0
@@ -414,6 +415,9 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
     assert main(["eval", str(run / "chat"), "--n", "5"]) == 0  # the task it was fine-tuned on, unasked
     out, err = capsys.readouterr()
     assert "ja" in out and "overall" in out and "eval: --task chat-arithmetic (the run is the quickstart's chat" in err
+    assert main(["eval", str(run / "chat"), "--task", "arithmetic"]) == 2
+    assert "is the quickstart's chat model, fine-tuned to answer the task's questions: `homellm eval " \
+           f"{run / 'chat'} --task chat-arithmetic` scores it" in capsys.readouterr().err
     assert main(["eval", str(run), "--task", "chat-arithmetic", "--n", "5"]) == 2
     assert f"is the quickstart's base model; its chat model is {run / 'chat'}" in capsys.readouterr().err
     # Scored as replied: scripted replies (the problem's line, another answer, and another problem's line, each a

@@ -118,9 +118,14 @@ def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
         raise HomeLLMError(f"--n {cfg.n}: ask for at least 1 problem")
     config = _run_config(run)
     if config.get("task") != "arithmetic":
+        if auto_task(run) == "chat-arithmetic":
+            raise HomeLLMError(f"{run} is the quickstart's chat model, fine-tuned to answer the task's questions: "
+                               f"`homellm eval {typed(run)} --task chat-arithmetic` scores it")
         fix = ("a chat model fine-tuned on the task is scored by `--task chat-arithmetic`" if "sft" in config else
-               "train one with `homellm quickstart`, or use `--task loss`")
-        raise HomeLLMError(f"{run} was not trained on the arithmetic task (its config.json names no task): {fix}")
+               "train one with `homellm quickstart`; your own prompts and answers (a model of your own on the task's "
+               "lines, say) are scored by `--task exact --data QA.jsonl`; or use `--task loss`")
+        raise HomeLLMError(f"{run} was not trained by the quickstart on the arithmetic task (its config.json names no "
+                           f"task): {fix}")
     tok = Tokenizer.load(run)
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
