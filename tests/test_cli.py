@@ -334,7 +334,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     (["serve", "RUN", "--threads", "-3"], "--threads -3: must be at least 0 and at most 1024"),
     (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--lora-rank", "-2"], "--lora-rank -2: must be"),
     (["sft", "--init", "RUN", "--data", "x.jsonl", "--out", "s", "--val-fraction", "1.5"], "--val-fraction 1.5:"),
-    (["quickstart", "--out", "q", "--chat", "--chat-problems", "0"], "--chat-problems 0: must be 1 or more"),
+    (["quickstart", "--out", "q", "--chat", "--chat-problems", "-1"], "--chat-problems -1: must be 0 or more"),
     (["merge", "RUN", "--out", "m", "--checkpoint", "foo"],
      "--checkpoint 'foo' is unknown: use best, last or a kept step-N"),
     (["compare", "a", "b", "--prompts", "."], ".: a folder, not a file"),

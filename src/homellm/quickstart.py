@@ -225,11 +225,19 @@ def default_problems(max_time: float) -> int:
     return min(PROBLEMS_PER_10_MIN, max(1000, round(PROBLEMS_PER_10_MIN * max_time / 600)))
 
 
+def short_warmup(steps: int, seconds: float) -> int:
+    """A warmup a short budget gets past: a step per 5 s of it at most (the recipe's own from 500 s of training on,
+    as measured). A 120 s quickstart fitted 92 steps, and a note told its user to give fewer --warmup-steps, a flag
+    the quickstart does not take."""
+    return min(steps, max(2, round(seconds / 5)))
+
+
 def recipe(cfg: QuickstartConfig, seconds: float) -> tuple[ModelConfig, TrainConfig]:
     """The `arithmetic` preset, trained for `seconds`."""
     model_cfg, train_cfg = preset("arithmetic")
     train_cfg = replace(train_cfg, out=cfg.out, max_time=seconds, max_steps=0, device=cfg.device,
-                        seed=cfg.seed + 1337, sample_prompt=r"$12 \times 7 =", sample_stop="$")
+                        seed=cfg.seed + 1337, sample_prompt=r"$12 \times 7 =", sample_stop="$",
+                        warmup_steps=short_warmup(train_cfg.warmup_steps, seconds))
     return model_cfg, train_cfg
 
 
@@ -285,9 +293,12 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     from homellm.train import resolve_device
 
     model = load_model(run, "best", resolve_device(cfg.device))
+    t_eval = time.perf_counter()
     with _one_thread():
         result = eval_arithmetic(run, EvalConfig(n=cfg.n, seed=cfg.seed + 1, device=cfg.device), model=model,
                                  quiet=True)
+    per_problem = (time.perf_counter() - t_eval) / cfg.n  # (the chat stage's evaluation is budgeted by it)
+    with _one_thread():
         samples = arithmetic.generate(8, cfg.seed + 99, split="heldout")
         answers = greedy_complete(model, tok, [arithmetic.prompt(p) for p in samples], 32, stop_ids(tok, "$\n"),
                                   desc="samples")
@@ -303,7 +314,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
             print(f"  {f['prompt']}  expected {f['expected']}, got {f['got']!r}")
     report: dict[str, Any] = {"summary": summary, "accuracy": result["accuracy"]}
     if chatting:
-        report["chat"] = chat_stage(cfg, run, chat_seconds)
+        report["chat"] = chat_stage(cfg, run, chat_seconds, t_start + cfg.max_time, per_problem)
     minutes = (time.perf_counter() - t_start) / 60
     stopped = [name for name, s in [("training", summary), ("fine-tuning", report.get("chat", {}).get("summary"))]
                if s and s["stop"] == "interrupted"]
@@ -327,25 +338,40 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     return {**result, "interrupted": stopped}
 
 
-def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float) -> dict[str, Any]:
-    """Stages 6-7: fine-tune the model on the task asked as questions (SFT), then score it per phrasing."""
+CHAT_EVAL_PER_PROBLEM = 6  # a chat question's time to answer against a plain prompt's (the whole line, not ` 84$`)
+
+
+def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float, deadline: float,
+               per_problem: float) -> dict[str, Any]:
+    """Stages 6-7: fine-tune the model on the task asked as questions (SFT), then score it per phrasing. It trains
+    for `seconds` at most, less what writing and reading its conversations and scoring it take of the time left
+    before `deadline` (a time.perf_counter()); `per_problem`, the plain evaluation's seconds a problem, sizes the
+    scoring. Fixed sizes (50,000 conversations, 1,500 questions scored) took a 60 s --chat quickstart to 2.6 min."""
     from homellm.config import SFT_TRAIN, EvalConfig, SFTConfig
     from homellm.eval import eval_chat_arithmetic
     from homellm.sft import sft
 
-    _stage(6, 7, f"fine-tuning it into a chat model for {seconds:.0f} s (questions in English, Japanese, symbols)")
-    problems = arithmetic.generate(cfg.chat_problems, cfg.seed + 7, split="train")
+    share = min(1.0, cfg.max_time / 600)  # (of the sizes measured for 10 minutes)
+    n_chat = min(cfg.n, max(20, round(500 * share)))
+    n_conversations = cfg.chat_problems or max(2000, round(50_000 * share))
+    _stage(6, 7, f"fine-tuning it into a chat model on {n_conversations:,} conversations (questions in English, "
+              "Japanese, symbols)")
+    t_write = time.perf_counter()
+    problems = arithmetic.generate(n_conversations, cfg.seed + 7, split="train")
     path = run / "task" / "chat.jsonl"
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                     for r in arithmetic.conversations(problems, cfg.seed)))
+    # sft reads and renders them again (about the time they took to write), and the scoring comes after
+    scoring = 3 * n_chat * per_problem * CHAT_EVAL_PER_PROBLEM
+    seconds = max(1.0, min(seconds, deadline - time.perf_counter() - 2 * (time.perf_counter() - t_write) - scoring))
     # Muon, as in pretraining: at the same 107 s, 28.7 % of held-out questions right instead of AdamW's 10.8 %.
     train_cfg = replace(TrainConfig(**SFT_TRAIN), out=str(run / "chat"), max_steps=0, max_time=seconds,
-                        optimizer="muon", lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed)
+                        optimizer="muon", lr=CHAT_LR, batch_size=32, eval_every=200, device=cfg.device, seed=cfg.seed,
+                        warmup_steps=short_warmup(SFT_TRAIN["warmup_steps"], seconds))
     summary = sft(SFTConfig(init=str(run), data=[str(path)], val_fraction=0.02), train_cfg,
                   after_ctrl_c="then the evaluation of the chat model as it is")
-    _stage(7, 7, "evaluating the chat model on held-out problems in each phrasing")
+    _stage(7, 7, f"evaluating the chat model on {n_chat:,} held-out problems in each phrasing")
     with _one_thread():
-        result = eval_chat_arithmetic(run / "chat", EvalConfig(n=min(cfg.n, 500), seed=cfg.seed + 1,
-                                                               device=cfg.device))
+        result = eval_chat_arithmetic(run / "chat", EvalConfig(n=n_chat, seed=cfg.seed + 1, device=cfg.device))
     return {"summary": summary, "accuracy": result["accuracy"],
             "by_phrasing": {k: v["accuracy"] for k, v in result["by_phrasing"].items()}}
