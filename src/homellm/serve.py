@@ -656,7 +656,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
         return body
 
     def check_model(body: dict[str, Any]) -> None:
-        model_id = body.get("model")
+        model_id = body.get("model", name)  # left out: the one model served (llama.cpp's server asks for none)
         if not isinstance(model_id, str):
             raise ApiError(400, f"'model' must be a string: this server has {name!r}", "model", "invalid_type")
         if model_id != name:
