@@ -392,6 +392,15 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     for op, bucket in result["by"]["operator"].items():
         assert bucket["correct"] == sum(i % 3 == 0 for i, p in enumerate(problems) if p.operator == op), op
     assert {f["got"] for f in result["failures"]} == {" 1234567$", " x$"}
+    # Your own prompts typed with an input method's full-width digits: asked and compared as the model writes them
+    # (its char tokenizer read ５ as unknown, and could never write the expected ８)
+    qa = tmp_path / "fw.jsonl"
+    qa.write_text(json.dumps({"prompt": "$５ + ３ =", "answer": " ８$"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    monkeypatch.setattr(module, "greedy_complete", lambda model, tok, prompts, *a, **k: asked.extend(prompts)
+                        or [" 8$"])
+    capsys.readouterr()
+    assert module.eval_exact(run, EvalConfig(task="exact", data=str(qa)))["correct"] == 1
+    assert asked[-1] == "$5 + 3 =" and "1 line of" in capsys.readouterr().err
 
 
 def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, capsys, monkeypatch):

@@ -429,6 +429,15 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         raise HomeLLMError(f"--data {cfg.data}: the answer {bad['answer']!r} spans lines, but a pretrained run's "
                            "answer ends at the line's end: give one-line answers (a chat run answers whole turns)")
     tok = Tokenizer.load(run)
+    # As generate and chat read what is typed: full-width １２ as the 12 the model writes (a char model read them as
+    # unknowns, and the expected ８ was one it could never write); what stays unknown is said.
+    folded = [{**p, **{k: tok.fold(p[k]) for k in ("prompt", "answer", "system")}} for p in pairs]
+    if changed := sum(f != p for f, p in zip(folded, pairs)):
+        say(f"note: {changed:,} line{'s' * (changed != 1)} of {cfg.data} hold characters this model's tokenizer "
+            "writes otherwise (full-width １２ as 12): asked and compared as it writes them, as generate reads them")
+    pairs = folded
+    if note := tok.unknown_note("".join(p["prompt"] + p["answer"] + p["system"] for p in pairs)):
+        say(f"note: {note}")
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     # GSM8K's answers are worked solutions ending in "#### 72": the final answers are compared, as GSM8K is scored
