@@ -1062,3 +1062,21 @@ def test_one_system_prompt_in_every_conversation_becomes_the_runs_default(tmp_pa
     sft(cfg, train_cfg)
     assert Tokenizer.load(tmp_path / "mixed").system == ""
     assert "every conversation starts" not in capsys.readouterr().err
+
+
+def test_full_width_text_in_conversations_trains_as_the_model_writes_it(tmp_path, base_run, capsys):
+    """A Japanese user's conversations typed with an input method hold ｗｈａｔ and ？, which the base's char tokenizer
+    (ASCII letters) cannot write: refused as unknown characters, where chat reads them folded."""  # noqa: RUF002
+    path = tmp_path / "fw.jsonl"
+    tags = [a + b for a in "abcde" for b in "abcde"][:8]  # (one copy of each conversation is trained)
+    lines = [{"messages": [{"role": "user", "content": f"ｗｈａｔ　ｄｏｅｓ　ｓｈｅ　ｓｅｅ {tag}"},
+                           {"role": "assistant", "content": "ｔｈｅ ｓｅａ."}]} for tag in tags]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+    cfg, train_cfg = resolve_sft({"init": str(base_run), "data": [str(path)]},
+                                 {"out": str(tmp_path / "fw"), "max_steps": 1, "eval_every": 0})
+    sft(cfg, train_cfg)
+    assert "note: 8 conversations hold characters" in capsys.readouterr().err
+    tok = Tokenizer.load(tmp_path / "fw")
+    conversation = read_conversations([str(path)])[0][0]
+    assert tok.unknown_chars("".join(m["content"] for m in conversation))  # as written: unknown to it
+    assert not tok.unknown_chars(tok.fold(conversation[0]["content"]) + tok.fold(conversation[1]["content"]))

@@ -248,6 +248,13 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     # val loss score text it had trained on. (--epochs repeats data on purpose.)
     unique = list({json.dumps(conv, ensure_ascii=False, sort_keys=True): conv for conv in conversations}.values())
     duplicates, conversations = len(conversations) - len(unique), unique
+    # Typed with an input method, a Japanese user's data holds full-width ＋３＝ where the model (a char tokenizer of
+    # ASCII digits) writes +3=: read as chat and generate read what is typed, not refused as unknown characters.
+    folded = [[{**m, "content": tok.fold(m["content"])} for m in conv] for conv in conversations]
+    if changed := sum(f != c for f, c in zip(folded, conversations)):
+        say(f"note: {changed:,} conversation{'s' * (changed != 1)} hold characters {source}'s tokenizer writes "
+            "otherwise (full-width ３ as 3): trained as it writes them, as chat reads what is typed")
+    conversations = folded
     if tok.unk_id is not None:
         roles = sorted({"user", "assistant"} | {m["role"] for conv in conversations for m in conv})
         if cannot := [r for r in roles if tok.unk_id in tok.encode(r + "\n")]:
