@@ -370,6 +370,27 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert " train / " in info and "val bits/byte" in info and " ok" in info
     assert main(["quickstart", "--out", str(run), "--max-time", "4"]) == 2
     assert "already holds" in capsys.readouterr().err
+    # Trained further (the seed-004 user wanted to stop and go on): from its `last`, on its own rows, for --max-time
+    # more; the run was refused as trained, and pretrain --resume refused it too
+    steps = json.loads((run / "last" / "checkpoint.json").read_text())["step"]
+    assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "8", "--n", "20"]) == 0
+    err = capsys.readouterr().err
+    assert f"training {run} further for" in err and f"resuming {run} from last at step {steps}" in err
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] > steps
+    assert json.loads((run / "quickstart.json").read_text())["summary"]["steps"] > steps
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records})  # one log, going on
+    for argv, message in ((["--chat"], "--resume trains the quickstart's model further, not its chat stage"),
+                          ([], "is not a run of `homellm quickstart`")):
+        where = run if argv else tmp_path / "plain"
+        if not argv:
+            shutil.copytree(run, where)
+            config = json.loads((where / "config.json").read_text())
+            (where / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "task"}))
+        assert main(["quickstart", "--out", str(where), "--resume", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 2
+    assert f"`homellm quickstart --out {run} --resume --max-time SECONDS`" in capsys.readouterr().err
     assert main(["eval", str(run), "--n", "20", "--max-digits", "3"]) == 0
     assert "eval: --task arithmetic (the run was trained on the arithmetic task;" in capsys.readouterr().err
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3

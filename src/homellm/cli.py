@@ -405,9 +405,11 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     result = quickstart(build(QuickstartConfig, args), started)
     if result["interrupted"]:  # evaluated as it was, but not the whole run: scripts see an interrupted one
+        further = (f"`homellm quickstart --out {typed(result['run'])} --resume --max-time SECONDS` trains it further"
+                   if result["interrupted"] == ["training"] else "for the whole run, run the quickstart again with a "
+                   "new --out")
         say(f"homellm: interrupted: the {' and '.join(result['interrupted'])} stopped early (Ctrl-C), and the "
-            f"figures above are for the model as it was then; for the whole run, run the quickstart again with a "
-            f"new --out")
+            f"figures above are for the model as it was then; {further}")
         raise SystemExit(130)
 
 

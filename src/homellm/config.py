@@ -295,6 +295,7 @@ class QuickstartConfig:
     device: str = "auto"
     chat: bool = False  # add an SFT stage (a fifth of the training time) so the model can be chatted with
     chat_problems: int = 0  # --chat: conversations to fine-tune on; 0 = 50,000 per 10 minutes of --max-time
+    resume: bool = False  # train the run in --out further, for --max-time more (its schedule stretches to the end)
 
 
 @dataclass

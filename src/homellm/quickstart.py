@@ -255,38 +255,38 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     if cfg.n <= 0:
         raise HomeLLMError(f"--n {cfg.n}: evaluate at least 1 problem")
     run = Path(cfg.out)
-    check_new_run(run)
-    if holds_trained(run):  # an imported or merged run has `best` alone
-        raise HomeLLMError(f"{run} already holds a trained run: {_finish_chat_stage(run) if cfg.chat else ''}"
-                           f"evaluate it with `homellm eval {typed(run)}`, or pass a new --out")
-    check_own_files(run, cfg.chat)
     t_start = time.perf_counter() if started is None else started
-    stages = 7 if cfg.chat else 5
-    data_dir, tok = build_data(run, cfg.problems or default_problems(cfg.max_time), cfg.seed, stages,
-                               words=arithmetic.WORDS)
     # Answering 2000 problems took under 3 s on a 2-core CPU, and loading and the samples about 1 s: 3 % of the budget
     # covers them in 10 minutes, and 1 s and 1.5 ms a problem do in short budgets (1.2 s left --max-time 40 about
     # 2 s short). Twice that with the chat stage.
     reserve = max(1.0 + 0.0015 * cfg.n, 0.03 * cfg.max_time) * (2 if cfg.chat else 1)
-    seconds = cfg.max_time - (time.perf_counter() - t_start) - reserve
-    if seconds < 1:
-        raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: starting and preparing the data took "
-                           f"{time.perf_counter() - t_start:.0f} s and {reserve:.0f} s are kept for the evaluation "
-                           f"({cfg.n:,} problems{', and the chat model' if cfg.chat else ''}), so no time is left to "
-                           "train: raise --max-time, or lower --problems or --n")
-    chat_seconds = CHAT_SHARE * seconds if cfg.chat else 0.0
-    seconds -= chat_seconds
-    model_cfg, train_cfg = recipe(cfg, seconds)
-    model_cfg = replace(model_cfg, vocab_size=tok.padded_size)
-    _stage(4, stages, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
-              f"{seconds:.0f} s")
-    batches = AnswerBatches(data_dir, tok, model_cfg.block_size if cfg.chat else ROW_TOKENS, train_cfg.seed,
-                            packed=not cfg.chat)
-    meta = read_meta(data_dir)
-    summary = train(model_cfg, train_cfg, batches, tok, extra_config={
-        "task": "arithmetic", "data_dir": str(Path(data_dir).resolve()),
-        "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}},
-        after_ctrl_c="then the evaluation of the model as it is" + (", without the chat stage" if cfg.chat else ""))
+    if cfg.resume:
+        stages = 5
+        summary, tok, chat_seconds = _train_further(cfg, run, t_start, reserve), Tokenizer.load(run), 0.0
+    else:
+        check_new_run(run)
+        if holds_trained(run):  # an imported or merged run has `best` alone
+            raise HomeLLMError(f"{run} already holds a trained run: {_finish_chat_stage(run) if cfg.chat else ''}"
+                               f"evaluate it with `homellm eval {typed(run)}`, train it further with `homellm "
+                               f"quickstart --out {typed(run)} --resume`, or pass a new --out")
+        check_own_files(run, cfg.chat)
+        stages = 7 if cfg.chat else 5
+        data_dir, tok = build_data(run, cfg.problems or default_problems(cfg.max_time), cfg.seed, stages,
+                                   words=arithmetic.WORDS)
+        seconds = _seconds_left(cfg, t_start, reserve)
+        chat_seconds = CHAT_SHARE * seconds if cfg.chat else 0.0
+        seconds -= chat_seconds
+        model_cfg, train_cfg = recipe(cfg, seconds)
+        model_cfg = replace(model_cfg, vocab_size=tok.padded_size)
+        _stage(4, stages, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
+                  f"{seconds:.0f} s")
+        batches = AnswerBatches(data_dir, tok, model_cfg.block_size if cfg.chat else ROW_TOKENS, train_cfg.seed,
+                                packed=not cfg.chat)
+        meta = read_meta(data_dir)
+        summary = train(model_cfg, train_cfg, batches, tok, extra_config={
+            "task": "arithmetic", "data_dir": str(Path(data_dir).resolve()), "quickstart": {"chat": cfg.chat},
+            "data_meta": {k: meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes")}},
+            after_ctrl_c="then the evaluation of the model as it is" + (", without the chat stage" if cfg.chat else ""))
     chatting = cfg.chat and summary["stop"] != "interrupted"
     _stage(5, stages, f"evaluating on {cfg.n:,} held-out problems")
     from homellm.checkpoint import load_model
@@ -324,7 +324,8 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     where = typed(run)
     if result["accuracy"] < 0.5 and not stopped:  # (a short budget: the table alone said nothing of why)
         print("  (few steps for this task: it takes some thousands, which the default --max-time 600 gives a 2-core "
-              "CPU, for 80-85 %: `homellm quickstart --out NEW_RUN`)")
+              f"CPU, for 80-85 %: train it further with `homellm quickstart --out {typed(run)} --resume --max-time "
+              "600`)")
     print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
     if result["accuracy"] >= 0.5:  # (beyond the training range: only worth a look once the range is learned)
         print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")
@@ -335,10 +336,57 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     print(f"  homellm info {where}")
     report["minutes"] = round(minutes, 2)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
-    return {**result, "interrupted": stopped}
+    return {**result, "interrupted": stopped, "run": str(run)}
 
 
 CHAT_EVAL_PER_PROBLEM = 6  # a chat question's time to answer against a plain prompt's (the whole line, not ` 84$`)
+
+
+def _seconds_left(cfg: QuickstartConfig, t_start: float, reserve: float) -> float:
+    """The training's share of --max-time: what starting (and preparing) left, less the evaluation's `reserve`."""
+    seconds = cfg.max_time - (time.perf_counter() - t_start) - reserve
+    if seconds < 1:
+        raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: starting{'' if cfg.resume else ' and preparing the data'} "
+                           f"took {time.perf_counter() - t_start:.0f} s and {reserve:.0f} s are kept for the "
+                           f"evaluation ({cfg.n:,} problems{', and the chat model' if cfg.chat else ''}), so no time "
+                           "is left to train: raise --max-time"
+                           + ("" if cfg.resume else ", or lower --problems or --n"))
+    return seconds
+
+
+def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: float) -> dict[str, Any]:
+    """quickstart --resume: the run trained for --max-time more (less starting and the evaluation), on its own
+    problems and rows, from its `last` checkpoint; the learning rate's schedule stretches to the new end."""
+    from homellm.checkpoint import find_checkpoint, read_config
+    from homellm.config import load_json
+    from homellm.train import train
+
+    if cfg.chat:
+        chats = typed(run / "task" / "chat.jsonl")
+        raise HomeLLMError("--resume trains the quickstart's model further, not its chat stage: drop --chat (then "
+                           f"fine-tune anew with `homellm sft --init {typed(run)} --data {chats} --out NEW_CHAT`)")
+    saved = load_json(run / "config.json") if (run / "config.json").is_file() else None
+    if not saved or saved.get("task") != "arithmetic":
+        raise HomeLLMError(f"--resume: {run} is not a run of `homellm quickstart`: "
+                           + ("start one without --resume" if saved is None else
+                              f"continue it as it was made (`homellm pretrain --out {typed(run)} --resume`)"))
+    find_checkpoint(run, "last", need_state=True, quiet=True)
+    # Its rows as it trained: of the whole context with documents off for a --chat run (a chat.jsonl beside it
+    # tells runs from before this was kept), else packed rows of ROW_TOKENS.
+    chat = saved.get("quickstart", {}).get("chat", (run / "task" / "chat.jsonl").is_file())
+    model_cfg, was = read_config(run)
+    seconds = _seconds_left(cfg, t_start, reserve)
+    train_cfg = replace(was, out=str(run), resume=True, max_time=was.max_time + seconds, device=cfg.device)
+    _stage(4, 5, f"training {run} further for {seconds:.0f} s (it had {was.max_time:.0f} s)")
+    data_dir = Path(saved["data_dir"])
+    if not (data_dir / "meta.json").is_file():
+        data_dir = run / "data"  # (the run moved, its data inside it)
+    tok = Tokenizer.load(run)
+    batches = AnswerBatches(data_dir, tok, model_cfg.block_size if chat else ROW_TOKENS, was.seed, packed=not chat)
+    extra = {k: saved[k] for k in ("task", "data_meta") if k in saved}
+    return train(model_cfg, train_cfg, batches, tok, extra_config={
+        **extra, "data_dir": str(data_dir.resolve()), "quickstart": {"chat": chat}},
+        after_ctrl_c="then the evaluation of the model as it is")
 
 
 def chat_stage(cfg: QuickstartConfig, run: Path, seconds: float, deadline: float,

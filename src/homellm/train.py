@@ -1307,8 +1307,9 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
                                f"{typed(run)} --data CHATS.jsonl --out RUN`")
         if saved.get("task") == "arithmetic":
             raise HomeLLMError(f"{run} was trained by `homellm quickstart` on the arithmetic task's answers only, "
-                               "which `pretrain --resume` would not continue the same way: train a new one with "
-                               "`homellm quickstart --max-time SECONDS`, or fine-tune this one with `homellm sft`")
+                               "which `pretrain --resume` would not continue the same way: continue it with "
+                               f"`homellm quickstart --out {typed(run)} --resume --max-time SECONDS`, or fine-tune "
+                               "it with `homellm sft`")
         if model_cfg.vocab_size == 0:
             model_cfg = replace(model_cfg, vocab_size=saved_model.vocab_size)
         check_resume(run, model_cfg, cfg)
