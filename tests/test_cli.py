@@ -593,6 +593,25 @@ def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sa
     assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "2", "--val-fraction", "0.1"]) == 0
     meta = json.loads((run / "data" / "meta.json").read_text())  # prepared again, by the run's own tokenizer
     assert meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.15
+    # Its own val text (a dataset's validation split, say), whole, as prepare --val-input takes it; resumed alike
+    lines = corpus.read_text().splitlines()
+    val = tmp_path / "val.txt"
+    val.write_text("\n".join(lines[:40]) + "\n")
+    held = tmp_path / "held"
+    assert main([*argv[:4], str(held), *argv[5:], "--val-input", str(val)]) == 0
+    meta = json.loads((held / "data" / "meta.json").read_text())
+    assert (meta["split"], meta["val_inputs"], meta["val_documents"]) == ("inputs", [str(val)], 1)
+    assert meta["val_bytes"] == len(val.read_bytes()) and meta["train_bytes"] == len(corpus.read_bytes())
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(held), "--resume", "--max-steps", "2"]) == 0
+    err = capsys.readouterr().err  # the same inputs: its shards as they are, not tokenized again
+    assert "resuming" in err and "tokenizing" not in err and "prepare:" not in err, err
+    with val.open("a") as f:  # text added to the val file: prepared again
+        f.write(lines[50] + "\n")
+    assert main(["pretrain", "--out", str(held), "--resume", "--max-steps", "3"]) == 0
+    assert "tokenizing" in capsys.readouterr().err
+    assert main([*argv[:4], str(tmp_path / "x"), *argv[5:], "--val-input", str(val), "--val-fraction", "0.2"]) == 2
+    assert "--val-fraction 0.2 and --val-input both say what val is" in capsys.readouterr().err
 
 
 def test_flags_this_setup_never_reads_are_said(capsys):

@@ -186,8 +186,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     model_cfg, train_cfg = resolve_train(args)
     raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "text_field",
-                                                "encoding", "aozora", "val_fraction", "split", "tokenizer_max_chars")
+                                                "encoding", "aozora", "val_fraction", "val_input", "split",
+                                                "tokenizer_max_chars")
            if k in pick(args, TrainConfig)]
+    if train_cfg.val_input and "val_fraction" in pick(args, TrainConfig):
+        raise HomeLLMError(f"--val-fraction {train_cfg.val_fraction} and --val-input both say what val is: give one "
+                           "(--val-input holds out its own text whole)")
     data = train_cfg.data
     if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
@@ -475,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steps).")
     add_flags(p, SFTConfig)
     add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "tokenizer_kind", "tokenizer_vocab",
-                                    "tokenizer_words", "text_field", "encoding", "aozora", "val_fraction", "split",
-                                    "tokenizer_max_chars"), defaults=SFT_TRAIN)
+                                    "tokenizer_words", "text_field", "encoding", "aozora", "val_fraction",
+                                    "val_input", "split", "tokenizer_max_chars"), defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

@@ -117,6 +117,7 @@ class TrainConfig:
     encoding: str = "auto"  # when --data is raw .txt: auto (UTF-8 or Shift_JIS), cp932, euc-jp, gbk, big5, utf-16...
     aozora: bool = False  # when --data is raw text from Aozora Bunko: drop its ruby, notes and footer (as prepare)
     val_fraction: float = 0.1  # when --data is raw text: documents (or one document's tail) held out for validation
+    val_input: list[str] = field(default_factory=list)  # when --data is raw text: val is this text instead (prepare's)
     split: str = "document"  # when --data is raw text: document, or position (the tokens' last part; see prepare)
     tokenizer_max_chars: int = 0  # when --data is raw text: train the tokenizer on at most N characters (0 = all)
     batch_size: int = 32  # sequences per micro-batch per process

@@ -68,7 +68,7 @@ from homellm.tokenizer import Tokenizer, unfinished_save
 # Fields that may change when resuming: they steer how long and how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = {"max_steps", "max_time", "session_time", "eval_every", "checkpoint_every", "keep_every",
                      "log_every", "sample_every", "sample_prompt", "sample_stop", "patience", "device", "resume",
-                     "compile", "data", "aozora", "encoding", "val_fraction", "split", "epochs", "out",
+                     "compile", "data", "aozora", "encoding", "val_fraction", "val_input", "split", "epochs", "out",
                      "dtype"}  # (the precision: a run goes on where its first GPU's is not native, or from the CPU)
 
 
@@ -1184,6 +1184,8 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     data_dir = run / "data"
     try:
         size = input_bytes(list(cfg.data))
+        if cfg.val_input and size is not None:  # (text added to the val files is a change too)
+            size = None if (val_size := input_bytes(list(cfg.val_input))) is None else size + val_size
     except HomeLLMError as e:
         if not cfg.resume:
             raise
@@ -1198,7 +1200,8 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # Reused only when made from the same inputs the same way, by an earlier start of this run.
     # The inputs' total size tells text added to a corpus since (a relay run whose corpus grows); modification times
     # would not do, as a relay's every session on a fresh machine copies the corpus anew.
-    settings = {"inputs": list(cfg.data), "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
+    settings = {"inputs": list(cfg.data), **({"val_inputs": list(cfg.val_input)} if cfg.val_input else {}),
+                "text_field": cfg.text_field, "tokenizer_kind": cfg.tokenizer_kind,
                 "tokenizer_vocab": cfg.tokenizer_vocab, "tokenizer_words": list(cfg.tokenizer_words),
                 "aozora": cfg.aozora, "encoding": cfg.encoding, "val_fraction": cfg.val_fraction, "split": cfg.split,
                 "tokenizer_max_chars": cfg.tokenizer_max_chars,
@@ -1257,7 +1260,7 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
     # (with a trained run's tokenizer, prepare says that another tokenizer is no fix for text it cannot write)
     prepare(PrepareConfig(input=list(cfg.data), tokenizer=str(tok_dir), out=str(data_dir),
                           text_field=cfg.text_field, encoding=cfg.encoding, aozora=cfg.aozora,
-                          val_fraction=cfg.val_fraction, split=cfg.split),
+                          val_fraction=cfg.val_fraction, split=cfg.split, val_input=list(cfg.val_input)),
             extra_meta={"pretrain_inputs": settings})
     return data_dir
 
@@ -1286,7 +1289,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         check_new_run(run)
     # Kept absolute in the run's config: a --resume or eval from another folder must find the same text, not a
     # folder of the same name there.
-    cfg = replace(cfg, data=absolute_inputs(cfg.data), init=cfg.init and os.path.abspath(cfg.init))
+    cfg = replace(cfg, data=absolute_inputs(cfg.data), val_input=absolute_inputs(cfg.val_input),
+                  init=cfg.init and os.path.abspath(cfg.init))
     start = None if cfg.resume else _init_weights(cfg, model_cfg)  # checked before anything is written
     if cfg.resume:
         if not run.exists():  # a typo, or a drive not mounted (Colab's): not a first session to start anew
