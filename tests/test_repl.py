@@ -276,16 +276,19 @@ def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stay
     assert len(chat.turns) < len(messages)
     assert [m["content"] for m in chat.transcript if m["role"] == "user"] == messages  # /save still has them all
     # a message too long for the context on its own: said so, and answered anyway
-    chat, text = run_chat(chat_run, EN * 2, cfg=cfg)
-    assert "the model sees only the end of them" in text and len(chat.turns) == 1  # "Be kind." is too long to keep
+    # ("Be kind and gentle." is too long to keep: 23 tokens, over a quarter of the 64-token context)
+    chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system="Be kind and gentle."))
+    assert "the model sees only the end of them" in text and len(chat.turns) == 1
     chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system="S"))
     assert "the model sees only the system prompt and the end of the message" in text and len(chat.turns) == 1
     chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system=""))  # none set: none named
     assert "[this message takes " in text and "the model sees only its end]" in text and "system" not in text
 
 
-def test_a_reply_that_slides_the_window_keeps_the_system_prompt(chat_run):
+def test_a_reply_that_slides_the_window_keeps_the_system_prompt(chat_run, monkeypatch):
     model, tok, _ = chat_run
+    # A reply that never ends (the tiny model's own may end early, as its tokenizer decides): it must slide
+    monkeypatch.setattr(type(tok), "end_ids", property(lambda self: frozenset()))
     block = model.cfg.block_size
     head = render(tok, [{"role": "system", "content": "S"}])[0]
     windows: list[list[int]] = []  # the ids of every forward pass that starts a fresh cache
