@@ -668,3 +668,19 @@ def test_tables_align_categories_named_in_japanese():
     ends = {display_width(line[:line.index(n) + len(n)]) for line, n in zip(lines[2:], ("2", "12"))}
     assert len(ends) == 1
     assert len({display_width(line) for line in lines[2:]}) == 1  # the accuracy column too
+
+
+def test_an_interrupted_quickstart_says_how_to_go_on(monkeypatch, capsys):
+    """Its training stopped by Ctrl-C: the model trains further with --resume (a --chat run's chat stage does not:
+    it is run again); before --resume there was only a new --out."""
+    import homellm.quickstart as module
+    from homellm.cli import main
+
+    for chat, further in ((False, "`homellm quickstart --out runs/q --resume --max-time SECONDS` trains it further"),
+                          (True, "for the whole run, run the quickstart again with a new --out")):
+        monkeypatch.setattr(module, "quickstart", lambda cfg, started, chat=chat: {
+            "interrupted": ["training"], "run": "runs/q", "chat": chat})
+        with pytest.raises(SystemExit) as stop:
+            main(["quickstart", "--out", "runs/q"])
+        assert stop.value.code == 130
+        assert capsys.readouterr().err.endswith(f"the figures above are for the model as it was then; {further}\n")

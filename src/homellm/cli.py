@@ -410,8 +410,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     result = quickstart(build(QuickstartConfig, args), started)
     if result["interrupted"]:  # evaluated as it was, but not the whole run: scripts see an interrupted one
         further = (f"`homellm quickstart --out {typed(result['run'])} --resume --max-time SECONDS` trains it further"
-                   if result["interrupted"] == ["training"] else "for the whole run, run the quickstart again with a "
-                   "new --out")
+                   if result["interrupted"] == ["training"] and not result["chat"] else "for the whole run, run the "
+                   "quickstart again with a new --out")  # (--resume trains the model further, not a chat stage)
         say(f"homellm: interrupted: the {' and '.join(result['interrupted'])} stopped early (Ctrl-C), and the "
             f"figures above are for the model as it was then; {further}")
         raise SystemExit(130)

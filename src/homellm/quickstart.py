@@ -336,7 +336,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     print(f"  homellm info {where}")
     report["minutes"] = round(minutes, 2)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
-    return {**result, "interrupted": stopped, "run": str(run)}
+    return {**result, "interrupted": stopped, "run": str(run), "chat": cfg.chat}
 
 
 CHAT_EVAL_PER_PROBLEM = 6  # a chat question's time to answer against a plain prompt's (the whole line, not ` 84$`)
