@@ -597,8 +597,9 @@ def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sa
     lines = corpus.read_text().splitlines()
     val = tmp_path / "val.txt"
     val.write_text("\n".join(lines[:40]) + "\n")
-    held = tmp_path / "held"
-    assert main([*argv[:4], str(held), *argv[5:], "--val-input", str(val)]) == 0
+    held, text = tmp_path / "held", tmp_path / "text.txt"
+    shutil.copy(corpus, text)
+    assert main(["pretrain", "--data", str(text), *argv[3:4], str(held), *argv[5:], "--val-input", str(val)]) == 0
     meta = json.loads((held / "data" / "meta.json").read_text())
     assert (meta["split"], meta["val_inputs"], meta["val_documents"]) == ("inputs", [str(val)], 1)
     assert meta["val_bytes"] == len(val.read_bytes()) and meta["train_bytes"] == len(corpus.read_bytes())
@@ -606,12 +607,22 @@ def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sa
     assert main(["pretrain", "--out", str(held), "--resume", "--max-steps", "2"]) == 0
     err = capsys.readouterr().err  # the same inputs: its shards as they are, not tokenized again
     assert "resuming" in err and "tokenizing" not in err and "prepare:" not in err, err
-    with val.open("a") as f:  # text added to the val file: prepared again
-        f.write(lines[50] + "\n")
+    with text.open("a") as f:  # more training text, the same val: its val loss still compares with the one before
+        f.write(lines[60] + "\n")
     assert main(["pretrain", "--out", str(held), "--resume", "--max-steps", "3"]) == 0
-    assert "tokenizing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tokenizing" in err and "its val text (--val-input) is the same, so `best` goes on" in err
+    with val.open("a") as f:  # text added to the val file: prepared again, and `best` starts again
+        f.write(lines[50] + "\n")
+    assert main(["pretrain", "--out", str(held), "--resume", "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"{text} {val} changed since" in err and "`best` and --patience start again" in err
     assert main([*argv[:4], str(tmp_path / "x"), *argv[5:], "--val-input", str(val), "--val-fraction", "0.2"]) == 2
     assert "--val-fraction 0.2 and --val-input both say what val is" in capsys.readouterr().err
+    # Prepared data has its own val split: the flag was noted as for raw text only, and saved as if it applied
+    assert main(["pretrain", "--data", str(held / "data"), "--out", str(tmp_path / "y"), "--preset", "tiny",
+                 "--max-steps", "1", "--val-input", str(val)]) == 2
+    assert f"--val-input applies to raw text: {held / 'data'} is prepared data" in capsys.readouterr().err
 
 
 def test_flags_this_setup_never_reads_are_said(capsys):

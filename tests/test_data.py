@@ -591,6 +591,10 @@ def test_val_input_is_the_val_split_whole_and_input_all_train(tmp_path, monkeypa
         assert main(["prepare", "--input", str(train), "--val-input", str(val), "--tokenizer", str(tok), "--out",
                      str(tmp_path / "e"), *argv]) == 2
         assert message in capsys.readouterr().err
+    # The val text among the training text (named twice, or in a folder given): val scored what trained, unsaid
+    for inputs in ([str(train), str(val)], [str(tmp_path)]):
+        with pytest.raises(HomeLLMError, match=re.escape(f"--val-input {val} is among the text trained on too")):
+            prepare(PrepareConfig(input=inputs, val_input=[str(val)], tokenizer=str(tok), out=str(tmp_path / "o")))
     write(tmp_path / "empty.jsonl", "\n")
     with pytest.raises(HomeLLMError, match="empty.jsonl"):
         prepare(PrepareConfig(input=[str(train)], val_input=[str(tmp_path / "empty.jsonl")], tokenizer=str(tok),

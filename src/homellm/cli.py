@@ -186,13 +186,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     model_cfg, train_cfg = resolve_train(args)
     raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "text_field",
-                                                "encoding", "aozora", "val_fraction", "val_input", "split",
-                                                "tokenizer_max_chars")
+                                                "encoding", "aozora", "val_fraction", "split", "tokenizer_max_chars")
            if k in pick(args, TrainConfig)]
+    data = train_cfg.data
+    if train_cfg.val_input and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+        raise HomeLLMError(f"--val-input applies to raw text: {data[0]} is prepared data, with its own val split "
+                           "(prepare the text with --val-input, or give --data the text itself)")
     if train_cfg.val_input and "val_fraction" in pick(args, TrainConfig):
         raise HomeLLMError(f"--val-fraction {train_cfg.val_fraction} and --val-input both say what val is: give one "
                            "(--val-input holds out its own text whole)")
-    data = train_cfg.data
     if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
             "prepared data, with its own tokenizer")

@@ -1045,6 +1045,8 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     if cfg.val_input and nanogpt_folder(cfg.input):
         raise HomeLLMError(f"--val-input with nanoGPT's {cfg.input[0]}: its val.bin is the val text, used as it is; "
                            "drop --val-input")
+    if cfg.val_input:
+        check_val_apart(cfg.input, cfg.val_input)
     if cfg.val_fraction > 0.5 and not cfg.val_input:  # read as the training share, a slip: it trains on the less
         held, kept = (f"{round(100 * f, 6):g}%" for f in (cfg.val_fraction, 1 - cfg.val_fraction))
         print(f"note: --val-fraction {cfg.val_fraction} holds out {held} of the text for validation and trains on "
@@ -1131,6 +1133,18 @@ def _prepare_staged(cfg: PrepareConfig, tok: Tokenizer, final: Path, out: Path, 
     out.rmdir()
     fsync_dir(final)
     return meta
+
+
+def check_val_apart(inputs: list[str], val_inputs: list[str]) -> None:
+    """--val-input's text is none of --input's: a file named in both (or in a folder or glob of --input) was trained
+    on and scored as val, unsaid."""
+    def sources(specs: list[str]) -> dict[str, str]:
+        return {(s if kind == "hf" else os.path.realpath(s)): s for kind, s in _expand(specs, quiet=True)}
+
+    train = sources(inputs)
+    if both := [name for key, name in sources(val_inputs).items() if key in train]:
+        raise HomeLLMError(f"--val-input {both[0]} is among the text trained on too (--input, pretrain's --data): "
+                           "val would be text trained on; keep it out of those (another folder, a narrower glob)")
 
 
 def nanogpt_folder(inputs: list[str]) -> Path | None:

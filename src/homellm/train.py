@@ -648,7 +648,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         # a session killed early writes any checkpoint); runs from before it was kept, config.json's.
         trained_on = state.get("data_meta") or _data_identity(load_json(run / "config.json"))
         now = _data_identity(extra_config or {})
-        if trained_on and now and now != trained_on:
+        same_val = bool(trained_on and now) and now.get("split") == trained_on.get("split") == "inputs" and all(
+            now.get(k) == trained_on.get(k) for k in ("val_inputs", "val_tokens", "val_bytes"))
+        if same_val and now != trained_on:  # more training text, the same --val-input: its losses still compare
+            say(f"note: the training text in {(extra_config or {}).get('data_dir')} changed ("
+                f"{trained_on.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} tokens); its val text "
+                "(--val-input) is the same, so `best` goes on from the val loss before")
+        elif trained_on and now and now != trained_on:
             # Other data (text added to a relay's corpus, other conversations for sft): its val loss compares with
             # none measured before, so `best` and --patience start again from its first evaluation (the old best
             # stood for good, and stopped the run early while the new val loss fell; sft's chat, eval and export
@@ -1221,7 +1227,8 @@ def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
         if was == settings:
             return data_dir
         if cfg.resume and was["bytes"] != settings["bytes"]:
-            print(f"note: {' '.join(cfg.data)} changed since {data_dir} was prepared ({was['bytes']:,} bytes then, "
+            print(f"note: {' '.join([*cfg.data, *cfg.val_input])} changed since {data_dir} was prepared "
+                  f"({was['bytes']:,} bytes then, "
                   f"{settings['bytes']:,} now): preparing it again", file=sys.stderr)
     if cfg.resume or cfg.init:  # text for a trained run: its weights mean its own tokenizer's ids, so that one reads it
         tok_dir = run if cfg.resume else Path(cfg.init)
