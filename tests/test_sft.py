@@ -1054,6 +1054,30 @@ def test_one_system_prompt_in_every_conversation_becomes_the_runs_default(tmp_pa
         assert tok.system == system
         asked = prompt_ids(tok, [{"role": "user", "content": "what does she see?"}])
         assert tok.decode(asked).startswith(f"<|im_start|>system\n{system}<|im_end|>")
+    # chat shows it (it showed '' while the model read it) and keeps it in the transcript /save writes
+    import io
+
+    from homellm.config import ChatConfig
+    from homellm.repl import chat
+
+    typed = iter(["/system"])
+
+    def typing(prompt: str) -> str:
+        if (line := next(typed, None)) is None:
+            raise EOFError  # (Ctrl-D)
+        return line
+
+    out = io.StringIO()
+    session = chat(str(out_dir := tmp_path / "run0"), ChatConfig(), typing, out)
+    assert f"[the run's default system prompt: {system!r}" in out.getvalue()
+    assert f"[system prompt: {system!r}]" in out.getvalue() and session.transcript[0]["content"] == system
+    assert out_dir.is_dir()
+    # Fine-tuned on from there, conversations without a system prompt train after the default, and it is said
+    cfg, train_cfg = resolve_sft({"init": str(tmp_path / "run0"), "data": [str(tmp_path / "qa.jsonl")]},
+                                 {"out": str(tmp_path / "again"), "max_steps": 1, "eval_every": 0})
+    sft(cfg, train_cfg)
+    assert f"note: 12 conversations give no system prompt: they train after {tmp_path / 'run0'}'s default, " \
+           f"{system!r}" in capsys.readouterr().err
     # Conversations with other prompts, or none, keep none
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(path.read_text(encoding="utf-8") + (tmp_path / "qa.jsonl").read_text(), encoding="utf-8")

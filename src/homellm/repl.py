@@ -79,6 +79,10 @@ class Chat:
     """One conversation: the settings, the turns still in the context, and the whole transcript for /save."""
 
     def __init__(self, model: GPT, tok: Tokenizer, cfg: ChatConfig, out: TextIO = sys.stdout):
+        if isinstance(cfg, ChatConfig) and not cfg.system and tok.system:
+            # The run's default (an imported chat model's, or the one every sft conversation had): what the model
+            # is asked after anyway, so /system shows it, /save keeps it, and it stays when the window slides.
+            cfg = dataclasses.replace(cfg, system=tok.system)
         self.model, self.tok, self.cfg, self.out = model, tok, cfg, out
         self.turns: list[tuple[str, str]] = []  # (user, assistant) pairs the model still sees
         self.transcript: list[Message] = []  # everything said since the start or /reset, system prompts included
@@ -283,6 +287,8 @@ def chat_loop(model: GPT, tok: Tokenizer, cfg: ChatConfig | GenerateConfig, inpu
     which = loaded_checkpoint(model)
     chat.say(f"[{'checkpoint ' + which + '; ' if which else ''}{model.cfg.block_size}-token context, {how}, max_tokens "
              f"{cfg.max_new_tokens}; /help lists commands, /quit or Ctrl-D leaves]")
+    if getattr(cfg, "system", None) == "" and getattr(chat.cfg, "system", ""):
+        chat.say(f"[the run's default system prompt: {chat.cfg.system!r}; /system TEXT replaces it]")
     while True:
         try:
             line = read_line(input_fn, "> ", chat)

@@ -268,6 +268,11 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     # default (the tokenizer's, as an imported chat model's own), so that chat, serve and eval start with it where
     # a conversation gives none, as the conversations trained did (chat began with none: another prompt).
     systems = {conv[0]["content"] if conv[0]["role"] == "system" else None for conv in conversations}
+    if tok.system and (without := sum(conv[0]["role"] != "system" for conv in conversations)):
+        # (rendered after it, as chat and serve ask a conversation that gives none: said, not silent)
+        shown = tok.system if len(tok.system) <= 60 else tok.system[:57] + "..."
+        say(f"note: {without:,} conversation{'s' * (without != 1)} give no system prompt: they train after "
+            f"{source}'s default, {shown!r}, as chat asks; give them a system message of their own to train otherwise")
     if len(systems) == 1 and (system := systems.pop()) and system != tok.system:
         tok.system = system
         shown = system if len(system) <= 60 else system[:57] + "..."
