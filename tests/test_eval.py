@@ -197,6 +197,7 @@ def test_eval_refuses_runs_not_trained_on_the_task_and_bad_n(tmp_path, data_dir,
     (run / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k != "data_dir"}, "sft": {}}))
     assert "is scored by `--task chat-arithmetic`" in refused("eval", str(run), "--task", "arithmetic")
     assert "was not trained on a prepared data folder" in refused("eval", str(run), "--task", "loss")
+    assert "is a fine-tuned run: score it with `--task loss --data CHATS.jsonl`" in refused("eval", str(run))
     shutil.rmtree(run / "tokenizer")
     assert "tokenizer is missing: copy back the tokenizer/ folder" in refused("generate", str(run), "--prompt", "the")
 
@@ -447,6 +448,9 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
     assert main(["eval", str(run / "chat"), "--n", "5"]) == 0  # the task it was fine-tuned on, unasked
     out, err = capsys.readouterr()
     assert "ja" in out and "overall" in out and "eval: --task chat-arithmetic (the run is the quickstart's chat" in err
+    # Trained further, the base leaves its chat model behind: said, with how to fine-tune anew
+    assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "4", "--n", "5"]) == 0
+    assert f"note: {run / 'chat'}, the chat model fine-tuned from this one, stays as it was" in capsys.readouterr().err
     assert main(["eval", str(run / "chat"), "--task", "arithmetic"]) == 2
     assert "is the quickstart's chat model, fine-tuned to answer the task's questions: `homellm eval " \
            f"{run / 'chat'} --task chat-arithmetic` scores it" in capsys.readouterr().err

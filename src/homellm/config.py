@@ -185,8 +185,8 @@ class PrepareConfig:
     aozora: bool = False  # .txt inputs are Aozora Bunko files: drop ruby, ［＃…］ notes, header notes and footer,
     # and write gaiji notes, ／＼ and 〔accents〕 as the characters they stand for
     val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
-    val_input: list[str] = field(default_factory=list)  # instead: val is these inputs, whole, and train all of
-    # --input: your own val.txt, or a hub dataset's validation split (hf:roneneldan/TinyStories:validation)
+    val_input: list[str] = field(default_factory=list)  # instead: val is this text whole, train all of --input
+    # (your own val.txt, or a hub dataset's validation split: hf:roneneldan/TinyStories:validation)
     split: str = "document"  # document: each to val or train by a hash of its start; position: the tokens' last part
     # (as nanoGPT; for a few documents of uneven length). By document, text added later keeps its side.
     shard_tokens: int = 100_000_000  # tokens per shard file
@@ -241,7 +241,7 @@ class EvalConfig:
     n: int = 2000  # arithmetic: held-out problems to answer (chat-arithmetic: per phrasing; exact: the first N)
     seed: int = 1  # arithmetic: which held-out problems
     max_digits: int = 2  # arithmetic: 3 tests operands beyond the training range (100-999)
-    data: str = ""  # loss: prepared data (default: the run's own) or raw text; exact: a .jsonl of prompt and answer
+    data: str = ""  # loss: prepared data (the run's own), text, or chats .jsonl (replies); exact: prompt/answer .jsonl
     batches: int = 50  # loss: batches of random val windows to average; 0 = the whole val split once (raw text: 0)
     text_field: str = "text"  # loss on raw text: the .jsonl field that holds it
     encoding: str = "auto"  # loss on raw text: of .txt files (auto: UTF-8, or Shift_JIS detected)

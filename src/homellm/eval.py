@@ -251,11 +251,17 @@ def _conversations_loss(run: Path, cfg: EvalConfig, model: GPT, tok: Tokenizer, 
     """Loss and bits per byte of the replies in a file of conversations, rendered and masked as sft trains them:
     a chat model's figure on conversations of your own, comparable with its sft val loss."""
     from homellm.chat import read_conversations
+    from homellm.checkpoint import speaks_chatml
     from homellm.config import SFTConfig
     from homellm.sft import ChatBatches
     from homellm.train import evaluate
 
     conversations, _ = read_conversations([cfg.data])
+    # one copy of each, as sft trains them
+    conversations = list({json.dumps(c, ensure_ascii=False, sort_keys=True): c for c in conversations}.values())
+    if not speaks_chatml(run):
+        say(f"note: {run} was not fine-tuned on conversations: it never saw their chat format, so this loss is far "
+            "above a chat model's")
     data = ChatBatches(conversations, tok, block, 0, SFTConfig(), all_val=True)
     rows = len(data.rows["val"][0])
     cut = f"; {data.stats['truncated']} cut at the model's {block}-token context" if data.stats["truncated"] else ""
@@ -504,6 +510,10 @@ def auto_task(run: str | Path) -> str:
 def run_eval(run: str, cfg: EvalConfig) -> dict[str, Any]:
     if cfg.task == "auto":
         cfg = replace(cfg, task=auto_task(run))
+        if cfg.task == "loss" and not cfg.data and "sft" in _run_config(Path(run)):  # (it has no data folder)
+            raise HomeLLMError(f"{run} is a fine-tuned run: score it with `--task loss --data CHATS.jsonl` "
+                               "(conversations it did not train on: their replies' loss) or `--task exact --data "
+                               "QA.jsonl` (your prompts and answers); its own val loss is in `homellm info`")
         say(f"eval: --task {cfg.task} ({_AUTO_WHY[cfg.task]}; --task arithmetic, chat-arithmetic, loss or exact "
             "chooses)")
     if cfg.task == "arithmetic":

@@ -26,7 +26,7 @@ from homellm.checkpoint import check_new_run, holds_trained
 from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TrainConfig, preset, replace
 from homellm.data import open_split, prepare, read_meta
 from homellm.errors import HomeLLMError, typed
-from homellm.io import atomic_write_text
+from homellm.io import atomic_write_text, say
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, unfinished_save
 
@@ -331,7 +331,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
         print(f"  homellm eval {where} --task arithmetic --max-digits 3     # operands beyond the training range")
     if chatting:
         print(f"  homellm chat {typed(run / 'chat')}     # ask: What is 12 times 7?  /  12×7は？  /  12*7")
-    else:
+    elif not cfg.resume:
         print(f"  homellm quickstart --chat --out {typed(str(run) + '-chat')}     # the same, plus a chat model")
     print(f"  homellm info {where}")
     report["minutes"] = round(minutes, 2)
@@ -375,6 +375,10 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
     # tells runs from before this was kept), else packed rows of ROW_TOKENS.
     chat = saved.get("quickstart", {}).get("chat", (run / "task" / "chat.jsonl").is_file())
     model_cfg, was = read_config(run)
+    if chat and holds_trained(run / "chat"):
+        say(f"note: {run / 'chat'}, the chat model fine-tuned from this one, stays as it was: fine-tune the model "
+            f"trained further anew with `homellm sft --init {typed(run)} --data {typed(run / 'task' / 'chat.jsonl')} "
+            "--out NEW_CHAT`")
     seconds = _seconds_left(cfg, t_start, reserve)
     train_cfg = replace(was, out=str(run), resume=True, max_time=was.max_time + seconds, device=cfg.device)
     _stage(4, 5, f"training {run} further for {seconds:.0f} s (it had {was.max_time:.0f} s)")
