@@ -187,8 +187,8 @@ class PrepareConfig:
     val_fraction: float = 0.1  # documents (or, for a single document, its tail) held out for validation
     val_input: list[str] = field(default_factory=list)  # instead: val is this text whole, train all of --input
     # (your own val.txt, or a hub dataset's validation split: hf:roneneldan/TinyStories:validation)
-    split: str = "document"  # document: each to val or train by a hash of its start; position: the tokens' last part
-    # (as nanoGPT; for a few documents of uneven length). By document, text added later keeps its side.
+    split: str = "document"  # document: each to val or train by a hash of its start (added text keeps its side),
+    # or position: the tokens' last part, as nanoGPT (for a few documents of uneven length)
     shard_tokens: int = 100_000_000  # tokens per shard file
     max_docs: int = 0  # stop after this many documents (useful for hub datasets); 0 = all
     seed: int = 0  # which documents go to val
