@@ -10,6 +10,7 @@ Face's `apply_chat_template` renders the identical text.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,12 @@ def _check_training(messages: list[Message], where: str) -> list[Message]:
         raise HomeLLMError(f"{where}: the conversation starts with the assistant, before any user message: "
                            "are the roles swapped? Begin with a user message")
     return messages
+
+
+def unique_conversations(conversations: list[list[Message]]) -> list[list[Message]]:
+    """One copy of each conversation, in first-seen order: merged datasets repeat many, and a copy on each side of
+    sft's split made the val loss score text it had trained on."""
+    return list({json.dumps(c, ensure_ascii=False, sort_keys=True): c for c in conversations}.values())
 
 
 def read_conversations(paths: list[str], skip_bad: bool = False, limit: int = 0) -> tuple[list[list[Message]], int]:

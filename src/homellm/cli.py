@@ -91,13 +91,18 @@ def cmd_encode(args: argparse.Namespace) -> None:
           f"{chars / max(len(ids), 1):.2f} characters and {size / max(len(ids), 1):.2f} bytes a token")
 
 
+def _one_val(cfg: PrepareConfig | TrainConfig, given: dict[str, Any]) -> None:
+    """--val-input and a typed --val-fraction both say what val is (the fraction's default is no choice)."""
+    if cfg.val_input and "val_fraction" in given:
+        raise HomeLLMError(f"--val-fraction {cfg.val_fraction} and --val-input both say what val is: give one "
+                           "(--val-input holds out its own text whole)")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from homellm.data import prepare
 
     cfg = build(PrepareConfig, args)
-    if cfg.val_input and "val_fraction" in pick(args, PrepareConfig):
-        raise HomeLLMError(f"--val-fraction {cfg.val_fraction} and --val-input both say what val is: give one "
-                           "(--val-input holds out its own text whole)")
+    _one_val(cfg, pick(args, PrepareConfig))
     meta = prepare(cfg)
     print(f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) from "
           f"{meta['documents']:,} document{'s' * (meta['documents'] != 1)} written to {cfg.out}")
@@ -192,9 +197,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     if train_cfg.val_input and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         raise HomeLLMError(f"--val-input applies to raw text: {data[0]} is prepared data, with its own val split "
                            "(prepare the text with --val-input, or give --data the text itself)")
-    if train_cfg.val_input and "val_fraction" in pick(args, TrainConfig):
-        raise HomeLLMError(f"--val-fraction {train_cfg.val_fraction} and --val-input both say what val is: give one "
-                           "(--val-input holds out its own text whole)")
+    _one_val(train_cfg, pick(args, TrainConfig))
     if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
             "prepared data, with its own tokenizer")

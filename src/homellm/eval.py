@@ -250,15 +250,13 @@ def _conversations_loss(run: Path, cfg: EvalConfig, model: GPT, tok: Tokenizer, 
                         env: Any) -> dict[str, Any]:
     """Loss and bits per byte of the replies in a file of conversations, rendered and masked as sft trains them:
     a chat model's figure on conversations of your own, comparable with its sft val loss."""
-    from homellm.chat import read_conversations
+    from homellm.chat import read_conversations, unique_conversations
     from homellm.checkpoint import speaks_chatml
     from homellm.config import SFTConfig
     from homellm.sft import ChatBatches
     from homellm.train import evaluate
 
-    conversations, _ = read_conversations([cfg.data])
-    # one copy of each, as sft trains them
-    conversations = list({json.dumps(c, ensure_ascii=False, sort_keys=True): c for c in conversations}.values())
+    conversations = unique_conversations(read_conversations([cfg.data])[0])  # one copy of each, as sft trains
     if not speaks_chatml(run):
         say(f"note: {run} was not fine-tuned on conversations: it never saw their chat format, so this loss is far "
             "above a chat model's")

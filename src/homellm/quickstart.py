@@ -280,8 +280,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
         model_cfg = replace(model_cfg, vocab_size=tok.padded_size)
         _stage(4, stages, f"training a {model_cfg.n_layer}-layer, {model_cfg.n_embd}-wide model from scratch for "
                   f"{seconds:.0f} s")
-        batches = AnswerBatches(data_dir, tok, model_cfg.block_size if cfg.chat else ROW_TOKENS, train_cfg.seed,
-                                packed=not cfg.chat)
+        batches = _answer_batches(data_dir, tok, model_cfg, train_cfg.seed, cfg.chat)
         meta = read_meta(data_dir)
         summary = train(model_cfg, train_cfg, batches, tok, extra_config={
             "task": "arithmetic", "data_dir": str(Path(data_dir).resolve()), "quickstart": {"chat": cfg.chat},
@@ -339,6 +338,12 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     return {**result, "interrupted": stopped, "run": str(run), "chat": cfg.chat}
 
 
+def _answer_batches(data_dir: Path, tok: Tokenizer, model_cfg: ModelConfig, seed: int, chat: bool) -> AnswerBatches:
+    """The quickstart's training rows: of the whole context with documents off for a --chat run (its replies come
+    after the question), else packed rows of ROW_TOKENS."""
+    return AnswerBatches(data_dir, tok, model_cfg.block_size if chat else ROW_TOKENS, seed, packed=not chat)
+
+
 CHAT_EVAL_PER_PROBLEM = 6  # a chat question's time to answer against a plain prompt's (the whole line, not ` 84$`)
 
 
@@ -371,8 +376,7 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
                            + ("start one without --resume" if saved is None else
                               f"continue it as it was made (`homellm pretrain --out {typed(run)} --resume`)"))
     find_checkpoint(run, "last", need_state=True, quiet=True)
-    # Its rows as it trained: of the whole context with documents off for a --chat run (a chat.jsonl beside it
-    # tells runs from before this was kept), else packed rows of ROW_TOKENS.
+    # (a chat.jsonl beside it tells --chat runs from before that was kept in the config)
     chat = saved.get("quickstart", {}).get("chat", (run / "task" / "chat.jsonl").is_file())
     model_cfg, was = read_config(run)
     if chat and holds_trained(run / "chat"):
@@ -386,7 +390,7 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
     if not (data_dir / "meta.json").is_file():
         data_dir = run / "data"  # (the run moved, its data inside it)
     tok = Tokenizer.load(run)
-    batches = AnswerBatches(data_dir, tok, model_cfg.block_size if chat else ROW_TOKENS, was.seed, packed=not chat)
+    batches = _answer_batches(data_dir, tok, model_cfg, was.seed, chat)
     extra = {k: saved[k] for k in ("task", "data_meta") if k in saved}
     return train(model_cfg, train_cfg, batches, tok, extra_config={
         **extra, "data_dir": str(data_dir.resolve()), "quickstart": {"chat": chat}},

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from homellm.chat import Message, prompt_ids, read_conversations, render
+from homellm.chat import Message, prompt_ids, read_conversations, render, unique_conversations
 from homellm.checkpoint import (
     BASE_WEIGHTS,
     WEIGHTS,
@@ -156,6 +156,11 @@ MANY_EPOCHS = 10  # more passes over the conversations than this, by --max-steps
 SFT_RESUMABLE = {"init", "data", "skip_bad", "max_conversations"}
 
 
+def _shown(text: str) -> str:
+    """A system prompt as a note quotes it: 60 characters at most."""
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def resolve_sft(sft_flags: dict[str, Any], train_flags: dict[str, Any]) -> tuple[SFTConfig, TrainConfig]:
     """SFT's defaults under the flags the user typed; resuming, the run's saved configs under them."""
     out = Path(train_flags.get("out", ""))
@@ -244,9 +249,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         raise HomeLLMError(f"{out} already holds a trained run: add --resume to continue it, or choose a new --out")
     tok = Tokenizer.load(source)
     conversations, bad = read_conversations(cfg.data, cfg.skip_bad, cfg.max_conversations)
-    # One copy of each conversation: merged datasets repeat many, and a copy on each side of the split made the
-    # val loss score text it had trained on. (--epochs repeats data on purpose.)
-    unique = list({json.dumps(conv, ensure_ascii=False, sort_keys=True): conv for conv in conversations}.values())
+    unique = unique_conversations(conversations)  # (--epochs repeats data on purpose)
     duplicates, conversations = len(conversations) - len(unique), unique
     # Typed with an input method, a Japanese user's data holds full-width ＋３＝ where the model (a char tokenizer of
     # ASCII digits) writes +3=: read as chat and generate read what is typed, not refused as unknown characters.
@@ -270,14 +273,13 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     systems = {conv[0]["content"] if conv[0]["role"] == "system" else None for conv in conversations}
     if tok.system and (without := sum(conv[0]["role"] != "system" for conv in conversations)):
         # (rendered after it, as chat and serve ask a conversation that gives none: said, not silent)
-        shown = tok.system if len(tok.system) <= 60 else tok.system[:57] + "..."
         say(f"note: {without:,} conversation{'s' * (without != 1)} give no system prompt: they train after "
-            f"{source}'s default, {shown!r}, as chat asks; give them a system message of their own to train otherwise")
+            f"{source}'s default, {_shown(tok.system)!r}, as chat asks; give them a system message of their own to "
+            "train otherwise")
     if len(systems) == 1 and (system := systems.pop()) and system != tok.system:
         tok.system = system
-        shown = system if len(system) <= 60 else system[:57] + "..."
-        say(f"note: every conversation starts with the system prompt {shown!r}: the run keeps it as its default, "
-            "which chat, serve and eval start with where a conversation gives none (--system replaces it)")
+        say(f"note: every conversation starts with the system prompt {_shown(system)!r}: the run keeps it as its "
+            "default, which chat, serve and eval start with where a conversation gives none (--system replaces it)")
     rows = [data.rows[split][0] for split in ("train", "val")]
     if tok.unk_id is not None and (unknown := sum(int((r == tok.unk_id).sum()) for r in rows)):
         text = "".join(m["content"] for conv in conversations for m in conv)
