@@ -392,6 +392,9 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
     assert main(["pretrain", "--out", str(run), "--resume"]) == 2
     assert f"`homellm quickstart --out {run} --resume --max-time SECONDS`" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(run), "--resume", "--problems", "9000"]) == 2  # (was ignored, unsaid)
+    assert capsys.readouterr().err == ("homellm: error: --problems 9000: --resume trains on the problems the run was "
+                                       "made with; drop --problems, or start a new run with another --out\n")
     assert main(["eval", str(run), "--n", "20", "--max-digits", "3"]) == 0
     assert "eval: --task arithmetic (the run was trained on the arithmetic task;" in capsys.readouterr().err
     assert json.loads((run / "eval_arithmetic_3d.json").read_text())["max_digits"] == 3

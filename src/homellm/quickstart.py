@@ -370,6 +370,10 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
         chats = typed(run / "task" / "chat.jsonl")
         raise HomeLLMError("--resume trains the quickstart's model further, not its chat stage: drop --chat (then "
                            f"fine-tune anew with `homellm sft --init {typed(run)} --data {chats} --out NEW_CHAT`)")
+    for flag, value in (("--problems", cfg.problems), ("--chat-problems", cfg.chat_problems)):
+        if value:  # (they size the data made at the start, which a resumed run keeps: silently ignored before)
+            raise HomeLLMError(f"{flag} {value}: --resume trains on the problems the run was made with; drop {flag}, "
+                               "or start a new run with another --out")
     saved = load_json(run / "config.json") if (run / "config.json").is_file() else None
     if not saved or saved.get("task") != "arithmetic":
         raise HomeLLMError(f"--resume: {run} is not a run of `homellm quickstart`: "
