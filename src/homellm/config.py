@@ -353,7 +353,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _POSITIVE, "muon_lr": _POSITIVE, "beta1": _between(0, 1, hi_open=True), "beta2": _between(0, 1, hi_open=True),
     "min_lr_ratio": _between(0, 1), "warmup_steps": _NOT_NEGATIVE, "decay_fraction": _between(0, 1),
     "weight_decay": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE, "max_time": _NOT_NEGATIVE, "eval_batches": _AT_LEAST_1,
-    "session_time": _NOT_NEGATIVE, "keep_every": _NOT_NEGATIVE,
+    "session_time": _NOT_NEGATIVE, "keep_every": _NOT_NEGATIVE, "max_steps": _NOT_NEGATIVE,
+    "tokenizer_vocab": _NOT_NEGATIVE,
     "sample_every": _NOT_NEGATIVE, "patience": _NOT_NEGATIVE, "grad_accum": _AT_LEAST_1, "log_every": _AT_LEAST_1,
     "checkpoint_every": _NOT_NEGATIVE, "eval_every": _NOT_NEGATIVE, "epochs": _NOT_NEGATIVE,
     "schedule": (lambda v: v in ("cosine", "wsd"), "is unknown: use cosine or wsd"),
@@ -373,11 +374,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # fine-tuning, evaluation, serving
     "val_fraction": _between(0, 1, hi_open=True), "lora_rank": _NOT_NEGATIVE, "lora_alpha": _POSITIVE,
     "lora_dropout": _between(0, 1, hi_open=True), "batch_size": _AT_LEAST_1, "batches": _NOT_NEGATIVE,
-    "port": _between(0, 65535), "threads": _between(0, 1024), "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
+    "port": _between(0, 65535), "max_batch": _AT_LEAST_1, "max_queue": _NOT_NEGATIVE, "threads": _between(0, 1024),
+    "max_chars": _NOT_NEGATIVE, "max_docs": _NOT_NEGATIVE,
     "max_conversations": _NOT_NEGATIVE, "context": _NOT_NEGATIVE, "tokenizer_max_chars": _NOT_NEGATIVE,
     "format": (lambda v: v in ("hf", "gguf"), "is unknown: use hf or gguf"),
     "chat_problems": _NOT_NEGATIVE, "problems": _NOT_NEGATIVE,
     "EvalConfig.n": (lambda v: v >= 1, "must be 1 or more (problems, or lines, to score)"),
+    "QuickstartConfig.n": (lambda v: v >= 1, "must be 1 or more (held-out problems to score)"),
     "max_digits": (lambda v: 1 <= v <= 9, "is out of range: use 1 to 9 (training uses 2; 3 tests beyond it)"),
 }
 

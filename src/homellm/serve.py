@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from homellm.chat import check_messages, prompt_ids, to_markdown
-from homellm.config import SEED_LIMIT, SampleConfig, ServeConfig
+from homellm.config import SEED_LIMIT, SampleConfig, ServeConfig, check_ranges
 from homellm.errors import HomeLLMError, typed
 from homellm.generate import TextStream, _prefill, sample_next, seeded_generator
 from homellm.model import GPT, KVCache
@@ -564,8 +564,7 @@ def create_app(run: str | Path, cfg: ServeConfig) -> Any:
 
     from homellm.checkpoint import load_for_generation
 
-    if cfg.max_batch < 1 or cfg.max_queue < 0:
-        raise HomeLLMError(f"--max-batch must be >= 1 and --max-queue >= 0, got {cfg.max_batch}, {cfg.max_queue}")
+    check_ranges(cfg)  # (the command line's were checked; a library caller's are here)
     model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
     name = Path(run).resolve().name
