@@ -790,6 +790,10 @@ def test_folders_homellm_made_are_not_read_as_text(tmp_path, capsys):
     with pytest.raises(HomeLLMError, match=rf"^{data} is prepared data, not text: train on it with `homellm pretrain "
                                            rf"--data {data}`, as it is"):
         docs([str(data)])
+    with pytest.raises(HomeLLMError, match=rf"^{data} is prepared data, not text: prepared data trains alone, one "
+                                           rf"folder with nothing beside it \(`homellm pretrain --data {data}`\): to "
+                                           "train on more, prepare all the text into one folder"):
+        docs([str(text), str(data)])  # (review: "train on it as it is" was what the user had done)
 
 
 def test_a_zipped_or_gzipped_file_is_named_as_such(tmp_path):

@@ -159,7 +159,8 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                                    "delete it")
             if path.is_dir():
                 if made := _made_by_homellm(path):
-                    raise HomeLLMError(f"{path} is {made}, not text: {_MADE_FIX[made].format(path=typed(path))}")
+                    fix = _MADE_FIX[made] if len(inputs) == 1 or made != "prepared data" else _MIXED_FIX
+                    raise HomeLLMError(f"{path} is {made}, not text: {fix.format(path=typed(path))}")
                 files = folder_files(path, _FOLDER_SUFFIXES, quiet)
                 if not files and any(path.glob("*.bin")):  # half of nanoGPT's pair
                     raise HomeLLMError(f"{path}: nanoGPT's token files come in a pair, train.bin and val.bin: put both "
@@ -203,6 +204,10 @@ _SHARD = re.compile(r"(train|val)_\d+\.bin")  # as ShardWriter names them
 _MADE_FIX = {"a homellm run": "name the text files to train on (continue the run itself with `homellm pretrain "
                               "--resume --out {path}`)",
              "prepared data": "train on it with `homellm pretrain --data {path}`, as it is"}
+# (review: two prepared folders given together were each told "train on it as it is", which they were)
+_MIXED_FIX = ("prepared data trains alone, one folder with nothing beside it (`homellm pretrain --data {path}`): to "
+              "train on more, prepare all the text into one folder (`homellm prepare --input TEXT... --tokenizer TOK "
+              "--out DATA`)")
 
 
 def table_error(path: Path, flag: str, more: str = "", formats: str = ".txt or .jsonl") -> HomeLLMError:
