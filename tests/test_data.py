@@ -276,6 +276,12 @@ def test_jsonl_custom_field_and_errors(tmp_path, capsys):
     bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": "broken\n')
     with pytest.raises(HomeLLMError, match=rf"{bad}:3: not a JSON line .*: fix or delete the line$"):
         docs([str(bad)])
+    # A closing brace missing: the column is the line's end (review: JSON's own counted the line break, "column 1")
+    for text, column in (('{"text": "ok"\n', 14), ('{"text": "ok"\r\n', 14), ('{"text" "ok"}\n', 9)):
+        bad = write(tmp_path / "b.jsonl", '{"text": "ok"}\n' + text + '{"text": "ok"}\n')
+        with pytest.raises(HomeLLMError, match=rf"{bad}:2: not a JSON line \(not valid JSON: Expecting ['a-z:, ]+ "
+                                               rf"at column {column}\): fix or delete the line$"):
+            docs([str(bad)])
     # The same last line without its line break: a file cut short (a copy stopped partway), said so; inside a
     # character too (it was "not UTF-8 ... iconv -f cp932")
     for cut in (1, 2):

@@ -753,7 +753,9 @@ def jsonl_records(path: Path, meter: list[int] | None = None) -> Iterator[tuple[
                 # The last line, without its line break, and failing at its end: a file cut short (a download or a
                 # copy stopped partway, `head -c`), not a malformed record
                 cut = not raw.endswith(b"\n") and (e.msg.startswith("Unterminated") or e.pos >= len(line.rstrip()) - 1)
-                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {msg} at column {e.colno})"
+                # (at the line's end, JSON counts the line break read and says column 1 of a next line)
+                column = min(e.pos, len(line.rstrip("\r\n"))) + 1
+                yield where, HomeLLMError(f"{where}: not a JSON line (not valid JSON: {msg} at column {column})"
                                           + (": the file ends partway through this line, as a file cut short does: "
                                              "delete the line, or get the whole file" if cut else
                                              ": fix or delete the line"))
