@@ -578,6 +578,11 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
          "--hidden_size is --n-embd; --num-hidden-layers is --n-layer; --n_positions is --block-size"),
         (["generate", "r", "--temp", "0.5", "--repeat-penalty", "1.1"],
          "--temp is --temperature; --repeat-penalty is --repetition-penalty"),
+        # Typed with a Japanese input method (full-width), or autocorrected to dashes (review: no hint)
+        (["pretrain", "--out", "o", "\uff0d\uff0dn-layer", "2", "\u2014max-steps", "5"],
+         "\uff0d\uff0dn-layer is --n-layer; \u2014max-steps is --max-steps"),
+        (["generate", "r", "\u2013\u2013prompt", "x", "\uff0d\uff0d\uff54\uff45\uff4d\uff50", "0"],
+         "\u2013\u2013prompt is --prompt; \uff0d\uff0d\uff54\uff45\uff4d\uff50 is --temperature"),
         (["pretrain", "--data", "t.txt", "--tokenizer", "tok"], "--tokenizer is prepare's: `homellm prepare --input "
                                                                "TEXT --tokenizer DIR --out DATA`, then `homellm "
                                                                "pretrain --data DATA`"),

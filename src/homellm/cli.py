@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -606,8 +607,10 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
     known = [o for a in verb._actions for o in a.option_strings if o.startswith("--")]
     hints = []
     for arg in unknown:
-        name = arg.split("=")[0].replace("_", "-").lower()
-        if not arg.startswith("--"):
+        # A Japanese or Chinese input method types －－ (full-width), autocorrect turns -- into a dash: read as --
+        ascii_arg = re.sub(r"^[\u2013\u2014]{1,2}(?=\w)", "--", unicodedata.normalize("NFKC", arg))
+        name = ascii_arg.split("=")[0].replace("_", "-").lower()
+        if not ascii_arg.startswith("--"):
             continue
         if (args.command, name) in _ELSEWHERE:
             hints.append(f"{arg.split('=')[0]} is {_ELSEWHERE[args.command, name]}")
