@@ -538,6 +538,9 @@ def test_max_steps_alone_turns_off_the_presets_time_budget(capsys):
     assert ("note: --max-steps 500 alone ends the run by steps: the cpu preset's --max-time 120 is off"
             in capsys.readouterr().err)
     assert resolved("--max-steps", "500", "--max-time", "60") == (500, 60.0)
+    with pytest.raises(HomeLLMError, match="--n-embd 130 is not divisible by --n-head 4"):
+        resolved("--max-steps", "5", "--n-embd", "130", "--n-head", "4")
+    assert capsys.readouterr().err == ""  # (review: the note came first, and read as the error's cause)
     # (the cpu preset's run ends by its clock alone: a placeholder 100,000 steps showed as "it ends at step 100,000 or
     # after 60 s" in a time-budgeted run's start line and its info)
     assert resolved() == (0, 120.0) and resolved("--preset", "tiny", "--max-steps", "5") == (5, 0.0)

@@ -285,9 +285,33 @@ def test_japanese_streams_whole_characters_and_stops_at_end_of_text(tok, story):
     assert "".join(pieces) == rest
     assert len(pieces) > 1 and all(p and "\ufffd" not in p for p in pieces)
     assert stats["new_tokens"] == len(tok.encode(rest)) and stats["prompt_tokens"] == len(tok.encode(prompt))
-    assert stats["tok_per_s"] > 0
+    assert stats["tok_per_s"] > 0 and stats["ended"]  # by the model's end of text, before max_new_tokens
+    cut = SampleConfig(temperature=0.0, max_new_tokens=len(tok.encode(rest)))
+    assert "".join(stream_text(model, tok, prompt, cut, stats)) == rest and not stats["ended"]  # by the length
     beam = list(stream_text(model, tok, prompt, SampleConfig(num_beams=3, max_new_tokens=100)))
     assert beam == [rest]
+
+
+def test_generate_says_when_the_model_ended_the_text(tok, story, monkeypatch, capsys):
+    """"[0 tokens in 0.01 s, 0.0 tokens/s]" after the prompt, and nothing else, looked like a broken model: the model
+    had chosen end of text first (review). Now the line says so; a text cut by --max-new-tokens is not ended."""
+    import homellm.checkpoint
+    import homellm.tokenizer
+    from homellm.cli import main
+
+    model, prompt, rest = story
+    monkeypatch.setattr(homellm.checkpoint, "load_for_generation", lambda run, cfg: model)
+    monkeypatch.setattr(homellm.tokenizer.Tokenizer, "load", classmethod(lambda cls, run: tok))
+    monkeypatch.setattr(homellm.checkpoint, "speaks_chatml", lambda run: False)
+    n = len(tok.encode(rest))
+    for argv, said in ((["--max-new-tokens", "100"], "; the model ended the text (it chose an end token) before "
+                                                       "--max-new-tokens 100]"),
+                       (["--max-new-tokens", str(n)], " tokens/s]"),
+                       (["--max-new-tokens", "100", "--num-samples", "2", "--temperature", "0.01"],
+                        "; the model ended 2 of the 2 texts (it chose an end token) before --max-new-tokens 100]")):
+        assert main(["generate", "RUN", "--prompt", prompt, *argv]) == 0
+        out, err = capsys.readouterr()
+        assert rest in out and err.startswith(f"[{'2 samples, ' * ('2' in argv)}") and err.endswith(said + "\n"), err
 
 
 def test_bfloat16_weights_and_cache_generate_the_memorised_text(tok, story):

@@ -103,7 +103,7 @@ def run_chat(chat_run, *lines: str, cfg: ChatConfig = GREEDY):
 
 def stats_lines(text: str) -> list[int]:
     """The token counts of the `[N tokens, X tokens/s]` lines."""
-    return [int(n) for n in re.findall(r"^\[(?:interrupted: )?(\d+) tokens, [\d.]+ tokens/s\]$", text, re.M)]
+    return [int(n) for n in re.findall(r"^\[(?:interrupted: )?(\d+) tokens?, [\d.]+ tokens/s\]$", text, re.M)]
 
 
 def test_a_reply_streams_clean_japanese_and_reports_its_speed(chat_run):
@@ -451,6 +451,8 @@ def test_generate_interactive_continues_each_prompt_and_takes_chats_settings(cha
                                f"/save {tmp_path / 'texts.md'}", "/quit"), out, session=Continuations)
     text = out.getvalue()
     assert prefix + REPLY + "\n[" in text  # the prompt, then what the model writes after it
+    # The first ended by the model, said (review: generate's "[0 tokens ...]" alone looked broken); the second by length
+    assert text.count(" tokens/s; the model ended the text (it chose an end token)]") == 1
     assert "error: /system is chat's" in text and "error: /reset is chat's" in text
     assert session.cfg.max_new_tokens == 3 and session.transcript[-1]["content"] == tok.decode(tok.encode(REPLY)[:3])
     assert "/system" not in text.split("/help")[-1] and "longest continuation in tokens" in text

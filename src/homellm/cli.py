@@ -140,10 +140,9 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         source = f"{args.preset or DEFAULT_PRESET} preset"
     typed = run_length(pick(args, TrainConfig))
     by = next((f for f in ("max_steps", "epochs") if typed.get(f, 0) > 0), None)
-    if by and "max_time" not in typed and train_cfg.max_time > 0:
-        # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
-        say(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
-            f"{train_cfg.max_time:g} is off (give --max-time too to keep a time budget)")
+    preset_time = train_cfg.max_time
+    time_off = by and "max_time" not in typed and preset_time > 0
+    if time_off:
         typed["max_time"] = 0.0
     world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
     if world > 1 and train_cfg.grad_accum > 1 and "grad_accum" not in typed and source.endswith("preset"):
@@ -161,6 +160,10 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     train_cfg = replace(train_cfg, **typed)
     model_cfg.validate()
     check_ranges(train_cfg)
+    if time_off:  # (after the checks: said before an error in another flag, it looked like the error's cause)
+        # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
+        say(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
+            f"{preset_time:g} is off (give --max-time too to keep a time budget)")
     say_unused(typed, pick(args, ModelConfig), model_cfg, train_cfg)
     return model_cfg, train_cfg
 
@@ -297,7 +300,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",
               file=sys.stderr)
     ids, device = tok.encode_prompt(cfg.prompt), next(model.parameters()).device
-    new_tokens, seconds = 0, 0.0
+    new_tokens, seconds, ended = 0, 0.0, 0
     for sample in range(cfg.num_samples):
         if sample:
             print("-" * 40)  # (nanoGPT's sample.py parts its samples so too)
@@ -311,9 +314,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         finally:
             sys.stdout.write("\n")
         new_tokens, seconds = new_tokens + stats["new_tokens"], seconds + stats["seconds"]
+        ended += stats["ended"]
     samples = f"{cfg.num_samples} samples, " if cfg.num_samples > 1 else ""
-    print(f"[{samples}{new_tokens} tokens in {seconds:.2f} s, {new_tokens / max(seconds, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+    # (review: "[0 tokens ...]" with nothing after the prompt looked broken; the model had chosen end of text first)
+    end = "the text" if cfg.num_samples == 1 else f"{ended} of the {cfg.num_samples} texts"
+    why = f"; the model ended {end} (it chose an end token) before --max-new-tokens {cfg.max_new_tokens}" * bool(ended)
+    print(f"[{samples}{new_tokens} token{'s' * (new_tokens != 1)} in {seconds:.2f} s, "
+          f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s{why}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

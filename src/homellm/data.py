@@ -1312,7 +1312,8 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
     elif cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
         split = "position"
         if cfg.split == "document":  # (it was said nowhere but in `info`)
-            why = "one document" if docs == 1 else f"all {docs} documents fell on one side"
+            why = {1: "one document", 2: "both documents fell on one side"}.get(docs, f"all {docs} documents fell "
+                                                                                   "on one side")
             say(f"note: {why}: split by position instead, the last {cfg.val_fraction:.0%} of the tokens held out; "
                 "text added later moves that cut (several documents keep their sides)")
         writers = _split_by_position(out, writers, cfg, dtype, tok.token_bytes())

@@ -341,7 +341,7 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
     if tok.bos_id is not None and ids[:1] == [tok.bos_id]:
         keep = max(keep, 1)  # a model trained after a bos reads every window after it too (llama.cpp keeps it)
     stop_ids = tok.end_ids | stream.stop_ids
-    start, new = time.perf_counter(), 0
+    start, new, ended = time.perf_counter(), 0, False
     try:
         if cfg.num_beams > 1:
             out = beam_search(model, ids, cfg.num_beams, cfg.max_new_tokens, stop_ids, guard=tok.utf8_guard,
@@ -364,11 +364,12 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                     yield text
                 if stream.stopped:
                     return
+        ended = new < cfg.max_new_tokens  # no stop string, nor the length: the model chose an end (or a --stop) token
         text = stream.flush()
         if text:
             yield text
     finally:
         if stats is not None:
             seconds = time.perf_counter() - start
-            stats.update(prompt_tokens=len(ids), new_tokens=new, seconds=seconds,
+            stats.update(prompt_tokens=len(ids), new_tokens=new, seconds=seconds, ended=ended,
                          tok_per_s=new / seconds if seconds > 0 else 0.0)

@@ -78,6 +78,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str], float]]] = {
 class Chat:
     """One conversation: the settings, the turns still in the context, and the whole transcript for /save."""
 
+    ended_note = ""  # what the rate line adds when the model ended before the length: a reply's end is the rule
+
     def __init__(self, model: GPT, tok: Tokenizer, cfg: ChatConfig, out: TextIO = sys.stdout):
         if isinstance(cfg, ChatConfig) and not cfg.system and tok.system:
             # The run's default (an imported chat model's, or the one every sft conversation had): what the model
@@ -173,8 +175,10 @@ class Chat:
                     self.out.flush()
         except KeyboardInterrupt:
             interrupted = True
-        rate = f"{stats.get('new_tokens', 0)} tokens, {stats.get('tok_per_s', 0.0):.1f} tokens/s"
-        self.say(("\n[interrupted: " if interrupted else "\n[") + rate + "]")
+        n = stats.get("new_tokens", 0)
+        rate = f"{n} token{'s' * (n != 1)}, {stats.get('tok_per_s', 0.0):.1f} tokens/s"
+        ended = self.ended_note * bool(stats.get("ended"))
+        self.say(("\n[interrupted: " if interrupted else "\n[") + rate + ended + "]")
         return "".join(pieces)
 
     def help(self) -> str:
@@ -244,6 +248,9 @@ class Continuations(Chat):
     """`homellm generate RUN --interactive`: each line typed is a prompt the model continues, as `generate --prompt`
     continues it, printed after the prompt. Chat's settings and slash commands, but no conversation: every prompt
     starts afresh, and one random generator runs through the session, so a prompt typed again gets another text."""
+
+    # (a reply ends at its end of turn as a rule; a continuation that ends before its length is worth a word)
+    ended_note = "; the model ended the text (it chose an end token)"
 
     def reset(self) -> None:
         self.transcript.clear()

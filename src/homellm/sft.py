@@ -346,7 +346,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         # The default 500 steps read 100 conversations 80 times: said, as a choice the user may not know they made
         say(f"note: --max-steps {train_cfg.max_steps:,} reads the {n_rows:,} training rows {times:.0f} times over: a "
             "set this small is learnt by heart (`best` keeps the weights of the lowest val loss); --epochs 3 reads "
-            f"it 3 times ({math.ceil(3 * n_rows / per_step):,} steps)")
+            f"it 3 times ({(three := math.ceil(3 * n_rows / per_step)):,} step{'s' * (three != 1)})")
     # The chat tokens' rows train with the adapters; a run resumed keeps those it began with (none, made before).
     tokens = saved["lora"]["spec"].get("tokens", []) if saved.get("lora") else [tok.im_start_id, tok.im_end_id]
     spec = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets), tokens)
