@@ -395,8 +395,13 @@ def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, cap
     assert "--epochs 1: 7 steps of 4 rows read the 28 training rows once\n" in capsys.readouterr().err
     # A set smaller than a step: one step of 16 reads 3 rows 5.3 times, not the 2 asked ("1 steps ... 2 times")
     steps_for_epochs(replace(train_cfg, epochs=2.0, batch_size=16), 3, 1, "rows")
-    assert "--epochs 2: 1 step of 16 rows read the 3 training rows 5.3 times over, not 2: one step holds more than " \
-           "they ask (a smaller --batch-size reads fewer: now 16 rows a step)" in capsys.readouterr().err
+    assert "--epochs 2: 1 step of 16 rows read the 3 training rows 5.33 times over, not 2: one step holds more than " \
+           "they ask (a smaller --batch-size comes closer: now 16 rows a step)" in capsys.readouterr().err
+    # Steps rounded up: 0.01 of 455,975 tokens is 2.2 steps of 2,048 (review: "0.0 times over", "one step holds more")
+    steps_for_epochs(replace(train_cfg, epochs=0.01, batch_size=32, grad_accum=1), 455_975, 64, "tokens")
+    assert "--epochs 0.01: 3 steps of 2,048 tokens read the 455,975 training tokens 0.0135 times over, not 0.01: " \
+           "they ask for 2.2 steps, and steps are whole (a smaller --batch-size comes closer: now 32 rows a step)" \
+           in capsys.readouterr().err
     assert "sample: 'what does she see?' -> '" in err  # --sample-prompt asks the question
     with pytest.raises(HomeLLMError, match="--max-steps and --epochs both set the length"):
         run_length({"max_steps": 5, "epochs": 2.0})

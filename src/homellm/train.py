@@ -1119,11 +1119,13 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
     steps = f"{cfg.max_steps:,} step{'s' * (cfg.max_steps != 1)} of {per_step:,} {unit}"
     read = cfg.max_steps * per_step / max(total, 1)
-    if read > 1.25 * cfg.epochs:  # a step holds more than the epochs ask (3 rows, 16 a step): say what is read
+    if read > 1.25 * cfg.epochs:  # whole steps hold more than the epochs ask (3 rows, 16 a step): say what is read
         rows = cfg.batch_size * cfg.grad_accum
-        say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} {read:.1f} times over{how}, not "
-            f"{cfg.epochs:g}: one step holds more than they ask (a smaller --batch-size reads fewer: now {rows} rows "
-            "a step)")
+        # (review: "0.0 times over" for 0.0135, and "one step holds more" said of 3 steps rounded up from 2.2)
+        why = ("one step holds more than they ask" if cfg.max_steps == 1 else
+               f"they ask for {cfg.epochs * total / per_step:.2g} steps, and steps are whole")
+        say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} {read:.3g} times over{how}, not "
+            f"{cfg.epochs:g}: {why} (a smaller --batch-size comes closer: now {rows} rows a step)")
     else:
         say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} "
             f"{'once' if cfg.epochs == 1 else f'{cfg.epochs:g} times over'}{how}")
