@@ -589,10 +589,24 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         (["pretrain", "--data", "t.txt", "--tokenizer", "tok"], "--tokenizer is prepare's: `homellm prepare --input "
                                                                "TEXT --tokenizer DIR --out DATA`, then `homellm "
                                                                "pretrain --data DATA`"),
+        # nanoGPT's switches and knobs without a counterpart, and seed 002's `inference.py --model` (review)
+        (["pretrain", "--data", "d", "--out", "o", "--compile", "False"], "--compile False is --no-compile (a switch "
+                                                                           "takes no value)"),
+        (["pretrain", "--data", "d", "--out", "o", "--no-compile", "false"], "--no-compile false is --compile"),
+        (["pretrain", "--data", "d", "--out", "o", "--lr_decay_iters", "100"], "--lr_decay_iters is not needed: the "
+                                                                             "learning rate decays over the whole run"),
+        (["pretrain", "--data", "d", "--out", "o", "--decay_lr", "0"], "--decay_lr is not needed: the learning rate "
+                                                                     "always decays"),
+        (["generate", "--model", "r", "--prompt", "x"], "--model is not needed: the run folder comes first, without a "
+                                                        "flag: `homellm generate RUN ...`"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("homellm: error: ") and hint in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):  # (argparse's own error: the value written into the flag)
+        main(["pretrain", "--data", "d", "--out", "o", "--compile=False"])
+    assert "ignored explicit argument 'False': a switch takes no value: --compile turns it on, --no-compile off" in \
+        capsys.readouterr().err
 
 
 def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sample(tmp_path, corpus, capsys):

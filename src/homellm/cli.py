@@ -453,6 +453,8 @@ class _Parser(argparse.ArgumentParser):
         if re.search(r"arguments are required: .*\brun\b", message):  # `--stop 。 RUN`: the run became a stop string
             message += (" (the run folder first: a flag that takes several values, as --stop and --input do, "
                         "takes a folder after it as one more of them)")
+        if m := re.fullmatch(r"argument --([\w-]+)/--no-\1: ignored explicit argument '\w+'", message):
+            message += f": a switch takes no value: --{m[1]} turns it on, --no-{m[1]} off"  # nanoGPT's --compile=False
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -599,12 +601,17 @@ _OTHER_NAMES = {"--max-iters": ("--max-steps",), "--iters": ("--max-steps",),
 # Flags of another verb: pretrain trains its own tokenizer on raw text, and takes prepared data for any other
 _ELSEWHERE = {("pretrain", "--tokenizer"): "prepare's: `homellm prepare --input TEXT --tokenizer DIR --out DATA`, "
                                            "then `homellm pretrain --data DATA`"}
+# nanoGPT's flags with no counterpart, for the reason why (a flag of its own would only restate the run's end)
+_NOT_NEEDED = {"--lr-decay-iters": "the learning rate decays over the whole run, to --max-steps (or --max-time)",
+               "--decay-lr": "the learning rate always decays (--schedule cosine or wsd); --min-lr-ratio 1 keeps it "
+                             "flat"}
 _HOW = {"--max-steps": " (homellm counts optimizer steps, not epochs)",
         "--min-lr-ratio": " (a fraction of --lr: nanoGPT's min_lr / learning_rate)",
         "--resume": " (init_from=resume; --init RUN starts from another run's weights)"}
 
 
-def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
+def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str],
+                   argv: list[str]) -> str:
     """'unrecognized arguments' with the flag meant: --max_new_tokens is --max-new-tokens, --iters is --max-steps."""
     import difflib
 
@@ -612,8 +619,15 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
     if getattr(args, "action", None):  # `tokenizer train`
         verb = verb._subparsers._group_actions[0].choices[args.action]  # type: ignore[union-attr]
     known = [o for a in verb._actions for o in a.option_strings if o.startswith("--")]
+    switches = {o for a in verb._actions if isinstance(a, argparse.BooleanOptionalAction) for o in a.option_strings}
     hints = []
     for arg in unknown:
+        if arg.lower() in ("true", "false") and arg in argv and (flag := argv[argv.index(arg) - 1]) in switches:
+            # nanoGPT's `--compile=False`: here a switch, named to turn it on and with no- to turn it off
+            base = flag.removeprefix("--no-").removeprefix("--")
+            on = (arg.lower() == "true") == (flag == f"--{base}")
+            hints.append(f"{flag} {arg} is --{'' if on else 'no-'}{base} (a switch takes no value)")
+            continue
         # A Japanese or Chinese input method types －－ (full-width), autocorrect turns -- into a dash: read as --
         ascii_arg = re.sub(r"^[\u2013\u2014]{1,2}(?=\w)", "--", unicodedata.normalize("NFKC", arg))
         name = ascii_arg.split("=")[0].replace("_", "-").lower()
@@ -621,6 +635,10 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
             continue
         if (args.command, name) in _ELSEWHERE:
             hints.append(f"{arg.split('=')[0]} is {_ELSEWHERE[args.command, name]}")
+            continue
+        if name in _NOT_NEEDED or (name == "--model" and "run" in vars(args)):
+            why = _NOT_NEEDED.get(name) or f"the run folder comes first, without a flag: `{verb.prog} RUN ...`"
+            hints.append(f"{arg.split('=')[0]} is not needed: {why}")
             continue
         meant = next((m for m in _OTHER_NAMES.get(name, ()) if m in known), None)
         # (a near miss only: at 0.75, --save-every was --sample-every and --input --init)
@@ -715,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(f"homellm: error: {_unknown_flags(parser, args, unknown)}", file=sys.stderr)
+        print(f"homellm: error: {_unknown_flags(parser, args, unknown, argv)}", file=sys.stderr)
         return 2
     try:
         check_utf8(argv)
