@@ -265,8 +265,11 @@ def test_bad_input_errors(tmp_path):
         assert (killed / "tokenizer.json").is_file()
     with pytest.raises(HomeLLMError, match="--kind"):
         train_tokenizer(TokenizerConfig(input=[corpus], out=str(tmp_path / "t"), kind="wordpiece"))
-    with pytest.raises(HomeLLMError, match="not found"):
+    with pytest.raises(HomeLLMError, match="nope: not found: give a tokenizer.json"):
         train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "nope"), out=str(tmp_path / "t")))
+    (tmp_path / "texts").mkdir()  # a folder that is there, without tokenizer files (review: "not found")
+    with pytest.raises(HomeLLMError, match="texts: a folder without tokenizer files: give a tokenizer.json"):
+        train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "texts"), out=str(tmp_path / "t")))
     with pytest.raises(HomeLLMError, match="takes a finished tokenizer, which no --input trains"):
         train_tokenizer(TokenizerConfig(from_file=str(tmp_path / "nope"), input=[corpus], out=str(tmp_path / "t")))
     (tmp_path / "rinna").mkdir()

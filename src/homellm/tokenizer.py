@@ -880,7 +880,8 @@ def imported_tokenizer(path: str | Path) -> tuple[Tokenizer, list[int]]:
                                f"AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}-hf')\", then "
                                f"give --from-file {folder}-hf")
         if not file.is_file():
-            raise HomeLLMError(f"--from-file {path}: not found: give a tokenizer.json, or a folder with "
+            what = "a folder without tokenizer files" if path.is_dir() else "not found"  # (it said not found of both)
+            raise HomeLLMError(f"--from-file {path}: {what}: give a tokenizer.json, or a folder with "
                                "tokenizer.json (a run or prepared data folder too) or with GPT-2's encoder.json + "
                                "vocab.bpe")
         # GPT-2's own files are a pair, read together from their folder (its encoder.json alone is a vocabulary)
