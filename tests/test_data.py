@@ -418,12 +418,22 @@ def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tm
     files = [write(tmp_path / "books" / f"{n:02}.txt", text) for n, text in enumerate([book, *stories])]
     tok = char_tok(tmp_path, *map(str, files))
     capsys.readouterr()
+    # The book held out would be most of the text (review: 6 Aozora books, 86% in val, a note): split by position
     meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "d")))
+    assert meta["split"] == "position" and abs(meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"])
+                                               - 0.1) < 0.001
+    assert re.search(r"note: the 1 of 21 documents held out would hold 8\d% of the tokens, more than training: split "
+                     "by position instead, the last 10% of the tokens held out", capsys.readouterr().err)
+    # A shorter book held out: a third of the text, which still leaves most to train on, is said
+    short = next(b for i in range(100) if where(b := f"book {i}\n" + "the long book goes on. " * 220))
+    write(files[0], short)
+    meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "e")))
     share = meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"])
-    assert meta["split"] == "document" and meta["val_documents"] == 1 and share > 0.85
+    assert meta["split"] == "document" and meta["val_documents"] == 1 and 0.2 < share < 0.5
     assert (f"note: val holds {100 * share:.2g}% of the tokens, where --val-fraction 0.1 asks for about 10%: the "
             "split goes by document (1 of 21 held out), and they differ in length. --split position (prepare's, or "
             "pretrain's for raw text) holds out the last 10% of the tokens instead") in capsys.readouterr().err
+    write(files[0], book)
     meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "p"),
                                  split="position"))
     t = Tokenizer.load(tmp_path / "p")

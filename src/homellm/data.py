@@ -1309,11 +1309,16 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
         if not writers["val"].tokens:
             raise HomeLLMError(f"--val-input {' '.join(cfg.val_input)}: no text in it to hold out: give the files "
                                "(or hub split) of your validation text")
-    elif cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens):
+    elif cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens
+                                   or writers["val"].tokens > writers["train"].tokens):
         split = "position"
         if cfg.split == "document":  # (it was said nowhere but in `info`)
             why = {1: "one document", 2: "both documents fell on one side"}.get(docs, f"all {docs} documents fell "
                                                                                    "on one side")
+            if writers["val"].tokens and writers["train"].tokens:  # (review: 6 books, 1 held out, 86% of the text)
+                share = writers["val"].tokens / (writers["val"].tokens + writers["train"].tokens)
+                why = (f"the {val_docs:,} of {docs:,} documents held out would hold {share:.0%} of the tokens, more "
+                       "than training")
             say(f"note: {why}: split by position instead, the last {cfg.val_fraction:.0%} of the tokens held out; "
                 "text added later moves that cut (several documents keep their sides)")
         writers = _split_by_position(out, writers, cfg, dtype, tok.token_bytes())
