@@ -912,6 +912,10 @@ def test_generate_reads_its_prompt_from_stdin_when_told(tmp_path, data_dir, monk
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\r\nthe\r\n"), encoding="latin-1"))
     assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "1"]) == 0  # its own encoding, read so
     assert capsys.readouterr().out.startswith("café\nthe")  # (and a Windows pipe's CRLF as a line break)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # `< /dev/null`, an empty file: written from nothing, said
+    assert main(["generate", str(run), "--prompt", "-", "--max-new-tokens", "1"]) == 0
+    assert "note: standard input was empty: the model writes a text from its start, as with --prompt ''\n" in \
+        capsys.readouterr().err
 
 
 def test_generate_writes_several_samples_of_one_prompt(tmp_path, data_dir, capsys):

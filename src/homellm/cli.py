@@ -277,6 +277,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                            "sample with a --temperature above 0 and one beam")
     if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
         cfg = replace(cfg, prompt=read_stdin())
+        if not cfg.prompt:  # (review: an empty file or redirect wrote from nothing, unsaid, as --prompt '' does)
+            say("note: standard input was empty: the model writes a text from its start, as with --prompt ''")
     model = load_for_generation(args.run, cfg)
     tok = Tokenizer.load(args.run)
     check_beams(cfg, tok)
