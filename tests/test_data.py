@@ -422,6 +422,9 @@ def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tm
     meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "d")))
     assert meta["split"] == "position" and abs(meta["val_tokens"] / (meta["val_tokens"] + meta["train_tokens"])
                                                - 0.1) < 0.001
+    t = Tokenizer.load(tmp_path / "d")  # every document kept: those trained on first, then the book (review: lost)
+    whole = t.decode(tokens(tmp_path / "d", "train").tolist() + tokens(tmp_path / "d", "val").tolist())
+    assert whole == EOT.join(stories) + EOT + book + EOT
     assert re.search(r"note: the 1 of 21 documents held out would hold 8\d% of the tokens, more than training: split "
                      "by position instead, the last 10% of the tokens held out", capsys.readouterr().err)
     # A shorter book held out: a third of the text, which still leaves most to train on, is said

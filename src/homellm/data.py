@@ -1369,14 +1369,14 @@ def _say_uneven_split(val_tokens: int, tokens: int, val_docs: int, docs: int, fr
 
 def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: PrepareConfig, dtype: np.dtype,
                        token_bytes: np.ndarray) -> dict[str, _ShardWriter]:
-    """Rewrite the shards so the first tokens are train and the rest val. Everything sits on one side, in corpus
-    order; the shards are streamed block by block, so memory stays flat and disk grows by one shard at most."""
-    side = "train" if writers["train"].tokens else "val"
-    total = writers[side].tokens
+    """Rewrite the shards so the first tokens are train and the rest val: the documents split by document to train
+    first, then those held out, each side in corpus order (one side, where everything fell there). The shards are
+    streamed block by block, so memory stays flat and disk grows by one shard at most."""
+    total = writers["train"].tokens + writers["val"].tokens
     # Leave out the final end-of-text so a single document splits exactly like nanoGPT's text[:int(n * 0.9)].
     n_train = int((total - 1) * (1 - cfg.val_fraction))
     old = []
-    for shard in writers[side].shards:
+    for shard in writers["train"].shards + writers["val"].shards:  # (both: held-out documents were lost, review)
         tmp = out / f".old_{shard['file']}"
         os.replace(out / shard["file"], tmp)
         old.append(tmp)
