@@ -288,8 +288,8 @@ def test_japanese_streams_whole_characters_and_stops_at_end_of_text(tok, story):
     assert stats["tok_per_s"] > 0 and stats["ended"]  # by the model's end of text, before max_new_tokens
     cut = SampleConfig(temperature=0.0, max_new_tokens=len(tok.encode(rest)))
     assert "".join(stream_text(model, tok, prompt, cut, stats)) == rest and not stats["ended"]  # by the length
-    beam = list(stream_text(model, tok, prompt, SampleConfig(num_beams=3, max_new_tokens=100)))
-    assert beam == [rest]
+    beam = list(stream_text(model, tok, prompt, SampleConfig(num_beams=3, max_new_tokens=100), stats))
+    assert beam == [rest] and stats["ended"]
 
 
 def test_generate_says_when_the_model_ended_the_text(tok, story, monkeypatch, capsys):

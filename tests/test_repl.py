@@ -513,24 +513,27 @@ def test_a_prompt_from_standard_input_loses_its_bom_and_last_line_break_and_clos
         buffer = io.BytesIO("\ufeffROMEO:\r\n".encode())
 
     monkeypatch.setattr(sys, "stdin", Stdin())
-    assert read_stdin() == "ROMEO:"  # nor the line break that ends the file (`echo` writes one): one break only
+    assert read_stdin("--prompt") == "ROMEO:"  # nor the line break that ends the file (`echo` writes one): one only
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"$12 \\times 7 =\n\n")))
-    assert read_stdin() == "$12 \\times 7 =\n"
+    assert read_stdin("--prompt") == "$12 \\times 7 =\n"
     chatml = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # a turn's header ends in its own break
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(chatml.encode())))
-    assert read_stdin() == chatml
+    assert read_stdin("--prompt") == chatml
     # A UTF-8 file piped in where the locale's encoding is another (Windows: cp932 or cp1252) is UTF-8, as the same
     # file given by its path is; text that is not UTF-8 is read in the locale's encoding.
     for encoding in ("cp932", "cp1252"):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("吾輩は猫である。".encode()), encoding=encoding))
-        assert read_stdin() == "吾輩は猫である。"
+        assert read_stdin("--prompt") == "吾輩は猫である。"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("吾輩は猫".encode("cp932")), encoding="cp932"))
-    assert read_stdin() == "吾輩は猫"
+    assert read_stdin("--prompt") == "吾輩は猫"
     # Shift_JIS where the locale is UTF-8 (an Aozora file piped in) is read as prepare reads such files
     sjis = io.BytesIO("吾輩は猫である。".encode("cp932"))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(sjis, encoding="utf-8"))
-    assert read_stdin() == "吾輩は猫である。"
+    assert read_stdin("--prompt") == "吾輩は猫である。"
     assert "note: standard input read as Shift_JIS (cp932)" in capsys.readouterr().err
     monkeypatch.setattr(sys, "stdin", None)
     with pytest.raises(repl.HomeLLMError, match="standard input is closed"):
-        read_stdin()
+        read_stdin("--prompt")
+    with pytest.raises(repl.HomeLLMError, match=r"^--text -: standard input is closed: pipe the text in, or give it as "
+                                                r"--text TEXT$"):  # (review: tokenizer encode's said --prompt)
+        read_stdin("--text")

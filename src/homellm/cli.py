@@ -79,7 +79,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from homellm.tokenizer import Tokenizer
 
     cfg = build(EncodeConfig, args)
-    text = read_stdin() if cfg.text == "-" else cfg.text
+    text = read_stdin("--text") if cfg.text == "-" else cfg.text
     if not text:
         raise HomeLLMError("--text is empty: give the text to split, or --text - to read it from standard input")
     tok = Tokenizer.load(args.tokenizer)
@@ -138,18 +138,18 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     else:
         model_cfg, train_cfg = preset(args.preset or DEFAULT_PRESET)
         source = f"{args.preset or DEFAULT_PRESET} preset"
-    typed = run_length(pick(args, TrainConfig))
-    by = next((f for f in ("max_steps", "epochs") if typed.get(f, 0) > 0), None)
+    flags = run_length(pick(args, TrainConfig))
+    by = next((f for f in ("max_steps", "epochs") if flags.get(f, 0) > 0), None)
     preset_time = train_cfg.max_time
-    time_off = by and "max_time" not in typed and preset_time > 0
+    time_off = by and "max_time" not in flags and preset_time > 0
     if time_off:
-        typed["max_time"] = 0.0
+        flags["max_time"] = 0.0
     world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
-    if world > 1 and train_cfg.grad_accum > 1 and "grad_accum" not in typed and source.endswith("preset"):
+    if world > 1 and train_cfg.grad_accum > 1 and "grad_accum" not in flags and source.endswith("preset"):
         # A preset's batch is global, as nanoGPT's: its accumulation is shared among torchrun's processes, or 4 GPUs
         # would train gpt2-124m on 4x its tokens per step, and 4x its tokens in all, on a rate tuned for the one.
         accum = max(1, round(train_cfg.grad_accum / world))
-        size = typed.get("batch_size", train_cfg.batch_size)
+        size = flags.get("batch_size", train_cfg.batch_size)
         exact = "" if accum * world == train_cfg.grad_accum else (
             f" ({size * accum * world} sequences a step instead of {size * train_cfg.grad_accum}, as {world} does not "
             f"divide {train_cfg.grad_accum}: choose with --grad-accum{' and --batch-size' * (accum == 1)})")
@@ -157,14 +157,14 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
             f"{accum}{exact}")
         train_cfg = replace(train_cfg, grad_accum=accum)
     model_cfg = replace(model_cfg, **pick(args, ModelConfig))
-    train_cfg = replace(train_cfg, **typed)
+    train_cfg = replace(train_cfg, **flags)
     model_cfg.validate()
     check_ranges(train_cfg)
     if time_off:  # (after the checks: said before an error in another flag, it looked like the error's cause)
         # Asked for N steps, a user expects N steps, not the preset's time budget cutting them short unannounced.
-        say(f"note: --{by.replace('_', '-')} {typed[by]} alone ends the run by steps: the {source}'s --max-time "
+        say(f"note: --{by.replace('_', '-')} {flags[by]} alone ends the run by steps: the {source}'s --max-time "
             f"{preset_time:g} is off (give --max-time too to keep a time budget)")
-    say_unused(typed, pick(args, ModelConfig), model_cfg, train_cfg)
+    say_unused(flags, pick(args, ModelConfig), model_cfg, train_cfg)
     return model_cfg, train_cfg
 
 
@@ -182,12 +182,12 @@ def say_unused(train: dict[str, Any], model: dict[str, Any], model_cfg: ModelCon
             say(f"note: {note}")
 
 
-def run_length(typed: dict[str, Any]) -> dict[str, Any]:
+def run_length(flags: dict[str, Any]) -> dict[str, Any]:
     """The training flags typed, checked for one length of run: --max-steps typed on resuming a run that was set in
     epochs replaces them (the epochs would otherwise recompute the steps over it)."""
-    if typed.get("max_steps", 0) > 0 and typed.get("epochs", 0) != 0:  # (-1 too: it was dropped without a word)
+    if flags.get("max_steps", 0) > 0 and flags.get("epochs", 0) != 0:  # (-1 too: it was dropped without a word)
         raise HomeLLMError("--max-steps and --epochs both set the length of the run: give one of them")
-    return {**typed, "epochs": 0.0} if typed.get("max_steps", 0) > 0 else typed
+    return {**flags, "epochs": 0.0} if flags.get("max_steps", 0) > 0 else flags
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -225,13 +225,13 @@ def _interrupted(summary: dict[str, Any] | None) -> None:
 _CHATML_HEADER = re.compile(r"<\|im_start\|>[^\n<]*\n\Z")
 
 
-def read_stdin() -> str:
+def read_stdin(flag: str) -> str:
     """Standard input as text: UTF-8, as files are read, else in its own encoding (the locale's, or
     PYTHONIOENCODING's), or a line saying where it is neither. Python's own reading let bytes through as surrogates,
     which the tokenizer refused with a TypeError; and its encoding alone read a UTF-8 file piped in on Windows as
     cp1252 or cp932, where the same file given as a path was UTF-8."""
     if sys.stdin is None:  # closed (`<&-`)
-        raise HomeLLMError("--prompt -: standard input is closed: pipe the prompt in, or give it as --prompt TEXT")
+        raise HomeLLMError(f"{flag} -: standard input is closed: pipe the text in, or give it as {flag} TEXT")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
     try:  # (the buffer skips the text layer's newline translation: a Windows pipe's CRLF is a line break too)
@@ -276,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise HomeLLMError(f"--num-samples {cfg.num_samples} with {how} writes one text {cfg.num_samples} times: "
                            "sample with a --temperature above 0 and one beam")
     if cfg.prompt == "-":  # a long or multi-line prompt, without the shell's quoting
-        cfg = replace(cfg, prompt=read_stdin())
+        cfg = replace(cfg, prompt=read_stdin("--prompt"))
         if not cfg.prompt:  # (review: an empty file or redirect wrote from nothing, unsaid, as --prompt '' does)
             say("note: standard input was empty: the model writes a text from its start, as with --prompt ''")
     model = load_for_generation(args.run, cfg)

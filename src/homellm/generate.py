@@ -348,7 +348,8 @@ def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, st
                               repetition_penalty=cfg.repetition_penalty, keep=keep,
                               ends=stream.holds_stop if stream.stops else None)
             new = len(out)
-            text, _ = _cut_at_stop(stream.decoder.push_all(out), stream.stops)
+            text, cut = _cut_at_stop(stream.decoder.push_all(out), stream.stops)
+            ended = not cut and new < cfg.max_new_tokens
             if stream.guarded:
                 text = text.rstrip("\ufffd")  # a character max_new_tokens cut short
             if text:

@@ -1283,7 +1283,7 @@ def _data_identity(config: dict[str, Any]) -> dict[str, Any] | None:
 def check_end(cfg: TrainConfig) -> None:
     """A run needs an end: steps, a time budget, or epochs (which become steps once the data is known)."""
     if cfg.max_steps <= 0 and cfg.max_time <= 0 and cfg.epochs <= 0:
-        raise HomeLLMError("--max-steps or --max-time must be positive: training needs an end")
+        raise HomeLLMError("--max-steps, --max-time or --epochs must be positive: training needs an end")
 
 
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
