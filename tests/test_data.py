@@ -1094,6 +1094,14 @@ def test_a_damaged_meta_json_is_named_before_training(tmp_path, data_dir, corpus
     # What the error says to do works: prepare replaces a damaged meta.json of its own (it was refused as not its).
     prepare(PrepareConfig(input=[str(corpus)], tokenizer=str(data_dir), out=str(bad)))
     assert read_meta(bad)["train_tokens"] > 0
+    # The counts training only records (a meta.json of an older prepare, or edited): a KeyError's traceback before
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("documents", "split",
+                                                                                          "train_bytes")}))
+    from homellm.cli import main
+
+    assert main(["pretrain", "--data", str(bad), "--out", str(tmp_path / "run"), "--preset", "tiny", "--max-steps",
+                 "1", "--eval-every", "0"]) == 0
 
 
 def test_a_tokenizer_folder_given_as_text_is_named(tmp_path):

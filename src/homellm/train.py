@@ -1385,7 +1385,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
             "(and no `best` checkpoint)")
     return train(model_cfg, cfg, data, tok, init=start, extra_config={"data_dir": str(data_dir.resolve()),
                                                                       "data_meta": {k: meta[k] for k in kept
-                                                                                    if k in meta or k != "val_inputs"}})
+                                                                                    if k in meta}})
 
 
 # What `pretrain --init` may set otherwise than the trained run: not what its weights are.
