@@ -313,3 +313,16 @@ def test_processes_of_one_run_train_in_one_precision_where_only_some_machines_ha
     assert [c[:2] for c in chosen] == [["torch.float32", "torch.float32"]] * 2
     assert "another process of this run cannot use it" in chosen[0][2] and "no compiler" in chosen[1][2]
     assert [c[3:] for c in chosen] == [["torch.float16", "torch.float32", "True"]] * 2  # float16 and its scaler
+
+
+def test_an_empty_or_odd_world_size_is_one_process(monkeypatch, tmp_path, corpus):
+    """WORLD_SIZE was read seven ways: the command line took an empty one as no torchrun, and pretrain from raw text
+    then stopped on int("") with a traceback (review)."""
+    from homellm.io import world_size
+
+    for value, world in (("", 1), ("abc", 1), ("0", 1), ("1", 1), ("4", 4)):
+        monkeypatch.setenv("WORLD_SIZE", value)
+        assert world_size() == world, value
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--max-steps", "1", "--eval-every", "0", "--tokenizer-kind", "char"]) == 0

@@ -42,7 +42,7 @@ from homellm.config import (
     replace,
 )
 from homellm.errors import HomeLLMError, typed
-from homellm.io import KINDS, refuse_kinds, say
+from homellm.io import KINDS, refuse_kinds, say, world_size
 
 
 def build(cls: type, args: argparse.Namespace) -> Any:
@@ -144,7 +144,7 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     time_off = by and "max_time" not in flags and preset_time > 0
     if time_off:
         flags["max_time"] = 0.0
-    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
+    world = world_size()
     if world > 1 and train_cfg.grad_accum > 1 and "grad_accum" not in flags and source.endswith("preset"):
         # A preset's batch is global, as nanoGPT's: its accumulation is shared among torchrun's processes, or 4 GPUs
         # would train gpt2-124m on 4x its tokens per step, and 4x its tokens in all, on a rate tuned for the one.
@@ -665,7 +665,7 @@ def _group() -> Any:
 
 
 def _under_torchrun() -> bool:
-    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")  # (a stray LOCAL_RANK alone is no torchrun)
+    return world_size() > 1  # (a stray LOCAL_RANK alone is no torchrun)
 
 
 def _error_message(e: BaseException) -> str | None:

@@ -175,6 +175,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 _said: set[str] | None = None  # within notes_once(): the notes said so far
 
 
+def world_size() -> int:
+    """The processes of this run: torchrun's WORLD_SIZE, else 1 (unset, empty or not a count: no torchrun). One
+    reading for all: seven ways of parsing it disagreed, and an empty one was a ValueError's traceback in one."""
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def say(text: str) -> None:
     """A line on stderr, once under torchrun: every rank reaches the same notes, and rank 0 says them."""
     if _said is not None:

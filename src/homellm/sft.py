@@ -55,7 +55,7 @@ from homellm.config import (
 )
 from homellm.errors import HomeLLMError, typed
 from homellm.generate import stream_ids
-from homellm.io import atomic_folder, say
+from homellm.io import atomic_folder, say, world_size
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer, check_unknown
 
@@ -337,7 +337,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         say(f"note: {cut:,} of {stats['conversations']:,} conversations ({cut / stats['conversations']:.0%}) are "
             f"longer than the model's {model_cfg.block_size}-token context and were cut or skipped: fine-tune a base "
             f"pretrained with a longer --block-size (e.g. {2 * model_cfg.block_size}) to keep them whole")
-    per_step = train_cfg.batch_size * train_cfg.grad_accum * int(os.environ.get("WORLD_SIZE") or 1)
+    per_step = train_cfg.batch_size * train_cfg.grad_accum * world_size()
     if train_cfg.epochs > 0:
         # Rows are read in a seeded order, each once per epoch (ChatBatches.train_batch), so an epoch is exact here.
         train_cfg = steps_for_epochs(train_cfg, n_rows, 1, "rows")

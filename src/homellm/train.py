@@ -60,7 +60,7 @@ from homellm.config import (
 )
 from homellm.data import input_bytes, open_split, read_meta, staged_note
 from homellm.errors import HomeLLMError, typed
-from homellm.io import BusyCores, notes_once, progress_bar, say
+from homellm.io import BusyCores, notes_once, progress_bar, say, world_size
 from homellm.model import GPT
 from homellm.muon import Muon, ns_dtype
 from homellm.tokenizer import Tokenizer, unfinished_save
@@ -217,7 +217,7 @@ def native_bf16(device: torch.device) -> bool:
 def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
     """Join torchrun's process group when launched by it; pick device and precision (to train a model `width`
     wide)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(cfg.device)
     if world > 1 and dev.type == "mps":
@@ -543,7 +543,7 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     counts (a step's rows are drawn for all its parts at once, see Batches): with another number of processes, or
     a GPU that fits fewer rows, --batch-size and --grad-accum may change so that it stays the same."""
     saved_model, saved_train = read_config(run)
-    world = int(os.environ.get("WORLD_SIZE") or 1)
+    world = world_size()
     saved = load_json(run / "config.json")
     saved_world = saved.get("world")  # None: written before it was kept
     splits = ("batch_size", "grad_accum") if saved_world else ()  # checked below, as one product
@@ -1115,7 +1115,7 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 6
 def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how: str = "") -> TrainConfig:
     """cfg with the max_steps that read `total` training units (tokens, rows) cfg.epochs times, at batch_size x
     grad_accum rows of `per_row` units a step on every process; said once, under torchrun too."""
-    per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")) * per_row
+    per_step = cfg.batch_size * cfg.grad_accum * world_size() * per_row
     cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
     steps = f"{cfg.max_steps:,} step{'s' * (cfg.max_steps != 1)} of {per_step:,} {unit}"
     read = cfg.max_steps * per_step / max(total, 1)
@@ -1329,7 +1329,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         find_checkpoint(run, "last", need_state=True, quiet=True)  # none yet: said before any text is prepared
     elif os.environ.get("RANK", "0") == "0" and holds_trained(run):
         raise HomeLLMError(f"{run} already holds a trained run: add --resume to continue it, or choose a new --out")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size() > 1 and not dist.is_initialized():
         setup_env(cfg)  # join the group before rank 0 prepares data, so the others can wait for it
     # Preparing raw text can take hours, past the 10 minutes after which NCCL's watchdog kills a rank waiting in a
     # collective (gloo's 30): the others wait for rank 0 in a gloo group of their own, with a day's patience.
