@@ -713,7 +713,8 @@ def test_what_the_flags_alone_decide_is_said_before_the_text_is_read(tmp_path, c
     from homellm.cli import main
 
     for flags, error in [(["--device", "tpu"], "--device 'tpu'"),
-                         (["--max-steps", "0", "--max-time", "0"], "--max-steps, --max-time or --epochs must be positive")]:
+                         (["--max-steps", "0", "--max-time", "0"],
+                          "--max-steps, --max-time or --epochs must be positive")]:
         assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--preset", "tiny",
                      *flags]) == 2
         assert error in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -447,6 +447,9 @@ def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tm
     with pytest.raises(HomeLLMError, match=r"--split 'tokens' is unknown: use document or position"):
         prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "q"),
                               split="tokens"))
+    with pytest.raises(HomeLLMError, match=r"--shard-tokens 5: must be 1,000 or more"):  # (the library took 5: review)
+        prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "q"),
+                              shard_tokens=5))
 
 
 def test_documents_split_by_hash_end_with_eot_and_shards_match_meta(tmp_path):

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from homellm.config import EOT, PrepareConfig, load_json, save_json
+from homellm.config import EOT, PrepareConfig, check_ranges, load_json, save_json
 from homellm.errors import HomeLLMError, typed
 from homellm.io import fsync_dir, progress_bar, refuse_kinds, say
 from homellm.tokenizer import Tokenizer, check_unknown
@@ -1040,12 +1040,7 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
     refuse_kinds(cfg.out, ("config.json", "tokenizer.json"))  # (prepared data again over prepared data: allowed)
     if not cfg.tokenizer:
         raise HomeLLMError("--tokenizer is required: a tokenizer folder (train one with `homellm tokenizer train`)")
-    if not 0 <= cfg.val_fraction < 1:
-        raise HomeLLMError(f"--val-fraction {cfg.val_fraction} must be at least 0 and below 1")
-    if cfg.shard_tokens <= 0:
-        raise HomeLLMError(f"--shard-tokens {cfg.shard_tokens} must be positive")
-    if cfg.split not in ("document", "position"):
-        raise HomeLLMError(f"--split {cfg.split!r} is unknown: use document or position")
+    check_ranges(cfg)  # (the command line's were checked; a library caller's are here, by the same rules)
     if cfg.val_input and cfg.split == "position":
         raise HomeLLMError("--split position and --val-input both say what val is: give one (--val-input holds out "
                            "its own text whole)")
