@@ -473,7 +473,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-              positional: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+              defaults: dict[str, Any] | None = None) -> None:
     """Add one `--kebab-case` flag per field of `cls`. Defaults are suppressed, so the namespace holds only
     what the user typed and presets can fill in the rest. `defaults` are the values the verb fills in over the
     class's own (a preset's, fine-tuning's): --help shows what a run gets, not what the class says."""
@@ -486,10 +486,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         default = (defaults or {}).get(f.name, default)
         comment = _field_comments(cls).get(f.name, "")
         help_text = f"{comment} (default: {default!r})".strip().replace("%", "%%")
-        if f.name in positional:
-            parser.add_argument(f.name, nargs="+" if typing.get_origin(tp) is list else None,
-                                default=argparse.SUPPRESS)
-        elif tp in (bool, bool | None):  # (None: neither flag given, the verb decides)
+        if tp in (bool, bool | None):  # (None: neither flag given, the verb decides)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         elif typing.get_origin(tp) is list:  # "extend": `--input a --input b` is both, as `--input a b` is

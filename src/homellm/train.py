@@ -1101,10 +1101,8 @@ def sample_text(model: GPT, tok: Tokenizer, prompt: str, max_new_tokens: int = 6
     from homellm.config import SampleConfig
     from homellm.generate import stream_text
 
-    was_training = model.training
     cfg = SampleConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0)
-    text = "".join(stream_text(model, tok, prompt, cfg))
-    model.train(was_training)
+    text = "".join(stream_text(model, tok, prompt, cfg))  # (generation restores the model's training mode)
     if stop and stop in text:
         text = text[:text.index(stop) + len(stop)]
     return prompt + text
@@ -1167,13 +1165,13 @@ def absolute_inputs(inputs: list[str]) -> list[str]:
     return [absolute(d) for d in inputs]
 
 
-def prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
+def prepare_inputs(cfg: TrainConfig) -> Path:
     """The prepared data folder for cfg.data: itself, or RUN/data built from raw text (tokenizer trained first)."""
     with notes_once():  # (the tokenizer's reading and the shards' note the same things about the same files)
-        return _prepare_inputs(cfg, block_size)
+        return _prepare_inputs(cfg)
 
 
-def _prepare_inputs(cfg: TrainConfig, block_size: int) -> Path:
+def _prepare_inputs(cfg: TrainConfig) -> Path:
     from homellm.config import PrepareConfig
     from homellm.data import nanogpt_folder, prepare
     from homellm.tokenizer import train_tokenizer
@@ -1339,9 +1337,9 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
             dist.barrier(group=waiting)
         except RuntimeError:  # rank 0 stopped, and printed why: one line here too, not a traceback
             raise HomeLLMError("rank 0 stopped while preparing the data: see its error") from None
-        data_dir = prepare_inputs(cfg, model_cfg.block_size)
+        data_dir = prepare_inputs(cfg)
     else:
-        data_dir = prepare_inputs(cfg, model_cfg.block_size)
+        data_dir = prepare_inputs(cfg)
         if waiting is not None:
             dist.barrier(group=waiting)
     if waiting is not None:
