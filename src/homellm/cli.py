@@ -260,7 +260,7 @@ def read_stdin(flag: str) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from homellm.checkpoint import load_for_generation, speaks_chatml
-    from homellm.generate import check_beams, seeded_generator, stream_ids
+    from homellm.generate import check_beams, continuation_prompt, seeded_generator, stream_ids
     from homellm.repl import visible
     from homellm.tokenizer import Tokenizer
 
@@ -294,14 +294,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         first = iter(["/" * cfg.prompt.startswith("/") + cfg.prompt] if cfg.prompt else [])
         chat_loop(model, tok, cfg, lambda prompt: next(first, None) or input(prompt), sys.stdout, Continuations)
         return
-    block = model.cfg.block_size
-    cfg = replace(cfg, prompt=tok.fold(cfg.prompt))  # full-width digits as the model's own, say
-    if note := tok.unknown_note(cfg.prompt, allow_special=True):
+    prompt, ids, notes = continuation_prompt(tok, cfg.prompt, model.cfg.block_size)
+    cfg, device = replace(cfg, prompt=prompt), next(model.parameters()).device
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if (n := len(tok.encode_prompt(cfg.prompt))) > block - 1:
-        print(f"note: the prompt is {n} tokens and the model's context {block}: it reads the last {block - 1}",
-              file=sys.stderr)
-    ids, device = tok.encode_prompt(cfg.prompt), next(model.parameters()).device
     new_tokens, seconds, ended = 0, 0.0, 0
     for sample in range(cfg.num_samples):
         if sample:

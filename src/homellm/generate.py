@@ -331,6 +331,18 @@ def check_beams(cfg: SampleConfig, tok: Tokenizer) -> None:
                            "from: use fewer beams (4 is common)")
 
 
+def continuation_prompt(tok: Tokenizer, prompt: str, block: int) -> tuple[str, list[int], list[str]]:
+    """A prompt to continue (generate's, one at a time or typed in turn) as the model reads it, full-width digits
+    folded to its own; its ids; and notes on what the model cannot read of it: characters the tokenizer cannot
+    write, and tokens beyond its context."""
+    prompt = tok.fold(prompt)
+    ids = tok.encode_prompt(prompt)
+    notes = [note] if (note := tok.unknown_note(prompt, allow_special=True)) else []
+    if len(ids) > block - 1:
+        notes.append(f"the prompt is {len(ids)} tokens and the model's context {block}: it reads the last {block - 1}")
+    return prompt, ids, notes
+
+
 def stream_ids(model: GPT, tok: Tokenizer, ids: list[int], cfg: SampleConfig, stats: dict[str, float] | None = None,
                generator: torch.Generator | None = None, keep: int = 0) -> Iterator[str]:
     """stream_text for a prompt already in ids (a chat rendered by homellm.chat). `generator` carries the random

@@ -24,7 +24,7 @@ from homellm.chat import Message, prompt_ids, render, to_markdown
 from homellm.checkpoint import loaded_checkpoint
 from homellm.config import SEED_LIMIT, ChatConfig, GenerateConfig
 from homellm.errors import HomeLLMError, typed
-from homellm.generate import check_beams, seeded_generator, stream_ids
+from homellm.generate import check_beams, continuation_prompt, seeded_generator, stream_ids
 from homellm.io import atomic_write_text, check_overwrite, stamped
 from homellm.model import GPT
 from homellm.tokenizer import Tokenizer
@@ -260,13 +260,9 @@ class Continuations(Chat):
         return f"{n} prompt{'s' * (n != 1)} and {'their' if n != 1 else 'its'} continuation{'s' * (n != 1)}"
 
     def reply(self, prompt: str) -> str:
-        ids = self.tok.encode_prompt(prompt := self.tok.fold(prompt))
-        block = self.model.cfg.block_size
-        if note := self.tok.unknown_note(prompt, allow_special=True):
+        prompt, ids, notes = continuation_prompt(self.tok, prompt, self.model.cfg.block_size)
+        for note in notes:
             self.say(f"[note: {note}]")
-        if len(ids) > block - 1:
-            self.say(f"[the prompt is {len(ids)} tokens and the model's context {block}: it reads the last "
-                     f"{block - 1}]")
         self.out.write(prompt)
         text = self.stream(ids)
         self.transcript += [{"role": "prompt", "content": prompt}, {"role": "continuation", "content": text}]
