@@ -335,6 +335,16 @@ def chat_model_beside(run: str | Path) -> Path | None:
     return chat if is_sft(chat) else None
 
 
+def pretrained_only_note(run: str | Path, verb: str, what: str) -> str:
+    """chat's and serve's note on a model never fine-tuned on conversations (`what` it does then), naming the chat
+    model beside it where there is one; "" for a chat model."""
+    if speaks_chatml(run):
+        return ""
+    beside = chat_model_beside(run)
+    return (f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): {what}"
+            + (f"; its chat model is {beside}: `homellm {verb} {typed(beside)}`" if beside else ""))
+
+
 def read_config(run: str | Path) -> tuple[ModelConfig, TrainConfig]:
     path = run_config_path(run)
     cfg = load_json(path)

@@ -383,15 +383,14 @@ def line_editing() -> None:
 def chat(run: str | Path, cfg: ChatConfig, input_fn: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> Chat:
     """`homellm chat RUN`: load the run's model and tokenizer, then chat_loop."""
-    from homellm.checkpoint import chat_model_beside, load_for_generation, speaks_chatml
+    from homellm.checkpoint import load_for_generation, pretrained_only_note
 
     line_editing()
     model = load_for_generation(run, cfg)
     tok = Tokenizer.load(run)
     check_beams(cfg, tok)  # before the chat starts, not at its first message
-    if not speaks_chatml(run):  # it never saw the chat format's turns: its "replies" continue text, if anything
-        beside = chat_model_beside(run)
-        print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): it does not know "
-              f"turns, so replies may not answer; `homellm generate {typed(run)} --prompt TEXT` continues text"
-              + (f"; its chat model is {beside}: `homellm chat {typed(beside)}`" if beside else ""), file=sys.stderr)
+    # It never saw the chat format's turns: its "replies" continue text, if anything
+    if note := pretrained_only_note(run, "chat", "it does not know turns, so replies may not answer; `homellm "
+                                    f"generate {typed(run)} --prompt TEXT` continues text"):
+        print(note, file=sys.stderr)
     return chat_loop(model, tok, cfg, input_fn, out)

@@ -34,7 +34,7 @@ import torch
 
 from homellm.chat import check_messages, prompt_ids, to_markdown
 from homellm.config import SEED_LIMIT, SampleConfig, ServeConfig, check_ranges
-from homellm.errors import HomeLLMError, typed
+from homellm.errors import HomeLLMError
 from homellm.generate import TextStream, _prefill, sample_next, seeded_generator
 from homellm.model import GPT, KVCache
 from homellm.tokenizer import Tokenizer
@@ -895,7 +895,7 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     _require_server_packages()
     import uvicorn
 
-    from homellm.checkpoint import chat_model_beside, speaks_chatml
+    from homellm.checkpoint import pretrained_only_note
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -940,12 +940,9 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     if shown != host and not cfg.api_key:  # anyone who can reach this machine may use its model (and its CPU)
         print("note: every address and no --api-key: anyone on the network can use it; set one with --api-key "
               "(e.g. --api-key \"$(openssl rand -hex 16)\")", file=sys.stderr, flush=True)
-    if not speaks_chatml(run):  # as chat says: the chat page and /v1/chat/completions will not get answers
-        beside = chat_model_beside(run)
-        print(f"note: {run} was pretrained only, not fine-tuned on conversations (`homellm sft`): chat replies may "
-              "not answer; /v1/completions continues text"
-              + (f"; its chat model is {beside}: `homellm serve {typed(beside)}`" if beside else ""),
-              file=sys.stderr, flush=True)
+    # As chat says: the chat page and /v1/chat/completions will not get answers
+    if note := pretrained_only_note(run, "serve", "chat replies may not answer; /v1/completions continues text"):
+        print(note, file=sys.stderr, flush=True)
     model = app.state.scheduler.model
     if note := cache_note(model, cfg.max_batch, device_memory(next(model.parameters()).device)):
         print(note, file=sys.stderr, flush=True)
