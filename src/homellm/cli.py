@@ -20,7 +20,9 @@ from homellm.config import (
     DEFAULT_PRESET,
     PRESET_USES,
     PRESETS,
+    RAW_TEXT_FIELDS,
     SFT_TRAIN,
+    TOKENIZER_FIELDS,
     ChatConfig,
     CompareConfig,
     EncodeConfig,
@@ -128,8 +130,7 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 
         # The flags as typed: once applied, --family would re-derive sizes nobody typed, and pretrain name those.
         check_init_architecture(args.init, pick(args, ModelConfig), model_cfg)
-        if ignored := [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words",
-                                                            "tokenizer_max_chars") if k in vars(args)]:
+        if ignored := [f"--{k.replace('_', '-')}" for k in TOKENIZER_FIELDS if k in vars(args)]:
             say(f"note: {' '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with --init: the text is "
                 f"read with {args.init}'s own tokenizer")
         if "lr" not in vars(args) and not getattr(args, "resume", False):
@@ -194,9 +195,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from homellm.train import pretrain
 
     model_cfg, train_cfg = resolve_train(args)
-    raw = [f"--{k.replace('_', '-')}" for k in ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "text_field",
-                                                "encoding", "aozora", "val_fraction", "split", "tokenizer_max_chars")
-           if k in pick(args, TrainConfig)]
+    raw = [f"--{k.replace('_', '-')}" for k in RAW_TEXT_FIELDS if k in pick(args, TrainConfig)]
     data = train_cfg.data
     if train_cfg.val_input and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         raise HomeLLMError(f"--val-input applies to raw text: {data[0]} is prepared data, with its own val split "
@@ -491,9 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Training flags default to fine-tuning values (lr 3e-4, or 1e-3 with LoRA; 500 "
                                    "steps).")
     add_flags(p, SFTConfig)
-    add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "tokenizer_kind", "tokenizer_vocab",
-                                    "tokenizer_words", "text_field", "encoding", "aozora", "val_fraction",
-                                    "val_input", "split", "tokenizer_max_chars"), defaults=SFT_TRAIN)
+    add_flags(p, TrainConfig, skip=("data", "init", "init_checkpoint", "val_input", *RAW_TEXT_FIELDS),
+              defaults=SFT_TRAIN)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into full weights, as a standalone run")

@@ -102,6 +102,11 @@ class ModelConfig:
                                + (fix if where else f"change one (e.g. {near})"))
 
 
+TOKENIZER_FIELDS = ("tokenizer_kind", "tokenizer_vocab", "tokenizer_words", "tokenizer_max_chars")
+# TrainConfig's fields that read raw --data (as prepare does; --val-input apart, checked on its own)
+RAW_TEXT_FIELDS = (*TOKENIZER_FIELDS, "text_field", "encoding", "aozora", "val_fraction", "split")
+
+
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # prepared data, or text: .txt/.jsonl/.json, folders, globs, hf:NAME
@@ -120,6 +125,7 @@ class TrainConfig:
     val_input: list[str] = field(default_factory=list)  # when --data is raw text: val is this text instead (prepare's)
     split: str = "document"  # when --data is raw text: document, or position (the tokens' last part; see prepare)
     tokenizer_max_chars: int = 0  # when --data is raw text: train the tokenizer on at most N characters (0 = all)
+    # (the fields above from tokenizer_kind apply to raw text only: RAW_TEXT_FIELDS below)
     batch_size: int = 32  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without more memory
     lr: float = 1e-3  # peak learning rate (AdamW; Muon's matrices use muon_lr)
