@@ -116,11 +116,12 @@ def resolve_train(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     from homellm.checkpoint import read_config
 
     out = getattr(args, "out", "")
-    if getattr(args, "resume", False) and args.preset is not None and out and (Path(out) / "config.json").is_file():
+    resumed = getattr(args, "resume", False) and out and (Path(out) / "config.json").is_file()
+    if resumed and args.preset is not None:
         # Taken over the run's own config, it reset what the run was given (--patience, --eval-every) unsaid.
         raise HomeLLMError(f"--preset {args.preset} does not apply with --resume: {out} keeps its own config; give "
                            "only the flags to change")
-    if getattr(args, "resume", False) and out and (Path(out) / "config.json").is_file():
+    if resumed:
         model_cfg, train_cfg = read_config(out)
         source = f"run {out}"
     elif getattr(args, "init", ""):  # the architecture is the trained run's; training settings the preset's
@@ -197,21 +198,22 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     model_cfg, train_cfg = resolve_train(args)
     raw = [f"--{k.replace('_', '-')}" for k in RAW_TEXT_FIELDS if k in pick(args, TrainConfig)]
     data = train_cfg.data
-    if train_cfg.val_input and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+    prepared = len(data) == 1 and (Path(data[0]) / "meta.json").is_file()
+    if train_cfg.val_input and prepared:
         raise HomeLLMError(f"--val-input applies to raw text: {data[0]} is prepared data, with its own val split "
                            "(prepare the text with --val-input, or give --data the text itself)")
     _one_val(train_cfg, pick(args, TrainConfig))
-    if raw and len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+    if raw and prepared:
         say(f"note: {' '.join(raw)} {'applies' if len(raw) == 1 else 'apply'} to raw text only: {data[0]} is "
             "prepared data, with its own tokenizer")
-    summary = pretrain(model_cfg, train_cfg)
-    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
+    _finished(pretrain(model_cfg, train_cfg))
+
+
+def _finished(summary: dict[str, Any] | None) -> None:
+    """A training's summary, printed once under torchrun; a run stopped by Ctrl-C (with its checkpoint written)
+    still exits as interrupted, for scripts."""
+    if summary and os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, ensure_ascii=False))
-    _interrupted(summary)
-
-
-def _interrupted(summary: dict[str, Any] | None) -> None:
-    """A run stopped by Ctrl-C (with its checkpoint written) still exits as interrupted, for scripts."""
     if summary and summary.get("stop") == "session_time":
         say(f"homellm: this session ended at step {summary['steps']} (--session-time); `--resume` continues from "
             "there, on the same schedule, each session stopping after the same --session-time (kept with the run; "
@@ -357,10 +359,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
              if k not in ("init", "init_checkpoint", "val_fraction")}  # SFTConfig's
     cfg, train_cfg = resolve_sft(pick(args, SFTConfig), run_length(train))
     say_unused(train, {}, ModelConfig(), train_cfg)
-    summary = sft(cfg, train_cfg)
-    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        print(json.dumps(summary, ensure_ascii=False))
-    _interrupted(summary)
+    _finished(sft(cfg, train_cfg))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
