@@ -138,7 +138,7 @@ class TokenBatches:
 
     def val_batch(self, index: int, batch_size: int, part: int, parts: int
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not len(self.starts["val"]) or self.starts["val"][-1] == 0:
+        if self.no_val:
             return None
         rng = np.random.default_rng([self.seed, 1, index])  # the same val batches at every evaluation
         return self._windows("val", rng, batch_size * parts, slice(part * batch_size, (part + 1) * batch_size))
