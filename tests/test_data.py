@@ -437,6 +437,10 @@ def test_a_few_uneven_documents_are_noted_and_split_position_splits_by_tokens(tm
             "split goes by document (1 of 21 held out), and they differ in length. --split position (prepare's, or "
             "pretrain's for raw text) holds out the last 10% of the tokens instead") in capsys.readouterr().err
     write(files[0], book)
+    # A --val-fraction of a half or more asks val to outweigh training: its split by document stays (review)
+    meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "f"),
+                                 val_fraction=0.6))
+    assert meta["split"] == "document" and meta["val_tokens"] > meta["train_tokens"]
     meta = prepare(PrepareConfig(input=[str(tmp_path / "books")], tokenizer=str(tok), out=str(tmp_path / "p"),
                                  split="position"))
     t = Tokenizer.load(tmp_path / "p")

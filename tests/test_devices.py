@@ -320,7 +320,7 @@ def test_an_empty_or_odd_world_size_is_one_process(monkeypatch, tmp_path, corpus
     then stopped on int("") with a traceback (review)."""
     from homellm.io import world_size
 
-    for value, world in (("", 1), ("abc", 1), ("0", 1), ("1", 1), ("4", 4)):
+    for value, world in (("", 1), ("abc", 1), ("0", 1), ("1", 1), ("4", 4), ("\u00b2", 1)):
         monkeypatch.setenv("WORLD_SIZE", value)
         assert world_size() == world, value
     monkeypatch.setenv("WORLD_SIZE", "")

@@ -1046,6 +1046,30 @@ def test_resuming_on_raw_text_that_grew_prepares_it_again(tmp_path, corpus, caps
     assert "no such file" in capsys.readouterr().err  # a new run has no shards to fall back on
 
 
+def test_a_split_by_position_that_becomes_one_by_document_is_said_on_resuming(tmp_path, capsys):
+    """A book held out that outweighed the stories fell back to a split by position, which trains on most of it; a
+    bigger book added on the training side splits by document again, and that book is all val now (review)."""
+    from homellm import data
+    from homellm.cli import main
+
+    def held_out(text: str) -> bool:
+        return data._is_val(0, text[:data._KEY_CHARS], 0.1)
+
+    book = next(b for i in range(100) if held_out(b := f"book {i}\n" + "the long book goes on. " * 400))
+    stories = [s for i in range(200) if not held_out(s := f"story {i}: a short one.\n" * 20)][:10]
+    (tmp_path / "books").mkdir()
+    for n, text in enumerate([book, *stories]):
+        (tmp_path / "books" / f"{n:02}.txt").write_text(text)
+    flags = ["--data", str(tmp_path / "books"), "--out", str(tmp_path / "run"), "--tokenizer-kind", "char"]
+    assert main(["pretrain", *flags, "--preset", "tiny", "--max-steps", "1", "--eval-every", "0"]) == 0
+    assert "split by position instead" in capsys.readouterr().err
+    bigger = next(b for i in range(100, 200) if not held_out(b := f"book {i}\n" + "a longer book goes on. " * 900))
+    (tmp_path / "books" / "99.txt").write_text(bigger)
+    assert main(["pretrain", *flags, "--resume", "--max-steps", "2"]) == 0
+    assert "; the split was by position and is by document now, so val may now hold text trained on before\n" in \
+        capsys.readouterr().err
+
+
 def test_a_new_start_never_overwrites_a_trained_run(tmp_path, data_dir, capsys):
     """A run whose `last` was never written or was deleted, `best` alone left, was silently started over: its
     metrics and `best` replaced."""

@@ -125,7 +125,7 @@ class TrainConfig:
     val_input: list[str] = field(default_factory=list)  # when --data is raw text: val is this text instead (prepare's)
     split: str = "document"  # when --data is raw text: document, or position (the tokens' last part; see prepare)
     tokenizer_max_chars: int = 0  # when --data is raw text: train the tokenizer on at most N characters (0 = all)
-    # (the fields above from tokenizer_kind apply to raw text only: RAW_TEXT_FIELDS below)
+    # (the fields above from tokenizer_kind apply to raw text only: RAW_TEXT_FIELDS, before the class)
     batch_size: int = 32  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step: a larger batch without more memory
     lr: float = 1e-3  # peak learning rate (AdamW; Muon's matrices use muon_lr)
@@ -546,6 +546,9 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
         fits, kind = _JSON_TYPES.get(hints[key], (lambda v: True, ""))
         if not fits(value):
             raise HomeLLMError(f"{where}: {key} is {value!r}, not {kind}: restore the file homellm wrote")
+    if cls is TrainConfig and isinstance(d.get("max_steps"), int) and d["max_steps"] < 0:
+        # Taken before it had a range, and meaning what 0 does (no limit in steps): such runs still load (review)
+        d = {**d, "max_steps": 0}
     cfg = cls(**d)
     check_ranges(cfg, where)
     if isinstance(cfg, ModelConfig):

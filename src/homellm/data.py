@@ -1305,17 +1305,19 @@ def _prepare_into(out: Path, cfg: PrepareConfig, tok: Tokenizer, unknown_fix: st
             raise HomeLLMError(f"--val-input {' '.join(cfg.val_input)}: no text in it to hold out: give the files "
                                "(or hub split) of your validation text")
     elif cfg.val_fraction > 0 and (docs == 1 or not writers["val"].tokens or not writers["train"].tokens
-                                   or writers["val"].tokens > writers["train"].tokens):
+                                   or outweighed(writers["val"].tokens, writers["train"].tokens, cfg.val_fraction)):
         split = "position"
         if cfg.split == "document":  # (it was said nowhere but in `info`)
             why = {1: "one document", 2: "both documents fell on one side"}.get(docs, f"all {docs} documents fell "
                                                                                    "on one side")
+            sides = "(several documents keep their sides)"
             if writers["val"].tokens and writers["train"].tokens:  # (review: 6 books, 1 held out, 86% of the text)
                 share = writers["val"].tokens / (writers["val"].tokens + writers["train"].tokens)
                 why = (f"the {val_docs:,} of {docs:,} documents held out would hold {share:.0%} of the tokens, more "
                        "than training")
+                sides = "or, where the documents then fall more evenly, splits by document again"
             say(f"note: {why}: split by position instead, the last {cfg.val_fraction:.0%} of the tokens held out; "
-                "text added later moves that cut (several documents keep their sides)")
+                f"text added later moves that cut {sides}")
         writers = _split_by_position(out, writers, cfg, dtype, tok.token_bytes())
     elif cfg.val_fraction > 0:
         _say_uneven_split(writers["val"].tokens, writers["val"].tokens + writers["train"].tokens, val_docs, docs,
@@ -1360,6 +1362,12 @@ def _say_uneven_split(val_tokens: int, tokens: int, val_docs: int, docs: int, fr
     print(f"note: val holds {held} of the tokens, where --val-fraction {fraction:g} asks for about {asked}: the "
           f"split goes by document ({val_docs:,} of {docs:,} held out), and they differ in length. --split position "
           f"(prepare's, or pretrain's for raw text) holds out the last {asked} of the tokens instead", file=sys.stderr)
+
+
+def outweighed(val_tokens: int, train_tokens: int, fraction: float) -> bool:
+    """Whether documents held out by a split by document outweigh the training text, beyond what was asked: a
+    --val-fraction of a half or more asks for that, and keeps its split."""
+    return val_tokens / (val_tokens + train_tokens) > max(0.5, 2 * fraction)
 
 
 def _split_by_position(out: Path, writers: dict[str, _ShardWriter], cfg: PrepareConfig, dtype: np.dtype,

@@ -179,7 +179,7 @@ def world_size() -> int:
     """The processes of this run: torchrun's WORLD_SIZE, else 1 (unset, empty or not a count: no torchrun). One
     reading for all: seven ways of parsing it disagreed, and an empty one was a ValueError's traceback in one."""
     value = os.environ.get("WORLD_SIZE", "")
-    return int(value) if value.isdigit() and int(value) > 0 else 1
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else 1  # ("²" is a digit too)
 
 
 def say(text: str) -> None:

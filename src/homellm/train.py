@@ -667,8 +667,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                 say(f"note: the data in {(extra_config or {}).get('data_dir')} is not what {run} last trained on "
                     f"({trained_on.get('train_tokens', 0):,} -> {now.get('train_tokens', 0):,} training tokens): "
                     f"training goes on with it, and its val loss compares with none before it: {again}"
-                    + ("; the split is by position, so val may now hold text trained on before"
-                       if now.get("split") == "position" and trained_on.get("split") == "position" else ""))
+                    + ({"position": "; the split is by position, so val may now hold text trained on before",
+                        "document": "; the split was by position and is by document now, so val may now hold text "
+                                    "trained on before"}.get(now.get("split"), "")
+                       if trained_on.get("split") == "position" else ""))
         info = load_json(folder / "checkpoint.json")
         resumed_val = {k: info[k] for k in ("val_loss", "val_bpb") if k in info} or None
         # Else a run that stopped short of its budget for the final evaluation would go on past it.
