@@ -599,6 +599,11 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
                                                                      "always decays"),
         (["generate", "--model", "r", "--prompt", "x"], "--model is not needed: the run folder comes first, without a "
                                                         "flag: `homellm generate RUN ...`"),
+        # each value paired with its own switch (review: the first "False" of the line, another flag's, was taken)
+        (["pretrain", "--data", "False", "--out", "o", "--bias", "False", "--compile", "False"],
+         "--bias False is --no-bias (a switch takes no value); --compile False is --no-compile"),
+        (["pretrain", "--data", "d", "--out", "o", "\uff0d\uff0dmax\uff3fsteps\uff1d5"],
+         "\uff0d\uff0dmax\uff3fsteps is --max-steps"),  # (a full-width = too; the hint showed it whole)
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -607,6 +612,10 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         main(["pretrain", "--data", "d", "--out", "o", "--compile=False"])
     assert "ignored explicit argument 'False': a switch takes no value: --compile turns it on, --no-compile off" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `--model=RUN` leaves the run unnamed: argparse's own error, with the hint
+        main(["generate", "--model=r", "--prompt", "x"])
+    assert "required: run: --model is not needed: the run folder comes first, without a flag: `homellm generate RUN " \
+        "...`" in capsys.readouterr().err
 
 
 def test_pretrain_from_raw_text_takes_the_validation_share_and_the_tokenizers_sample(tmp_path, corpus, capsys):

@@ -397,6 +397,9 @@ def test_sft_epochs_set_the_steps_from_the_training_rows(tmp_path, base_run, cap
     steps_for_epochs(replace(train_cfg, epochs=2.0, batch_size=16), 3, 1, "rows")
     assert "--epochs 2: 1 step of 16 rows read the 3 training rows 5.33 times over, not 2: one step holds more than " \
            "they ask (a smaller --batch-size comes closer: now 16 rows a step)" in capsys.readouterr().err
+    steps_for_epochs(replace(train_cfg, epochs=1.0, batch_size=64, grad_accum=16), 1, 1, "rows")  # (review: 1.02e+03)
+    assert "--epochs 1: 1 step of 1,024 rows read the 1 training row 1,024 times over, not 1: " in \
+        capsys.readouterr().err
     # Steps rounded up: 0.01 of 455,975 tokens is 2.2 steps of 2,048 (review: "0.0 times over", "one step holds more")
     steps_for_epochs(replace(train_cfg, epochs=0.01, batch_size=32, grad_accum=1), 455_975, 64, "tokens")
     assert "--epochs 0.01: 3 steps of 2,048 tokens read the 455,975 training tokens 0.0135 times over, not 0.01: " \

@@ -441,14 +441,19 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in one line: its usage block, dozens of lines for pretrain, buried the error. And
     without abbreviations: nanoGPT's --min-lr 6e-5 was taken as --min-lr-ratio, --vocab as --vocab-size, unsaid."""
 
+    argv: list[str] = []  # what main parses, for errors that depend on it
+
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        if re.search(r"arguments are required: .*\brun\b", message):  # `--stop 。 RUN`: the run became a stop string
-            message += (" (the run folder first: a flag that takes several values, as --stop and --input do, "
-                        "takes a folder after it as one more of them)")
+        if re.search(r"arguments are required: .*\brun\b", message):
+            if any(a.startswith("--model=") for a in _Parser.argv):  # seed 002's `--model=RUN` (review)
+                message += f": --model is not needed: the run folder comes first, without a flag: `{self.prog} RUN ...`"
+            else:  # `--stop 。 RUN`: the run became a stop string
+                message += (" (the run folder first: a flag that takes several values, as --stop and --input do, "
+                            "takes a folder after it as one more of them)")
         if m := re.fullmatch(r"argument --([\w-]+)/--no-\1: ignored explicit argument '\w+'", message):
             message += f": a switch takes no value: --{m[1]} turns it on, --no-{m[1]} off"  # nanoGPT's --compile=False
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -615,10 +620,15 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
         verb = verb._subparsers._group_actions[0].choices[args.action]  # type: ignore[union-attr]
     known = [o for a in verb._actions for o in a.option_strings if o.startswith("--")]
     switches = {o for a in verb._actions if isinstance(a, argparse.BooleanOptionalAction) for o in a.option_strings}
+    # nanoGPT's `--compile=False`: here a switch, named to turn it on and with no- to turn it off. Each value is
+    # paired with the switch before it, in order (another flag's own "False", as --text-field's, is its value).
+    after_switch = [(argv[i - 1], a) for i, a in enumerate(argv)
+                    if i and a.lower() in ("true", "false") and argv[i - 1] in switches]
     hints = []
     for arg in unknown:
-        if arg.lower() in ("true", "false") and arg in argv and (flag := argv[argv.index(arg) - 1]) in switches:
-            # nanoGPT's `--compile=False`: here a switch, named to turn it on and with no- to turn it off
+        if pair := next((p for p in after_switch if p[1] == arg), None):
+            after_switch.remove(pair)
+            flag = pair[0]
             base = flag.removeprefix("--no-").removeprefix("--")
             on = (arg.lower() == "true") == (flag == f"--{base}")
             hints.append(f"{flag} {arg} is --{'' if on else 'no-'}{base} (a switch takes no value)")
@@ -628,18 +638,19 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
         name = ascii_arg.split("=")[0].replace("_", "-").lower()
         if not ascii_arg.startswith("--"):
             continue
+        shown = re.split("[=\uff1d]", arg)[0]  # the flag as typed, without its value (after = or a full-width ＝)
         if (args.command, name) in _ELSEWHERE:
-            hints.append(f"{arg.split('=')[0]} is {_ELSEWHERE[args.command, name]}")
+            hints.append(f"{shown} is {_ELSEWHERE[args.command, name]}")
             continue
         if name in _NOT_NEEDED or (name == "--model" and "run" in vars(args)):
             why = _NOT_NEEDED.get(name) or f"the run folder comes first, without a flag: `{verb.prog} RUN ...`"
-            hints.append(f"{arg.split('=')[0]} is not needed: {why}")
+            hints.append(f"{shown} is not needed: {why}")
             continue
         meant = next((m for m in _OTHER_NAMES.get(name, ()) if m in known), None)
         # (a near miss only: at 0.75, --save-every was --sample-every and --input --init)
         meant = meant or (name if name in known else next(iter(difflib.get_close_matches(name, known, 1, 0.85)), None))
         if meant:
-            hints.append(f"{arg.split('=')[0]} is {meant}{_HOW.get(meant, '')}")
+            hints.append(f"{shown} is {meant}{_HOW.get(meant, '')}")
     return (f"{verb.prog}: unrecognized arguments: {' '.join(unknown)}"
             + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))
 
@@ -725,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         print("homellm: error: `homellm tokenizer` takes its action first: `homellm tokenizer train --input ... "
               "--out DIR`", file=sys.stderr)
         return 2
-    parser = build_parser()
+    parser, _Parser.argv = build_parser(), argv
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"homellm: error: {_unknown_flags(parser, args, unknown, argv)}", file=sys.stderr)

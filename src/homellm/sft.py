@@ -317,7 +317,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
                 "loss is over others than before (perhaps some trained on)")
     n_rows = len(data.rows["train"][0])
     say(f"{stats['conversations']:,} conversation{'s' * (stats['conversations'] != 1)} "
-        f"({stats['val_conversations']:,} held out), {n_rows:,} training rows of {model_cfg.block_size} tokens"
+        f"({stats['val_conversations']:,} held out), {n_rows:,} training row{'s' * (n_rows != 1)} of "
+        f"{model_cfg.block_size} tokens"
         f"{', packed' if cfg.pack else ''}; {stats['truncated']} truncated, {stats['skipped']} skipped as too long, "
         f"{bad} bad lines skipped, {duplicates} duplicates dropped")
     if not stats["val_conversations"] and (train_cfg.eval_every or train_cfg.patience):
@@ -344,7 +345,8 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
     elif (not train_cfg.resume and train_cfg.max_time <= 0 and n_rows  # (a time budget may end it long before)
           and (times := train_cfg.max_steps * per_step / n_rows) > MANY_EPOCHS):
         # The default 500 steps read 100 conversations 80 times: said, as a choice the user may not know they made
-        say(f"note: --max-steps {train_cfg.max_steps:,} reads the {n_rows:,} training rows {times:.0f} times over: a "
+        say(f"note: --max-steps {train_cfg.max_steps:,} reads the {n_rows:,} training row{'s' * (n_rows != 1)} "
+            f"{times:.0f} times over: a "
             "set this small is learnt by heart (`best` keeps the weights of the lowest val loss); --epochs 3 reads "
             f"it 3 times ({(three := math.ceil(3 * n_rows / per_step)):,} step{'s' * (three != 1)})")
     # The chat tokens' rows train with the adapters; a run resumed keeps those it began with (none, made before).

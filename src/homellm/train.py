@@ -1119,15 +1119,17 @@ def steps_for_epochs(cfg: TrainConfig, total: int, per_row: int, unit: str, how:
     cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * total / per_step)))
     steps = f"{cfg.max_steps:,} step{'s' * (cfg.max_steps != 1)} of {per_step:,} {unit}"
     read = cfg.max_steps * per_step / max(total, 1)
+    units = f"{total:,} training {unit.removesuffix('s') if total == 1 else unit}"
     if read > 1.25 * cfg.epochs:  # whole steps hold more than the epochs ask (3 rows, 16 a step): say what is read
         rows = cfg.batch_size * cfg.grad_accum
         # (review: "0.0 times over" for 0.0135, and "one step holds more" said of 3 steps rounded up from 2.2)
         why = ("one step holds more than they ask" if cfg.max_steps == 1 else
                f"they ask for {cfg.epochs * total / per_step:.2g} steps, and steps are whole")
-        say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} {read:.3g} times over{how}, not "
+        times = f"{read:,.0f}" if read >= 100 else f"{read:.3g}"  # (not 1.02e+03)
+        say(f"--epochs {cfg.epochs:g}: {steps} read the {units} {times} times over{how}, not "
             f"{cfg.epochs:g}: {why} (a smaller --batch-size comes closer: now {rows} rows a step)")
     else:
-        say(f"--epochs {cfg.epochs:g}: {steps} read the {total:,} training {unit} "
+        say(f"--epochs {cfg.epochs:g}: {steps} read the {units} "
             f"{'once' if cfg.epochs == 1 else f'{cfg.epochs:g} times over'}{how}")
     return cfg
 
