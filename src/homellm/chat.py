@@ -21,7 +21,16 @@ from homellm.config import (
     IM_START,
     ROLES,
 )
-from homellm.data import TABLES, folder_files, hf_dataset, hf_records, jsonl_records, table_error
+from homellm.data import (
+    PROMPT_FIELDS,
+    REPLY_FIELDS,
+    TABLES,
+    folder_files,
+    hf_dataset,
+    hf_records,
+    jsonl_records,
+    table_error,
+)
 from homellm.errors import HomeLLMError, typed
 from homellm.tokenizer import Tokenizer
 
@@ -119,8 +128,6 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
-# A question and its answer under other names: GSM8K's question/answer, TRL's prompt/completion, query/response.
-PROMPT_FIELDS, REPLY_FIELDS = ("prompt", "question", "query", "input"), ("completion", "response", "answer", "output")
 
 
 def _conversation(record: Any, where: str) -> list[Message]:

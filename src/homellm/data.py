@@ -776,12 +776,22 @@ def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Itera
             yield text
 
 
+# A question and its answer under other names: GSM8K's question/answer, TRL's prompt/completion, query/response.
+PROMPT_FIELDS, REPLY_FIELDS = ("prompt", "question", "query", "input"), ("completion", "response", "answer", "output")
+
+
 def conversation_kind(record: Any) -> str:
-    """What kind of conversation a record is (OpenAI's messages, ShareGPT, Alpaca, prompt/completion), "" for
-    none: sft reads them, and no --text-field reads them as text (`messages` is a list, Alpaca's text three fields)."""
+    """What kind of conversation a record is (OpenAI's messages, ShareGPT, Alpaca, a question and its answer), ""
+    for none: sft reads them, eval's loss scores their replies, and no --text-field reads them as text."""
+    if not isinstance(record, dict):
+        return ""
     kinds = (("messages", "messages"), ("conversations", "ShareGPT conversations"), ("conversation", "conversations"),
              ("instruction", "Alpaca instructions"), ("completion", "prompt/completion pairs"))
-    return next((kind for key, kind in kinds if key in record), "") if isinstance(record, dict) else ""
+    if kind := next((kind for key, kind in kinds if key in record), ""):
+        return kind
+    # (GSM8K's question/answer too, which sft trains on: eval's loss read it as text and asked for --text-field)
+    prompt, reply = (next((k for k in names if k in record), None) for names in (PROMPT_FIELDS, REPLY_FIELDS))
+    return f"{prompt}/{reply} pairs" if prompt and reply else ""
 
 
 def first_record(path: Path) -> Any:
@@ -797,7 +807,7 @@ def _conversations_fix(record: Any, source: str | Path) -> str:
     if kind := conversation_kind(record):
         return (f"these are {kind}, which `homellm sft --init RUN --data {typed(str(source))}` fine-tunes a trained "
                 "run on, and `homellm eval RUN --task loss --data FILE` scores; pretraining and tokenizers read plain "
-                "text (a .txt, or a field of text)")
+                "text (a .txt, or one field of text: --text-field NAME)")
     return ""
 
 

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from homellm.chat import PROMPT_FIELDS
 from homellm.checkpoint import chat_model_beside, run_config_path
 from homellm.config import IM_END, EvalConfig, load_json
-from homellm.data import conversation_kind, first_record, nanogpt_folder
+from homellm.data import PROMPT_FIELDS, conversation_kind, first_record, nanogpt_folder
 from homellm.errors import HomeLLMError, typed
 from homellm.info import table
 from homellm.io import atomic_write_text, progress_bar, say
