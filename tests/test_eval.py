@@ -652,6 +652,27 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
     # The failure shown is of what was compared (the whole worked solution was shown as "expected")
     assert "  '9 - 2?' -> no #### ANSWER (expected 7)\n" in said.out
     assert (result["failures"][0]["expected_final"], result["failures"][0]["got_final"]) == ("7", None)
+    # A model going on past its answer ("cents", the next question) is right as GSM8K's `#### (-?[0-9.,]+)` reads it;
+    # "####" with nothing after is no answer; one line without "####" is compared whole, the others still by it (it
+    # turned every comparison to whole solutions, unsaid: review)
+    qa.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Cents?", "answer": "#### 800"}, {"question": "Next?", "answer": "#### 5"},
+        {"question": "Empty?", "answer": "#### 3"}, {"question": "2+2?", "answer": "4"}]) + "\n")
+    monkeypatch.setattr(eval_module, "greedy_complete", lambda *a, **k: [
+        "So #### 800 cents", "#### 5\nQuestion: and 6?", "####", "4"])
+    assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
+    result, said = json.loads((chat / "eval_exact.json").read_text()), capsys.readouterr()
+    assert (result["correct"], result["compared"]) == (3, "final answers (####) where given, else whole answers")
+    assert "note: 3 of the 4 answers end in GSM8K's '#### ANSWER', and are compared by it; the other is " \
+           "compared whole (the first asks '2+2?')" in said.err
+    assert "  'Empty?' -> no #### ANSWER (expected 3)\n" in said.out
+    assert result["checkpoint"] == "best"
+    shutil.copytree(chat / "best", chat / "last")  # no `best` yet: `last` is scored, and the report says so (review)
+    shutil.move(chat / "best", tmp_path / "best")
+    assert main(["eval", str(chat), "--task", "exact", "--data", str(qa)]) == 0
+    assert json.loads((chat / "eval_exact.json").read_text())["checkpoint"] == "last"
+    shutil.move(tmp_path / "best", chat / "best")
+    shutil.rmtree(chat / "last")
     monkeypatch.undo()
     capsys.readouterr()
     no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'completion' or 'response' or 'output')"

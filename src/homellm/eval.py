@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import random
+import re
 import sys
 import tempfile
 from dataclasses import replace
@@ -224,7 +225,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
             finally:
                 maps.clear()  # before the folder goes, on an error too: Windows refuses to delete a mapped file
         assert result is not None  # prepare refuses empty text, and any text has the end of text to predict
-        return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "batches": 0,
+        return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": _weights(model, cfg), "batches": 0,
                                   "batch_size": batch, **result}, of="")
     data = TokenBatches(data_dir, model_cfg.block_size, train_cfg.seed, tok.token_bytes())
     # Windows are drawn at random: past about one per block of val tokens they only repeat the same text (50
@@ -241,7 +242,7 @@ def eval_loss(run: str | Path, cfg: EvalConfig) -> dict[str, Any]:
         result = whole_split_loss(model, data.splits["val"], model_cfg.block_size, batch, tok.token_bytes(), env)
     if result is None:
         raise HomeLLMError(f"--data {data.no_val}")
-    return _report_loss(run, {"task": "loss", "data": str(data_dir), "checkpoint": cfg.checkpoint,
+    return _report_loss(run, {"task": "loss", "data": str(data_dir), "checkpoint": _weights(model, cfg),
                               "batches": batches, "batch_size": batch, **result})
 
 
@@ -267,7 +268,7 @@ def _conversations_loss(run: Path, cfg: EvalConfig, model: GPT, tok: Tokenizer, 
     result = evaluate(model, data, batch, math.ceil(rows / batch), env)
     if result is None:
         raise HomeLLMError(f"--data {cfg.data}: no reply fits the model's {block}-token context to score")
-    return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": cfg.checkpoint, "scored": "replies",
+    return _report_loss(run, {"task": "loss", "data": cfg.data, "checkpoint": _weights(model, cfg), "scored": "replies",
                               "conversations": len(conversations), **result}, of="reply ")
 
 
@@ -328,7 +329,7 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
     if model is None:
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     rng = random.Random(cfg.seed)
-    result: dict[str, Any] = {"task": "chat-arithmetic", "seed": cfg.seed, "checkpoint": cfg.checkpoint,
+    result: dict[str, Any] = {"task": "chat-arithmetic", "seed": cfg.seed, "checkpoint": _weights(model, cfg),
                               "by_phrasing": {}}
     rows = []
     problems = arithmetic.generate(cfg.n, cfg.seed, split="heldout", max_digits=cfg.max_digits)
@@ -402,13 +403,25 @@ def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
     return pairs
 
 
+def _weights(model: GPT, cfg: EvalConfig) -> str:
+    """The checkpoint the model's weights came from, for a report: `best` asked of a run that has none yet is
+    `last` (the report named `best`, review)."""
+    folder = getattr(model, "loaded_from", None)
+    return folder.name if folder is not None else cfg.checkpoint
+
+
 def final_answer(text: str) -> str | None:
-    """The final answer of a GSM8K-style solution, what follows its last "####" (thousands' commas dropped, as
-    GSM8K writes 1,000 and 1000 alike); None where there is none."""
+    """The final answer of a GSM8K-style solution, what follows its last "####" on that line: its number where it
+    starts with one, as GSM8K's own scoring reads `#### (-?[0-9.,]+)` ("#### 800 cents" is 800, and a model that
+    goes on past it is not wrong for that), thousands' commas dropped (GSM8K writes 1,000 and 1000 alike); None
+    where there is none, or nothing after it."""
     if "####" not in text:
         return None
+    after = text.rsplit("####", 1)[1].strip().split("\n")[0].strip()
     # (a model's "#### $12." is 12 too)
-    return text.rsplit("####", 1)[1].strip().replace(",", "").removeprefix("$").removesuffix(".").strip()
+    if number := re.match(r"\$?(-?\$?[0-9.,]*[0-9](?:/[0-9]+)?)", after):  # (3/4 whole: not 3)
+        return number[1].replace(",", "").replace("$", "")
+    return after.removesuffix(".").strip() or None
 
 
 def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> dict[str, Any]:
@@ -445,7 +458,8 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         model = load_model(run, cfg.checkpoint, resolve_device(cfg.device))
     # GSM8K's answers are worked solutions ending in "#### 72": the final answers are compared, as GSM8K is scored
     # (the whole solution, compared, scored about 0 for any model).
-    final = all(final_answer(p["answer"]) is not None for p in pairs)
+    finals = [final_answer(p["answer"]) is not None for p in pairs]
+    final = any(finals)
     longest = max(len(tok.encode(p["answer"])) for p in pairs)
     if final:
         longest *= 2  # worked solutions: a model's own may be longer than the longest given, and end in ####
@@ -458,31 +472,36 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
         got = [g.removesuffix(IM_END).removesuffix(tok.eos) for g in got]
     else:  # (the model's own end of text: an imported Llama's </s>)
         got = [g.split("\n")[0].removesuffix(tok.eos) for g in got]
-    if final:
+    if all(finals):
         say("note: every answer ends in GSM8K's '#### ANSWER': the final answers are compared, not the worked "
             "solutions")
-        right = [final_answer(g) == final_answer(p["answer"]) for g, p in zip(got, pairs)]
-    else:
-        right = [g.strip() == p["answer"].strip() for g, p in zip(got, pairs)]
+    elif final:  # (review: one line without it turned every line's comparison to whole solutions, unsaid)
+        first, others = pairs[finals.index(False)]["prompt"], finals.count(False)
+        others = "the other is" if others == 1 else f"the {others:,} others are"
+        say(f"note: {sum(finals):,} of the {len(pairs):,} answers end in GSM8K's '#### ANSWER', and are compared by "
+            f"it; {others} compared whole (the first asks {first[:60]!r})")
+    right = [final_answer(g) == final_answer(p["answer"]) if f else g.strip() == p["answer"].strip()
+             for g, p, f in zip(got, pairs, finals)]
     by: dict[str, list[int]] = {}
     for p, ok in zip(pairs, right):
         by.setdefault(p["category"], [0, 0])
         by[p["category"]][0] += 1
         by[p["category"]][1] += ok
     result: dict[str, Any] = {
-        "task": "exact", "data": str(cfg.data), "checkpoint": cfg.checkpoint, "chat": chat, "n": len(pairs),
-        "compared": "final answers (####)" if final else "whole answers",
+        "task": "exact", "data": str(cfg.data), "checkpoint": _weights(model, cfg), "chat": chat, "n": len(pairs),
+        "compared": ("final answers (####)" if all(finals) else "final answers (####) where given, else whole answers"
+                     if final else "whole answers"),
         "correct": sum(right), "accuracy": sum(right) / len(pairs),
         "by_category": {c: {"n": n, "correct": k, "accuracy": k / n} for c, (n, k) in by.items() if c},
         "failures": [{"prompt": p["prompt"], "expected": p["answer"], "got": g}
-                     | ({"expected_final": final_answer(p["answer"]), "got_final": final_answer(g)} if final else {})
-                     for p, g, ok in zip(pairs, got, right) if not ok][:20]}
+                     | ({"expected_final": final_answer(p["answer"]), "got_final": final_answer(g)} if f else {})
+                     for p, g, ok, f in zip(pairs, got, right, finals) if not ok][:20]}
     named = any(by) and set(by) != {""}  # categories shown when the records name any; the rest as "(none)"
     rows = [(c or "(none)", n, k, f"{100 * k / n:.1f} %") for c, (n, k) in sorted(by.items()) if named]
     print(table(rows + [("overall", len(pairs), sum(right), f"{100 * result['accuracy']:.1f} %")],
                 ("category", "n", "correct", "accuracy")))
     for f in result["failures"][:5]:  # GSM8K's: the final answers compared, not the whole solutions
-        if final:
+        if "expected_final" in f:
             print(f"  {f['prompt']!r} -> {f['got_final'] or 'no #### ANSWER'} (expected {f['expected_final']})")
         else:
             print(f"  {f['prompt']!r} -> {f['got'].strip()!r} (expected {f['expected'].strip()!r})")
