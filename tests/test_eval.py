@@ -677,7 +677,9 @@ def test_exact_scores_your_own_prompts_line_or_turn(tmp_path, capsys, monkeypatc
     capsys.readouterr()
     no_answer = "qa.jsonl:1: no answer (a string in 'answer' or 'expected' or 'completion' or 'response' or 'output')"
     for lines, message in [(None, "no such file"), ("{bad\n", "qa.jsonl:1: "), ('{"prompt": "x"}\n', no_answer),
-                           ("", "no prompt and answer pairs"), ('["x"]\n', "qa.jsonl[0]: not a JSON object")]:
+                           ("", "no prompt and answer pairs"), ('["x"]\n', "qa.jsonl[0]: not a JSON object"),
+                           ('{"prompt": "x", "answer": true}\n',
+                            "qa.jsonl:1: 'answer' is True, not a string: write the answer as text")]:
         qa.unlink(missing_ok=True)
         if lines is not None:
             qa.write_text(lines)

@@ -385,8 +385,11 @@ def read_qa(path: Path, limit: int) -> list[dict[str, str]]:
             prompt = next((record[k] for k in PROMPT_FIELDS if k in record), None)
         answer = next((record[k] for k in ANSWER_FIELDS if k in record), None)
         for name, value, names in (("prompt", prompt, PROMPT_FIELDS), ("answer", answer, ANSWER_FIELDS)):
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if value is None:
                 raise HomeLLMError(f"{where}: no {name} (a string in {' or '.join(repr(n) for n in names)}): add it")
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # ("no answer" of one: review)
+                field = next(k for k in names if k in record)
+                raise HomeLLMError(f"{where}: {field!r} is {value!r}, not a string: write the {name} as text")
         system = record.get("system") or ""
         if not isinstance(system, str):
             raise HomeLLMError(f"{where}: 'system' is {system!r}, not a string")
