@@ -643,6 +643,10 @@ def test_epochs_set_the_steps_from_the_training_tokens(tmp_path, data_dir, capsy
     assert summary["steps"] == steps and summary["tokens"] == steps * cfg.batch_size * 2 * model_cfg.block_size
     assert f"--epochs 0.25: {steps:,} steps of {cfg.batch_size * 2 * model_cfg.block_size:,} tokens" in (
         capsys.readouterr().err)
+    # Resumed for more epochs: the new end named as given (review: "--max-steps 36", a flag never typed)
+    more = pretrain(model_cfg, replace(cfg, epochs=0.5, resume=True))
+    assert f"note: the run now ends at --epochs 0.5, {more['steps']:,} steps (it was --epochs 0.25, {steps:,} steps)" \
+        in capsys.readouterr().err
 
 
 def test_time_budget_stops_the_run(tmp_path, data_dir):

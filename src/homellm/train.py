@@ -697,8 +697,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             was = read_config(run)[1]
             if (was.max_steps, was.max_time) != (cfg.max_steps, cfg.max_time):  # said below, if it trains
                 def end(c: TrainConfig) -> str:  # (a limit of 0, never set, read as one: "--max-steps 0")
-                    limits = [f"--max-steps {c.max_steps}"] * (c.max_steps > 0) + [f"--max-time {c.max_time:g}"] * (
-                        c.max_time > 0)
+                    # (runs set in epochs: "--max-steps 36" named a flag the user never gave, review)
+                    steps = f"--epochs {c.epochs:g}, {c.max_steps:,} steps" if c.epochs > 0 else (
+                        f"--max-steps {c.max_steps}")
+                    limits = [steps] * (c.max_steps > 0) + [f"--max-time {c.max_time:g}"] * (c.max_time > 0)
                     return " or ".join(limits) or "no limit"
 
                 ends_note = (f"note: the run now ends at {end(cfg)} (it was {end(was)}): the learning rate's decay "
