@@ -467,6 +467,10 @@ def test_weights_are_read_safetensors_first_and_a_git_lfs_pointer_is_named(tmp_p
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model-1.bin"}}))
     assert "transformer.wte.weight" in read_weights(folder)
     (folder / "model.safetensors").unlink()
+    # A shard the index names, not downloaded: said so (review: the git-lfs advice for a file not there)
+    with pytest.raises(HomeLLMError, match=r"pytorch_model-1.bin: not there, though the model's index names it: "
+                                           "download that file too"):
+        read_weights(folder)
     (folder / "pytorch_model.bin.index.json").unlink()
     (folder / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
     with pytest.raises(HomeLLMError, match=r"pytorch_model.bin: cannot be read .*`git lfs pull`"):

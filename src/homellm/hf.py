@@ -435,6 +435,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         path = folder / name
+        if not path.is_file():  # (it got the damaged-download advice, git-lfs included: review)
+            raise HomeLLMError(f"{path}: not there, though the model's index names it: download that file too")
         try:
             if name.endswith(".safetensors"):
                 weights |= load_file(str(path))
