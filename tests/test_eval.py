@@ -507,6 +507,13 @@ def test_ctrl_c_in_the_quickstarts_training_goes_on_to_evaluate_and_skips_the_ch
     assert proc.stderr.endswith("homellm: interrupted: the training stopped early (Ctrl-C), and the figures above are "
                                 "for the model as it was then; for the whole run, run the quickstart again with a new "
                                 "--out\n")
+    # Trained further, it goes on from the seconds it used, not the budget it had: after 1 step of about 40 s, a
+    # --resume of 6 s trained all the unused budget besides (review: 81 s more for --max-time 20)
+    from homellm.cli import main
+
+    before = json.loads((run / "config.json").read_text())["train"]["max_time"]
+    assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "6", "--n", "5"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["max_time"] < before / 2
 
 
 def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_path, capsys):

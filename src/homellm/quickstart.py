@@ -235,7 +235,7 @@ def short_warmup(steps: int, seconds: float) -> int:
 def recipe(cfg: QuickstartConfig, seconds: float) -> tuple[ModelConfig, TrainConfig]:
     """The `arithmetic` preset, trained for `seconds`."""
     model_cfg, train_cfg = preset("arithmetic")
-    train_cfg = replace(train_cfg, out=cfg.out, max_time=seconds, max_steps=0, device=cfg.device,
+    train_cfg = replace(train_cfg, out=cfg.out, max_time=round(seconds, 1), max_steps=0, device=cfg.device,
                         seed=cfg.seed + 1337, sample_prompt=r"$12 \times 7 =", sample_stop="$",
                         warmup_steps=short_warmup(train_cfg.warmup_steps, seconds))
     return model_cfg, train_cfg
@@ -362,7 +362,7 @@ def _seconds_left(cfg: QuickstartConfig, t_start: float, reserve: float) -> floa
 def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: float) -> dict[str, Any]:
     """quickstart --resume: the run trained for --max-time more (less starting and the evaluation), on its own
     problems and rows, from its `last` checkpoint; the learning rate's schedule stretches to the new end."""
-    from homellm.checkpoint import find_checkpoint, read_config
+    from homellm.checkpoint import find_checkpoint, load_state, read_config
     from homellm.config import load_json
     from homellm.train import train
 
@@ -379,7 +379,7 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
         raise HomeLLMError(f"--resume: {run} is not a run of `homellm quickstart`: "
                            + ("start one without --resume" if saved is None else
                               f"continue it as it was made (`homellm pretrain --out {typed(run)} --resume`)"))
-    find_checkpoint(run, "last", need_state=True, quiet=True)
+    state = load_state(find_checkpoint(run, "last", need_state=True, quiet=True))
     # (a chat.jsonl beside it tells --chat runs from before that was kept in the config)
     chat = saved.get("quickstart", {}).get("chat", (run / "task" / "chat.jsonl").is_file())
     model_cfg, was = read_config(run)
@@ -388,8 +388,12 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
             f"trained further anew with `homellm sft --init {typed(run)} --data {typed(run / 'task' / 'chat.jsonl')} "
             "--out NEW_CHAT`")
     seconds = _seconds_left(cfg, t_start, reserve)
-    train_cfg = replace(was, out=str(run), resume=True, max_time=was.max_time + seconds, device=cfg.device)
-    _stage(4, 5, f"training {run} further for {seconds:.0f} s (it had {was.max_time:.0f} s)")
+    # The budget goes on from the time the run used (and the room its final evaluation keeps), not from the budget
+    # it had: a run stopped early by Ctrl-C at 14 s of 81 trained 81 s more for --max-time 20 (review).
+    used, room = state.get("elapsed", was.max_time), state.get("final_eval", (0.0, 0.0))[0]
+    train_cfg = replace(was, out=str(run), resume=True, max_time=round(min(was.max_time, used + room) + seconds, 1),
+                        device=cfg.device)
+    _stage(4, 5, f"training {run} further for {seconds:.0f} s (it trained {used:.0f} s)")
     data_dir = Path(saved["data_dir"])
     if not (data_dir / "meta.json").is_file():
         data_dir = run / "data"  # (the run moved, its data inside it)
