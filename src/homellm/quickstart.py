@@ -270,10 +270,11 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
                                f"evaluate it with `homellm eval {typed(run)}`, train it further with `homellm "
                                f"quickstart --out {typed(run)} --resume`, or pass a new --out")
         check_own_files(run, cfg.chat)
+        _seconds_left(cfg, t_start, reserve)  # (a budget the evaluation fills, refused before the data is made)
         stages = 7 if cfg.chat else 5
         data_dir, tok = build_data(run, cfg.problems or default_problems(cfg.max_time), cfg.seed, stages,
                                    words=arithmetic.WORDS)
-        seconds = _seconds_left(cfg, t_start, reserve)
+        seconds = _seconds_left(cfg, t_start, reserve, prepared=True)
         chat_seconds = CHAT_SHARE * seconds if cfg.chat else 0.0
         seconds -= chat_seconds
         model_cfg, train_cfg = recipe(cfg, seconds)
@@ -347,11 +348,11 @@ def _answer_batches(data_dir: Path, tok: Tokenizer, model_cfg: ModelConfig, seed
 CHAT_EVAL_PER_PROBLEM = 6  # a chat question's time to answer against a plain prompt's (the whole line, not ` 84$`)
 
 
-def _seconds_left(cfg: QuickstartConfig, t_start: float, reserve: float) -> float:
+def _seconds_left(cfg: QuickstartConfig, t_start: float, reserve: float, prepared: bool = False) -> float:
     """The training's share of --max-time: what starting (and preparing) left, less the evaluation's `reserve`."""
     seconds = cfg.max_time - (time.perf_counter() - t_start) - reserve
     if seconds < 1:
-        raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: starting{'' if cfg.resume else ' and preparing the data'} "
+        raise HomeLLMError(f"--max-time {cfg.max_time:.0f}: starting{' and preparing the data' * prepared} "
                            f"took {time.perf_counter() - t_start:.0f} s and {reserve:.0f} s are kept for the "
                            f"evaluation ({cfg.n:,} problems{', and the chat model' if cfg.chat else ''}), so no time "
                            "is left to train: raise --max-time"
