@@ -178,7 +178,14 @@ def char_tokenizer(words: Sequence[str] = arithmetic.WORDS) -> Tokenizer:
 
 
 def check_own_files(run: Path, chat: bool) -> None:
-    """Refuse an --out where the quickstart would replace the user's own files (task/train.txt, say)."""
+    """Refuse an --out where the quickstart would replace the user's own files (task/train.txt, say, or prepared
+    data in data/)."""
+    from homellm.train import foreign_data
+
+    if foreign_data(run / "data", lambda meta: all(Path(str(p)).parts[-2:] == ("task", "train.txt")
+                                                   for p in meta.get("inputs") or [None])):
+        raise HomeLLMError(f"--out {run} holds prepared data in {run / 'data'} that the quickstart did not make, "
+                           "where it prepares its own: choose a new --out")
     places = [run / "task" / "train.txt", run / "task" / "alphabet.txt", run / "data_tokenizer"]
     places += [run / "task" / "chat.jsonl", run / "chat"] if chat else []
     theirs = [str(p.relative_to(run)) for p in places if p.exists() and not _is_quickstarts(p)]
@@ -190,13 +197,8 @@ def check_own_files(run: Path, chat: bool) -> None:
 def build_data(run: Path, problems: int, seed: int, stages: int = 5,
                operator_weights: dict[str, float] | None = None, words: Sequence[str] = ()
                ) -> tuple[Path, Tokenizer]:
-    """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards."""
-    from homellm.train import foreign_data
-
-    if foreign_data(run / "data", lambda meta: all(Path(str(p)).parts[-2:] == ("task", "train.txt")
-                                                   for p in meta.get("inputs") or [None])):
-        raise HomeLLMError(f"--out {run} holds prepared data in {run / 'data'} that the quickstart did not make, "
-                           "where it prepares its own: choose a new --out")
+    """Stages 1-3: training problems as text, a character tokenizer over the task's alphabet, token shards (into an
+    --out that check_own_files passed)."""
     task = run / "task"
     task.mkdir(parents=True, exist_ok=True)
     _stage(1, stages, f"generating {problems:,} training problems (held-out problems never among them)")
