@@ -1179,7 +1179,8 @@ def test_a_run_config_edited_or_damaged_is_named_field_by_field(tmp_path, corpus
             assert capsys.readouterr().err == (f"homellm: error: {run / 'config.json'} {said}: restore the file "
                                                "homellm wrote\n"), (key, argv)
     # A negative max_steps, which homellm took before it had a range (as 0: no limit in steps), still loads (review)
-    (run / "config.json").write_text(json.dumps({**good, "train": {**good["train"], "max_steps": -5}}))
+    (run / "config.json").write_text(json.dumps({**good, "train": {**good["train"], "max_steps": -5,
+                                                                   "tokenizer_vocab": -1}}))
     assert main(["info", str(run)]) == 0
 
 

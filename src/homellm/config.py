@@ -546,9 +546,10 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "config") -> Any:
         fits, kind = _JSON_TYPES.get(hints[key], (lambda v: True, ""))
         if not fits(value):
             raise HomeLLMError(f"{where}: {key} is {value!r}, not {kind}: restore the file homellm wrote")
-    if cls is TrainConfig and isinstance(d.get("max_steps"), int) and d["max_steps"] < 0:
-        # Taken before it had a range, and meaning what 0 does (no limit in steps): such runs still load (review)
-        d = {**d, "max_steps": 0}
+    if cls is TrainConfig:
+        # Taken before they had a range, a negative meaning what 0 does (no limit in steps; a char tokenizer's
+        # unused vocabulary): such runs still load (review)
+        d = {**d, **{k: 0 for k in ("max_steps", "tokenizer_vocab") if isinstance(d.get(k), int) and d[k] < 0}}
     cfg = cls(**d)
     check_ranges(cfg, where)
     if isinstance(cfg, ModelConfig):
