@@ -375,8 +375,16 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     # Trained further (the seed-004 user wanted to stop and go on): from its `last`, on its own rows, for --max-time
     # more; the run was refused as trained, and pretrain --resume refused it too
     steps = json.loads((run / "last" / "checkpoint.json").read_text())["step"]
+    first = json.loads((run / "quickstart.json").read_text())
+    assert first["sessions"] == [{"minutes": first["minutes"], "steps": steps, "accuracy": first["accuracy"]}]
     assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "8", "--n", "20"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # The report keeps each start's figures, and its minutes are the whole run's (they were the last start's, beside
+    # the steps of both, and the first report was lost)
+    report = json.loads((run / "quickstart.json").read_text())
+    assert report["sessions"][0] == first["sessions"][0] and report["sessions"][1]["steps"] > steps, (first, report)
+    assert report["minutes"] == pytest.approx(sum(s["minutes"] for s in report["sessions"]), abs=0.011)
+    assert f"min for this part, {report['minutes']:.1f} in all over 2 starts" in out
     assert f"training {run} further for" in err and f"resuming {run} from last at step {steps}" in err
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] > steps
     assert json.loads((run / "quickstart.json").read_text())["summary"]["steps"] > steps
@@ -455,6 +463,7 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
     # Trained further, the base leaves its chat model behind: said, with how to fine-tune anew
     assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "4", "--n", "5"]) == 0
     assert f"note: {run / 'chat'}, the chat model fine-tuned from this one, stays as it was" in capsys.readouterr().err
+    assert json.loads((run / "quickstart.json").read_text())["chat"]["by_phrasing"].keys() == {"en", "ja", "symbols"}
     assert main(["eval", str(run / "chat"), "--task", "arithmetic"]) == 2
     assert "is the quickstart's chat model, fine-tuned to answer the task's questions: `homellm eval " \
            f"{run / 'chat'} --task chat-arithmetic` scores it" in capsys.readouterr().err

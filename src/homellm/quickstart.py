@@ -320,8 +320,14 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     minutes = (time.perf_counter() - t_start) / 60
     stopped = [name for name, s in [("training", summary), ("fine-tuning", report.get("chat", {}).get("summary"))]
                if s and s["stop"] == "interrupted"]
+    sessions = _earlier_sessions(run, report) if cfg.resume else []
+    sessions.append({"minutes": round(minutes, 2), "steps": summary["steps"], "accuracy": result["accuracy"]})
+    in_all = sum(s["minutes"] for s in sessions)
+    spent = (f"{minutes:.1f} min for this part" + (f", {in_all:.1f} in all over {len(sessions)} starts"
+                                                    if len(sessions) > 1 else "")) if cfg.resume else \
+        f"{minutes:.1f} min in all"
     print(f"\naccuracy {100 * result['accuracy']:.2f} % on {result['n']:,} held-out problems after "
-          f"{summary['steps']:,} step{'s' * (summary['steps'] != 1)} ({minutes:.1f} min in all"
+          f"{summary['steps']:,} step{'s' * (summary['steps'] != 1)} ({spent}"
           f"{'; the ' + ' and '.join(stopped) + ' stopped early by Ctrl-C' if stopped else ''}). Next:")
     where = typed(run)
     if result["accuracy"] < 0.5 and not stopped:  # (a short budget: the table alone said nothing of why)
@@ -336,9 +342,25 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     elif not cfg.resume:
         print(f"  homellm quickstart --chat --out {typed(str(run) + '-chat')}     # the same, plus a chat model")
     print(f"  homellm info {where}")
-    report["minutes"] = round(minutes, 2)
+    # minutes: the whole run's, its starts added up; sessions: each start's own (a resumed run's report replaced
+    # the first, and its minutes were the last start's beside the steps of all)
+    report.update(minutes=round(in_all, 2), sessions=sessions)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
     return {**result, "interrupted": stopped, "run": str(run), "chat": cfg.chat}
+
+
+def _earlier_sessions(run: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The starts before this --resume, from the run's quickstart.json (a report from before it listed its starts
+    is one); the chat stage's result is kept in `report`, as its model stays as it was."""
+    try:
+        before = json.loads((run / "quickstart.json").read_text(encoding="utf-8"))
+        if "chat" in before:
+            report.setdefault("chat", before["chat"])
+        sessions = before.get("sessions") or [{"minutes": before["minutes"], "steps": before["summary"]["steps"],
+                                               "accuracy": before["accuracy"]}]
+        return [{**s, "minutes": float(s["minutes"])} for s in sessions]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []  # (none, or not readable: only this start's figures are known)
 
 
 def _answer_batches(data_dir: Path, tok: Tokenizer, model_cfg: ModelConfig, seed: int, chat: bool) -> AnswerBatches:
@@ -392,9 +414,10 @@ def _train_further(cfg: QuickstartConfig, run: Path, t_start: float, reserve: fl
             "--out NEW_CHAT`")
     seconds = _seconds_left(cfg, t_start, reserve)
     # The budget goes on from the time the run used (and the room its final evaluation keeps), not from the budget
-    # it had: a run stopped early by Ctrl-C at 14 s of 81 trained 81 s more for --max-time 20 (review).
+    # it had: a run stopped early by Ctrl-C at 14 s of 81 trained 81 s more for --max-time 20 (review). Nor from the
+    # budget where the run overran it (a loaded machine's first step): that overrun came out of the new seconds.
     used, room = state.get("elapsed", was.max_time), state.get("final_eval", (0.0, 0.0))[0]
-    train_cfg = replace(was, out=str(run), resume=True, max_time=round(min(was.max_time, used + room) + seconds, 1),
+    train_cfg = replace(was, out=str(run), resume=True, max_time=round(used + room + seconds, 1),
                         device=cfg.device)
     _stage(4, 5, f"training {run} further for {seconds:.0f} s (it trained {used:.0f} s)")
     data_dir = Path(saved["data_dir"])
