@@ -266,15 +266,21 @@ def test_old_turns_leave_a_full_context_with_a_notice_but_the_system_prompt_stay
     cfg = dataclasses.replace(GREEDY, system="Be kind.", max_new_tokens=room)
     chat, text = run_chat(chat_run, *messages, cfg=cfg)
     assert text.count("[context full: dropped the oldest") == 1  # once: every turn's notice drowned the replies
-    # it says what is left: "0 left" read as nothing at all, though the new message was there
-    assert re.search(r"\[context full: dropped the oldest \d+ turns? \(question and reply\); (only this message|\d+ "
-                     r"earlier turns? still) in the model's \d+-token context", text)
+    # it says what is left: "0 left" read as nothing at all, though the new message was there (and the system prompt,
+    # which "only this message" left out)
+    assert re.search(r"\[context full: dropped the oldest \d+ turns? \(question and reply\); (only the system prompt "
+                     r"and this message|\d+ earlier turns? still) in the model's \d+-token context", text)
     head = render(tok, system)[0]
     for ids, _ in calls:
         assert len(ids) + room <= block
         assert ids[:len(head)] == head
     assert len(chat.turns) < len(messages)
     assert [m["content"] for m in chat.transcript if m["role"] == "user"] == messages  # /save still has them all
+    # Every earlier turn dropped: what is left is named with the system prompt, which stays
+    alone = next(EN[:n] for n in range(len(EN), 0, -1)
+                 if len(prompt_ids(tok, [*system, {"role": "user", "content": EN[:n]}])) + room <= block)
+    chat, text = run_chat(chat_run, "村に川", alone, cfg=cfg)
+    assert "; only the system prompt and this message in the model's" in text and calls[-1][0][:len(head)] == head
     # a message too long for the context on its own: said so, and answered anyway
     # ("Be kind and gentle." is too long to keep: 23 tokens, over a quarter of the 64-token context)
     chat, text = run_chat(chat_run, EN * 2, cfg=dataclasses.replace(cfg, system="Be kind and gentle."))
@@ -400,8 +406,19 @@ def test_characters_the_tokenizer_cannot_write_are_noted(tmp_path):
     assert "cannot write '<', '>', 'f', 'x', '|'" in tok.unknown_note("hello<|endoftext|>")
     model = GPT(ModelConfig(family="llama", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64))
     out = io.StringIO()
-    Chat(model, tok, dataclasses.replace(GREEDY, system="see 短"), out).context("hello")
+    chat = Chat(model, tok, dataclasses.replace(GREEDY, system="see 短"), out)
+    chat.context("hello")
     assert "[note: this model's tokenizer cannot write '短'" in out.getvalue()
+    # The system prompt's note is said once (it was said before every reply), and when /system sets one
+    chat.context("hello")
+    assert out.getvalue().count("cannot write") == 1
+    chat.command("/system see 長")
+    assert out.getvalue().endswith("[system prompt set; note: this model's tokenizer cannot write '長': the model "
+                                   "reads them as <|unk|>, so they mean nothing to it]\n")
+    chat.context("hello world")
+    assert out.getvalue().count("cannot write") == 2
+    chat.context("hello 日")
+    assert out.getvalue().count("cannot write") == 3 and "'長'" not in out.getvalue().splitlines()[-1]
     # An input method's full-width letters, digits and space are read as the ones the tokenizer knows (they were
     # all unknowns to the quickstart's chat model); what it knows stays, and what has no such form stays unknown.
     assert tok.fold("ｈｅｌｌｏ　ｗｏｒｌｄ！ 短") == "hello world！ 短" and tok.fold("hello") == "hello"

@@ -671,6 +671,34 @@ def test_an_api_key_no_header_can_carry_is_refused(run):
             serve(run, ServeConfig(port=0, api_key=key))
 
 
+def test_a_port_in_use_is_named_with_the_reason_once(run):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(HomeLLMError) as caught:
+            serve(run, ServeConfig(port=port))
+    assert str(caught.value) == (f"cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port "
+                                 "(0 picks a free one) or --host")
+
+
+def test_a_requests_note_is_written_whole(monkeypatch, tmp_path):
+    """Requests are read on several threads: a note written in two parts (print's text, then its newline) ran into
+    another's line in the log."""
+    import io
+
+    from homellm.serve import note_unknown
+
+    (tmp_path / "t.txt").write_text("abc\n", encoding="utf-8")
+    tok = train_tokenizer(TokenizerConfig(input=[str(tmp_path / "t.txt")], out=str(tmp_path / "tok"), kind="char"))
+    writes: list[str] = []
+    err = io.StringIO()
+    monkeypatch.setattr(err, "write", writes.append)
+    monkeypatch.setattr(sys, "stderr", err)
+    note_unknown(tok, "a 猫")
+    assert writes == [f"note: a request: {tok.unknown_note('a 猫')}\n"]
+
+
 def test_missing_server_packages_give_one_line_error(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(HomeLLMError, match=r"pip install 'homellm\[serve\]'"):

@@ -91,6 +91,7 @@ class Chat:
         # One generator for the whole chat: replies differ turn to turn, yet a session replays from its seed.
         self.generator = seeded_generator(cfg.seed, next(model.parameters()).device)
         self.dropped_said = False  # the notice that old turns leave a full context: said once
+        self.system_noted = ""  # the system prompt whose unwritable characters were said: once, not every turn
         self.saved: set[Path] = set()  # files /save wrote this conversation to, which it may write again
         self.reset()
 
@@ -120,7 +121,9 @@ class Chat:
         is max_new_tokens, at most half the context: a longer reply slides the window as it goes, keeping the
         system prompt."""
         block = self.model.cfg.block_size
-        if note := self.tok.unknown_note(user + self.cfg.system):
+        unsaid = self.cfg.system if self.cfg.system != self.system_noted else ""
+        self.system_noted = self.cfg.system
+        if note := self.tok.unknown_note(user + unsaid):
             self.say(f"[note: {note}]")
         room = min(self.cfg.max_new_tokens, block // 2)
         dropped = 0
@@ -133,7 +136,7 @@ class Chat:
             # Once a chat: on a small context it fills every turn, and the same line each time drowned the replies.
             self.dropped_said = True
             left = (f"{len(self.turns)} earlier turn{'s' * (len(self.turns) != 1)} still" if self.turns else
-                    "only this message")
+                    "only the system prompt and this message" if self.cfg.system else "only this message")
             self.say(f"[context full: dropped the oldest {dropped} turn{'s' * (dropped > 1)} (question and reply); "
                      f"{left} in the model's {block}-token context. From here on the oldest turns leave as the "
                      "context fills, without a notice; /save keeps them all]")
@@ -212,7 +215,8 @@ class Chat:
                     return True
                 self.cfg = dataclasses.replace(self.cfg, system=self.tok.fold(arg))
                 self.transcript.append({"role": "system", "content": arg})
-                self.say("[system prompt set]")
+                note, self.system_noted = self.tok.unknown_note(self.cfg.system), self.cfg.system
+                self.say(f"[system prompt set{f'; note: {note}' if note else ''}]")
             elif name == "reset":
                 self.reset()
                 self.say("[conversation cleared]")

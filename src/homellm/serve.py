@@ -450,7 +450,9 @@ def note_unknown(tok: Tokenizer, text: str, allow_special: bool = False) -> None
     tokenizer's unseen ones): the model reads them as unknown, which explains odd replies. The API has no place for
     a warning, and refusing would turn away text the model can still answer around."""
     if note := tok.unknown_note(text, allow_special):
-        print(f"note: a request: {note}", file=sys.stderr, flush=True)
+        # One write with its newline: print's two writes, from the threads that read requests, ran lines together
+        sys.stderr.write(f"note: a request: {note}\n")
+        sys.stderr.flush()
 
 
 def _content(message: Any) -> Any:
@@ -925,7 +927,9 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     try:
         sock = socket.create_server((cfg.host, cfg.port), family=family)
     except OSError as e:
-        raise HomeLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): choose another --port "
+        # (the OS's reason alone: create_server's strerror adds "while attempting to bind on address" to it)
+        reason = os.strerror(e.errno) if e.errno else e.strerror
+        raise HomeLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({reason}): choose another --port "
                            "(0 picks a free one) or --host") from None
     host, port = sock.getsockname()[:2]
     # 0.0.0.0 and :: are where it listens (every address), not where a browser can go: this machine's own is.
