@@ -292,6 +292,9 @@ def test_score_right_wrong_malformed() -> None:
     table = format_table(result)
     assert "overall" in table and "25.0 %" in table and "malformed outputs: 2" in table
     assert all(len(row) <= 120 for row in table.splitlines())
+    # A failure shows what the model wrote: its LaTeX's backslashes single (repr doubled them), a line break visible
+    shown = format_table(score([Problem(7, r"\div", 3)], [" -\\frac{7}{3}\n$"]))
+    assert shown.endswith("  $7 \\div 3 =  expected \\frac{7}{3}  got ' -\\frac{7}{3}\\n$'")
     # The right value written otherwise than the contract is wrong: 84.0 and 7/2 are not ` 84$` and `\frac{7}{2}`
     # (a score by value would pass the rest); 7/2 is no answer's shape at all.
     other = score([Problem(12, r"\times", 7), Problem(7, r"\div", 2)], [" 84.0$", " 7/2$"])

@@ -18,3 +18,9 @@ def typed(path: object) -> str:
     """A path as it must be typed in a command a message suggests: quoted where the shell would split or expand it
     (`homellm eval 'runs/my run'`), so the command pastes whole."""
     return shlex.quote(str(path))
+
+
+def quoted(text: str) -> str:
+    r"""A model's output shown in quotes with its line breaks and tabs visible, its backslashes as written: repr()
+    doubled them, and `-\frac{7}{3}` read as `-\\frac{7}{3}`, not what the model wrote."""
+    return "'" + text.translate({10: "\\n", 13: "\\r", 9: "\\t"}) + "'"

@@ -22,7 +22,7 @@ import torch
 from homellm.checkpoint import chat_model_beside, run_config_path
 from homellm.config import IM_END, EvalConfig, load_json
 from homellm.data import PROMPT_FIELDS, conversation_kind, first_record, nanogpt_folder
-from homellm.errors import HomeLLMError, typed
+from homellm.errors import HomeLLMError, quoted, typed
 from homellm.info import table
 from homellm.io import atomic_write_text, progress_bar, say
 from homellm.model import GPT, KVCache
@@ -352,7 +352,7 @@ def eval_chat_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = N
                     ("phrasing", "n", "correct", "accuracy")))
         for phrasing, r in result["by_phrasing"].items():
             for f in r["failures"][:2]:
-                print(f"  {phrasing}: {f['question']!r} -> {f['got']!r} (expected {f['expected']!r})")
+                print(f"  {phrasing}: {quoted(f['question'])} -> {quoted(f['got'])} (expected {quoted(f['expected'])})")
     atomic_write_text(run / "eval_chat_arithmetic.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
@@ -505,9 +505,9 @@ def eval_exact(run: str | Path, cfg: EvalConfig, model: GPT | None = None) -> di
                 ("category", "n", "correct", "accuracy")))
     for f in result["failures"][:5]:  # GSM8K's: the final answers compared, not the whole solutions
         if "expected_final" in f:
-            print(f"  {f['prompt']!r} -> {f['got_final'] or 'no #### ANSWER'} (expected {f['expected_final']})")
+            print(f"  {quoted(f['prompt'])} -> {f['got_final'] or 'no #### ANSWER'} (expected {f['expected_final']})")
         else:
-            print(f"  {f['prompt']!r} -> {f['got'].strip()!r} (expected {f['expected'].strip()!r})")
+            print(f"  {quoted(f['prompt'])} -> {quoted(f['got'].strip())} (expected {quoted(f['expected'].strip())})")
     atomic_write_text(run / "eval_exact.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {run / 'eval_exact.json'}")
     return result

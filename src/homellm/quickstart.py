@@ -25,7 +25,7 @@ import torch
 from homellm.checkpoint import check_new_run, holds_trained
 from homellm.config import ModelConfig, PrepareConfig, QuickstartConfig, TrainConfig, preset, replace
 from homellm.data import open_split, prepare, read_meta
-from homellm.errors import HomeLLMError, typed
+from homellm.errors import HomeLLMError, quoted, typed
 from homellm.io import atomic_write_text, say
 from homellm.tasks import arithmetic
 from homellm.tokenizer import Tokenizer, unfinished_save
@@ -313,7 +313,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     if result["failures"]:
         print("some failures:")
         for f in result["failures"][:5]:
-            print(f"  {f['prompt']}  expected {f['expected']}, got {f['got']!r}")
+            print(f"  {f['prompt']}  expected {f['expected']}, got {quoted(f['got'])}")
     report: dict[str, Any] = {"summary": summary, "accuracy": result["accuracy"]}
     if chatting:
         report["chat"] = chat_stage(cfg, run, chat_seconds, t_start + cfg.max_time, per_problem)

@@ -53,7 +53,7 @@ from homellm.config import (
     replace,
     to_dict,
 )
-from homellm.errors import HomeLLMError, typed
+from homellm.errors import HomeLLMError, quoted, typed
 from homellm.generate import stream_ids
 from homellm.io import atomic_folder, say, world_size
 from homellm.model import GPT
@@ -386,7 +386,7 @@ def sft(cfg: SFTConfig, train_cfg: TrainConfig, after_ctrl_c: str | None = None)
         # computed once, not at each token)
         with torch.nn.utils.parametrize.cached():
             reply = "".join(stream_ids(model, tok, ids, SampleConfig(max_new_tokens=64, temperature=0.0)))
-        return f"{question!r} -> {reply!r}"
+        return f"{quoted(question)} -> {quoted(reply)}"
 
     summary = train(model_cfg, train_cfg, data, tok, init=init_model, extra_config=extra, sample=sample,
                     after_ctrl_c=after_ctrl_c)

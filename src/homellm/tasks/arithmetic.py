@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 
-from homellm.errors import HomeLLMError
+from homellm.errors import HomeLLMError, quoted
 
 OPERATORS = {"add": "+", "sub": "-", "mul": r"\times", "div": r"\div"}  # label -> LaTeX symbol
 SYMBOL_TO_OPERATOR = {symbol: name for name, symbol in OPERATORS.items()}
@@ -365,7 +365,7 @@ def format_table(result: dict) -> str:
     out.append(f"malformed outputs: {result['malformed']}")
     if result["failures"]:
         out.append(f"failures (first {len(result['failures'])}):")
-        out += [f"  {f['prompt']}  expected {f['expected']}  got {f['got']!r}" for f in result["failures"]]
+        out += [f"  {f['prompt']}  expected {f['expected']}  got {quoted(f['got'])}" for f in result["failures"]]
     return "\n".join(out)
 
 
