@@ -178,6 +178,9 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_read_in_one_line(tmp_path, ca
     code, stdout, _ = cli(capsys, "export", str(run), "--out", str(tmp_path / "plain.gguf"))
     assert code == 0 and (tmp_path / "plain.gguf").is_file() and stdout.startswith("GGUF file written to")
     (tmp_path / "plain.gguf").unlink()
+    code, _, err = cli(capsys, "export", str(run), "--format", "hf", "--out", str(tmp_path / "plain.gguf"))
+    assert code == 2 and "names a GGUF file, but --format hf writes a transformers folder" in err  # (it wrote one)
+    assert not (tmp_path / "plain.gguf").exists()
     # A char tokenizer has no llama.cpp counterpart.
     (tmp_path / "t.txt").write_text("abc\n")
     train_tokenizer(TokenizerConfig(input=[str(tmp_path / "t.txt")], out=str(tmp_path / "char"), kind="char"))

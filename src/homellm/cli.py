@@ -377,6 +377,9 @@ def cmd_export(args: argparse.Namespace) -> None:
                            "gguf, the .gguf file)")
     if "format" not in pick(args, ExportConfig) and _gguf_name(cfg.out):  # a transformers folder named x.gguf
         cfg = replace(cfg, format="gguf")
+    elif cfg.format == "hf" and _gguf_name(cfg.out):  # (llama.cpp, given the folder, would fail far from here)
+        raise HomeLLMError(f"--out {cfg.out} names a GGUF file, but --format hf writes a transformers folder: give "
+                           "--format gguf, or name the folder otherwise")
     if cfg.format == "gguf":
         from homellm.gguf_file import export_gguf
 
