@@ -8,6 +8,7 @@ import contextlib
 import functools
 import glob
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -243,30 +244,40 @@ def display_width(text: str) -> int:
 
 
 class BusyCores:
-    """Whether other work keeps the cores this process may run on busy, measured over its first seconds of training
-    (Linux's /proc/stat, less this process's own time). PyTorch's threads on a CPU wait for each other at every
-    operation, so one core taken by another process slows every step of two threads several times over (README:
-    9.3 ms against 0.13 ms for a small matrix product with two busy processes on 2 cores)."""
+    """Other work on the cores this process may run on (Linux's /proc/stat, less this process's own time), measured
+    in windows while training, and the PyTorch threads that fit beside it. PyTorch's threads on a CPU wait for each
+    other at every operation, so one core taken by another process slows every step of two threads several times
+    over (README: 9.3 ms against 0.13 ms for a small matrix product with two busy processes on 2 cores; the
+    quickstart's training step with one busy process on 2 cores: 550-940 ms on 1 thread, 1,280-4,080 on 2)."""
 
-    window_s = 5.0  # seconds measured: enough ticks of /proc/stat's 10 ms to tell a busy core from a spare one
+    window_s = 5.0  # the first window: enough ticks of /proc/stat's 10 ms to tell a busy core from a spare one
+    later_s = 30.0  # the windows after it: the other work may stop (or start), but a change every 5 s is noise
 
-    def __init__(self) -> None:
-        self.start = _cpu_sample()
+    def __init__(self, threads: int) -> None:
+        self.most = threads  # the threads the process had: what it goes back to once the other work stops
+        self.start = _cpu_sample() if threads >= 2 and "OMP_NUM_THREADS" not in os.environ else None
+        self.window = self.window_s
 
-    def note(self, threads: int) -> str:
-        """Once the window has passed, a note when others keep at least half a core busy and, with this process's
-        threads, more than the cores are asked for; "" otherwise, and always after the first answer."""
-        if self.start is None or (now := _cpu_sample()) is None or now[2] - self.start[2] < self.window_s:
-            return ""
-        start, self.start = self.start, None
-        wall = now[2] - start[2]
-        others = max(0.0, (now[0] - start[0]) - (now[1] - start[1])) / wall
+    def threads(self, threads: int) -> tuple[int, str]:
+        """The threads to run on from now, given `threads` now, and a note when that changes ("" otherwise). Fewer
+        when others keep half a core or more busy and, with this process's threads, more than the cores are asked
+        for; back up as the other work leaves room. OMP_NUM_THREADS, where set, is the user's choice: kept."""
+        if self.start is None or (now := _cpu_sample()) is None or now[2] - self.start[2] < self.window:
+            return threads, ""
+        start, self.start, self.window = self.start, now, self.later_s
+        others = max(0.0, (now[0] - start[0]) - (now[1] - start[1])) / (now[2] - start[2])
         cores = len(_cores())
-        if threads < 2 or "OMP_NUM_THREADS" in os.environ or others < 0.5 or others + threads <= cores + 0.25:
-            return ""
-        return (f"note: other work keeps about {others:.1f} of the {cores} cores busy, and PyTorch's {threads} threads "
-                "wait for each other at every step when one of them is taken: with OMP_NUM_THREADS=1 in front of the "
-                "command (or the other work stopped), steps took 2 to 7 times less time in such a case")
+        fit = max(1, min(self.most, math.floor(cores + 0.25 - others)))
+        if others < 0.5:  # (a little other work: no reason to give up a thread)
+            fit = max(fit, threads)
+        if fit == threads:
+            return threads, ""
+        if fit < threads:
+            return fit, (f"note: other work keeps about {others:.1f} of the {cores} cores busy: training goes on with "
+                         f"{fit} PyTorch thread{'s' * (fit > 1)} instead of {threads}, which would wait for each other "
+                         "at every step (2 to 7 times slower in such cases); OMP_NUM_THREADS=N in front of the "
+                         "command fixes the number")
+        return fit, (f"note: the other work now leaves room: training goes on with {fit} PyTorch threads")
 
 
 def _cores() -> list[int]:

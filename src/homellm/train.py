@@ -778,7 +778,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                        initial=step if cfg.max_time <= 0 else int(elapsed), unit="step" if cfg.max_time <= 0 else "s",
                        disable=not env.main, desc=f"train {run.name}", **timed_bar)
     # (one process on a CPU: processes of a run under torchrun are each other's other work)
-    busy = BusyCores() if env.main and env.device.type == "cpu" and env.world == 1 else None
+    busy = BusyCores(torch.get_num_threads()) if env.main and env.device.type == "cpu" and env.world == 1 else None
     last_val: dict[str, float] | None = None
     val_step = None  # the step last_val was measured at: a session may end steps after its last evaluation
     stop_reason = "max_steps"
@@ -920,8 +920,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             session_over = cfg.session_time > 0 and elapsed - start_elapsed >= cfg.session_time
             halted = (asked or session_over) and not done
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
-            if busy is not None and (note := busy.note(torch.get_num_threads())):
-                bar.write(note, file=sys.stderr)
+            if busy is not None:
+                threads, note = busy.threads(torch.get_num_threads())
+                if note:
+                    torch.set_num_threads(threads)
+                    bar.write(note, file=sys.stderr)
 
             if step % cfg.log_every == 0 or done:
                 loss_value = _all_sum([loss_sum.item()], env)[0] / max(float(step_trained), 1.0)
@@ -998,6 +1001,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     bar.update(bar.total - bar.n)  # the budget is spent (what is left is the evaluation's): 100 %
                 break
     bar.close()
+    if busy is not None:  # (threads given up to other work: the caller's again, for what it runs next)
+        torch.set_num_threads(busy.most)
     # (torchrun's kill may be seconds away; and the last step's sample, when it had one, was just shown)
     if env.main and not (ddp and stop_reason == "interrupted") and sampled != step:
         print(f"sample: {sample(raw)}", file=sys.stderr)
