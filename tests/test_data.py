@@ -822,6 +822,37 @@ def test_folders_homellm_made_are_not_read_as_text(tmp_path, capsys):
         docs([str(text), str(data)])  # (review: "train on it as it is" was what the user had done)
 
 
+def test_an_out_among_the_inputs_is_skipped_by_a_glob_and_an_out_over_them_refused(tmp_path, capsys):
+    """(audit) `prepare --input 'books/*' --out books/data` failed on the data folder it had just made; an --out that
+    was the text's folder took it for homellm's, whose text every later run skipped or refused."""
+    from homellm.cli import main
+
+    books = tmp_path / "books"
+    books.mkdir()
+    write(books / "a.txt", "the first book\n" * 20)
+    write(books / "b.txt", "the second book\n" * 20)
+    (books / "drafts").mkdir()  # an empty folder the pattern matches too
+    tok = char_tok(tmp_path, str(books / "a.txt"), str(books / "b.txt"))
+    for _ in range(2):  # made, then prepared again: the data folder is homellm's by then
+        meta = prepare(PrepareConfig(input=[str(books / "*")], tokenizer=str(tok), out=str(books / "data")))
+        assert meta["documents"] == 2
+    assert f"note: {books / '*'}: skipping 2 matched folders with no text to read" in capsys.readouterr().err
+    with pytest.raises(HomeLLMError, match="the folder holds no .txt or .jsonl file"):
+        docs([str(books / "dr*")])  # (nothing else matched: the error names what it is)
+    for inputs, out, verb in (([books], books, "is"), ([books], tmp_path, "holds"), ([books / "*.txt", tmp_path / "x"],
+                                                                                     tmp_path / "x", "is")):
+        (tmp_path / "x").mkdir(exist_ok=True)
+        with pytest.raises(HomeLLMError, match=f"^--out {out} {verb} the input folder "):
+            prepare(PrepareConfig(input=[str(i) for i in inputs], tokenizer=str(tok), out=str(out)))
+    assert sorted(p.name for p in books.iterdir()) == ["a.txt", "b.txt", "data", "drafts"]
+    # pretrain from raw text: its run may not be the text's folder either, and a table's fix names --data
+    assert main(["pretrain", "--preset", "tiny", "--data", str(books), "--out", str(books), "--max-steps", "1"]) == 2
+    assert f"--out {books} is the input folder {books}: what homellm writes there" in capsys.readouterr().err
+    write(tmp_path / "t.csv", "a,b\n1,hello\n")
+    assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert f"`--data hf:{tmp_path / 't.csv'} --text-field COLUMN`" in capsys.readouterr().err
+
+
 def test_a_zipped_or_gzipped_file_is_named_as_such(tmp_path):
     """Aozora Bunko's downloads are zip files: they used to be read as UTF-16 'with NUL bytes'."""
     import gzip

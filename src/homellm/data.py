@@ -21,7 +21,7 @@ import socket
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -133,8 +133,9 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
         raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty, or --text-field names an empty field")
 
 
-def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
-    """(kind, source) for every file or dataset the inputs name; kind is txt, jsonl or hf."""
+def _expand(inputs: list[str], quiet: bool = False, flag: str = "--input") -> list[tuple[str, str]]:
+    """(kind, source) for every file or dataset the inputs name; kind is txt, jsonl or hf. `flag`: the option
+    that named them, as the errors' fixes must write it (pretrain's is --data)."""
     if not inputs:
         raise HomeLLMError("no input given: pass .txt/.jsonl files, folders, globs or hf:NAME")
     out: list[tuple[str, str]] = []
@@ -148,6 +149,7 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
             paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
             if not paths:
                 raise HomeLLMError(f"{spec}: the pattern matches no file: check the path (quote it for the shell)")
+            paths = _textful(spec, paths, quiet)
         elif Path(spec).is_symlink():
             raise HomeLLMError(f"{spec}: a link to {os.readlink(spec)}, which is not there: fix the link or give the "
                                "file itself")
@@ -187,7 +189,7 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
                                    "(its start for the encoding, then the text; the tokenizer and the shards too): "
                                    "save the text to a file first (e.g. `zcat corpus.gz > corpus.txt`)")
             elif path.suffix.lower() in TABLES:  # read as text, a table's header, quoting and ids were trained on
-                raise table_error(path, "--input", " --text-field COLUMN")
+                raise table_error(path, flag, " --text-field COLUMN")
             else:
                 files = [path]
             # A .json named directly is JSON records too (an array, or lines as the hub's datasets often are).
@@ -198,6 +200,41 @@ def _expand(inputs: list[str], quiet: bool = False) -> list[tuple[str, str]]:
     for kind, source in out:
         unique.setdefault(source if kind == "hf" else os.path.realpath(source), (kind, source))
     return list(unique.values())
+
+
+def _textful(spec: str, paths: list[Path], quiet: bool) -> list[Path]:
+    """A pattern's matches less the folders in them with no text to read (homellm's own: the --out of this very
+    prepare or run, made before the inputs are read; an empty folder), said in a note; all of them when none has
+    text, for the error that names what they are. `'corpus/*' --out corpus/data` failed on the data folder."""
+    def textless(path: Path) -> bool:
+        return path.is_dir() and (_made_by_homellm(path) is not None or not folder_files(path, _FOLDER_SUFFIXES,
+                                                                                           quiet=True))
+
+    skipped = [p for p in paths if textless(p)]
+    if not skipped or len(skipped) == len(paths):
+        return paths
+    if not quiet:
+        say(f"note: {spec}: skipping {len(skipped)} matched folder{'s' * (len(skipped) > 1)} with no text to read "
+            f"(homellm's runs or data, or empty): {', '.join(map(str, skipped[:3]))}{' ...' * (len(skipped) > 3)}")
+    return [p for p in paths if p not in skipped]
+
+
+def check_out_apart(inputs: Sequence[str], out: str | Path, flag: str = "--out") -> None:
+    """Refuse an --out that is an input folder, or holds one: the shards (or the run) written among the text made
+    the folder homellm's, whose text later runs then skip or refuse. An input file inside --out is left alone (the
+    quickstart keeps its text in its run)."""
+    where = os.path.realpath(out)
+    for spec in inputs:
+        if spec.startswith("hf:"):
+            continue
+        for path in ([Path(spec)] if Path(spec).exists() or not glob.has_magic(spec) else
+                     [Path(p) for p in glob.glob(spec, recursive=True)]):
+            real = os.path.realpath(path)
+            inside = real == where or real.startswith(where.rstrip(os.sep) + os.sep)
+            if inside and path.is_dir() and not _made_by_homellm(path):  # (a run or data given: their own errors)
+                raise HomeLLMError(f"{flag} {out} {'is' if real == where else 'holds'} the input folder {path}: what "
+                                   "homellm writes there would sit among the text, and later runs would take the "
+                                   f"folder for homellm's and skip its text: give {flag} a folder outside it")
 
 
 _SHARD = re.compile(r"(train|val)_\d+\.bin")  # as ShardWriter names them
@@ -264,9 +301,10 @@ def _made_by_homellm(folder: Path) -> str | None:
     return None
 
 
-def input_bytes(inputs: list[str]) -> int | None:
-    """Total size of the input files, for a progress bar's ETA; None when a hub dataset is among them."""
-    sources = _expand(inputs, quiet=True)  # the reading that follows notes what it skips
+def input_bytes(inputs: list[str], flag: str = "--input") -> int | None:
+    """Total size of the input files, for a progress bar's ETA; None when a hub dataset is among them. `flag`: the
+    option that named them, for errors."""
+    sources = _expand(inputs, quiet=True, flag=flag)  # the reading that follows notes what it skips
     if any(kind == "hf" for kind, _ in sources):
         return None
     return sum(os.path.getsize(s) for _, s in sources)
@@ -1063,6 +1101,7 @@ def prepare(cfg: PrepareConfig, extra_meta: dict[str, Any] | None = None) -> dic
         held, kept = (f"{round(100 * f, 6):g}%" for f in (cfg.val_fraction, 1 - cfg.val_fraction))
         print(f"note: --val-fraction {cfg.val_fraction} holds out {held} of the text for validation and trains on "
               f"{kept}; it is the validation share (the default is 0.1)", file=sys.stderr)
+    check_out_apart([*cfg.input, *cfg.val_input], cfg.out)
     tok = Tokenizer.load(cfg.tokenizer)
     final = Path(cfg.out)
     # Everything is written into a staging folder first and replaces earlier data in --out only once it is complete,

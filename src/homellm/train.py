@@ -1184,7 +1184,7 @@ def prepare_inputs(cfg: TrainConfig) -> Path:
 
 def _prepare_inputs(cfg: TrainConfig) -> Path:
     from homellm.config import PrepareConfig
-    from homellm.data import nanogpt_folder, prepare
+    from homellm.data import check_out_apart, nanogpt_folder, prepare
     from homellm.tokenizer import train_tokenizer
 
     if not cfg.data:
@@ -1199,10 +1199,11 @@ def _prepare_inputs(cfg: TrainConfig) -> Path:
                            "GPT2_TOKENIZER --out DATA` (GPT-2's encoder.json + vocab.bpe), then --data DATA")
     run = Path(cfg.out)
     data_dir = run / "data"
+    check_out_apart([*cfg.data, *cfg.val_input], run)
     try:
-        size = input_bytes(list(cfg.data))
+        size = input_bytes(list(cfg.data), "--data")
         if cfg.val_input and size is not None:  # (text added to the val files is a change too)
-            size = None if (val_size := input_bytes(list(cfg.val_input))) is None else size + val_size
+            size = None if (val_size := input_bytes(list(cfg.val_input), "--val-input")) is None else size + val_size
     except HomeLLMError as e:
         if not cfg.resume:
             raise
