@@ -115,6 +115,24 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
     # Codecs that fail otherwise than on a byte were tracebacks: UnicodeError, not UnicodeDecodeError.
     with pytest.raises(HomeLLMError, match="--encoding 'undefined' is not a text encoding"):
         docs([str(bad)], encoding="undefined")
+    # (audit) A file whose encoding changes partway: said where, as the encoding auto read before it (a Shift_JIS
+    # start and a UTF-8 end failed "at byte offset 0", which read; a later block's failure told the user, who had
+    # passed no --encoding, to pass none)
+    ja = "吾輩は猫である。名前はまだ無い。\n"
+    for head, block in ((ja * 10, 0), (ja * 20_000, data._CHUNK_BYTES)):  # in the first block, and in a later one
+        start = head.encode("cp932")
+        bad.write_bytes(start + (ja * 10).encode())
+        with pytest.raises(HomeLLMError) as e:
+            docs([str(bad)])
+        assert str(e.value) == (f"{bad}: Shift_JIS (cp932) text up to byte offset {len(start)}, and UTF-8 from there: "
+                                "save it in one encoding (UTF-8), or cut it in two files there (each file's encoding "
+                                "is detected)") and len(start) > block
+    bad.write_bytes(b"\xef\xbb\xbf" + (ja * 20_000).encode() + "吾輩".encode("cp932"))  # UTF-8, a BOM: then not
+    with pytest.raises(HomeLLMError, match="is not valid UTF-8, which the text before it is: the file changes"):
+        docs([str(bad)])
+    with pytest.raises(HomeLLMError, match=r"is not valid utf-8: pass the --encoding it was written in \(e.g. cp1252, "
+                                           r"euc-jp, gbk, big5, utf-16\), or none: UTF-8 and Shift_JIS \(cp932\) are "):
+        docs([str(bad)], encoding="utf-8")  # (given: "or none" is a way out)
     bad.write_text("plain text\n")
     with pytest.raises(HomeLLMError, match=r"bad.txt: bytes near byte offset 0 are not valid utf-16 \(.*\): pass the "
                                            "--encoding the file was written in \\(utf-16-le or utf-16-be name"):

@@ -441,12 +441,41 @@ def refuse_archive(path: Path, head: bytes) -> None:
             raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
 
 
+def _failure(data: bytes, encoding: str) -> UnicodeDecodeError:
+    """Where bytes known not to decode fail to."""
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        return e
+    raise AssertionError(f"{encoding} reads these bytes")  # pragma: no cover - only called after a failure
+
+
+def _utf8_start(data: bytes, failed: int) -> int | None:
+    """Where UTF-8 text begins in Shift_JIS text that failed to decode at `failed`: Shift_JIS reads a few UTF-8 bytes
+    as kanji before one fails, so the start is the earliest byte up to 256 before `failed` from which the next 4,096
+    read as UTF-8, at its first character that is not ASCII. None where the bytes there are not UTF-8."""
+    def reads(start: int) -> bool:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(data[start:failed + 4096], final=False)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    start = next((q for q in range(max(0, failed - 256), failed + 1) if reads(q)), None)
+    if start is None:
+        return None
+    while start < len(data) and data[start] < 0x80:  # (a line break or a space both encodings share)
+        start += 1
+    return start if not data[start:failed + 4096].isascii() else None
+
+
 _JIS_ESCAPE = re.compile(rb"\x1b(?:\$[@B]|\$\(D|\(J)")
 
 
 def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -> Iterator[str]:
     """The text of a file in blocks, each ending at a line break where one is near. CRLF becomes LF."""
     chosen = None if encoding == "auto" else encoding  # auto decides on the first block that is not ASCII
+    trying = None  # auto's Shift_JIS, on the block it is tried on
     with open(path, "rb") as f:
         head = f.read(4)
     refuse_archive(path, head)
@@ -486,8 +515,10 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                         # byte fails later and must be reported, not read as mojibake.
                         if not data[: e.start].isascii():
                             raise
+                        trying = "cp932"
                         text, used = _decode(data[:cut], "cp932", final)
                         if _PRIVATE_USE.search(text):  # Python's cp932 turns stray bytes (0xA0, 0xFD-0xFF) into these
+                            trying = None  # (the UTF-8 error is the one to report)
                             raise e from None
                         if not _KANA.search(_head(path, offset + e.start).decode("cp932", errors="ignore")):
                             # Latin-1 French or Spanish often decodes as cp932 too (an accented byte and the letter
@@ -501,6 +532,23 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                 else:
                     text, used = _decode(data[:cut], chosen, final)
             except UnicodeDecodeError:
+                # The text before the bad byte read as auto's choice (Shift_JIS tried on this block, or the encoding
+                # earlier blocks were): the file is not that throughout. "Pass --encoding, or none" was said to a
+                # user who had passed none, and a Shift_JIS start with a UTF-8 end failed "at byte 0", which read.
+                detected = chosen if encoding == "auto" else None
+                if detected is None and trying and not data[:_failure(data[:cut], trying).start].isascii():
+                    detected = trying
+                if detected:
+                    e = _failure(data[:cut], detected)
+                    name = "UTF-8" if codecs.lookup(detected).name == "utf-8" else "Shift_JIS (cp932)"
+                    if name != "UTF-8" and (seam := _utf8_start(data[:cut], e.start)) is not None:
+                        raise HomeLLMError(f"{path}: Shift_JIS (cp932) text up to byte offset {offset + seam}, and "
+                                           "UTF-8 from there: save it in one encoding (UTF-8), or cut it in two files "
+                                           "there (each file's encoding is detected)") from None
+                    raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
+                                       f"valid {name}, which the text before it is: the file changes its encoding "
+                                       "there, or is damaged there: save it in one encoding (UTF-8), or pass the "
+                                       "--encoding of the whole file") from None
                 enc = chosen or "utf-8"
                 try:
                     data[:cut].decode(enc)
@@ -510,8 +558,8 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                     if codec in ("shift_jis", "shift_jis_2004", "shift_jisx0213"):  # Windows' ①, ～ and 髙 are cp932's
                         fix = "--encoding cp932, Shift_JIS as Windows writes it, with its extra characters"
                     else:
-                        fix = ("the --encoding it was written in (e.g. cp1252, euc-jp, gbk, big5, utf-16)" +
-                               ", or none: UTF-8 and Shift_JIS (cp932) are detected" * (chosen is not None))
+                        fix = "the --encoding it was written in (e.g. cp1252, euc-jp, gbk, big5, utf-16)" + (
+                            ", or none: UTF-8 and Shift_JIS (cp932) are detected" * (chosen is not None))
                     raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
                                        f"valid {name}: pass {fix}, or fix the file") from None
                 raise  # pragma: no cover - the decode above must fail again
