@@ -313,8 +313,15 @@ def test_jsonl_custom_field_and_errors(tmp_path, capsys):
                                                "this line, as a file cut short does: delete the line, or get the "
                                                "whole file"):
             docs([str(cut)])
-    with pytest.raises(HomeLLMError, match="is an int, not text"):
+    with pytest.raises(HomeLLMError, match="is an int, not text: pass --text-field with the field that holds"):
         docs([str(write(tmp_path / "c.jsonl", '{"text": 5}\n'))])
+    with pytest.raises(HomeLLMError, match=r"c.jsonl:3: field 'text' is a bool, not text: fix or delete the record \(2 "
+                                           r"before it hold text in 'text'\)$"):  # (audit: not the field's fault)
+        docs([str(write(tmp_path / "c.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": true}\n'))])
+    with pytest.raises(HomeLLMError, match=r"the inputs are empty$"):  # (a .txt has no --text-field to blame)
+        docs([str(write(tmp_path / "empty.txt", " \n"))])
+    with pytest.raises(HomeLLMError, match=r"the inputs are empty, or --text-field names an empty field$"):
+        docs([str(write(tmp_path / "empty.jsonl", '{"text": ""}\n'))])
     # JSON's "\ud800" escape is half of a UTF-16 pair: named, where no tokenizer could take it; a whole pair is text
     lone = write(tmp_path / "d.jsonl", '{"text": "ok \\ud83d\\ude00 pair"}\n{"text": null}\n{"text": "lone \\ud800"}\n')
     with pytest.raises(HomeLLMError) as e:
@@ -879,7 +886,16 @@ def test_a_zipped_or_gzipped_file_is_named_as_such(tmp_path):
     with zipfile.ZipFile(tmp_path / "rashomon.zip", "w") as z:
         z.writestr("rashomon.txt", "羅生門".encode("cp932"))
     (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"some text"))
-    for name, message in (("rashomon.zip", "a zip archive, not text: unzip it"), ("a.txt.gz", "gzip-compressed")):
+    # (audit) Documents and images named as text were told to pass the --encoding they were written in
+    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with zipfile.ZipFile(tmp_path / "essay.docx", "w") as z:
+        z.writestr("word/document.xml", "<w:document/>")
+    for name, message in (("rashomon.zip", "a zip archive, not text: unzip it"), ("a.txt.gz", "gzip-compressed"),
+                          ("paper.pdf", "a PDF document, not text: save its text as a .txt file first \\(e.g. "
+                                        "`pdftotext FILE.pdf FILE.txt`\\)$"),
+                          ("scan.png", "a PNG image, not text: give text files$"),
+                          ("essay.docx", "a Word document, not text: save its text as a .txt file first$")):
         with pytest.raises(HomeLLMError, match=f"{name}: {message}"):
             docs([str(tmp_path / name)])
     # JSON Lines too (conversations for sft): it said "not UTF-8 ... convert it with iconv"

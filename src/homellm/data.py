@@ -130,7 +130,9 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
                 if doc == max_docs:
                     return
     if doc == 0:
-        raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty, or --text-field names an empty field")
+        fields = any(kind != "txt" for kind, _ in sources)  # (a .txt has no field to name)
+        raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty"
+                           + (", or --text-field names an empty field" if fields else ""))
 
 
 def _expand(inputs: list[str], quiet: bool = False, flag: str = "--input") -> list[tuple[str, str]]:
@@ -433,10 +435,21 @@ _UTF16_32_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32
                   (codecs.BOM_UTF16_BE, "utf-16")]
 
 
+_TEXT_FIRST = "save its text as a .txt file first"
+_NOT_TEXT = ((b"%PDF", "a PDF document", f"{_TEXT_FIRST} (e.g. `pdftotext FILE.pdf FILE.txt`)"),
+             (b"\x89PNG", "a PNG image", "give text files"), (b"\xff\xd8\xff", "a JPEG image", "give text files"),
+             (b"GIF8", "a GIF image", "give text files"))
+_ZIPPED_DOCUMENTS = {".docx": "a Word document", ".odt": "an OpenDocument text", ".epub": "an EPUB book",
+                     ".xlsx": "an Excel workbook", ".pptx": "a PowerPoint deck"}
+
+
 def refuse_archive(path: Path, head: bytes) -> None:
-    """A zip or gzip file given as text says so: its bytes would read as garbled text, or as not UTF-8."""
+    """A zip or gzip file (or a document or image) given as text says so: its bytes would read as garbled text, or
+    as not UTF-8, and the advice was to pass an --encoding."""
+    if head.startswith(b"PK\x03\x04") and path.suffix.lower() in _ZIPPED_DOCUMENTS:  # zips of XML
+        raise HomeLLMError(f"{path}: {_ZIPPED_DOCUMENTS[path.suffix.lower()]}, not text: {_TEXT_FIRST}")
     for magic, kind, fix in ((b"PK\x03\x04", "a zip archive", "unzip it and give the file inside"),
-                             (b"\x1f\x8b", "gzip-compressed", "decompress it with gunzip")):
+                             (b"\x1f\x8b", "gzip-compressed", "decompress it with gunzip"), *_NOT_TEXT):
         if head.startswith(magic):  # Aozora Bunko's files come zipped
             raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
 
@@ -858,7 +871,7 @@ def _jsonl_docs(path: Path, field: str, meter: list[int] | None = None) -> Itera
                    _conversations_fix(obj, path) or "pass --text-field with the field that holds the text")
             raise HomeLLMError(f"{where}: no field {field!r} (found: {fields}): {fix}")
         had += 1
-        if text := _text(obj[field], where, field):
+        if text := _text(obj[field], where, field, had - 1):
             yield text
 
 
@@ -917,14 +930,16 @@ def _a(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _text(text: Any, where: str, field: str) -> str:
+def _text(text: Any, where: str, field: str, before: int = 0) -> str:
     """A record's text field, checked: text (None counts as empty), and no lone surrogate, which JSON's "\ud800"
-    escape decodes to and which no encoder can take."""
+    escape decodes to and which no encoder can take. `before`: records before it that held the field (then this
+    one is a bad record, not the wrong field)."""
     if text is None:
         return ""
     if not isinstance(text, str):
-        raise HomeLLMError(f"{where}: field {field!r} is {_a(text)}, not text: "
-                           "pass --text-field with the field that holds the text")
+        fix = (f"fix or delete the record ({before:,} before it hold text in {field!r})" if before else
+               "pass --text-field with the field that holds the text")
+        raise HomeLLMError(f"{where}: field {field!r} is {_a(text)}, not text: {fix}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

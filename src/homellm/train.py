@@ -111,7 +111,8 @@ class TokenBatches:
         # Why val_batch gives nothing, when it does, in words that say what to do.
         val_tokens = sum(len(m) for m in self.splits["val"])
         self.no_val = "" if len(self.starts["val"]) and self.starts["val"][-1] else (
-            f"{data_dir} has no validation tokens: prepare it with a --val-fraction above 0" if not val_tokens
+            f"{data_dir} has no validation tokens: give a --val-fraction above 0 where it is prepared (prepare, or "
+            "pretrain from text)" if not val_tokens
             else f"{data_dir} has {val_tokens} validation tokens, too few for one window of {block_size + 1}: "
             "prepare it with a higher --val-fraction")
 
