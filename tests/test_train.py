@@ -671,7 +671,9 @@ def test_resuming_a_finished_run_says_so_and_trains_only_when_given_more(tmp_pat
     assert (summary["steps"], summary["stop"]) == (16, "max_steps")
     final = json.loads(before.splitlines()[-1])
     assert (summary["val_loss"], summary["val_bpb"]) == (final["val_loss"], final["val_bpb"])  # reported again
-    assert f"note: {run} had already finished at step 16 (max_steps): raise --max-steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"note: {run} had already finished at step 16 (max_steps): raise --max-steps" in err
+    assert "sample:" not in err  # (shown when it finished: the same weights, the same text)
     assert (run / "metrics.jsonl").read_text() == before
     # A lower --max-steps than the run's step: not "had already finished" (it may have been stopped midway)
     assert pretrain(model_cfg, replace(cfg, max_steps=3))["steps"] == 16

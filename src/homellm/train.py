@@ -790,6 +790,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
         stop_reason = "max_time"
     if finished():  # resumed after its end: nothing to do, and its final val loss to report again
         last_val, val_step = resumed_val, step  # (measured on the resumed weights)
+        sampled = step  # (its sample was shown when it finished: the same weights, the same text again)
         if progress() < 1.0:
             stop_reason = f"early stop: no better val loss in {bad_evals} evaluations"
         if env.main and stop_reason == "max_time":  # the budget counts evaluations: it may be above --max-time
