@@ -295,6 +295,9 @@ def test_score_right_wrong_malformed() -> None:
     # A failure shows what the model wrote: its LaTeX's backslashes single (repr doubled them), a line break visible
     shown = format_table(score([Problem(7, r"\div", 3)], [" -\\frac{7}{3}\n$"]))
     assert shown.endswith("  $7 \\div 3 =  expected \\frac{7}{3}  got ' -\\frac{7}{3}\\n$'")
+    from homellm.errors import quoted  # (a tab as \t would read as \times; a terminal's escape codes not sent raw)
+
+    assert quoted("\t\\times\x1b[31m") == "'\\x09\\times\\x1b[31m'"
     # The right value written otherwise than the contract is wrong: 84.0 and 7/2 are not ` 84$` and `\frac{7}{2}`
     # (a score by value would pass the rest); 7/2 is no answer's shape at all.
     other = score([Problem(12, r"\times", 7), Problem(7, r"\div", 2)], [" 84.0$", " 7/2$"])

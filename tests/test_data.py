@@ -127,6 +127,20 @@ def test_undecodable_byte_names_file_and_offset(tmp_path):
         assert str(e.value) == (f"{bad}: Shift_JIS (cp932) text up to byte offset {len(start)}, and UTF-8 from there: "
                                 "save it in one encoding (UTF-8), or cut it in two files there (each file's encoding "
                                 "is detected)") and len(start) > block
+    # (review) UTF-8 that Shift_JIS reads hundreds of bytes of as kanji before failing: the seam found all the same
+    start = (ja * 10).encode("cp932")
+    bad.write_bytes(start + ("あ" * 200 + ja).encode())
+    with pytest.raises(HomeLLMError, match=rf"Shift_JIS \(cp932\) text up to byte offset {len(start)}, and UTF-8"):
+        docs([str(bad)])
+    # ... and the other way round, in the first block as after it; and ISO-2022-JP named as itself
+    for head in (ja * 10, ja * 20_000):
+        bad.write_bytes(head.encode() + (ja * 10).encode("cp932"))
+        with pytest.raises(HomeLLMError, match=rf"at byte offset {len(head.encode())} is not valid UTF-8, which the "
+                                               "text before it is: the file changes its encoding there"):
+            docs([str(bad)])
+    bad.write_bytes((ja * 10).encode("iso2022_jp") + b"\n" + (ja * 10).encode())
+    with pytest.raises(HomeLLMError, match=r"is not valid ISO-2022-JP, which the text before it is"):
+        docs([str(bad)])
     bad.write_bytes(b"\xef\xbb\xbf" + (ja * 20_000).encode() + "吾輩".encode("cp932"))  # UTF-8, a BOM: then not
     with pytest.raises(HomeLLMError, match="is not valid UTF-8, which the text before it is: the file changes"):
         docs([str(bad)])
@@ -861,12 +875,21 @@ def test_an_out_among_the_inputs_is_skipped_by_a_glob_and_an_out_over_them_refus
     for _ in range(2):  # made, then prepared again: the data folder is homellm's by then
         meta = prepare(PrepareConfig(input=[str(books / "*")], tokenizer=str(tok), out=str(books / "data")))
         assert meta["documents"] == 2
-    assert f"note: {books / '*'}: skipping 2 matched folders with no text to read" in capsys.readouterr().err
+    assert f"note: {books / '*'}: skipping 2 matched folders with no .txt or .jsonl file to read (or made by homellm)" \
+        in capsys.readouterr().err
     with pytest.raises(HomeLLMError, match="the folder holds no .txt or .jsonl file"):
         docs([str(books / "dr*")])  # (nothing else matched: the error names what it is)
+    # (review) what a killed start leaves in its --out (an unfinished prepare, a run's tokenizer) is no input folder
+    (books / "data2" / ".preparing").mkdir(parents=True)
+    (books / "run" / "data_tokenizer").mkdir(parents=True)
+    write(books / "run" / "data_tokenizer" / "tokenizer.json", "{}")
+    data.check_out_apart([str(books / "*")], books / "data2")
+    data.check_out_apart([str(books / "*")], books / "run")
+    shutil.rmtree(books / "data2"), shutil.rmtree(books / "run")
     for inputs, out, verb in (([books], books, "is"), ([books], tmp_path, "holds"), ([books / "*.txt", tmp_path / "x"],
                                                                                      tmp_path / "x", "is")):
         (tmp_path / "x").mkdir(exist_ok=True)
+        write(tmp_path / "x" / "c.txt", "a third book\n")
         with pytest.raises(HomeLLMError, match=f"^--out {out} {verb} the input folder "):
             prepare(PrepareConfig(input=[str(i) for i in inputs], tokenizer=str(tok), out=str(out)))
     assert sorted(p.name for p in books.iterdir()) == ["a.txt", "b.txt", "data", "drafts"]

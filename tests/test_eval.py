@@ -376,13 +376,13 @@ def test_short_quickstart_runs_end_to_end(tmp_path, capsys, monkeypatch):
     # more; the run was refused as trained, and pretrain --resume refused it too
     steps = json.loads((run / "last" / "checkpoint.json").read_text())["step"]
     first = json.loads((run / "quickstart.json").read_text())
-    assert first["sessions"] == [{"minutes": first["minutes"], "steps": steps, "accuracy": first["accuracy"]}]
+    assert first["sessions"] == [{"minutes": first["minutes"], "step": steps, "accuracy": first["accuracy"]}]
     assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "8", "--n", "20"]) == 0
     out, err = capsys.readouterr()
     # The report keeps each start's figures, and its minutes are the whole run's (they were the last start's, beside
     # the steps of both, and the first report was lost)
     report = json.loads((run / "quickstart.json").read_text())
-    assert report["sessions"][0] == first["sessions"][0] and report["sessions"][1]["steps"] > steps, (first, report)
+    assert report["sessions"][0] == first["sessions"][0] and report["sessions"][1]["step"] > steps, (first, report)
     assert report["minutes"] == pytest.approx(sum(s["minutes"] for s in report["sessions"]), abs=0.011)
     assert f"min for this part, {report['minutes']:.1f} in all over 2 starts" in out
     assert f"training {run} further for" in err and f"resuming {run} from last at step {steps}" in err

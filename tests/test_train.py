@@ -1357,16 +1357,22 @@ def test_training_gives_threads_up_to_other_work_on_the_cores_and_takes_them_bac
     0.55-0.94 s on 1), and a note told the user to start again with OMP_NUM_THREADS=1."""
     from homellm import io
 
-    samples = iter([(0.0, 0.0, 0.0), (1.0, 0.5, 1.0), (9.0, 1.0, 5.0), (20.0, 2.0, 9.0), (30.0, 20.0, 40.0)])
-    monkeypatch.setattr(io, "_cpu_sample", lambda: next(samples))
+    samples = iter([(0.0, 0.0, 0.0), (9.0, 1.0, 5.0), (30.0, 20.0, 40.0)])  # (busy, own, wall) seconds
+    monkeypatch.setattr(io, "_cpu_sample", lambda: next(samples))  # (read only once a window is over)
     monkeypatch.setattr(io, "_cores", lambda: [0, 1])
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    now = [0.0]
+    monkeypatch.setattr(io.BusyCores, "clock", staticmethod(lambda: now[0]))
     busy = io.BusyCores(2)
+    now[0] = 1.0
     assert busy.threads(2) == (2, "")  # 1 s: too soon to tell
+    now[0] = 5.0
     threads, note = busy.threads(2)  # others: (9 - 1) / 5 = 1.6 cores
     assert threads == 1 and note.startswith("note: other work keeps about 1.6 of the 2 cores busy: training goes on "
                                             "with 1 PyTorch thread instead of 2")
+    now[0] = 9.0
     assert busy.threads(1) == (1, "")  # the next window is longer: 4 s is too soon
+    now[0] = 40.0
     assert busy.threads(1) == (2, "note: the other work now leaves room: training goes on with 2 PyTorch threads")
     for threads, env, sample in ((1, {}, (9.0, 1.0, 5.0)), (2, {"OMP_NUM_THREADS": "2"}, (9.0, 1.0, 5.0)),
                                  (2, {}, (2.0, 1.0, 5.0))):  # one thread; threads chosen; a spare core (0.2 busy)
@@ -1390,3 +1396,10 @@ def test_training_gives_threads_up_to_other_work_on_the_cores_and_takes_them_bac
     assert capsys.readouterr().err.count("note: other work keeps about 2.0 of the 2 cores busy: training goes on "
                                          "with 1 PyTorch thread instead of 2") == 1
     assert asked == [1, 2]
+    # given back however training ends (a notebook that caught a diverged run was left on one thread)
+    from homellm.train import _threads_kept
+
+    with pytest.raises(HomeLLMError), _threads_kept(io.BusyCores(2)):
+        torch.set_num_threads(1)
+        raise HomeLLMError("training diverged")
+    assert now == [2]

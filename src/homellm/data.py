@@ -130,9 +130,8 @@ def iter_documents(inputs: list[str], text_field: str = "text", encoding: str = 
                 if doc == max_docs:
                     return
     if doc == 0:
-        fields = any(kind != "txt" for kind, _ in sources)  # (a .txt has no field to name)
-        raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty"
-                           + (", or --text-field names an empty field" if fields else ""))
+        raise HomeLLMError(f"no text in {' '.join(inputs)}: the inputs are empty"  # (a .txt has no field to name)
+                           + (", or --text-field names an empty field" if kinds != {"txt"} else ""))
 
 
 def _expand(inputs: list[str], quiet: bool = False, flag: str = "--input") -> list[tuple[str, str]]:
@@ -204,27 +203,29 @@ def _expand(inputs: list[str], quiet: bool = False, flag: str = "--input") -> li
     return list(unique.values())
 
 
-def _textful(spec: str, paths: list[Path], quiet: bool) -> list[Path]:
-    """A pattern's matches less the folders in them with no text to read (homellm's own: the --out of this very
-    prepare or run, made before the inputs are read; an empty folder), said in a note; all of them when none has
-    text, for the error that names what they are. `'corpus/*' --out corpus/data` failed on the data folder."""
-    def textless(path: Path) -> bool:
-        return path.is_dir() and (_made_by_homellm(path) is not None or not folder_files(path, _FOLDER_SUFFIXES,
-                                                                                           quiet=True))
+def _text_folder(path: Path) -> bool:
+    """Whether a folder is one a folder input reads text from: not homellm's (a run, prepared data), and holding
+    .txt or .jsonl files. (An --out that a prepare or run made, or left unfinished when killed, holds none.)"""
+    return path.is_dir() and _made_by_homellm(path) is None and bool(folder_files(path, _FOLDER_SUFFIXES, quiet=True))
 
-    skipped = [p for p in paths if textless(p)]
+
+def _textful(spec: str, paths: list[Path], quiet: bool) -> list[Path]:
+    """A pattern's matches less the folders in them with no text to read (the --out of this very prepare or run,
+    made before the inputs are read; runs; folders of other files), said in a note; all of them when none has
+    text, for the error that names what they are. `'corpus/*' --out corpus/data` failed on the data folder."""
+    skipped = [p for p in paths if p.is_dir() and not _text_folder(p)]
     if not skipped or len(skipped) == len(paths):
         return paths
     if not quiet:
-        say(f"note: {spec}: skipping {len(skipped)} matched folder{'s' * (len(skipped) > 1)} with no text to read "
-            f"(homellm's runs or data, or empty): {', '.join(map(str, skipped[:3]))}{' ...' * (len(skipped) > 3)}")
+        say(f"note: {spec}: skipping {len(skipped)} matched folder{'s' * (len(skipped) > 1)} with no .txt or .jsonl "
+            f"file to read (or made by homellm): {', '.join(map(str, skipped[:3]))}{' ...' * (len(skipped) > 3)}")
     return [p for p in paths if p not in skipped]
 
 
 def check_out_apart(inputs: Sequence[str], out: str | Path, flag: str = "--out") -> None:
-    """Refuse an --out that is an input folder, or holds one: the shards (or the run) written among the text made
-    the folder homellm's, whose text later runs then skip or refuse. An input file inside --out is left alone (the
-    quickstart keeps its text in its run)."""
+    """Refuse an --out that is an input folder of text, or holds one: the shards (or the run) written among the text
+    made the folder homellm's, whose text later runs then skip or refuse. An input file inside --out is left alone
+    (the quickstart keeps its text in its run), and so is a folder without text (an --out a killed start left)."""
     where = os.path.realpath(out)
     for spec in inputs:
         if spec.startswith("hf:"):
@@ -233,7 +234,7 @@ def check_out_apart(inputs: Sequence[str], out: str | Path, flag: str = "--out")
                      [Path(p) for p in glob.glob(spec, recursive=True)]):
             real = os.path.realpath(path)
             inside = real == where or real.startswith(where.rstrip(os.sep) + os.sep)
-            if inside and path.is_dir() and not _made_by_homellm(path):  # (a run or data given: their own errors)
+            if inside and _text_folder(path):  # (a run or data given: their own errors; a textless one is skipped)
                 raise HomeLLMError(f"{flag} {out} {'is' if real == where else 'holds'} the input folder {path}: what "
                                    "homellm writes there would sit among the text, and later runs would take the "
                                    f"folder for homellm's and skip its text: give {flag} a folder outside it")
@@ -454,6 +455,9 @@ def refuse_archive(path: Path, head: bytes) -> None:
             raise HomeLLMError(f"{path}: {kind}, not text: {fix}")
 
 
+_ENCODING_NAMES = {"utf-8": "UTF-8", "cp932": "Shift_JIS (cp932)", "iso2022_jp_2": "ISO-2022-JP"}
+
+
 def _failure(data: bytes, encoding: str) -> UnicodeDecodeError:
     """Where bytes known not to decode fail to."""
     try:
@@ -464,9 +468,10 @@ def _failure(data: bytes, encoding: str) -> UnicodeDecodeError:
 
 
 def _utf8_start(data: bytes, failed: int) -> int | None:
-    """Where UTF-8 text begins in Shift_JIS text that failed to decode at `failed`: Shift_JIS reads a few UTF-8 bytes
-    as kanji before one fails, so the start is the earliest byte up to 256 before `failed` from which the next 4,096
-    read as UTF-8, at its first character that is not ASCII. None where the bytes there are not UTF-8."""
+    """Where UTF-8 text begins in Shift_JIS text that failed to decode at `failed`: Shift_JIS reads some UTF-8 bytes
+    as kanji before one fails, so the start is the earliest byte from which the text up to 4,096 bytes past
+    `failed` reads as UTF-8 (searched for from 256 bytes before it), at its first character that is not ASCII.
+    None where the bytes there are not UTF-8."""
     def reads(start: int) -> bool:
         try:
             codecs.getincrementaldecoder("utf-8")().decode(data[start:failed + 4096], final=False)
@@ -477,6 +482,9 @@ def _utf8_start(data: bytes, failed: int) -> int | None:
     start = next((q for q in range(max(0, failed - 256), failed + 1) if reads(q)), None)
     if start is None:
         return None
+    # (Shift_JIS may have read more than 256 bytes of UTF-8 as kanji: back a character of 1 to 4 bytes at a time)
+    while (back := next((q for q in range(start - 1, max(-1, start - 5), -1) if reads(q)), None)) is not None:
+        start = back
     while start < len(data) and data[start] < 0x80:  # (a line break or a space both encodings share)
         start += 1
     return start if not data[start:failed + 4096].isascii() else None
@@ -549,12 +557,14 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                 # earlier blocks were): the file is not that throughout. "Pass --encoding, or none" was said to a
                 # user who had passed none, and a Shift_JIS start with a UTF-8 end failed "at byte 0", which read.
                 detected = chosen if encoding == "auto" else None
-                if detected is None and trying and not data[:_failure(data[:cut], trying).start].isascii():
-                    detected = trying
+                first = encoding == "auto" and not chosen  # (the first block that is not ASCII)
+                for candidate in (trying or "utf-8",) if first else ():
+                    if not data[:_failure(data[:cut], candidate).start].isascii():
+                        detected = candidate
                 if detected:
                     e = _failure(data[:cut], detected)
-                    name = "UTF-8" if codecs.lookup(detected).name == "utf-8" else "Shift_JIS (cp932)"
-                    if name != "UTF-8" and (seam := _utf8_start(data[:cut], e.start)) is not None:
+                    name = _ENCODING_NAMES.get(codecs.lookup(detected).name, detected)
+                    if detected == "cp932" and (seam := _utf8_start(data[:cut], e.start)) is not None:
                         raise HomeLLMError(f"{path}: Shift_JIS (cp932) text up to byte offset {offset + seam}, and "
                                            "UTF-8 from there: save it in one encoding (UTF-8), or cut it in two files "
                                            "there (each file's encoding is detected)") from None
@@ -563,19 +573,15 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                                        "there, or is damaged there: save it in one encoding (UTF-8), or pass the "
                                        "--encoding of the whole file") from None
                 enc = chosen or "utf-8"
-                try:
-                    data[:cut].decode(enc)
-                except UnicodeDecodeError as e:  # report the UTF-8 error under auto: the likelier intent
-                    name = "UTF-8 or Shift_JIS (cp932)" if chosen is None else enc
-                    codec = codecs.lookup(enc).name
-                    if codec in ("shift_jis", "shift_jis_2004", "shift_jisx0213"):  # Windows' ①, ～ and 髙 are cp932's
-                        fix = "--encoding cp932, Shift_JIS as Windows writes it, with its extra characters"
-                    else:
-                        fix = "the --encoding it was written in (e.g. cp1252, euc-jp, gbk, big5, utf-16)" + (
-                            ", or none: UTF-8 and Shift_JIS (cp932) are detected" * (chosen is not None))
-                    raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
-                                       f"valid {name}: pass {fix}, or fix the file") from None
-                raise  # pragma: no cover - the decode above must fail again
+                e = _failure(data[:cut], enc)  # the UTF-8 error under auto: the likelier intent
+                name = "UTF-8 or Shift_JIS (cp932)" if chosen is None else enc
+                if codecs.lookup(enc).name in ("shift_jis", "shift_jis_2004", "shift_jisx0213"):
+                    fix = "--encoding cp932, Shift_JIS as Windows writes it, with its extra characters"  # (①, ～, 髙)
+                else:
+                    fix = "the --encoding it was written in (e.g. cp1252, euc-jp, gbk, big5, utf-16)" + (
+                        ", or none: UTF-8 and Shift_JIS (cp932) are detected" * (chosen is not None))
+                raise HomeLLMError(f"{path}: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} is not "
+                                   f"valid {name}: pass {fix}, or fix the file") from None
             except UnicodeError as e:  # a codec that fails otherwise than on a byte (punycode)
                 raise HomeLLMError(f"{path}: cannot be read as {chosen} ({e}): pass the --encoding the file was "
                                    "written in") from None

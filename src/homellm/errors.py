@@ -21,6 +21,8 @@ def typed(path: object) -> str:
 
 
 def quoted(text: str) -> str:
-    r"""A model's output shown in quotes with its line breaks and tabs visible, its backslashes as written: repr()
-    doubled them, and `-\frac{7}{3}` read as `-\\frac{7}{3}`, not what the model wrote."""
-    return "'" + text.translate({10: "\\n", 13: "\\r", 9: "\\t"}) + "'"
+    r"""A model's output shown in quotes with its backslashes as written (repr() doubled them, and `-\frac{7}{3}` read
+    as `-\\frac{7}{3}`, not what the model wrote), its line breaks as \n and every other character a terminal would
+    not print as an escape: a tab is \x09, as \t would read as the start of \times or \text."""
+    shown = {"\n": "\\n", "\r": "\\r", "\t": "\\x09"}
+    return "'" + "".join(c if c.isprintable() else shown.get(c) or ascii(c)[1:-1] for c in text) + "'"

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -253,18 +254,20 @@ class BusyCores:
     window_s = 5.0  # the first window: enough ticks of /proc/stat's 10 ms to tell a busy core from a spare one
     later_s = 30.0  # the windows after it: the other work may stop (or start), but a change every 5 s is noise
 
+    clock = staticmethod(time.monotonic)
+
     def __init__(self, threads: int) -> None:
         self.most = threads  # the threads the process had: what it goes back to once the other work stops
         self.start = _cpu_sample() if threads >= 2 and "OMP_NUM_THREADS" not in os.environ else None
-        self.window = self.window_s
+        self.due = self.clock() + self.window_s  # (/proc/stat read once a window, not at every step)
 
     def threads(self, threads: int) -> tuple[int, str]:
         """The threads to run on from now, given `threads` now, and a note when that changes ("" otherwise). Fewer
         when others keep half a core or more busy and, with this process's threads, more than the cores are asked
         for; back up as the other work leaves room. OMP_NUM_THREADS, where set, is the user's choice: kept."""
-        if self.start is None or (now := _cpu_sample()) is None or now[2] - self.start[2] < self.window:
+        if self.start is None or self.clock() < self.due or (now := _cpu_sample()) is None:
             return threads, ""
-        start, self.start, self.window = self.start, now, self.later_s
+        start, self.start, self.due = self.start, now, self.clock() + self.later_s
         others = max(0.0, (now[0] - start[0]) - (now[1] - start[1])) / (now[2] - start[2])
         cores = len(_cores())
         fit = max(1, min(self.most, math.floor(cores + 0.25 - others)))
@@ -276,7 +279,8 @@ class BusyCores:
             return fit, (f"note: other work keeps about {others:.1f} of the {cores} cores busy: training goes on with "
                          f"{fit} PyTorch thread{'s' * (fit > 1)} instead of {threads}, which would wait for each other "
                          "at every step (2 to 7 times slower in such cases); OMP_NUM_THREADS=N in front of the "
-                         "command fixes the number")
+                         "command fixes the number (sums differ in their last bits on other threads: a resumed run "
+                         "matches an unbroken one bit for bit on the same ones)")
         return fit, (f"note: the other work now leaves room: training goes on with {fit} PyTorch threads")
 
 
@@ -287,8 +291,6 @@ def _cores() -> list[int]:
 def _cpu_sample() -> tuple[float, float, float] | None:
     """(CPU seconds this process's cores have been busy, this process's own CPU seconds, a wall clock); None where
     /proc/stat is not there to read (macOS, Windows)."""
-    import time
-
     try:
         with open("/proc/stat", encoding="ascii") as f:
             lines = {line.split(maxsplit=1)[0]: line.split()[1:] for line in f if line.startswith("cpu")}

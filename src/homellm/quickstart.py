@@ -321,7 +321,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     stopped = [name for name, s in [("training", summary), ("fine-tuning", report.get("chat", {}).get("summary"))]
                if s and s["stop"] == "interrupted"]
     sessions = _earlier_sessions(run, report) if cfg.resume else []
-    sessions.append({"minutes": round(minutes, 2), "steps": summary["steps"], "accuracy": result["accuracy"]})
+    sessions.append({"minutes": round(minutes, 2), "step": summary["steps"], "accuracy": result["accuracy"]})
     in_all = sum(s["minutes"] for s in sessions)
     spent = (f"{minutes:.1f} min for this part" + (f", {in_all:.1f} in all over {len(sessions)} starts"
                                                     if len(sessions) > 1 else "")) if cfg.resume else \
@@ -342,8 +342,9 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     elif not cfg.resume:
         print(f"  homellm quickstart --chat --out {typed(str(run) + '-chat')}     # the same, plus a chat model")
     print(f"  homellm info {where}")
-    # minutes: the whole run's, its starts added up; sessions: each start's own (a resumed run's report replaced
-    # the first, and its minutes were the last start's beside the steps of all)
+    # minutes: the whole run's, its starts added up; sessions: each start's minutes, and the step it ended at, and
+    # its accuracy (a resumed run's report replaced the first, and its minutes were the last start's beside the
+    # steps of all)
     report.update(minutes=round(in_all, 2), sessions=sessions)
     atomic_write_text(run / "quickstart.json", json.dumps(report, indent=2) + "\n")
     return {**result, "interrupted": stopped, "run": str(run), "chat": cfg.chat}
@@ -356,7 +357,7 @@ def _earlier_sessions(run: Path, report: dict[str, Any]) -> list[dict[str, Any]]
         before = json.loads((run / "quickstart.json").read_text(encoding="utf-8"))
         if "chat" in before:
             report.setdefault("chat", before["chat"])
-        sessions = before.get("sessions") or [{"minutes": before["minutes"], "steps": before["summary"]["steps"],
+        sessions = before.get("sessions") or [{"minutes": before["minutes"], "step": before["summary"]["steps"],
                                                "accuracy": before["accuracy"]}]
         return [{**s, "minutes": float(s["minutes"])} for s in sessions]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -927,8 +927,9 @@ def serve(run: str | Path, cfg: ServeConfig, ready: Callable[[str, Any], None] |
     try:
         sock = socket.create_server((cfg.host, cfg.port), family=family)
     except OSError as e:
-        # (the OS's reason alone: create_server's strerror adds "while attempting to bind on address" to it)
-        reason = os.strerror(e.errno) if e.errno else e.strerror
+        # (the OS's reason alone: create_server's strerror adds "while attempting to bind on address" to it; and
+        # Windows' errno is Winsock's, which os.strerror does not know)
+        reason = str(e.strerror or e).split(" (while attempting")[0]
         raise HomeLLMError(f"cannot listen on {cfg.host}:{cfg.port} ({reason}): choose another --port "
                            "(0 picks a free one) or --host") from None
     host, port = sock.getsockname()[:2]

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -779,7 +779,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                        initial=step if cfg.max_time <= 0 else int(elapsed), unit="step" if cfg.max_time <= 0 else "s",
                        disable=not env.main, desc=f"train {run.name}", **timed_bar)
     # (one process on a CPU: processes of a run under torchrun are each other's other work)
-    busy = BusyCores(torch.get_num_threads()) if env.main and env.device.type == "cpu" and env.world == 1 else None
+    # (Not compiled: inductor's C++ kernels keep the threads they were compiled for, and its compile workers would
+    # count as other work)
+    busy = (BusyCores(torch.get_num_threads()) if env.main and env.device.type == "cpu" and env.world == 1
+            and not cfg.compile else None)
     last_val: dict[str, float] | None = None
     val_step = None  # the step last_val was measured at: a session may end steps after its last evaluation
     stop_reason = "max_steps"
@@ -827,7 +830,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
     # minutes), leaving no checkpoint at all. Its random state is put back, so --resume does that step again exactly.
     then = after_ctrl_c or "with a checkpoint to --resume from"
     slowest = math.inf
-    with _Interrupt(bar, then, announce=env.main) as interrupt:
+    with _Interrupt(bar, then, announce=env.main) as interrupt, _threads_kept(busy):
         # One running mark, read once a step (and after an evaluation): everything between two readings counts,
         # checkpoint writes and samples too. Timed from each step's start, they went uncounted in one process, but
         # counted under DDP (the other ranks waited for rank 0 in the next step), so a budget bought other steps.
@@ -924,7 +927,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             bar.update(1 if cfg.max_time <= 0 else int(elapsed) - bar.n)
             if busy is not None:
                 threads, note = busy.threads(torch.get_num_threads())
-                if note:
+                if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                     bar.write(note, file=sys.stderr)
 
@@ -1003,8 +1006,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
                     bar.update(bar.total - bar.n)  # the budget is spent (what is left is the evaluation's): 100 %
                 break
     bar.close()
-    if busy is not None:  # (threads given up to other work: the caller's again, for what it runs next)
-        torch.set_num_threads(busy.most)
     # (torchrun's kill may be seconds away; and the last step's sample, when it had one, was just shown)
     if env.main and not (ddp and stop_reason == "interrupted") and sampled != step:
         print(f"sample: {sample(raw)}", file=sys.stderr)
@@ -1040,6 +1041,17 @@ def _any_rank(asked: bool, env: Env, group: Any) -> bool:
     t = torch.tensor([float(asked)], dtype=torch.float64, device="cpu" if group is not None else env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item() > 0
+
+
+@contextlib.contextmanager
+def _threads_kept(busy: BusyCores | None) -> Iterator[None]:
+    """The threads training gave up to other work are the caller's again after it, however it ends (a notebook that
+    catches a diverged run and trains again would be left on one thread)."""
+    try:
+        yield
+    finally:
+        if busy is not None:
+            torch.set_num_threads(busy.most)
 
 
 class _Interrupt:
