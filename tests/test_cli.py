@@ -1073,7 +1073,8 @@ def test_under_torchrun_only_training_verbs_run_and_a_peers_stop_is_one_line(tmp
     monkeypatch.setitem(sys.modules, "torch.distributed", connected)
     peer_gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                              "[127.0.0.1]:29500")
-    assert _error_message(peer_gone) == "another process of the run stopped (its error is above), so this one stops too"
+    assert _error_message(peer_gone) == ("another process of the run stopped (its error, if it had one, is above), so "
+                                         "this one stops too")
     assert _error_message(RuntimeError("shape mismatch")) is None  # a bug still keeps its traceback
 
 
@@ -1263,3 +1264,16 @@ def test_a_run_from_raw_text_never_prepares_over_data_it_did_not_make(tmp_path, 
         if p.name != "data_tokenizer":
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert main(["pretrain", "--data", str(corpus), "--preset", "tiny", "--max-steps", "1", "--out", str(ours)]) == 0
+
+
+def test_ctrl_c_while_the_verbs_load_is_one_line(monkeypatch, capsys):
+    """(audit) torchrun passes a Ctrl-C on at once: in the seconds the verbs' modules load, every rank printed a
+    KeyboardInterrupt traceback."""
+    from homellm import cli
+
+    def loading():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", loading)
+    assert cli.main(["pretrain", "--help"]) == 130
+    assert capsys.readouterr().err == "\nhomellm: interrupted\n"

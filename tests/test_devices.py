@@ -160,6 +160,20 @@ def test_a_cpu_only_pytorch_on_a_gpu_machine_and_float16_on_the_cpu_are_said(mon
                 capsys.readouterr().err) != native
 
 
+def test_a_world_size_left_in_the_shell_without_torchruns_other_variables_is_named(monkeypatch):
+    """(audit) torch's rendezvous raised a ValueError for the missing RANK, shown as a traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(HomeLLMError, match=r"^WORLD_SIZE=2 is set, but RANK and MASTER_ADDR and MASTER_PORT are not: "
+                                           r"start the run with torchrun \(`torchrun --nproc-per-node N -m homellm"):
+        setup_env(TrainConfig(device="cpu"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(HomeLLMError, match=r"^WORLD_SIZE=2 is set, but MASTER_PORT is not: "):
+        setup_env(TrainConfig(device="cpu"))
+
+
 def test_torchrun_with_more_processes_than_gpus_or_on_mps_says_so(monkeypatch):
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", 8, 9, count=2)
     monkeypatch.setenv("WORLD_SIZE", "4")

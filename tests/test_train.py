@@ -204,12 +204,15 @@ def test_a_kill_between_the_renames_of_a_best_newer_than_last_resumes_from_it(tm
     assert_same_weights(run / "best", reference / "best")
 
 
-def test_ctrl_c_finishes_the_step_and_writes_last_to_resume_from(tmp_path, data_dir, reference):
-    """Relay training stopped with Ctrl-C used to lose every step since the last periodic checkpoint (5 here)."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_finishes_the_step_and_writes_last_to_resume_from(tmp_path, data_dir, reference, signal_name):
+    """Relay training stopped with Ctrl-C used to lose every step since the last periodic checkpoint (5 here); and
+    SIGTERM, how a scheduler or container stops a job (audit), killed it at once."""
     run = tmp_path / "run"
     stopped = homellm("pretrain", "--data", str(data_dir), "--out", str(run), *RUN_FLAGS,
-                      env={"HOMELLM_FAULT_SIGINT_AT_STEP": "7"}, check=False)
+                      env={"HOMELLM_FAULT_SIGINT_AT_STEP": "7", "HOMELLM_FAULT_SIGNAL": signal_name}, check=False)
     assert stopped.returncode == 130 and "interrupted at step 7; `--resume` continues from there" in stopped.stderr
+    assert ("terminated (SIGTERM): stopping after this step" in stopped.stderr) == (signal_name == "SIGTERM")
     assert "Traceback" not in stopped.stderr and json.loads(stopped.stdout.splitlines()[-1])["stop"] == "interrupted"
     assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 7
     homellm("pretrain", "--out", str(run), "--resume")

@@ -684,7 +684,8 @@ def _error_message(e: BaseException) -> str | None:
             and re.search(r"gloo|nccl|connection (closed|reset) by peer", str(e), re.IGNORECASE)):
         # Another rank stopped on an error it has said (a damaged file that rank 0 alone reads, a full disk where it
         # alone writes), and this one's next collective found its connection gone: that is no bug of this rank's.
-        return "another process of the run stopped (its error is above), so this one stops too"
+        # (one killed by a signal has no error to show: torchrun's summary below names how it ended)
+        return "another process of the run stopped (its error, if it had one, is above), so this one stops too"
     if isinstance(e, OSError) and e.errno is not None:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{_OS_FIXES.get(e.errno, e.strerror or str(e))}"
@@ -739,8 +740,11 @@ def main(argv: list[str] | None = None) -> int:
         print("homellm: error: `homellm tokenizer` takes its action first: `homellm tokenizer train --input ... "
               "--out DIR`", file=sys.stderr)
         return 2
-    parser, _Parser.argv = build_parser(), argv
-    args, unknown = parser.parse_known_args(argv)
+    try:  # (a Ctrl-C while the verbs' modules load: torchrun passes it on at once, and every rank gave a traceback)
+        parser, _Parser.argv = build_parser(), argv
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     if unknown:
         print(f"homellm: error: {_unknown_flags(parser, args, unknown, argv)}", file=sys.stderr)
         return 2
@@ -768,9 +772,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
-        say("\nhomellm: interrupted")  # torchrun passes Ctrl-C to every rank: said once
-        return 130
+        return _interrupted()
     return 0
+
+
+def _interrupted() -> int:
+    say("\nhomellm: interrupted")  # torchrun passes Ctrl-C to every rank: said once
+    return 130
 
 
 if __name__ == "__main__":

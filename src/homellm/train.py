@@ -235,6 +235,11 @@ def setup_env(cfg: TrainConfig, width: int = 0) -> Env:
         dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        # (a WORLD_SIZE left in the shell: torch's rendezvous raised a ValueError, shown as a traceback)
+        if missing := [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]:
+            raise HomeLLMError(f"WORLD_SIZE={world} is set, but {' and '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} not: start the run with torchrun (`torchrun "
+                               "--nproc-per-node N -m homellm ...`), or unset WORLD_SIZE to train in one process")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     dtype, ns, cannot = pick_dtype(cfg.dtype, dev, train_width=width), ns_dtype(dev), None
     if cfg.compile:
@@ -901,7 +906,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Batches, tokenizer: To
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
-            fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, "SIGINT")
+            fault_point("HOMELLM_FAULT_SIGINT_AT_STEP", step, os.environ.get("HOMELLM_FAULT_SIGNAL", "SIGINT"))
             now = time.perf_counter()
             elapsed, asked, slowest = _one_clock(elapsed + now - mark, cfg, env, interrupt.asked, clock, now - mark)
             mark = now
@@ -1055,23 +1060,28 @@ def _threads_kept(busy: BusyCores | None) -> Iterator[None]:
 
 
 class _Interrupt:
-    """While entered, the first Ctrl-C (SIGINT) only sets `asked`, which the loop honours after the current step; a
-    second one raises KeyboardInterrupt as usual. Off (`asked` stays False) outside the main thread, where signal
-    handlers cannot be set. `then` says what follows that step; `announce` is off on all ranks of torchrun but the
-    first, which speaks for them."""
+    """While entered, the first Ctrl-C (SIGINT) or SIGTERM only sets `asked`, which the loop honours after the current
+    step; a second one raises KeyboardInterrupt as usual. SIGTERM is how a scheduler or a container stops a job
+    (SLURM, `docker stop`, Kubernetes; torchrun passes it on): it killed training at once, losing every step since
+    the last periodic checkpoint. Off (`asked` stays False) outside the main thread, where signal handlers cannot be
+    set. `then` says what follows that step; `announce` is off on all ranks of torchrun but the first, which speaks
+    for them."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, bar: tqdm, then: str, announce: bool = True):
-        self.asked, self._bar, self._old, self._announce, self._then = False, bar, None, announce, then
+        self.asked, self._bar, self._announce, self._then = False, bar, announce, then
+        self._old: dict[int, Any] = {}
         self.droppable = False  # whether the step under way is dropped at the next micro-batch's end instead
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.asked:
@@ -1080,7 +1090,8 @@ class _Interrupt:
         if self._announce:
             when = ("after this micro-batch, dropping the unfinished step (--resume does it again)" if self.droppable
                     else "after this step")
-            self._bar.write(f"stopping {when}, {self._then} (Ctrl-C again stops at once)", file=sys.stderr)
+            told = "" if signum == signal.SIGINT else "terminated (SIGTERM): "
+            self._bar.write(f"{told}stopping {when}, {self._then} (Ctrl-C again stops at once)", file=sys.stderr)
 
 
 def _gather_rng(env: Env) -> list[dict[str, Any]]:
