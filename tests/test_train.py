@@ -379,9 +379,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path, reference):
     assert "n_layer: run has 2, asked 3" in proc.stderr
     assert "Traceback" not in proc.stderr and "--init" not in proc.stderr  # its weights would not fit
     # Another rate for the weights trained so far is a new run from them: the refusal says how
-    proc = homellm("pretrain", "--out", str(run), "--resume", "--lr", "0.5", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith(
-        f"or train into a new --out from its weights with --init {run} --init-checkpoint last")
+    for flag, value in (("--lr", "0.5"), ("--dropout", "0.2")):  # (audit: --init takes another dropout too)
+        proc = homellm("pretrain", "--out", str(run), "--resume", flag, value, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(
+            f"or train into a new --out from its weights with --init {run} --init-checkpoint last"), proc.stderr
     proc = homellm("pretrain", "--data", "x", "--out", str(run), "--preset", "tiny", check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
 

@@ -588,7 +588,8 @@ def check_resume(run: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
                  f" from its weights with --init {typed(run)} --init-checkpoint last")
         raise HomeLLMError(f"--resume: {run}/config.json differs ({'; '.join(diffs)}): drop those flags (a resumed "
                            "run goes on with its own config), or train into a new --out"
-                           + start * (to_dict(saved_model) == to_dict(model_cfg)))
+                           + start * all(v == getattr(model_cfg, k) for k, v in to_dict(saved_model).items()
+                                         if k not in INIT_CHANGES))  # (--init takes another dropout, a context)
     if saved_world and (saved_train.batch_size, saved_train.grad_accum, saved_world) != (
             cfg.batch_size, cfg.grad_accum, world):
         asked = layout(cfg.batch_size, cfg.grad_accum, world)
