@@ -564,6 +564,10 @@ def test_a_flag_written_as_another_tool_writes_it_gets_the_right_name(capsys):
         (["pretrain", "--data", "d", "--max_iters=5000"], "--max_iters is --max-steps"),
         (["tokenizer", "train", "--input", "a", "--vocab_size", "300"], "--vocab_size is --vocab-size"),
         (["chat", "r", "--max-tokens", "50"], "--max-tokens is --max-new-tokens"),
+        # compare's prompts come from a file; a flag given twice is hinted once (it was said twice)
+        (["compare", "a", "b", "--prompt", "x", "--prompt", "y"], "unrecognized arguments: --prompt x --prompt y: "
+                                                                  "--prompt is --prompts FILE, a file of them (a .txt: "
+                                                                  "one prompt a line)\n"),
         (["generate", "r", "--prompt", "x", "stray"], "unrecognized arguments: stray: see `homellm generate --help`"),
         # A flag's start was taken as the flag: nanoGPT's --min-lr 6e-5 became --min-lr-ratio, --vocab --vocab-size.
         (["pretrain", "--data", "d", "--min-lr", "6e-5"], "--min-lr is --min-lr-ratio (a fraction of --lr: nanoGPT's "

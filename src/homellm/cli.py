@@ -610,7 +610,8 @@ _NOT_NEEDED = {"--lr-decay-iters": "the learning rate decays over the whole run,
                              "flat"}
 _HOW = {"--max-steps": " (homellm counts optimizer steps, not epochs)",
         "--min-lr-ratio": " (a fraction of --lr: nanoGPT's min_lr / learning_rate)",
-        "--resume": " (init_from=resume; --init RUN starts from another run's weights)"}
+        "--resume": " (init_from=resume; --init RUN starts from another run's weights)",
+        "--prompts": " FILE, a file of them (a .txt: one prompt a line)"}
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str],
@@ -655,7 +656,7 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, un
         if meant:
             hints.append(f"{shown} is {meant}{_HOW.get(meant, '')}")
     return (f"{verb.prog}: unrecognized arguments: {' '.join(unknown)}"
-            + (f": {'; '.join(hints)}" if hints else f": see `{verb.prog} --help`"))
+            + (f": {'; '.join(dict.fromkeys(hints))}" if hints else f": see `{verb.prog} --help`"))
 
 
 _OS_FIXES = {errno.ENOSPC: "the disk is full: make room, or write to another disk",
