@@ -504,7 +504,7 @@ def test_quickstart_chat_stage_fine_tunes_and_scores_each_phrasing(tmp_path, cap
             f"{run / 'task' / 'chat.jsonl'} --out {run / 'chat'}`") in rerun()
 
 
-def test_ctrl_c_in_the_quickstarts_training_goes_on_to_evaluate_and_skips_the_chat_stage(tmp_path):
+def test_ctrl_c_in_the_quickstarts_training_goes_on_to_evaluate_and_skips_the_chat_stage(tmp_path, monkeypatch):
     """It said "with a checkpoint to --resume from", which no quickstart can, then fine-tuned for minutes."""
     run = tmp_path / "qs"
     proc = homellm("quickstart", "--out", str(run), "--max-time", "60", "--problems", "3000", "--n", "20", "--chat",
@@ -524,6 +524,15 @@ def test_ctrl_c_in_the_quickstarts_training_goes_on_to_evaluate_and_skips_the_ch
     before = json.loads((run / "config.json").read_text())["train"]["max_time"]
     assert main(["quickstart", "--out", str(run), "--resume", "--max-time", "6", "--n", "5"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["max_time"] < before / 2
+    # Stopped again a step past its `best`: the model as it is, `last`, is evaluated, as said (audit: `best` was)
+    best = json.loads((run / "best" / "checkpoint.json").read_text())["step"]
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == best  # (its end evaluated)
+    monkeypatch.setenv("HOMELLM_FAULT_SIGINT_AT_STEP", str(best + 1))
+    with pytest.raises(SystemExit) as stop:
+        main(["quickstart", "--out", str(run), "--resume", "--max-time", "30", "--n", "5"])
+    assert stop.value.code == 130
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == best + 1
+    assert json.loads((run / "eval_arithmetic.json").read_text())["checkpoint"] == "last"
 
 
 def test_quickstart_never_replaces_a_users_files_where_it_writes_its_own(tmp_path, capsys):

@@ -133,7 +133,7 @@ def eval_arithmetic(run: str | Path, cfg: EvalConfig, model: GPT | None = None,
     completions = greedy_complete(model, tok, [arithmetic.prompt(p) for p in problems], 32, stop_ids(tok, "$\n"),
                                   cfg.batch_size, desc=f"eval {run.name}")
     result = arithmetic.score(problems, completions)
-    result.update(task="arithmetic", seed=cfg.seed, max_digits=cfg.max_digits, checkpoint=cfg.checkpoint)
+    result.update(task="arithmetic", seed=cfg.seed, max_digits=cfg.max_digits, checkpoint=_weights(model, cfg))
     suffix = "" if cfg.max_digits == 2 else f"_{cfg.max_digits}d"
     if not quiet:  # shown before it is saved: a run folder that cannot be written must not cost the result
         print(arithmetic.format_table(result))
