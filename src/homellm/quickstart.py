@@ -335,7 +335,7 @@ def quickstart(cfg: QuickstartConfig, started: float | None = None) -> dict[str,
     where = typed(run)
     if result["accuracy"] < 0.5 and not stopped:  # (a short budget: the table alone said nothing of why)
         print("  (few steps for this task: it takes some thousands, which the default --max-time 600 gives a 2-core "
-              f"CPU, for about 76-85 %: train it further with `homellm quickstart --out {typed(run)} --resume "
+              f"CPU, for about 72-85 %: train it further with `homellm quickstart --out {typed(run)} --resume "
               "--max-time 600`)")
     print(f"  homellm generate {where} --prompt '$12 \\times 7 =' --temperature 0")
     if result["accuracy"] >= 0.5:  # (beyond the training range: only worth a look once the range is learned)
