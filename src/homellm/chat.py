@@ -128,8 +128,6 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
-
-
 def _conversation(record: Any, where: str) -> list[Message]:
     """One jsonl record, OpenAI-style {"messages": [...]}, ShareGPT-style {"conversations": [{"from", "value"}]},
     Alpaca-style {"instruction", "input", "output"}, or a pair such as {"question", "answer"} (PROMPT_FIELDS and

@@ -556,13 +556,12 @@ def _decoded_blocks(path: Path, encoding: str, meter: list[int] | None = None) -
                 # The text before the bad byte read as auto's choice (Shift_JIS tried on this block, or the encoding
                 # earlier blocks were): the file is not that throughout. "Pass --encoding, or none" was said to a
                 # user who had passed none, and a Shift_JIS start with a UTF-8 end failed "at byte 0", which read.
-                detected = chosen if encoding == "auto" else None
-                first = encoding == "auto" and not chosen  # (the first block that is not ASCII)
-                for candidate in (trying or "utf-8",) if first else ():
-                    if not data[:_failure(data[:cut], candidate).start].isascii():
-                        detected = candidate
+                detected = None
+                if encoding == "auto":  # (on the first block that is not ASCII, what was tried on it)
+                    guess = chosen or trying or "utf-8"
+                    e = _failure(data[:cut], guess)
+                    detected = guess if chosen or not data[:e.start].isascii() else None
                 if detected:
-                    e = _failure(data[:cut], detected)
                     name = _ENCODING_NAMES.get(codecs.lookup(detected).name, detected)
                     if detected == "cp932" and (seam := _utf8_start(data[:cut], e.start)) is not None:
                         raise HomeLLMError(f"{path}: Shift_JIS (cp932) text up to byte offset {offset + seam}, and "
